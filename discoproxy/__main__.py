@@ -1,0 +1,3 @@
+from discoproxy.cli import main
+
+main()

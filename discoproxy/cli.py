@@ -1,0 +1,245 @@
+"""``discoproxy serve | check | routes``: the only place that exits the process.
+
+Exit codes: 0 ok, 1 invalid configuration or server files, 2 usage error (argparse),
+3 the proxy could not start (e.g. a port cannot be bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+from loguru import logger
+
+from discoproxy.config import ConfigError, ProxyConfig, load_config
+from discoproxy.routing import Registry, RoutingTable, build_table
+from providers.file import PROVIDER_NAME as FILE_PROVIDER
+from providers.file import load_servers_dir
+
+EXIT_OK = 0
+EXIT_CONFIG = 1
+EXIT_START = 3
+
+TEXT_FORMAT = "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> {message}"
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    logger.remove()
+    if fmt == "json":
+        logger.add(sys.stderr, level=level, serialize=True, enqueue=False)
+    else:
+        logger.add(sys.stderr, level=level, format=TEXT_FORMAT, colorize=None)
+
+
+def _load(args: argparse.Namespace) -> ProxyConfig:
+    path = args.config or os.environ.get("DISCOPROXY_CONFIG")
+    config = load_config(Path(path) if path else None)
+    overrides: dict[str, Any] = {}
+    if getattr(args, "bind", None):
+        overrides["bind"] = tuple(args.bind)
+    if args.servers_dir is not None:
+        overrides["servers_dir"] = args.servers_dir
+    if args.log_level is not None:
+        overrides["log_level"] = args.log_level.upper()
+    if args.log_format is not None:
+        overrides["log_format"] = args.log_format
+    if overrides:
+        config = ProxyConfig.model_validate({**config.model_dump(), **overrides})
+    return config
+
+
+def _load_table(config: ProxyConfig) -> tuple[RoutingTable, list[ConfigError]]:
+    servers, errors = load_servers_dir(config.servers_dir)
+    return build_table({FILE_PROVIDER: servers}), errors
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    table, errors = _load_table(config)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    for conflict in table.conflicts:
+        print(f"warning: route conflict: {conflict}", file=sys.stderr)
+    if not config.servers_dir.is_dir():
+        print(f"note: servers_dir {config.servers_dir} does not exist", file=sys.stderr)
+    print(f"config ok: {len(config.bind)} listeners, {len(table)} servers", file=sys.stderr)
+    return EXIT_CONFIG if errors else EXIT_OK
+
+
+def table_rows(table: RoutingTable) -> list[dict[str, Any]]:
+    rows = []
+    for route in table.routes:
+        rows.append(
+            {
+                "id": route.qualified_id,
+                "domains": table.domains_of(route),
+                "default": table.default is route,
+                "addresses": [
+                    f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in route.addresses
+                ],
+                "send_proxy_protocol": route.send_proxy_protocol,
+            }
+        )
+    return rows
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    table, errors = _load_table(config)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    rows = table_rows(table)
+    if args.json:
+        conflicts = [str(c) for c in table.conflicts]
+        print(json.dumps({"routes": rows, "conflicts": conflicts}, indent=2))
+        return EXIT_OK
+    headers = ("SERVER", "DOMAINS", "BACKENDS", "PROXY-PROTOCOL")
+    lines = [
+        (
+            row["id"],
+            ", ".join(row["domains"] + (["(default)"] if row["default"] else [])) or "-",
+            ", ".join(row["addresses"]),
+            "v2" if row["send_proxy_protocol"] else "-",
+        )
+        for row in rows
+    ]
+    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(headers)]
+    for line in [headers, *lines]:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
+    for conflict in table.conflicts:
+        print(f"conflict: {conflict}")
+    return EXIT_OK
+
+
+async def _serve(config: ProxyConfig) -> None:
+    from discoproxy.proxy.server import run_proxy
+
+    registry = Registry()
+    servers, errors = load_servers_dir(config.servers_dir)
+    for error in errors:
+        logger.error("server file rejected: {}", error)
+    if config.servers_dir.is_dir():
+        logger.info("loaded {} servers from {}", len(servers), config.servers_dir)
+    else:
+        logger.info("servers_dir {} does not exist; no file routes", config.servers_dir)
+    registry.apply_snapshot(FILE_PROVIDER, servers)
+    async with anyio.create_task_group() as tg:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await tg.start(run_proxy, config, registry)
+            async for signum in signals:
+                logger.info(
+                    "{} received: no new connections; open ones get up to {}s",
+                    signal.Signals(signum).name,
+                    config.shutdown_timeout,
+                )
+                tg.cancel_scope.cancel()
+                break
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.log_level, config.log_format)
+    options: dict[str, Any] = {}
+    try:
+        import uvloop  # noqa: F401
+
+        options["use_uvloop"] = True
+    except ImportError:
+        logger.info("uvloop not installed; using the default asyncio event loop")
+    try:
+        anyio.run(_serve, config, backend="asyncio", backend_options=options)
+    except OSError as exc:
+        logger.error("cannot start: {}", exc)
+        return EXIT_START
+    except KeyboardInterrupt:
+        pass
+    logger.info("stopped")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="discoproxy",
+        description=(
+            "Service-discovery L4 proxy: routes TCP connections by Minecraft handshake "
+            "domain, TLS SNI or HTTP Host to servers defined in files (and Docker labels)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="global config file (.toml or .yaml); $DISCOPROXY_CONFIG if unset; "
+        "without either, the embedded default (bind 0.0.0.0:25565, servers_dir ./servers)",
+    )
+    common.add_argument(
+        "--servers-dir", type=Path, metavar="DIR", help="override servers_dir from the config"
+    )
+    common.add_argument(
+        "--log-level",
+        choices=["trace", "debug", "info", "warning", "error"],
+        help="override log_level",
+    )
+    common.add_argument("--log-format", choices=["text", "json"], help="override log_format")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the proxy",
+        description="Run the proxy until SIGTERM/SIGINT, then drain open connections.",
+    )
+    serve.add_argument(
+        "--bind",
+        action="append",
+        metavar="HOST:PORT",
+        help="listen address, repeatable; overrides bind from the config",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser(
+        "check",
+        parents=[common],
+        help="validate the config and server files",
+        description="Validate the config and every server file; exit 1 on any error.",
+    )
+    check.set_defaults(func=cmd_check)
+
+    routes = sub.add_parser(
+        "routes",
+        parents=[common],
+        help="print the routing table the config would build",
+        description="Print the routing table built from the server files, with conflicts.",
+    )
+    routes.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    routes.set_defaults(func=cmd_routes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    raise SystemExit(args.func(args))

@@ -1,0 +1,223 @@
+"""Global proxy configuration: listeners, limits, timeouts, and how it is loaded.
+
+Rules for this file:
+- Every key has a default, so ``discoproxy serve`` runs with no file at all (the embedded
+  default). Unknown keys are errors: a typo must not silently fall back to a default.
+- Loading never exits or logs: it raises :class:`ConfigError`, whose message names the
+  source (file and line when known), the field path and the accepted values. Only
+  ``cli.py`` turns that into an exit code.
+- The same document loader serves server files (``servers_dir/*.toml|yaml``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_PORT = 25565
+CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
+
+Seconds = Annotated[float, Field(ge=0)]
+
+
+class ConfigError(Exception):
+    """Raised when a config or server file cannot be read, parsed or validated.
+
+    The message is complete and meant for an operator: source, field, seen value and
+    accepted form. ``source`` is the file (or container) the error came from.
+    """
+
+    def __init__(self, message: str, source: str | None = None) -> None:
+        super().__init__(message)
+        self.source = source
+
+
+def parse_bind(value: str) -> tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"`` or ``":port"`` (all interfaces) → (host, port)."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"invalid bind {value!r}; expected '[v6-address]:port'")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"invalid bind {value!r}; expected 'host:port', e.g. '0.0.0.0:25565'")
+        if ":" in host:
+            raise ValueError(f"invalid bind {value!r}; write IPv6 addresses as '[::]:25565'")
+    host = host or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(
+                f"invalid bind host {host!r} in {value!r}; expected an IP address"
+            ) from None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"invalid bind port in {value!r}; expected 0-65535")
+    return host, int(port_text)
+
+
+class ProxyConfig(BaseModel):
+    """The global configuration (``discoproxy.toml``). Durations are in seconds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bind: tuple[str, ...] = Field(
+        default=(f"0.0.0.0:{DEFAULT_PORT}",),
+        description="Listen addresses, 'host:port' or '[v6]:port'; a string or a list.",
+    )
+    receive_proxy_protocol: bool = Field(
+        default=False,
+        description="Expect a PROXY v1/v2 header from trusted_proxies on every connection.",
+    )
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
+        default=(ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")),
+        description="CIDRs allowed to send a PROXY header; others are treated as direct clients.",
+    )
+    connect_timeout: Seconds = Field(default=5.0, description="Per backend address dial.")
+    handshake_timeout: Seconds = Field(
+        default=5.0, description="Time a client has to send its PROXY header and handshake."
+    )
+    idle_timeout: Seconds = Field(
+        default=600.0, description="Close a connection silent both ways this long; 0 = never."
+    )
+    shutdown_timeout: Seconds = Field(
+        default=30.0, description="On SIGTERM/SIGINT, how long open connections may finish."
+    )
+    max_connections: int = Field(
+        default=20000, ge=0, description="Concurrent client connections; 0 = unlimited."
+    )
+    servers_dir: Path = Field(
+        default=Path("servers"), description="Directory of server files (*.toml, *.yaml)."
+    )
+    unknown_server_message: str = Field(
+        default="Unknown server: {domain}",
+        description="Disconnect/status text for a name no server claims ({domain} is replaced).",
+    )
+    log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("bind", mode="before")
+    @classmethod
+    def _bind(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            if not value:
+                raise ValueError("at least one bind address is required")
+            for item in value:
+                parse_bind(str(item))
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def bind_addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple(parse_bind(item) for item in self.bind)
+
+
+def read_document(path: Path) -> dict[str, Any]:
+    """Parse a TOML or YAML file into a mapping; errors name the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}", str(path)) from exc
+    suffix = path.suffix.lower()
+    data: Any
+    if suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}", str(path)) from exc
+    elif suffix in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(exc, "problem", None) or exc
+            raise ConfigError(f"{where}: invalid YAML: {problem}", str(path)) from exc
+        if data is None:
+            data = {}
+    else:
+        raise ConfigError(
+            f"{path}: unsupported file type {suffix!r}; "
+            f"expected one of {', '.join(CONFIG_SUFFIXES)}",
+            str(path),
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of keys at the top level", str(path))
+    return data
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """Best-effort line number of a top-level key in TOML or YAML text."""
+    pattern = re.compile(rf"^[ \t]*[\"']?{re.escape(key)}[\"']?\s*[=:]", re.MULTILINE)
+    match = pattern.search(text)
+    return text.count("\n", 0, match.start()) + 1 if match else None
+
+
+def describe_validation_error(
+    exc: ValidationError,
+    source: str,
+    text: str | None = None,
+    prefix: str = "",
+    known_keys: Sequence[str] = (),
+) -> str:
+    """One line per problem: ``source[:line]: field: message (got value)``."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = ".".join(str(part) for part in error["loc"])
+        top = str(error["loc"][0]) if error["loc"] else ""
+        line = _line_of(text, top) if text is not None and top else None
+        where = f"{source}:{line}" if line else source
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+            close = difflib.get_close_matches(str(error["loc"][-1]), known_keys, n=1)
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
+        field = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(top level)"
+        got = error.get("input")
+        shown = (
+            ""
+            if error["type"] in ("extra_forbidden", "missing") or "got " in message
+            else (f" (got {got!r})" if not isinstance(got, Mapping) else "")
+        )
+        lines.append(f"{where}: {field}: {message}{shown}")
+    return "\n".join(lines)
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validate_document(model: type[Model], data: Mapping[str, Any], path: Path) -> Model:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError:
+            text = None
+        keys = list(model.model_fields)
+        message = describe_validation_error(exc, str(path), text, known_keys=keys)
+        raise ConfigError(message, str(path)) from exc
+
+
+def load_config(path: Path | None) -> ProxyConfig:
+    """Load the global config; ``None`` gives the embedded default."""
+    if path is None:
+        return ProxyConfig()
+    return validate_document(ProxyConfig, read_document(path), path)

@@ -1,0 +1,194 @@
+"""The vocabulary every part of discoproxy shares: what a routable server is.
+
+Rules for this file:
+- Field names and meanings follow Infrarust's server files (``domains``, ``addresses``,
+  ``send_proxy_protocol``, ``proxy_mode``), so its users bring their files unchanged; the
+  camelCase spellings of Infrarust 1.x (``sendProxyProtocol``, ``proxyMode``) are accepted too.
+- Validation happens here, once, at the edge. What leaves this module is normalised:
+  lower-case domains without trailing dots, addresses split into host and port.
+- Error messages name the field, what was seen and the accepted form; the caller adds
+  where the value came from (file, container, label).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+DEFAULT_BACKEND_PORT = 25565
+
+# RFC 1123 labels, plus "_" which real deployments use (SRV-style names, Docker hosts).
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_DOMAIN_RE = re.compile(rf"^(?:\*\.)?{_LABEL}(?:\.{_LABEL})*$")
+_HOSTNAME_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+_MAX_DOMAIN_LENGTH = 253  # RFC 1035 §2.3.4, in text form without the trailing dot
+
+
+class ProxyMode(enum.StrEnum):
+    """How a connection is carried to its backend.
+
+    Only ``passthrough`` exists today; Infrarust's other modes are recognised so that
+    their files fail with a clear "not supported yet" instead of a generic error.
+    """
+
+    PASSTHROUGH = "passthrough"
+
+
+UNSUPPORTED_PROXY_MODES = frozenset(
+    {"zerocopy", "client_only", "clientonly", "offline", "server_only", "serveronly", "intercepted"}
+)
+
+
+def normalize_domain(value: str) -> str:
+    """Lower-case, strip surrounding blanks and one trailing dot; validate the shape.
+
+    Accepted: ``example.com``, ``*.example.com`` (a leading wildcard label only).
+    """
+    domain = value.strip().lower()
+    if domain.endswith("."):
+        domain = domain[:-1]
+    if not domain:
+        raise ValueError("empty domain; expected a name such as 'mc.example.com'")
+    if len(domain) > _MAX_DOMAIN_LENGTH:
+        raise ValueError(f"domain {value!r} is longer than {_MAX_DOMAIN_LENGTH} characters")
+    if not _DOMAIN_RE.match(domain):
+        raise ValueError(
+            f"invalid domain {value!r}; expected a hostname such as 'mc.example.com' "
+            "or a wildcard such as '*.example.com' (the '*' only as the whole first label)"
+        )
+    return domain
+
+
+def _parse_port(text: str, original: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"invalid port in address {original!r}; expected 1-65535, got {text!r}")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"invalid port in address {original!r}; expected 1-65535, got {text!r}")
+    return port
+
+
+class BackendAddress(BaseModel):
+    """One backend endpoint: ``host[:port]``, ``[v6]:port`` or a bare IPv6 literal."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str
+    port: int = DEFAULT_BACKEND_PORT
+
+    @classmethod
+    def parse(cls, value: str) -> BackendAddress:
+        text = value.strip()
+        if not text:
+            raise ValueError("empty address; expected 'host[:port]' such as '10.0.0.5:25565'")
+        if text.startswith("["):
+            end = text.find("]")
+            if end < 0:
+                raise ValueError(f"invalid address {value!r}; missing ']' after IPv6 literal")
+            host, rest = text[1:end], text[end + 1 :]
+            if rest and not rest.startswith(":"):
+                raise ValueError(f"invalid address {value!r}; expected '[v6]:port'")
+            port = _parse_port(rest[1:], value) if rest else DEFAULT_BACKEND_PORT
+            _check_ip(host, value, want_v6=True)
+            return cls(host=host, port=port)
+        if text.count(":") > 1:  # a bare IPv6 literal, no port
+            _check_ip(text, value, want_v6=True)
+            return cls(host=text, port=DEFAULT_BACKEND_PORT)
+        host, sep, port_text = text.partition(":")
+        port = _parse_port(port_text, value) if sep else DEFAULT_BACKEND_PORT
+        if not _HOSTNAME_RE.match(host.lower()):
+            raise ValueError(
+                f"invalid host in address {value!r}; expected an IP address or a hostname"
+            )
+        return cls(host=host.lower(), port=port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _check_ip(host: str, original: str, *, want_v6: bool) -> None:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"invalid IPv6 address in {original!r}") from None
+    if want_v6 and ip.version != 6:
+        raise ValueError(f"invalid address {original!r}; brackets are for IPv6 literals only")
+
+
+class ServerDefinition(BaseModel):
+    """A routable server, as a provider publishes it.
+
+    ``id`` is unique within its provider (file stem, container name); the registry
+    qualifies it as ``id@provider``.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        alias_generator=to_camel,
+        populate_by_name=True,
+    )
+
+    id: Annotated[str, Field(min_length=1, max_length=200)]
+    domains: tuple[str, ...] = ()
+    addresses: tuple[BackendAddress, ...]
+    send_proxy_protocol: bool = False
+    proxy_mode: ProxyMode = ProxyMode.PASSTHROUGH
+    default: bool = False
+    name: str | None = None
+
+    @field_validator("domains", mode="before")
+    @classmethod
+    def _domains(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            return value
+        seen: dict[str, None] = {}
+        for item in value:
+            if not isinstance(item, str):
+                raise ValueError(f"expected a domain string, got {item!r}")
+            seen[normalize_domain(item)] = None
+        return tuple(seen)
+
+    @field_validator("addresses", mode="before")
+    @classmethod
+    def _addresses(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            return value
+        if not value:
+            raise ValueError("at least one address is required, e.g. ['10.0.0.5:25565']")
+        return tuple(
+            item if isinstance(item, BackendAddress) else BackendAddress.parse(str(item))
+            for item in value
+        )
+
+    @field_validator("proxy_mode", mode="before")
+    @classmethod
+    def _proxy_mode(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            mode = value.strip().lower().replace("-", "_")
+            if mode in UNSUPPORTED_PROXY_MODES:
+                raise ValueError(
+                    f"proxy_mode {value!r} is not supported yet; accepted: 'passthrough'"
+                )
+            if mode != ProxyMode.PASSTHROUGH:
+                raise ValueError(f"unknown proxy_mode {value!r}; accepted: 'passthrough'")
+            return ProxyMode.PASSTHROUGH
+        return value
+
+    @model_validator(mode="after")
+    def _routable(self) -> ServerDefinition:
+        if not self.domains and not self.default:
+            raise ValueError(
+                "a server needs at least one entry in 'domains', or 'default = true' "
+                "to be the catch-all"
+            )
+        return self

@@ -1,0 +1,85 @@
+"""Errors raised by the sans-IO parsers and encoders.
+
+Rule: parsers never log and never touch sockets. What went wrong goes into the
+exception message (what was seen, where, what was expected); the I/O side logs it
+once and decides how to answer, guided by ``hint``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Hint(enum.Enum):
+    """What the I/O side should answer before closing, so nobody parses messages."""
+
+    CLOSE = "close"
+    MINECRAFT_DISCONNECT = "minecraft_disconnect"
+    HTTP_400 = "http_400"
+    TLS_ALERT = "tls_alert"
+
+
+class ProtocolError(Exception):
+    """Root of every error raised by :mod:`discoproxy.protocol`."""
+
+    hint: Hint = Hint.CLOSE
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that break the protocol; close that connection only."""
+
+
+class LocalProtocolError(ProtocolError):
+    """The caller misused an encoder (e.g. an out-of-range value); a bug on our side."""
+
+
+class MalformedHandshake(RemoteProtocolError):
+    """A Minecraft packet or handshake does not follow the protocol."""
+
+
+class HandshakeTooLarge(MalformedHandshake):
+    """A Minecraft VarInt or packet length exceeds its cap."""
+
+
+class MalformedClientHello(RemoteProtocolError):
+    """A TLS record or ClientHello cannot be parsed."""
+
+    hint = Hint.TLS_ALERT
+
+
+class ClientHelloTooLarge(MalformedClientHello):
+    """The ClientHello exceeds ``MAX_CLIENT_HELLO_BYTES``."""
+
+
+class MalformedHttpHead(RemoteProtocolError):
+    """An HTTP/1 request head cannot be parsed."""
+
+    hint = Hint.HTTP_400
+
+
+class HttpHeadTooLarge(MalformedHttpHead):
+    """The request head exceeds ``MAX_HTTP_HEAD_BYTES``."""
+
+
+class InvalidProxyHeader(RemoteProtocolError):
+    """A PROXY protocol header is missing, malformed or too large."""
+
+
+class _NeedData:
+    """Sentinel type: the parser needs more bytes before it can decide."""
+
+    _instance: _NeedData | None = None
+
+    def __new__(cls) -> _NeedData:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+NEED_DATA = _NeedData()

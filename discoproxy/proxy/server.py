@@ -1,0 +1,225 @@
+"""Listeners, connection bookkeeping and graceful shutdown, structured with anyio.
+
+Rules for this file:
+- Every listener is started with ``TaskGroup.start`` and reports the addresses it bound,
+  so tests bind port 0. Cancelling the task group stops accepting at once; open
+  connections then get ``shutdown_timeout`` to finish before they are aborted.
+- Dial tasks are created from protocol callbacks (the relay cannot await); they are owned
+  by :class:`ProxyContext`, which cancels any still running at shutdown. Nothing is
+  fire-and-forget.
+- One sweeper task enforces ``idle_timeout`` for all connections at a fixed tick, instead
+  of one timer per connection on the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import math
+import socket
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from loguru import logger
+
+from discoproxy.config import ProxyConfig
+from discoproxy.proxy.connection import ClientConnection, _format_addr
+from discoproxy.routing import Registry
+
+# A burst of connections must not be refused by the kernel while the loop is busy;
+# 4096 matches common somaxconn defaults on current kernels.
+LISTEN_BACKLOG = 4096
+# Rejections (e.g. max_connections) are logged at most this often, so a flood does not
+# become a log flood; the count in between is reported with the next line.
+REJECTION_LOG_INTERVAL_S = 5.0
+
+
+class ProxyContext:
+    """What every connection shares: config, the registry, and the set of live connections."""
+
+    def __init__(self, config: ProxyConfig, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        self.connections: set[ClientConnection] = set()
+        self.total = 0
+        self.rejected = 0
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._trusted = tuple(config.trusted_proxies)
+        self._trust_all = any(net.prefixlen == 0 for net in self._trusted) and {
+            net.version for net in self._trusted if net.prefixlen == 0
+        } == {4, 6}
+        self._max = config.max_connections or math.inf
+        self._log_connections = logger.level(config.log_level).no <= logger.level("INFO").no
+        self._rejections_unlogged = 0
+        self._last_rejection_log = -math.inf
+        self._drained: anyio.Event | None = None
+
+    # -- connections --------------------------------------------------------------------
+
+    def at_capacity(self) -> bool:
+        return len(self.connections) >= self._max
+
+    def register(self, conn: ClientConnection) -> int:
+        self.connections.add(conn)
+        self.total += 1
+        return next(self._ids)
+
+    def unregister(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if self._drained is not None and not self.connections:
+            self._drained.set()
+        if self._log_connections:
+            log_close(conn)
+
+    def is_trusted(self, addr: tuple[str, int] | None) -> bool:
+        if self._trust_all:
+            return True
+        if addr is None:
+            return False
+        ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+        if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
+            ip = ip.ipv4_mapped  # type: ignore[union-attr]
+        return any(ip in net for net in self._trusted)
+
+    def log_rejection(self, client: tuple[str, int] | None, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._last_rejection_log < REJECTION_LOG_INTERVAL_S:
+            self._rejections_unlogged += 1
+            return
+        suppressed = self._rejections_unlogged
+        self._rejections_unlogged = 0
+        self._last_rejection_log = now
+        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        logger.warning("rejected {}: {}{}", _format_addr(client), reason, more)
+
+    # -- tasks --------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    async def drain(self, grace_period: float) -> None:
+        """Wait for open connections to finish, then abort whatever is left."""
+        if self.connections:
+            logger.info(
+                "waiting up to {}s for {} open connections", grace_period, len(self.connections)
+            )
+            self._drained = anyio.Event()
+            with anyio.move_on_after(grace_period):
+                await self._drained.wait()
+        left = list(self.connections)
+        for conn in left:
+            conn.abort("shutdown timeout")
+        if left:
+            logger.warning("aborted {} connections still open at shutdown_timeout", len(left))
+        await self.cancel_tasks()
+
+    async def sweep_idle(self) -> None:
+        """Close connections that moved no byte either way for ``idle_timeout``."""
+        idle = self.config.idle_timeout
+        if idle <= 0:
+            return
+        tick = min(1.0, idle / 4)
+        limit = math.ceil(idle / tick)
+        while True:
+            await anyio.sleep(tick)
+            for conn in list(self.connections):
+                if conn.active:
+                    conn.active = False
+                    conn.idle_ticks = 0
+                else:
+                    conn.idle_ticks += 1
+                    if conn.idle_ticks >= limit:
+                        conn.close_idle()
+
+
+def log_close(conn: ClientConnection) -> None:
+    route = conn.route.qualified_id if conn.route else "-"
+    duration = time.monotonic() - conn.started
+    logger.bind(
+        conn=conn.id,
+        client=_format_addr(conn.client_addr),
+        route=route,
+        backend=_format_addr(conn.backend_addr),
+        bytes_up=conn.bytes_up,
+        bytes_down=conn.bytes_down,
+        duration_s=round(duration, 6),
+        reason=conn.reason,
+    ).info(
+        "conn #{} closed: client={} route={} backend={} up={}B down={}B duration={:.3f}s reason={}",
+        conn.id,
+        _format_addr(conn.client_addr),
+        route,
+        _format_addr(conn.backend_addr),
+        conn.bytes_up,
+        conn.bytes_down,
+        duration,
+        conn.reason,
+    )
+
+
+async def serve_listener(
+    ctx: ProxyContext,
+    host: str,
+    port: int,
+    *,
+    task_status: TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept on ``host:port`` until cancelled; report the bound addresses when ready."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
+    try:
+        server = await loop.create_server(
+            lambda: ClientConnection(ctx),
+            host,
+            port,
+            family=family,
+            backlog=LISTEN_BACKLOG,
+            reuse_address=True,
+        )
+    except OSError as exc:
+        where = _format_addr((host, port))
+        raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from exc
+    bound = [(sock.getsockname()[0], sock.getsockname()[1]) for sock in server.sockets]
+    logger.info("listening on {}", ", ".join(_format_addr(addr) for addr in bound))
+    task_status.started(bound)
+    try:
+        await anyio.sleep_forever()
+    finally:
+        server.close()
+
+
+async def run_proxy(
+    config: ProxyConfig,
+    registry: Registry,
+    *,
+    task_status: TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run every listener until cancelled, then drain connections gracefully."""
+    ctx = ProxyContext(config, registry)
+    try:
+        async with anyio.create_task_group() as tg:
+            bound: list[tuple[str, int]] = []
+            for host, port in config.bind_addresses:
+                bound += await tg.start(serve_listener, ctx, host, port)
+            tg.start_soon(ctx.sweep_idle)
+            task_status.started(bound)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await ctx.drain(config.shutdown_timeout)

@@ -1,0 +1,206 @@
+"""The routing table and the registry that builds it from provider snapshots.
+
+Rules for this file:
+- A :class:`RoutingTable` is immutable. The registry builds a new one and swaps a single
+  reference; a connection reads that reference once, at routing time, so a swap never
+  touches a connection already routed. No locks on the hot path.
+- Matching is deterministic: an exact name beats any wildcard; among wildcards the longest
+  literal suffix wins (``*.eu.example.com`` over ``*.example.com``). ``*.example.com``
+  matches any name with at least one more label (``a.example.com``, ``a.b.example.com``),
+  never ``example.com`` itself. Two servers claiming the same name is a conflict: the
+  winner is the one whose qualified id (``id@provider``) sorts first, and the conflict is
+  reported when the table is built — never "whichever loaded first".
+- Lookups cost one dict probe per label of the name: flat in the number of routes.
+- This module alone writes the current table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from loguru import logger
+
+from discoproxy.model import ServerDefinition
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What a connection needs to reach a server: hot-path form of a ServerDefinition."""
+
+    qualified_id: str
+    provider: str
+    addresses: tuple[tuple[str, int], ...]
+    send_proxy_protocol: bool
+    server: ServerDefinition = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """Several servers claimed one name; ``winner`` got it, ``losers`` did not."""
+
+    name: str
+    winner: str
+    losers: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.name!r} is claimed by {self.winner} and {', '.join(self.losers)}; "
+            f"{self.winner} wins (first qualified id in sort order)"
+        )
+
+
+def qualify(server_id: str, provider: str) -> str:
+    return f"{server_id}@{provider}"
+
+
+class RoutingTable:
+    """Frozen name → route lookups, plus the catch-all."""
+
+    __slots__ = ("_exact", "_wildcard", "conflicts", "default", "routes")
+
+    def __init__(
+        self,
+        exact: Mapping[str, Route],
+        wildcard: Mapping[str, Route],
+        default: Route | None,
+        routes: Sequence[Route],
+        conflicts: Sequence[Conflict] = (),
+    ) -> None:
+        self._exact = dict(exact)
+        # keyed by the suffix including its leading dot: "*.example.com" → ".example.com"
+        self._wildcard = dict(wildcard)
+        self.default = default
+        self.routes = tuple(routes)
+        self.conflicts = tuple(conflicts)
+
+    @classmethod
+    def empty(cls) -> RoutingTable:
+        return cls({}, {}, None, ())
+
+    def __len__(self) -> int:
+        return len(self.routes)
+
+    def lookup_host(self, name: str) -> Route | None:
+        """The route for a normalised name, else ``None`` (the caller may use ``default``)."""
+        route = self._exact.get(name)
+        if route is not None:
+            return route
+        wildcard = self._wildcard
+        if not wildcard:
+            return None
+        dot = name.find(".")
+        while dot >= 0:
+            route = wildcard.get(name[dot:])
+            if route is not None:
+                return route
+            dot = name.find(".", dot + 1)
+        return None
+
+    def lookup_or_default(self, name: str | None) -> Route | None:
+        if name:
+            route = self.lookup_host(name)
+            if route is not None:
+                return route
+        return self.default
+
+    def domains_of(self, route: Route) -> list[str]:
+        names = [name for name, r in self._exact.items() if r is route]
+        names += ["*" + suffix for suffix, r in self._wildcard.items() if r is route]
+        return names
+
+
+def build_table(servers_by_provider: Mapping[str, Iterable[ServerDefinition]]) -> RoutingTable:
+    """Merge every provider's servers into one table, resolving conflicts deterministically."""
+    routes: list[Route] = []
+    for provider in sorted(servers_by_provider):
+        for server in servers_by_provider[provider]:
+            routes.append(
+                Route(
+                    qualified_id=qualify(server.id, provider),
+                    provider=provider,
+                    addresses=tuple((a.host, a.port) for a in server.addresses),
+                    send_proxy_protocol=server.send_proxy_protocol,
+                    server=server,
+                )
+            )
+    routes.sort(key=lambda r: r.qualified_id)
+
+    claims: dict[str, list[Route]] = {}
+    defaults: list[Route] = []
+    for route in routes:
+        for domain in route.server.domains:
+            claims.setdefault(domain, []).append(route)
+        if route.server.default:
+            defaults.append(route)
+
+    exact: dict[str, Route] = {}
+    wildcard: dict[str, Route] = {}
+    conflicts: list[Conflict] = []
+    for name, claimants in claims.items():
+        winner = claimants[0]
+        if len(claimants) > 1:
+            conflicts.append(
+                Conflict(name, winner.qualified_id, tuple(c.qualified_id for c in claimants[1:]))
+            )
+        if name.startswith("*."):
+            wildcard[name[1:]] = winner
+        else:
+            exact[name] = winner
+    if len(defaults) > 1:
+        conflicts.append(
+            Conflict(
+                "(default)", defaults[0].qualified_id, tuple(d.qualified_id for d in defaults[1:])
+            )
+        )
+    conflicts.sort(key=lambda c: c.name)
+    return RoutingTable(exact, wildcard, defaults[0] if defaults else None, routes, conflicts)
+
+
+TableListener = Callable[[RoutingTable], None]
+
+
+class Registry:
+    """Keeps the latest snapshot per provider and swaps in a rebuilt table on each change."""
+
+    def __init__(self) -> None:
+        self._snapshots: dict[str, tuple[ServerDefinition, ...]] = {}
+        self._table = RoutingTable.empty()
+        self._listeners: list[TableListener] = []
+
+    @property
+    def table(self) -> RoutingTable:
+        return self._table
+
+    @property
+    def snapshots(self) -> Mapping[str, tuple[ServerDefinition, ...]]:
+        return dict(self._snapshots)
+
+    def add_listener(self, listener: TableListener) -> None:
+        self._listeners.append(listener)
+
+    def apply_snapshot(self, provider: str, servers: Iterable[ServerDefinition]) -> bool:
+        """Replace ``provider``'s servers; rebuild and swap. False if nothing changed.
+
+        An empty snapshot is applied: it means "this provider has no servers now".
+        """
+        snapshot = tuple(servers)
+        if self._snapshots.get(provider) == snapshot:
+            return False
+        self._snapshots[provider] = snapshot
+        table = build_table(self._snapshots)
+        previous = {c.name: c for c in self._table.conflicts}
+        for conflict in table.conflicts:
+            if previous.get(conflict.name) != conflict:
+                logger.bind(provider=provider).warning("route conflict: {}", conflict)
+        self._table = table
+        logger.bind(provider=provider).info(
+            "routing table updated by {}: {} routes ({} from {})",
+            provider,
+            len(table),
+            len(snapshot),
+            provider,
+        )
+        for listener in self._listeners:
+            listener(table)
+        return True

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from discoproxy.config import ConfigError, ProxyConfig, load_config, parse_bind
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_embedded_default_needs_no_file() -> None:
+    config = load_config(None)
+    assert config.bind_addresses == (("0.0.0.0", 25565),)
+    assert config.servers_dir == Path("servers")
+    assert config.receive_proxy_protocol is False
+
+
+def test_toml_and_yaml_load_the_same(tmp_path: Path) -> None:
+    toml = write(tmp_path, "a.toml", 'bind = ["127.0.0.1:1", "[::1]:2"]\nidle_timeout = 3\n')
+    yaml = write(tmp_path, "a.yaml", "bind:\n  - 127.0.0.1:1\n  - '[::1]:2'\nidle_timeout: 3\n")
+    assert load_config(toml) == load_config(yaml)
+    assert load_config(toml).bind_addresses == (("127.0.0.1", 1), ("::1", 2))
+
+
+def test_bind_accepts_a_single_string(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "c.toml", 'bind = ":25577"\n')).bind_addresses == (
+        ("0.0.0.0", 25577),
+    )
+
+
+def test_unknown_key_names_the_key_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.toml", 'bind = "0.0.0.0:1"\n\nconect_timeout = 3\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}:3: conect_timeout: unknown key (did you mean 'connect_timeout'?)"
+    )
+
+
+def test_bad_value_names_field_and_accepted_values(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.toml", 'log_format = "xml"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}:1: log_format: Input should be 'text' or 'json' (got 'xml')"
+
+
+def test_negative_timeout_is_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.yaml", "connect_timeout: -1\n")
+    with pytest.raises(
+        ConfigError, match=r"c.yaml:1: connect_timeout: Input should be greater than or equal to 0"
+    ):
+        load_config(path)
+
+
+def test_invalid_toml_says_where(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.toml", "bind = [\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(path)
+
+
+def test_invalid_yaml_gives_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.yaml", "bind: 1\nfoo: [\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:\d+: invalid YAML"):
+        load_config(path)
+
+
+def test_unsupported_suffix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unsupported file type '\.json'"):
+        load_config(write(tmp_path, "c.json", "{}"))
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("25565", "expected 'host:port'"),
+        ("::1:25565", r"write IPv6 addresses as '\[::\]:25565'"),
+        ("example.com:1", "expected an IP address"),
+        ("0.0.0.0:70000", "expected 0-65535"),
+    ],
+)
+def test_bad_bind(raw: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_bind(raw)
+
+
+def test_trusted_proxies_are_cidrs(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, "c.toml", 'trusted_proxies = ["10.0.0.0/8", "fd00::/8"]\n')
+    )
+    assert [str(n) for n in config.trusted_proxies] == ["10.0.0.0/8", "fd00::/8"]
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        load_config(write(tmp_path, "d.toml", 'trusted_proxies = ["10.0.0.300/8"]\n'))
+
+
+def test_every_key_has_a_description() -> None:
+    assert all(
+        field.description or name in ("log_level", "log_format")
+        for name, field in ProxyConfig.model_fields.items()
+    )

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from discoproxy.model import BackendAddress, ServerDefinition, normalize_domain
+
+
+def make(**fields: object) -> ServerDefinition:
+    data: dict[str, object] = {"id": "mc", "domains": ["mc.example.com"], "addresses": ["10.0.0.5"]}
+    data.update(fields)
+    return ServerDefinition.model_validate(data)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Survival.Example.COM", "survival.example.com"),
+        ("mc.example.com.", "mc.example.com"),
+        ("  *.Lobby.example.com ", "*.lobby.example.com"),
+        ("localhost", "localhost"),
+    ],
+)
+def test_domains_are_normalised(raw: str, expected: str) -> None:
+    assert normalize_domain(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw", ["", "a b.com", "*.", "mc.*.com", "**.x.com", "-a.com", "a..b", "x" * 254]
+)
+def test_invalid_domains_are_rejected_with_the_accepted_form(raw: str) -> None:
+    with pytest.raises(ValueError, match="domain"):
+        normalize_domain(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "host", "port"),
+    [
+        ("10.0.0.5", "10.0.0.5", 25565),
+        ("10.0.0.5:25566", "10.0.0.5", 25566),
+        ("MC-Backend:1", "mc-backend", 1),
+        ("[::1]:25570", "::1", 25570),
+        ("[2001:db8::1]", "2001:db8::1", 25565),
+        ("2001:db8::1", "2001:db8::1", 25565),
+    ],
+)
+def test_backend_address_parsing(raw: str, host: str, port: int) -> None:
+    address = BackendAddress.parse(raw)
+    assert (address.host, address.port) == (host, port)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("host:0", "expected 1-65535, got '0'"),
+        ("host:65536", "expected 1-65535"),
+        ("host:25565a", "expected 1-65535, got '25565a'"),
+        ("[::1", "missing ']'"),
+        ("[10.0.0.1]:5", "brackets are for IPv6"),
+        ("bad host:5", "expected an IP address or a hostname"),
+        ("", "empty address"),
+    ],
+)
+def test_bad_backend_addresses_say_what_is_accepted(raw: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        BackendAddress.parse(raw)
+
+
+def test_infrarust_camel_case_fields_are_accepted() -> None:
+    server = ServerDefinition.model_validate(
+        {
+            "id": "a",
+            "domains": ["a.example.com"],
+            "addresses": ["h"],
+            "sendProxyProtocol": True,
+            "proxyMode": "passthrough",
+        }
+    )
+    assert server.send_proxy_protocol is True
+
+
+def test_addresses_keep_their_order_for_failover() -> None:
+    server = make(addresses=["b:2", "a:1"])
+    assert [str(a) for a in server.addresses] == ["b:2", "a:1"]
+
+
+def test_duplicate_domains_are_collapsed() -> None:
+    assert make(domains=["A.com", "a.com."]).domains == ("a.com",)
+
+
+@pytest.mark.parametrize(
+    "mode", ["offline", "client_only", "Intercepted", "ZeroCopy", "server_only"]
+)
+def test_other_infrarust_proxy_modes_are_not_supported_yet(mode: str) -> None:
+    with pytest.raises(
+        ValidationError, match=f"proxy_mode '{mode}' is not supported yet; accepted: 'passthrough'"
+    ):
+        make(proxy_mode=mode)
+
+
+def test_proxy_mode_is_case_insensitive() -> None:
+    assert make(proxy_mode="Passthrough").proxy_mode == "passthrough"
+
+
+def test_a_server_needs_a_domain_or_default() -> None:
+    with pytest.raises(ValidationError, match="at least one entry in 'domains'"):
+        make(domains=[])
+    assert make(domains=[], default=True).default
+
+
+def test_unknown_fields_are_rejected() -> None:
+    with pytest.raises(ValidationError, match="domainz"):
+        make(domainz=["x"])
+
+
+def test_addresses_are_required() -> None:
+    with pytest.raises(ValidationError, match="at least one address"):
+        make(addresses=[])

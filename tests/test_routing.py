@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from discoproxy.model import ServerDefinition
+from discoproxy.routing import Registry, build_table
+
+
+def server(sid: str, *domains: str, default: bool = False) -> ServerDefinition:
+    return ServerDefinition(id=sid, domains=domains, addresses=("127.0.0.1:1",), default=default)  # type: ignore[arg-type]
+
+
+def test_exact_beats_wildcard() -> None:
+    table = build_table(
+        {"file": [server("wild", "*.example.com"), server("exact", "mc.example.com")]}
+    )
+    assert table.lookup_host("mc.example.com").qualified_id == "exact@file"  # type: ignore[union-attr]
+    assert table.lookup_host("other.example.com").qualified_id == "wild@file"  # type: ignore[union-attr]
+
+
+def test_most_specific_wildcard_wins() -> None:
+    table = build_table(
+        {"file": [server("broad", "*.example.com"), server("eu", "*.eu.example.com")]}
+    )
+    assert table.lookup_host("a.eu.example.com").qualified_id == "eu@file"  # type: ignore[union-attr]
+    assert table.lookup_host("a.us.example.com").qualified_id == "broad@file"  # type: ignore[union-attr]
+    assert table.lookup_host("a.b.c.eu.example.com").qualified_id == "eu@file"  # type: ignore[union-attr]
+
+
+def test_wildcard_does_not_match_its_own_apex() -> None:
+    table = build_table({"file": [server("wild", "*.example.com")]})
+    assert table.lookup_host("example.com") is None
+    assert table.lookup_host("notexample.com") is None
+
+
+def test_default_is_used_only_when_nothing_matches() -> None:
+    table = build_table({"file": [server("catch", default=True), server("mc", "mc.example.com")]})
+    assert table.lookup_or_default("mc.example.com").qualified_id == "mc@file"  # type: ignore[union-attr]
+    assert table.lookup_or_default("x.org").qualified_id == "catch@file"  # type: ignore[union-attr]
+    assert table.lookup_or_default(None).qualified_id == "catch@file"  # type: ignore[union-attr]
+
+
+def test_conflict_has_a_deterministic_winner_whatever_the_order() -> None:
+    a, b = server("b-server", "mc.example.com"), server("a-server", "mc.example.com")
+    for order in ([a, b], [b, a]):
+        table = build_table({"file": order})
+        assert table.lookup_host("mc.example.com").qualified_id == "a-server@file"  # type: ignore[union-attr]
+        assert [str(c) for c in table.conflicts] == [
+            "'mc.example.com' is claimed by a-server@file and b-server@file; "
+            "a-server@file wins (first qualified id in sort order)"
+        ]
+
+
+def test_conflict_across_providers_uses_the_qualified_id() -> None:
+    table = build_table({"file": [server("mc", "x.com")], "docker": [server("mc", "x.com")]})
+    assert table.lookup_host("x.com").qualified_id == "mc@docker"  # type: ignore[union-attr]
+    assert table.conflicts[0].losers == ("mc@file",)
+
+
+def test_two_defaults_are_a_conflict() -> None:
+    table = build_table({"file": [server("z", default=True), server("y", default=True)]})
+    assert table.default.qualified_id == "y@file"  # type: ignore[union-attr]
+    assert table.conflicts[0].name == "(default)"
+
+
+def test_registry_swaps_tables_and_keeps_old_ones_intact() -> None:
+    registry = Registry()
+    seen = []
+    registry.add_listener(seen.append)
+    assert registry.apply_snapshot("file", [server("a", "a.com")])
+    old = registry.table
+    assert registry.apply_snapshot("docker", [server("b", "b.com")])
+    assert registry.table.lookup_host("b.com") is not None
+    assert old.lookup_host("b.com") is None
+    assert old.lookup_host("a.com") is not None
+    assert len(seen) == 2
+
+
+def test_registry_skips_an_unchanged_snapshot_but_applies_an_empty_one() -> None:
+    registry = Registry()
+    registry.apply_snapshot("file", [server("a", "a.com")])
+    assert not registry.apply_snapshot("file", [server("a", "a.com")])
+    assert registry.apply_snapshot("file", [])
+    assert registry.table.lookup_host("a.com") is None
+
+
+def test_lookup_with_ten_thousand_routes() -> None:
+    servers = [server(f"s{i}", f"s{i}.example.com", f"*.w{i}.example.org") for i in range(10_000)]
+    table = build_table({"file": servers})
+    assert table.lookup_host("s9999.example.com").qualified_id == "s9999@file"  # type: ignore[union-attr]
+    assert table.lookup_host("x.y.w5000.example.org").qualified_id == "s5000@file"  # type: ignore[union-attr]
+    assert table.lookup_host("nothing.example.net") is None
