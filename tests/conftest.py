@@ -13,5 +13,6 @@ settings.load_profile(
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend() -> tuple[str, dict[str, object]]:
+    """asyncio on uvloop, as ``discoproxy serve`` runs it."""
+    return ("asyncio", {"use_uvloop": True})

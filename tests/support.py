@@ -25,7 +25,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = bool(os.environ.get("CI"))
 
-_LISTENING = re.compile(r"listening on (\S+)")
+_LISTENING = re.compile(r"listening on ([0-9a-fA-F.:\[\]]+)")
 
 
 def require_program(name: str, install_hint: str) -> str:
@@ -114,22 +114,19 @@ def running_proxy(
     reader.start()
     deadline = time.monotonic() + startup_timeout
     address: tuple[str, int] | None = None
-    while address is None:
-        for line in list(lines):
-            match = _LISTENING.search(line)
-            if match:
-                host, _, port = match.group(1).rstrip(",").rpartition(":")
-                address = (host.strip("[]"), int(port))
-                break
-        if address is None:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                reader.join(2)
-                raise AssertionError("discoproxy did not start:\n" + "\n".join(lines))
-            time.sleep(0.02)
-    proxy = ProxyProcess(process, address, lines)
     try:
-        yield proxy
+        while address is None:
+            for line in list(lines):
+                match = _LISTENING.search(line)
+                if match:
+                    host, _, port = match.group(1).rpartition(":")
+                    address = (host.strip("[]"), int(port))
+                    break
+            if address is None:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("discoproxy did not start:\n" + "\n".join(lines))
+                time.sleep(0.02)
+        yield ProxyProcess(process, address, lines)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

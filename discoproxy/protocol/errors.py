@@ -8,6 +8,7 @@ once and decides how to answer, guided by ``hint``.
 from __future__ import annotations
 
 import enum
+from typing import Final, Literal
 
 
 class Hint(enum.Enum):
@@ -65,21 +66,21 @@ class InvalidProxyHeader(RemoteProtocolError):
     """A PROXY protocol header is missing, malformed or too large."""
 
 
-class _NeedData:
-    """Sentinel type: the parser needs more bytes before it can decide."""
+class _NeedData(enum.Enum):
+    """Sentinel type: the parser needs more bytes before it can decide.
 
-    _instance: _NeedData | None = None
+    A one-member enum rather than a plain singleton class so that type checkers
+    narrow on identity: after ``if result is NEED_DATA: return``, mypy knows
+    ``result`` is the parser's result type.
+    """
 
-    def __new__(cls) -> _NeedData:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
+    NEED_DATA = "NEED_DATA"
 
     def __repr__(self) -> str:
         return "NEED_DATA"
 
-    def __bool__(self) -> bool:
+    def __bool__(self) -> Literal[False]:
         return False
 
 
-NEED_DATA = _NeedData()
+NEED_DATA: Final = _NeedData.NEED_DATA

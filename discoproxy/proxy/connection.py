@@ -22,14 +22,14 @@ import asyncio
 import enum
 import ipaddress
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from discoproxy.protocol.proxy_protocol import ProxyHeader, encode_v2, parse_proxy_header
-from discoproxy.protocol.sniff import Sniffed, detect_protocol
 from loguru import logger
 
 from discoproxy.protocol import http, minecraft, tls
 from discoproxy.protocol.errors import NEED_DATA, Hint, ProtocolError
+from discoproxy.protocol.proxy_protocol import ProxyHeader, encode_v2, parse_proxy_header
+from discoproxy.protocol.sniff import Sniffed, detect_protocol
 
 if TYPE_CHECKING:
     from discoproxy.proxy.server import ProxyContext
@@ -66,6 +66,9 @@ _TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
 }
 
 
+_PRE_ROUTING = frozenset({ConnState.PROXY_HEADER, ConnState.SNIFFING, ConnState.ANSWERING})
+
+
 class IllegalTransition(RuntimeError):
     """Raised when the pipeline is asked to make a step its transition table forbids."""
 
@@ -87,9 +90,9 @@ class BackendProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER_BYTES, WRITE_LOW_WATER_BYTES)
-        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -177,8 +180,7 @@ class ClientConnection(asyncio.Protocol):
         self.state = new
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)
         ctx = self.ctx
         self.started = time.monotonic()
         peer = transport.get_extra_info("peername")
@@ -208,15 +210,17 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.state is ConnState.CLOSED:
             return
+        self.bytes_up += len(data)
         buffer = self._buffer
         buffer += data
-        if len(buffer) > MAX_PREFIX_BYTES:
-            self._fail(f"sent {len(buffer)} bytes without a routable handshake", Hint.CLOSE)
-            return
         try:
             self._advance()
         except ProtocolError as exc:
             self._fail(str(exc), exc.hint)
+            return
+        # Each sniffer caps its own message; this bounds what no sniffer claimed yet.
+        if len(buffer) > MAX_PREFIX_BYTES and self.state in _PRE_ROUTING:
+            self._fail(f"sent {len(buffer)} bytes without a routable handshake", Hint.CLOSE)
 
     def _advance(self) -> None:
         buffer = self._buffer
@@ -278,13 +282,17 @@ class ClientConnection(asyncio.Protocol):
 
     # -- answers when nothing routes ----------------------------------------------------
 
+    def _reply(self, data: bytes) -> None:
+        """Answer the client ourselves (no backend): counted as bytes down."""
+        self.bytes_down += len(data)
+        self.transport.write(data)
+
     def _unknown_text(self, name: str | None) -> str:
         return self.ctx.config.unknown_server_message.replace("{domain}", name or "(none)")
 
     def _answer_unknown(self, kind: Sniffed, name: str | None) -> None:
         text = self._unknown_text(name)
         reason = f"unknown server {name!r}" if name else "no server name and no default route"
-        transport = self.transport
         if kind is Sniffed.MINECRAFT:
             if self._next_state == 1:
                 handshake = minecraft.parse_handshake(self._buffer)
@@ -294,16 +302,16 @@ class ClientConnection(asyncio.Protocol):
                 self._move(ConnState.ANSWERING)
                 self._answer_status_packets()
                 return
-            transport.write(minecraft.encode_login_disconnect(minecraft.text_component(text)))
+            self._reply(minecraft.encode_login_disconnect(minecraft.text_component(text)))
         elif kind is Sniffed.MINECRAFT_LEGACY:
-            transport.write(minecraft.encode_legacy_kick(text))
+            self._reply(minecraft.encode_legacy_kick(text))
         elif kind is Sniffed.TLS:
-            transport.write(tls.encode_alert(tls.ALERT_UNRECOGNIZED_NAME))
+            self._reply(tls.encode_alert(tls.ALERT_UNRECOGNIZED_NAME))
         elif kind is Sniffed.HTTP:
             if name:
-                transport.write(http.encode_response(421, "Misdirected Request", text + "\n"))
+                self._reply(http.encode_response(421, "Misdirected Request", text + "\n"))
             else:
-                transport.write(http.encode_response(400, "Bad Request", "missing Host\n"))
+                self._reply(http.encode_response(400, "Bad Request", "missing Host\n"))
         self._close(reason)
 
     def _answer_status_packets(self) -> None:
@@ -317,9 +325,9 @@ class ClientConnection(asyncio.Protocol):
             del buffer[: packet.length]
             if packet.packet_id == 0x00:
                 status = minecraft.status_json(self._unknown_text(self._name))
-                self.transport.write(minecraft.encode_status_response(status))
+                self._reply(minecraft.encode_status_response(status))
             elif packet.packet_id == 0x01:
-                self.transport.write(minecraft.encode_pong(packet.payload))
+                self._reply(minecraft.encode_pong(packet.payload))
                 self._close(self.reason)
                 return
             else:
@@ -361,11 +369,9 @@ class ClientConnection(asyncio.Protocol):
         )
         if self._kind is Sniffed.MINECRAFT and self._next_state != 1:
             message = f"Server {route.server.name or route.server.id} is unreachable"
-            self.transport.write(
-                minecraft.encode_login_disconnect(minecraft.text_component(message))
-            )
+            self._reply(minecraft.encode_login_disconnect(minecraft.text_component(message)))
         elif self._kind is Sniffed.HTTP:
-            self.transport.write(http.encode_response(502, "Bad Gateway", "backend unreachable\n"))
+            self._reply(http.encode_response(502, "Bad Gateway", "backend unreachable\n"))
         self._close("backend unreachable")
 
     def _start_forwarding(self, backend: BackendProtocol, addr: tuple[str, int]) -> None:
@@ -382,7 +388,6 @@ class ClientConnection(asyncio.Protocol):
         if route.send_proxy_protocol:
             backend_transport.write(self._proxy_header_for_backend())
         if self._buffer:
-            self.bytes_up += len(self._buffer)
             backend_transport.write(bytes(self._buffer))
         self._buffer = bytearray()
         if self._deadline is not None:
@@ -406,6 +411,17 @@ class ClientConnection(asyncio.Protocol):
         return encode_v2(_unmapped(source), _unmapped(destination))
 
     # -- half-close and teardown --------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        # The client is slower than its backend: stop reading the backend until it drains.
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.resume_reading()
 
     def eof_received(self) -> bool:
         self._client_eof = True
@@ -448,7 +464,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _handshake_timed_out(self) -> None:
         self._deadline = None
-        if self.state in (ConnState.PROXY_HEADER, ConnState.SNIFFING, ConnState.ANSWERING):
+        if self.state in _PRE_ROUTING:
             self._fail(
                 f"no complete handshake within {self.ctx.config.handshake_timeout}s "
                 f"({len(self._buffer)} bytes received)",
@@ -461,9 +477,9 @@ class ClientConnection(asyncio.Protocol):
             "conn #{} from {} rejected: {}", self.id, _format_addr(self.client_addr), message
         )
         if hint is Hint.HTTP_400:
-            self.transport.write(http.encode_response(400, "Bad Request", message + "\n"))
+            self._reply(http.encode_response(400, "Bad Request", message + "\n"))
         elif hint is Hint.TLS_ALERT:
-            self.transport.write(tls.encode_alert(tls.ALERT_HANDSHAKE_FAILURE))
+            self._reply(tls.encode_alert(tls.ALERT_HANDSHAKE_FAILURE))
         self._close(reason or f"protocol error: {message}")
 
     def close_idle(self) -> None:

@@ -82,8 +82,8 @@ class ProxyContext:
         if addr is None:
             return False
         ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
-        if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
-            ip = ip.ipv4_mapped  # type: ignore[union-attr]
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
         return any(ip in net for net in self._trusted)
 
     def log_rejection(self, client: tuple[str, int] | None, reason: str) -> None:
@@ -209,10 +209,11 @@ async def run_proxy(
     config: ProxyConfig,
     registry: Registry,
     *,
+    context: ProxyContext | None = None,
     task_status: TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run every listener until cancelled, then drain connections gracefully."""
-    ctx = ProxyContext(config, registry)
+    ctx = context or ProxyContext(config, registry)
     try:
         async with anyio.create_task_group() as tg:
             bound: list[tuple[str, int]] = []

@@ -1,0 +1,370 @@
+"""Minecraft: Java Edition wire format: VarInt, handshake, status, legacy ping.
+
+Rules for this file:
+
+1. Parsers take a :data:`Buffer` that starts at a packet boundary and return a
+   result, :data:`NEED_DATA` (a valid but incomplete prefix), or raise a
+   :class:`MalformedHandshake` subclass. They never log and never read past the
+   packet they return; ``length`` says how many bytes it took, so the caller can
+   replay the whole prefix to the backend untouched.
+2. Every size a peer declares is checked against a named cap *before* waiting for
+   the bytes, so a peer cannot make us buffer more than the cap.
+3. Encoders raise :class:`LocalProtocolError` for values the protocol cannot carry.
+
+Only the uncompressed, unencrypted framing before login completes is handled here:
+``VarInt length, VarInt packet id, payload``.
+
+Spec: https://minecraft.wiki/w/Java_Edition_protocol (formerly https://wiki.vg/Protocol),
+https://minecraft.wiki/w/Java_Edition_protocol/Server_List_Ping (formerly
+https://wiki.vg/Server_List_Ping) for the status exchange and the pre-1.7 ``0xFE`` ping.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+from ._types import Buffer
+from .errors import (
+    NEED_DATA,
+    HandshakeTooLarge,
+    LocalProtocolError,
+    MalformedHandshake,
+    _NeedData,
+)
+from .names import normalize_host as normalize_host
+
+# A VarInt carries a signed 32-bit int in 7-bit groups: ceil(32 / 7) = 5 bytes.
+MAX_VARINT_BYTES = 5
+
+# Cap on a handshake packet's declared length (packet id + fields, without the length
+# prefix). The address alone is String(255): 255 UTF-16 units, up to 3 UTF-8 bytes each,
+# 765 bytes; Velocity raises it to 255 + len("\0FML\0") + 1 = 261 characters (783 bytes)
+# for Forge clients. BungeeCord IP forwarding appends "\0ip\0uuid\0properties-json" and
+# the signed "textures" property alone is ~1.3 KB (base64 value plus a 684-character
+# RSA signature), so a forwarded handshake is ~1.7 KB. 4096 keeps that with 2x headroom
+# while a peer still cannot make us buffer more than one page before routing.
+MAX_HANDSHAKE_PACKET_BYTES = 4096
+
+# Vanilla's frame decoder reads the length as a VarInt of at most 3 bytes, so no
+# uncompressed packet is longer than 2**21 - 1 bytes.
+MAX_PACKET_BYTES = 2097151
+
+# Longest String the protocol allows (wiki "Data types": String (32767)), in characters.
+MAX_STRING_CHARS = 32767
+
+# Legacy (pre-1.7) kick packet: id 0xFF, UTF-16BE string with a 16-bit length in units.
+MAX_LEGACY_KICK_UNITS = 0xFFFF
+
+HANDSHAKE_PACKET_ID = 0x00
+STATUS_RESPONSE_PACKET_ID = 0x00
+PONG_PACKET_ID = 0x01
+LOGIN_DISCONNECT_PACKET_ID = 0x00
+
+NEXT_STATE_STATUS = 1
+NEXT_STATE_LOGIN = 2
+NEXT_STATE_TRANSFER = 3  # 1.20.5+: a login arriving through a Transfer packet
+_NEXT_STATES = frozenset({NEXT_STATE_STATUS, NEXT_STATE_LOGIN, NEXT_STATE_TRANSFER})
+
+_LEGACY_PING = 0xFE
+_LEGACY_1_4_MARKER = 0x01
+_LEGACY_1_6_PLUGIN_MESSAGE = 0xFA
+_LEGACY_KICK = 0xFF
+
+_INT32_MIN = -(1 << 31)
+_INT32_MAX = (1 << 31) - 1
+_UINT32_MASK = 0xFFFFFFFF
+_PORT = struct.Struct(">H")
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """A parsed handshake (packet 0x00 in the Handshaking state)."""
+
+    protocol_version: int
+    server_address: str
+    """Normalised with :func:`normalize_host`: the name routes match against."""
+    raw_address: str
+    """The address exactly as sent, FML/BungeeCord suffixes included."""
+    server_port: int
+    next_state: int
+    """1 status, 2 login, 3 transfer."""
+    length: int
+    """Bytes consumed, length prefix included."""
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """One uncompressed packet: id and raw payload."""
+
+    packet_id: int
+    payload: bytes
+    length: int
+    """Bytes consumed, length prefix included."""
+
+
+def read_varint(buf: Buffer, offset: int = 0) -> tuple[int, int] | _NeedData:
+    """Read a VarInt at *offset*; return ``(value, offset_after)`` or NEED_DATA.
+
+    The value is a signed 32-bit int, as Java reads it: bits past the 32nd are
+    dropped. More than five bytes raises :class:`HandshakeTooLarge`.
+    """
+    end = len(buf)
+    if offset >= end:
+        return NEED_DATA
+    byte = buf[offset]
+    if byte < 0x80:
+        return byte, offset + 1
+    result = byte & 0x7F
+    for index in range(1, MAX_VARINT_BYTES):
+        pos = offset + index
+        if pos >= end:
+            return NEED_DATA
+        byte = buf[pos]
+        result |= (byte & 0x7F) << (7 * index)
+        if byte < 0x80:
+            result &= _UINT32_MASK
+            if result > _INT32_MAX:
+                result -= 1 << 32
+            return result, pos + 1
+    raise HandshakeTooLarge(f"VarInt at offset {offset} is longer than {MAX_VARINT_BYTES} bytes")
+
+
+def encode_varint(value: int) -> bytes:
+    """Encode a signed 32-bit int as a VarInt (negatives as two's complement: 5 bytes)."""
+    if not _INT32_MIN <= value <= _INT32_MAX:
+        raise LocalProtocolError(f"VarInt value {value} outside int32 range")
+    value &= _UINT32_MASK
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_frame(buf: Buffer, cap: int, what: str) -> tuple[int, int] | _NeedData:
+    """Check a frame's length prefix; return ``(body_start, body_end)`` or NEED_DATA."""
+    header = read_varint(buf)
+    if isinstance(header, _NeedData):
+        return NEED_DATA
+    declared, start = header
+    if declared > cap:
+        raise HandshakeTooLarge(f"{what} length {declared} exceeds cap {cap}")
+    if declared <= 0:
+        raise MalformedHandshake(f"{what} length {declared}, expected at least 1 (the packet id)")
+    return start, start + declared
+
+
+def parse_handshake(buf: Buffer) -> Handshake | _NeedData:
+    """Parse the client's first packet: the handshake.
+
+    Layout: VarInt length, VarInt packet id (0x00), VarInt protocol version, String
+    server address, unsigned short port, VarInt next state (1, 2 or 3). The fields
+    must exactly fill the declared length.
+    """
+    frame = _read_frame(buf, MAX_HANDSHAKE_PACKET_BYTES, "handshake packet")
+    if isinstance(frame, _NeedData):
+        return NEED_DATA
+    start, end = frame
+    if len(buf) < end:
+        # Reject a wrong one-byte packet id now rather than after waiting for the
+        # whole packet (a byte >= 0x80 may still start an over-long encoding of 0).
+        if len(buf) > start and HANDSHAKE_PACKET_ID != buf[start] < 0x80:
+            raise MalformedHandshake(
+                f"handshake packet id {buf[start]:#04x}, expected {HANDSHAKE_PACKET_ID:#04x}"
+            )
+        return NEED_DATA
+    body = bytes(buf[start:end])
+    packet_id, pos = _field_varint(body, 0, "packet id")
+    if packet_id != HANDSHAKE_PACKET_ID:
+        raise MalformedHandshake(
+            f"handshake packet id {packet_id:#04x}, expected {HANDSHAKE_PACKET_ID:#04x}"
+        )
+    protocol_version, pos = _field_varint(body, pos, "protocol version")
+    raw_address, pos = _field_string(body, pos, "server address")
+    if pos + _PORT.size > len(body):
+        raise MalformedHandshake(
+            f"handshake ends at byte {len(body)} inside the server port at byte {pos}"
+        )
+    (server_port,) = _PORT.unpack_from(body, pos)
+    next_state, pos = _field_varint(body, pos + _PORT.size, "next state")
+    if next_state not in _NEXT_STATES:
+        raise MalformedHandshake(
+            f"handshake next state {next_state}, expected 1 (status), 2 (login) or 3 (transfer)"
+        )
+    if pos != len(body):
+        raise MalformedHandshake(
+            f"handshake packet declares {len(body)} bytes but its fields end at byte {pos}"
+        )
+    return Handshake(
+        protocol_version=protocol_version,
+        server_address=normalize_host(raw_address),
+        raw_address=raw_address,
+        server_port=server_port,
+        next_state=next_state,
+        length=end,
+    )
+
+
+def _field_varint(body: bytes, pos: int, field: str) -> tuple[int, int]:
+    result = read_varint(body, pos)
+    if isinstance(result, _NeedData):
+        raise MalformedHandshake(f"packet ends at byte {len(body)} inside the {field} VarInt")
+    return result
+
+
+def _field_string(body: bytes, pos: int, field: str) -> tuple[str, int]:
+    size, pos = _field_varint(body, pos, f"{field} length")
+    if size < 0:
+        raise MalformedHandshake(f"{field} length {size} is negative")
+    end = pos + size
+    if end > len(body):
+        raise MalformedHandshake(
+            f"{field} length {size} at byte {pos} runs past the packet end at byte {len(body)}"
+        )
+    try:
+        return body[pos:end].decode("utf-8"), end
+    except UnicodeDecodeError as exc:
+        raise MalformedHandshake(
+            f"{field} is not valid UTF-8: {exc.reason} at byte {pos + exc.start}"
+        ) from None
+
+
+def encode_handshake(
+    protocol_version: int, server_address: str, server_port: int, next_state: int
+) -> bytes:
+    """Build a handshake packet that :func:`parse_handshake` reads back unchanged."""
+    if not 0 <= server_port <= 0xFFFF:
+        raise LocalProtocolError(f"server port {server_port} outside 0-65535")
+    if next_state not in _NEXT_STATES:
+        raise LocalProtocolError(f"next state {next_state}, expected 1, 2 or 3")
+    payload = b"".join(
+        (
+            encode_varint(protocol_version),
+            encode_string(server_address),
+            _PORT.pack(server_port),
+            encode_varint(next_state),
+        )
+    )
+    return encode_packet(HANDSHAKE_PACKET_ID, payload)
+
+
+def is_legacy_ping(buf: Buffer) -> bool:
+    """Whether *buf* starts a pre-1.7 server-list ping, deciding as vanilla does.
+
+    Beta 1.8-1.3 send ``FE``; 1.4-1.5 send ``FE 01``; 1.6 sends ``FE 01 FA ...``. A
+    modern packet whose length is 126 mod 128 also starts with ``FE``, so like
+    vanilla's ``LegacyQueryHandler`` this looks at what has arrived: ``FE`` alone or
+    ``FE 01`` alone is legacy, ``FE 01 FA`` is legacy, anything else is not.
+    """
+    size = len(buf)
+    if size == 0 or buf[0] != _LEGACY_PING:
+        return False
+    if size == 1:
+        return True
+    if buf[1] != _LEGACY_1_4_MARKER:
+        return False
+    return size == 2 or buf[2] == _LEGACY_1_6_PLUGIN_MESSAGE
+
+
+def parse_packet(buf: Buffer, max_bytes: int = MAX_PACKET_BYTES) -> Packet | _NeedData:
+    """Parse one uncompressed packet (Status Request, Ping Request, Login Start, ...)."""
+    frame = _read_frame(buf, max_bytes, "packet")
+    if isinstance(frame, _NeedData):
+        return NEED_DATA
+    start, end = frame
+    if len(buf) < end:
+        return NEED_DATA
+    body = bytes(buf[start:end])
+    packet_id, pos = _field_varint(body, 0, "packet id")
+    return Packet(packet_id=packet_id, payload=body[pos:], length=end)
+
+
+def encode_packet(packet_id: int, payload: bytes) -> bytes:
+    """Frame *payload* as an uncompressed packet: VarInt length, VarInt id, payload."""
+    body = encode_varint(packet_id) + payload
+    if len(body) > MAX_PACKET_BYTES:
+        raise LocalProtocolError(f"packet length {len(body)} exceeds cap {MAX_PACKET_BYTES}")
+    return encode_varint(len(body)) + body
+
+
+def encode_string(s: str) -> bytes:
+    """Encode a protocol String: VarInt byte length, then UTF-8."""
+    if len(s) > MAX_STRING_CHARS:
+        raise LocalProtocolError(f"string of {len(s)} characters exceeds cap {MAX_STRING_CHARS}")
+    try:
+        data = s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"string is not encodable as UTF-8: {exc.reason}") from None
+    return encode_varint(len(data)) + data
+
+
+def encode_status_response(status_json: str) -> bytes:
+    """Status Response (Status state, clientbound 0x00) carrying *status_json*."""
+    return encode_packet(STATUS_RESPONSE_PACKET_ID, encode_string(status_json))
+
+
+def encode_pong(payload: bytes) -> bytes:
+    """Pong Response (Status state, clientbound 0x01) echoing the 8-byte ping payload."""
+    if len(payload) != 8:
+        raise LocalProtocolError(f"pong payload of {len(payload)} bytes, expected 8")
+    return encode_packet(PONG_PACKET_ID, bytes(payload))
+
+
+def encode_login_disconnect(reason_json: str) -> bytes:
+    """Disconnect (Login state, clientbound 0x00) with a JSON text component."""
+    return encode_packet(LOGIN_DISCONNECT_PACKET_ID, encode_string(reason_json))
+
+
+def text_component(text: str) -> str:
+    """A plain JSON text component, e.g. for :func:`encode_login_disconnect`."""
+    return json.dumps({"text": text})
+
+
+def status_json(
+    description: str,
+    version_name: str = "discoproxy",
+    protocol: int = -1,
+    max_players: int = 0,
+    online: int = 0,
+) -> str:
+    """A server-list status document. ``protocol=-1`` makes clients show the version
+    name as incompatible, which is what a proxy answering for a missing server wants.
+    """
+    return json.dumps(
+        {
+            "version": {"name": version_name, "protocol": protocol},
+            "players": {"max": max_players, "online": online, "sample": []},
+            "description": {"text": description},
+        }
+    )
+
+
+def encode_legacy_kick(
+    motd: str,
+    protocol: int = 127,
+    version_name: str = "discoproxy",
+    online: int = 0,
+    max_players: int = 0,
+) -> bytes:
+    """Answer a legacy ``0xFE`` ping in the 1.4+ format.
+
+    ``0xFF``, UTF-16BE length in code units, then
+    ``§1\\0{protocol}\\0{version}\\0{motd}\\0{online}\\0{max}``. Clients before 1.4
+    show garbled text but still close cleanly.
+    """
+    for field, value in (("motd", motd), ("version name", version_name)):
+        if "\0" in value:
+            raise LocalProtocolError(f"legacy kick {field} {value!r} contains NUL, the separator")
+    text = f"\u00a71\0{protocol}\0{version_name}\0{motd}\0{online}\0{max_players}"
+    data = text.encode("utf-16-be", "surrogatepass")
+    units = len(data) // 2
+    if units > MAX_LEGACY_KICK_UNITS:
+        raise LocalProtocolError(
+            f"legacy kick of {units} UTF-16 units exceeds cap {MAX_LEGACY_KICK_UNITS}"
+        )
+    return bytes((_LEGACY_KICK,)) + struct.pack(">H", units) + data

@@ -1,0 +1,1 @@
+"""Integration tests against real third-party peers (see README.md)."""

@@ -1,0 +1,136 @@
+"""In-process proxy and scripted backends for component tests (loopback only)."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import anyio
+from anyio.abc import SocketStream, TaskGroup
+
+from discoproxy.config import ProxyConfig
+from discoproxy.model import ServerDefinition
+from discoproxy.protocol import minecraft
+from discoproxy.proxy.server import ProxyContext, run_proxy
+from discoproxy.routing import Registry
+
+Handler = Callable[[SocketStream], Awaitable[None]]
+
+
+@dataclass
+class RunningProxy:
+    address: tuple[str, int]
+    registry: Registry
+    tg: TaskGroup
+    ctx: ProxyContext
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    async def connect(self) -> SocketStream:
+        return await anyio.connect_tcp(*self.address)
+
+
+@asynccontextmanager
+async def running_proxy(
+    servers: Sequence[ServerDefinition] = (), **settings: Any
+) -> AsyncIterator[RunningProxy]:
+    registry = Registry()
+    registry.apply_snapshot("test", servers)
+    config = ProxyConfig.model_validate({"bind": ["127.0.0.1:0"], **settings})
+    ctx = ProxyContext(config, registry)
+    async with anyio.create_task_group() as tg:
+        bound = await tg.start(partial(run_proxy, config, registry, context=ctx))
+        yield RunningProxy(bound[0], registry, tg, ctx)
+        tg.cancel_scope.cancel()
+
+
+@dataclass
+class Backend:
+    port: int
+    received: list[bytes] = field(default_factory=list)
+    connections: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@asynccontextmanager
+async def backend(
+    handler: Callable[[SocketStream, Backend], Awaitable[None]],
+) -> AsyncIterator[Backend]:
+    """A loopback TCP server running ``handler(stream, backend)`` per connection."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    info = Backend(listener.extra(anyio.abc.SocketAttribute.local_port))
+
+    async def serve(stream: SocketStream) -> None:
+        info.connections += 1
+        async with stream:
+            with suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                await handler(stream, info)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        yield info
+        tg.cancel_scope.cancel()
+    await listener.aclose()
+
+
+def named(name: bytes) -> Callable[[SocketStream, Backend], Awaitable[None]]:
+    """Backend that records the first chunk and answers with its name."""
+
+    async def handler(stream: SocketStream, info: Backend) -> None:
+        info.received.append(await stream.receive())
+        await stream.send(name)
+
+    return handler
+
+
+async def echo(stream: SocketStream, info: Backend) -> None:
+    async for chunk in stream:
+        await stream.send(chunk)
+
+
+def server(sid: str, *domains: str, addresses: Sequence[str], **extra: Any) -> ServerDefinition:
+    return ServerDefinition.model_validate(
+        {"id": sid, "domains": list(domains), "addresses": list(addresses), **extra}
+    )
+
+
+def handshake(domain: str, next_state: int = 2, port: int = 25565) -> bytes:
+    return minecraft.encode_handshake(765, domain, port, next_state)
+
+
+def client_hello(server_name: str) -> bytes:
+    """A real ClientHello from Python's ssl module, as the first bytes on the wire."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+async def receive_all(stream: SocketStream, limit: float = 5.0) -> bytes:
+    chunks = []
+    with anyio.fail_after(limit):
+        try:
+            async for chunk in stream:
+                chunks.append(chunk)
+        except anyio.BrokenResourceError:
+            pass
+    return b"".join(chunks)
+
+
+def read_string(payload: bytes) -> str:
+    """A Minecraft String field (VarInt length + UTF-8) at the start of ``payload``."""
+    result = minecraft.read_varint(payload)
+    assert isinstance(result, tuple)
+    length, offset = result
+    return payload[offset : offset + length].decode()

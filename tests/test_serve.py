@@ -1,0 +1,133 @@
+"""``discoproxy serve`` as a real process: startup, close log lines, graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import pytest
+
+from discoproxy.protocol import minecraft
+from tests.support import running_proxy
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+@contextmanager
+def echo_server() -> Iterator[int]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def mc_server(port: int) -> dict[str, str]:
+    return {"mc.toml": f'domains = ["mc.example.com"]\naddresses = ["127.0.0.1:{port}"]\n'}
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return sock
+
+
+def roundtrip(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(data)
+    received = b""
+    while len(received) < len(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def test_close_line_tells_what_happened(tmp_path: Path) -> None:
+    with echo_server() as port, running_proxy(tmp_path, mc_server(port)) as proxy:
+        sock = connect(proxy.port)
+        hello = minecraft.encode_handshake(765, "mc.example.com", 25565, 2)
+        assert roundtrip(sock, hello + b"x" * 100) == hello + b"x" * 100
+        client_port = sock.getsockname()[1]
+        sock.close()
+        line = proxy.wait_for_line(r"conn #1 closed")
+    assert f"client=127.0.0.1:{client_port}" in line
+    assert "route=mc@file" in line
+    assert f"backend=127.0.0.1:{port}" in line
+    assert f"up={len(hello) + 100}B down={len(hello) + 100}B" in line
+    assert "reason=" in line
+
+
+def test_json_log_format_carries_the_fields(tmp_path: Path) -> None:
+    with (
+        echo_server() as port,
+        running_proxy(tmp_path, mc_server(port), config='log_format = "json"\n') as proxy,
+    ):
+        sock = connect(proxy.port)
+        hello = minecraft.encode_handshake(765, "mc.example.com", 25565, 2)
+        roundtrip(sock, hello)
+        sock.close()
+        line = proxy.wait_for_line(r'"conn #1 closed')
+    extra = json.loads(line)["record"]["extra"]
+    assert extra["route"] == "mc@file"
+    assert extra["bytes_up"] == len(hello)
+    assert extra["backend"] == f"127.0.0.1:{port}"
+
+
+def test_sigterm_stops_accepting_and_lets_open_connections_finish(tmp_path: Path) -> None:
+    with (
+        echo_server() as port,
+        running_proxy(tmp_path, mc_server(port), config="shutdown_timeout = 10\n") as proxy,
+    ):
+        sock = connect(proxy.port)
+        hello = minecraft.encode_handshake(765, "mc.example.com", 25565, 2)
+        assert roundtrip(sock, hello) == hello
+        proxy.process.send_signal(signal.SIGTERM)
+        proxy.wait_for_line("SIGTERM received")
+        proxy.wait_for_line("waiting up to 10.0s for 1 open connections")
+        with pytest.raises(OSError):
+            connect(proxy.port).recv(1)  # refused, or reset at once
+        assert roundtrip(sock, b"still forwarding") == b"still forwarding"
+        sock.close()
+        assert proxy.process.wait(10) == 0
+
+
+def test_shutdown_timeout_aborts_connections_left_open(tmp_path: Path) -> None:
+    with (
+        echo_server() as port,
+        running_proxy(tmp_path, mc_server(port), config="shutdown_timeout = 0.5\n") as proxy,
+    ):
+        sock = connect(proxy.port)
+        hello = minecraft.encode_handshake(765, "mc.example.com", 25565, 2)
+        roundtrip(sock, hello)
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.process.wait(10) == 0
+        proxy.wait_for_line("aborted 1 connections still open at shutdown_timeout")
+        sock.settimeout(5)
+        with suppress(ConnectionResetError):
+            assert sock.recv(1) == b""
+
+
+def test_port_in_use_is_reported(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with (
+            pytest.raises(AssertionError, match=r"cannot listen on 127\.0\.0\.1"),
+            running_proxy(tmp_path, {}, bind=f"127.0.0.1:{port}"),
+        ):
+            pass
