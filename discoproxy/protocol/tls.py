@@ -5,7 +5,7 @@ Rules for this file:
 1. :func:`parse_client_hello` takes a :data:`Buffer` starting at the connection's
    first byte and returns a :class:`ClientHello`, :data:`NEED_DATA` (a valid but
    incomplete prefix), or raises a :class:`MalformedClientHello` subclass. It never
-   decrypts, never answers, never logs; ``length`` says how many bytes of records it
+   decrypts and never logs; ``length`` says how many bytes of records it
    read, so the caller forwards the untouched prefix to the backend.
 2. Every length the peer declares is checked against its container (record, message,
    vector) before it is used: malformed input raises our error, never ``IndexError``

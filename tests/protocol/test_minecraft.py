@@ -15,6 +15,7 @@ from discoproxy.protocol import (
     MAX_HANDSHAKE_PACKET_BYTES,
     MAX_PACKET_BYTES,
     NEED_DATA,
+    Handshake,
     HandshakeTooLarge,
     LocalProtocolError,
     MalformedHandshake,
@@ -34,6 +35,7 @@ from discoproxy.protocol import (
     status_json,
     text_component,
 )
+from discoproxy.protocol.errors import _NeedData
 
 from .feed import PROPERTY, feed, feed_error, feed_reads, split_at, survives
 
@@ -418,7 +420,7 @@ class _StatusServer:
 
     def _answer(self, conn: socket.socket) -> None:
         buffer = bytearray()
-        handshake = NEED_DATA
+        handshake: Handshake | _NeedData = NEED_DATA
         while handshake is NEED_DATA:
             chunk = conn.recv(4096)
             if not chunk:
@@ -429,7 +431,6 @@ class _StatusServer:
                 conn.sendall(encode_legacy_kick("Legacy says hi", 74, "1.6.2", 1, 10))
                 return
             handshake = parse_handshake(buffer)
-        assert handshake is not NEED_DATA
         self.received.append(bytes(buffer[: handshake.length]))
         del buffer[: handshake.length]
         while True:

@@ -233,9 +233,11 @@ async def test_missing_proxy_header_from_a_trusted_upstream_is_rejected() -> Non
 
 
 async def test_a_table_swap_leaves_open_connections_on_their_backend() -> None:
-    async with backend(echo) as old, backend(named(b"new")) as new, running_proxy(
-        [server("mc", "mc.example.com", addresses=[old.address])]
-    ) as proxy:
+    async with (
+        backend(echo) as old,
+        backend(named(b"new")) as new,
+        running_proxy([server("mc", "mc.example.com", addresses=[old.address])]) as proxy,
+    ):
         async with await proxy.connect() as stream:
             await stream.send(handshake("mc.example.com"))
             with anyio.fail_after(5):
