@@ -125,6 +125,7 @@ class ClientConnection(asyncio.Protocol):
         "_dial_task",
         "_kind",
         "_name",
+        "_handshake_length",
         "_next_state",
         "_proxy_header",
         "active",
@@ -166,6 +167,7 @@ class ClientConnection(asyncio.Protocol):
         self._kind: Sniffed | None = None
         self._name: str | None = None
         self._next_state = 0
+        self._handshake_length = 0
         self._proxy_header: ProxyHeader | None = None
 
     def __repr__(self) -> str:
@@ -228,7 +230,6 @@ class ClientConnection(asyncio.Protocol):
             header = parse_proxy_header(buffer)
             if header is NEED_DATA:
                 return
-            assert isinstance(header, ProxyHeader)
             del buffer[: header.length]
             self._proxy_header = header
             if header.command == "PROXY" and header.source is not None:
@@ -246,26 +247,23 @@ class ClientConnection(asyncio.Protocol):
         kind = detect_protocol(buffer)
         if kind is NEED_DATA:
             return
-        assert isinstance(kind, Sniffed)
         name: str | None
         if kind is Sniffed.MINECRAFT:
             handshake = minecraft.parse_handshake(buffer)
             if handshake is NEED_DATA:
                 return
-            assert isinstance(handshake, minecraft.Handshake)
             name = handshake.server_address
             self._next_state = handshake.next_state
+            self._handshake_length = handshake.length
         elif kind is Sniffed.TLS:
             hello = tls.parse_client_hello(buffer)
             if hello is NEED_DATA:
                 return
-            assert isinstance(hello, tls.ClientHello)
             name = hello.server_name
         elif kind is Sniffed.HTTP:
             head = http.parse_request_head(buffer)
             if head is NEED_DATA:
                 return
-            assert isinstance(head, http.HttpHead)
             name = head.host
         else:
             name = None
@@ -295,9 +293,7 @@ class ClientConnection(asyncio.Protocol):
         reason = f"unknown server {name!r}" if name else "no server name and no default route"
         if kind is Sniffed.MINECRAFT:
             if self._next_state == 1:
-                handshake = minecraft.parse_handshake(self._buffer)
-                assert isinstance(handshake, minecraft.Handshake)
-                del self._buffer[: handshake.length]
+                del self._buffer[: self._handshake_length]
                 self.reason = reason
                 self._move(ConnState.ANSWERING)
                 self._answer_status_packets()
@@ -321,7 +317,6 @@ class ClientConnection(asyncio.Protocol):
             packet = minecraft.parse_packet(buffer, max_bytes=64)
             if packet is NEED_DATA:
                 return
-            assert isinstance(packet, minecraft.Packet)
             del buffer[: packet.length]
             if packet.packet_id == 0x00:
                 status = minecraft.status_json(self._unknown_text(self._name))
