@@ -16,16 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 from loguru import logger
 
 from discoproxy.config import ConfigError, ProxyConfig, load_config
-from discoproxy.routing import Registry, RoutingTable, build_table
+from discoproxy.provider import Enabled, Provider, load_providers, supervise
+from discoproxy.routing import Registry, RoutingTable, SnapshotInbox, build_table
 from providers.file import PROVIDER_NAME as FILE_PROVIDER
 from providers.file import load_servers_dir
 
 EXIT_OK = 0
 EXIT_CONFIG = 1
 EXIT_START = 3
+# Listeners open once every enabled provider has published, or after this long: a
+# connection arriving in the first instant should not see an empty table.
+STARTUP_WAIT_S = 10.0
 
 TEXT_FORMAT = "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> {message}"
 
@@ -63,6 +68,7 @@ def _load_table(config: ProxyConfig) -> tuple[RoutingTable, list[ConfigError]]:
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = _load(args)
+        load_providers(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -128,19 +134,33 @@ def cmd_routes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _serve(config: ProxyConfig) -> None:
+async def _start_providers(
+    tg: TaskGroup, providers: list[tuple[Provider, Enabled]], inbox: SnapshotInbox
+) -> None:
+    for provider, enabled in providers:
+        name = provider.name
+        if enabled is Enabled.FALSE:
+            logger.info("provider {} disabled in the config", name)
+            continue
+        if enabled is Enabled.AUTO and not await provider.available():
+            logger.info("provider {} off: {}", name, provider.unavailable_reason())
+            continue
+        logger.info("provider {} on", name)
+        tg.start_soon(supervise, name, provider, inbox.publisher(name), name=f"provider {name}")
+
+
+async def _serve(config: ProxyConfig, providers: list[tuple[Provider, Enabled]]) -> None:
     from discoproxy.proxy.server import run_proxy
 
     registry = Registry()
-    servers, errors = load_servers_dir(config.servers_dir)
-    for error in errors:
-        logger.error("server file rejected: {}", error)
-    if config.servers_dir.is_dir():
-        logger.info("loaded {} servers from {}", len(servers), config.servers_dir)
-    else:
-        logger.info("servers_dir {} does not exist; no file routes", config.servers_dir)
-    registry.apply_snapshot(FILE_PROVIDER, servers)
+    inbox = SnapshotInbox()
     async with anyio.create_task_group() as tg:
+        tg.start_soon(inbox.run, registry)
+        await _start_providers(tg, providers, inbox)
+        with anyio.move_on_after(STARTUP_WAIT_S) as waited:
+            await inbox.wait_first_snapshots()
+        if waited.cancelled_caught:
+            logger.warning("starting before every provider has published its first routes")
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             await tg.start(run_proxy, config, registry)
             async for signum in signals:
@@ -159,6 +179,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    try:
+        providers = load_providers(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     configure_logging(config.log_level, config.log_format)
     options: dict[str, Any] = {}
     try:
@@ -168,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         logger.info("uvloop not installed; using the default asyncio event loop")
     try:
-        anyio.run(_serve, config, backend="asyncio", backend_options=options)
+        anyio.run(_serve, config, providers, backend="asyncio", backend_options=options)
     except OSError as exc:
         logger.error("cannot start: {}", exc)
         return EXIT_START

@@ -103,6 +103,10 @@ class ProxyConfig(BaseModel):
         default="Unknown server: {domain}",
         description="Disconnect/status text for a name no server claims ({domain} is replaced).",
     )
+    providers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-provider tables, e.g. [providers.docker]; see each provider's keys.",
+    )
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 

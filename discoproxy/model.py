@@ -134,13 +134,32 @@ class ServerDefinition(BaseModel):
         populate_by_name=True,
     )
 
-    id: Annotated[str, Field(min_length=1, max_length=200)]
-    domains: tuple[str, ...] = ()
-    addresses: tuple[BackendAddress, ...]
-    send_proxy_protocol: bool = False
-    proxy_mode: ProxyMode = ProxyMode.PASSTHROUGH
-    default: bool = False
-    name: str | None = None
+    id: Annotated[str, Field(min_length=1, max_length=200)] = Field(
+        description="Unique within its provider: the file stem, or the container name."
+    )
+    domains: tuple[str, ...] = Field(
+        default=(),
+        description="Names routed to this server: exact ('mc.example.com') or wildcard "
+        "('*.example.com'); matched against the Minecraft handshake, TLS SNI or HTTP Host.",
+    )
+    addresses: tuple[BackendAddress, ...] = Field(
+        description="Backends as 'host[:port]' (port 25565 by default), tried in order.",
+    )
+    send_proxy_protocol: bool = Field(
+        default=False,
+        description="Send a PROXY protocol v2 header with the real client address first.",
+    )
+    proxy_mode: ProxyMode = Field(
+        default=ProxyMode.PASSTHROUGH,
+        description="How connections are carried; only 'passthrough' is supported yet.",
+    )
+    default: bool = Field(
+        default=False,
+        description="Catch-all: receives every connection whose name matches no server.",
+    )
+    name: str | None = Field(
+        default=None, description="Display name used in logs and player messages."
+    )
 
     @field_validator("domains", mode="before")
     @classmethod

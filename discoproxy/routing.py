@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import anyio
 from loguru import logger
 
 from discoproxy.model import ServerDefinition
@@ -184,23 +185,72 @@ class Registry:
 
         An empty snapshot is applied: it means "this provider has no servers now".
         """
-        snapshot = tuple(servers)
-        if self._snapshots.get(provider) == snapshot:
+        return self.apply_snapshots({provider: tuple(servers)})
+
+    def apply_snapshots(self, snapshots: Mapping[str, Iterable[ServerDefinition]]) -> bool:
+        """Replace several providers' servers with one rebuild; False if nothing changed."""
+        changed = {}
+        for provider, servers in snapshots.items():
+            snapshot = tuple(servers)
+            if self._snapshots.get(provider) != snapshot:
+                changed[provider] = snapshot
+        if not changed:
             return False
-        self._snapshots[provider] = snapshot
+        self._snapshots.update(changed)
         table = build_table(self._snapshots)
         previous = {c.name: c for c in self._table.conflicts}
         for conflict in table.conflicts:
             if previous.get(conflict.name) != conflict:
-                logger.bind(provider=provider).warning("route conflict: {}", conflict)
+                logger.warning("route conflict: {}", conflict)
         self._table = table
-        logger.bind(provider=provider).info(
-            "routing table updated by {}: {} routes ({} from {})",
-            provider,
+        logger.info(
+            "routing table updated by {}: {} routes ({})",
+            ", ".join(sorted(changed)),
             len(table),
-            len(snapshot),
-            provider,
+            ", ".join(f"{len(servers)} from {name}" for name, servers in sorted(changed.items())),
         )
         for listener in self._listeners:
             listener(table)
         return True
+
+
+class SnapshotInbox:
+    """Where providers publish: the newest snapshot per provider, never blocking the writer.
+
+    Like Traefik's ring channel, a snapshot that arrives while another from the same
+    provider is pending replaces it. :meth:`run` applies what is pending in one rebuild,
+    then waits ``throttle_s`` so a burst of events costs a few rebuilds, not one each.
+    """
+
+    def __init__(self, throttle_s: float = 0.02) -> None:
+        self._pending: dict[str, tuple[ServerDefinition, ...]] = {}
+        self._wake = anyio.Event()
+        self._published: set[str] = set()
+        self._first = anyio.Event()
+        self._expected: set[str] = set()
+        self.throttle_s = throttle_s
+
+    def publisher(self, provider: str) -> Callable[[Iterable[ServerDefinition]], None]:
+        self._expected.add(provider)
+
+        def publish(servers: Iterable[ServerDefinition]) -> None:
+            self._pending[provider] = tuple(servers)
+            self._wake.set()
+
+        return publish
+
+    async def wait_first_snapshots(self) -> None:
+        """Until every provider that asked for a publisher has had a snapshot applied."""
+        if self._expected - self._published:
+            await self._first.wait()
+
+    async def run(self, registry: Registry) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            pending, self._pending = self._pending, {}
+            registry.apply_snapshots(pending)
+            self._published.update(pending)
+            if not self._expected - self._published:
+                self._first.set()
+            await anyio.sleep(self.throttle_s)

@@ -1,25 +1,55 @@
-"""The file provider: one server per ``servers_dir/*.toml|*.yaml|*.yml`` file.
+"""The file provider: one server per ``servers_dir/*.toml|*.yaml|*.yml`` file, hot-reloaded.
 
 Rules for this file:
 - The server id is the file stem; Infrarust server files load unchanged.
 - A file that fails to read, parse or validate is reported with its path, line/field and
-  reason; the other files still load.
-- Editors' temporary and hidden files (``.name``, ``name~``, ``#name#``) are ignored.
+  reason, and its **last good version stays published**; fixing the file applies it.
+  The other files are never affected.
+- Editors' temporary and hidden files (``.name``, ``name~``, ``#name#``, ``.swp``) are
+  ignored; a file is read only once its size and mtime hold still across the read, so a
+  truncate-then-write is never published half-written (a rename is atomic anyway).
+- watchfiles (inotify) is used, not polling; ``WATCHFILES_FORCE_POLLING=1`` switches to
+  polling for bind mounts and network filesystems that do not deliver events.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
+from typing import ClassVar
 
-from discoproxy.config import CONFIG_SUFFIXES, ConfigError, read_document, validate_document
+import anyio
+import watchfiles
+from loguru import logger
+
+from discoproxy.config import (
+    CONFIG_SUFFIXES,
+    ConfigError,
+    ProxyConfig,
+    read_document,
+    validate_document,
+)
 from discoproxy.model import ServerDefinition
+from discoproxy.provider import ProviderSettings, Publish
 
 PROVIDER_NAME = "file"
+# watchfiles yields a batch once the directory has been quiet this long: long enough to
+# group an editor's save (write temp, fsync, rename), short enough to be live in < 500 ms.
+WATCH_STEP_MS = 50
+WATCH_DEBOUNCE_MS = 300
+# A file is read once it has not been modified for QUIET_S (a writer pausing between
+# chunks for less than that is never caught half-way), and read again if its size or
+# mtime changed during the read; after STABLE_WAIT_MAX_S of constant writing we read anyway.
+QUIET_S = 0.12
+STABLE_WAIT_MAX_S = 2.0
+# While servers_dir is missing, look for it again this often.
+MISSING_DIR_POLL_S = 0.5
 
 
 def is_server_file(path: Path) -> bool:
     name = path.name
-    if name.startswith((".", "#")) or name.endswith("~"):
+    if name.startswith((".", "#")) or name.endswith(("~", ".swp", ".tmp")):
         return False
     return path.suffix.lower() in CONFIG_SUFFIXES
 
@@ -45,14 +75,146 @@ def load_servers_dir(directory: Path) -> tuple[list[ServerDefinition], list[Conf
             errors.append(exc)
             continue
         if server.id in seen:
-            errors.append(
-                ConfigError(
-                    f"{path}: id: {server.id!r} is already used by {seen[server.id]}; "
-                    "ids must be unique within servers_dir",
-                    str(path),
-                )
-            )
+            errors.append(_duplicate_id(path, server.id, seen[server.id]))
             continue
         seen[server.id] = path
         servers.append(server)
     return servers, errors
+
+
+def _duplicate_id(path: Path, server_id: str, other: Path) -> ConfigError:
+    return ConfigError(
+        f"{path}: id: {server_id!r} is already used by {other}; ids must be unique in servers_dir",
+        str(path),
+    )
+
+
+def _stat_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+class FileSettings(ProviderSettings):
+    """``[providers.file]``: ``enabled`` (auto = on when servers_dir exists), ``directory``."""
+
+    directory: Path | None = None
+
+
+class FileProvider:
+    """Publishes one server per file in the servers directory, live."""
+
+    Settings: ClassVar[type[ProviderSettings]] = FileSettings
+
+    def __init__(self, name: str, settings: FileSettings, config: ProxyConfig) -> None:
+        self.name = name
+        self.directory = settings.directory or config.servers_dir
+        self._good: dict[Path, ServerDefinition] = {}
+        self._errors: dict[Path, str] = {}
+        self._log = logger.bind(provider=name)
+
+    async def available(self) -> bool:
+        return self.directory.is_dir()
+
+    def unavailable_reason(self) -> str:
+        return f"servers_dir {self.directory} does not exist"
+
+    async def run(self, publish: Publish) -> None:
+        announced_missing = False
+        while True:
+            if not self.directory.is_dir():
+                if not announced_missing:
+                    self._log.warning(
+                        "servers_dir {} is missing; keeping its {} servers until it is back",
+                        self.directory,
+                        len(self._good),
+                    )
+                    announced_missing = True
+                await anyio.sleep(MISSING_DIR_POLL_S)
+                continue
+            announced_missing = False
+            await self.reload_all(publish)
+            await self._watch(publish)
+
+    async def _watch(self, publish: Publish) -> None:
+        """Follow changes until the directory itself goes away."""
+        directory = self.directory
+        async for changes in watchfiles.awatch(
+            directory,
+            watch_filter=lambda _change, path: is_server_file(Path(path)),
+            step=WATCH_STEP_MS,
+            debounce=WATCH_DEBOUNCE_MS,
+            recursive=False,
+            yield_on_timeout=True,
+            rust_timeout=1000,
+            force_polling=_force_polling(),
+        ):
+            if not directory.is_dir():
+                return
+            paths = {Path(path) for _change, path in changes}
+            if paths:
+                await self.reload(paths, publish)
+
+    async def reload_all(self, publish: Publish) -> None:
+        present = {p for p in self.directory.iterdir() if p.is_file() and is_server_file(p)}
+        await self.reload(present | set(self._good) | set(self._errors), publish)
+
+    async def reload(self, paths: set[Path], publish: Publish) -> None:
+        for path in sorted(paths):
+            await self._reload_one(path)
+        publish(self.snapshot())
+
+    def snapshot(self) -> list[ServerDefinition]:
+        """Last good version of every file, first file name wins a duplicate id."""
+        servers: list[ServerDefinition] = []
+        seen: dict[str, Path] = {}
+        for path in sorted(self._good):
+            server = self._good[path]
+            if server.id in seen:
+                self._log.error(
+                    "server file rejected: {}", _duplicate_id(path, server.id, seen[server.id])
+                )
+                continue
+            seen[server.id] = path
+            servers.append(server)
+        return servers
+
+    async def _reload_one(self, path: Path) -> None:
+        give_up = anyio.current_time() + STABLE_WAIT_MAX_S
+        while True:
+            before = _stat_key(path)
+            if before is None:
+                if self._good.pop(path, None) is not None:
+                    self._log.info("server file removed: {}", path)
+                self._errors.pop(path, None)
+                return
+            age = time.time() - before[1] / 1e9
+            if age < QUIET_S and anyio.current_time() < give_up:
+                await anyio.sleep(QUIET_S - max(age, 0.0))
+                continue
+            try:
+                result: ServerDefinition | ConfigError = load_server_file(path)
+            except ConfigError as exc:
+                result = exc
+            if _stat_key(path) == before or anyio.current_time() >= give_up:
+                break
+        if isinstance(result, ConfigError):
+            message = str(result)
+            if self._errors.get(path) != message:
+                kept = "keeping its last good version" if path in self._good else "not loaded"
+                self._log.error("server file rejected ({}): {}", kept, message)
+            self._errors[path] = message
+            return
+        if self._errors.pop(path, None) is not None:
+            self._log.info("server file fixed: {}", path)
+        previous = self._good.get(path)
+        self._good[path] = result
+        if previous != result:
+            self._log.info("server file {}: {}", "changed" if previous else "loaded", path)
+
+
+def _force_polling() -> bool | None:
+    value = os.environ.get("WATCHFILES_FORCE_POLLING")
+    return None if value is None else value.lower() not in ("", "0", "false", "no")

@@ -1,0 +1,218 @@
+"""The file provider, live: create, edit, break, fix and delete server files under a proxy."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import SocketStream
+
+from discoproxy.config import ProxyConfig
+from discoproxy.provider import load_providers, supervise
+from discoproxy.proxy.server import ProxyContext, run_proxy
+from discoproxy.routing import Registry, RoutingTable, SnapshotInbox
+from providers.file import FileProvider, FileSettings
+from tests.proxy.helpers import backend, echo, handshake, named, read_string, receive_all
+
+pytestmark = pytest.mark.anyio
+
+# Bounds for "the change shows up": generous, they are deadlines, not measurements.
+LIVE_WITHIN_S = 5.0
+
+
+@dataclass
+class LiveProxy:
+    directory: Path
+    registry: Registry
+    address: tuple[str, int]
+    tables: list[RoutingTable] = field(default_factory=list)
+
+    async def connect(self) -> SocketStream:
+        return await anyio.connect_tcp(*self.address)
+
+    async def wait_until(self, condition: Callable[[RoutingTable], bool]) -> None:
+        with anyio.fail_after(LIVE_WITHIN_S):
+            while not condition(self.registry.table):
+                await anyio.sleep(0.01)
+
+    def write(self, name: str, text: str) -> Path:
+        path = self.directory / name
+        path.write_text(text)
+        return path
+
+
+@asynccontextmanager
+async def live_proxy(tmp_path: Path) -> AsyncIterator[LiveProxy]:
+    directory = tmp_path / "servers"
+    directory.mkdir()
+    config = ProxyConfig(bind=("127.0.0.1:0",), servers_dir=directory)
+    registry = Registry()
+    inbox = SnapshotInbox()
+    provider = FileProvider("file", FileSettings(), config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(inbox.run, registry)
+        tg.start_soon(supervise, "file", provider, inbox.publisher("file"))
+        with anyio.fail_after(5):
+            await inbox.wait_first_snapshots()
+        ctx = ProxyContext(config, registry)
+        bound = await tg.start(partial(run_proxy, config, registry, context=ctx))
+        live = LiveProxy(directory, registry, bound[0])
+        registry.add_listener(live.tables.append)
+        await anyio.sleep(0.2)  # let the watcher settle before tests write files
+        yield live
+        tg.cancel_scope.cancel()
+
+
+def server_file(port: int, *domains: str) -> str:
+    names = ", ".join(f'"{d}"' for d in domains)
+    return f'domains = [{names}]\naddresses = ["127.0.0.1:{port}"]\n'
+
+
+def routed(domain: str, qualified_id: str | None) -> Callable[[RoutingTable], bool]:
+    def check(table: RoutingTable) -> bool:
+        route = table.lookup_host(domain)
+        return (route.qualified_id if route else None) == qualified_id
+
+    return check
+
+
+async def test_a_new_file_becomes_routable_and_a_deleted_one_goes_away(tmp_path: Path) -> None:
+    async with backend(named(b"A")) as a, live_proxy(tmp_path) as live:
+        path = live.write("survival.toml", server_file(a.port, "survival.example.com"))
+        await live.wait_until(routed("survival.example.com", "survival@file"))
+        async with await live.connect() as stream:
+            await stream.send(handshake("survival.example.com"))
+            with anyio.fail_after(5):
+                assert await stream.receive() == b"A"
+        path.unlink()
+        await live.wait_until(routed("survival.example.com", None))
+        async with await live.connect() as stream:
+            await stream.send(handshake("survival.example.com"))
+            reply = await receive_all(stream)
+        assert "Unknown server: survival.example.com" in read_string(reply[2:])
+
+
+async def test_edits_apply_without_cutting_open_connections(tmp_path: Path) -> None:
+    async with backend(echo) as old, backend(named(b"new")) as new, live_proxy(tmp_path) as live:
+        live.write("mc.toml", server_file(old.port, "mc.example.com"))
+        await live.wait_until(routed("mc.example.com", "mc@file"))
+        async with await live.connect() as stream:
+            await stream.send(handshake("mc.example.com"))
+            with anyio.fail_after(5):
+                await stream.receive()
+            live.write("mc.toml", server_file(new.port, "mc.example.com", "other.example.com"))
+            await live.wait_until(routed("other.example.com", "mc@file"))
+            await stream.send(b"still on the old backend")
+            with anyio.fail_after(5):
+                assert await stream.receive() == b"still on the old backend"
+        async with await live.connect() as stream:
+            await stream.send(handshake("mc.example.com"))
+            with anyio.fail_after(5):
+                assert await stream.receive() == b"new"
+
+
+async def test_a_broken_file_keeps_its_last_good_version_until_fixed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    logs: list[str] = []
+    from loguru import logger
+
+    sink = logger.add(lambda message: logs.append(str(message)), level="INFO")
+    try:
+        async with backend(named(b"A")) as a, live_proxy(tmp_path) as live:
+            path = live.write("mc.toml", server_file(a.port, "mc.example.com"))
+            await live.wait_until(routed("mc.example.com", "mc@file"))
+            other = live.write("other.toml", server_file(a.port, "other.example.com"))
+            path.write_text('domains = ["mc.example.com"]\naddresses = ["127.0.0.1:99999"]\n')
+            with anyio.fail_after(LIVE_WITHIN_S):
+                while not any("server file rejected" in line for line in logs):
+                    await anyio.sleep(0.01)
+            rejected = next(line for line in logs if "server file rejected" in line)
+            assert "keeping its last good version" in rejected
+            assert f"{path}:2: addresses: invalid port in address '127.0.0.1:99999'" in rejected
+            assert "expected 1-65535, got '99999'" in rejected
+            await live.wait_until(routed("other.example.com", "other@file"))
+            assert routed("mc.example.com", "mc@file")(live.registry.table)
+            async with await live.connect() as stream:
+                await stream.send(handshake("mc.example.com"))
+                with anyio.fail_after(5):
+                    assert await stream.receive() == b"A"
+            path.write_text(server_file(a.port, "fixed.example.com"))
+            await live.wait_until(routed("fixed.example.com", "mc@file"))
+            assert routed("mc.example.com", None)(live.registry.table)
+            assert other.exists()
+    finally:
+        logger.remove(sink)
+
+
+async def test_write_to_temp_then_rename_publishes_only_whole_files(tmp_path: Path) -> None:
+    async with live_proxy(tmp_path) as live:
+        for generation in range(5):
+            domains = [f"g{generation}-{i}.example.com" for i in range(50)]
+            temp = live.directory / ".mc.toml.tmp"
+            temp.write_text(server_file(25565, *domains))
+            os.replace(temp, live.directory / "mc.toml")
+            await live.wait_until(routed(domains[-1], "mc@file"))
+        for table in live.tables:
+            routes = [r for r in table.routes if r.qualified_id == "mc@file"]
+            names = table.domains_of(routes[0]) if routes else []
+            assert len(names) in (0, 50)  # never a partial version
+
+
+async def test_truncate_then_slow_write_is_never_published_half_written(tmp_path: Path) -> None:
+    async with live_proxy(tmp_path) as live:
+        path = live.directory / "mc.toml"
+        text = server_file(25565, *[f"s{i}.example.com" for i in range(50)])
+        text += "send_proxy_protocol = true\n"
+        # truncate, then write in pieces with pauses longer than the watcher's quiet step
+        # (line by line: after the second line the file is valid but incomplete)
+        with path.open("w") as handle:
+            for line in text.splitlines(keepends=True):
+                handle.write(line)
+                handle.flush()
+                await anyio.sleep(0.07)
+        await live.wait_until(routed("s49.example.com", "mc@file"))
+        await anyio.sleep(0.2)
+        for table in live.tables:
+            for route in table.routes:
+                if route.qualified_id == "mc@file":
+                    assert route.send_proxy_protocol  # the last line was there: whole file
+
+
+async def test_directory_removed_keeps_routes_and_recreated_reloads(tmp_path: Path) -> None:
+    async with live_proxy(tmp_path) as live:
+        path = live.write("mc.toml", server_file(25565, "mc.example.com"))
+        await live.wait_until(routed("mc.example.com", "mc@file"))
+        path.unlink()
+        live.directory.rmdir()
+        await anyio.sleep(0.5)
+        live.directory.mkdir()
+        live.write("new.toml", server_file(25565, "new.example.com"))
+        await live.wait_until(routed("new.example.com", "new@file"))
+        assert routed("mc.example.com", None)(live.registry.table)
+
+
+async def test_same_stem_in_toml_and_yaml_is_reported_and_the_first_kept(tmp_path: Path) -> None:
+    async with live_proxy(tmp_path) as live:
+        live.write("mc.toml", server_file(25565, "a.example.com"))
+        live.write("mc.yaml", "domains: [b.example.com]\naddresses: ['127.0.0.1:1']\n")
+        await live.wait_until(routed("a.example.com", "mc@file"))
+        await anyio.sleep(0.2)
+        assert routed("b.example.com", None)(live.registry.table)
+
+
+def test_provider_table_is_validated_with_field_names(tmp_path: Path) -> None:
+    config = ProxyConfig(providers={"file": {"enabled": "maybe"}})
+    with pytest.raises(
+        Exception, match=r"providers\.file\.enabled: Input should be 'auto', 'true' or 'false'"
+    ):
+        load_providers(config, {"file": FileProvider})
+    config = ProxyConfig(providers={"fiel": {}})
+    with pytest.raises(Exception, match=r"providers\.fiel: unknown provider; registered: file"):
+        load_providers(config, {"file": FileProvider})
