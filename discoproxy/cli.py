@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from anyio.abc import TaskGroup
 from loguru import logger
 
 from discoproxy.config import ConfigError, ProxyConfig, load_config
+from discoproxy.model import ServerDefinition
 from discoproxy.provider import Enabled, Provider, load_providers, supervise
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox, build_table
 from providers.file import PROVIDER_NAME as FILE_PROVIDER
@@ -31,6 +32,8 @@ EXIT_START = 3
 # Listeners open once every enabled provider has published, or after this long: a
 # connection arriving in the first instant should not see an empty table.
 STARTUP_WAIT_S = 10.0
+# `check` and `routes` wait this long for each non-file provider's first snapshot.
+SNAPSHOT_WAIT_S = 10.0
 
 TEXT_FORMAT = "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> {message}"
 
@@ -60,19 +63,59 @@ def _load(args: argparse.Namespace) -> ProxyConfig:
     return config
 
 
-def _load_table(config: ProxyConfig) -> tuple[RoutingTable, list[ConfigError]]:
+async def _first_snapshot(provider: Provider) -> list[ServerDefinition] | None:
+    """Run ``provider`` until it publishes once; ``None`` if it is off or too slow."""
+    captured: list[list[ServerDefinition]] = []
+    try:
+        with anyio.move_on_after(SNAPSHOT_WAIT_S):
+            async with anyio.create_task_group() as tg:
+
+                def publish(servers: Iterable[ServerDefinition]) -> None:
+                    captured.append(list(servers))
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(provider.run, publish)
+    except Exception as exc:  # a provider's failure is reported, not fatal
+        print(f"error: provider {provider.name} failed: {exc!r}", file=sys.stderr)
+    return captured[0] if captured else None
+
+
+async def _other_snapshots(
+    providers: list[tuple[Provider, Enabled]],
+) -> dict[str, list[ServerDefinition]]:
+    snapshots: dict[str, list[ServerDefinition]] = {}
+    for provider, enabled in providers:
+        if provider.name == FILE_PROVIDER or enabled is Enabled.FALSE:
+            continue
+        if enabled is Enabled.AUTO and not await provider.available():
+            continue
+        servers = await _first_snapshot(provider)
+        if servers is None:
+            print(f"warning: provider {provider.name} gave no routes", file=sys.stderr)
+        else:
+            snapshots[provider.name] = servers
+    return snapshots
+
+
+def _load_table(
+    config: ProxyConfig, providers: list[tuple[Provider, Enabled]]
+) -> tuple[RoutingTable, list[ConfigError]]:
+    """The table every enabled provider would give now; file errors listed in detail."""
     servers, errors = load_servers_dir(config.servers_dir)
-    return build_table({FILE_PROVIDER: servers}), errors
+    snapshots: dict[str, list[ServerDefinition]] = {FILE_PROVIDER: servers}
+    configure_logging("ERROR", "text")
+    snapshots.update(anyio.run(_other_snapshots, providers))
+    return build_table(snapshots), errors
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = _load(args)
-        load_providers(config)
+        providers = load_providers(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    table, errors = _load_table(config)
+    table, errors = _load_table(config, providers)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     for conflict in table.conflicts:
@@ -103,10 +146,11 @@ def table_rows(table: RoutingTable) -> list[dict[str, Any]]:
 def cmd_routes(args: argparse.Namespace) -> int:
     try:
         config = _load(args)
+        providers = load_providers(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    table, errors = _load_table(config)
+    table, errors = _load_table(config, providers)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     rows = table_rows(table)
