@@ -247,6 +247,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_labels(args: argparse.Namespace) -> int:
+    from providers.docker import labels_markdown
+
+    sys.stdout.write(labels_markdown(args.prefix))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="discoproxy",
@@ -305,6 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     routes.add_argument("--json", action="store_true", help="print JSON instead of a table")
     routes.set_defaults(func=cmd_routes)
+
+    labels = sub.add_parser(
+        "labels",
+        help="print the Docker label reference",
+        description="Print every Docker label discoproxy reads, generated from the model "
+        "(this is labels.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    labels.add_argument(
+        "--markdown", action="store_true", default=True, help="Markdown output (the only format)"
+    )
+    labels.add_argument("--prefix", default="infrarust", help="label prefix to document")
+    labels.set_defaults(func=cmd_labels)
     return parser
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from providers.docker import DockerSettings, servers_from_containers
 from tests.support import REPO, require_program
 
 COMPOSE = REPO / "compose.example.yml"
@@ -48,3 +49,26 @@ def test_two_labelled_game_servers_share_a_network_with_the_sidecar() -> None:
     assert len(labelled) == 2
     for service in labelled.values():
         assert set(service["networks"]) & set(services["discoproxy"]["networks"])
+
+
+def test_its_labels_give_valid_servers() -> None:
+    services = load()["services"]
+    records = [
+        {
+            "Id": f"{index:064x}",
+            "Names": [f"/{name}"],
+            "State": "running",
+            "Labels": service.get("labels", {}),
+            "HostConfig": {"NetworkMode": "minecraft"},
+            "NetworkSettings": {"Networks": {"minecraft": {"IPAddress": f"172.20.0.{index + 2}"}}},
+            "Ports": [],
+        }
+        for index, (name, service) in enumerate(sorted(services.items()))
+    ]
+    result = servers_from_containers(records, DockerSettings())
+    assert [p for p in result.problems if p.dropped] == []
+    domains = {s.id: s.domains for s in result.servers}
+    assert domains == {
+        "creative": ("*.creative.example.com",),
+        "survival": ("survival.example.com", "play.example.com"),
+    }

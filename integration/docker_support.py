@@ -1,0 +1,278 @@
+"""A real Docker engine for integration tests and benchmarks: images, containers, cleanup.
+
+Rules for this file:
+- No image is pulled. :func:`ensure_image` imports an empty ``scratch`` image once; every
+  container runs the host's own Python with ``/usr``, ``/lib``, ``/lib64`` and
+  ``/etc/alternatives`` bind-mounted read-only.
+- Everything a test creates is named with one unique prefix (:class:`DockerResources`)
+  and removed in ``finally``, also when the test fails; names and label prefixes never
+  collide with another run on the same engine.
+- The docker SDK blocks: async code calls these helpers through ``anyio.to_thread``.
+- Without an engine, :func:`require_docker` fails under ``CI=true`` and skips elsewhere.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import shlex
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import pytest
+
+from tests.support import IN_CI
+
+IMAGE = "discoproxy-test/scratch:latest"
+HOST_MOUNTS = {
+    path: {"bind": path, "mode": "ro"}
+    for path in ("/usr", "/lib", "/lib64", "/etc/alternatives")
+    if Path(path).exists()
+}
+PYTHON = "/usr/bin/python3"
+# Answers the first chunk of every connection (the forwarded handshake) with $NAME, then
+# echoes: the name proves which container a connection reached, the echo that it is
+# still open. SIGTERM exits at once (as PID 1 it would otherwise be ignored, and every
+# `docker stop` would wait its full timeout).
+BACKEND_SCRIPT = """
+import os, signal, socketserver
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+name = os.environ["NAME"].encode()
+class Handler(socketserver.BaseRequestHandler):
+    def handle(self):
+        if not self.request.recv(65536):
+            return
+        self.request.sendall(name)
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+class Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+Server(("0.0.0.0", int(os.environ.get("PORT", "25565"))), Handler).serve_forever()
+"""
+# A container that only has to exist (benchmarks): no port, negligible memory.
+SLEEPER_SCRIPT = (
+    "import os, signal, time; signal.signal(signal.SIGTERM, lambda *_: os._exit(0)); "
+    "time.sleep(1e6)"
+)
+ENGINE_TIMEOUT_S = 5
+# Benchmarks leave hundreds of containers; removing them one by one takes a minute.
+REMOVE_WORKERS = 8
+ENGINE_RESTART_TIMEOUT_S = 60.0
+DOCKERD_FALLBACK_LOG = Path("/tmp/dockerd.log")
+
+
+def docker_client(timeout: int = ENGINE_TIMEOUT_S) -> docker.DockerClient | None:
+    """A client for the engine ``DOCKER_HOST`` names (default socket), if one answers."""
+    try:
+        client = docker.from_env(timeout=timeout)
+        client.ping()
+    except (docker.errors.DockerException, OSError):
+        return None
+    return client
+
+
+def require_docker() -> docker.DockerClient:
+    """A client for a live engine; fail under CI, skip elsewhere, when none answers."""
+    client = docker_client()
+    if client is None:
+        endpoint = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        message = f"no Docker engine answers at {endpoint}: apt-get install docker.io; dockerd &"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return client
+
+
+def ensure_image(client: docker.DockerClient) -> str:
+    """Import the empty base image unless it is there already (idempotent, offline)."""
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        empty = io.BytesIO()
+        with tarfile.open(fileobj=empty, mode="w"):
+            pass
+        repository, tag = IMAGE.rsplit(":", 1)
+        client.api.import_image_from_data(empty.getvalue(), repository=repository, tag=tag)
+        client.images.get(IMAGE)
+    return IMAGE
+
+
+def unique_prefix(kind: str = "dpt") -> str:
+    """``dpt-<pid>-<random>``: valid as a container name, network name and label prefix."""
+    return f"{kind}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class DockerResources:
+    """Containers and networks created under one prefix; :meth:`remove_all` cleans up."""
+
+    client: docker.DockerClient
+    prefix: str = field(default_factory=unique_prefix)
+
+    def name(self, suffix: str) -> str:
+        return f"{self.prefix}-{suffix}"
+
+    def label(self, key: str) -> str:
+        """A label with this run's own prefix, so other containers are never picked up."""
+        return f"{self.prefix}.{key}"
+
+    def labels(self, **values: str) -> dict[str, str]:
+        return {self.label(key): value for key, value in values.items()}
+
+    def network(self, suffix: str) -> Any:
+        return self.client.networks.create(self.name(suffix), driver="bridge")
+
+    def run(
+        self,
+        suffix: str,
+        labels: Mapping[str, str],
+        *,
+        script: str = BACKEND_SCRIPT,
+        networks: tuple[str, ...] = (),
+        restart: bool = False,
+        env: Mapping[str, str] | None = None,
+        start: bool = True,
+    ) -> Any:
+        """Create (and start) a container running ``script`` on the host's Python.
+
+        Its ``$NAME`` is its full container name. With several ``networks`` it is
+        attached to all of them before it starts.
+        """
+        name = self.name(suffix)
+        ensure_image(self.client)
+        container = self.client.containers.create(
+            IMAGE,
+            [PYTHON, "-c", script],
+            name=name,
+            labels=dict(labels),
+            environment={"NAME": name, **(env or {})},
+            volumes=HOST_MOUNTS,
+            network=networks[0] if networks else None,
+            restart_policy={"Name": "always"} if restart else None,
+        )
+        for network in networks[1:]:
+            self.client.networks.get(network).connect(container)
+        if start:
+            container.start()
+        return container
+
+    def remove_container(self, suffix: str) -> None:
+        with suppress(docker.errors.NotFound):
+            self.client.containers.get(self.name(suffix)).remove(force=True)
+
+    def remove_all(self) -> None:
+        """Remove every container and network of this prefix, whatever state they are in.
+
+        A removal that fails (a busy engine can time out) is tried once more; whatever is
+        still left after that is named in the error.
+        """
+        for _attempt in range(2):
+            containers = self.client.containers.list(all=True, filters={"name": self.prefix})
+            with ThreadPoolExecutor(REMOVE_WORKERS) as pool:
+                list(pool.map(_remove_container, containers))
+            networks = self.client.networks.list(filters={"name": self.prefix})
+            for network in networks:
+                with suppress(docker.errors.DockerException, OSError):
+                    network.remove()
+        left = [
+            c.name for c in self.client.containers.list(all=True, filters={"name": self.prefix})
+        ]
+        left += [n.name for n in self.client.networks.list(filters={"name": self.prefix})]
+        if left:
+            raise AssertionError(f"could not remove {len(left)} test resources: {', '.join(left)}")
+
+
+def _remove_container(container: Any) -> None:
+    with suppress(docker.errors.DockerException, OSError):
+        container.remove(force=True)
+
+
+@contextmanager
+def docker_resources(client: docker.DockerClient, kind: str = "dpt") -> Iterator[DockerResources]:
+    resources = DockerResources(client, unique_prefix(kind))
+    try:
+        yield resources
+    finally:
+        resources.remove_all()
+
+
+# -- restarting the engine ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DockerdProcess:
+    """How the running dockerd was started, to start it again the same way."""
+
+    pid: int
+    argv: tuple[str, ...]
+    log: Path
+
+
+def find_dockerd() -> DockerdProcess:
+    """The local dockerd behind the default socket; skips when the engine is elsewhere."""
+    endpoint = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if endpoint not in ("unix:///var/run/docker.sock", "unix:///run/docker.sock"):
+        pytest.skip(f"DOCKER_HOST={endpoint}: only a local dockerd can be restarted")
+    found = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True)
+    pids = [int(p) for p in found.stdout.split()]
+    if len(pids) != 1:
+        pytest.skip(f"need exactly one local dockerd process to restart, found {len(pids)}")
+    pid = pids[0]
+    argv = tuple(Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1])
+    try:
+        log = Path(os.readlink(f"/proc/{pid}/fd/1"))
+    except OSError:
+        log = DOCKERD_FALLBACK_LOG
+    if not log.is_absolute() or not (log.is_file() or not log.exists()):
+        log = DOCKERD_FALLBACK_LOG
+    return DockerdProcess(pid, argv, log)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie nobody has reaped yet."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def engine_answers() -> bool:
+    client = docker_client(timeout=2)
+    if client is None:
+        return False
+    client.close()
+    return True
+
+
+def start_dockerd(process: DockerdProcess) -> None:
+    """Start dockerd detached (as ``.ci/run`` does), appending to its log; wait for it."""
+    command = f"nohup {shlex.join(process.argv)} >>{shlex.quote(str(process.log))} 2>&1 &"
+    subprocess.run(["sh", "-c", command], check=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + ENGINE_RESTART_TIMEOUT_S
+    while not engine_answers():
+        if time.monotonic() > deadline:
+            tail = process.log.read_text(errors="replace").splitlines()[-30:]
+            raise AssertionError("dockerd did not come back:\n" + "\n".join(tail))
+        time.sleep(0.2)
+
+
+def stop_dockerd(process: DockerdProcess) -> None:
+    """SIGTERM, then wait for the process to be gone (it stops its containers first)."""
+    os.kill(process.pid, 15)
+    deadline = time.monotonic() + ENGINE_RESTART_TIMEOUT_S
+    while _pid_alive(process.pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"dockerd (pid {process.pid}) did not stop after SIGTERM")
+        time.sleep(0.1)

@@ -1,0 +1,333 @@
+"""The Docker provider against a real engine: containers come and go, routes follow.
+
+discoproxy runs in-process (registry, snapshot inbox, supervised provider, proxy on
+127.0.0.1:0). Each backend is a container running the host's Python that answers the
+forwarded handshake with its own name, then echoes; a connection through the proxy by
+domain proves the bytes reached that container. Every container, network and label
+prefix is unique to the test (``integration/docker_support.py``) and removed afterwards.
+The dockerd restart test restarts the engine itself, so it runs last in this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import anyio
+import docker
+import pytest
+from anyio.abc import SocketStream
+from loguru import logger
+
+from discoproxy.config import ProxyConfig
+from discoproxy.provider import supervise
+from discoproxy.proxy.server import ProxyContext, run_proxy
+from discoproxy.routing import Registry, RoutingTable, SnapshotInbox
+from integration.docker_support import (
+    DockerResources,
+    docker_client,
+    docker_resources,
+    engine_answers,
+    ensure_image,
+    find_dockerd,
+    require_docker,
+    start_dockerd,
+    stop_dockerd,
+)
+from providers.docker import DockerProvider, DockerSettings, EngineUnavailable
+from tests.proxy.helpers import handshake, read_string
+
+pytestmark = [pytest.mark.peer, pytest.mark.anyio]
+
+# Deadlines, not measurements (bench/docker_latency.py measures).
+LIVE_WITHIN_S = 5.0
+# A fresh container's Python needs a moment to bind after the start event.
+BACKEND_READY_S = 10.0
+REPLY_TIMEOUT_S = 5.0
+# After a dockerd restart: engine up, containers restarted, provider's backoff elapsed.
+ENGINE_BACK_WITHIN_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[docker.DockerClient]:
+    client = require_docker()
+    ensure_image(client)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def resources(engine: docker.DockerClient) -> Iterator[DockerResources]:
+    with docker_resources(engine) as created:
+        yield created
+
+
+@pytest.fixture
+def logs() -> Iterator[list[str]]:
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message).rstrip("\n")), format="{message}")
+    yield lines
+    logger.remove(sink)
+
+
+@dataclass
+class LiveProxy:
+    resources: DockerResources
+    registry: Registry
+    address: tuple[str, int]
+    tables: list[RoutingTable] = field(default_factory=list)
+
+    def qualified(self, suffix: str) -> str:
+        return f"{self.resources.name(suffix)}@docker"
+
+    def domain(self, name: str) -> str:
+        return f"{name}.{self.resources.prefix}.test"
+
+    async def docker(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A blocking docker SDK call, off the event loop the proxy runs on."""
+        return await anyio.to_thread.run_sync(partial(func, *args, **kwargs))
+
+    async def wait_until(
+        self, condition: Callable[[RoutingTable], bool], within_s: float = LIVE_WITHIN_S
+    ) -> None:
+        with anyio.fail_after(within_s):
+            while not condition(self.registry.table):
+                await anyio.sleep(0.01)
+
+    async def connect(self) -> SocketStream:
+        return await anyio.connect_tcp(*self.address)
+
+    async def reply(self, domain: str) -> bytes:
+        """First bytes answered to a login handshake for ``domain`` (b'' if closed)."""
+        async with await self.connect() as stream:
+            await stream.send(handshake(domain))
+            with anyio.fail_after(REPLY_TIMEOUT_S):
+                try:
+                    return await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return b""
+
+    async def wait_for_backend(
+        self, domain: str, suffix: str, within_s: float = BACKEND_READY_S
+    ) -> bytes:
+        """Until a connection for ``domain`` reaches container ``suffix`` (it answers its name)."""
+        expected = self.resources.name(suffix).encode()
+        last = b""
+        with anyio.fail_after(within_s):
+            while (last := await self.reply(domain)) != expected:
+                await anyio.sleep(0.05)
+        return last
+
+    async def unknown(self, domain: str) -> bool:
+        reply = await self.reply(domain)
+        return f"Unknown server: {domain}" in read_string(reply[2:])
+
+
+def routed(domain: str, qualified_id: str | None) -> Callable[[RoutingTable], bool]:
+    def check(table: RoutingTable) -> bool:
+        route = table.lookup_host(domain)
+        return (route.qualified_id if route else None) == qualified_id
+
+    return check
+
+
+@asynccontextmanager
+async def docker_proxy(resources: DockerResources, **settings: Any) -> AsyncIterator[LiveProxy]:
+    config = ProxyConfig(bind=("127.0.0.1:0",))
+    registry = Registry()
+    inbox = SnapshotInbox()
+    provider = DockerProvider(
+        "docker", DockerSettings(label_prefix=resources.prefix, **settings), config
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(inbox.run, registry)
+        tg.start_soon(supervise, "docker", provider, inbox.publisher("docker"))
+        with anyio.fail_after(10):
+            await inbox.wait_first_snapshots()
+        ctx = ProxyContext(config, registry)
+        bound = await tg.start(partial(run_proxy, config, registry, context=ctx))
+        live = LiveProxy(resources, registry, bound[0])
+        registry.add_listener(live.tables.append)
+        yield live
+        tg.cancel_scope.cancel()
+
+
+async def wait_for_log(logs: list[str], text: str, within_s: float = LIVE_WITHIN_S) -> str:
+    with anyio.fail_after(within_s):
+        while not (found := [line for line in logs if text in line]):
+            await anyio.sleep(0.01)
+    return found[0]
+
+
+async def test_a_labelled_container_routes_until_it_stops(resources: DockerResources) -> None:
+    async with docker_proxy(resources) as live:
+        domain = live.domain("survival")
+        container = await live.docker(resources.run, "a", resources.labels(domains=domain))
+        await live.wait_until(routed(domain, live.qualified("a")))
+        await live.wait_for_backend(domain, "a")
+        await live.docker(container.stop, timeout=5)
+        await live.wait_until(routed(domain, None))
+        assert await live.unknown(domain)
+
+
+async def test_a_paused_container_is_not_routed_until_unpaused(
+    resources: DockerResources,
+) -> None:
+    async with docker_proxy(resources) as live:
+        domain = live.domain("paused")
+        container = await live.docker(resources.run, "a", resources.labels(domains=domain))
+        await live.wait_until(routed(domain, live.qualified("a")))
+        await live.docker(container.pause)
+        await live.wait_until(routed(domain, None))
+        await live.docker(container.unpause)
+        await live.wait_until(routed(domain, live.qualified("a")))
+
+
+async def test_recreating_a_container_with_new_labels_routes_the_new_domains(
+    resources: DockerResources,
+) -> None:
+    async with docker_proxy(resources) as live:
+        old, new = live.domain("old"), live.domain("new")
+        await live.docker(resources.run, "a", resources.labels(domains=old))
+        await live.wait_until(routed(old, live.qualified("a")))
+        await live.docker(resources.remove_container, "a")
+        await live.docker(resources.run, "a", resources.labels(domains=f"{new}, *.{new}"))
+        await live.wait_until(routed(new, live.qualified("a")))
+        assert routed(old, None)(live.registry.table)
+        await live.wait_for_backend(f"eu.{new}", "a")
+        assert await live.unknown(old)
+
+
+async def test_two_containers_claiming_one_domain_route_to_the_first_id(
+    resources: DockerResources, logs: list[str]
+) -> None:
+    async with docker_proxy(resources) as live:
+        domain = live.domain("shared")
+        await live.docker(resources.run, "b", resources.labels(domains=domain))
+        await live.wait_until(routed(domain, live.qualified("b")))
+        await live.docker(resources.run, "a", resources.labels(domains=domain))
+        await live.wait_until(routed(domain, live.qualified("a")))
+        conflict = await wait_for_log(logs, "route conflict")
+        assert conflict == (
+            f"route conflict: {domain!r} is claimed by {live.qualified('a')} and "
+            f"{live.qualified('b')}; {live.qualified('a')} wins (first qualified id in sort order)"
+        )
+        await live.wait_for_backend(domain, "a")
+
+
+async def test_a_bad_label_drops_only_that_container(
+    resources: DockerResources, logs: list[str]
+) -> None:
+    async with docker_proxy(resources) as live:
+        good, bad = live.domain("good"), live.domain("bad")
+        labels = resources.labels(domains=bad, port="25565a")
+        await live.docker(resources.run, "bad", labels)
+        await live.docker(resources.run, "good", resources.labels(domains=good))
+        await live.wait_until(routed(good, live.qualified("good")))
+        line = await wait_for_log(logs, "25565a")
+        assert line == (
+            f"container {resources.name('bad')}, label {resources.label('port')}: "
+            "expected 1-65535, got '25565a'; not routed"
+        )
+        assert routed(bad, None)(live.registry.table)
+        await live.wait_for_backend(good, "good")
+        # reported once, not again on every resync
+        await live.docker(resources.run, "other", resources.labels(domains=live.domain("o")))
+        await live.wait_until(routed(live.domain("o"), live.qualified("other")))
+        assert sum("25565a" in line for line in logs) == 1
+
+
+async def test_a_container_on_two_networks_needs_the_network_label(
+    resources: DockerResources, logs: list[str]
+) -> None:
+    front = (await anyio.to_thread.run_sync(resources.network, "front")).name
+    back = (await anyio.to_thread.run_sync(resources.network, "back")).name
+    async with docker_proxy(resources) as live:
+        unsure, chosen = live.domain("unsure"), live.domain("chosen")
+        networks = (front, back)
+        await live.docker(
+            resources.run, "unsure", resources.labels(domains=unsure), networks=networks
+        )
+        line = await wait_for_log(logs, resources.name("unsure"))
+        assert line == (
+            f"container {resources.name('unsure')} is on networks {back}, {front}: "
+            f"set label {resources.label('docker_network')} to choose; not routed"
+        )
+        labels = resources.labels(domains=chosen, docker_network=back)
+        container = await live.docker(resources.run, "chosen", labels, networks=networks)
+        await live.wait_until(routed(chosen, live.qualified("chosen")))
+        await live.docker(container.reload)
+        back_ip = container.attrs["NetworkSettings"]["Networks"][back]["IPAddress"]
+        route = live.registry.table.lookup_host(chosen)
+        assert route is not None and route.addresses == ((back_ip, 25565),)
+        await live.wait_for_backend(chosen, "chosen")
+        assert routed(unsure, None)(live.registry.table)
+
+
+async def test_an_open_connection_survives_other_containers_coming_and_going(
+    resources: DockerResources,
+) -> None:
+    async with docker_proxy(resources) as live:
+        domain = live.domain("steady")
+        await live.docker(resources.run, "steady", resources.labels(domains=domain))
+        await live.wait_until(routed(domain, live.qualified("steady")))
+        await live.wait_for_backend(domain, "steady")
+        async with await live.connect() as stream:
+            await stream.send(handshake(domain))
+            with anyio.fail_after(REPLY_TIMEOUT_S):
+                assert await stream.receive() == resources.name("steady").encode()
+            other = live.domain("other")
+            container = await live.docker(resources.run, "other", resources.labels(domains=other))
+            await live.wait_until(routed(other, live.qualified("other")))
+            await live.docker(container.stop, timeout=5)
+            await live.wait_until(routed(other, None))
+            for round_trip in (b"still here", b"and here"):
+                await stream.send(round_trip)
+                with anyio.fail_after(REPLY_TIMEOUT_S):
+                    assert await stream.receive() == round_trip
+
+
+async def test_no_engine_at_the_endpoint_is_unavailable_with_the_reason(tmp_path: Any) -> None:
+    endpoint = f"unix://{tmp_path}/missing.sock"
+    provider = DockerProvider("docker", DockerSettings(endpoint=endpoint), ProxyConfig())
+    assert not await provider.available()
+    assert provider.unavailable_reason().startswith(f"no Docker engine answers at {endpoint}: ")
+    with anyio.fail_after(10), pytest.raises(EngineUnavailable, match=f"at {endpoint}"):
+        await provider.run(lambda servers: None)
+
+
+# Keep last: it restarts the engine every other test in this module uses.
+async def test_routes_come_back_by_resync_after_dockerd_restarts(
+    resources: DockerResources, logs: list[str]
+) -> None:
+    dockerd = find_dockerd()
+    async with docker_proxy(resources) as live:
+        domain = live.domain("survivor")
+        labels = resources.labels(domains=domain)
+        await live.docker(resources.run, "survivor", labels, restart=True)
+        await live.wait_until(routed(domain, live.qualified("survivor")))
+        await live.wait_for_backend(domain, "survivor")
+        try:
+            await anyio.to_thread.run_sync(stop_dockerd, dockerd)
+            await wait_for_log(logs, "provider docker failed")
+        finally:
+            if not await anyio.to_thread.run_sync(engine_answers):
+                await anyio.to_thread.run_sync(start_dockerd, dockerd)
+        fresh = await anyio.to_thread.run_sync(docker_client)
+        assert fresh is not None
+        resources.client = fresh
+        # the restart policy brings the container back; the provider reconnects and resyncs
+        await live.wait_for_backend(domain, "survivor", within_s=ENGINE_BACK_WITHIN_S)
+        # it follows events again (after its backoff): a container started now is routed
+        late = live.domain("late")
+        await live.docker(resources.run, "late", resources.labels(domains=late))
+        await live.wait_until(routed(late, live.qualified("late")), ENGINE_BACK_WITHIN_S)
+        await live.wait_for_backend(late, "late")
+        # and the survivor's route is the resynced one: its address now
+        survivor = await live.docker(resources.client.containers.get, resources.name("survivor"))
+        ip = survivor.attrs["NetworkSettings"]["Networks"]["bridge"]["IPAddress"]
+        route = live.registry.table.lookup_host(domain)
+        assert route is not None and route.addresses == ((ip, 25565),)

@@ -1,0 +1,189 @@
+"""The Docker provider's event handling against a scripted engine (no Docker needed).
+
+The scripted engine lets a test do what a real one does only by chance of timing: keep
+its container listing behind the events it has announced (dockerd's list view lags
+``die`` and ``pause`` by tens of ms), or end the event stream.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import docker.errors
+import pytest
+from loguru import logger
+
+from discoproxy.config import ProxyConfig
+from discoproxy.model import ServerDefinition
+from providers.docker import DockerProvider, DockerSettings, EventStreamEnded
+
+pytestmark = pytest.mark.anyio
+
+WITHIN_S = 5.0
+_END = object()
+
+
+def inspection(cid: str, name: str, status: str, domains: str) -> dict[str, Any]:
+    return {
+        "Id": cid,
+        "Name": f"/{name}",
+        "State": {"Status": status},
+        "Config": {"Labels": {"infrarust.domains": domains}},
+        "HostConfig": {"NetworkMode": "default"},
+        "NetworkSettings": {"Ports": {}, "Networks": {"bridge": {"IPAddress": "172.17.0.9"}}},
+    }
+
+
+def listed(info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "Id": info["Id"],
+        "Names": [info["Name"]],
+        "State": info["State"]["Status"],
+        "Labels": info["Config"]["Labels"],
+        "HostConfig": info["HostConfig"],
+        "NetworkSettings": {"Networks": info["NetworkSettings"]["Networks"]},
+        "Ports": [],
+    }
+
+
+class ScriptedStream:
+    def __init__(self) -> None:
+        self.queue: queue.Queue[object] = queue.Queue()
+
+    def __iter__(self) -> Iterator[object]:
+        while (item := self.queue.get()) is not _END:
+            yield item
+
+    def close(self) -> None:
+        self.queue.put(_END)
+
+
+@dataclass
+class ScriptedEngine:
+    """``truth`` is what inspect sees; ``listing`` what the container list shows."""
+
+    truth: dict[str, dict[str, Any]] = field(default_factory=dict)
+    listing: list[dict[str, Any]] = field(default_factory=list)
+    stream: ScriptedStream = field(default_factory=ScriptedStream)
+    api_version: str = "1.41"
+
+    def events(self, **_: Any) -> ScriptedStream:
+        return self.stream
+
+    def containers(self) -> list[dict[str, Any]]:
+        return list(self.listing)
+
+    def inspect_container(self, cid: str) -> dict[str, Any]:
+        if cid not in self.truth:
+            raise docker.errors.NotFound(f"No such container: {cid}")
+        return self.truth[cid]
+
+    def close(self) -> None:
+        pass
+
+    def announce(self, action: str, cid: str) -> None:
+        labels = {"infrarust.domains": "x"}
+        self.stream.queue.put(
+            {"Type": "container", "Action": action, "Actor": {"ID": cid, "Attributes": labels}}
+        )
+
+
+@dataclass
+class Published:
+    snapshots: list[tuple[ServerDefinition, ...]] = field(default_factory=list)
+    changed: anyio.Event = field(default_factory=anyio.Event)
+
+    def __call__(self, servers: Iterable[ServerDefinition]) -> None:
+        self.snapshots.append(tuple(servers))
+        self.changed.set()
+
+    def ids(self, index: int = -1) -> list[str]:
+        return [s.id for s in self.snapshots[index]] if self.snapshots else []
+
+    async def wait(self, condition: Callable[[list[str]], bool]) -> None:
+        with anyio.fail_after(WITHIN_S):
+            while not condition(self.ids()):
+                await self.changed.wait()
+                self.changed = anyio.Event()
+
+
+@asynccontextmanager
+async def running(engine: ScriptedEngine) -> AsyncIterator[Published]:
+    provider = DockerProvider("docker", DockerSettings(), ProxyConfig())
+    provider._connect = lambda timeout, version="auto": engine  # type: ignore[method-assign]
+    published = Published()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(provider.run, published)
+        await published.wait(lambda ids: bool(published.snapshots))  # the first listing
+        yield published
+        tg.cancel_scope.cancel()
+
+
+async def test_a_die_routes_away_although_the_listing_still_says_running() -> None:
+    mc = inspection("c1", "mc", "running", "mc.example.com")
+    engine = ScriptedEngine({"c1": mc}, [listed(mc)])
+    async with running(engine) as published:
+        assert published.ids() == ["mc"]
+        engine.truth["c1"] = inspection("c1", "mc", "exited", "mc.example.com")
+        engine.announce("die", "c1")  # the listing lags: still "running"
+        await published.wait(lambda ids: ids == [])
+        count = len(published.snapshots)
+        engine.announce("stop", "c1")  # more resyncs on the stale listing
+        await published.wait(lambda ids, n=count: len(published.snapshots) >= n + 2)
+        assert all(ids == [] for ids in map(published.ids, range(count, len(published.snapshots))))
+
+
+async def test_a_start_routes_before_the_listing_shows_it_and_never_flaps() -> None:
+    engine = ScriptedEngine()
+    async with running(engine) as published:
+        engine.truth["c1"] = inspection("c1", "mc", "running", "mc.example.com")
+        engine.announce("start", "c1")  # the listing has not caught up yet
+        await published.wait(lambda ids: ids == ["mc"])
+        first = next(i for i, s in enumerate(published.snapshots) if s)
+        engine.listing = [listed(engine.truth["c1"])]
+        engine.announce("start", "c1")
+        await published.wait(lambda ids: len(published.snapshots) >= first + 3)
+        assert all(published.ids(i) == ["mc"] for i in range(first, len(published.snapshots)))
+
+
+async def test_a_removed_container_is_gone_even_from_a_stale_listing() -> None:
+    mc = inspection("c1", "mc", "running", "mc.example.com")
+    engine = ScriptedEngine({"c1": mc}, [listed(mc)])
+    async with running(engine) as published:
+        del engine.truth["c1"]
+        engine.announce("destroy", "c1")
+        await published.wait(lambda ids: ids == [])
+
+
+async def test_the_event_stream_ending_fails_the_run() -> None:
+    engine = ScriptedEngine()
+    provider = DockerProvider("docker", DockerSettings(), ProxyConfig())
+    provider._connect = lambda timeout, version="auto": engine  # type: ignore[method-assign]
+    engine.stream.close()
+    with anyio.fail_after(WITHIN_S), pytest.raises(EventStreamEnded, match="ended"):
+        await provider.run(Published())
+
+
+async def test_a_label_problem_is_logged_once_not_on_every_resync() -> None:
+    bad = inspection("c1", "mc", "running", "bad domain")
+    engine = ScriptedEngine({"c1": bad}, [listed(bad)])
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m).rstrip()), format="{message}", level="ERROR")
+    try:
+        async with running(engine) as published:
+            for _ in range(3):
+                count = len(published.snapshots)
+                engine.announce("start", "c1")
+                await published.wait(lambda ids, n=count: len(published.snapshots) >= n + 2)
+    finally:
+        logger.remove(sink)
+    assert lines == [
+        "container mc, label infrarust.domains: invalid domain 'bad domain'; expected a "
+        "hostname such as 'mc.example.com' or a wildcard such as '*.example.com' (the '*' "
+        "only as the whole first label); not routed"
+    ]
