@@ -1,0 +1,286 @@
+"""Load generators: they must cost less than the proxies they load.
+
+- :func:`bulk` streams from a tmpfs file with ``sendfile`` (no copy through user
+  space), one blocking thread per connection, and times until the sink has counted
+  every byte: the data crossed the proxy, not just the client's socket buffer.
+- :func:`connect_loop` and :func:`hold_idle` run on uvloop with asyncio protocols (the
+  cheapest Python path; no streams, no task per connection beyond the workers).
+- :func:`ping_pong` is a blocking socket in a tight loop: one syscall each way per
+  round trip, nothing else on the client's path.
+
+Every wait has a deadline: a socket timeout or ``asyncio.timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+
+from bench.payloads import BYTE_COUNT
+
+SOCKET_TIMEOUT_S = 30.0
+SOURCE_FILE_BYTES = 64 << 20
+SETTLE_S = 1.0
+
+
+def make_source_file(directory: Path) -> Path:
+    """A file bulk streams are sent from, cycling over it; tmpfs when there is one."""
+    shm = Path("/dev/shm")
+    path = (shm if shm.is_dir() and os.access(shm, os.W_OK) else directory) / "bench-source"
+    block = bytes(range(256)) * 4096
+    with path.open("wb") as file:
+        for _ in range(SOURCE_FILE_BYTES // len(block)):
+            file.write(block)
+    return path
+
+
+# -- bulk ---------------------------------------------------------------------------------
+
+
+def _blocking_with_deadline(sock: socket.socket) -> None:
+    """Blocking mode (so ``sendfile`` blocks in the kernel) with kernel-side timeouts."""
+    sock.settimeout(None)
+    timeval = struct.pack("ll", int(SOCKET_TIMEOUT_S), 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+
+
+def _stream(port: int, prefix: bytes, size: int, source: int, errors: list[str]) -> None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as sock:
+            _blocking_with_deadline(sock)
+            sock.sendall(prefix)
+            sent = 0
+            while sent < size:
+                offset = sent % SOURCE_FILE_BYTES
+                count = min(SOURCE_FILE_BYTES - offset, size - sent)
+                sent += os.sendfile(sock.fileno(), source, offset, count)
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while len(answer) < BYTE_COUNT.size:
+                chunk = sock.recv(BYTE_COUNT.size - len(answer))
+                if not chunk:
+                    break
+                answer += chunk
+        if len(answer) != BYTE_COUNT.size:
+            errors.append(f"sink closed after {len(answer)} bytes of its count")
+        elif (counted := BYTE_COUNT.unpack(answer)[0]) != len(prefix) + size:
+            errors.append(f"sink counted {counted} bytes, sent {len(prefix) + size}")
+    except OSError as exc:
+        errors.append(f"stream: {exc}")
+
+
+def bulk(port: int, prefix: bytes, total_bytes: int, streams: int, source: Path) -> float:
+    """Send ``total_bytes`` split over ``streams`` connections; seconds until all counted."""
+    errors: list[str] = []
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        threads = [
+            threading.Thread(
+                target=_stream, args=(port, prefix, total_bytes // streams, fd, errors)
+            )
+            for _ in range(streams)
+        ]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+    finally:
+        os.close(fd)
+    if errors:
+        raise RuntimeError(f"bulk to port {port}: {errors[0]}")
+    return elapsed
+
+
+# -- connection cost ----------------------------------------------------------------------
+
+
+class _Probe(asyncio.Protocol):
+    """Send the payload, read the expected reply length, close."""
+
+    __slots__ = ("done", "expected", "got", "payload", "transport")
+
+    def __init__(self, payload: bytes, expected: int, done: asyncio.Future[bool]) -> None:
+        self.payload = payload
+        self.expected = expected
+        self.done = done
+        self.got = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport.write(self.payload)
+
+    def data_received(self, data: bytes) -> None:
+        self.got += len(data)
+        if self.got >= self.expected:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(self.got >= self.expected)
+
+
+@dataclass(frozen=True)
+class ConnectResult:
+    seconds: float
+    ok: int
+    failed: int
+
+
+async def _connect_loop(
+    port: int, payload: bytes, expected: int, total: int, concurrency: int, deadline_s: float
+) -> ConnectResult:
+    loop = asyncio.get_running_loop()
+    remaining = total
+    ok = failed = 0
+
+    async def worker() -> None:
+        nonlocal remaining, ok, failed
+        while remaining > 0:
+            remaining -= 1
+            done: asyncio.Future[bool] = loop.create_future()
+            probe = _Probe(payload, expected, done)
+            try:
+                await loop.create_connection(lambda: probe, "127.0.0.1", port)  # noqa: B023
+                success = await done
+            except OSError:
+                success = False
+            if success:
+                ok += 1
+            else:
+                failed += 1
+
+    started = time.perf_counter()
+    async with asyncio.timeout(deadline_s):
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ConnectResult(time.perf_counter() - started, ok, failed)
+
+
+def connect_loop(
+    port: int, payload: bytes, expected: int, total: int, concurrency: int, timeout: float
+) -> ConnectResult:
+    """``total`` connections, ``concurrency`` at a time: connect, send, read reply, close."""
+    return uvloop.run(_connect_loop(port, payload, expected, total, concurrency, timeout))
+
+
+# -- latency ------------------------------------------------------------------------------
+
+
+def ping_pong(port: int, prefix: bytes, rounds: int, size: int = 64) -> list[int]:
+    """Round-trip times (ns) of ``size``-byte messages to an echo, one connection."""
+    message = bytes(size)
+    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(prefix)
+        _recv_exactly(sock, len(prefix))
+        times = []
+        clock = time.perf_counter_ns
+        for _ in range(rounds):
+            started = clock()
+            sock.sendall(message)
+            _recv_exactly(sock, size)
+            times.append(clock() - started)
+    return times
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> None:
+    got = 0
+    while got < size:
+        chunk = sock.recv(size - got)
+        if not chunk:
+            raise RuntimeError(f"echo closed after {got} of {size} bytes")
+        got += len(chunk)
+
+
+# -- idle connections ---------------------------------------------------------------------
+
+
+class _Held(asyncio.Protocol):
+    """An idle connection that can be asked to see ``n`` more bytes come back."""
+
+    __slots__ = ("got", "target", "transport", "waiter")
+
+    def __init__(self) -> None:
+        self.got = 0
+        self.target = 0
+        self.waiter: asyncio.Future[bool] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def expect(self, data: bytes) -> asyncio.Future[bool]:
+        self.waiter = asyncio.get_running_loop().create_future()
+        if self.transport.is_closing():
+            self.waiter.set_result(False)
+            return self.waiter
+        self.target = self.got + len(data)
+        self.transport.write(data)
+        return self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        self.got += len(data)
+        if self.waiter is not None and self.got >= self.target and not self.waiter.done():
+            self.waiter.set_result(True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(False)
+
+
+@dataclass(frozen=True)
+class HoldResult:
+    opened: int
+    echoed: int
+    open_seconds: float
+
+
+async def _hold_idle(
+    port: int, prefix: bytes, count: int, at_peak: Callable[[], None], deadline_s: float
+) -> HoldResult:
+    loop = asyncio.get_running_loop()
+    held: list[_Held] = []
+
+    async def open_one() -> None:
+        _, protocol = await loop.create_connection(_Held, "127.0.0.1", port)
+        held.append(protocol)
+        await protocol.expect(prefix)
+
+    started = time.perf_counter()
+    async with asyncio.timeout(deadline_s):
+        batch = 256
+        for first in range(0, count, batch):
+            results = await asyncio.gather(
+                *(open_one() for _ in range(first, min(count, first + batch))),
+                return_exceptions=True,
+            )
+            if errors := [r for r in results if isinstance(r, BaseException)]:
+                raise RuntimeError(f"opening idle connection {first}+: {errors[0]!r}")
+    open_seconds = time.perf_counter() - started
+    try:
+        await asyncio.sleep(SETTLE_S)
+        at_peak()
+        async with asyncio.timeout(deadline_s):
+            echoed = await asyncio.gather(*(h.expect(b"x") for h in held))
+    finally:
+        for protocol in held:
+            protocol.transport.abort()
+    return HoldResult(len(held), sum(echoed), open_seconds)
+
+
+def hold_idle(
+    port: int, prefix: bytes, count: int, at_peak: Callable[[], None], timeout: float
+) -> HoldResult:
+    """Open ``count`` connections (each sends ``prefix`` and sees it echoed), call
+    ``at_peak`` while all are idle, then check every one still echoes a byte."""
+    return uvloop.run(_hold_idle(port, prefix, count, at_peak, timeout))

@@ -1,0 +1,212 @@
+"""Turn samples into the results table (medians, HAProxy-best, ratios, targets) and a chart.
+
+"HAProxy-best" is chosen per metric among the HAProxy variants (highest throughput,
+lowest cost); the ratio is discoproxy / HAProxy-best, next to issue 4's target.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.scenarios import Results
+
+DISCOPROXY = "discoproxy"
+HAPROXY_BEST = "HAProxy-best"
+# table and chart columns, in this order, when the run measured them
+COLUMNS = (
+    "direct",
+    "discoproxy",
+    "discoproxy-info",
+    "haproxy-default",
+    "haproxy-splice",
+    "haproxy-bigbuf",
+)
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    higher_is_better: bool
+    limit: float | None = None  # target ratio discoproxy / HAProxy-best
+    compared: bool = True  # False: a diagnostic, no HAProxy-best or ratio
+
+    def target_text(self) -> str:
+        if self.limit is None:
+            return ""
+        return f"{'≥' if self.higher_is_better else '≤'} {self.limit:g}"
+
+    def meets(self, ratio: float) -> bool:
+        assert self.limit is not None
+        return ratio >= self.limit if self.higher_is_better else ratio <= self.limit
+
+
+METRICS = (
+    Metric("bulk1_gibps", "bulk 1 conn, GiB/s", True, 1.0),
+    Metric("bulk8_gibps", "bulk 8 conns, GiB/s", True, 1.0),
+    Metric("bulk1_cpu", "bulk 1 conn, proxy CPU s/GiB", False, 1.0),
+    Metric("bulk8_cpu", "bulk 8 conns, proxy CPU s/GiB", False, 1.0),
+    Metric("bulk1_load_busy", "bulk 1 conn, load core busy %", False, compared=False),
+    Metric("bulk8_load_busy", "bulk 8 conns, load core busy %", False, compared=False),
+    Metric("sni_cps", "SNI route, conn/s", True),
+    Metric("sni_cpu_us", "SNI route, proxy CPU µs/conn", False, 1.3),
+    Metric("sni_load_busy", "SNI route, load core busy %", False, compared=False),
+    Metric("mc_cps", "MC status, conn/s", True),
+    Metric("mc_cpu_us", "MC status, proxy CPU µs/conn", False),
+    Metric("mc_load_busy", "MC status, load core busy %", False, compared=False),
+    Metric("lat_p50_us", "64 B ping-pong p50, µs", False),
+    Metric("lat_p99_us", "64 B ping-pong p99, µs", False, 1.1),
+    Metric("lat1_p50_us", "64 B ping-pong p50, proxy on load core, µs", False),
+    Metric("lat1_p99_us", "64 B ping-pong p99, proxy on load core, µs", False, 1.1),
+    Metric("mem_kib", "RSS per idle conn, KiB", False, 1.0),
+    Metric("held", "idle conns held, still echoing", True),
+    Metric("open_cps", "opening idle conns, conn/s", True),
+    Metric("route_exact_us", "route lookup exact (10k routes), µs", False),
+    Metric("route_wild_us", "route lookup wildcard (10k routes), µs", False),
+)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "–"
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 0.1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def haproxy_best(results: Results, metric: Metric, haproxies: Sequence[str]) -> float | None:
+    values = [v for name in haproxies if (v := results.median(metric.key, name)) is not None]
+    if not values:
+        return None
+    return max(values) if metric.higher_is_better else min(values)
+
+
+def table(results: Results, columns: Sequence[str], idle_connections: int) -> str:
+    """The medians as a Markdown table, one row per metric that was measured."""
+    haproxies = [c for c in columns if c.startswith("haproxy")]
+    header = ["metric", *columns, HAPROXY_BEST, "ratio", "target", ""]
+    rows = [header, ["---"] * len(header)]
+    for metric in METRICS:
+        if metric.key not in results.samples:
+            continue
+        values = [results.median(metric.key, name) for name in columns]
+        best = haproxy_best(results, metric, haproxies) if metric.compared else None
+        ours = results.median(metric.key, DISCOPROXY)
+        ratio = ours / best if ours is not None and best else None
+        verdict, target = "", metric.target_text()
+        if metric.key == "held":
+            target = f"all {idle_connections:,}"
+            verdict = "ok" if ours == idle_connections else "MISS"
+        elif ratio is not None and metric.limit is not None:
+            verdict = "ok" if metric.meets(ratio) else "MISS"
+        ratio_text = f"{ratio:.3f}" if ratio is not None else "–"
+        rows.append([metric.label, *map(_fmt, values), _fmt(best), ratio_text, target, verdict])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def own_comparisons(results: Results) -> list[str]:
+    """Scenario 3 against discoproxy's own SNI figure, and logging's cost."""
+    lines = []
+    mc, sni = results.median("mc_cpu_us", DISCOPROXY), results.median("sni_cpu_us", DISCOPROXY)
+    if mc is not None and sni is not None:
+        lines.append(f"Minecraft status vs SNI route, discoproxy CPU per conn: {mc / sni:.2f}×")
+    info = results.median("sni_cpu_us", "discoproxy-info")
+    if info is not None and sni is not None:
+        lines.append(
+            f"log_level INFO (one line per connection) vs WARNING, SNI CPU per conn: "
+            f"{info / sni:.2f}× (+{info - sni:.1f} µs)"
+        )
+    return lines
+
+
+def write_json(results: Results, path: Path) -> None:
+    """Every sample, the notes, and what the run was measured on."""
+    data = {
+        "meta": results.meta,
+        "samples": {m: dict(t) for m, t in results.samples.items()},
+        "notes": results.notes,
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+CHART_PANELS = (
+    ("throughput, GiB/s", ("bulk1_gibps", "bulk8_gibps"), ("1 conn", "8 conns")),
+    ("proxy CPU, s/GiB", ("bulk1_cpu", "bulk8_cpu"), ("1 conn", "8 conns")),
+    ("connections/s", ("sni_cps", "mc_cps"), ("SNI", "MC status")),
+    ("proxy CPU, µs/conn", ("sni_cpu_us", "mc_cpu_us"), ("SNI", "MC status")),
+    (
+        "64 B ping-pong, µs (log)",
+        ("lat_p50_us", "lat_p99_us", "lat1_p50_us", "lat1_p99_us"),
+        ("p50", "p99", "p50\n1 core", "p99\n1 core"),
+    ),
+    ("RSS per idle connection, KiB", ("mem_kib",), ("",)),
+)
+
+
+def _bars(ax: Any, results: Results, columns: Sequence[str], keys: Sequence[str]) -> None:
+    shown = [c for c in columns if any(results.median(k, c) is not None for k in keys)]
+    width = 0.8 / max(len(shown), 1)
+    for i, name in enumerate(shown):
+        heights = [results.median(key, name) or 0.0 for key in keys]
+        positions = [k + i * width for k in range(len(keys))]
+        # one colour per target across all panels
+        ax.bar(positions, heights, width, label=name, color=f"C{columns.index(name)}")
+
+
+def _ratios(ax: Any, results: Results, haproxies: Sequence[str]) -> None:
+    """discoproxy / HAProxy-best for every metric with a target, the target as a tick."""
+    rows = []
+    for metric in METRICS:
+        best = haproxy_best(results, metric, haproxies)
+        ours = results.median(metric.key, DISCOPROXY)
+        if metric.limit is not None and best and ours is not None:
+            rows.append((metric, ours / best))
+    for y, (metric, ratio) in enumerate(rows):
+        color = "tab:green" if metric.meets(ratio) else "tab:red"
+        ax.barh(y, ratio, color=color)
+        ax.plot([metric.limit, metric.limit], [y - 0.4, y + 0.4], color="black")
+    ax.set_yticks(range(len(rows)), [m.label for m, _ in rows], fontsize="small")
+    ax.axvline(1.0, color="grey", linewidth=0.5)
+    ax.invert_yaxis()
+    ax.set_title("discoproxy / HAProxy-best (black: target)")
+
+
+def write_chart(results: Results, columns: Sequence[str], path: Path) -> bool:
+    """A PNG with one panel per figure of merit; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
+        return False
+    fig, axes = plt.subplot_mosaic(
+        [["0", "1", "2", "3"], ["4", "5", "ratios", "ratios"]], figsize=(22, 9)
+    )
+    for i, (title, keys, labels) in enumerate(CHART_PANELS):
+        ax = axes[str(i)]
+        _bars(ax, results, columns, keys)
+        shown = sum(1 for c in columns if any(results.median(k, c) is not None for k in keys))
+        offset = 0.8 / max(shown, 1) * (shown - 1) / 2
+        ax.set_xticks([k + offset for k in range(len(keys))], labels)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+        if "log" in title:
+            ax.set_yscale("log")
+    _ratios(axes["ratios"], results, [c for c in columns if c.startswith("haproxy")])
+    handles = [Patch(color=f"C{i}", label=name) for i, name in enumerate(columns)]
+    fig.legend(handles=handles, loc="upper right", ncols=len(columns), fontsize="small")
+    fig.suptitle("discoproxy vs HAProxy, medians (direct: client and backend, no proxy)", x=0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True

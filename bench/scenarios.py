@@ -1,0 +1,262 @@
+"""The six scenarios of issue 4, each one function that fills :class:`Results`.
+
+Every scenario measures each target in turn inside one repetition and repeats
+(round-robin, so drift over the run hits every target alike); the report takes medians.
+Proxy CPU is read from the proxy's own pid around the measured work only, and the
+load core's busy share is recorded next to it: near 100 % means the load generator,
+not the proxy, set the pace. Each target gets a short unmeasured warm-up first.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import loadgen
+from bench.payloads import (
+    BULK_NAME,
+    ECHO_NAME,
+    REPLY,
+    STATUS_NAME,
+    client_hello,
+    login_handshake,
+    status_request,
+)
+from bench.procs import CoreMeter, Cores, cpu_seconds, pin_process, rss_kib
+from bench.route_lookup import make_table
+from bench.route_lookup import measure as measure_lookup
+from bench.targets import Target
+
+GIB = 1 << 30
+CONNECT_TIMEOUT_S = 120.0
+HOLD_TIMEOUT_S = 120.0
+ROUTES = 10_000
+WARMUP_BULK_BYTES = 64 << 20
+WARMUP_CONNECTIONS = 500
+WARMUP_ROUND_TRIPS = 500
+WARMUP_IDLE_CONNECTIONS = 300
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and repetitions; ``quick`` trades precision for a run under two minutes."""
+
+    runs: int
+    bulk_bytes: int
+    connections: int
+    concurrency: int
+    round_trips: int
+    idle_connections: int
+    memory_runs: int
+
+    @classmethod
+    def full(cls, idle_connections: int) -> Settings:
+        return cls(5, GIB, 20_000, 50, 20_000, idle_connections, 3)
+
+    @classmethod
+    def quick(cls, idle_connections: int) -> Settings:
+        return cls(3, 256 << 20, 5_000, 50, 5_000, idle_connections, 1)
+
+
+@dataclass
+class Results:
+    """Samples per metric per target; one sample per repetition."""
+
+    samples: dict[str, dict[str, list[float]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list))
+    )
+    notes: list[str] = field(default_factory=list)
+    meta: dict[str, object] = field(default_factory=dict)
+
+    def add(self, metric: str, target: str, value: float | None) -> None:
+        """Record one sample; None (not measurable, e.g. proxy CPU of direct) is skipped."""
+        if value is not None:
+            self.samples[metric][target].append(value)
+
+    def median(self, metric: str, target: str) -> float | None:
+        values = self.samples.get(metric, {}).get(target)
+        return statistics.median(values) if values else None
+
+
+@dataclass
+class Bench:
+    """Everything a scenario needs: what to measure, how much, and where to write it."""
+
+    settings: Settings
+    results: Results
+    cores: Cores
+    source: Path
+    direct: Target
+    discoproxy: Target
+    discoproxy_info: Target
+    haproxies: list[Target]
+
+    @property
+    def proxies(self) -> list[Target]:
+        return [self.discoproxy, *self.haproxies]
+
+
+class Meter:
+    """Proxy CPU seconds and the load core's busy share over one measured stretch."""
+
+    def __init__(self, target: Target, cores: Cores) -> None:
+        self.pid = target.pid
+        self._cpu = cpu_seconds(self.pid) if self.pid is not None else 0.0
+        self._load = CoreMeter(cores.load)
+
+    def stop(self) -> tuple[float | None, float | None]:
+        """(proxy CPU seconds, None for direct; load core busy %, None when unpinned)."""
+        used = cpu_seconds(self.pid) - self._cpu if self.pid is not None else None
+        busy = self._load.busy()
+        return used, busy * 100 if busy is not None else None
+
+
+def run_bulk(bench: Bench) -> None:
+    """1. Bulk: ``bulk_bytes`` over 1 and over 8 connections — GiB/s, proxy CPU s/GiB."""
+    settings, results = bench.settings, bench.results
+    targets = [bench.direct, *bench.proxies]
+    prefix = login_handshake(BULK_NAME)
+    gib = settings.bulk_bytes / GIB
+    for target in targets:
+        loadgen.bulk(target.ports.bulk, prefix, WARMUP_BULK_BYTES, 2, bench.source)
+    for _ in range(settings.runs):
+        for target in targets:
+            for streams in (1, 8):
+                meter = Meter(target, bench.cores)
+                seconds = loadgen.bulk(
+                    target.ports.bulk, prefix, settings.bulk_bytes, streams, bench.source
+                )
+                used, busy = meter.stop()
+                results.add(f"bulk{streams}_gibps", target.name, gib / seconds)
+                results.add(
+                    f"bulk{streams}_cpu", target.name, used / gib if used is not None else None
+                )
+                results.add(f"bulk{streams}_load_busy", target.name, busy)
+
+
+def _connection_cost(
+    bench: Bench, targets: list[Target], metric: str, payload: bytes, port_of: str
+) -> None:
+    settings, results = bench.settings, bench.results
+    for target in targets:
+        port = getattr(target.ports, port_of)
+        loadgen.connect_loop(
+            port, payload, len(REPLY), WARMUP_CONNECTIONS, settings.concurrency, CONNECT_TIMEOUT_S
+        )
+    for _ in range(settings.runs):
+        for target in targets:
+            port = getattr(target.ports, port_of)
+            meter = Meter(target, bench.cores)
+            result = loadgen.connect_loop(
+                port,
+                payload,
+                len(REPLY),
+                settings.connections,
+                settings.concurrency,
+                CONNECT_TIMEOUT_S,
+            )
+            used, busy = meter.stop()
+            if result.failed:
+                results.notes.append(f"{metric}: {target.name}: {result.failed} failed")
+            results.add(f"{metric}_cps", target.name, result.ok / result.seconds)
+            per_conn = used / max(result.ok, 1) * 1e6 if used is not None else None
+            results.add(f"{metric}_cpu_us", target.name, per_conn)
+            results.add(f"{metric}_load_busy", target.name, busy)
+
+
+def run_sni(bench: Bench) -> None:
+    """2. Connection cost, TLS: ClientHello routed by SNI, small reply, close."""
+    targets = [bench.direct, bench.discoproxy, bench.discoproxy_info, *bench.haproxies]
+    _connection_cost(bench, targets, "sni", client_hello(), "sni")
+
+
+def run_minecraft(bench: Bench) -> None:
+    """3. Connection cost, Minecraft: handshake + status request, status response, close."""
+    targets = [bench.direct, bench.discoproxy, bench.discoproxy_info]
+    _connection_cost(bench, targets, "mc", status_request(STATUS_NAME), "status")
+
+
+def _ping_pong(bench: Bench, target: Target, *metrics: str) -> None:
+    prefix = login_handshake(ECHO_NAME)
+    times = sorted(loadgen.ping_pong(target.ports.echo, prefix, bench.settings.round_trips))
+    for metric in metrics:
+        bench.results.add(f"{metric}_p50_us", target.name, times[len(times) // 2] / 1e3)
+        bench.results.add(f"{metric}_p99_us", target.name, times[int(len(times) * 0.99)] / 1e3)
+
+
+def run_latency(bench: Bench) -> None:
+    """4. Latency: 64-byte ping-pong over one connection — p50 and p99 in µs.
+
+    Measured twice: with the proxy on its own core (as every other scenario), where
+    each round trip crosses cores four times and, on a VM, each cross-core wake-up
+    costs tens of µs whoever the proxy is; and with the proxy moved onto the load
+    core for the measurement, where what remains is the proxies' own path.
+    """
+    targets = [bench.direct, *bench.proxies]
+    for target in targets:
+        loadgen.ping_pong(target.ports.echo, login_handshake(ECHO_NAME), WARMUP_ROUND_TRIPS)
+    for _ in range(bench.settings.runs):
+        for target in targets:
+            if target.pid is None:
+                _ping_pong(bench, target, "lat", "lat1")  # direct: one core either way
+                continue
+            _ping_pong(bench, target, "lat")
+            if bench.cores.load is None:
+                continue
+            pin_process(target.pid, bench.cores.load)
+            try:
+                _ping_pong(bench, target, "lat1")
+            finally:
+                pin_process(target.pid, bench.cores.proxy)
+
+
+def _rss_while_idle(target: Target, count: int) -> tuple[int, loadgen.HoldResult]:
+    """(ΔRSS KiB while ``count`` idle connections are open, how they fared)."""
+    pid = target.pid
+    assert pid is not None
+    prefix = login_handshake(ECHO_NAME)
+    loadgen.hold_idle(target.ports.echo, prefix, WARMUP_IDLE_CONNECTIONS, lambda: None, 60)
+    before = rss_kib(pid)
+    peak: list[int] = []
+    held = loadgen.hold_idle(
+        target.ports.echo, prefix, count, lambda: peak.append(rss_kib(pid)), HOLD_TIMEOUT_S
+    )
+    return peak[0] - before, held
+
+
+def run_memory(bench: Bench) -> None:
+    """5. Memory: ΔRSS per idle established connection, all held and still echoing.
+
+    Each repetition starts the proxy afresh (a process that already held 10k connections
+    keeps their memory in its pools), warms it with a few hundred connections, then reads
+    RSS before and while ``idle_connections`` are open.
+    """
+    count = bench.settings.idle_connections
+    for _ in range(bench.settings.memory_runs):
+        for target in bench.proxies:
+            target.restart()
+            grown, held = _rss_while_idle(target, count)
+            bench.results.add("mem_kib", target.name, grown / count)
+            bench.results.add("held", target.name, held.echoed)
+            bench.results.add("open_cps", target.name, held.opened / held.open_seconds)
+
+
+def run_route_lookup(bench: Bench) -> None:
+    """6. Route lookup with 10,000 routes: µs per exact and per wildcard lookup."""
+    table = make_table(ROUTES)
+    exact = [f"s{i * 7 % ROUTES}.example.com" for i in range(20_000)]
+    wildcard = [f"a.b.w{i * 7 % ROUTES}.example.org" for i in range(20_000)]
+    bench.results.add("route_exact_us", "discoproxy", measure_lookup(table, exact))
+    bench.results.add("route_wild_us", "discoproxy", measure_lookup(table, wildcard))
+
+
+SCENARIOS = {
+    "bulk": run_bulk,
+    "sni": run_sni,
+    "minecraft": run_minecraft,
+    "latency": run_latency,
+    "routes": run_route_lookup,
+    "memory": run_memory,
+}

@@ -1,0 +1,226 @@
+"""What the load generator talks to: the backends directly, discoproxy, or HAProxy.
+
+Every target exposes one port per kind of traffic (:class:`Ports`) and, when it is a
+proxy, the pid whose CPU time and RSS are measured. Proxies run pinned to the proxy
+core; the backends and the load generator share the other one.
+
+- **direct** — no proxy: client and backends alone, the load generator's own limit.
+- **discoproxy** — ``discoproxy serve`` as a child (``python -m discoproxy``, so the pid
+  is the proxy's own), one port, routing every scenario by name through server files.
+  ``log_level = "WARNING"`` (no per-connection line); the ``discoproxy-info`` variant
+  logs one line per connection to a file, to show what that costs.
+- **haproxy-*** — Debian's HAProxy in ``mode tcp``, one frontend per kind of traffic; the
+  SNI frontend routes on ``req_ssl_sni`` as discoproxy does. Variants: ``default``,
+  ``splice`` (kernel splicing forced both ways with 1 MiB pipes) and ``bigbuf``
+  (256 KiB buffers). "HAProxy-best" is the best variant per metric.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.payloads import BULK_NAME, ECHO_NAME, REPLY, SNI_NAME, STATUS_NAME, client_hello
+from bench.procs import Child, free_port
+
+# Lines added to HAProxy's global and defaults sections per variant.
+HAPROXY_TUNING: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "default": ((), ()),
+    # maxpipes defaults to maxconn / 4, two fds each: more than the fd limit leaves
+    # next to 10k connections; 64 pipes serve the 8 bulk streams
+    "splice": (
+        ("tune.pipesize 1048576", "maxpipes 64"),
+        ("option splice-request", "option splice-response"),
+    ),
+    "bigbuf": (("tune.bufsize 262144",), ()),
+}
+HAPROXY_CONFIG = textwrap.dedent("""\
+    global
+        maxconn {maxconn}
+    {global_tuning}
+    defaults
+        mode tcp
+        timeout connect 5s
+        timeout client 600s
+        timeout server 600s
+    {defaults_tuning}
+    frontend bulk
+        bind 127.0.0.1:{bulk}
+        default_backend sink
+
+    frontend sni
+        bind 127.0.0.1:{sni}
+        tcp-request inspect-delay 5s
+        tcp-request content accept if {{ req_ssl_hello_type 1 }}
+        use_backend reply if {{ req_ssl_sni -i {sni_name} }}
+
+    frontend echo
+        bind 127.0.0.1:{echo}
+        default_backend echo
+
+    backend sink
+        server sink 127.0.0.1:{sink_backend}
+
+    backend reply
+        server reply 127.0.0.1:{reply_backend}
+
+    backend echo
+        server echo 127.0.0.1:{echo_backend}
+""")
+# well above the ~10,000 idle connections scenario 5 holds, as HAProxy's maxconn
+DISCOPROXY_MAX_CONNECTIONS = 30_000
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Where a client connects for each kind of traffic (None: this target has none)."""
+
+    bulk: int
+    sni: int
+    status: int | None
+    echo: int
+
+
+@dataclass(frozen=True)
+class BackendPorts:
+    sink: int
+    reply: int
+    echo: int
+
+
+class Target:
+    """A thing clients connect to; ``pid`` is None when nothing sits in between."""
+
+    name = "direct"
+
+    def __init__(self, backends: BackendPorts) -> None:
+        self.backends = backends
+        self.ports = Ports(backends.sink, backends.reply, backends.reply, backends.echo)
+        self.child: Child | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child is not None else None
+
+    def start(self) -> None:
+        """Nothing to start for direct; proxies start, then prove they route."""
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+            self.child = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def _check_routes(self) -> None:
+        """One SNI connection must come back with the reply backend's answer."""
+        with socket.create_connection(("127.0.0.1", self.ports.sni), timeout=5) as sock:
+            sock.sendall(client_hello())
+            got = b""
+            while len(got) < len(REPLY):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+        if got != REPLY:
+            output = self.child.output() if self.child else ""
+            raise RuntimeError(f"{self.name} does not route SNI {SNI_NAME}: {got!r}\n{output}")
+
+
+class Discoproxy(Target):
+    """``discoproxy serve`` with one server file per backend, all on one port."""
+
+    def __init__(
+        self, backends: BackendPorts, workdir: Path, cpu: int | None, log_level: str
+    ) -> None:
+        super().__init__(backends)
+        self.name = "discoproxy" if log_level == "WARNING" else f"discoproxy-{log_level.lower()}"
+        self.workdir = workdir / self.name
+        self.cpu = cpu
+        self.log_level = log_level
+        port = free_port()
+        self.ports = Ports(port, port, port, port)
+        self._write_config()
+
+    def _write_config(self) -> None:
+        servers = self.workdir / "servers"
+        servers.mkdir(parents=True, exist_ok=True)
+        b = self.backends
+        routes = {
+            "bulk": ([BULK_NAME], b.sink),
+            "reply": ([SNI_NAME, STATUS_NAME], b.reply),
+            "echo": ([ECHO_NAME], b.echo),
+        }
+        for server_id, (domains, port) in routes.items():
+            # a JSON array of strings is a TOML array too
+            addresses = json.dumps([f"127.0.0.1:{port}"])
+            (servers / f"{server_id}.toml").write_text(
+                f"domains = {json.dumps(domains)}\naddresses = {addresses}\n"
+            )
+        (self.workdir / "discoproxy.toml").write_text(
+            textwrap.dedent(f"""\
+                bind = "127.0.0.1:{self.ports.sni}"
+                servers_dir = "{servers}"
+                log_level = "{self.log_level}"
+                max_connections = {DISCOPROXY_MAX_CONNECTIONS}
+            """)
+        )
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "discoproxy", "serve", "--config"]
+        argv.append(str(self.workdir / "discoproxy.toml"))
+        self.child = Child(self.name, argv, self.workdir / "proxy.log", cpu=self.cpu)
+        self.child.wait_for_port(self.ports.sni)
+        self._check_routes()
+
+
+class HAProxy(Target):
+    """HAProxy in ``mode tcp`` with one frontend per kind of traffic, as one variant."""
+
+    def __init__(
+        self, backends: BackendPorts, workdir: Path, cpu: int | None, variant: str, maxconn: int
+    ) -> None:
+        super().__init__(backends)
+        self.name = f"haproxy-{variant}"
+        self.workdir = workdir / self.name
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.cpu = cpu
+        self.variant = variant
+        self.maxconn = maxconn
+        self.ports = Ports(free_port(), free_port(), None, free_port())
+        self._write_config()
+
+    def _write_config(self) -> None:
+        global_tuning, defaults_tuning = HAPROXY_TUNING[self.variant]
+        text = HAPROXY_CONFIG.format(
+            maxconn=self.maxconn,
+            global_tuning="".join(f"    {line}\n" for line in global_tuning),
+            defaults_tuning="".join(f"    {line}\n" for line in defaults_tuning),
+            bulk=self.ports.bulk,
+            sni=self.ports.sni,
+            echo=self.ports.echo,
+            sni_name=SNI_NAME,
+            sink_backend=self.backends.sink,
+            reply_backend=self.backends.reply,
+            echo_backend=self.backends.echo,
+        )
+        (self.workdir / "haproxy.cfg").write_text(text)
+
+    def start(self) -> None:
+        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        argv = [binary, "-db", "-f", str(self.workdir / "haproxy.cfg")]
+        self.child = Child(self.name, argv, self.workdir / "proxy.log", cpu=self.cpu)
+        for port in (self.ports.bulk, self.ports.sni, self.ports.echo):
+            self.child.wait_for_port(port)
+        self._check_routes()
+
+
+def haproxy_available() -> bool:
+    return shutil.which("haproxy") is not None or Path("/usr/sbin/haproxy").exists()
