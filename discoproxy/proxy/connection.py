@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import ipaddress
+import math
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -45,14 +46,15 @@ WRITE_HIGH_WATER_BYTES = 256 * 1024
 WRITE_LOW_WATER_BYTES = 64 * 1024
 
 
-class ConnState(enum.Enum):
-    ACCEPTED = "accepted"
-    PROXY_HEADER = "proxy_header"
-    SNIFFING = "sniffing"
-    ANSWERING = "answering"
-    DIALING = "dialing"
-    FORWARDING = "forwarding"
-    CLOSED = "closed"
+class ConnState(enum.IntEnum):
+    # IntEnum: members hash in C, which matters for the per-step transition check
+    ACCEPTED = 1
+    PROXY_HEADER = 2
+    SNIFFING = 3
+    ANSWERING = 4
+    DIALING = 5
+    FORWARDING = 6
+    CLOSED = 7
 
 
 _TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
@@ -121,7 +123,7 @@ class ClientConnection(asyncio.Protocol):
         "_backend_eof",
         "_buffer",
         "_client_eof",
-        "_deadline",
+        "_dial_expired",
         "_dial_task",
         "_handshake_length",
         "_kind",
@@ -135,6 +137,7 @@ class ClientConnection(asyncio.Protocol):
         "bytes_up",
         "client_addr",
         "ctx",
+        "dial_deadline",
         "id",
         "idle_ticks",
         "reason",
@@ -162,8 +165,9 @@ class ClientConnection(asyncio.Protocol):
         self._buffer = bytearray()
         self._client_eof = False
         self._backend_eof = False
-        self._deadline: asyncio.TimerHandle | None = None
         self._dial_task: asyncio.Task[None] | None = None
+        self._dial_expired = False
+        self.dial_deadline = math.inf
         self._kind: Sniffed | None = None
         self._name: str | None = None
         self._next_state = 0
@@ -172,13 +176,14 @@ class ClientConnection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         route = self.route.qualified_id if self.route else "-"
-        return f"<conn #{self.id} {_format_addr(self.client_addr)} {route} {self.state.value}>"
+        state = self.state.name.lower()
+        return f"<conn #{self.id} {_format_addr(self.client_addr)} {route} {state}>"
 
     # -- pipeline ---------------------------------------------------------------------
 
     def _move(self, new: ConnState) -> None:
         if new not in _TRANSITIONS[self.state]:
-            raise IllegalTransition(f"{self!r}: cannot go from {self.state.value} to {new.value}")
+            raise IllegalTransition(f"{self!r}: cannot go from {self.state.name} to {new.name}")
         self.state = new
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -196,9 +201,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.id = ctx.register(self)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER_BYTES, WRITE_LOW_WATER_BYTES)
-        self._deadline = asyncio.get_running_loop().call_later(
-            ctx.config.handshake_timeout, self._handshake_timed_out
-        )
+        ctx.handshaking.add(self)  # swept for handshake_timeout by ProxyContext
         if ctx.config.receive_proxy_protocol and ctx.is_trusted(self.client_addr):
             self._move(ConnState.PROXY_HEADER)
         else:
@@ -275,6 +278,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.route = route
         self._move(ConnState.DIALING)
+        self.ctx.handshaking.discard(self)
         self.transport.pause_reading()
         self._dial_task = self.ctx.spawn(self._dial(route))
 
@@ -332,26 +336,40 @@ class ClientConnection(asyncio.Protocol):
     # -- dialing ------------------------------------------------------------------------
 
     async def _dial(self, route: Route) -> None:
-        loop = asyncio.get_running_loop()
-        timeout = self.ctx.config.connect_timeout or None
+        """Dial ``route``'s addresses in order; ``ProxyContext.sweep_deadlines`` enforces
+        ``connect_timeout`` per address (cheaper than a timeout scope per attempt)."""
+        ctx = self.ctx
+        timeout = ctx.config.connect_timeout
         errors: list[str] = []
         for host, port in route.addresses:
+            self.dial_deadline = time.monotonic() + timeout if timeout else math.inf
+            ctx.dialing.add(self)
             try:
-                async with asyncio.timeout(timeout):
-                    _, protocol = await loop.create_connection(
-                        lambda: BackendProtocol(self), host, port
-                    )
-            except TimeoutError:
+                _, protocol = await ctx.loop.create_connection(
+                    lambda: BackendProtocol(self), host, port
+                )
+            except asyncio.CancelledError:
+                if not self._dial_expired or self._dial_task is None:
+                    raise
+                self._dial_expired = False
+                self._dial_task.uncancel()
                 errors.append(f"{_format_addr((host, port))}: timed out after {timeout}s")
             except OSError as exc:
                 errors.append(f"{_format_addr((host, port))}: {exc.strerror or exc}")
             else:
-                assert isinstance(protocol, BackendProtocol)
                 self._start_forwarding(protocol, (host, port))
                 return
+            finally:
+                ctx.dialing.discard(self)
             if self.state is ConnState.CLOSED:
                 return
         self._backend_unreachable(route, errors)
+
+    def dial_timed_out(self) -> None:
+        """The current dial attempt passed ``connect_timeout``: abandon it, try the next."""
+        if self._dial_task is not None and not self._dial_task.done():
+            self._dial_expired = True
+            self._dial_task.cancel()
 
     def _backend_unreachable(self, route: Route, errors: list[str]) -> None:
         if self.state is ConnState.CLOSED:
@@ -385,9 +403,6 @@ class ClientConnection(asyncio.Protocol):
         if self._buffer:
             backend_transport.write(bytes(self._buffer))
         self._buffer = bytearray()
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
         if self._client_eof:
             backend_transport.write_eof()
         else:
@@ -457,8 +472,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state is not ConnState.CLOSED:
             self._close(f"client reset: {exc}" if exc else "client closed")
 
-    def _handshake_timed_out(self) -> None:
-        self._deadline = None
+    def handshake_timed_out(self) -> None:
         if self.state in _PRE_ROUTING:
             self._fail(
                 f"no complete handshake within {self.ctx.config.handshake_timeout}s "
@@ -494,9 +508,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.state = ConnState.CLOSED
         self.reason = reason
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self.ctx.handshaking.discard(self)
         if self._dial_task is not None and not self._dial_task.done():
             self._dial_task.cancel()
         self.transport.close()

@@ -45,6 +45,10 @@ class ProxyContext:
         self.config = config
         self.registry = registry
         self.connections: set[ClientConnection] = set()
+        # connections still owing their PROXY header / handshake, for sweep_handshakes
+        self.handshaking: set[ClientConnection] = set()
+        self.dialing: set[ClientConnection] = set()
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by run_proxy
         self.total = 0
         self.rejected = 0
         self._ids = itertools.count(1)
@@ -100,7 +104,7 @@ class ProxyContext:
     # -- tasks --------------------------------------------------------------------------
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -129,6 +133,27 @@ class ProxyContext:
         if left:
             logger.warning("aborted {} connections still open at shutdown_timeout", len(left))
         await self.cancel_tasks()
+
+    async def sweep_deadlines(self) -> None:
+        """Enforce ``handshake_timeout`` and ``connect_timeout`` for every connection.
+
+        One sweep at a quarter of the shorter timeout (at most 1 s) replaces a timer per
+        connection (a heap push, a cancel and a getpid on every accept and dial); a
+        deadline fires at most 25% late.
+        """
+        handshake = self.config.handshake_timeout
+        timeouts = [t for t in (handshake, self.config.connect_timeout) if t > 0]
+        if not timeouts:
+            return
+        tick = min(1.0, min(timeouts) / 4)
+        while True:
+            await anyio.sleep(tick)
+            now = time.monotonic()
+            if handshake > 0:
+                for conn in [c for c in self.handshaking if now - c.started >= handshake]:
+                    conn.handshake_timed_out()
+            for conn in [c for c in self.dialing if now >= c.dial_deadline]:
+                conn.dial_timed_out()
 
     async def sweep_idle(self) -> None:
         """Close connections that moved no byte either way for ``idle_timeout``."""
@@ -214,12 +239,14 @@ async def run_proxy(
 ) -> None:
     """Run every listener until cancelled, then drain connections gracefully."""
     ctx = context or ProxyContext(config, registry)
+    ctx.loop = asyncio.get_running_loop()
     try:
         async with anyio.create_task_group() as tg:
             bound: list[tuple[str, int]] = []
             for host, port in config.bind_addresses:
                 bound += await tg.start(serve_listener, ctx, host, port)
             tg.start_soon(ctx.sweep_idle)
+            tg.start_soon(ctx.sweep_deadlines)
             task_status.started(bound)
     finally:
         with anyio.CancelScope(shield=True):

@@ -339,3 +339,32 @@ async def test_a_slow_client_stops_the_backend_from_being_read() -> None:
             with anyio.fail_after(10):
                 while received < 8 * 1024 * 1024:  # reading resumes the flow
                     received += len(await stream.receive())
+
+
+async def test_an_address_that_never_answers_times_out_and_the_next_is_tried() -> None:
+    # A loopback listener that never accepts, its backlog filled: further SYNs are
+    # dropped, so a dial to it hangs until connect_timeout.
+    with socket.socket() as stuck:
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen(0)
+        fillers = []
+        for _ in range(8):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(stuck.getsockname())
+            fillers.append(filler)
+        try:
+            async with backend(named(b"second")) as second:
+                stuck_address = f"127.0.0.1:{stuck.getsockname()[1]}"
+                servers = [
+                    server("mc", "mc.example.com", addresses=[stuck_address, second.address])
+                ]
+                async with running_proxy(servers, connect_timeout=0.5) as proxy:
+                    async with await proxy.connect() as stream:
+                        await stream.send(handshake("mc.example.com"))
+                        with anyio.fail_after(5):
+                            assert await stream.receive() == b"second"
+                    assert proxy.ctx.dialing == set()
+        finally:
+            for filler in fillers:
+                filler.close()
