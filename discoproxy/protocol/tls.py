@@ -213,10 +213,13 @@ def _parse_client_hello_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
     alpn: tuple[str, ...] = ()
     seen: set[int] = set()
     while pos < end:
-        _need(body, pos, _EXTENSION_HEADER.size, "extension header")
+        if pos + 4 > end:  # _EXTENSION_HEADER.size; checked inline, this loop is hot
+            _need(body, pos, 4, "extension header")
         ext_type, ext_length = _EXTENSION_HEADER.unpack_from(body, pos)
-        pos += _EXTENSION_HEADER.size
-        ext_end = _skip(body, pos, ext_length, f"extension {ext_type}")
+        pos += 4
+        ext_end = pos + ext_length
+        if ext_end > end:  # inline _skip: no message string built on the happy path
+            _need(body, pos, ext_length, f"extension {ext_type}")
         if ext_type in seen:
             raise MalformedClientHello(f"ClientHello repeats extension {ext_type} (RFC 8446 §4.2)")
         seen.add(ext_type)
