@@ -23,9 +23,7 @@ from anyio.abc import SocketStream
 from loguru import logger
 
 from discoproxy.config import ProxyConfig
-from discoproxy.provider import supervise
-from discoproxy.proxy.server import ProxyContext, run_proxy
-from discoproxy.routing import Registry, RoutingTable, SnapshotInbox
+from discoproxy.routing import Registry, RoutingTable
 from integration.docker_support import (
     DockerResources,
     docker_client,
@@ -38,7 +36,7 @@ from integration.docker_support import (
     stop_dockerd,
 )
 from providers.docker import DockerProvider, DockerSettings, EngineUnavailable
-from tests.proxy.helpers import handshake, read_string
+from tests.proxy.helpers import handshake, provider_proxy, read_string, routed
 
 pytestmark = [pytest.mark.peer, pytest.mark.anyio]
 
@@ -126,33 +124,14 @@ class LiveProxy:
         return f"Unknown server: {domain}" in read_string(reply[2:])
 
 
-def routed(domain: str, qualified_id: str | None) -> Callable[[RoutingTable], bool]:
-    def check(table: RoutingTable) -> bool:
-        route = table.lookup_host(domain)
-        return (route.qualified_id if route else None) == qualified_id
-
-    return check
-
-
 @asynccontextmanager
 async def docker_proxy(resources: DockerResources, **settings: Any) -> AsyncIterator[LiveProxy]:
     config = ProxyConfig(bind=("127.0.0.1:0",))
-    registry = Registry()
-    inbox = SnapshotInbox()
     provider = DockerProvider(
         "docker", DockerSettings(label_prefix=resources.prefix, **settings), config
     )
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(inbox.run, registry)
-        tg.start_soon(supervise, "docker", provider, inbox.publisher("docker"))
-        with anyio.fail_after(10):
-            await inbox.wait_first_snapshots()
-        ctx = ProxyContext(config, registry)
-        bound = await tg.start(partial(run_proxy, config, registry, context=ctx))
-        live = LiveProxy(resources, registry, bound[0])
-        registry.add_listener(live.tables.append)
-        yield live
-        tg.cancel_scope.cancel()
+    async with provider_proxy(provider, config) as proxy:
+        yield LiveProxy(resources, proxy.registry, proxy.address, proxy.tables)
 
 
 async def wait_for_log(logs: list[str], text: str, within_s: float = LIVE_WITHIN_S) -> str:

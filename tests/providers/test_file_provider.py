@@ -6,7 +6,6 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import anyio
@@ -14,11 +13,19 @@ import pytest
 from anyio.abc import SocketStream
 
 from discoproxy.config import ProxyConfig
-from discoproxy.provider import load_providers, supervise
-from discoproxy.proxy.server import ProxyContext, run_proxy
-from discoproxy.routing import Registry, RoutingTable, SnapshotInbox
+from discoproxy.provider import load_providers
+from discoproxy.routing import Registry, RoutingTable
 from providers.file import FileProvider, FileSettings
-from tests.proxy.helpers import backend, echo, handshake, named, read_string, receive_all
+from tests.proxy.helpers import (
+    backend,
+    echo,
+    handshake,
+    named,
+    provider_proxy,
+    read_string,
+    receive_all,
+    routed,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -52,34 +59,16 @@ async def live_proxy(tmp_path: Path) -> AsyncIterator[LiveProxy]:
     directory = tmp_path / "servers"
     directory.mkdir()
     config = ProxyConfig(bind=("127.0.0.1:0",), servers_dir=directory)
-    registry = Registry()
-    inbox = SnapshotInbox()
     provider = FileProvider("file", FileSettings(), config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(inbox.run, registry)
-        tg.start_soon(supervise, "file", provider, inbox.publisher("file"))
-        with anyio.fail_after(5):
-            await inbox.wait_first_snapshots()
-        ctx = ProxyContext(config, registry)
-        bound = await tg.start(partial(run_proxy, config, registry, context=ctx))
-        live = LiveProxy(directory, registry, bound[0])
-        registry.add_listener(live.tables.append)
+    async with provider_proxy(provider, config, first_snapshot_within_s=5) as proxy:
+        live = LiveProxy(directory, proxy.registry, proxy.address, proxy.tables)
         await anyio.sleep(0.2)  # let the watcher settle before tests write files
         yield live
-        tg.cancel_scope.cancel()
 
 
 def server_file(port: int, *domains: str) -> str:
     names = ", ".join(f'"{d}"' for d in domains)
     return f'domains = [{names}]\naddresses = ["127.0.0.1:{port}"]\n'
-
-
-def routed(domain: str, qualified_id: str | None) -> Callable[[RoutingTable], bool]:
-    def check(table: RoutingTable) -> bool:
-        route = table.lookup_host(domain)
-        return (route.qualified_id if route else None) == qualified_id
-
-    return check
 
 
 async def test_a_new_file_becomes_routable_and_a_deleted_one_goes_away(tmp_path: Path) -> None:

@@ -15,8 +15,9 @@ from anyio.abc import SocketStream, TaskGroup
 from discoproxy.config import ProxyConfig
 from discoproxy.model import ServerDefinition
 from discoproxy.protocol import minecraft
+from discoproxy.provider import Provider, supervise
 from discoproxy.proxy.server import ProxyContext, run_proxy
-from discoproxy.routing import Registry
+from discoproxy.routing import Registry, RoutingTable, SnapshotInbox
 
 Handler = Callable[[SocketStream], Awaitable[None]]
 
@@ -134,3 +135,41 @@ def read_string(payload: bytes) -> str:
     assert isinstance(result, tuple)
     length, offset = result
     return payload[offset : offset + length].decode()
+
+
+@dataclass
+class ProviderProxy:
+    """A proxy fed by one real provider through the SnapshotInbox, as ``serve`` wires it."""
+
+    registry: Registry
+    address: tuple[str, int]
+    tables: list[RoutingTable] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def provider_proxy(
+    provider: Provider, config: ProxyConfig, first_snapshot_within_s: float = 10
+) -> AsyncIterator[ProviderProxy]:
+    registry = Registry()
+    inbox = SnapshotInbox()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(inbox.run, registry)
+        tg.start_soon(supervise, provider.name, provider, inbox.publisher(provider.name))
+        with anyio.fail_after(first_snapshot_within_s):
+            await inbox.wait_first_snapshots()
+        ctx = ProxyContext(config, registry)
+        bound = await tg.start(partial(run_proxy, config, registry, context=ctx))
+        live = ProviderProxy(registry, bound[0])
+        registry.add_listener(live.tables.append)
+        yield live
+        tg.cancel_scope.cancel()
+
+
+def routed(domain: str, qualified_id: str | None) -> Callable[[RoutingTable], bool]:
+    """A table predicate: ``domain`` routes to ``qualified_id`` (``None``: to nothing)."""
+
+    def check(table: RoutingTable) -> bool:
+        route = table.lookup_host(domain)
+        return (route.qualified_id if route else None) == qualified_id
+
+    return check
