@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
@@ -63,17 +64,27 @@ def load_server_file(path: Path) -> ServerDefinition:
 
 def load_servers_dir(directory: Path) -> tuple[list[ServerDefinition], list[ConfigError]]:
     """Every valid server in ``directory`` (sorted by file name) and the errors of the rest."""
-    servers: list[ServerDefinition] = []
+    loaded: list[tuple[Path, ServerDefinition]] = []
     errors: list[ConfigError] = []
     if not directory.is_dir():
-        return servers, errors
-    seen: dict[str, Path] = {}
+        return [], errors
     for path in sorted(p for p in directory.iterdir() if p.is_file() and is_server_file(p)):
         try:
-            server = load_server_file(path)
+            loaded.append((path, load_server_file(path)))
         except ConfigError as exc:
             errors.append(exc)
-            continue
+    servers, duplicates = unique_by_id(loaded)
+    return servers, errors + duplicates
+
+
+def unique_by_id(
+    loaded: Iterable[tuple[Path, ServerDefinition]],
+) -> tuple[list[ServerDefinition], list[ConfigError]]:
+    """Keep the first file (in the given order) of each server id; report the others."""
+    servers: list[ServerDefinition] = []
+    errors: list[ConfigError] = []
+    seen: dict[str, Path] = {}
+    for path, server in loaded:
         if server.id in seen:
             errors.append(_duplicate_id(path, server.id, seen[server.id]))
             continue
@@ -168,17 +179,9 @@ class FileProvider:
 
     def snapshot(self) -> list[ServerDefinition]:
         """Last good version of every file, first file name wins a duplicate id."""
-        servers: list[ServerDefinition] = []
-        seen: dict[str, Path] = {}
-        for path in sorted(self._good):
-            server = self._good[path]
-            if server.id in seen:
-                self._log.error(
-                    "server file rejected: {}", _duplicate_id(path, server.id, seen[server.id])
-                )
-                continue
-            seen[server.id] = path
-            servers.append(server)
+        servers, duplicates = unique_by_id((path, self._good[path]) for path in sorted(self._good))
+        for error in duplicates:
+            self._log.error("server file rejected: {}", error)
         return servers
 
     async def _reload_one(self, path: Path) -> None:
