@@ -54,9 +54,8 @@ class ProxyContext:
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._trusted = tuple(config.trusted_proxies)
-        self._trust_all = any(net.prefixlen == 0 for net in self._trusted) and {
-            net.version for net in self._trusted if net.prefixlen == 0
-        } == {4, 6}
+        # 0.0.0.0/0 and ::/0 together trust everyone: skip the per-connection check
+        self._trust_all = {net.version for net in self._trusted if net.prefixlen == 0} == {4, 6}
         self._max = config.max_connections or math.inf
         self._log_connections = logger.level(config.log_level).no <= logger.level("INFO").no
         self._rejections_unlogged = 0
@@ -176,12 +175,14 @@ class ProxyContext:
 
 def log_close(conn: ClientConnection) -> None:
     route = conn.route.qualified_id if conn.route else "-"
+    client = _format_addr(conn.client_addr)
+    backend = _format_addr(conn.backend_addr)
     duration = time.monotonic() - conn.started
     logger.bind(
         conn=conn.id,
-        client=_format_addr(conn.client_addr),
+        client=client,
         route=route,
-        backend=_format_addr(conn.backend_addr),
+        backend=backend,
         bytes_up=conn.bytes_up,
         bytes_down=conn.bytes_down,
         duration_s=round(duration, 6),
@@ -189,9 +190,9 @@ def log_close(conn: ClientConnection) -> None:
     ).info(
         "conn #{} closed: client={} route={} backend={} up={}B down={}B duration={:.3f}s reason={}",
         conn.id,
-        _format_addr(conn.client_addr),
+        client,
         route,
-        _format_addr(conn.backend_addr),
+        backend,
         conn.bytes_up,
         conn.bytes_down,
         duration,
