@@ -20,6 +20,7 @@ import math
 import socket
 import time
 from collections.abc import Coroutine
+from select import EPOLLIN
 from typing import Any
 
 import anyio
@@ -28,11 +29,19 @@ from loguru import logger
 
 from discoproxy.config import ProxyConfig
 from discoproxy.proxy.connection import ClientConnection, _format_addr
+from discoproxy.proxy.reactor import Reactor
 from discoproxy.routing import Registry
 
 # A burst of connections must not be refused by the kernel while the loop is busy;
 # 4096 matches common somaxconn defaults on current kernels.
 LISTEN_BACKLOG = 4096
+# Connections accepted per listener wake-up before other fds get their turn.
+ACCEPT_BATCH = 64
+# After an accept error (EMFILE: out of fds), the listener rests this long.
+ACCEPT_BACKOFF_S = 0.1
+# TCP_DEFER_ACCEPT: the kernel hands over a connection once its first bytes arrived, or
+# after about this many seconds of silence (then handshake_timeout applies).
+DEFER_ACCEPT_S = 1
 # Rejections (e.g. max_connections) are logged at most this often, so a flood does not
 # become a log flood; the count in between is reported with the next line.
 REJECTION_LOG_INTERVAL_S = 5.0
@@ -49,6 +58,8 @@ class ProxyContext:
         self.handshaking: set[ClientConnection] = set()
         self.dialing: set[ClientConnection] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by run_proxy
+        self.reactor: Reactor = None  # type: ignore[assignment]  # set by run_proxy
+        self.closing = False
         self.total = 0
         self.rejected = 0
         self._ids = itertools.count(1)
@@ -200,6 +211,79 @@ def log_close(conn: ClientConnection) -> None:
     )
 
 
+class Listener:
+    """A listening socket in the reactor: accepts in batches and starts connections."""
+
+    __slots__ = ("_ctx", "_sock", "address")
+
+    def __init__(self, ctx: ProxyContext, sock: socket.socket) -> None:
+        self._ctx = ctx
+        self._sock = sock
+        name = sock.getsockname()
+        self.address: tuple[str, int] = (name[0], name[1])
+
+    def on_event(self, fd: int, events: int) -> None:
+        accept = self._sock._accept  # type: ignore[attr-defined]  # (fd, address), no object
+        ctx = self._ctx
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn_fd, addr = accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._accept_failed(exc)
+                return
+            ClientConnection(ctx, conn_fd, (addr[0], addr[1])).start()
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of fds (or another accept error): stop accepting for a moment, not spin."""
+        ctx = self._ctx
+        ctx.log_rejection(None, f"accept failed on {_format_addr(self.address)}: {exc}")
+        fd = self._sock.fileno()
+        ctx.reactor.unregister(fd)
+
+        def resume() -> None:
+            if self._sock.fileno() >= 0 and not ctx.closing:
+                ctx.reactor.register(fd, self, EPOLLIN)
+
+        ctx.loop.call_later(ACCEPT_BACKOFF_S, resume)
+
+    def on_internal_error(self, exc: Exception) -> None:
+        pass  # logged by the reactor; the listener carries on
+
+    def close(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._ctx.reactor.unregister(self._sock.fileno())
+        self._sock.close()
+
+
+def _listening_sockets(infos: list[tuple[Any, ...]], port: int) -> list[socket.socket]:
+    socks: list[socket.socket] = []
+    seen: set[tuple[Any, ...]] = set()
+    try:
+        for family, type_, proto, _, sockaddr in infos:
+            if (family, sockaddr) in seen:
+                continue
+            seen.add((family, sockaddr))
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # accepted sockets inherit it: one setsockopt per listener, not per connection
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # every protocol routed by name speaks first: accept when its bytes are there
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
+            sock.bind(sockaddr)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 async def serve_listener(
     ctx: ProxyContext,
     host: str,
@@ -208,27 +292,26 @@ async def serve_listener(
     task_status: TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``host:port`` until cancelled; report the bound addresses when ready."""
-    loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
+    where = _format_addr((host, port))
     try:
-        server = await loop.create_server(
-            lambda: ClientConnection(ctx),
-            host,
-            port,
-            family=family,
-            backlog=LISTEN_BACKLOG,
-            reuse_address=True,
+        infos = await ctx.loop.getaddrinfo(
+            host or None, port, family=family, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
+        socks = _listening_sockets(infos, port)
     except OSError as exc:
-        where = _format_addr((host, port))
         raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from exc
-    bound = [(sock.getsockname()[0], sock.getsockname()[1]) for sock in server.sockets]
+    listeners = [Listener(ctx, sock) for sock in socks]
+    for listener in listeners:
+        ctx.reactor.register(listener._sock.fileno(), listener, EPOLLIN)
+    bound = [listener.address for listener in listeners]
     logger.info("listening on {}", ", ".join(_format_addr(addr) for addr in bound))
     task_status.started(bound)
     try:
         await anyio.sleep_forever()
     finally:
-        server.close()
+        for listener in listeners:
+            listener.close()
 
 
 async def run_proxy(
@@ -241,6 +324,7 @@ async def run_proxy(
     """Run every listener until cancelled, then drain connections gracefully."""
     ctx = context or ProxyContext(config, registry)
     ctx.loop = asyncio.get_running_loop()
+    ctx.reactor = Reactor(ctx.loop)
     try:
         async with anyio.create_task_group() as tg:
             bound: list[tuple[str, int]] = []
@@ -250,5 +334,7 @@ async def run_proxy(
             tg.start_soon(ctx.sweep_deadlines)
             task_status.started(bound)
     finally:
+        ctx.closing = True
         with anyio.CancelScope(shield=True):
             await ctx.drain(config.shutdown_timeout)
+        ctx.reactor.close()
