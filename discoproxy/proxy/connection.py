@@ -24,6 +24,7 @@ Rules for this file:
 from __future__ import annotations
 
 import _socket
+import ctypes
 import enum
 import errno
 import fcntl
@@ -246,9 +247,17 @@ class Flow:
 
     def source_eof(self) -> None:
         self.eof = True
-        self.conn.sync_events()
+        conn = self.conn
         if not self.pending and self.out is None:
+            other = conn.down if self is conn.up else conn.up
+            if other.shut:  # the last direction: no need to stop watching the source
+                self.shut = True
+                conn.close("both sides closed")
+                return
+            conn.sync_events()
             self._pass_eof()
+        else:
+            conn.sync_events()
 
     def _pass_eof(self) -> None:
         self.shut = True
@@ -270,12 +279,16 @@ class Flow:
 
 
 def _shutdown_write(fd: int) -> None:
-    # family and type given: a socket object over an fd otherwise costs three getsockopts
-    sock = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    finally:
-        sock.detach()
+    # libc directly: a socket object over a raw fd costs a getsockname() per call
+    if _libc_shutdown(fd, socket.SHUT_WR) < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_shutdown = _libc.shutdown
+_libc_shutdown.argtypes = (ctypes.c_int, ctypes.c_int)
+_libc_shutdown.restype = ctypes.c_int
 
 
 class ClientConnection:
@@ -630,22 +643,21 @@ class ClientConnection:
         self, family: socket.AddressFamily, ip: str, port: int, name: str | None = None
     ) -> bool:
         """Start a non-blocking connect; False when it failed at once (try the next)."""
-        where = _format_addr((name or ip, port))
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:
-            self._dial_errors.append(f"{where}: {exc.strerror or exc}")
+            self._dial_errors.append(f"{_format_addr((name or ip, port))}: {exc.strerror or exc}")
             return False
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             code = sock.connect_ex((ip, port))
         except OSError as exc:
             sock.close()
-            self._dial_errors.append(f"{where}: {exc.strerror or exc}")
+            self._dial_errors.append(f"{_format_addr((name or ip, port))}: {exc.strerror or exc}")
             return False
         if code and code != errno.EINPROGRESS:
             sock.close()
-            self._dial_errors.append(f"{where}: {os.strerror(code)}")
+            self._dial_errors.append(f"{_format_addr((name or ip, port))}: {os.strerror(code)}")
             return False
         self.bfd = sock.detach()
         self.backend_addr = (name or ip, port)
