@@ -186,33 +186,53 @@ def _handshake_length(payload: bytearray) -> int:
 
 
 def _parse_client_hello_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
-    """RFC 8446 §4.1.2: version, random, session id, suites, compression, extensions."""
+    """RFC 8446 §4.1.2: version, random, session id, suites, compression, extensions.
+
+    Hot (once per TLS connection): bounds are checked inline and the helpers that build
+    error messages run only when a check fails.
+    """
     end = len(body)
-    _need(body, 0, 2 + _RANDOM_BYTES + 1, "legacy_version, random and session id length")
+    pos = 2 + _RANDOM_BYTES
+    if pos + 1 > end:
+        _need(body, 0, pos + 1, "legacy_version, random and session id length")
     if body[0] != 3:
         raise MalformedClientHello(f"ClientHello version {body[0]}.{body[1]}, expected 3.x")
-    pos = 2 + _RANDOM_BYTES
     session_id_length = body[pos]
     if session_id_length > MAX_SESSION_ID_BYTES:
         raise MalformedClientHello(
             f"ClientHello session id length {session_id_length}, "
             f"expected at most {MAX_SESSION_ID_BYTES}"
         )
-    pos = _skip(body, pos + 1, session_id_length, "session id")
-    suites_length, pos = _read_u16(body, pos, "cipher_suites length")
+    pos += 1
+    if pos + session_id_length > end:
+        _need(body, pos, session_id_length, "session id")
+    pos += session_id_length
+    if pos + 2 > end:
+        _need(body, pos, 2, "cipher_suites length")
+    suites_length = (body[pos] << 8) | body[pos + 1]
+    pos += 2
     if suites_length == 0 or suites_length % 2:
         raise MalformedClientHello(
             f"ClientHello cipher_suites length {suites_length}, expected a non-zero even number"
         )
-    pos = _skip(body, pos, suites_length, "cipher_suites")
-    _need(body, pos, 1, "compression methods length")
+    if pos + suites_length > end:
+        _need(body, pos, suites_length, "cipher_suites")
+    pos += suites_length
+    if pos + 1 > end:
+        _need(body, pos, 1, "compression methods length")
     compression_length = body[pos]
     if compression_length == 0:
         raise MalformedClientHello("ClientHello has no compression methods, expected at least 1")
-    pos = _skip(body, pos + 1, compression_length, "compression methods")
+    pos += 1
+    if pos + compression_length > end:
+        _need(body, pos, compression_length, "compression methods")
+    pos += compression_length
     if pos == end:
         return None, ()  # SSL 3.0 / TLS 1.0-1.2 may omit the extensions block
-    extensions_length, pos = _read_u16(body, pos, "extensions length")
+    if pos + 2 > end:
+        _need(body, pos, 2, "extensions length")
+    extensions_length = (body[pos] << 8) | body[pos + 1]
+    pos += 2
     if pos + extensions_length != end:
         raise MalformedClientHello(
             f"ClientHello extensions length {extensions_length} at byte {pos} "
@@ -221,16 +241,17 @@ def _parse_client_hello_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
     server_name: str | None = None
     alpn: tuple[str, ...] = ()
     seen: list[int] = []
-    unpack = _EXTENSION_HEADER.unpack_from  # this loop is hot: one lookup, not one per pass
+    seen_append = seen.append
+    unpack = _EXTENSION_HEADER.unpack_from
     while pos < end:
-        if pos + 4 > end:  # _EXTENSION_HEADER.size; checked inline
+        if pos + 4 > end:  # _EXTENSION_HEADER.size
             _need(body, pos, 4, "extension header")
         ext_type, ext_length = unpack(body, pos)
         pos += 4
         ext_end = pos + ext_length
-        if ext_end > end:  # inline _skip: no message string built on the happy path
+        if ext_end > end:
             _need(body, pos, ext_length, f"extension {ext_type}")
-        seen.append(ext_type)
+        seen_append(ext_type)
         if ext_type == EXTENSION_SERVER_NAME:
             server_name = _parse_server_name(body[pos:ext_end])
         elif ext_type == EXTENSION_ALPN:

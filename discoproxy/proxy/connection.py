@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 MAX_PREFIX_BYTES = 20 * 1024
 # One read while the prefix is gathered.
 PREFIX_READ_BYTES = 32 * 1024
+# A read at least this big marks a bulk stream: read again before going back to epoll.
+BULK_READ_BYTES = 64 * 1024
+MAX_BULK_READS = 8
 # One read when a flow has no pipe (the pool is exhausted) and copies instead.
 COPY_READ_BYTES = 256 * 1024
 
@@ -155,32 +158,40 @@ class Flow:
         self.shut = False
 
     def pump(self) -> None:
-        """The source is readable: move what it has (and was not refused) to ``dst``."""
+        """The source is readable: move what it has (and was not refused) to ``dst``.
+
+        A bulk read (at least ``BULK_READ_BYTES``) is followed by another at once while
+        the destination keeps up, up to ``MAX_BULK_READS``: a stream then costs one
+        epoll round per several reads. Small reads return, as one read is the common case.
+        """
         conn = self.conn
-        pipe = self.pipe
-        if pipe is None:
-            pipe = self.pipe = conn.ctx.reactor.pipes.acquire()
+        for _ in range(MAX_BULK_READS):
+            pipe = self.pipe
             if pipe is None:
-                self._copy()
+                pipe = self.pipe = conn.ctx.reactor.pipes.acquire()
+                if pipe is None:
+                    self._copy()
+                    return
+            try:
+                n = _splice(self.src, pipe[1], pipe[2], None, None, _SPLICE_FLAGS)
+            except BlockingIOError:
+                n = -1
+            except OSError as exc:
+                conn.flow_failed(self.src, exc)
                 return
-        try:
-            n = _splice(self.src, pipe[1], pipe[2], None, None, _SPLICE_FLAGS)
-        except BlockingIOError:
-            n = -1
-        except OSError as exc:
-            conn.flow_failed(self.src, exc)
-            return
-        if n <= 0:
-            if not self.pending:
-                self.pipe = None
-                conn.ctx.reactor.pipes.release(pipe)
-            if n == 0:
-                self.source_eof()
-            return
-        self.count += n
-        self.pending += n
-        conn.active = True
-        self.flush()
+            if n <= 0:
+                if not self.pending:
+                    self.pipe = None
+                    conn.ctx.reactor.pipes.release(pipe)
+                if n == 0:
+                    self.source_eof()
+                return
+            self.count += n
+            self.pending += n
+            conn.active = True
+            self.flush()
+            if n < BULK_READ_BYTES or self.blocked or conn.state is not ConnState.FORWARDING:
+                return
 
     def _copy(self) -> None:
         conn = self.conn
@@ -809,8 +820,12 @@ class ClientConnection:
         if task is not None:
             self._dial_task = None
             task.cancel()
-        self.up.release()
-        self.down.release()
+        up, down = self.up, self.down
+        up.release()
+        down.release()
+        # break the conn <-> flow cycles: refcounting frees the connection now, not
+        # the cyclic GC later (fewer collections, memory reused at once)
+        up.conn = down.conn = None  # type: ignore[assignment]
         reactor = ctx.reactor
         if self.cmask >= 0:
             reactor.forget(self.cfd)
