@@ -27,7 +27,6 @@ import _socket
 import ctypes
 import enum
 import errno
-import fcntl
 import ipaddress
 import math
 import os
@@ -63,6 +62,10 @@ MAX_BULK_READS = 8
 COPY_READ_BYTES = 256 * 1024
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+# plain ints: OR-ing socket's IntFlag members runs enum code on every dial
+_STREAM_NONBLOCK = int(socket.SOCK_STREAM) | int(socket.SOCK_NONBLOCK)
+_IPPROTO_TCP = int(socket.IPPROTO_TCP)
+_TCP_NODELAY = int(socket.TCP_NODELAY)
 _READABLE = EPOLLIN | EPOLLHUP | EPOLLERR
 _FAILED = EPOLLHUP | EPOLLERR
 _splice = os.splice
@@ -81,19 +84,34 @@ class ConnState(enum.IntEnum):
     CLOSED = 7
 
 
+# Members as module constants: on Python 3.11 ``ConnState.X`` goes through EnumType's
+# ``__getattr__`` hook (about 4x a plain load), and the pipeline checks state dozens of
+# times per connection.
+ACCEPTED = ConnState.ACCEPTED
+PROXY_HEADER = ConnState.PROXY_HEADER
+SNIFFING = ConnState.SNIFFING
+ANSWERING = ConnState.ANSWERING
+DIALING = ConnState.DIALING
+FORWARDING = ConnState.FORWARDING
+CLOSED = ConnState.CLOSED
+_MINECRAFT = Sniffed.MINECRAFT
+_MINECRAFT_LEGACY = Sniffed.MINECRAFT_LEGACY
+_TLS = Sniffed.TLS
+_HTTP = Sniffed.HTTP
+
 _TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
-    ConnState.ACCEPTED: frozenset({ConnState.PROXY_HEADER, ConnState.SNIFFING, ConnState.CLOSED}),
-    ConnState.PROXY_HEADER: frozenset({ConnState.SNIFFING, ConnState.CLOSED}),
-    ConnState.SNIFFING: frozenset({ConnState.ANSWERING, ConnState.DIALING, ConnState.CLOSED}),
-    ConnState.ANSWERING: frozenset({ConnState.CLOSED}),
+    ACCEPTED: frozenset({PROXY_HEADER, SNIFFING, CLOSED}),
+    PROXY_HEADER: frozenset({SNIFFING, CLOSED}),
+    SNIFFING: frozenset({ANSWERING, DIALING, CLOSED}),
+    ANSWERING: frozenset({CLOSED}),
     # dialing → answering: every address failed, the client gets told so
-    ConnState.DIALING: frozenset({ConnState.ANSWERING, ConnState.FORWARDING, ConnState.CLOSED}),
-    ConnState.FORWARDING: frozenset({ConnState.CLOSED}),
-    ConnState.CLOSED: frozenset(),
+    DIALING: frozenset({ANSWERING, FORWARDING, CLOSED}),
+    FORWARDING: frozenset({CLOSED}),
+    CLOSED: frozenset(),
 }
 
 
-_PRE_ROUTING = frozenset({ConnState.PROXY_HEADER, ConnState.SNIFFING, ConnState.ANSWERING})
+_PRE_ROUTING = frozenset({PROXY_HEADER, SNIFFING, ANSWERING})
 
 # host string → address family for IP literals, None for names to resolve
 _LITERAL_FAMILY: dict[str, socket.AddressFamily | None] = {}
@@ -190,7 +208,7 @@ class Flow:
             self.pending += n
             conn.active = True
             self.flush()
-            if n < BULK_READ_BYTES or self.blocked or conn.state is not ConnState.FORWARDING:
+            if n < BULK_READ_BYTES or self.blocked or conn.state is not FORWARDING:
                 return
 
     def _copy(self) -> None:
@@ -337,14 +355,17 @@ class ClientConnection:
     )
 
     def __init__(self, ctx: ProxyContext, fd: int, client_addr: tuple[str, int] | None) -> None:
+        # every slot is set here: slot loads are specialised by CPython, class-level
+        # defaults behind an instance miss are not
         self.ctx = ctx
-        self.id = 0
-        self.state = ConnState.ACCEPTED
         self.cfd = fd
+        self.client_addr = client_addr
+        self.started = time.monotonic()
+        self.id = 0
+        self.state = ACCEPTED
         self.bfd = -1
         self.cmask = -1  # events registered for cfd; -1: not in epoll
         self.bmask = -1
-        self.client_addr = client_addr
         self.backend_addr: tuple[str, int] | None = None
         self.route: Route | None = None
         self.reason = ""
@@ -352,13 +373,12 @@ class ClientConnection:
         self.prefix_bytes = 0
         self.active = True
         self.idle_ticks = 0
-        self.started = 0.0
-        self.buffer = bytearray()
-        self.up = Flow(self)
-        self.down = Flow(self)
+        self.buffer: bytearray | bytes = b""
+        self.up: Flow = None  # type: ignore[assignment]  # set when admitted
+        self.down: Flow = None  # type: ignore[assignment]
         self.dial_deadline = math.inf
         self._dial_task: asyncio.Task[None] | None = None
-        self._dial_errors: list[str] = []
+        self._dial_errors: list[str] | None = None
         self._next_address = 0
         self._kind: Sniffed | None = None
         self._name: str | None = None
@@ -389,31 +409,32 @@ class ClientConnection:
     def start(self) -> None:
         """Just accepted: admit or refuse, then read what the client already sent."""
         ctx = self.ctx
-        self.started = time.monotonic()
         if ctx.at_capacity():
-            self.state = ConnState.CLOSED
+            self.state = CLOSED
             self.reason = "max_connections reached"
             os.close(self.cfd)
             ctx.rejected += 1
             ctx.log_rejection(self.client_addr, self.reason)
             return
         self.id = ctx.register(self)
-        fcntl.fcntl(self.cfd, fcntl.F_SETFL, os.O_RDWR | os.O_NONBLOCK)
+        self.up = Flow(self)
+        self.down = Flow(self)
+        os.set_blocking(self.cfd, False)  # fcntl.fcntl with an int builds and drops a TypeError
         if ctx.config.receive_proxy_protocol and ctx.is_trusted(self.client_addr):
-            self._move(ConnState.PROXY_HEADER)
+            self._move(PROXY_HEADER)
         else:
-            self._move(ConnState.SNIFFING)
+            self._move(SNIFFING)
         self._read_prefix()
         if self.state in _PRE_ROUTING:  # must wait for more: watch it and its deadline
             ctx.handshaking.add(self)
 
     def on_event(self, fd: int, events: int) -> None:
         state = self.state
-        if state is ConnState.FORWARDING:
+        if state is FORWARDING:
             if fd == self.cfd:
                 if events & EPOLLOUT:
                     self.down.flush()
-                if events & _READABLE and self.state is ConnState.FORWARDING:
+                if events & _READABLE and self.state is FORWARDING:
                     if self.cmask & EPOLLIN:
                         self.up.pump()
                     elif events & _FAILED:
@@ -421,23 +442,23 @@ class ClientConnection:
             else:
                 if events & EPOLLOUT:
                     self.up.flush()
-                if events & _READABLE and self.state is ConnState.FORWARDING:
+                if events & _READABLE and self.state is FORWARDING:
                     if self.bmask & EPOLLIN:
                         self.down.pump()
                     elif events & _FAILED:
                         self.close(f"backend reset: {_socket_error(fd)}")
             return
-        if state is ConnState.CLOSED:
+        if state is CLOSED:
             return
         if fd == self.cfd:
             if events & EPOLLOUT:
                 self.down.flush()
-            if events & _READABLE and self.state is not ConnState.CLOSED:
+            if events & _READABLE and self.state is not CLOSED:
                 if self.cmask & EPOLLIN:
                     self._read_prefix()
                 elif events & _FAILED:  # while dialing: the client gave up
                     self.close(f"client reset: {_socket_error(fd)}")
-        elif fd == self.bfd and state is ConnState.DIALING:
+        elif fd == self.bfd and state is DIALING:
             self._backend_writable()
 
     def on_internal_error(self, exc: Exception) -> None:
@@ -447,7 +468,7 @@ class ClientConnection:
         """Register what each fd must be watched for, from the state of both flows."""
         up, down = self.up, self.down
         reactor = self.ctx.reactor
-        if self.state is ConnState.FORWARDING:
+        if self.state is FORWARDING:
             cmask = (0 if up.blocked or up.eof else EPOLLIN) | (EPOLLOUT if down.blocked else 0)
             bmask = (0 if down.blocked or down.eof else EPOLLIN) | (EPOLLOUT if up.blocked else 0)
             if bmask != self.bmask:
@@ -482,7 +503,12 @@ class ClientConnection:
             return
         self.prefix_bytes += len(data)
         buffer = self.buffer
-        buffer += data
+        if not buffer:
+            buffer = self.buffer = data  # the common case: one read holds the handshake
+        else:
+            if isinstance(buffer, bytes):
+                buffer = self.buffer = bytearray(buffer)
+            buffer += data
         try:
             self._advance()
         except ProtocolError as exc:
@@ -496,27 +522,27 @@ class ClientConnection:
                 self.sync_events()
 
     def _client_eof_before_forwarding(self) -> None:
-        if self.state is ConnState.ANSWERING:
+        if self.state is ANSWERING:
             self.close(self.reason or "client closed")
         else:
             self.close("client closed before handshake")
 
     def _advance(self) -> None:
         buffer = self.buffer
-        if self.state is ConnState.PROXY_HEADER:
+        if self.state is PROXY_HEADER:
             header = parse_proxy_header(buffer)
             if header is NEED_DATA:
                 return
-            del buffer[: header.length]
+            buffer = self.buffer = buffer[header.length :]
             self._proxy_header = header
             if header.command == "PROXY" and header.source is not None:
                 self.client_addr = header.source
-            self._move(ConnState.SNIFFING)
+            self._move(SNIFFING)
             if not buffer:
                 return
-        if self.state is ConnState.SNIFFING:
+        if self.state is SNIFFING:
             self._sniff()
-        elif self.state is ConnState.ANSWERING:
+        elif self.state is ANSWERING:
             self._answer_status_packets()
 
     def _sniff(self) -> None:
@@ -525,19 +551,19 @@ class ClientConnection:
         if kind is NEED_DATA:
             return
         name: str | None
-        if kind is Sniffed.MINECRAFT:
+        if kind is _MINECRAFT:
             handshake = minecraft.parse_handshake(buffer)
             if handshake is NEED_DATA:
                 return
             name = handshake.server_address
             self._next_state = handshake.next_state
             self._handshake_length = handshake.length
-        elif kind is Sniffed.TLS:
+        elif kind is _TLS:
             hello = tls.parse_client_hello(buffer)
             if hello is NEED_DATA:
                 return
             name = hello.server_name
-        elif kind is Sniffed.HTTP:
+        elif kind is _HTTP:
             head = http.parse_request_head(buffer)
             if head is NEED_DATA:
                 return
@@ -551,7 +577,7 @@ class ClientConnection:
             self._answer_unknown(kind, name)
             return
         self.route = route
-        self._move(ConnState.DIALING)
+        self._move(DIALING)
         self.ctx.handshaking.discard(self)
         if self.cmask > 0:
             self.sync_events()  # stop reading the client until the backend is up
@@ -573,19 +599,19 @@ class ClientConnection:
     def _answer_unknown(self, kind: Sniffed, name: str | None) -> None:
         text = self._unknown_text(name)
         reason = f"unknown server {name!r}" if name else "no server name and no default route"
-        if kind is Sniffed.MINECRAFT:
+        if kind is _MINECRAFT:
             if self._next_state == 1:
-                del self.buffer[: self._handshake_length]
+                self.buffer = self.buffer[self._handshake_length :]
                 self.reason = reason
-                self._move(ConnState.ANSWERING)
+                self._move(ANSWERING)
                 self._answer_status_packets()
                 return
             self._reply(minecraft.encode_login_disconnect(minecraft.text_component(text)))
-        elif kind is Sniffed.MINECRAFT_LEGACY:
+        elif kind is _MINECRAFT_LEGACY:
             self._reply(minecraft.encode_legacy_kick(text))
-        elif kind is Sniffed.TLS:
+        elif kind is _TLS:
             self._reply(tls.encode_alert(tls.ALERT_UNRECOGNIZED_NAME))
-        elif kind is Sniffed.HTTP:
+        elif kind is _HTTP:
             if name:
                 self._reply(http.encode_response(421, "Misdirected Request", text + "\n"))
             else:
@@ -594,12 +620,11 @@ class ClientConnection:
 
     def _answer_status_packets(self) -> None:
         """Status request → unknown-server status; ping → pong and close (wiki.vg SLP)."""
-        buffer = self.buffer
-        while self.state is ConnState.ANSWERING:
-            packet = minecraft.parse_packet(buffer, max_bytes=64)
+        while self.state is ANSWERING:
+            packet = minecraft.parse_packet(self.buffer, max_bytes=64)
             if packet is NEED_DATA:
                 return
-            del buffer[: packet.length]
+            self.buffer = self.buffer[packet.length :]
             if packet.packet_id == 0x00:
                 status = minecraft.status_json(self._unknown_text(self._name))
                 self._reply(minecraft.encode_status_response(status))
@@ -619,7 +644,7 @@ class ClientConnection:
         route = self.route
         assert route is not None
         addresses = route.addresses
-        while self._next_address < len(addresses) and self.state is ConnState.DIALING:
+        while self._next_address < len(addresses) and self.state is DIALING:
             host, port = addresses[self._next_address]
             self._next_address += 1
             family = _literal_family(host)
@@ -631,18 +656,18 @@ class ClientConnection:
                 return
             if self._connect(family, host, port):
                 return
-        if self.state is ConnState.DIALING:
+        if self.state is DIALING:
             self._backend_unreachable()
 
     async def _resolve_and_connect(self, host: str, port: int) -> None:
         try:
             infos = await self.ctx.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            self._dial_errors.append(f"{_format_addr((host, port))}: {exc.strerror or exc}")
+            self._dial_error(f"{_format_addr((host, port))}: {exc.strerror or exc}")
             infos = []
         self._dial_task = None
         self.ctx.dialing.discard(self)
-        if self.state is not ConnState.DIALING:
+        if self.state is not DIALING:
             return
         if infos:
             family, _, _, _, sockaddr = infos[0]
@@ -655,20 +680,20 @@ class ClientConnection:
     ) -> bool:
         """Start a non-blocking connect; False when it failed at once (try the next)."""
         try:
-            sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = _socket.socket(family, _STREAM_NONBLOCK)
         except OSError as exc:
-            self._dial_errors.append(f"{_format_addr((name or ip, port))}: {exc.strerror or exc}")
+            self._dial_error(f"{_format_addr((name or ip, port))}: {exc.strerror or exc}")
             return False
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
             code = sock.connect_ex((ip, port))
         except OSError as exc:
             sock.close()
-            self._dial_errors.append(f"{_format_addr((name or ip, port))}: {exc.strerror or exc}")
+            self._dial_error(f"{_format_addr((name or ip, port))}: {exc.strerror or exc}")
             return False
         if code and code != errno.EINPROGRESS:
             sock.close()
-            self._dial_errors.append(f"{_format_addr((name or ip, port))}: {os.strerror(code)}")
+            self._dial_error(f"{_format_addr((name or ip, port))}: {os.strerror(code)}")
             return False
         self.bfd = sock.detach()
         self.backend_addr = (name or ip, port)
@@ -700,8 +725,13 @@ class ClientConnection:
         up.out = prefix[n:] if n < len(prefix) else None
         self._start_forwarding()
 
-    def _drop_backend(self, error: str) -> None:
+    def _dial_error(self, error: str) -> None:
+        if self._dial_errors is None:
+            self._dial_errors = []
         self._dial_errors.append(error)
+
+    def _drop_backend(self, error: str) -> None:
+        self._dial_error(error)
         self.ctx.dialing.discard(self)
         if self.bfd >= 0:
             self.ctx.reactor.forget(self.bfd)
@@ -712,7 +742,7 @@ class ClientConnection:
 
     def dial_timed_out(self) -> None:
         """The current dial attempt passed ``connect_timeout``: abandon it, try the next."""
-        if self.state is not ConnState.DIALING:
+        if self.state is not DIALING:
             return
         timeout = self.ctx.config.connect_timeout
         task = self._dial_task
@@ -730,24 +760,24 @@ class ClientConnection:
             "conn #{} backend unreachable for {}: {}",
             self.id,
             route.qualified_id,
-            "; ".join(self._dial_errors),
+            "; ".join(self._dial_errors or ()),
         )
         self.up.out = None
-        self._move(ConnState.ANSWERING)
-        if self._kind is Sniffed.MINECRAFT and self._next_state != 1:
+        self._move(ANSWERING)
+        if self._kind is _MINECRAFT and self._next_state != 1:
             message = f"Server {route.server.name or route.server.id} is unreachable"
             self._reply(minecraft.encode_login_disconnect(minecraft.text_component(message)))
-        elif self._kind is Sniffed.HTTP:
+        elif self._kind is _HTTP:
             self._reply(http.encode_response(502, "Bad Gateway", "backend unreachable\n"))
         self.close("backend unreachable")
 
     def _start_forwarding(self) -> None:
-        self._move(ConnState.FORWARDING)
+        self._move(FORWARDING)
         up, down = self.up, self.down
         up.src = down.dst = self.cfd
         up.dst = down.src = self.bfd
         up.blocked = up.out is not None
-        self.buffer = bytearray()
+        self.buffer = b""
         self.sync_events()
 
     def _proxy_header_for_backend(self) -> bytes:
@@ -803,15 +833,15 @@ class ClientConnection:
         self.close(reason)
 
     def close(self, reason: str) -> None:
-        if self.state is ConnState.CLOSED:
+        if self.state is CLOSED:
             return
-        if self.down.out is not None and self.state is not ConnState.FORWARDING:
+        if self.down.out is not None and self.state is not FORWARDING:
             # a reply is still being written: close once it is out (or at the deadline)
             self.lingering = reason
             self.ctx.handshaking.add(self)
             self.sync_events()
             return
-        self.state = ConnState.CLOSED
+        self.state = CLOSED
         self.reason = reason
         ctx = self.ctx
         ctx.handshaking.discard(self)
