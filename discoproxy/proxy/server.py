@@ -4,11 +4,15 @@ Rules for this file:
 - Every listener is started with ``TaskGroup.start`` and reports the addresses it bound,
   so tests bind port 0. Cancelling the task group stops accepting at once; open
   connections then get ``shutdown_timeout`` to finish before they are aborted.
-- Dial tasks are created from protocol callbacks (the relay cannot await); they are owned
-  by :class:`ProxyContext`, which cancels any still running at shutdown. Nothing is
-  fire-and-forget.
-- One sweeper task enforces ``idle_timeout`` for all connections at a fixed tick, instead
-  of one timer per connection on the hot path.
+- Listening sockets and connections live in one :class:`Reactor` (an epoll set read by
+  the asyncio loop); a listener accepts in batches and hands each fd to a
+  :class:`ClientConnection`. An accept error (out of fds) rests the listener for
+  ``ACCEPT_BACKOFF_S`` instead of spinning on a socket that stays readable.
+- The only tasks a connection starts resolve backend host names (IP literals are dialed
+  in place); they are owned by :class:`ProxyContext`, which cancels any still running
+  at shutdown. Nothing is fire-and-forget.
+- Sweeper tasks enforce ``handshake_timeout``, ``connect_timeout`` and ``idle_timeout``
+  for all connections at a fixed tick, instead of one timer per connection.
 """
 
 from __future__ import annotations
