@@ -143,6 +143,11 @@ def _literal_family(host: str) -> socket.AddressFamily | None:
     return family
 
 
+def _dial_target(ip: str, port: int, name: str | None) -> str:
+    where = _format_addr((ip, port))
+    return f"{name} ({where})" if name else where
+
+
 def _socket_error(fd: int) -> str:
     """The pending error on a socket fd, as text (after EPOLLERR/EPOLLHUP)."""
     sock = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
@@ -183,7 +188,9 @@ class Flow:
         epoll round per several reads. Small reads return, as one read is the common case.
         """
         conn = self.conn
-        for _ in range(MAX_BULK_READS):
+        reads = MAX_BULK_READS
+        while reads:  # not ``for … in range()``: a range object per call shows up here
+            reads -= 1
             pipe = self.pipe
             if pipe is None:
                 pipe = self.pipe = conn.ctx.reactor.pipes.acquire()
@@ -332,6 +339,7 @@ class ClientConnection:
         "_next_address",
         "_next_state",
         "_proxy_header",
+        "_resolved",
         "active",
         "backend_addr",
         "bfd",
@@ -385,6 +393,7 @@ class ClientConnection:
         self._next_state = 0
         self._handshake_length = 0
         self._proxy_header: ProxyHeader | None = None
+        self._resolved: list[tuple[socket.AddressFamily, str, int, str]] | None = None
 
     def __repr__(self) -> str:
         route = self.route.qualified_id if self.route else "-"
@@ -639,27 +648,36 @@ class ClientConnection:
     # -- dialing ------------------------------------------------------------------------
 
     def _dial_next(self) -> None:
-        """Dial the route's next address; ``ProxyContext.sweep_deadlines`` enforces
-        ``connect_timeout`` per address (cheaper than a timer per attempt)."""
+        """Dial the next address: what a host name resolved to first, then the route's
+        next one. ``ProxyContext.sweep_deadlines`` enforces ``connect_timeout`` per
+        attempt (cheaper than a timer per attempt)."""
         route = self.route
         assert route is not None
         addresses = route.addresses
-        while self._next_address < len(addresses) and self.state is DIALING:
+        timeout = self.ctx.config.connect_timeout
+        while self.state is DIALING:
+            self.dial_deadline = time.monotonic() + timeout if timeout else math.inf
+            resolved = self._resolved
+            if resolved:
+                resolved_family, ip, port, name = resolved.pop(0)
+                if self._connect(resolved_family, ip, port, name):
+                    return
+                continue
+            if self._next_address >= len(addresses):
+                self._backend_unreachable()
+                return
             host, port = addresses[self._next_address]
             self._next_address += 1
             family = _literal_family(host)
-            timeout = self.ctx.config.connect_timeout
-            self.dial_deadline = time.monotonic() + timeout if timeout else math.inf
             if family is None:
                 self.ctx.dialing.add(self)
-                self._dial_task = self.ctx.spawn(self._resolve_and_connect(host, port))
+                self._dial_task = self.ctx.spawn(self._resolve(host, port))
                 return
             if self._connect(family, host, port):
                 return
-        if self.state is DIALING:
-            self._backend_unreachable()
 
-    async def _resolve_and_connect(self, host: str, port: int) -> None:
+    async def _resolve(self, host: str, port: int) -> None:
+        """Resolve a backend host name off the loop's thread; its addresses come next."""
         try:
             infos = await self.ctx.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
@@ -669,10 +687,12 @@ class ClientConnection:
         self.ctx.dialing.discard(self)
         if self.state is not DIALING:
             return
-        if infos:
-            family, _, _, _, sockaddr = infos[0]
-            if self._connect(socket.AddressFamily(family), str(sockaddr[0]), port, host):
-                return
+        resolved: list[tuple[socket.AddressFamily, str, int, str]] = []
+        for family, _, _, _, sockaddr in infos:
+            entry = (socket.AddressFamily(family), str(sockaddr[0]), port, host)
+            if entry not in resolved:
+                resolved.append(entry)
+        self._resolved = resolved
         self._dial_next()
 
     def _connect(
@@ -682,21 +702,21 @@ class ClientConnection:
         try:
             sock = _socket.socket(family, _STREAM_NONBLOCK)
         except OSError as exc:
-            self._dial_error(f"{_format_addr((name or ip, port))}: {exc.strerror or exc}")
+            self._dial_error(f"{_dial_target(ip, port, name)}: {exc.strerror or exc}")
             return False
         try:
             sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
             code = sock.connect_ex((ip, port))
         except OSError as exc:
             sock.close()
-            self._dial_error(f"{_format_addr((name or ip, port))}: {exc.strerror or exc}")
+            self._dial_error(f"{_dial_target(ip, port, name)}: {exc.strerror or exc}")
             return False
         if code and code != errno.EINPROGRESS:
             sock.close()
-            self._dial_error(f"{_format_addr((name or ip, port))}: {os.strerror(code)}")
+            self._dial_error(f"{_dial_target(ip, port, name)}: {os.strerror(code)}")
             return False
         self.bfd = sock.detach()
-        self.backend_addr = (name or ip, port)
+        self.backend_addr = (ip, port)
         up = self.up
         if up.out is None:  # first attempt: what the backend must see first
             header = self._proxy_header_for_backend() if self.route.send_proxy_protocol else b""  # type: ignore[union-attr]

@@ -30,8 +30,9 @@ PIPE_SIZE = 1 << 20
 MAX_FREE_PIPES = 64
 # Pipes in flight at once; past this, flows copy through user space instead of splicing.
 MAX_PIPES_IN_FLIGHT = 1024
-# Events taken from the kernel per wake-up.
-MAX_EVENTS = 1024
+# Events taken from the kernel per wake-up; epoll.poll allocates an array this long on
+# every call, so it stays modest (the loop calls again while events remain).
+MAX_EVENTS = 256
 
 
 class Handler(Protocol):

@@ -1,0 +1,231 @@
+"""The forwarding fast path: splice through pooled pipes, its copy fallback, resets, names."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import socket
+import struct
+import threading
+
+import anyio
+import pytest
+from anyio.abc import SocketStream
+
+from discoproxy.proxy import reactor
+from discoproxy.proxy.connection import ClientConnection
+from tests.proxy.helpers import (
+    Backend,
+    RunningProxy,
+    backend,
+    echo,
+    handshake,
+    receive_all,
+    running_proxy,
+    server,
+)
+
+pytestmark = pytest.mark.anyio
+
+MIB = 1024 * 1024
+
+
+async def _echo_round_trip(proxy: RunningProxy, size: int) -> tuple[bytes, bytes]:
+    """Send ``size`` random bytes through an echo route while reading them back."""
+    payload = os.urandom(size)
+    prefix = handshake("mc.example.com")
+    received = bytearray()
+    async with await proxy.connect() as stream:
+
+        async def send() -> None:
+            await stream.send(prefix)
+            view = memoryview(payload)
+            for offset in range(0, size, 256 * 1024):
+                await stream.send(view[offset : offset + 256 * 1024])
+            await stream.send_eof()
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send)
+                while len(received) < len(prefix) + size:
+                    received += await stream.receive()
+    return hashlib.sha256(prefix + payload).digest(), hashlib.sha256(received).digest()
+
+
+async def test_a_large_transfer_each_way_arrives_intact() -> None:
+    async with backend(echo) as b:
+        async with running_proxy([server("mc", "mc.example.com", addresses=[b.address])]) as p:
+            sent, received = await _echo_round_trip(p, 32 * MIB)
+            assert sent == received
+            assert p.ctx.reactor.pipes.in_flight == 0  # every pipe came back
+
+
+async def test_without_pipes_flows_copy_and_still_arrive_intact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(reactor, "MAX_PIPES_IN_FLIGHT", 0)
+    async with backend(echo) as b:
+        async with running_proxy([server("mc", "mc.example.com", addresses=[b.address])]) as p:
+            sent, received = await _echo_round_trip(p, 8 * MIB)
+            assert sent == received
+            assert p.ctx.reactor.pipes.in_flight == 0
+
+
+async def test_a_slow_backend_stops_the_client_from_being_read() -> None:
+    # a raw socket, not an anyio stream: anyio's protocol reads eagerly into its buffer
+    listener = socket.create_server(("127.0.0.1", 0))
+    got = 0
+
+    def serve_slowly(release: threading.Event) -> None:
+        nonlocal got
+        conn, _ = listener.accept()
+        with conn:
+            release.wait(20)  # read nothing until told
+            while True:  # then everything, to EOF
+                data = conn.recv(MIB)
+                if not data:
+                    return
+                got += len(data)
+
+    release = threading.Event()
+    thread = threading.Thread(target=serve_slowly, args=(release,), daemon=True)
+    thread.start()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        servers = [server("mc", "mc.example.com", addresses=[address])]
+        async with running_proxy(servers) as proxy, await proxy.connect() as stream:
+            await stream.send(handshake("mc.example.com"))
+
+            async def push() -> None:
+                chunk = b"u" * 65536
+                with anyio.move_on_after(20):
+                    while True:
+                        await stream.send(chunk)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(push)
+                with anyio.fail_after(10):
+                    while True:  # the backend reads nothing: the proxy must push back
+                        await anyio.sleep(0.05)
+                        conns = list(proxy.ctx.connections)
+                        if conns and conns[0].up.blocked:
+                            break
+                conn = conns[0]
+                assert not conn.cmask & select.EPOLLIN  # the client is not read
+                held = conn.up.pending + len(conn.up.out or b"")
+                assert held <= reactor.PIPE_SIZE
+                release.set()
+                with anyio.fail_after(10):
+                    while got < 8 * MIB:  # reading resumes the flow
+                        await anyio.sleep(0.02)
+                tg.cancel_scope.cancel()
+    finally:
+        release.set()
+        listener.close()
+        thread.join(5)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def _closed(conn: ClientConnection) -> str:
+    with anyio.fail_after(5):
+        while conn.state.name != "CLOSED":
+            await anyio.sleep(0.01)
+    return conn.reason
+
+
+async def test_a_client_reset_mid_stream_closes_the_backend_side() -> None:
+    backend_saw: list[bytes] = []
+
+    async def record(stream: SocketStream, info: Backend) -> None:
+        data = b""
+        with anyio.fail_after(5):
+            async for chunk in stream:
+                data += chunk
+        backend_saw.append(data)
+
+    async with backend(record) as b:
+        servers = [server("mc", "mc.example.com", addresses=[b.address])]
+        async with running_proxy(servers) as proxy:
+            raw = socket.create_connection(("127.0.0.1", proxy.port))
+            raw.sendall(handshake("mc.example.com") + b"x" * 1000)
+            with anyio.fail_after(5):
+                while not proxy.ctx.connections:
+                    await anyio.sleep(0.01)
+            (conn,) = proxy.ctx.connections
+            with anyio.fail_after(5):
+                while conn.bytes_up < len(handshake("mc.example.com")) + 1000:
+                    await anyio.sleep(0.01)
+            _reset(raw)
+            assert (await _closed(conn)).startswith("client reset")
+            with anyio.fail_after(5):
+                while not backend_saw:
+                    await anyio.sleep(0.01)
+    assert backend_saw[0].endswith(b"x" * 1000)  # what came before the reset got through
+
+
+async def test_a_backend_reset_mid_stream_closes_the_client() -> None:
+    async def reset_after_first_chunk(stream: SocketStream, info: Backend) -> None:
+        await stream.receive()
+        await stream.send(b"partial")
+        await anyio.sleep(0.1)
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()  # with a zero linger: an RST
+
+    async with backend(reset_after_first_chunk) as b:
+        servers = [server("mc", "mc.example.com", addresses=[b.address])]
+        async with running_proxy(servers) as proxy, await proxy.connect() as stream:
+            await stream.send(handshake("mc.example.com"))
+            with anyio.fail_after(5):
+                assert await stream.receive() == b"partial"
+            (conn,) = proxy.ctx.connections
+            assert (await _closed(conn)).startswith("backend reset")
+            assert await receive_all(stream) == b""
+
+
+async def test_half_close_from_the_backend_keeps_the_upload_open() -> None:
+    async def greet_then_listen(stream: SocketStream, info: Backend) -> None:
+        await stream.receive()
+        await stream.send(b"banner")
+        await stream.send_eof()  # the backend is done talking, not listening
+        info.received.append(await receive_all(stream))
+
+    async with backend(greet_then_listen) as b:
+        servers = [server("mc", "mc.example.com", addresses=[b.address])]
+        async with running_proxy(servers) as proxy, await proxy.connect() as stream:
+            await stream.send(handshake("mc.example.com"))
+            assert await receive_all(stream) == b"banner"  # EOF from the backend arrived
+            (conn,) = proxy.ctx.connections  # still open: the upload continues
+            await stream.send(b"still uploading")
+            await stream.send_eof()
+            assert await _closed(conn) == "both sides closed"
+            with anyio.fail_after(5):
+                while not b.received:
+                    await anyio.sleep(0.01)
+    assert b.received == [b"still uploading"]
+
+
+async def test_a_backend_host_name_is_resolved_and_each_address_tried() -> None:
+    # "localhost" resolves to ::1 and 127.0.0.1 here; the backend listens on the v4 one
+    async with backend(echo) as b:
+        servers = [server("mc", "mc.example.com", addresses=[f"localhost:{b.port}"])]
+        async with running_proxy(servers) as proxy, await proxy.connect() as stream:
+            await stream.send(handshake("mc.example.com"))
+            with anyio.fail_after(5):
+                assert await stream.receive() == handshake("mc.example.com")
+            (conn,) = proxy.ctx.connections
+            assert conn.backend_addr == ("127.0.0.1", b.port)
+
+
+async def test_an_unresolvable_backend_name_gives_the_player_a_disconnect() -> None:
+    servers = [server("mc", "mc.example.com", addresses=["no-such-host.invalid:25565"])]
+    async with running_proxy(servers) as proxy, await proxy.connect() as stream:
+        await stream.send(handshake("mc.example.com"))
+        reply = await receive_all(stream)
+    assert b"unreachable" in reply
