@@ -33,7 +33,7 @@ import os
 import socket
 import time
 from select import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -43,7 +43,7 @@ from discoproxy.protocol.proxy_protocol import ProxyHeader, encode_v2, parse_pro
 from discoproxy.protocol.sniff import Sniffed, detect_protocol
 
 if TYPE_CHECKING:
-    import asyncio
+    import concurrent.futures
 
     from discoproxy.proxy.reactor import Pipe
     from discoproxy.proxy.server import ProxyContext
@@ -339,7 +339,7 @@ class ClientConnection:
         "_next_address",
         "_next_state",
         "_proxy_header",
-        "_resolved",
+        "_resolved_addresses",
         "active",
         "backend_addr",
         "bfd",
@@ -385,7 +385,7 @@ class ClientConnection:
         self.up: Flow = None  # type: ignore[assignment]  # set when admitted
         self.down: Flow = None  # type: ignore[assignment]
         self.dial_deadline = math.inf
-        self._dial_task: asyncio.Task[None] | None = None
+        self._dial_task: concurrent.futures.Future[None] | None = None
         self._dial_errors: list[str] | None = None
         self._next_address = 0
         self._kind: Sniffed | None = None
@@ -393,7 +393,7 @@ class ClientConnection:
         self._next_state = 0
         self._handshake_length = 0
         self._proxy_header: ProxyHeader | None = None
-        self._resolved: list[tuple[socket.AddressFamily, str, int, str]] | None = None
+        self._resolved_addresses: list[tuple[socket.AddressFamily, str, int, str]] | None = None
 
     def __repr__(self) -> str:
         route = self.route.qualified_id if self.route else "-"
@@ -657,7 +657,7 @@ class ClientConnection:
         timeout = self.ctx.config.connect_timeout
         while self.state is DIALING:
             self.dial_deadline = time.monotonic() + timeout if timeout else math.inf
-            resolved = self._resolved
+            resolved = self._resolved_addresses
             if resolved:
                 resolved_family, ip, port, name = resolved.pop(0)
                 if self._connect(resolved_family, ip, port, name):
@@ -671,20 +671,32 @@ class ClientConnection:
             family = _literal_family(host)
             if family is None:
                 self.ctx.dialing.add(self)
-                self._dial_task = self.ctx.spawn(self._resolve(host, port))
+                token = self._next_address
+                self._dial_task = self.ctx.spawn(self._resolve(host, port, token))
                 return
             if self._connect(family, host, port):
                 return
 
-    async def _resolve(self, host: str, port: int) -> None:
-        """Resolve a backend host name off the loop's thread; its addresses come next."""
+    async def _resolve(self, host: str, port: int, token: int) -> None:
+        """Resolve a backend host name on the asyncio loop (its resolver runs in a thread
+        pool); the answer goes back to the reactor thread, which owns the connection."""
         try:
             infos = await self.ctx.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            self._dial_error(f"{_format_addr((host, port))}: {exc.strerror or exc}")
-            infos = []
+            error = f"{_format_addr((host, port))}: {exc.strerror or exc}"
+            self.ctx.reactor.call(lambda: self._resolved(host, port, token, [], error))
+        else:
+            self.ctx.reactor.call(lambda: self._resolved(host, port, token, infos, ""))
+
+    def _resolved(
+        self, host: str, port: int, token: int, infos: list[tuple[Any, ...]], error: str
+    ) -> None:
+        if token != self._next_address or self._dial_task is None:
+            return  # this attempt timed out meanwhile, or the connection is gone
         self._dial_task = None
         self.ctx.dialing.discard(self)
+        if error:
+            self._dial_error(error)
         if self.state is not DIALING:
             return
         resolved: list[tuple[socket.AddressFamily, str, int, str]] = []
@@ -692,7 +704,7 @@ class ClientConnection:
             entry = (socket.AddressFamily(family), str(sockaddr[0]), port, host)
             if entry not in resolved:
                 resolved.append(entry)
-        self._resolved = resolved
+        self._resolved_addresses = resolved
         self._dial_next()
 
     def _connect(

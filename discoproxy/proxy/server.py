@@ -18,12 +18,13 @@ Rules for this file:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import itertools
 import math
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from select import EPOLLIN
 from typing import Any
 
@@ -67,7 +68,7 @@ class ProxyContext:
         self.total = 0
         self.rejected = 0
         self._ids = itertools.count(1)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[concurrent.futures.Future[None]] = set()
         self._trusted = tuple(config.trusted_proxies)
         # 0.0.0.0/0 and ::/0 together trust everyone: skip the per-connection check
         self._trust_all = {net.version for net in self._trusted if net.prefixlen == 0} == {4, 6}
@@ -75,7 +76,8 @@ class ProxyContext:
         self._log_connections = logger.level(config.log_level).no <= logger.level("INFO").no
         self._rejections_unlogged = 0
         self._last_rejection_log = -math.inf
-        self._drained: anyio.Event | None = None
+        self._on_drained: Callable[[], object] | None = None
+        self._idle_limit = 0
 
     # -- connections --------------------------------------------------------------------
 
@@ -89,8 +91,9 @@ class ProxyContext:
 
     def unregister(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
-        if self._drained is not None and not self.connections:
-            self._drained.set()
+        if self._on_drained is not None and not self.connections:
+            self._on_drained()
+            self._on_drained = None
         if self._log_connections:
             log_close(conn)
 
@@ -115,77 +118,90 @@ class ProxyContext:
         more = f" ({suppressed} more since the last report)" if suppressed else ""
         logger.warning("rejected {}: {}{}", _format_addr(client), reason, more)
 
-    # -- tasks --------------------------------------------------------------------------
+    # -- tasks (called from the reactor thread; the coroutines run on the asyncio loop) --
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> concurrent.futures.Future[None]:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        self._tasks.add(future)
+        future.add_done_callback(self._tasks.discard)
+        return future
 
     async def cancel_tasks(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        futures = list(self._tasks)
+        for future in futures:
+            future.cancel()
+        if futures:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
 
-    # -- shutdown -----------------------------------------------------------------------
+    # -- shutdown (asyncio side) --------------------------------------------------------
 
     async def drain(self, grace_period: float) -> None:
         """Wait for open connections to finish, then abort whatever is left."""
-        if self.connections:
-            logger.info(
-                "waiting up to {}s for {} open connections", grace_period, len(self.connections)
-            )
-            self._drained = anyio.Event()
+        drained = anyio.Event()
+        loop = self.loop
+
+        def watch() -> int:
+            if self.connections:
+                self._on_drained = lambda: loop.call_soon_threadsafe(drained.set)
+            return len(self.connections)
+
+        count = await self.reactor.run(watch)
+        if count:
+            logger.info("waiting up to {}s for {} open connections", grace_period, count)
             with anyio.move_on_after(grace_period):
-                await self._drained.wait()
-        left = list(self.connections)
-        for conn in left:
-            conn.abort("shutdown timeout")
-        if left:
-            logger.warning("aborted {} connections still open at shutdown_timeout", len(left))
+                await drained.wait()
+
+        def abort_all() -> int:
+            self._on_drained = None
+            left = list(self.connections)
+            for conn in left:
+                conn.abort("shutdown timeout")
+            return len(left)
+
+        aborted = await self.reactor.run(abort_all)
+        if aborted:
+            logger.warning("aborted {} connections still open at shutdown_timeout", aborted)
         await self.cancel_tasks()
 
-    async def sweep_deadlines(self) -> None:
-        """Enforce ``handshake_timeout`` and ``connect_timeout`` for every connection.
+    # -- sweeps (reactor timers) --------------------------------------------------------
+
+    def start_sweeps(self) -> None:
+        """Enforce ``handshake_timeout``, ``connect_timeout`` and ``idle_timeout``.
 
         One sweep at a quarter of the shorter timeout (at most 1 s) replaces a timer per
-        connection (a heap push, a cancel and a getpid on every accept and dial); a
-        deadline fires at most 25% late.
+        connection (a heap push and a cancel on every accept and dial); a deadline fires
+        at most 25% late.
         """
         handshake = self.config.handshake_timeout
         timeouts = [t for t in (handshake, self.config.connect_timeout) if t > 0]
-        if not timeouts:
-            return
-        tick = min(1.0, min(timeouts) / 4)
-        while True:
-            await anyio.sleep(tick)
-            now = time.monotonic()
-            if handshake > 0:
-                for conn in [c for c in self.handshaking if now - c.started >= handshake]:
-                    conn.handshake_timed_out()
-            for conn in [c for c in self.dialing if now >= c.dial_deadline]:
-                conn.dial_timed_out()
-
-    async def sweep_idle(self) -> None:
-        """Close connections that moved no byte either way for ``idle_timeout``."""
+        if timeouts:
+            self.reactor.every(min(1.0, min(timeouts) / 4), self._sweep_deadlines)
         idle = self.config.idle_timeout
-        if idle <= 0:
-            return
-        tick = min(1.0, idle / 4)
-        limit = math.ceil(idle / tick)
-        while True:
-            await anyio.sleep(tick)
-            for conn in list(self.connections):
-                if conn.active:
-                    conn.active = False
-                    conn.idle_ticks = 0
-                else:
-                    conn.idle_ticks += 1
-                    if conn.idle_ticks >= limit:
-                        conn.close_idle()
+        if idle > 0:
+            tick = min(1.0, idle / 4)
+            self._idle_limit = math.ceil(idle / tick)
+            self.reactor.every(tick, self._sweep_idle)
+
+    def _sweep_deadlines(self) -> None:
+        now = time.monotonic()
+        handshake = self.config.handshake_timeout
+        if handshake > 0:
+            for conn in [c for c in self.handshaking if now - c.started >= handshake]:
+                conn.handshake_timed_out()
+        for conn in [c for c in self.dialing if now >= c.dial_deadline]:
+            conn.dial_timed_out()
+
+    def _sweep_idle(self) -> None:
+        """Close connections that moved no byte either way for ``idle_timeout``."""
+        limit = self._idle_limit
+        for conn in list(self.connections):
+            if conn.active:
+                conn.active = False
+                conn.idle_ticks = 0
+            else:
+                conn.idle_ticks += 1
+                if conn.idle_ticks >= limit:
+                    conn.close_idle()
 
 
 def log_close(conn: ClientConnection) -> None:
@@ -250,10 +266,13 @@ class Listener:
             if self._sock.fileno() >= 0 and not ctx.closing:
                 ctx.reactor.register(fd, self, EPOLLIN)
 
-        ctx.loop.call_later(ACCEPT_BACKOFF_S, resume)
+        ctx.reactor.call_later(ACCEPT_BACKOFF_S, resume)
 
     def on_internal_error(self, exc: Exception) -> None:
         pass  # logged by the reactor; the listener carries on
+
+    def start(self) -> None:
+        self._ctx.reactor.register(self._sock.fileno(), self, EPOLLIN)
 
     def close(self) -> None:
         if self._sock.fileno() >= 0:
@@ -307,15 +326,15 @@ async def serve_listener(
         raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from exc
     listeners = [Listener(ctx, sock) for sock in socks]
     for listener in listeners:
-        ctx.reactor.register(listener._sock.fileno(), listener, EPOLLIN)
+        await ctx.reactor.run(listener.start)
     bound = [listener.address for listener in listeners]
     logger.info("listening on {}", ", ".join(_format_addr(addr) for addr in bound))
     task_status.started(bound)
     try:
         await anyio.sleep_forever()
     finally:
-        for listener in listeners:
-            listener.close()
+        for listener in listeners:  # in order, before the drain's calls
+            ctx.reactor.call(listener.close)
 
 
 async def run_proxy(
@@ -328,17 +347,17 @@ async def run_proxy(
     """Run every listener until cancelled, then drain connections gracefully."""
     ctx = context or ProxyContext(config, registry)
     ctx.loop = asyncio.get_running_loop()
-    ctx.reactor = Reactor(ctx.loop)
+    ctx.reactor = Reactor()
+    ctx.start_sweeps()
+    ctx.reactor.start()
     try:
         async with anyio.create_task_group() as tg:
             bound: list[tuple[str, int]] = []
             for host, port in config.bind_addresses:
                 bound += await tg.start(serve_listener, ctx, host, port)
-            tg.start_soon(ctx.sweep_idle)
-            tg.start_soon(ctx.sweep_deadlines)
             task_status.started(bound)
     finally:
         ctx.closing = True
         with anyio.CancelScope(shield=True):
             await ctx.drain(config.shutdown_timeout)
-        ctx.reactor.close()
+            await ctx.reactor.stop()
