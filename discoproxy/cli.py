@@ -229,15 +229,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(config.log_level, config.log_format)
-    options: dict[str, Any] = {}
     try:
-        import uvloop  # noqa: F401
-
-        options["use_uvloop"] = True
-    except ImportError:
-        logger.info("uvloop not installed; using the default asyncio event loop")
-    try:
-        anyio.run(_serve, config, providers, backend="asyncio", backend_options=options)
+        anyio.run(_serve, config, providers, backend="asyncio")
     except OSError as exc:
         logger.error("cannot start: {}", exc)
         return EXIT_START

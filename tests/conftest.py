@@ -14,5 +14,5 @@ settings.load_profile(
 
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, object]]:
-    """asyncio on uvloop, as ``discoproxy serve`` runs it."""
-    return ("asyncio", {"use_uvloop": True})
+    """asyncio, as ``discoproxy serve`` runs it (the data plane has its own reactor)."""
+    return ("asyncio", {})
