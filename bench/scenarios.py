@@ -36,6 +36,8 @@ ROUTES = 10_000
 WARMUP_BULK_BYTES = 64 << 20
 WARMUP_CONNECTIONS = 500
 WARMUP_ROUND_TRIPS = 500
+# blocks per repetition of the latency scenario, round-robin over the targets
+LATENCY_BLOCKS = 10
 WARMUP_IDLE_CONNECTIONS = 300
 
 
@@ -178,12 +180,10 @@ def run_minecraft(bench: Bench) -> None:
     _connection_cost(bench, targets, "mc", status_request(STATUS_NAME), "status")
 
 
-def _ping_pong(bench: Bench, target: Target, *metrics: str) -> None:
-    prefix = login_handshake(ECHO_NAME)
-    times = sorted(loadgen.ping_pong(target.ports.echo, prefix, bench.settings.round_trips))
-    for metric in metrics:
-        bench.results.add(f"{metric}_p50_us", target.name, times[len(times) // 2] / 1e3)
-        bench.results.add(f"{metric}_p99_us", target.name, times[int(len(times) * 0.99)] / 1e3)
+def _add_percentiles(bench: Bench, target: Target, metric: str, times: list[int]) -> None:
+    times.sort()
+    bench.results.add(f"{metric}_p50_us", target.name, times[len(times) // 2] / 1e3)
+    bench.results.add(f"{metric}_p99_us", target.name, times[int(len(times) * 0.99)] / 1e3)
 
 
 def run_latency(bench: Bench) -> None:
@@ -193,23 +193,36 @@ def run_latency(bench: Bench) -> None:
     each round trip crosses cores four times and, on a VM, each cross-core wake-up
     costs tens of µs whoever the proxy is; and with the proxy moved onto the load
     core for the measurement, where what remains is the proxies' own path.
+
+    Each repetition interleaves the targets in ``LATENCY_BLOCKS`` short blocks and pools
+    each target's round trips: the host's noise drifts over seconds, and blocks of a
+    few hundred ms let every target see the same drift (one long stretch per target
+    swung the ratios by ±30 % between runs here).
     """
     targets = [bench.direct, *bench.proxies]
+    prefix = login_handshake(ECHO_NAME)
     for target in targets:
-        loadgen.ping_pong(target.ports.echo, login_handshake(ECHO_NAME), WARMUP_ROUND_TRIPS)
+        loadgen.ping_pong(target.ports.echo, prefix, WARMUP_ROUND_TRIPS)
+    block = max(1, bench.settings.round_trips // LATENCY_BLOCKS)
     for _ in range(bench.settings.runs):
+        apart: dict[str, list[int]] = {t.name: [] for t in targets}
+        together: dict[str, list[int]] = {t.name: [] for t in targets}
+        for _ in range(LATENCY_BLOCKS):
+            for target in targets:
+                apart[target.name] += loadgen.ping_pong(target.ports.echo, prefix, block)
+                if target.pid is None or bench.cores.load is None:
+                    continue  # direct: one core either way
+                pin_process(target.pid, bench.cores.load)
+                try:
+                    together[target.name] += loadgen.ping_pong(target.ports.echo, prefix, block)
+                finally:
+                    pin_process(target.pid, bench.cores.proxy)
         for target in targets:
+            _add_percentiles(bench, target, "lat", apart[target.name])
             if target.pid is None:
-                _ping_pong(bench, target, "lat", "lat1")  # direct: one core either way
-                continue
-            _ping_pong(bench, target, "lat")
-            if bench.cores.load is None:
-                continue
-            pin_process(target.pid, bench.cores.load)
-            try:
-                _ping_pong(bench, target, "lat1")
-            finally:
-                pin_process(target.pid, bench.cores.proxy)
+                _add_percentiles(bench, target, "lat1", list(apart[target.name]))
+            elif together[target.name]:
+                _add_percentiles(bench, target, "lat1", together[target.name])
 
 
 def _rss_while_idle(target: Target, count: int) -> tuple[int, loadgen.HoldResult]:
