@@ -36,8 +36,10 @@ ROUTES = 10_000
 WARMUP_BULK_BYTES = 64 << 20
 WARMUP_CONNECTIONS = 500
 WARMUP_ROUND_TRIPS = 500
-# blocks per repetition of the latency scenario, round-robin over the targets
+# blocks per repetition of the latency and connection-cost scenarios, round-robin over
+# the targets
 LATENCY_BLOCKS = 10
+CONNECTION_BLOCKS = 5
 WARMUP_IDLE_CONNECTIONS = 300
 
 
@@ -141,31 +143,50 @@ def run_bulk(bench: Bench) -> None:
 def _connection_cost(
     bench: Bench, targets: list[Target], metric: str, payload: bytes, port_of: str
 ) -> None:
+    """Proxy CPU per connection and connections/s; each repetition interleaves the
+    targets in ``CONNECTION_BLOCKS`` blocks (see :func:`run_latency` for why)."""
     settings, results = bench.settings, bench.results
     for target in targets:
         port = getattr(target.ports, port_of)
         loadgen.connect_loop(
             port, payload, len(REPLY), WARMUP_CONNECTIONS, settings.concurrency, CONNECT_TIMEOUT_S
         )
+    block = max(1, settings.connections // CONNECTION_BLOCKS)
     for _ in range(settings.runs):
+        used: dict[str, float | None] = {t.name: 0.0 for t in targets}
+        busy: dict[str, list[float]] = {t.name: [] for t in targets}
+        ok = dict.fromkeys((t.name for t in targets), 0)
+        seconds = dict.fromkeys((t.name for t in targets), 0.0)
+        for _ in range(CONNECTION_BLOCKS):
+            for target in targets:
+                port = getattr(target.ports, port_of)
+                meter = Meter(target, bench.cores)
+                result = loadgen.connect_loop(
+                    port, payload, len(REPLY), block, settings.concurrency, CONNECT_TIMEOUT_S
+                )
+                cpu, load = meter.stop()
+                if result.failed:
+                    results.notes.append(f"{metric}: {target.name}: {result.failed} failed")
+                ok[target.name] += result.ok
+                seconds[target.name] += result.seconds
+                previous = used[target.name]
+                used[target.name] = (
+                    previous + cpu if previous is not None and cpu is not None else None
+                )
+                if load is not None:
+                    busy[target.name].append(load)
         for target in targets:
-            port = getattr(target.ports, port_of)
-            meter = Meter(target, bench.cores)
-            result = loadgen.connect_loop(
-                port,
-                payload,
-                len(REPLY),
-                settings.connections,
-                settings.concurrency,
-                CONNECT_TIMEOUT_S,
+            name = target.name
+            results.add(f"{metric}_cps", name, ok[name] / seconds[name])
+            total = used[name]
+            results.add(
+                f"{metric}_cpu_us",
+                name,
+                total / max(ok[name], 1) * 1e6 if total is not None else None,
             )
-            used, busy = meter.stop()
-            if result.failed:
-                results.notes.append(f"{metric}: {target.name}: {result.failed} failed")
-            results.add(f"{metric}_cps", target.name, result.ok / result.seconds)
-            per_conn = used / max(result.ok, 1) * 1e6 if used is not None else None
-            results.add(f"{metric}_cpu_us", target.name, per_conn)
-            results.add(f"{metric}_load_busy", target.name, busy)
+            results.add(
+                f"{metric}_load_busy", name, statistics.mean(busy[name]) if busy[name] else None
+            )
 
 
 def run_sni(bench: Bench) -> None:
