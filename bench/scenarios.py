@@ -153,7 +153,7 @@ def _connection_cost(
         )
     block = max(1, settings.connections // CONNECTION_BLOCKS)
     for _ in range(settings.runs):
-        used: dict[str, float | None] = {t.name: 0.0 for t in targets}
+        used = dict.fromkeys((t.name for t in targets), 0.0)
         busy: dict[str, list[float]] = {t.name: [] for t in targets}
         ok = dict.fromkeys((t.name for t in targets), 0)
         seconds = dict.fromkeys((t.name for t in targets), 0.0)
@@ -169,21 +169,14 @@ def _connection_cost(
                     results.notes.append(f"{metric}: {target.name}: {result.failed} failed")
                 ok[target.name] += result.ok
                 seconds[target.name] += result.seconds
-                previous = used[target.name]
-                used[target.name] = (
-                    previous + cpu if previous is not None and cpu is not None else None
-                )
+                used[target.name] += cpu or 0.0
                 if load is not None:
                     busy[target.name].append(load)
         for target in targets:
             name = target.name
             results.add(f"{metric}_cps", name, ok[name] / seconds[name])
-            total = used[name]
-            results.add(
-                f"{metric}_cpu_us",
-                name,
-                total / max(ok[name], 1) * 1e6 if total is not None else None,
-            )
+            per_conn = used[name] / max(ok[name], 1) * 1e6
+            results.add(f"{metric}_cpu_us", name, per_conn if target.pid is not None else None)
             results.add(
                 f"{metric}_load_busy", name, statistics.mean(busy[name]) if busy[name] else None
             )
