@@ -33,6 +33,7 @@ from anyio.abc import TaskStatus
 from loguru import logger
 
 from discoproxy.config import ProxyConfig
+from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.connection import ClientConnection, _format_addr
 from discoproxy.proxy.reactor import Reactor
 from discoproxy.routing import Registry
@@ -73,7 +74,8 @@ class ProxyContext:
         # 0.0.0.0/0 and ::/0 together trust everyone: skip the per-connection check
         self._trust_all = {net.version for net in self._trusted if net.prefixlen == 0} == {4, 6}
         self._max = config.max_connections or math.inf
-        self._log_connections = logger.level(config.log_level).no <= logger.level("INFO").no
+        logs_info = logger.level(config.log_level).no <= logger.level("INFO").no
+        self._access = AccessLog(config.log_format) if logs_info else None
         self._rejections_unlogged = 0
         self._last_rejection_log = -math.inf
         self._on_drained: Callable[[], object] | None = None
@@ -94,8 +96,8 @@ class ProxyContext:
         if self._on_drained is not None and not self.connections:
             self._on_drained()
             self._on_drained = None
-        if self._log_connections:
-            log_close(conn)
+        if self._access is not None:
+            self._access.closed(conn)
 
     def is_trusted(self, addr: tuple[str, int] | None) -> bool:
         if self._trust_all:
@@ -202,33 +204,6 @@ class ProxyContext:
                 conn.idle_ticks += 1
                 if conn.idle_ticks >= limit:
                     conn.close_idle()
-
-
-def log_close(conn: ClientConnection) -> None:
-    route = conn.route.qualified_id if conn.route else "-"
-    client = _format_addr(conn.client_addr)
-    backend = _format_addr(conn.backend_addr)
-    duration = time.monotonic() - conn.started
-    logger.bind(
-        conn=conn.id,
-        client=client,
-        route=route,
-        backend=backend,
-        bytes_up=conn.bytes_up,
-        bytes_down=conn.bytes_down,
-        duration_s=round(duration, 6),
-        reason=conn.reason,
-    ).info(
-        "conn #{} closed: client={} route={} backend={} up={}B down={}B duration={:.3f}s reason={}",
-        conn.id,
-        client,
-        route,
-        backend,
-        conn.bytes_up,
-        conn.bytes_down,
-        duration,
-        conn.reason,
-    )
 
 
 class Listener:

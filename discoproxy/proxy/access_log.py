@@ -1,0 +1,87 @@
+"""The one line per connection, written without loguru's per-record machinery.
+
+Rules for this file:
+- At the default ``log_level = "INFO"`` every connection ends with this line, so its cost
+  is part of every connection's: through loguru (frame lookup, time zone, record dict,
+  format map, lock, flush) it measured 35-45 µs of the proxy's CPU per connection here,
+  a third of all the rest. Built here it costs a few µs.
+- The line looks exactly like loguru's (``cli.TEXT_FORMAT``, colours on a terminal), and
+  ``log_format = "json"`` gives loguru's ``serialize`` shape (``text`` plus a ``record``
+  with ``extra``, ``level``, ``message``, ``time``), so operators see one log, not two.
+- It is written by the reactor thread; the stream's own lock keeps lines whole.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, TextIO
+
+from discoproxy.proxy.connection import _format_addr
+
+if TYPE_CHECKING:
+    from discoproxy.proxy.connection import ClientConnection
+
+_GREEN = "\x1b[32m"
+_BOLD = "\x1b[1m"
+_RESET = "\x1b[0m"
+
+
+class AccessLog:
+    """Formats and writes the close line of each connection."""
+
+    def __init__(self, log_format: str, stream: TextIO | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._json = log_format == "json"
+        isatty = getattr(self._stream, "isatty", None)
+        self._colour = not self._json and bool(isatty and isatty())
+        self._second = -1
+        self._stamp = ""  # "YYYY-MM-DD HH:MM:SS" of self._second, local time
+
+    def _time(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:  # one strftime per second, not per line
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._stamp}.{int((now - second) * 1000):03d}"
+
+    def closed(self, conn: ClientConnection) -> None:
+        now = time.time()
+        client = _format_addr(conn.client_addr)
+        backend = _format_addr(conn.backend_addr)
+        route = conn.route.qualified_id if conn.route else "-"
+        duration = time.monotonic() - conn.started
+        up, down = conn.bytes_up, conn.bytes_down
+        message = (
+            f"conn #{conn.id} closed: client={client} route={route} backend={backend} "
+            f"up={up}B down={down}B duration={duration:.3f}s reason={conn.reason}"
+        )
+        stamp = self._time(now)
+        if self._colour:
+            line = f"{_GREEN}{stamp}{_RESET} {_BOLD}INFO   {_RESET} {message}\n"
+        else:
+            line = f"{stamp} INFO    {message}\n"
+        if self._json:
+            extra = {
+                "conn": conn.id,
+                "client": client,
+                "route": route,
+                "backend": backend,
+                "bytes_up": up,
+                "bytes_down": down,
+                "duration_s": round(duration, 6),
+                "reason": conn.reason,
+            }
+            moment = datetime.fromtimestamp(now).astimezone()
+            record = {
+                "extra": extra,
+                "level": {"name": "INFO", "no": 20},
+                "message": message,
+                "name": __name__,
+                "time": {"repr": str(moment), "timestamp": now},
+            }
+            line = json.dumps({"text": line, "record": record}) + "\n"
+        self._stream.write(line)
+        self._stream.flush()

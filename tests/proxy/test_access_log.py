@@ -1,0 +1,96 @@
+"""The per-connection close line: loguru's look, without loguru's cost."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import anyio
+import pytest
+
+from discoproxy.model import ServerDefinition
+from discoproxy.proxy.access_log import AccessLog
+from discoproxy.proxy.connection import ClientConnection
+from discoproxy.routing import Route
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _closed_connection() -> ClientConnection:
+    conn = ClientConnection.__new__(ClientConnection)
+    conn.id = 7
+    conn.client_addr = ("2001:db8::7", 40000)
+    conn.backend_addr = ("10.0.0.5", 25565)
+    server = ServerDefinition(id="mc", domains=["mc.example.com"], addresses=["10.0.0.5:25565"])
+    conn.route = Route("mc@file", "file", (("10.0.0.5", 25565),), False, server)
+    conn.prefix_bytes = 20
+    conn.started = 0.0
+    conn.reason = "both sides closed"
+
+    class _Flow:
+        count = 0
+
+    conn.up, conn.down = _Flow(), _Flow()  # type: ignore[assignment]
+    conn.up.count, conn.down.count = 100, 300
+    return conn
+
+
+LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} INFO    conn #7 closed: "
+    r"client=\[2001:db8::7\]:40000 route=mc@file backend=10\.0\.0\.5:25565 "
+    r"up=120B down=300B duration=\d+\.\d{3}s reason=both sides closed\n$"
+)
+
+
+def test_text_line_has_loguru_layout_and_every_field() -> None:
+    stream = io.StringIO()
+    AccessLog("text", stream).closed(_closed_connection())
+    assert LINE.match(stream.getvalue()), stream.getvalue()
+
+
+def test_a_terminal_gets_loguru_colours() -> None:
+    stream = _Tty()
+    AccessLog("text", stream).closed(_closed_connection())
+    line = stream.getvalue()
+    assert line.startswith("\x1b[32m") and "\x1b[1mINFO   \x1b[0m conn #7 closed" in line
+
+
+def test_json_has_loguru_serialize_shape() -> None:
+    stream = io.StringIO()
+    AccessLog("json", stream).closed(_closed_connection())
+    entry = json.loads(stream.getvalue())
+    assert LINE.match(entry["text"])
+    record = entry["record"]
+    assert record["level"] == {"name": "INFO", "no": 20}
+    assert record["message"].startswith("conn #7 closed: ")
+    assert record["extra"] == {
+        "conn": 7,
+        "client": "[2001:db8::7]:40000",
+        "route": "mc@file",
+        "backend": "10.0.0.5:25565",
+        "bytes_up": 120,
+        "bytes_down": 300,
+        "duration_s": record["extra"]["duration_s"],
+        "reason": "both sides closed",
+    }
+    assert record["time"]["timestamp"] > 0
+
+
+@pytest.mark.anyio
+async def test_warning_level_writes_no_close_line(capfd: pytest.CaptureFixture[str]) -> None:
+    from tests.proxy.helpers import backend, echo, handshake, running_proxy, server
+
+    async with backend(echo) as b:
+        servers = [server("mc", "mc.example.com", addresses=[b.address])]
+        async with running_proxy(servers, log_level="WARNING") as proxy:
+            async with await proxy.connect() as stream:
+                await stream.send(handshake("mc.example.com"))
+                await stream.receive()
+            with anyio.fail_after(5):
+                while proxy.ctx.connections:
+                    await anyio.sleep(0.01)
+    assert "closed:" not in capfd.readouterr().err
