@@ -35,7 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from loguru import logger
 
@@ -127,12 +127,17 @@ class Reactor:
         self._running = False
         self._thread = threading.Thread(target=self._run, name="discoproxy-reactor", daemon=True)
         self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._waiting: set[concurrent.futures.Future[Any]] = set()  # run() calls not run yet
 
     # -- any thread ---------------------------------------------------------------------
 
     def start(self) -> None:
         self._running = True
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def call(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` in the reactor thread, after every earlier call."""
@@ -145,14 +150,24 @@ class Reactor:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def call() -> None:
+            self._waiting.discard(future)
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn())
                 except BaseException as exc:
                     future.set_exception(exc)
 
+        self._waiting.add(future)
         self.call(call)
+        if not self._thread.is_alive():  # it will never run: don't wait forever
+            self._fail_waiting()
         return await asyncio.wrap_future(future)
+
+    def _fail_waiting(self) -> None:
+        for future in list(self._waiting):
+            self._waiting.discard(future)
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the data plane's reactor is not running"))
 
     async def stop(self) -> None:
         """Stop the thread once the calls queued so far have run; then close everything."""
@@ -162,7 +177,8 @@ class Reactor:
 
         if self._thread.is_alive():
             self.call(finish)
-            await asyncio.wrap_future(self._stopped)
+            with contextlib.suppress(Exception):  # a failure was reported when it happened
+                await asyncio.shield(asyncio.wrap_future(self._stopped))
         if self._thread.ident is not None:
             self._thread.join()
         self._epoll.close()
@@ -223,12 +239,33 @@ class Reactor:
                     try:
                         handler.on_event(fd, events)
                     except Exception as exc:
-                        logger.opt(exception=exc).error("internal error handling fd {}", fd)
-                        handler.on_internal_error(exc)
+                        self._handler_failed(fd, handler, exc)
                 if timers and timers[0][0] <= time.monotonic():
                     self._run_timers()
-        finally:
+        except BaseException as exc:  # the data plane is gone: say so, and let run() fail
+            logger.opt(exception=exc).critical("the data plane stopped: {!r}", exc)
+            # a plain error for the loop: SystemExit & co. would tear the asyncio loop down
+            failure = RuntimeError(f"the data plane's reactor thread failed: {exc!r}")
+            failure.__cause__ = exc
+            self._stopped.set_exception(failure)
+        else:
             self._stopped.set_result(None)
+        finally:
+            self._fail_waiting()
+
+    def _handler_failed(self, fd: int, handler: Handler, exc: Exception) -> None:
+        """A bug met one connection: log it, drop that connection, keep serving."""
+        logger.opt(exception=exc).error("internal error handling fd {}", fd)
+        try:
+            handler.on_internal_error(exc)
+        except Exception as cleanup:
+            logger.opt(exception=cleanup).error("internal error dropping fd {}", fd)
+            self.forget(fd)
+
+    async def wait_stopped(self) -> None:
+        """Return when the reactor thread ends; raise what ended it if it failed."""
+        # shielded: a cancelled waiter must not cancel the future the thread completes
+        await asyncio.shield(asyncio.wrap_future(self._stopped))
 
     def _run_calls(self) -> None:
         try:

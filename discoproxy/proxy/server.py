@@ -312,6 +312,14 @@ async def serve_listener(
             ctx.reactor.call(listener.close)
 
 
+async def _watch_reactor(ctx: ProxyContext) -> None:
+    """The reactor thread must only end when told to: otherwise fail the whole proxy, so
+    the process exits (and a supervisor restarts it) instead of accepting nothing."""
+    await ctx.reactor.wait_stopped()
+    if not ctx.closing:
+        raise RuntimeError("the data plane's reactor thread stopped unexpectedly")
+
+
 async def run_proxy(
     config: ProxyConfig,
     registry: Registry,
@@ -330,9 +338,11 @@ async def run_proxy(
             bound: list[tuple[str, int]] = []
             for host, port in config.bind_addresses:
                 bound += await tg.start(serve_listener, ctx, host, port)
+            tg.start_soon(_watch_reactor, ctx)
             task_status.started(bound)
     finally:
         ctx.closing = True
         with anyio.CancelScope(shield=True):
-            await ctx.drain(config.shutdown_timeout)
+            if ctx.reactor.alive:
+                await ctx.drain(config.shutdown_timeout)
             await ctx.reactor.stop()

@@ -14,7 +14,7 @@ import pytest
 from anyio.abc import SocketStream
 
 from discoproxy.proxy import reactor
-from discoproxy.proxy.connection import ClientConnection
+from discoproxy.proxy.connection import ClientConnection, Flow
 from tests.proxy.helpers import (
     Backend,
     RunningProxy,
@@ -229,3 +229,48 @@ async def test_an_unresolvable_backend_name_gives_the_player_a_disconnect() -> N
         await stream.send(handshake("mc.example.com"))
         reply = await receive_all(stream)
     assert b"unreachable" in reply
+
+
+async def test_a_bug_in_one_connection_drops_it_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with backend(echo) as b:
+        servers = [server("mc", "mc.example.com", addresses=[b.address])]
+        async with running_proxy(servers) as proxy:
+            async with await proxy.connect() as healthy:
+                await healthy.send(handshake("mc.example.com"))
+                with anyio.fail_after(5):
+                    await healthy.receive()
+
+                async with await proxy.connect() as victim:
+                    await victim.send(handshake("mc.example.com"))
+                    with anyio.fail_after(5):
+                        await victim.receive()
+                    (conn,) = [c for c in proxy.ctx.connections if c.id == 2]
+                    pump = Flow.pump
+
+                    def broken(self: Flow) -> None:
+                        if self.conn is conn:
+                            raise RuntimeError("bug")
+                        pump(self)
+
+                    monkeypatch.setattr(Flow, "pump", broken)
+                    await victim.send(b"boom")
+                    assert (await _closed(conn)).startswith("internal error")
+                    assert await receive_all(victim) == b""
+                await healthy.send(b"still fine")
+                with anyio.fail_after(5):
+                    assert await healthy.receive() == b"still fine"
+
+
+async def test_the_proxy_fails_loudly_when_its_reactor_dies() -> None:
+    with pytest.raises(BaseExceptionGroup) as caught:
+        async with running_proxy([]) as proxy:
+
+            def die() -> None:
+                raise SystemExit("reactor killed")
+
+            proxy.ctx.reactor.call(die)
+            with anyio.fail_after(5):
+                await anyio.sleep_forever()
+    assert caught.group_contains(RuntimeError, match="reactor thread failed")
