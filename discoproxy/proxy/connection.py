@@ -652,8 +652,8 @@ class ClientConnection:
 
     def _dial_next(self) -> None:
         """Dial the next address: what a host name resolved to first, then the route's
-        next one. ``ProxyContext.sweep_deadlines`` enforces ``connect_timeout`` per
-        attempt (cheaper than a timer per attempt)."""
+        next one. The deadline sweep (``ProxyContext.start_sweeps``) enforces
+        ``connect_timeout`` per attempt (cheaper than a timer per attempt)."""
         route = self.route
         assert route is not None
         addresses = route.addresses
