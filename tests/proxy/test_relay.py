@@ -274,3 +274,26 @@ async def test_the_proxy_fails_loudly_when_its_reactor_dies() -> None:
             with anyio.fail_after(5):
                 await anyio.sleep_forever()
     assert caught.group_contains(RuntimeError, match="reactor thread failed")
+
+
+async def test_ipv6_listener_and_ipv6_backend() -> None:
+    listener = await anyio.create_tcp_listener(local_host="::1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+
+    async def serve(stream: SocketStream) -> None:
+        async with stream:
+            data = await stream.receive()
+            peer = stream.extra(anyio.abc.SocketAttribute.remote_address)
+            await stream.send(data + str(peer[0]).encode())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        servers = [server("mc", "mc.example.com", addresses=[f"[::1]:{port}"])]
+        async with running_proxy(servers, bind=["[::1]:0"]) as proxy:
+            assert proxy.address[0] == "::1"
+            async with await anyio.connect_tcp("::1", proxy.port) as stream:
+                await stream.send(handshake("mc.example.com"))
+                with anyio.fail_after(5):
+                    reply = await stream.receive()
+        tg.cancel_scope.cancel()
+    assert reply == handshake("mc.example.com") + b"::1"
