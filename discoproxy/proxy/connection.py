@@ -45,6 +45,7 @@ from discoproxy.protocol.sniff import Sniffed, detect_protocol
 if TYPE_CHECKING:
     import concurrent.futures
 
+    from discoproxy.proxy.names import Resolved
     from discoproxy.proxy.reactor import Pipe
     from discoproxy.proxy.server import ProxyContext
     from discoproxy.routing import Route
@@ -334,6 +335,7 @@ class ClientConnection:
 
     __slots__ = (
         "_dial_errors",
+        "_dial_name",
         "_dial_task",
         "_handshake_length",
         "_kind",
@@ -395,7 +397,8 @@ class ClientConnection:
         self._next_state = 0
         self._handshake_length = 0
         self._proxy_header: ProxyHeader | None = None
-        self._resolved_addresses: list[tuple[socket.AddressFamily, str, int, str]] | None = None
+        self._resolved_addresses: list[Resolved] | None = None
+        self._dial_name: str | None = None
 
     def __repr__(self) -> str:
         route = self.route.qualified_id if self.route else "-"
@@ -673,6 +676,12 @@ class ClientConnection:
             self._next_address += 1
             family = _literal_family(host)
             if family is None:
+                cached = self.ctx.names.get(host, port)
+                if cached is not None:  # resolved moments ago: no round trip to a thread
+                    self._resolved_addresses = list(cached.addresses)
+                    if cached.error:
+                        self._dial_error(cached.error)
+                    continue
                 self.ctx.dialing.add(self)
                 token = self._next_address
                 self._dial_task = self.ctx.spawn(self._resolve(host, port, token))
@@ -694,6 +703,12 @@ class ClientConnection:
     def _resolved(
         self, host: str, port: int, token: int, infos: list[tuple[Any, ...]], error: str
     ) -> None:
+        resolved: list[Resolved] = []
+        for family, _, _, _, sockaddr in infos:
+            entry = (socket.AddressFamily(family), str(sockaddr[0]), port, host)
+            if entry not in resolved:
+                resolved.append(entry)
+        self.ctx.names.put(host, port, tuple(resolved), error)
         if token != self._next_address or self._dial_task is None:
             return  # this attempt timed out meanwhile, or the connection is gone
         self._dial_task = None
@@ -702,11 +717,6 @@ class ClientConnection:
             self._dial_error(error)
         if self.state is not DIALING:
             return
-        resolved: list[tuple[socket.AddressFamily, str, int, str]] = []
-        for family, _, _, _, sockaddr in infos:
-            entry = (socket.AddressFamily(family), str(sockaddr[0]), port, host)
-            if entry not in resolved:
-                resolved.append(entry)
         self._resolved_addresses = resolved
         self._dial_next()
 
@@ -732,6 +742,7 @@ class ClientConnection:
             return False
         self.bfd = sock.detach()
         self.backend_addr = (ip, port)
+        self._dial_name = name
         up = self.up
         if up.out is None:  # first attempt: what the backend must see first
             header = self._proxy_header_for_backend() if self.route.send_proxy_protocol else b""  # type: ignore[union-attr]
@@ -767,6 +778,9 @@ class ClientConnection:
 
     def _drop_backend(self, error: str) -> None:
         self._dial_error(error)
+        if self._dial_name is not None and self.backend_addr is not None:
+            # the name may point elsewhere now (a container restarted): ask again next time
+            self.ctx.names.forget(self._dial_name, self.backend_addr[1])
         self.ctx.dialing.discard(self)
         if self.bfd >= 0:
             self.ctx.reactor.forget(self.bfd)

@@ -35,6 +35,7 @@ from loguru import logger
 from discoproxy.config import ProxyConfig
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.connection import ClientConnection, _format_addr
+from discoproxy.proxy.names import NameCache
 from discoproxy.proxy.reactor import Reactor
 from discoproxy.routing import Registry
 
@@ -80,6 +81,7 @@ class ProxyContext:
         self._last_rejection_log = -math.inf
         self._on_drained: Callable[[], object] | None = None
         self._idle_limit = 0
+        self.names = NameCache()
 
     # -- connections --------------------------------------------------------------------
 

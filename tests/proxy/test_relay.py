@@ -8,6 +8,7 @@ import select
 import socket
 import struct
 import threading
+from typing import Any
 
 import anyio
 import pytest
@@ -211,16 +212,37 @@ async def test_half_close_from_the_backend_keeps_the_upload_open() -> None:
     assert b.received == [b"still uploading"]
 
 
-async def test_a_backend_host_name_is_resolved_and_each_address_tried() -> None:
-    # "localhost" resolves to ::1 and 127.0.0.1 here; the backend listens on the v4 one
+def _fake_resolver(
+    monkeypatch: pytest.MonkeyPatch, proxy: RunningProxy, answers: dict[str, list[str]]
+) -> list[str]:
+    """Make the proxy's loop resolve ``answers``' names to those IPv4s; log each lookup."""
+    lookups: list[str] = []
+
+    async def getaddrinfo(host: str, port: int, **kwargs: Any) -> list[tuple[Any, ...]]:
+        lookups.append(host)
+        family, kind = socket.AF_INET, socket.SOCK_STREAM
+        return [(family, kind, 6, "", (ip, port)) for ip in answers[host]]
+
+    monkeypatch.setattr(proxy.ctx.loop, "getaddrinfo", getaddrinfo)
+    return lookups
+
+
+async def test_a_backend_name_is_resolved_and_each_address_tried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     async with backend(echo) as b:
-        servers = [server("mc", "mc.example.com", addresses=[f"localhost:{b.port}"])]
-        async with running_proxy(servers) as proxy, await proxy.connect() as stream:
-            await stream.send(handshake("mc.example.com"))
-            with anyio.fail_after(5):
-                assert await stream.receive() == handshake("mc.example.com")
-            (conn,) = proxy.ctx.connections
-            assert conn.backend_addr == ("127.0.0.1", b.port)
+        servers = [server("mc", "mc.example.com", addresses=[f"backend.test:{b.port}"])]
+        async with running_proxy(servers) as proxy:
+            # 127.0.0.2 is loopback too, but the backend listens on 127.0.0.1 only
+            _fake_resolver(monkeypatch, proxy, {"backend.test": ["127.0.0.2", "127.0.0.1"]})
+            async with await proxy.connect() as stream:
+                await stream.send(handshake("mc.example.com"))
+                with anyio.fail_after(5):
+                    assert await stream.receive() == handshake("mc.example.com")
+                (conn,) = proxy.ctx.connections
+                assert conn.backend_addr == ("127.0.0.1", b.port)
+            # the refusing address made it forget the name: the next connection asks again
+            assert proxy.ctx.names.get("backend.test", b.port) is None
 
 
 async def test_an_unresolvable_backend_name_gives_the_player_a_disconnect() -> None:
@@ -297,3 +319,24 @@ async def test_ipv6_listener_and_ipv6_backend() -> None:
                     reply = await stream.receive()
         tg.cancel_scope.cancel()
     assert reply == handshake("mc.example.com") + b"::1"
+
+
+async def test_a_backend_name_is_resolved_once_for_many_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with backend(echo) as b:
+        servers = [server("mc", "mc.example.com", addresses=[f"backend.test:{b.port}"])]
+        async with running_proxy(servers) as proxy:
+            lookups = _fake_resolver(monkeypatch, proxy, {"backend.test": ["127.0.0.1"]})
+            for _ in range(5):
+                async with await proxy.connect() as stream:
+                    await stream.send(handshake("mc.example.com"))
+                    with anyio.fail_after(5):
+                        assert await stream.receive() == handshake("mc.example.com")
+            assert lookups == ["backend.test"]
+            proxy.ctx.names.forget("backend.test", b.port)  # as a failed dial does
+            async with await proxy.connect() as stream:
+                await stream.send(handshake("mc.example.com"))
+                with anyio.fail_after(5):
+                    await stream.receive()
+            assert lookups == ["backend.test", "backend.test"]

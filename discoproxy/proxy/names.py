@@ -1,0 +1,52 @@
+"""Backend host names resolved recently, so a connection does not wait on the resolver.
+
+Rules for this file:
+- Used by the reactor thread only (no lock). A name's addresses are kept ``NAME_TTL_S``;
+  a failure for ``NAME_FAILURE_TTL_S`` (a resolver that is down must not get one lookup
+  per connection); a connection that cannot reach an address it was given forgets the
+  name, so a container that came back elsewhere is looked up again at once.
+- Bounded: past ``MAX_NAMES`` entries the cache starts over.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import NamedTuple
+
+# (family, ip, port, the name it came from)
+Resolved = tuple[socket.AddressFamily, str, int, str]
+
+NAME_TTL_S = 5.0
+NAME_FAILURE_TTL_S = 1.0
+MAX_NAMES = 4096
+
+
+class CachedName(NamedTuple):
+    expires: float
+    addresses: tuple[Resolved, ...]
+    error: str
+
+
+class NameCache:
+    """``(host, port)`` → what resolving it gave, until it expires."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, int], CachedName] = {}
+
+    def get(self, host: str, port: int) -> CachedName | None:
+        entry = self._entries.get((host, port))
+        if entry is None or entry.expires < time.monotonic():
+            return None
+        return entry
+
+    def put(self, host: str, port: int, addresses: tuple[Resolved, ...], error: str) -> None:
+        if len(self._entries) >= MAX_NAMES:
+            self._entries.clear()
+        ttl = NAME_TTL_S if addresses else NAME_FAILURE_TTL_S
+        self._entries[(host, port)] = CachedName(time.monotonic() + ttl, addresses, error)
+
+    def forget(self, host: str, port: int) -> None:
+        self._entries.pop((host, port), None)
