@@ -15,7 +15,7 @@ import pytest
 from anyio.abc import SocketStream
 
 from discoproxy.proxy import reactor
-from discoproxy.proxy.connection import ClientConnection, Flow
+from discoproxy.proxy.connection import COPY_READ_BYTES, ClientConnection, Flow
 from tests.proxy.helpers import (
     Backend,
     RunningProxy,
@@ -73,7 +73,12 @@ async def test_without_pipes_flows_copy_and_still_arrive_intact(
             assert p.ctx.reactor.pipes.in_flight == 0
 
 
-async def test_a_slow_backend_stops_the_client_from_being_read() -> None:
+@pytest.mark.parametrize("pipes", [True, False], ids=["splice", "copy"])
+async def test_a_slow_backend_stops_the_client_from_being_read(
+    pipes: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not pipes:
+        monkeypatch.setattr(reactor, "MAX_PIPES_IN_FLIGHT", 0)
     # a raw socket, not an anyio stream: anyio's protocol reads eagerly into its buffer
     listener = socket.create_server(("127.0.0.1", 0))
     got = 0
@@ -115,7 +120,8 @@ async def test_a_slow_backend_stops_the_client_from_being_read() -> None:
                 conn = conns[0]
                 assert not conn.cmask & select.EPOLLIN  # the client is not read
                 held = conn.up.pending + len(conn.up.out or b"")
-                assert held <= reactor.PIPE_SIZE
+                assert held <= (reactor.PIPE_SIZE if pipes else COPY_READ_BYTES)
+                assert (conn.up.pipe is not None) is pipes
                 release.set()
                 with anyio.fail_after(10):
                     while got < 8 * MIB:  # reading resumes the flow
