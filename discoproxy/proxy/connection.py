@@ -746,8 +746,7 @@ class ClientConnection:
         up = self.up
         if up.out is None:  # first attempt: what the backend must see first
             header = self._proxy_header_for_backend() if self.route.send_proxy_protocol else b""  # type: ignore[union-attr]
-            up.out = header + self.buffer
-        self.ctx.dialing.add(self)
+            up.out = header + self.buffer if header else bytes(self.buffer)
         self._backend_writable()
         return True
 
@@ -758,7 +757,8 @@ class ClientConnection:
         assert prefix is not None
         try:
             n = _write(self.bfd, prefix)
-        except BlockingIOError:  # still connecting
+        except BlockingIOError:  # still connecting: watch it, and its connect_timeout
+            self.ctx.dialing.add(self)
             if self.bmask < 0:
                 self.ctx.reactor.register(self.bfd, self, EPOLLOUT)
                 self.bmask = EPOLLOUT
