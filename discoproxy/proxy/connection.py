@@ -529,10 +529,12 @@ class ClientConnection:
         except ProtocolError as exc:
             self._fail(str(exc), exc.hint)
             return
-        # Each sniffer caps its own message; this bounds what no sniffer claimed yet.
+        # Each sniffer caps its own message; this bounds what no sniffer claimed yet
+        # (self.buffer, not the local: a PROXY header or answered packet was cut off it).
         if self.state in _PRE_ROUTING:
-            if len(buffer) > MAX_PREFIX_BYTES:
-                self._fail(f"sent {len(buffer)} bytes without a routable handshake", Hint.CLOSE)
+            pending = len(self.buffer)
+            if pending > MAX_PREFIX_BYTES:
+                self._fail(f"sent {pending} bytes without a routable handshake", Hint.CLOSE)
             elif self.cmask < 0:
                 self.sync_events()
 
