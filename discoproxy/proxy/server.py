@@ -4,14 +4,15 @@ Rules for this file:
 - Every listener is started with ``TaskGroup.start`` and reports the addresses it bound,
   so tests bind port 0. Cancelling the task group stops accepting at once; open
   connections then get ``shutdown_timeout`` to finish before they are aborted.
-- Listening sockets and connections live in one :class:`Reactor` (an epoll set read by
-  the asyncio loop); a listener accepts in batches and hands each fd to a
+- Listening sockets and connections live in one :class:`Reactor` (an epoll set served by
+  its own thread); a listener accepts in batches and hands each fd to a
   :class:`ClientConnection`. An accept error (out of fds) rests the listener for
-  ``ACCEPT_BACKOFF_S`` instead of spinning on a socket that stays readable.
-- The only tasks a connection starts resolve backend host names (IP literals are dialed
-  in place); they are owned by :class:`ProxyContext`, which cancels any still running
-  at shutdown. Nothing is fire-and-forget.
-- Sweeper tasks enforce ``handshake_timeout``, ``connect_timeout`` and ``idle_timeout``
+  ``ACCEPT_BACKOFF_S`` instead of spinning on a socket that stays readable. Code on the
+  asyncio side reaches connections only through ``Reactor.call``/``Reactor.run``.
+- The only tasks a connection starts resolve backend host names not in the name cache
+  (IP literals are dialed in place); they run on the asyncio loop, are owned by
+  :class:`ProxyContext`, and are cancelled at shutdown. Nothing is fire-and-forget.
+- Reactor timers sweep ``handshake_timeout``, ``connect_timeout`` and ``idle_timeout``
   for all connections at a fixed tick, instead of one timer per connection.
 """
 
@@ -257,7 +258,7 @@ class Listener:
         self._sock.close()
 
 
-def _listening_sockets(infos: list[tuple[Any, ...]], port: int) -> list[socket.socket]:
+def _listening_sockets(infos: list[tuple[Any, ...]]) -> list[socket.socket]:
     socks: list[socket.socket] = []
     seen: set[tuple[Any, ...]] = set()
     try:
@@ -298,7 +299,7 @@ async def serve_listener(
         infos = await ctx.loop.getaddrinfo(
             host or None, port, family=family, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-        socks = _listening_sockets(infos, port)
+        socks = _listening_sockets(infos)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from exc
     listeners = [Listener(ctx, sock) for sock in socks]
