@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from discoproxy.config import ConfigError, ProxyConfig, load_config
 from discoproxy.model import ServerDefinition
 from discoproxy.provider import Enabled, Provider, load_providers, supervise
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox, build_table
+from discoproxy.wake import ServerControl
 from providers.file import PROVIDER_NAME as FILE_PROVIDER
 from providers.file import load_servers_dir
 
@@ -206,7 +208,12 @@ async def _serve(config: ProxyConfig, providers: list[tuple[Provider, Enabled]])
         if waited.cancelled_caught:
             logger.warning("starting before every provider has published its first routes")
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await tg.start(run_proxy, config, registry)
+            controls = {
+                provider.name: provider
+                for provider, _ in providers
+                if provider.name in inbox.publishing and isinstance(provider, ServerControl)
+            }
+            await tg.start(partial(run_proxy, config, registry, controls=controls))
             async for signum in signals:
                 logger.info(
                     "{} received: no new connections; open ones get up to {}s",

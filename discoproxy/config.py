@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from discoproxy.motd import Motd
+
 DEFAULT_PORT = 25565
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
 
@@ -66,6 +68,32 @@ def parse_bind(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+class GlobalMotds(BaseModel):
+    """What the server list shows when discoproxy answers for a server itself. ``{domain}``
+    is the name the player used, ``{server}`` the server's display name (or id)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    unknown_domain: Motd = Field(
+        default=Motd(version_name="discoproxy", protocol_version=-1),
+        description="A name no server claims; text defaults to unknown_server_message.",
+    )
+    unreachable: Motd = Field(
+        default=Motd(text="§c{server} is unreachable", version_name="offline", protocol_version=-1),
+        description="A server whose backend does not answer.",
+    )
+    starting: Motd = Field(
+        default=Motd(
+            text="§e{server} is starting…\n§7try again in a few seconds", version_name="starting"
+        ),
+        description="A server being started (auto_start).",
+    )
+    sleeping: Motd = Field(
+        default=Motd(text="§7{server} is sleeping\n§fjoin to wake it up", version_name="sleeping"),
+        description="A stopped auto_start server: a login starts it.",
+    )
+
+
 class ProxyConfig(BaseModel):
     """The global configuration (``discoproxy.toml``). Durations are in seconds."""
 
@@ -102,6 +130,37 @@ class ProxyConfig(BaseModel):
     unknown_server_message: str = Field(
         default="Unknown server: {domain}",
         description="Disconnect/status text for a name no server claims ({domain} is replaced).",
+    )
+    unreachable_message: str = Field(
+        default="Server {server} is unreachable",
+        description="Disconnect text for a login whose server does not answer.",
+    )
+    starting_message: str = Field(
+        default="Server {server} is starting, try again in a few seconds",
+        description="Disconnect text for a login that woke a stopped server (auto_start).",
+    )
+    auto_start_wait: Seconds = Field(
+        default=0.0,
+        description="How long a login that wakes a server is held, waiting for it to answer, "
+        "before it gets the starting message; 0 = answer at once.",
+    )
+    status_cache_ttl: Seconds = Field(
+        default=5.0,
+        description="Seconds a server's status answer is served from cache (server files "
+        "may override); 0 asks the backend on every ping (concurrent pings share one).",
+    )
+    status_stale_for: Seconds = Field(
+        default=60.0,
+        description="After a failed refresh, how long past its TTL a cached status is still "
+        "served (marked stale in the logs); then the unreachable MOTD.",
+    )
+    status_timeout: Seconds = Field(
+        default=3.0, description="How long a status ping to a backend may take."
+    )
+    motds: GlobalMotds = Field(
+        default_factory=GlobalMotds,
+        description="Server-list answers: [motds.unknown_domain], [motds.unreachable], "
+        "[motds.starting], [motds.sleeping].",
     )
     providers: dict[str, dict[str, Any]] = Field(
         default_factory=dict,

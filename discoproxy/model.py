@@ -20,6 +20,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from discoproxy.motd import Motd
+
 DEFAULT_BACKEND_PORT = 25565
 
 # RFC 1123 labels, plus "_" which real deployments use (SRV-style names, Docker hosts).
@@ -120,6 +122,30 @@ def _check_ip(host: str, original: str, *, want_v6: bool) -> None:
         raise ValueError(f"invalid address {original!r}; brackets are for IPv6 literals only")
 
 
+DOMAIN_REWRITE_BACKEND = "backend"
+
+
+class ServerMotds(BaseModel):
+    """Per-state overrides of what the server list shows; unset fields fall back to the
+    global ``[motds.<state>]`` of the config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    online: Motd | None = Field(
+        default=None,
+        description="Patches the backend's own status answer (text, version, players, icon).",
+    )
+    unreachable: Motd | None = Field(
+        default=None, description="Shown when the backend does not answer a status ping."
+    )
+    starting: Motd | None = Field(
+        default=None, description="Shown while a woken server is starting (auto_start)."
+    )
+    sleeping: Motd | None = Field(
+        default=None, description="Shown while an auto_start server is stopped."
+    )
+
+
 class ServerDefinition(BaseModel):
     """A routable server, as a provider publishes it.
 
@@ -160,6 +186,37 @@ class ServerDefinition(BaseModel):
     name: str | None = Field(
         default=None, description="Display name used in logs and player messages."
     )
+    status_cache_ttl: float | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds a status answer from this server is served from cache without "
+        "asking it again; default: the global status_cache_ttl. 0 asks on every ping.",
+    )
+    motds: ServerMotds = Field(
+        default_factory=ServerMotds,
+        description="Server-list answers per state: online, unreachable, starting, sleeping.",
+    )
+    domain_rewrite: str | None = Field(
+        default=None,
+        description="Name the backend sees in the Minecraft handshake instead of the "
+        "player's: 'backend' for the host of the address dialed, or an explicit host name.",
+    )
+    auto_start: bool = Field(
+        default=False,
+        description="Keep the server routable while it is stopped and start it when a "
+        "player logs in (providers that can start servers: docker).",
+    )
+    auto_stop_after: float | None = Field(
+        default=None,
+        ge=0,
+        description="Stop the server after this many seconds with no player connected "
+        "(with auto_start); unset or 0: never.",
+    )
+    sleeping: bool = Field(
+        default=False,
+        description="Set by the provider: the server is stopped and waits for auto_start "
+        "(it then has no address).",
+    )
 
     @field_validator("domains", mode="before")
     @classmethod
@@ -182,8 +239,6 @@ class ServerDefinition(BaseModel):
             value = [part for part in value.split(",") if part.strip()]
         if not isinstance(value, list | tuple):
             return value
-        if not value:
-            raise ValueError("at least one address is required, e.g. ['10.0.0.5:25565']")
         return tuple(
             item if isinstance(item, BackendAddress) else BackendAddress.parse(str(item))
             for item in value
@@ -203,8 +258,25 @@ class ServerDefinition(BaseModel):
             return ProxyMode.PASSTHROUGH
         return value
 
+    @field_validator("domain_rewrite", mode="before")
+    @classmethod
+    def _domain_rewrite(cls, value: Any) -> Any:
+        if value is None or not isinstance(value, str):
+            return value
+        text = value.strip().lower().rstrip(".")
+        if not text or text in ("none", "false"):
+            return None
+        if text != DOMAIN_REWRITE_BACKEND and not _HOSTNAME_RE.match(text):
+            raise ValueError(
+                f"invalid domain_rewrite {value!r}; expected 'backend' (the dialed address's "
+                "host) or a host name such as 'mc.internal'"
+            )
+        return text
+
     @model_validator(mode="after")
     def _routable(self) -> ServerDefinition:
+        if not self.addresses and not self.sleeping:
+            raise ValueError("addresses: at least one address is required, e.g. ['10.0.0.5:25565']")
         if not self.domains and not self.default:
             raise ValueError(
                 "a server needs at least one entry in 'domains', or 'default = true' "

@@ -239,6 +239,11 @@ class SnapshotInbox:
 
         return publish
 
+    @property
+    def publishing(self) -> frozenset[str]:
+        """The providers that asked for a publisher (the ones running)."""
+        return frozenset(self._expected)
+
     async def wait_first_snapshots(self) -> None:
         """Until every provider that asked for a publisher has had a snapshot applied."""
         if self._expected - self._published:

@@ -53,7 +53,9 @@ from discoproxy.model import (
     BackendAddress,
     ProxyMode,
     ServerDefinition,
+    ServerMotds,
 )
+from discoproxy.motd import Motd
 from discoproxy.provider import ProviderSettings, Publish
 
 PROVIDER_NAME = "docker"
@@ -81,6 +83,11 @@ EVENT_FILTERS: dict[str, list[str]] = {
     "type": ["container", "network"],
     "event": [*CONTAINER_ACTIONS, *NETWORK_ACTIONS],
 }
+
+# Container states an auto_start container is routed in, as sleeping (a login starts it).
+SLEEPING_STATES = frozenset({"exited", "created"})
+# Seconds a container gets to stop before it is killed (auto_stop_after).
+STOP_TIMEOUT_S = 30
 
 _TRUE = frozenset({"true", "1"})
 _FALSE = frozenset({"false", "0"})
@@ -129,6 +136,25 @@ def parse_text(text: str) -> str | None:
     return text.strip() or None
 
 
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smh]?)$")
+
+
+def parse_seconds(text: str) -> float:
+    """A duration: seconds (``90``, ``2.5``) or with a unit (``90s``, ``10m``, ``1h``)."""
+    match = _DURATION_RE.match(text.strip().lower())
+    if match is None:
+        raise ValueError(f"expected a duration such as 30, 30s, 10m or 1h, got {text!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_int(text: str) -> int:
+    value = text.strip()
+    if value.isascii() and value.isdigit():
+        return int(value)
+    raise ValueError(f"expected a whole number >= 0, got {text!r}")
+
+
 def parse_network(text: str) -> str:
     value = text.strip()
     if not value:
@@ -148,12 +174,58 @@ class LabelSpec:
     maps_to: str
     description: str
     parse: Callable[[str], object]
-    #: the ServerDefinition field the parsed value is passed to, if any
+    #: the ServerDefinition field the parsed value is passed to, if any; dotted for a
+    #: nested one (``motds.sleeping.text``)
     field: str | None = None
 
 
 def _field_doc(field: str) -> str:
     return ServerDefinition.model_fields[field].description or ""
+
+
+_MOTD_STATES = ("online", "unreachable", "starting", "sleeping")
+_MOTD_FIELDS: tuple[tuple[str, str, str, str, Callable[[str], object]], ...] = (
+    # key, type, example, accepted, parse
+    (
+        "text",
+        "string",
+        "`§aSurvival§r is up`",
+        "legacy `§` text (`\\n` for the second line) or a JSON text component",
+        lambda text: text.replace("\\n", "\n"),
+    ),
+    ("version_name", "string", "`Paper 1.21`", "any text", parse_text),
+    ("max_players", "integer", "`100`", "0 or more", parse_int),
+    ("online_players", "integer", "`0`", "0 or more", parse_int),
+    (
+        "favicon",
+        "string",
+        "`/icons/survival.png`",
+        "path (inside discoproxy's container) of a 64x64 PNG, or a `data:image/png;base64,` URI",
+        parse_text,
+    ),
+)
+
+
+def _motd_labels() -> tuple[LabelSpec, ...]:
+    specs = []
+    for state in _MOTD_STATES:
+        state_doc = ServerMotds.model_fields[state].description or ""
+        for key, kind, example, accepted, parse in _MOTD_FIELDS:
+            field_doc = Motd.model_fields[key].description or ""
+            specs.append(
+                LabelSpec(
+                    key=f"motds.{state}.{key}",
+                    type=kind,
+                    default="the global `[motds." + state + "]`" if state != "online" else "none",
+                    example=example,
+                    accepted=accepted,
+                    maps_to=f"`motds.{state}.{key}`",
+                    description=f"{state_doc} {field_doc}",
+                    parse=parse,
+                    field=f"motds.{state}.{key}",
+                )
+            )
+    return tuple(specs)
 
 
 LABELS: tuple[LabelSpec, ...] = (
@@ -246,15 +318,86 @@ LABELS: tuple[LabelSpec, ...] = (
         parse=parse_bool,
         field="default",
     ),
+    LabelSpec(
+        key="status_cache_ttl",
+        type="duration",
+        default="the global `status_cache_ttl`",
+        example="`10s`",
+        accepted="seconds (`30`, `2.5`) or with a unit: `30s`, `10m`, `1h`",
+        maps_to="`status_cache_ttl`",
+        description=_field_doc("status_cache_ttl"),
+        parse=parse_seconds,
+        field="status_cache_ttl",
+    ),
+    LabelSpec(
+        key="domain_rewrite",
+        type="string",
+        default="none",
+        example="`backend`",
+        accepted="`backend`, or a host name",
+        maps_to="`domain_rewrite`",
+        description=_field_doc("domain_rewrite"),
+        parse=parse_text,
+        field="domain_rewrite",
+    ),
+    LabelSpec(
+        key="auto_start",
+        type="bool",
+        default="`false`",
+        example="`true`",
+        accepted="`true`, `1`, `false`, `0` (any case)",
+        maps_to="`auto_start`",
+        description=_field_doc("auto_start")
+        + " A stopped (exited or created) container with this label stays routed: pings "
+        "show the `sleeping` MOTD and a login starts it.",
+        parse=parse_bool,
+        field="auto_start",
+    ),
+    LabelSpec(
+        key="auto_stop_after",
+        type="duration",
+        default="never",
+        example="`10m`",
+        accepted="seconds (`600`) or with a unit: `30s`, `10m`, `1h`",
+        maps_to="`auto_stop_after`",
+        description=_field_doc("auto_stop_after"),
+        parse=parse_seconds,
+        field="auto_stop_after",
+    ),
+    *_motd_labels(),
 )
 LABELS_BY_KEY = {spec.key: spec for spec in LABELS}
-# pydantic reports errors under a field's alias (``proxyMode``) or its name
+# for messages: the MOTD labels as one pattern rather than twenty names
+_KNOWN_LABELS = ", ".join(
+    [spec.key for spec in LABELS if not spec.key.startswith("motds.")]
+    + [f"motds.{{{','.join(_MOTD_STATES)}}}.{{{','.join(f[0] for f in _MOTD_FIELDS)}}}"]
+)
+# pydantic reports errors under a field's alias (``proxyMode``) or its name; nested
+# fields under their dotted path
 _SPEC_BY_FIELD = {
     name: spec
     for spec in LABELS
     if spec.field is not None
-    for name in (spec.field, ServerDefinition.model_fields[spec.field].alias or spec.field)
+    for name in (
+        (spec.field,)
+        if "." in spec.field
+        else (spec.field, ServerDefinition.model_fields[spec.field].alias or spec.field)
+    )
 }
+
+
+def _nest(values: Mapping[str, object]) -> dict[str, object]:
+    """``{"motds.sleeping.text": v}`` → ``{"motds": {"sleeping": {"text": v}}}``."""
+    nested: dict[str, object] = {}
+    for path, value in values.items():
+        *parents, leaf = path.split(".")
+        node = nested
+        for part in parents:
+            child = node.setdefault(part, {})
+            assert isinstance(child, dict)
+            node = child
+        node[leaf] = value
+    return nested
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -434,13 +577,13 @@ def _unknown_label(name: str, prefix: str, key: str) -> LabelProblem:
     return LabelProblem(
         name,
         f"{prefix}.{key}",
-        f"unknown label, ignored{hint}; known: {', '.join(LABELS_BY_KEY)}",
+        f"unknown label, ignored{hint}; known: {_KNOWN_LABELS}",
         dropped=False,
     )
 
 
 def _server_from_container(
-    record: ContainerRecord, ctx: _Context
+    record: ContainerRecord, ctx: _Context, *, sleeping: bool = False
 ) -> tuple[ServerDefinition | None, list[LabelProblem]]:
     labels = _mapping(record.get("Labels"))
     dotted = ctx.prefix + "."
@@ -473,15 +616,25 @@ def _server_from_container(
     port = values.get("port", DEFAULT_BACKEND_PORT)
     network = values.get("docker_network")
     assert isinstance(port, int) and (network is None or isinstance(network, str))
-    address = _backend(record, name, port, network, ctx)
-    if isinstance(address, LabelProblem):
-        return None, [*problems, address]
+    addresses: list[BackendAddress] = []
+    if not sleeping:  # a stopped container has no address until it runs
+        address = _backend(record, name, port, network, ctx)
+        if isinstance(address, LabelProblem):
+            return None, [*problems, address]
+        addresses.append(address)
     fields = {spec.field: values[spec.key] for spec in LABELS if spec.field and spec.key in values}
     try:
-        server = ServerDefinition.model_validate({"id": name, "addresses": [address], **fields})
+        server = ServerDefinition.model_validate(
+            {"id": name, "addresses": addresses, "sleeping": sleeping, **_nest(fields)}
+        )
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
-            spec = _SPEC_BY_FIELD.get(str(error["loc"][0])) if error["loc"] else None
+            loc = [str(part) for part in error["loc"]]
+            spec = None
+            for end in range(len(loc), 0, -1):  # the longest path a label maps to
+                spec = _SPEC_BY_FIELD.get(".".join(loc[:end]))
+                if spec is not None:
+                    break
             # the model-level rule ("needs domains or default") is about the domains label
             label = dotted + (spec.key if spec else "domains")
             message = error["msg"].removeprefix("Value error, ")
@@ -497,7 +650,8 @@ def servers_from_containers(
 ) -> ContainerScan:
     """The servers and problems of a ``/containers/json`` listing.
 
-    Only running containers count (paused ones are not routed). ``own_container_id`` is
+    Running containers count, and stopped (exited or created) ones labelled
+    ``auto_start``, as sleeping servers; paused ones are not routed. ``own_container_id`` is
     discoproxy's own container, when it runs in one: a container on several networks is
     then reached on the one network it shares with discoproxy.
     """
@@ -522,14 +676,26 @@ def servers_from_containers(
     servers: list[ServerDefinition] = []
     problems: list[LabelProblem] = []
     for record in containers:
-        if record.get("State", "running") != "running":
-            continue
-        server, found = _server_from_container(record, ctx)
+        state = record.get("State", "running")
+        sleeping = False
+        if state != "running":
+            if state not in SLEEPING_STATES or not _wants_auto_start(record, ctx.prefix):
+                continue
+            sleeping = True
+        server, found = _server_from_container(record, ctx, sleeping=sleeping)
         problems += found
         if server is not None:
             servers.append(server)
     servers.sort(key=lambda s: s.id)
     return ContainerScan(tuple(servers), tuple(sorted(set(problems))))
+
+
+def _wants_auto_start(record: ContainerRecord, prefix: str) -> bool:
+    value = _mapping(record.get("Labels")).get(f"{prefix}.auto_start")
+    try:
+        return isinstance(value, str) and parse_bool(value)
+    except ValueError:
+        return False
 
 
 def is_relevant_event(event: Mapping[str, object], prefix: str) -> bool:
@@ -741,6 +907,7 @@ class DockerProvider:
         self.settings = settings
         self._log = logger.bind(provider=name)
         self._limiter = anyio.CapacityLimiter(WORKER_THREADS)
+        self._control_limiter = anyio.CapacityLimiter(WORKER_THREADS)
         self._unavailable = f"no Docker engine answers at {settings.endpoint}"
         self._own_id: str | None = None
         self._own_id_known = False
@@ -866,9 +1033,34 @@ class DockerProvider:
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
                 return  # the provider is gone (cancelled, or its loop closed)
 
+    async def start_server(self, server_id: str) -> None:
+        """Start the container ``server_id`` (a stopped ``auto_start`` server)."""
+        await self._control(server_id, "started", lambda client: client.start(server_id))
+
+    async def stop_server(self, server_id: str) -> None:
+        """Stop the container ``server_id`` (``auto_stop_after``)."""
+        await self._control(
+            server_id, "stopped", lambda client: client.stop(server_id, timeout=STOP_TIMEOUT_S)
+        )
+
+    async def _control(self, server_id: str, done: str, action: Callable[[Any], object]) -> None:
+        """Start or stop a container, in threads of its own: a stop may take
+        ``STOP_TIMEOUT_S``, and resyncs must not wait behind it."""
+
+        def call() -> None:
+            client = self._connect(self.settings.api_timeout + STOP_TIMEOUT_S)
+            try:
+                action(client)
+            finally:
+                client.close()
+
+        with _engine_errors(self.settings.endpoint):
+            await anyio.to_thread.run_sync(call, limiter=self._control_limiter)
+        self._log.info("container {} {}", server_id, done)
+
     async def resync(self, client: Any, publish: Publish) -> ContainerScan:
-        """List running containers once and publish the complete snapshot."""
-        listed = await self._call(client.containers)
+        """List containers once and publish the complete snapshot."""
+        listed = await self._call(partial(client.containers, all=True))
         self._listing = [r for r in listed if isinstance(r, Mapping)]
         return self._publish(self._listing, publish, prune=True)
 

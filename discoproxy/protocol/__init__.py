@@ -27,12 +27,16 @@ from .http import encode_response as encode_response
 from .http import looks_like_http as looks_like_http
 from .http import parse_request_head as parse_request_head
 from .minecraft import MAX_HANDSHAKE_PACKET_BYTES as MAX_HANDSHAKE_PACKET_BYTES
+from .minecraft import MAX_LEGACY_HOST_UNITS as MAX_LEGACY_HOST_UNITS
 from .minecraft import MAX_PACKET_BYTES as MAX_PACKET_BYTES
 from .minecraft import MAX_VARINT_BYTES as MAX_VARINT_BYTES
 from .minecraft import Handshake as Handshake
+from .minecraft import LegacyPing as LegacyPing
 from .minecraft import Packet as Packet
 from .minecraft import encode_handshake as encode_handshake
+from .minecraft import encode_legacy_beta_kick as encode_legacy_beta_kick
 from .minecraft import encode_legacy_kick as encode_legacy_kick
+from .minecraft import encode_legacy_ping_1_6 as encode_legacy_ping_1_6
 from .minecraft import encode_login_disconnect as encode_login_disconnect
 from .minecraft import encode_packet as encode_packet
 from .minecraft import encode_pong as encode_pong
@@ -41,6 +45,7 @@ from .minecraft import encode_string as encode_string
 from .minecraft import encode_varint as encode_varint
 from .minecraft import is_legacy_ping as is_legacy_ping
 from .minecraft import parse_handshake as parse_handshake
+from .minecraft import parse_legacy_ping as parse_legacy_ping
 from .minecraft import parse_packet as parse_packet
 from .minecraft import read_varint as read_varint
 from .minecraft import status_json as status_json

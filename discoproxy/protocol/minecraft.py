@@ -57,6 +57,11 @@ MAX_STRING_CHARS = 32767
 # Legacy (pre-1.7) kick packet: id 0xFF, UTF-16BE string with a 16-bit length in units.
 MAX_LEGACY_KICK_UNITS = 0xFFFF
 
+# Host name in a 1.6 ``MC|PingHost`` ping, in UTF-16 units: the same 255 the modern
+# handshake allows for its String(255) address. A 1.6 client sends the name typed in
+# the server list, so anything longer is not a client we can route.
+MAX_LEGACY_HOST_UNITS = 255
+
 HANDSHAKE_PACKET_ID = 0x00
 STATUS_RESPONSE_PACKET_ID = 0x00
 PONG_PACKET_ID = 0x01
@@ -71,6 +76,18 @@ _LEGACY_PING = 0xFE
 _LEGACY_1_4_MARKER = 0x01
 _LEGACY_1_6_PLUGIN_MESSAGE = 0xFA
 _LEGACY_KICK = 0xFF
+_LEGACY_SEPARATOR_BETA = "\u00a7"
+
+# 1.6 ping: FE 01 FA, then a plugin message on the "MC|PingHost" channel.
+_PING_HOST_CHANNEL = "MC|PingHost"
+_PING_HOST_PREFIX = bytes((_LEGACY_PING, _LEGACY_1_4_MARKER, _LEGACY_1_6_PLUGIN_MESSAGE)) + (
+    struct.pack(">H", len(_PING_HOST_CHANNEL)) + _PING_HOST_CHANNEL.encode("utf-16-be")
+)
+# Data after the channel: protocol byte, unsigned short host units, host, int32 port.
+_PING_HOST_FIXED_DATA = 1 + 2 + 4
+_MAX_PING_HOST_DATA = _PING_HOST_FIXED_DATA + 2 * MAX_LEGACY_HOST_UNITS
+_U16 = struct.Struct(">H")
+_I32 = struct.Struct(">i")
 
 _INT32_MIN = -(1 << 31)
 _INT32_MAX = (1 << 31) - 1
@@ -269,6 +286,142 @@ def is_legacy_ping(buf: Buffer) -> bool:
     return size == 2 or buf[2] == _LEGACY_1_6_PLUGIN_MESSAGE
 
 
+class LegacyPing(NamedTuple):  # built per connection: 3× cheaper than a frozen dataclass
+    """A parsed pre-1.7 server-list ping (see :func:`parse_legacy_ping`)."""
+
+    kind: str
+    """``"beta"`` (Beta 1.8-1.3: ``FE``), ``"1.4"`` (1.4-1.5: ``FE 01``) or ``"1.6"``."""
+    protocol_version: int | None
+    """1.6 only: the protocol byte of the ``MC|PingHost`` message (73 for 1.6.1)."""
+    host: str | None
+    """1.6 only: normalised with :func:`normalize_host`, the name routes match against."""
+    raw_host: str | None
+    """1.6 only: the host exactly as sent."""
+    port: int | None
+    """1.6 only."""
+    length: int
+    """Bytes consumed."""
+
+
+_BETA_PING = LegacyPing("beta", None, None, None, None, 1)
+_PING_1_4 = LegacyPing("1.4", None, None, None, None, 2)
+
+
+def parse_legacy_ping(buf: Buffer) -> LegacyPing | _NeedData:
+    """Parse a pre-1.7 server-list ping that :func:`is_legacy_ping` accepts.
+
+    Like vanilla, the kind is decided by what has arrived: ``FE`` alone is a Beta
+    1.8-1.3 ping and ``FE 01`` alone a 1.4-1.5 ping (those clients send nothing more
+    and wait for the kick). ``FE 01 FA`` starts the 1.6 layout: unsigned short channel
+    length in UTF-16 units (11), ``MC|PingHost`` in UTF-16BE, unsigned short data
+    length (``7 + 2 * host units``), protocol byte, unsigned short host length in
+    UTF-16 units, host in UTF-16BE, int32 port (0-65535). Anything else, ``FE 01``
+    followed by another byte included (a modern packet of length 254), is not a legacy
+    ping and raises :class:`MalformedHandshake`, as :func:`is_legacy_ping` decides.
+    """
+    if not buf:
+        return NEED_DATA
+    if not is_legacy_ping(buf):
+        head = bytes(buf[:3]).hex(" ")
+        raise MalformedHandshake(f"bytes {head} do not start a legacy ping (FE, FE 01, FE 01 FA)")
+    size = len(buf)
+    if size == 1:
+        return _BETA_PING
+    if size == 2:
+        return _PING_1_4
+    prefix_end = len(_PING_HOST_PREFIX)
+    seen = bytes(buf[3:prefix_end])
+    expected = _PING_HOST_PREFIX[3 : 3 + len(seen)]
+    if seen != expected:
+        if seen[:2] != expected[:2]:
+            raise MalformedHandshake(
+                f"1.6 ping channel length {seen[:2].hex(' ')}, expected 00 0b"
+                f" ({len(_PING_HOST_CHANNEL)} UTF-16 units: {_PING_HOST_CHANNEL})"
+            )
+        raise MalformedHandshake(
+            f"1.6 ping channel bytes {seen[2:].hex(' ')} are not {_PING_HOST_CHANNEL!r} in UTF-16BE"
+        )
+    host_start = prefix_end + 2 + 1 + 2
+    if size < host_start:
+        if size >= prefix_end + 2:
+            _check_ping_host_data(_U16.unpack_from(buf, prefix_end)[0])
+        return NEED_DATA
+    (data_length,) = _U16.unpack_from(buf, prefix_end)
+    _check_ping_host_data(data_length)
+    protocol_version = buf[prefix_end + 2]
+    (host_units,) = _U16.unpack_from(buf, prefix_end + 3)
+    if host_units > MAX_LEGACY_HOST_UNITS:
+        raise HandshakeTooLarge(
+            f"1.6 ping host of {host_units} UTF-16 units exceeds cap {MAX_LEGACY_HOST_UNITS}"
+        )
+    if data_length != _PING_HOST_FIXED_DATA + 2 * host_units:
+        raise MalformedHandshake(
+            f"1.6 ping data length {data_length}, expected"
+            f" {_PING_HOST_FIXED_DATA + 2 * host_units} for a host of {host_units} UTF-16 units"
+        )
+    port_start = host_start + 2 * host_units
+    end = port_start + _I32.size
+    if size < end:
+        return NEED_DATA
+    try:
+        raw_host = bytes(buf[host_start:port_start]).decode("utf-16-be")
+    except UnicodeDecodeError as exc:
+        raise MalformedHandshake(
+            f"1.6 ping host is not valid UTF-16BE: {exc.reason} at byte {host_start + exc.start}"
+        ) from None
+    (port,) = _I32.unpack_from(buf, port_start)
+    if not 0 <= port <= 0xFFFF:
+        raise MalformedHandshake(f"1.6 ping port {port} outside 0-65535")
+    return LegacyPing(
+        kind="1.6",
+        protocol_version=protocol_version,
+        host=normalize_host(raw_host),
+        raw_host=raw_host,
+        port=port,
+        length=end,
+    )
+
+
+def _check_ping_host_data(data_length: int) -> None:
+    """Reject a 1.6 ping data length no host can give, before waiting for the host."""
+    if data_length > _MAX_PING_HOST_DATA:
+        raise HandshakeTooLarge(
+            f"1.6 ping data length {data_length} exceeds cap {_MAX_PING_HOST_DATA}"
+            f" (a host of {MAX_LEGACY_HOST_UNITS} UTF-16 units)"
+        )
+    if data_length < _PING_HOST_FIXED_DATA or data_length % 2 == 0:
+        raise MalformedHandshake(
+            f"1.6 ping data length {data_length}, expected 7 + 2 * host UTF-16 units"
+        )
+
+
+def encode_legacy_ping_1_6(host: str, port: int, protocol_version: int = 74) -> bytes:
+    """Build the ping a 1.6 client sends; :func:`parse_legacy_ping` reads it back."""
+    if not 0 <= port <= 0xFFFF:
+        raise LocalProtocolError(f"legacy ping port {port} outside 0-65535")
+    if not 0 <= protocol_version <= 0xFF:
+        raise LocalProtocolError(f"legacy ping protocol version {protocol_version} outside 0-255")
+    try:
+        data = host.encode("utf-16-be")
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"legacy ping host is not encodable: {exc.reason}") from None
+    units = len(data) // 2
+    if units > MAX_LEGACY_HOST_UNITS:
+        raise LocalProtocolError(
+            f"legacy ping host of {units} UTF-16 units exceeds cap {MAX_LEGACY_HOST_UNITS}"
+        )
+    return b"".join(
+        (
+            _PING_HOST_PREFIX,
+            _U16.pack(_PING_HOST_FIXED_DATA + len(data)),
+            bytes((protocol_version,)),
+            _U16.pack(units),
+            data,
+            _I32.pack(port),
+        )
+    )
+
+
 def parse_packet(buf: Buffer, max_bytes: int = MAX_PACKET_BYTES) -> Packet | _NeedData:
     """Parse one uncompressed packet (Status Request, Ping Request, Login Start, ...)."""
     frame = _read_frame(buf, max_bytes, "packet")
@@ -366,3 +519,26 @@ def encode_legacy_kick(
             f"legacy kick of {units} UTF-16 units exceeds cap {MAX_LEGACY_KICK_UNITS}"
         )
     return bytes((_LEGACY_KICK,)) + struct.pack(">H", units) + data
+
+
+def encode_legacy_beta_kick(motd: str, online: int, max_players: int) -> bytes:
+    """Answer a Beta 1.8-1.3 ``FE`` ping: ``0xFF``, UTF-16BE length in code units, then
+    ``{motd}§{online}§{max}``.
+
+    ``§`` is the separator, so *motd* must not contain it: strip formatting codes first.
+    """
+    if _LEGACY_SEPARATOR_BETA in motd:
+        raise LocalProtocolError(
+            f"legacy beta kick motd {motd!r} contains \u00a7, the separator: strip codes first"
+        )
+    text = _LEGACY_SEPARATOR_BETA.join((motd, str(online), str(max_players)))
+    try:
+        data = text.encode("utf-16-be")
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"legacy beta kick is not encodable: {exc.reason}") from None
+    units = len(data) // 2
+    if units > MAX_LEGACY_KICK_UNITS:
+        raise LocalProtocolError(
+            f"legacy kick of {units} UTF-16 units exceeds cap {MAX_LEGACY_KICK_UNITS}"
+        )
+    return bytes((_LEGACY_KICK,)) + _U16.pack(units) + data

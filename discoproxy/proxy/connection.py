@@ -28,6 +28,7 @@ import ctypes
 import enum
 import errno
 import ipaddress
+import json
 import math
 import os
 import socket
@@ -37,10 +38,13 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from discoproxy.model import DEFAULT_BACKEND_PORT
+from discoproxy.motd import legacy_fields, strip_codes
 from discoproxy.protocol import http, minecraft, tls
 from discoproxy.protocol.errors import NEED_DATA, Hint, ProtocolError
 from discoproxy.protocol.proxy_protocol import ProxyHeader, encode_v2, parse_proxy_header
 from discoproxy.protocol.sniff import Sniffed, detect_protocol
+from discoproxy.status import LEGACY_PING_PROTOCOL, StatusState, display_name, rewritten_host
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -54,6 +58,10 @@ if TYPE_CHECKING:
 # (TLS ClientHello 16 KiB) plus a PROXY header and a following packet. Beyond it, the
 # client is not speaking any protocol we route.
 MAX_PREFIX_BYTES = 20 * 1024
+# A 1.6 ping ("FE 01 FA" + MC|PingHost) still incomplete after this long is answered as
+# a 1.4 one: some clients (mcstatus) send only "FE 01 FA", and 1.6 writes its ping in
+# several small writes, so the rest is normally there within a round trip.
+LEGACY_PING_GRACE_S = 0.3
 # One read while the prefix is gathered.
 PREFIX_READ_BYTES = 32 * 1024
 # A read at least this big marks a bulk stream: read again before going back to epoll,
@@ -85,6 +93,7 @@ class ConnState(enum.IntEnum):
     DIALING = 5
     FORWARDING = 6
     CLOSED = 7
+    WAKING = 8  # a login held while its stopped server starts (auto_start)
 
 
 # Members as module constants: on Python 3.11 ``ConnState.X`` goes through EnumType's
@@ -97,6 +106,7 @@ ANSWERING = ConnState.ANSWERING
 DIALING = ConnState.DIALING
 FORWARDING = ConnState.FORWARDING
 CLOSED = ConnState.CLOSED
+WAKING = ConnState.WAKING
 _MINECRAFT = Sniffed.MINECRAFT
 _MINECRAFT_LEGACY = Sniffed.MINECRAFT_LEGACY
 _TLS = Sniffed.TLS
@@ -105,8 +115,10 @@ _HTTP = Sniffed.HTTP
 _TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
     ACCEPTED: frozenset({PROXY_HEADER, SNIFFING, CLOSED}),
     PROXY_HEADER: frozenset({SNIFFING, CLOSED}),
-    SNIFFING: frozenset({ANSWERING, DIALING, CLOSED}),
+    SNIFFING: frozenset({ANSWERING, DIALING, WAKING, CLOSED}),
     ANSWERING: frozenset({CLOSED}),
+    # waking → dialing: the server answers in time; → answering: it gets the "starting" text
+    WAKING: frozenset({DIALING, ANSWERING, CLOSED}),
     # dialing → answering: every address failed, the client gets told so
     DIALING: frozenset({ANSWERING, FORWARDING, CLOSED}),
     FORWARDING: frozenset({CLOSED}),
@@ -337,13 +349,18 @@ class ClientConnection:
         "_dial_errors",
         "_dial_name",
         "_dial_task",
+        "_handshake",
         "_handshake_length",
         "_kind",
+        "_legacy",
+        "_legacy_wait",
         "_name",
         "_next_address",
         "_next_state",
+        "_player",
         "_proxy_header",
         "_resolved_addresses",
+        "_status_pending",
         "active",
         "backend_addr",
         "bfd",
@@ -396,6 +413,11 @@ class ClientConnection:
         self._name: str | None = None
         self._next_state = 0
         self._handshake_length = 0
+        self._handshake: minecraft.Handshake | None = None
+        self._legacy: minecraft.LegacyPing | None = None
+        self._legacy_wait = 0  # 1: a 1.6 ping is incomplete, 2: waited enough for it
+        self._status_pending = False
+        self._player = False
         self._proxy_header: ProxyHeader | None = None
         self._resolved_addresses: list[Resolved] | None = None
         self._dial_name: str | None = None
@@ -573,8 +595,20 @@ class ClientConnection:
             if handshake is NEED_DATA:
                 return
             name = handshake.server_address
+            self._handshake = handshake
             self._next_state = handshake.next_state
             self._handshake_length = handshake.length
+        elif kind is _MINECRAFT_LEGACY:
+            ping = minecraft.parse_legacy_ping(buffer)
+            if ping is NEED_DATA:
+                if self._legacy_wait == 0:  # a stalled 1.6 ping is answered as 1.4 soon
+                    self._legacy_wait = 1
+                    self.ctx.reactor.call_later(LEGACY_PING_GRACE_S, self._legacy_stalled)
+                if self._legacy_wait == 1:
+                    return
+                ping = minecraft.LegacyPing("1.4", None, None, None, None, len(buffer))
+            self._legacy = ping
+            name = ping.host
         elif kind is _TLS:
             hello = tls.parse_client_hello(buffer)
             if hello is NEED_DATA:
@@ -594,11 +628,29 @@ class ClientConnection:
             self._answer_unknown(kind, name)
             return
         self.route = route
+        if kind is _MINECRAFT:
+            if self._next_state == minecraft.NEXT_STATE_STATUS:
+                self._answer_status(self._handshake_length)
+                return
+            if route.server.sleeping:
+                self._wake()
+                return
+        elif kind is _MINECRAFT_LEGACY:
+            self._answer_status(0)
+            return
         self._move(DIALING)
         self.ctx.handshaking.discard(self)
         if self.cmask > 0:
             self.sync_events()  # stop reading the client until the backend is up
         self._dial_next()
+
+    def _legacy_stalled(self) -> None:
+        if self.state is SNIFFING and self._legacy is None:
+            self._legacy_wait = 2
+            try:
+                self._sniff()
+            except ProtocolError as exc:
+                self._fail(str(exc), exc.hint)
 
     # -- answers when nothing routes ----------------------------------------------------
 
@@ -625,7 +677,8 @@ class ClientConnection:
                 return
             self._reply(minecraft.encode_login_disconnect(minecraft.text_component(text)))
         elif kind is _MINECRAFT_LEGACY:
-            self._reply(minecraft.encode_legacy_kick(text))
+            status = self.ctx.status.synthesized(None, StatusState.UNKNOWN, -1, name or "")
+            self._reply(_legacy_answer(self._legacy, status))
         elif kind is _TLS:
             self._reply(tls.encode_alert(tls.ALERT_UNRECOGNIZED_NAME))
         elif kind is _HTTP:
@@ -635,16 +688,80 @@ class ClientConnection:
                 self._reply(http.encode_response(400, "Bad Request", "missing Host\n"))
         self.close(reason)
 
+    def _answer_status(self, handshake_length: int) -> None:
+        """A status ping (modern or legacy) for a routed server: answered here, from the
+        status cache or one ping to the backend (``discoproxy.status``)."""
+        self.buffer = self.buffer[handshake_length:]
+        self.reason = "status answered"
+        self._move(ANSWERING)
+        if self._legacy is not None:
+            self._status_pending = True
+            self._dial_task = self.ctx.spawn(self._fetch_status())
+            return
+        self._answer_status_packets()
+
+    async def _fetch_status(self) -> None:
+        """On the asyncio loop: the status to answer with; back to the reactor with it."""
+        route = self.route
+        assert route is not None
+        handshake, legacy = self._handshake, self._legacy
+        if handshake is not None:
+            protocol, domain, port = (
+                handshake.protocol_version,
+                handshake.server_address,
+                handshake.server_port,
+            )
+        else:
+            protocol, domain = LEGACY_PING_PROTOCOL, (legacy.host if legacy else None) or ""
+            port = (legacy.port if legacy else None) or DEFAULT_BACKEND_PORT
+        status = self.ctx.status
+        try:
+            text, state = await status.answer(route, protocol, domain, port, self.client_addr)
+        except Exception as exc:  # a bug: this connection only
+            logger.opt(exception=exc).error("internal error answering a status ping")
+            reason = f"internal error: {exc!r}"
+            self.ctx.reactor.call(lambda: self.abort(reason))
+            return
+        self.ctx.reactor.call(lambda: self._status_ready(text, state))
+
+    def _status_ready(self, text: str, state: StatusState) -> None:
+        if self.state is not ANSWERING:
+            return
+        self._dial_task = None
+        self._status_pending = False
+        self.reason = f"status answered ({state.value})"
+        if self._legacy is not None:
+            self._reply(_legacy_answer(self._legacy, text))
+            self.close(self.reason)
+            return
+        self._reply(minecraft.encode_status_response(text))
+        self._answer_status_packets()
+
     def _answer_status_packets(self) -> None:
-        """Status request → unknown-server status; ping → pong and close (wiki.vg SLP)."""
-        while self.state is ANSWERING:
+        """Status request → status; ping → pong and close (wiki.vg SLP)."""
+        while self.state is ANSWERING and not self._status_pending:
             packet = minecraft.parse_packet(self.buffer, max_bytes=64)
             if packet is NEED_DATA:
                 return
             self.buffer = self.buffer[packet.length :]
             if packet.packet_id == 0x00:
-                status = minecraft.status_json(self._unknown_text(self._name))
-                self._reply(minecraft.encode_status_response(status))
+                route = self.route
+                if route is None:
+                    protocol = self._handshake.protocol_version if self._handshake else -1
+                    status = self.ctx.status.synthesized(
+                        None, StatusState.UNKNOWN, protocol, self._name or ""
+                    )
+                    self._reply(minecraft.encode_status_response(status))
+                    continue
+                assert self._handshake is not None
+                cached = self.ctx.status.cached(route, self._handshake.protocol_version)
+                if cached is not None:
+                    self.reason = "status answered (cached)"
+                    self._reply(cached)
+                    continue
+                self._status_pending = True
+                self._dial_task = self.ctx.spawn(self._fetch_status())
+                return
             elif packet.packet_id == 0x01:
                 self._reply(minecraft.encode_pong(packet.payload))
                 self.close(self.reason)
@@ -746,11 +863,30 @@ class ClientConnection:
         self.backend_addr = (ip, port)
         self._dial_name = name
         up = self.up
-        if up.out is None:  # first attempt: what the backend must see first
-            header = self._proxy_header_for_backend() if self.route.send_proxy_protocol else b""  # type: ignore[union-attr]
-            up.out = header + self.buffer if header else bytes(self.buffer)
+        route = self.route
+        assert route is not None
+        rewrite = self._handshake is not None and route.server.domain_rewrite is not None
+        if up.out is None or rewrite:  # what the backend must see first
+            header = self._proxy_header_for_backend() if route.send_proxy_protocol else b""
+            prefix = self._rewritten_prefix(name or ip) if rewrite else self.buffer
+            up.out = header + prefix if header else bytes(prefix)
         self._backend_writable()
         return True
+
+    def _rewritten_prefix(self, dialed_host: str) -> bytes:
+        """The prefix with the handshake's host replaced (``domain_rewrite``); what
+        follows the host in the address (Forge's ``\0FML…``, forwarding data) is kept."""
+        handshake = self._handshake
+        route = self.route
+        assert handshake is not None and route is not None
+        raw = handshake.raw_address
+        cut = raw.find("\0")
+        suffix = raw[cut:] if cut >= 0 else ""
+        host = rewritten_host(route.server, dialed_host, handshake.server_address)
+        rebuilt = minecraft.encode_handshake(
+            handshake.protocol_version, host + suffix, handshake.server_port, handshake.next_state
+        )
+        return rebuilt + bytes(self.buffer[handshake.length :])
 
     def _backend_writable(self) -> None:
         """Connecting: write the prefix. It goes through once the connection is up."""
@@ -807,6 +943,11 @@ class ClientConnection:
     def _backend_unreachable(self) -> None:
         route = self.route
         assert route is not None
+        waker = self.ctx.waker
+        if waker is not None and waker.is_starting(route.qualified_id):
+            self.up.out = None
+            self._starting_disconnect()
+            return
         logger.bind(conn=self.id, route=route.qualified_id).warning(
             "conn #{} backend unreachable for {}: {}",
             self.id,
@@ -816,14 +957,64 @@ class ClientConnection:
         self.up.out = None
         self._move(ANSWERING)
         if self._kind is _MINECRAFT and self._next_state != 1:
-            message = f"Server {route.server.name or route.server.id} is unreachable"
+            message = self._message(self.ctx.config.unreachable_message)
             self._reply(minecraft.encode_login_disconnect(minecraft.text_component(message)))
         elif self._kind is _HTTP:
             self._reply(http.encode_response(502, "Bad Gateway", "backend unreachable\n"))
         self.close("backend unreachable")
 
+    def _message(self, template: str) -> str:
+        route = self.route
+        server = display_name(route.server) if route is not None else ""
+        return template.replace("{server}", server).replace("{domain}", self._name or "")
+
+    # -- wake-on-connect ----------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """A login for a stopped server: start it, hold the login up to
+        ``auto_start_wait`` for it, else tell the player to come back."""
+        route = self.route
+        assert route is not None
+        self._move(WAKING)
+        self.ctx.handshaking.discard(self)
+        self.sync_events()  # the client waits, unread
+        self._dial_task = self.ctx.spawn(self._await_wake(route))
+
+    async def _await_wake(self, route: Route) -> None:
+        waker = self.ctx.waker
+        ready = None
+        if waker is not None and route.server.auto_start:
+            await waker.wake(route)
+            wait = self.ctx.config.auto_start_wait
+            if wait > 0:
+                ready = await waker.wait_ready(route.qualified_id, wait)
+        self.ctx.reactor.call(lambda: self._woken(ready))
+
+    def _woken(self, route: Route | None) -> None:
+        if self.state is not WAKING:
+            return
+        self._dial_task = None
+        if route is None:
+            self._starting_disconnect()
+            return
+        self.route = route
+        self._move(DIALING)
+        self._dial_next()
+
+    def _starting_disconnect(self) -> None:
+        self._move(ANSWERING)
+        message = self._message(self.ctx.config.starting_message)
+        self._reply(minecraft.encode_login_disconnect(minecraft.text_component(message)))
+        self.close("server starting")
+
     def _start_forwarding(self) -> None:
         self._move(FORWARDING)
+        if self._kind is _MINECRAFT:  # a player: counted for auto_stop_after
+            route = self.route
+            waker = self.ctx.waker
+            if waker is not None and route is not None and route.server.auto_start:
+                waker.player_joined(route.qualified_id)
+                self._player = True
         up, down = self.up, self.down
         up.src = down.dst = self.cfd
         up.dst = down.src = self.bfd
@@ -904,6 +1095,9 @@ class ClientConnection:
         up, down = self.up, self.down
         up.release()
         down.release()
+        if self._player:
+            self._player = False
+            ctx.waker.player_left(self.route.qualified_id)  # type: ignore[union-attr]
         # break the conn <-> flow cycles: refcounting frees the connection now, not
         # the cyclic GC later (fewer collections, memory reused at once)
         up.conn = down.conn = None  # type: ignore[assignment]
@@ -926,3 +1120,18 @@ def _unmapped(addr: tuple[str, int]) -> tuple[str, int]:
         if mapped is not None:
             return (str(mapped), addr[1])
     return (host.split("%", 1)[0], addr[1])
+
+
+def _legacy_answer(ping: minecraft.LegacyPing | None, status: str) -> bytes:
+    """A pre-1.7 ping's answer from a status document: Beta's ``motd§online§max``, or
+    the 1.4+ ``§1`` format."""
+    motd, version, protocol, online, max_players = legacy_fields(json.loads(status))
+    if ping is None or ping.kind == "beta":
+        return minecraft.encode_legacy_beta_kick(strip_codes(motd), online, max_players)
+    return minecraft.encode_legacy_kick(
+        motd.replace("\0", ""),
+        protocol=protocol,
+        version_name=version.replace("\0", ""),
+        online=online,
+        max_players=max_players,
+    )

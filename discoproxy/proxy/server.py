@@ -10,8 +10,9 @@ Rules for this file:
   ``ACCEPT_BACKOFF_S`` instead of spinning on a socket that stays readable. Code on the
   asyncio side reaches connections only through ``Reactor.call``/``Reactor.run``.
 - The only tasks a connection starts resolve backend host names not in the name cache
-  (IP literals are dialed in place); they run on the asyncio loop, are owned by
-  :class:`ProxyContext`, and are cancelled at shutdown. Nothing is fire-and-forget.
+  (IP literals are dialed in place), fetch a status a ping needs (cache misses) or wake
+  a stopped server; they run on the asyncio loop, are owned by :class:`ProxyContext`,
+  and are cancelled at shutdown. Nothing is fire-and-forget.
 - Reactor timers sweep ``handshake_timeout``, ``connect_timeout`` and ``idle_timeout``
   for all connections at a fixed tick, instead of one timer per connection.
 """
@@ -25,7 +26,7 @@ import itertools
 import math
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from select import EPOLLIN
 from typing import Any
 
@@ -39,6 +40,8 @@ from discoproxy.proxy.connection import ClientConnection, _format_addr
 from discoproxy.proxy.names import NameCache
 from discoproxy.proxy.reactor import Reactor
 from discoproxy.routing import Registry
+from discoproxy.status import StatusService
+from discoproxy.wake import ServerControl, Waker
 
 # A burst of connections must not be refused by the kernel while the loop is busy;
 # 4096 matches common somaxconn defaults on current kernels.
@@ -58,9 +61,16 @@ REJECTION_LOG_INTERVAL_S = 5.0
 class ProxyContext:
     """What every connection shares: config, the registry, and the set of live connections."""
 
-    def __init__(self, config: ProxyConfig, registry: Registry) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        registry: Registry,
+        controls: Mapping[str, ServerControl] | None = None,
+    ) -> None:
         self.config = config
         self.registry = registry
+        self.waker = Waker(registry, controls or {})
+        self.status = StatusService(config, self.waker)
         self.connections: set[ClientConnection] = set()
         # connections still owing their PROXY header / handshake, for sweep_handshakes
         self.handshaking: set[ClientConnection] = set()
@@ -328,10 +338,11 @@ async def run_proxy(
     registry: Registry,
     *,
     context: ProxyContext | None = None,
+    controls: Mapping[str, ServerControl] | None = None,
     task_status: TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run every listener until cancelled, then drain connections gracefully."""
-    ctx = context or ProxyContext(config, registry)
+    ctx = context or ProxyContext(config, registry, controls)
     ctx.loop = asyncio.get_running_loop()
     ctx.reactor = Reactor()
     ctx.start_sweeps()
@@ -342,6 +353,8 @@ async def run_proxy(
             for host, port in config.bind_addresses:
                 bound += await tg.start(serve_listener, ctx, host, port)
             tg.start_soon(_watch_reactor, ctx)
+            if ctx.waker.controls:
+                tg.start_soon(ctx.waker.run)
             task_status.started(bound)
     finally:
         ctx.closing = True

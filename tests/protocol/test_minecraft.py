@@ -13,14 +13,19 @@ from mcstatus import JavaServer, LegacyServer
 
 from discoproxy.protocol import (
     MAX_HANDSHAKE_PACKET_BYTES,
+    MAX_LEGACY_HOST_UNITS,
     MAX_PACKET_BYTES,
     NEED_DATA,
+    Buffer,
     Handshake,
     HandshakeTooLarge,
+    LegacyPing,
     LocalProtocolError,
     MalformedHandshake,
     encode_handshake,
+    encode_legacy_beta_kick,
     encode_legacy_kick,
+    encode_legacy_ping_1_6,
     encode_login_disconnect,
     encode_packet,
     encode_pong,
@@ -30,6 +35,7 @@ from discoproxy.protocol import (
     is_legacy_ping,
     normalize_host,
     parse_handshake,
+    parse_legacy_ping,
     parse_packet,
     read_varint,
     status_json,
@@ -485,3 +491,288 @@ def test_mcstatus_legacy_ping_gets_our_kick(status_server: _StatusServer) -> Non
     assert (status.version.name, status.version.protocol) == ("1.6.2", 74)
     assert (status.players.online, status.players.max) == (1, 10)
     assert status_server.received == [b"\xfe\x01\xfa"]
+
+
+# --- Legacy (pre-1.7) ping parser -----------------------------------------------------
+
+# What a 1.6 client (protocol 74, 1.6.2) sends for localhost:25565, byte by byte from
+# https://minecraft.wiki/w/Java_Edition_protocol/Server_List_Ping#1.6
+LEGACY_1_6_CAPTURE = bytes.fromhex(
+    "fe"  # server list ping
+    "01"  # its payload, always 1
+    "fa"  # plugin message
+    "000b"  # channel length in UTF-16 units: 11
+    "004d0043007c00500069006e00670048006f00730074"  # "MC|PingHost" in UTF-16BE
+    "0019"  # data length: 7 + 2 * 9
+    "4a"  # protocol version 74
+    "0009"  # host length in UTF-16 units
+    "006c006f00630061006c0068006f00730074"  # "localhost" in UTF-16BE
+    "000063dd"  # port 25565 as an int
+)
+
+
+def parse_1_6(buf: Buffer) -> LegacyPing | _NeedData:
+    """parse_legacy_ping as a caller that waits for ``FE 01 FA`` uses it.
+
+    ``FE`` and ``FE 01`` alone are complete Beta and 1.4 pings (vanilla decides on what
+    has arrived), so a 1.6 ping's first two prefixes are not NEED_DATA by design.
+    """
+    if len(buf) < 3:
+        return NEED_DATA
+    return parse_legacy_ping(buf)
+
+
+def ping_1_6_header(data_length: int, protocol: int, host_units: int) -> bytes:
+    """A 1.6 ping up to the host, with any declared lengths."""
+    return LEGACY_1_6_CAPTURE[:27] + struct.pack(">HBH", data_length, protocol, host_units)
+
+
+def test_legacy_1_6_capture_from_the_wiki() -> None:
+    ping = feed(parse_1_6, LEGACY_1_6_CAPTURE)
+    assert ping == LegacyPing(
+        kind="1.6",
+        protocol_version=74,
+        host="localhost",
+        raw_host="localhost",
+        port=25565,
+        length=len(LEGACY_1_6_CAPTURE),
+    )
+    assert encode_legacy_ping_1_6("localhost", 25565, 74) == LEGACY_1_6_CAPTURE
+    assert encode_legacy_ping_1_6("localhost", 25565) == LEGACY_1_6_CAPTURE
+    assert is_legacy_ping(LEGACY_1_6_CAPTURE)
+
+
+@pytest.mark.parametrize(
+    ("wire", "kind", "length"),
+    [(b"\xfe", "beta", 1), (b"\xfe\x01", "1.4", 2)],
+)
+def test_legacy_beta_and_1_4_pings(wire: bytes, kind: str, length: int) -> None:
+    for buffer_kind in (bytes, bytearray, memoryview):
+        assert parse_legacy_ping(buffer_kind(wire)) == LegacyPing(
+            kind, None, None, None, None, length
+        )
+
+
+def test_legacy_ping_prefixes() -> None:
+    assert parse_legacy_ping(b"") is NEED_DATA
+    assert parse_legacy_ping(LEGACY_1_6_CAPTURE[:1]).kind == "beta"  # type: ignore[union-attr]
+    assert parse_legacy_ping(LEGACY_1_6_CAPTURE[:2]).kind == "1.4"  # type: ignore[union-attr]
+    for cut in range(3, len(LEGACY_1_6_CAPTURE)):
+        assert parse_legacy_ping(LEGACY_1_6_CAPTURE[:cut]) is NEED_DATA
+
+
+def test_legacy_1_6_host_is_normalised_like_the_handshake() -> None:
+    ping = feed(parse_1_6, encode_legacy_ping_1_6("MC.Example.COM.\0FML\0", 25566, 78))
+    assert (ping.host, ping.raw_host, ping.port, ping.protocol_version) == (
+        "mc.example.com",
+        "MC.Example.COM.\0FML\0",
+        25566,
+        78,
+    )
+
+
+def test_legacy_1_6_read_by_read() -> None:
+    wire = encode_legacy_ping_1_6("play.example.org", 25565)
+    reads = split_at(wire, [3, 10, 29, 33, len(wire) - 1])
+    assert feed_reads(parse_legacy_ping, reads) == parse_legacy_ping(wire)
+
+
+def test_legacy_1_6_stops_at_its_end() -> None:
+    wire = encode_legacy_ping_1_6("a", 1)
+    ping = parse_legacy_ping(wire + b"\x00\x01\x02")
+    assert ping is not NEED_DATA
+    assert ping.length == len(wire)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [b"\x00", b"\xfe\x02", b"\xfe\x01\x00", VANILLA_LOGIN_HANDSHAKE, b"\x16\x03\x01"],
+)
+def test_not_a_legacy_ping_is_rejected(wire: bytes) -> None:
+    # FE 01 followed by anything but FA is a modern packet of length 254, as
+    # is_legacy_ping decides: not ours to answer.
+    with pytest.raises(MalformedHandshake, match="do not start a legacy ping"):
+        parse_legacy_ping(wire)
+
+
+def _channel(name: str) -> bytes:
+    return b"\xfe\x01\xfa" + struct.pack(">H", len(name)) + name.encode("utf-16-be")
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (_channel("MC|PingHosts") + b"\x00" * 20, "channel length 00 0c, expected 00 0b"),
+        (_channel("MC|PingHos") + b"\x00" * 20, "channel length 00 0a"),
+        (_channel("MC|PingPort") + b"\x00" * 20, "are not 'MC|PingHost'"),
+        (ping_1_6_header(0x19, 74, 8) + b"\x00" * 20, "data length 25, expected 23"),
+        (ping_1_6_header(0x18, 74, 9), "data length 24, expected 7 \\+ 2"),
+        (ping_1_6_header(5, 74, 0), "data length 5, expected 7 \\+ 2"),
+        (
+            ping_1_6_header(9, 74, 1) + b"\xd8\x00" + struct.pack(">i", 25565),
+            "host is not valid UTF-16BE",
+        ),
+        (encode_legacy_ping_1_6("a", 1)[:-4] + struct.pack(">i", 65536), "port 65536 outside"),
+        (encode_legacy_ping_1_6("a", 1)[:-4] + struct.pack(">i", -1), "port -1 outside"),
+    ],
+)
+def test_malformed_legacy_1_6_ping_is_rejected(wire: bytes, message: str) -> None:
+    feed_error(parse_1_6, wire, MalformedHandshake, match=message)
+
+
+def test_wrong_channel_is_rejected_before_the_rest_arrives() -> None:
+    assert feed_error(parse_1_6, _channel("XX|PingHost") + b"\x00" * 40, MalformedHandshake) == 7
+
+
+def test_legacy_host_cap_is_enforced_before_the_host_arrives() -> None:
+    # A host over the cap, with a consistent data length: rejected from the data length.
+    over = MAX_LEGACY_HOST_UNITS + 1
+    wire = ping_1_6_header(7 + 2 * over, 74, over) + b"\x00\x61" * over + b"\x00" * 4
+    assert feed_error(parse_1_6, wire, HandshakeTooLarge, match="exceeds cap") == 29
+    # A small data length but a host length over the cap: rejected from the host length.
+    wire = ping_1_6_header(9, 74, 0xFFFF) + b"\x00" * 40
+    assert (
+        feed_error(
+            parse_1_6,
+            wire,
+            HandshakeTooLarge,
+            match="^1.6 ping host of 65535 UTF-16 units exceeds cap 255$",
+        )
+        == 32
+    )
+
+
+def test_legacy_host_exactly_at_the_cap_is_accepted() -> None:
+    host = "h" * MAX_LEGACY_HOST_UNITS
+    assert feed(parse_1_6, encode_legacy_ping_1_6(host, 25565)).raw_host == host
+
+
+def test_legacy_ping_encoder_refuses_what_the_protocol_cannot_carry() -> None:
+    with pytest.raises(LocalProtocolError, match="port 65536"):
+        encode_legacy_ping_1_6("a", 65536)
+    with pytest.raises(LocalProtocolError, match="protocol version 256"):
+        encode_legacy_ping_1_6("a", 1, 256)
+    with pytest.raises(LocalProtocolError, match="256 UTF-16 units exceeds cap 255"):
+        encode_legacy_ping_1_6("h" * 256, 1)
+    with pytest.raises(LocalProtocolError, match="not encodable"):
+        encode_legacy_ping_1_6("\ud800", 1)
+
+
+LEGACY_HOSTS = st.text(alphabet=st.characters(codec="utf-8"), max_size=100)  # no surrogates
+
+
+@PROPERTY
+@given(host=LEGACY_HOSTS, port=st.integers(0, 65535), protocol=st.integers(0, 255))
+def test_legacy_1_6_round_trips(host: str, port: int, protocol: int) -> None:
+    ping = feed(parse_1_6, encode_legacy_ping_1_6(host, port, protocol))
+    assert (ping.kind, ping.raw_host, ping.port, ping.protocol_version) == (
+        "1.6",
+        host,
+        port,
+        protocol,
+    )
+    assert ping.host == normalize_host(host)
+
+
+@PROPERTY
+@given(host=LEGACY_HOSTS, data=st.data())
+def test_legacy_1_6_truncated_anywhere_needs_data(host: str, data: st.DataObject) -> None:
+    wire = encode_legacy_ping_1_6(host, 25565)
+    cut = data.draw(st.integers(3, len(wire) - 1))
+    assert parse_legacy_ping(wire[:cut]) is NEED_DATA
+    cuts = data.draw(st.lists(st.integers(3, len(wire)), max_size=4))
+    assert feed_reads(parse_legacy_ping, split_at(wire, [3, *cuts])) == parse_legacy_ping(wire)
+
+
+@PROPERTY
+@given(st.binary(max_size=80))
+def test_legacy_ping_on_random_bytes_after_fe01fa_only_raises_its_errors(data: bytes) -> None:
+    # HandshakeTooLarge is a MalformedHandshake.
+    survives(parse_legacy_ping, b"\xfe\x01\xfa" + data, MalformedHandshake)
+    survives(parse_legacy_ping, LEGACY_1_6_CAPTURE[:27] + data, MalformedHandshake)
+
+
+@PROPERTY
+@given(st.integers(0, len(LEGACY_1_6_CAPTURE) - 1), st.integers(0, 255))
+def test_legacy_ping_with_a_corrupted_byte_only_raises_its_errors(index: int, byte: int) -> None:
+    wire = bytearray(LEGACY_1_6_CAPTURE)
+    wire[index] = byte
+    survives(parse_legacy_ping, bytes(wire), MalformedHandshake)
+
+
+# --- Legacy answers --------------------------------------------------------------------
+
+
+def test_legacy_beta_kick_matches_the_wiki_layout() -> None:
+    # https://minecraft.wiki/w/Java_Edition_protocol/Server_List_Ping#Beta_1.8_to_1.3
+    text = "A Minecraft Server\u00a70\u00a720"
+    expected = b"\xff" + struct.pack(">H", len(text)) + text.encode("utf-16-be")
+    assert encode_legacy_beta_kick("A Minecraft Server", 0, 20) == expected
+    # Length counts UTF-16 units: an astral character is two.
+    kick = encode_legacy_beta_kick("\U0001f600", 1, 2)
+    assert struct.unpack(">H", kick[1:3]) == (6,)
+    assert len(kick) == 3 + 12
+
+
+def test_legacy_beta_kick_refuses_the_separator() -> None:
+    with pytest.raises(LocalProtocolError, match="separator"):
+        encode_legacy_beta_kick("\u00a7aGreen", 0, 20)
+    with pytest.raises(LocalProtocolError, match="exceeds cap"):
+        encode_legacy_beta_kick("x" * 0xFFFF, 0, 20)
+
+
+class _OneAnswerServer:
+    """Reads the client's first bytes, answers *answer*, closes; records what it read."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.received = b""
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(5)
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(5)
+            buffer = bytearray()
+            while len(buffer) < 3:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                buffer += chunk
+            self.received = bytes(buffer)
+            conn.sendall(self.answer)
+
+    def close(self) -> None:
+        self.thread.join(timeout=5)
+        self.listener.close()
+
+
+def test_mcstatus_reads_our_legacy_beta_kick() -> None:
+    server = _OneAnswerServer(encode_legacy_beta_kick("Beta says hi", 3, 12))
+    try:
+        status = LegacyServer("127.0.0.1", server.port, timeout=3).status(tries=1)
+    finally:
+        server.close()
+    assert status.motd.to_plain() == "Beta says hi"
+    assert (status.players.online, status.players.max) == (3, 12)
+    assert (status.version.name, status.version.protocol) == ("<1.4", -1)
+    # mcstatus sends FE 01 FA and nothing more: the start of a 1.6 ping that never
+    # completes, so a caller must answer it after a timeout as it would a 1.4 ping.
+    assert server.received == b"\xfe\x01\xfa"
+    assert parse_legacy_ping(server.received) is NEED_DATA
+
+
+def test_mcstatus_reads_our_legacy_kick_with_a_colour_code() -> None:
+    kick = encode_legacy_kick("\u00a7aGreen", 78, "1.6.4", online=2, max_players=8)
+    server = _OneAnswerServer(kick)
+    try:
+        status = LegacyServer("127.0.0.1", server.port, timeout=3).status(tries=1)
+    finally:
+        server.close()
+    assert status.motd.to_plain() == "Green"
+    assert (status.version.name, status.version.protocol) == ("1.6.4", 78)
+    assert (status.players.online, status.players.max) == (2, 8)

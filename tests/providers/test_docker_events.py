@@ -75,7 +75,8 @@ class ScriptedEngine:
     def events(self, **_: Any) -> ScriptedStream:
         return self.stream
 
-    def containers(self) -> list[dict[str, Any]]:
+    def containers(self, all: bool = False) -> list[dict[str, Any]]:  # noqa: A002 (SDK name)
+        assert all, "the provider lists stopped containers too (auto_start)"
         return list(self.listing)
 
     def inspect_container(self, cid: str) -> dict[str, Any]:

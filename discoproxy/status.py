@@ -1,0 +1,316 @@
+"""Server-list status: a cache per server and client protocol, MOTDs per state.
+
+Rules for this file:
+- discoproxy answers every status ping for a routed server itself. A fresh cache entry
+  is served by the reactor thread without leaving it (:meth:`StatusService.cached`); a
+  miss goes to the asyncio loop (:meth:`StatusService.answer`), where at most one ping per
+  key (server, client protocol) is in flight to the backend and every other ping waits
+  for it.
+- Entries are immutable and only the asyncio side writes the dict; the reactor thread
+  only reads it (a dict get or set is atomic under the GIL).
+- A failed refresh serves the last answer, marked stale, for ``status_stale_for`` past
+  its TTL; after that the server is ``unreachable``. A stopped ``auto_start`` server is
+  ``sleeping``, one being woken is ``starting`` (see :mod:`discoproxy.wake`).
+- MOTD text and version names may carry ``{server}`` (display name) and ``{domain}``
+  (the name the player used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from loguru import logger
+
+from discoproxy.model import DOMAIN_REWRITE_BACKEND, ServerDefinition
+from discoproxy.motd import Motd, render_status
+from discoproxy.protocol import minecraft
+from discoproxy.protocol.errors import ProtocolError, _NeedData
+from discoproxy.protocol.proxy_protocol import encode_v2
+
+if TYPE_CHECKING:
+    from discoproxy.config import ProxyConfig
+    from discoproxy.routing import Route
+    from discoproxy.wake import Waker
+
+# The protocol announced when pinging a backend for a pre-1.7 (legacy) client: 1.8's,
+# which every server since answers (mcstatus uses it by default).
+LEGACY_PING_PROTOCOL = 47
+# A status answer larger than this is refused (favicon included: ~6 KiB base64 for a
+# 64x64 PNG; modded servers list mods in it, still far below).
+MAX_STATUS_BYTES = 256 * 1024
+READ_BYTES = 16 * 1024
+
+
+class StatusState(enum.StrEnum):
+    """What a status answer says about its server (logged with each ping)."""
+
+    ONLINE = "online"
+    STALE = "stale"
+    UNREACHABLE = "unreachable"
+    STARTING = "starting"
+    SLEEPING = "sleeping"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    server: ServerDefinition  # the definition it was rendered for (a new one re-renders)
+    document: dict[str, Any]  # the backend's own answer
+    fetched: float  # time.monotonic()
+    rendered: str  # document patched with the server's online MOTD, as JSON
+    packet: bytes  # rendered, framed as a Status Response
+
+
+class StatusError(Exception):
+    """Raised when a backend's status answer cannot be had (refused, timed out, garbage)."""
+
+
+def display_name(server: ServerDefinition) -> str:
+    return server.name or server.id
+
+
+def fill(motd: Motd, server: str, domain: str) -> Motd:
+    """``motd`` with ``{server}`` and ``{domain}`` replaced in its texts."""
+    updates: dict[str, str] = {}
+    for field in ("text", "version_name"):
+        value = getattr(motd, field)
+        if value and "{" in value:
+            if field == "text" and value.lstrip()[:1] in ("{", "["):  # JSON: escape
+                server_text, domain_text = json.dumps(server)[1:-1], json.dumps(domain)[1:-1]
+            else:
+                server_text, domain_text = server, domain
+            updates[field] = value.replace("{server}", server_text).replace("{domain}", domain_text)
+    return motd.model_copy(update=updates) if updates else motd
+
+
+def merge(base: Motd, override: Motd | None) -> Motd:
+    """``base`` with every field ``override`` sets."""
+    if override is None:
+        return base
+    values = override.model_dump(exclude_none=True)
+    return base.model_copy(update=values) if values else base
+
+
+def rewritten_host(server: ServerDefinition, dialed_host: str, sent: str) -> str:
+    """The host the backend sees in the handshake (``domain_rewrite``)."""
+    rewrite = server.domain_rewrite
+    if rewrite is None:
+        return sent
+    return dialed_host if rewrite == DOMAIN_REWRITE_BACKEND else rewrite
+
+
+class StatusService:
+    """The status cache and the backend pings that fill it."""
+
+    def __init__(self, config: ProxyConfig, waker: Waker | None = None) -> None:
+        self.config = config
+        self.waker = waker
+        self._entries: dict[tuple[str, int], _Entry] = {}
+        self._inflight: dict[tuple[str, int], asyncio.Task[_Entry | None]] = {}
+        self.hits = 0
+        self.misses = 0
+        self.stale = 0
+        self.backend_pings = 0
+
+    def ttl(self, server: ServerDefinition) -> float:
+        ttl = server.status_cache_ttl
+        return self.config.status_cache_ttl if ttl is None else ttl
+
+    # -- reactor thread -----------------------------------------------------------------
+
+    def cached(self, route: Route, protocol: int) -> bytes | None:
+        """A fresh answer's Status Response packet, or None (then call :meth:`answer`)."""
+        entry = self._entries.get((route.qualified_id, protocol))
+        if entry is None:
+            return None
+        server = route.server
+        if entry.server is not server and entry.server != server:
+            return None
+        if server.sleeping or time.monotonic() - entry.fetched >= self.ttl(server):
+            return None
+        self.hits += 1
+        return entry.packet
+
+    # -- asyncio loop -------------------------------------------------------------------
+
+    async def answer(
+        self,
+        route: Route,
+        protocol: int,
+        domain: str,
+        port: int,
+        client: tuple[str, int] | None,
+    ) -> tuple[str, StatusState]:
+        """The status document (JSON) to show for ``route`` and why."""
+        server = route.server
+        name = display_name(server)
+        waker = self.waker
+        starting = waker is not None and waker.is_starting(route.qualified_id)
+        if server.sleeping:
+            state = StatusState.STARTING if starting else StatusState.SLEEPING
+            return self.synthesized(server, state, protocol, domain), state
+        key = (route.qualified_id, protocol)
+        entry = self._entries.get(key)
+        ttl = self.ttl(server)
+        now = time.monotonic()
+        fresh_entry = entry is not None and now - entry.fetched < ttl
+        if fresh_entry and entry is not None and (entry.server is server or entry.server == server):
+            self.hits += 1
+            return entry.rendered, StatusState.ONLINE
+        self.misses += 1
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._refresh(key, route, protocol, domain, port, client))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        fresh = await asyncio.shield(task)
+        if fresh is not None:
+            if waker is not None:
+                waker.answered(route.qualified_id)
+            return fresh.rendered, StatusState.ONLINE
+        entry = self._entries.get(key)
+        if (
+            entry is not None
+            and (entry.server is server or entry.server == server)
+            and time.monotonic() - entry.fetched < ttl + self.config.status_stale_for
+        ):
+            self.stale += 1
+            logger.bind(route=route.qualified_id).info(
+                "status of {} served stale ({:.0f}s old): its backend does not answer",
+                name,
+                time.monotonic() - entry.fetched,
+            )
+            return entry.rendered, StatusState.STALE
+        state = StatusState.STARTING if starting else StatusState.UNREACHABLE
+        return self.synthesized(server, state, protocol, domain), state
+
+    def synthesized(
+        self, server: ServerDefinition | None, state: StatusState, protocol: int, domain: str
+    ) -> str:
+        """An answer discoproxy makes up: unknown domain, unreachable, starting, sleeping."""
+        motds = self.config.motds
+        if server is None or state is StatusState.UNKNOWN:
+            motd = motds.unknown_domain
+            if motd.text is None:
+                motd = motd.model_copy(update={"text": self.config.unknown_server_message})
+            return render_status(None, fill(motd, "", domain or "(none)"), protocol)
+        overrides = server.motds
+        if state is StatusState.SLEEPING:
+            motd = merge(motds.sleeping, overrides.sleeping)
+        elif state is StatusState.STARTING:
+            motd = merge(motds.starting, overrides.starting)
+        else:
+            motd = merge(motds.unreachable, overrides.unreachable)
+        return render_status(None, fill(motd, display_name(server), domain), protocol)
+
+    async def _refresh(
+        self,
+        key: tuple[str, int],
+        route: Route,
+        protocol: int,
+        domain: str,
+        port: int,
+        client: tuple[str, int] | None,
+    ) -> _Entry | None:
+        server = route.server
+        try:
+            with anyio.fail_after(self.config.status_timeout):
+                document = await self._ping_backend(route, protocol, domain, port, client)
+        except (StatusError, TimeoutError) as exc:
+            why = str(exc) or f"no answer within {self.config.status_timeout}s"
+            logger.bind(route=route.qualified_id).info(
+                "status ping to {} failed: {}", route.qualified_id, why
+            )
+            return None
+        online = server.motds.online
+        name = display_name(server)
+        rendered = render_status(document, fill(online, name, domain) if online else None, protocol)
+        packet = minecraft.encode_status_response(rendered)
+        entry = _Entry(server, document, time.monotonic(), rendered, packet)
+        self._entries[key] = entry
+        return entry
+
+    async def _ping_backend(
+        self,
+        route: Route,
+        protocol: int,
+        domain: str,
+        port: int,
+        client: tuple[str, int] | None,
+    ) -> dict[str, Any]:
+        """Ask each address in turn for its status document; raise if none answers."""
+        errors = []
+        for host, backend_port in route.addresses:
+            self.backend_pings += 1
+            try:
+                return await self._ping_one(
+                    route, host, backend_port, protocol, domain, port, client
+                )
+            except (OSError, StatusError, ProtocolError, anyio.EndOfStream) as exc:
+                errors.append(f"{host}:{backend_port}: {_reason(exc)}")
+        raise StatusError("; ".join(errors) or "no address")
+
+    async def _ping_one(
+        self,
+        route: Route,
+        host: str,
+        backend_port: int,
+        protocol: int,
+        domain: str,
+        port: int,
+        client: tuple[str, int] | None,
+    ) -> dict[str, Any]:
+        stream = await anyio.connect_tcp(host, backend_port)
+        async with stream:
+            header = b""
+            if route.send_proxy_protocol:
+                local = stream.extra(anyio.abc.SocketAttribute.local_address)
+                source = client if client is not None else local
+                header = encode_v2((str(source[0]), int(source[1])), (str(local[0]), int(local[1])))
+            name = rewritten_host(route.server, host, domain)
+            status = minecraft.NEXT_STATE_STATUS
+            handshake = minecraft.encode_handshake(protocol, name, port, status)
+            await stream.send(header + handshake + minecraft.encode_packet(0x00, b""))
+            buffer = bytearray()
+            while True:
+                packet = minecraft.parse_packet(buffer, max_bytes=MAX_STATUS_BYTES)
+                if not isinstance(packet, _NeedData):
+                    break
+                buffer += await stream.receive(READ_BYTES)
+        if packet.packet_id != minecraft.STATUS_RESPONSE_PACKET_ID:
+            raise StatusError(f"answered packet 0x{packet.packet_id:02x}, not a status response")
+        return parse_status_document(packet.payload)
+
+
+def _reason(exc: BaseException) -> str:
+    """Readable cause: anyio's connect_tcp hides each attempt's error in its cause."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        exc = cause.exceptions[0]
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def parse_status_document(payload: bytes) -> dict[str, Any]:
+    """The JSON document of a Status Response payload (a protocol String)."""
+    size = minecraft.read_varint(payload)
+    if isinstance(size, _NeedData):
+        raise StatusError("empty status response")
+    length, start = size
+    if length < 0 or start + length != len(payload):
+        raise StatusError("status response string length does not match the packet")
+    try:
+        document = json.loads(payload[start:].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StatusError(f"status response is not JSON: {exc}") from None
+    if not isinstance(document, Mapping):
+        raise StatusError("status response is not a JSON object")
+    return dict(document)
