@@ -18,6 +18,7 @@ from discoproxy.protocol import minecraft
 from discoproxy.provider import Provider, supervise
 from discoproxy.proxy.server import ProxyContext, run_proxy
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox
+from discoproxy.wake import ServerControl
 
 Handler = Callable[[SocketStream], Awaitable[None]]
 
@@ -157,7 +158,8 @@ async def provider_proxy(
         tg.start_soon(supervise, provider.name, provider, inbox.publisher(provider.name))
         with anyio.fail_after(first_snapshot_within_s):
             await inbox.wait_first_snapshots()
-        ctx = ProxyContext(config, registry)
+        controls = {provider.name: provider} if isinstance(provider, ServerControl) else None
+        ctx = ProxyContext(config, registry, controls)
         bound = await tg.start(partial(run_proxy, config, registry, context=ctx))
         live = ProviderProxy(registry, bound[0])
         registry.add_listener(live.tables.append)
