@@ -102,3 +102,27 @@ def test_every_key_has_a_description() -> None:
         field.description or name in ("log_level", "log_format")
         for name, field in ProxyConfig.model_fields.items()
     )
+
+
+def test_front_door_keys_load_with_motds_per_state(tmp_path: Path) -> None:
+    path = tmp_path / "discoproxy.toml"
+    path.write_text(
+        "status_cache_ttl = 10\nstatus_stale_for = 30\nauto_start_wait = 5\n"
+        'unreachable_message = "{server} is down"\n'
+        '[motds.unknown_domain]\ntext = "No server {domain}"\n'
+        "[motds.sleeping]\nmax_players = 0\n"
+    )
+    config = load_config(path)
+    assert (config.status_cache_ttl, config.status_stale_for, config.auto_start_wait) == (10, 30, 5)
+    assert config.motds.unknown_domain.text == "No server {domain}"
+    # a table replaces that state's defaults as a whole; unset fields stay unset
+    assert config.motds.sleeping.max_players == 0 and config.motds.sleeping.text is None
+    assert config.motds.starting.text is not None  # untouched states keep theirs
+
+
+def test_a_bad_favicon_names_the_file_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "discoproxy.toml"
+    path.write_text(f'[motds.unreachable]\nfavicon = "{tmp_path}/nope.png"\n')
+    expected = r"motds\.unreachable\.favicon: .*nope\.png cannot be read"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)

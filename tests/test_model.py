@@ -116,3 +116,29 @@ def test_unknown_fields_are_rejected() -> None:
 def test_addresses_are_required() -> None:
     with pytest.raises(ValidationError, match="at least one address"):
         make(addresses=[])
+
+
+def test_a_sleeping_server_needs_no_address() -> None:
+    server = make(addresses=[], sleeping=True, auto_start=True)
+    assert server.sleeping and server.addresses == ()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("backend", "backend"), ("MC.Internal.", "mc.internal"), ("none", None), ("", None)],
+)
+def test_domain_rewrite_is_backend_or_a_host_name(raw: str, expected: str | None) -> None:
+    assert make(domain_rewrite=raw).domain_rewrite == expected
+
+
+def test_a_bad_domain_rewrite_says_what_is_accepted() -> None:
+    with pytest.raises(ValidationError, match=r"expected 'backend'.*or a host name"):
+        make(domain_rewrite="a b")
+
+
+def test_motds_per_state_reject_unknown_states_and_fields() -> None:
+    assert make(motds={"sleeping": {"text": "Zzz"}}).motds.sleeping is not None
+    with pytest.raises(ValidationError, match=r"motds\.asleep"):
+        make(motds={"asleep": {"text": "Zzz"}})
+    with pytest.raises(ValidationError, match=r"motds\.online\.motd"):
+        make(motds={"online": {"motd": "x"}})

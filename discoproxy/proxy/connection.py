@@ -983,12 +983,20 @@ class ClientConnection:
     async def _await_wake(self, route: Route) -> None:
         waker = self.ctx.waker
         ready = None
-        if waker is not None and route.server.auto_start:
-            await waker.wake(route)
-            wait = self.ctx.config.auto_start_wait
-            if wait > 0:
-                ready = await waker.wait_ready(route.qualified_id, wait)
+        if not (route.server.auto_start and route.provider in waker.controls):
+            self.ctx.reactor.call(self._cannot_wake)
+            return
+        await waker.wake(route)
+        wait = self.ctx.config.auto_start_wait
+        if wait > 0:
+            ready = await waker.wait_ready(route.qualified_id, wait)
         self.ctx.reactor.call(lambda: self._woken(ready))
+
+    def _cannot_wake(self) -> None:
+        if self.state is WAKING:
+            self._dial_task = None
+            self._dial_error("the server is stopped and nothing here can start it")
+            self._backend_unreachable()
 
     def _woken(self, route: Route | None) -> None:
         if self.state is not WAKING:

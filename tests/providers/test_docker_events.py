@@ -75,7 +75,7 @@ class ScriptedEngine:
     def events(self, **_: Any) -> ScriptedStream:
         return self.stream
 
-    def containers(self, all: bool = False) -> list[dict[str, Any]]:  # noqa: A002 (SDK name)
+    def containers(self, all: bool = False) -> list[dict[str, Any]]:
         assert all, "the provider lists stopped containers too (auto_start)"
         return list(self.listing)
 

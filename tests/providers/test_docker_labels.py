@@ -227,8 +227,8 @@ def test_an_unknown_label_is_a_warning_with_the_closest_known_label() -> None:
             "mc-1",
             "infrarust.send_proxy_protcol",
             "unknown label, ignored (did you mean infrarust.send_proxy_protocol?); known: "
-            "enable, domains, port, docker_network, proxy_mode, send_proxy_protocol, name, default, "
-            "status_cache_ttl, domain_rewrite, auto_start, auto_stop_after, "
+            "enable, domains, port, docker_network, proxy_mode, send_proxy_protocol, name, "
+            "default, status_cache_ttl, domain_rewrite, auto_start, auto_stop_after, "
             "motds.{online,unreachable,starting,sleeping}"
             ".{text,version_name,max_players,online_players,favicon}",
             dropped=False,
@@ -543,3 +543,79 @@ def test_labels_doc_lists_every_label_with_the_given_prefix() -> None:
     for spec in LABELS:
         assert f"| `mc.{spec.key}` | {spec.type} | {spec.default} |" in text
     assert "infrarust." not in text
+
+
+# -- front door: status, MOTDs, wake-on-connect --------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["exited", "created"])
+def test_a_stopped_auto_start_container_is_a_sleeping_server_without_address(state: str) -> None:
+    labels = {"infrarust.domains": "mc.example.com", "infrarust.auto_start": "true"}
+    servers, problems = scan(container("mc-1", labels, networks={}, state=state))
+    assert problems == []
+    (server,) = servers
+    assert server.sleeping and server.auto_start and server.addresses == ()
+
+
+@pytest.mark.parametrize(
+    ("state", "labels"),
+    [
+        ("exited", {"infrarust.domains": "mc.example.com"}),
+        ("exited", {"infrarust.domains": "mc.example.com", "infrarust.auto_start": "false"}),
+        ("paused", {"infrarust.domains": "mc.example.com", "infrarust.auto_start": "true"}),
+        ("dead", {"infrarust.domains": "mc.example.com", "infrarust.auto_start": "true"}),
+    ],
+)
+def test_other_stopped_containers_are_not_routed(state: str, labels: dict[str, str]) -> None:
+    assert scan(container("mc-1", labels, state=state)) == ([], [])
+
+
+def test_a_running_auto_start_container_is_awake_with_its_address() -> None:
+    labels = {
+        "infrarust.domains": "mc.example.com",
+        "infrarust.auto_start": "1",
+        "infrarust.auto_stop_after": "10m",
+        "infrarust.status_cache_ttl": "2.5",
+        "infrarust.domain_rewrite": "backend",
+    }
+    (server,), problems = scan(container("mc-1", labels))
+    assert problems == []
+    assert not server.sleeping and str(server.addresses[0]) == "172.17.0.2:25565"
+    assert (server.auto_stop_after, server.status_cache_ttl) == (600.0, 2.5)
+    assert server.domain_rewrite == "backend"
+
+
+def test_motd_labels_nest_into_the_server_motds() -> None:
+    labels = {
+        "infrarust.domains": "mc.example.com",
+        "infrarust.motds.sleeping.text": "§7Zzz\\n§fjoin to wake",
+        "infrarust.motds.online.max_players": "100",
+        "infrarust.motds.unreachable.version_name": "down",
+    }
+    (server,), problems = scan(container("mc-1", labels))
+    assert problems == []
+    assert (
+        server.motds.sleeping is not None and server.motds.sleeping.text == "§7Zzz\n§fjoin to wake"
+    )
+    assert server.motds.online is not None and server.motds.online.max_players == 100
+    assert server.motds.unreachable is not None
+    assert server.motds.unreachable.version_name == "down"
+
+
+@pytest.mark.parametrize(
+    ("label", "value", "message"),
+    [
+        ("auto_stop_after", "soon", "expected a duration such as 30, 30s, 10m or 1h, got 'soon'"),
+        ("motds.online.max_players", "-1", "expected a whole number >= 0, got '-1'"),
+        ("motds.sleeping.favicon", "/nonexistent.png", "favicon /nonexistent.png cannot be read"),
+        ("domain_rewrite", "not a host", "invalid domain_rewrite 'not a host'"),
+    ],
+)
+def test_bad_front_door_labels_name_the_label(label: str, value: str, message: str) -> None:
+    labels = {"infrarust.domains": "mc.example.com", f"infrarust.{label}": value}
+    servers, problems = scan(container("mc-1", labels))
+    assert servers == []
+    assert len(problems) == 1 and problems[0].startswith(
+        f"container mc-1, label infrarust.{label}: "
+    )
+    assert message in problems[0]

@@ -1,0 +1,404 @@
+"""The Minecraft front door in-process: status cache, MOTD states, legacy pings,
+domain_rewrite and wake-on-connect, against scripted backends on loopback.
+
+The real-peer versions (mcstatus, npm minecraft-protocol, a Docker engine) are in
+``integration/``; these pin the rules of ``discoproxy/status.py`` and ``wake.py`` and the
+pipeline steps in ``connection.py`` that use them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import SocketStream
+
+from discoproxy.protocol import minecraft
+from discoproxy.protocol.errors import _NeedData
+from discoproxy.protocol.proxy_protocol import ProxyHeader, parse_proxy_header
+from discoproxy.routing import Registry
+from discoproxy.status import StatusService, StatusState
+from discoproxy.wake import Waker
+from tests.proxy.helpers import (
+    Backend,
+    RunningProxy,
+    backend,
+    handshake,
+    read_string,
+    receive_all,
+    running_proxy,
+    server,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class McBackend:
+    """What a scripted Minecraft backend saw: handshakes, PROXY headers, pings."""
+
+    handshakes: list[minecraft.Handshake] = field(default_factory=list)
+    headers: list[ProxyHeader] = field(default_factory=list)
+    status_pings: int = 0
+    description: str = "backend-A"
+
+
+def minecraft_backend(seen: McBackend) -> Callable[[SocketStream, Backend], Awaitable[None]]:
+    """Answers status like a server (version 765) and a login with a Disconnect that
+    names the host it was asked for."""
+
+    async def handler(stream: SocketStream, info: Backend) -> None:
+        buffer = bytearray(await stream.receive())
+        if buffer.startswith((b"PROXY ", b"\r\n\r\n\x00\r\nQUIT\n")):
+            while isinstance(header := parse_proxy_header(buffer), _NeedData):
+                buffer += await stream.receive()
+            assert isinstance(header, ProxyHeader)
+            seen.headers.append(header)
+            del buffer[: header.length]
+        while isinstance(hs := minecraft.parse_handshake(buffer), _NeedData):
+            buffer += await stream.receive()
+        seen.handshakes.append(hs)
+        del buffer[: hs.length]
+        if hs.next_state != 1:
+            text = minecraft.text_component(f"login for {hs.raw_address}")
+            await stream.send(minecraft.encode_login_disconnect(text))
+            return
+        while True:
+            while isinstance(packet := minecraft.parse_packet(buffer), _NeedData):
+                buffer += await stream.receive()
+            del buffer[: packet.length]
+            if packet.packet_id == 0:
+                seen.status_pings += 1
+                document = {
+                    "version": {"name": "Paper 1.20.4", "protocol": hs.protocol_version},
+                    "players": {"max": 20, "online": 3, "sample": []},
+                    "description": {"text": seen.description},
+                }
+                await stream.send(minecraft.encode_status_response(json.dumps(document)))
+            else:
+                await stream.send(minecraft.encode_pong(packet.payload))
+                return
+
+    return handler
+
+
+@asynccontextmanager
+async def mc_backend() -> AsyncIterator[tuple[Backend, McBackend]]:
+    seen = McBackend()
+    async with backend(minecraft_backend(seen)) as info:
+        yield info, seen
+
+
+async def status_ping(
+    proxy: RunningProxy, domain: str, protocol: int = 765
+) -> tuple[dict[str, Any], bytes]:
+    """A full server-list ping; the status document and the proxy's raw answer."""
+    stream = await proxy.connect()
+    async with stream:
+        ping = minecraft.encode_packet(0x01, b"12345678")
+        hello = minecraft.encode_handshake(protocol, domain, 25565, 1)
+        await stream.send(hello + minecraft.encode_packet(0x00, b"") + ping)
+        reply = await receive_all(stream)
+    status = minecraft.parse_packet(reply)
+    assert isinstance(status, minecraft.Packet), reply
+    pong = minecraft.parse_packet(reply[status.length :])
+    assert isinstance(pong, minecraft.Packet) and pong.payload == b"12345678", reply
+    return json.loads(read_string(status.payload)), reply
+
+
+async def login(proxy: RunningProxy, domain: str) -> str:
+    """Send a login handshake; the Disconnect text the client gets back."""
+    stream = await proxy.connect()
+    async with stream:
+        await stream.send(handshake(domain) + minecraft.encode_packet(0x00, b"\x06tester"))
+        reply = await receive_all(stream)
+    packet = minecraft.parse_packet(reply)
+    assert isinstance(packet, minecraft.Packet) and packet.packet_id == 0, reply
+    return str(json.loads(read_string(packet.payload))["text"])
+
+
+def plain(document: dict[str, Any]) -> str:
+    description = document["description"]
+    return description if isinstance(description, str) else str(description.get("text", ""))
+
+
+async def test_a_fresh_status_is_served_from_cache_without_the_backend() -> None:
+    async with mc_backend() as (info, seen):
+        routes = [server("a", "a.example.com", addresses=[info.address], status_cache_ttl=30)]
+        async with running_proxy(routes) as proxy:
+            first, _ = await status_ping(proxy, "a.example.com")
+            second, _ = await status_ping(proxy, "a.example.com")
+            assert plain(first) == plain(second) == "backend-A"
+            assert seen.status_pings == 1
+            assert proxy.ctx.status.hits == 1
+            await status_ping(proxy, "a.example.com", protocol=47)  # another protocol
+            assert seen.status_pings == 2
+
+
+async def test_status_cache_ttl_zero_asks_the_backend_every_time() -> None:
+    async with mc_backend() as (info, seen):
+        routes = [server("a", "a.example.com", addresses=[info.address], status_cache_ttl=0)]
+        async with running_proxy(routes) as proxy:
+            for _ in range(3):
+                await status_ping(proxy, "a.example.com")
+            assert seen.status_pings == 3
+
+
+async def test_concurrent_pings_on_a_miss_share_one_backend_ping() -> None:
+    async with mc_backend() as (info, seen):
+        route = server("a", "a.example.com", addresses=[info.address])
+        registry = Registry()
+        registry.apply_snapshot("test", [route])
+        from discoproxy.config import ProxyConfig
+
+        service = StatusService(ProxyConfig(), Waker(registry, {}))
+        (live,) = registry.table.routes
+        answers: list[tuple[str, StatusState]] = []
+
+        async def ask() -> None:
+            answers.append(await service.answer(live, 765, "a.example.com", 25565, None))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(ask)
+        assert seen.status_pings == 1
+        assert {state for _, state in answers} == {StatusState.ONLINE}
+
+
+async def test_a_failed_refresh_serves_the_stale_answer_then_unreachable() -> None:
+    async with running_proxy(status_stale_for=0.5, status_timeout=1) as proxy:
+        async with mc_backend() as (info, _):
+            route = server("a", "a.example.com", addresses=[info.address], status_cache_ttl=0.05)
+            proxy.registry.apply_snapshot("test", [route])
+            await status_ping(proxy, "a.example.com")
+        # the backend is gone: its port refuses
+        await anyio.sleep(0.1)
+        stale, _ = await status_ping(proxy, "a.example.com")
+        assert plain(stale) == "backend-A"
+        assert proxy.ctx.status.stale == 1
+        await anyio.sleep(0.6)
+        gone, _ = await status_ping(proxy, "a.example.com")
+        assert plain(gone) == "§ca is unreachable"
+        assert gone["version"]["name"] == "offline"
+
+
+async def test_unreachable_and_unknown_motds_are_configurable() -> None:
+    routes = [
+        server(
+            "a",
+            "a.example.com",
+            addresses=["127.0.0.1:1"],
+            name="Alpha",
+            motds={"unreachable": {"text": "§c{server} is down", "max_players": 7}},
+        )
+    ]
+    motds = {"unknown_domain": {"text": "No such server: {domain}", "version_name": "nope"}}
+    async with running_proxy(routes, motds=motds) as proxy:
+        down, _ = await status_ping(proxy, "a.example.com")
+        assert plain(down) == "§cAlpha is down"
+        assert down["players"]["max"] == 7
+        unknown, _ = await status_ping(proxy, "zzz.example.com")
+        assert plain(unknown) == "No such server: zzz.example.com"
+        assert unknown["version"]["name"] == "nope"
+
+
+async def test_online_motd_patches_the_backend_answer_and_old_clients_get_named_colors() -> None:
+    async with mc_backend() as (info, _):
+        text = '{"text": "Alpha", "color": "#ff5555"}'
+        online = {"text": text, "version_name": "Alpha 1.20", "max_players": 100}
+        routes = [server("a", "a.example.com", addresses=[info.address], motds={"online": online})]
+        async with running_proxy(routes) as proxy:
+            modern, _ = await status_ping(proxy, "a.example.com")
+            assert modern["description"] == {"text": "Alpha", "color": "#ff5555"}
+            assert modern["version"] == {"name": "Alpha 1.20", "protocol": 765}
+            assert modern["players"]["max"] == 100 and modern["players"]["online"] == 3
+            old, _ = await status_ping(proxy, "a.example.com", protocol=47)  # 1.8
+            assert not old["description"]["color"].startswith("#")
+
+
+async def test_legacy_pings_are_answered_from_the_status_routed_by_the_1_6_host() -> None:
+    async with mc_backend() as (info, seen):
+        routes = [server("a", "a.example.com", addresses=[info.address])]
+        async with running_proxy(routes) as proxy:
+            stream = await proxy.connect()
+            async with stream:
+                await stream.send(minecraft.encode_legacy_ping_1_6("a.example.com", 25565))
+                reply = await receive_all(stream)
+            fields = reply[3:].decode("utf-16-be").split("\0")
+            assert fields[0] == "§1" and fields[3] == "backend-A", fields
+            assert (fields[4], fields[5]) == ("3", "20")
+            assert seen.handshakes[-1].server_address == "a.example.com"
+            stream = await proxy.connect()
+            async with stream:
+                await stream.send(b"\xfe")  # Beta: motd§online§max, no default route here
+                reply = await receive_all(stream)
+            assert reply[3:].decode("utf-16-be").split("§")[1:] == ["0", "0"]
+
+
+async def test_a_stalled_1_6_ping_is_answered_as_1_4_by_the_default_server() -> None:
+    async with mc_backend() as (info, _):
+        routes = [server("d", addresses=[info.address], default=True)]
+        async with running_proxy(routes) as proxy:
+            stream = await proxy.connect()
+            async with stream:
+                await stream.send(b"\xfe\x01\xfa")  # what mcstatus's LegacyServer sends
+                reply = await receive_all(stream)
+            assert reply[3:].decode("utf-16-be").split("\0")[3] == "backend-A"
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "expected"), [("mc.internal", "mc.internal"), ("backend", "127.0.0.1")]
+)
+async def test_domain_rewrite_is_what_the_backend_sees_forge_suffix_kept(
+    rewrite: str, expected: str
+) -> None:
+    async with mc_backend() as (info, seen):
+        routes = [server("a", "a.example.com", addresses=[info.address], domain_rewrite=rewrite)]
+        async with running_proxy(routes) as proxy:
+            assert await login(proxy, "a.example.com") == f"login for {expected}"
+            stream = await proxy.connect()
+            async with stream:
+                forge = minecraft.encode_handshake(765, "a.example.com\0FML3\0", 25565, 2)
+                await stream.send(forge)
+                reply = await receive_all(stream)
+            packet = minecraft.parse_packet(reply)
+            assert isinstance(packet, minecraft.Packet)
+            assert json.loads(read_string(packet.payload))["text"] == (
+                f"login for {expected}\0FML3\0"
+            )
+            await status_ping(proxy, "a.example.com")
+            assert seen.handshakes[-1].server_address == expected
+
+
+async def test_status_pings_carry_a_proxy_header_when_the_server_wants_one() -> None:
+    async with mc_backend() as (info, seen):
+        routes = [server("a", "a.example.com", addresses=[info.address], send_proxy_protocol=True)]
+        async with running_proxy(routes) as proxy:
+            await status_ping(proxy, "a.example.com")
+            assert seen.headers and seen.headers[0].source is not None
+            assert seen.headers[0].source[0] == "127.0.0.1"
+
+
+async def test_login_to_an_unreachable_server_gets_the_configured_message() -> None:
+    routes = [server("a", "a.example.com", addresses=["127.0.0.1:1"], name="Alpha")]
+    async with running_proxy(routes, unreachable_message="{server} sleeps with the fishes") as p:
+        assert await login(p, "a.example.com") == "Alpha sleeps with the fishes"
+
+
+# -- wake-on-connect --------------------------------------------------------------------
+
+
+@dataclass
+class FakeControl:
+    """A provider that 'starts' a server by publishing it with an address."""
+
+    registry: Registry
+    running: Any = None
+    starts: int = 0
+    stops: int = 0
+    delay: float = 0.2
+    events: list[str] = field(default_factory=list)
+
+    async def start_server(self, server_id: str) -> None:
+        self.starts += 1
+        await anyio.sleep(self.delay)
+        self.registry.apply_snapshot("test", [self.running])
+
+    async def stop_server(self, server_id: str) -> None:
+        self.stops += 1
+
+
+def sleeping_server(**extra: Any) -> Any:
+    return server(
+        "a", "a.example.com", addresses=[], sleeping=True, auto_start=True, name="Alpha", **extra
+    )
+
+
+@asynccontextmanager
+async def waking_proxy(
+    running_address: str, **settings: Any
+) -> AsyncIterator[tuple[RunningProxy, FakeControl]]:
+    async with running_proxy([sleeping_server()], **settings) as proxy:
+        running = server(
+            "a", "a.example.com", addresses=[running_address], auto_start=True, name="Alpha"
+        )
+        control = FakeControl(proxy.registry, running)
+        proxy.ctx.waker.controls["test"] = control
+        yield proxy, control
+
+
+async def test_a_login_wakes_a_sleeping_server_once_and_is_told_to_come_back() -> None:
+    async with mc_backend() as (info, _), waking_proxy(info.address) as (proxy, control):
+        sleeping, _ = await status_ping(proxy, "a.example.com")
+        assert "Alpha is sleeping" in plain(sleeping)
+        texts: list[str] = []
+
+        async def player() -> None:
+            texts.append(await login(proxy, "a.example.com"))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(player)
+        assert texts == ["Server Alpha is starting, try again in a few seconds"] * 5
+        assert control.starts == 1
+        with anyio.fail_after(5):
+            while proxy.registry.table.routes[0].server.sleeping:
+                await anyio.sleep(0.05)
+        assert await login(proxy, "a.example.com") == "login for a.example.com"
+        assert control.starts == 1
+
+
+async def test_pings_show_starting_until_the_woken_backend_answers() -> None:
+    async with waking_proxy("127.0.0.1:1") as (proxy, _):
+        await login(proxy, "a.example.com")
+        with anyio.fail_after(5):
+            while proxy.registry.table.routes[0].server.sleeping:
+                await anyio.sleep(0.05)
+        starting, _ = await status_ping(proxy, "a.example.com")
+        assert plain(starting).startswith("§eAlpha is starting")
+        assert starting["version"]["name"] == "starting"
+        # a login while the backend still refuses: starting, not unreachable
+        assert "starting" in await login(proxy, "a.example.com")
+
+
+async def test_auto_start_wait_holds_the_login_and_forwards_it() -> None:
+    async with (
+        mc_backend() as (info, _),
+        waking_proxy(info.address, auto_start_wait=5) as (proxy, control),
+    ):
+        started = time.monotonic()
+        assert await login(proxy, "a.example.com") == "login for a.example.com"
+        assert control.starts == 1
+        assert time.monotonic() - started >= control.delay
+
+
+async def test_a_sleeping_server_nothing_can_start_is_unreachable() -> None:
+    async with running_proxy([sleeping_server()]) as proxy:
+        assert await login(proxy, "a.example.com") == "Server Alpha is unreachable"
+
+
+async def test_idle_servers_are_stopped_after_auto_stop_after() -> None:
+    registry = Registry()
+    awake = server("a", "a.example.com", addresses=["127.0.0.1:1"], auto_start=True)
+    idle = awake.model_copy(update={"auto_stop_after": 10.0})
+    registry.apply_snapshot("test", [idle])
+    control = FakeControl(registry)
+    waker = Waker(registry, {"test": control})
+    await waker.stop_idle()  # first sight: idle from now on
+    assert control.stops == 0
+    waker.idle_since["a@test"] -= 11
+    waker.player_joined("a@test")
+    await waker.stop_idle()
+    assert control.stops == 0  # a player is on
+    waker.player_left("a@test")
+    waker.idle_since["a@test"] -= 11
+    await waker.stop_idle()
+    assert control.stops == 1
+    await waker.stop_idle()
+    assert control.stops == 1  # not again before another full period
