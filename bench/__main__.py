@@ -91,7 +91,7 @@ def describe_run(cores: Cores, nofile: int, settings: Settings) -> dict[str, obj
 def start_backends(workdir: Path, cpu: int | None) -> tuple[Child, BackendPorts]:
     child = Child("backends", [sys.executable, "-m", "bench.backends"], workdir / "b.log", cpu=cpu)
     fields = dict(item.split("=") for item in child.wait_for_line("ports ").split()[1:])
-    return child, BackendPorts(int(fields["sink"]), int(fields["reply"]), int(fields["echo"]))
+    return child, BackendPorts(**{name: int(port) for name, port in fields.items()})
 
 
 def run(args: argparse.Namespace, settings: Settings, cores: Cores, maxconn: int) -> Results:

@@ -1,6 +1,7 @@
 """The backends every scenario talks to, in one child process on the load-generator core.
 
-    python -m bench.backends    # prints "ports sink=P reply=P echo=P", runs until SIGTERM
+    python -m bench.backends    # prints "ports sink=P reply=P echo=P mcstatus=P", runs
+                                # until SIGTERM
 
 - **sink** (bulk): reads a stream until EOF without copying it to user space
   (``splice`` socket → pipe → /dev/null, one thread per connection), then answers
@@ -8,10 +9,14 @@
 - **reply** (connection cost): answers the first bytes of a connection with one
   canned status response, then closes when the client does.
 - **echo** (latency, idle connections): writes back whatever it reads.
+- **mcstatus** (status pings): a Minecraft server's server-list side. It parses the
+  packets (handshake with next state 1, status request, ping), answers the status
+  request with a status response numbered by a serial (``payloads.SERIAL_*``) and the
+  ping with its pong, and refuses anything else by closing.
 
 They must cost less than the proxies, or the proxies' figures would be the backends'
 ones: the "direct" rows, where the client talks to these without a proxy, are the
-check. reply and echo run on uvloop with asyncio protocols, the cheapest Python path.
+check. reply, echo and mcstatus run on uvloop with asyncio protocols, the cheapest Python path.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import threading
 
 import uvloop
 
-from bench.payloads import BYTE_COUNT, REPLY
+from bench.payloads import BYTE_COUNT, REPLY, SERIAL_DIGITS, SERIAL_HEAD, SERIAL_TAIL
 
 PIPE_BYTES = 1 << 20
 LISTEN_BACKLOG = 4096
@@ -96,14 +101,73 @@ class Echo(asyncio.Protocol):
         return False
 
 
+def _frame(buffer: bytes) -> tuple[int, int] | None:
+    """(body start, body end) of the first length-prefixed packet, None until complete."""
+    length = shift = 0
+    for i in range(min(len(buffer), 3)):  # 3 VarInt bytes: 2 MiB, far above any packet
+        byte = buffer[i]
+        length |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            end = i + 1 + length
+            return (i + 1, end) if len(buffer) >= end else None
+        shift += 7
+    if len(buffer) >= 3:
+        raise ValueError("packet length VarInt longer than 3 bytes")
+    return None
+
+
+class McStatus(asyncio.Protocol):
+    """Server-list ping as a Minecraft server answers it: handshake (next state 1),
+    status request → status response, ping → pong; the client closes."""
+
+    answers = 0  # status responses sent, by every connection: the serial
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buffer = b""
+        self.stage = 0  # 0: handshake, 1: status request, 2: ping, 3: done
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        try:
+            while (frame := _frame(buffer)) is not None:
+                start, end = frame
+                body = buffer[start:end]
+                buffer = buffer[end:]
+                self._packet(body)
+        except ValueError:
+            self.transport.abort()
+            return
+        self.buffer = buffer
+
+    def _packet(self, body: bytes) -> None:
+        stage = self.stage
+        if stage == 0 and body[:1] == b"\x00" and body[-1:] == b"\x01":  # next state 1
+            self.stage = 1
+        elif stage == 1 and body == b"\x00":
+            McStatus.answers += 1
+            serial = b"%0*d" % (SERIAL_DIGITS, McStatus.answers)
+            self.transport.write(SERIAL_HEAD + serial + SERIAL_TAIL)
+            self.stage = 2
+        elif stage == 2 and body[:1] == b"\x01" and len(body) == 9:
+            self.transport.write(b"\x09" + body)  # the pong: the ping's own bytes
+            self.stage = 3
+        else:
+            raise ValueError(f"unexpected packet {body[:1].hex()} in stage {stage}")
+
+    def eof_received(self) -> bool:
+        return False
+
+
 async def serve() -> None:
     loop = asyncio.get_running_loop()
-    sink, reply, echo = _listener(), _listener(), _listener()
+    sink, reply, echo, mcstatus = _listener(), _listener(), _listener(), _listener()
     threading.Thread(target=_serve_sink, args=(sink,), daemon=True).start()
     await loop.create_server(Reply, sock=reply, backlog=LISTEN_BACKLOG)
     await loop.create_server(Echo, sock=echo, backlog=LISTEN_BACKLOG)
-    ports = [s.getsockname()[1] for s in (sink, reply, echo)]
-    print("ports sink={} reply={} echo={}".format(*ports), flush=True)
+    await loop.create_server(McStatus, sock=mcstatus, backlog=LISTEN_BACKLOG)
+    ports = [s.getsockname()[1] for s in (sink, reply, echo, mcstatus)]
+    print("ports sink={} reply={} echo={} mcstatus={}".format(*ports), flush=True)
     await asyncio.Event().wait()
 
 

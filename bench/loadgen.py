@@ -3,8 +3,9 @@
 - :func:`bulk` streams from a tmpfs file with ``sendfile`` (no copy through user
   space), one blocking thread per connection, and times until the sink has counted
   every byte: the data crossed the proxy, not just the client's socket buffer.
-- :func:`connect_loop` and :func:`hold_idle` run on uvloop with asyncio protocols (the
-  cheapest Python path; no streams, no task per connection beyond the workers).
+- :func:`connect_loop`, :func:`status_loop` and :func:`hold_idle` run on uvloop with
+  asyncio protocols (the cheapest Python path; no streams, no task per connection
+  beyond the workers).
 - :func:`ping_pong` is a blocking socket in a tight loop: one syscall each way per
   round trip, nothing else on the client's path.
 
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import uvloop
 
-from bench.payloads import BYTE_COUNT
+from bench.payloads import BYTE_COUNT, PING, SERIAL_DIGITS, SERIAL_MARKER
+from discoproxy.protocol import minecraft
 
 SOCKET_TIMEOUT_S = 30.0
 SOURCE_FILE_BYTES = 64 << 20
@@ -138,9 +140,15 @@ class ConnectResult:
     failed: int
 
 
-async def _connect_loop(
-    port: int, payload: bytes, expected: int, total: int, concurrency: int, deadline_s: float
+async def _run_probes(
+    port: int,
+    make_probe: Callable[[asyncio.Future[bool]], asyncio.Protocol],
+    total: int,
+    concurrency: int,
+    deadline_s: float,
 ) -> ConnectResult:
+    """``total`` connections, ``concurrency`` at a time, each one probe; a probe sets its
+    future to whether its exchange succeeded when its connection is lost."""
     loop = asyncio.get_running_loop()
     remaining = total
     ok = failed = 0
@@ -150,7 +158,7 @@ async def _connect_loop(
         while remaining > 0:
             remaining -= 1
             done: asyncio.Future[bool] = loop.create_future()
-            probe = _Probe(payload, expected, done)
+            probe = make_probe(done)
             try:
                 await loop.create_connection(lambda: probe, "127.0.0.1", port)  # noqa: B023
                 success = await done
@@ -171,7 +179,110 @@ def connect_loop(
     port: int, payload: bytes, expected: int, total: int, concurrency: int, timeout: float
 ) -> ConnectResult:
     """``total`` connections, ``concurrency`` at a time: connect, send, read reply, close."""
-    return uvloop.run(_connect_loop(port, payload, expected, total, concurrency, timeout))
+    return uvloop.run(
+        _run_probes(port, lambda done: _Probe(payload, expected, done), total, concurrency, timeout)
+    )
+
+
+# -- status pings -------------------------------------------------------------------------
+
+
+def _frame_end(buffer: bytes | bytearray) -> int | None:
+    """End of the first length-prefixed packet in ``buffer``, None until it is complete."""
+    length = shift = 0
+    for i in range(min(len(buffer), 3)):
+        byte = buffer[i]
+        length |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            end = i + 1 + length
+            return end if len(buffer) >= end else None
+        shift += 7
+    return None
+
+
+class _Pinger(asyncio.Protocol):
+    """A server-list ping as a client does it: handshake + status request, read the
+    status response, ping, read the pong, close. Records the answer's serial."""
+
+    __slots__ = ("answered", "buffer", "done", "ok", "request", "serials", "transport")
+
+    def __init__(self, request: bytes, serials: set[bytes], done: asyncio.Future[bool]) -> None:
+        self.request = request
+        self.serials = serials
+        self.done = done
+        self.buffer = b""
+        self.answered = False
+        self.ok = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        if not self.answered:  # the status response first
+            end = _frame_end(buffer)
+            if end is None:
+                self.buffer = buffer
+                return
+            at = buffer.find(SERIAL_MARKER, 0, end)
+            if at >= 0:
+                at += len(SERIAL_MARKER)
+                self.serials.add(buffer[at : at + SERIAL_DIGITS])
+            self.answered = True
+            buffer = buffer[end:]
+            self.transport.write(PING)
+        if len(buffer) >= len(PING):
+            self.ok = buffer[: len(PING)] == PING  # the pong carries the ping's bytes
+            self.transport.close()
+        self.buffer = buffer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(self.ok)
+
+
+@dataclass(frozen=True)
+class PingResult:
+    seconds: float
+    ok: int
+    failed: int
+    answers: int  # distinct serials seen: status responses that came from the backend
+
+
+def status_loop(
+    port: int, request: bytes, total: int, concurrency: int, timeout: float
+) -> PingResult:
+    """``total`` server-list pings (:class:`_Pinger`), ``concurrency`` at a time."""
+    serials: set[bytes] = set()
+    result = uvloop.run(
+        _run_probes(port, lambda done: _Pinger(request, serials, done), total, concurrency, timeout)
+    )
+    return PingResult(result.seconds, result.ok, result.failed, len(serials))
+
+
+def status_ping(port: int, request: bytes) -> str:
+    """One server-list ping, blocking; the status document (JSON) answered."""
+    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as sock:
+        sock.sendall(request)
+        buffer = b""
+        while (end := _frame_end(buffer)) is None:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise RuntimeError(f"port {port} closed before a status response: {buffer!r}")
+            buffer += chunk
+        packet = minecraft.parse_packet(buffer[:end])
+        if isinstance(packet, minecraft.Packet) and packet.packet_id == 0x00:
+            sock.sendall(PING)
+            pong = b""
+            while len(pong) < len(PING) and (chunk := sock.recv(len(PING) - len(pong))):
+                pong += chunk
+            if pong == PING:
+                size = minecraft.read_varint(packet.payload)
+                assert isinstance(size, tuple)
+                return packet.payload[size[1] :].decode()
+            raise RuntimeError(f"port {port} answered ping {PING!r} with {pong!r}")
+        raise RuntimeError(f"port {port} answered a status request with {buffer[:64]!r}")
 
 
 # -- latency ------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ SNI_NAME = "bench.example.com"
 BULK_NAME = "bulk.bench.example.com"
 ECHO_NAME = "echo.bench.example.com"
 STATUS_NAME = "status.bench.example.com"
+# status pings scenario: one server file each, both on the mcstatus backend
+PING_CACHED_NAME = "cached.ping.bench.example.com"  # status_cache_ttl = PING_CACHED_TTL
+PING_UNCACHED_NAME = "ttl0.ping.bench.example.com"  # status_cache_ttl = 0
+PING_CACHED_TTL = 3600
 
 PROTOCOL_VERSION = 765  # Minecraft 1.20.4
 LOGIN = 2
@@ -26,6 +30,23 @@ STATUS = 1
 REPLY = minecraft.encode_status_response(
     minecraft.status_json("benchmark backend", version_name="1.20.4", protocol=PROTOCOL_VERSION)
 )
+# What the mcstatus backend answers to a status request: a status response like REPLY
+# whose description ends in a serial number, fixed width so the frame's length prefixes
+# never change. Clients count distinct serials: how many answers came from the backend.
+SERIAL_MARKER = b"answer #"
+SERIAL_DIGITS = 10
+_SERIAL_TEMPLATE = minecraft.encode_status_response(
+    minecraft.status_json(
+        f"benchmark backend, {SERIAL_MARKER.decode()}{'0' * SERIAL_DIGITS}",
+        version_name="1.20.4",
+        protocol=PROTOCOL_VERSION,
+    )
+)
+_SERIAL_AT = _SERIAL_TEMPLATE.index(SERIAL_MARKER) + len(SERIAL_MARKER)
+SERIAL_HEAD = _SERIAL_TEMPLATE[:_SERIAL_AT]
+SERIAL_TAIL = _SERIAL_TEMPLATE[_SERIAL_AT + SERIAL_DIGITS :]
+# The client's Ping Request (8-byte payload); the Pong Response is the same bytes.
+PING = minecraft.encode_packet(0x01, b"discopng")
 # Bulk: after the stream, the sink answers with the byte count it received.
 BYTE_COUNT = struct.Struct("!Q")
 

@@ -67,6 +67,19 @@ METRICS = (
     Metric("open_cps", "opening idle conns, conn/s", True),
     Metric("route_exact_us", "route lookup exact (10k routes), µs", False),
     Metric("route_wild_us", "route lookup wildcard (10k routes), µs", False),
+    # status pings (issue 5): discoproxy answers them itself; direct is the backend alone
+    Metric("ping_cache_pps", "status ping from cache, pings/s", True, compared=False),
+    Metric("ping_ttl0_pps", "status ping, ttl 0 (to backend), pings/s", True, compared=False),
+    Metric("ping_cache_cpu_us", "status ping from cache, proxy CPU µs/ping", False, compared=False),
+    Metric("ping_ttl0_cpu_us", "status ping, ttl 0, proxy CPU µs/ping", False, compared=False),
+    Metric(
+        "ping_cache_backend", "status ping from cache, backend answers/ping", False, compared=False
+    ),
+    Metric("ping_ttl0_backend", "status ping, ttl 0, backend answers/ping", False, compared=False),
+    Metric(
+        "ping_cache_load_busy", "status ping from cache, load core busy %", False, compared=False
+    ),
+    Metric("ping_ttl0_load_busy", "status ping, ttl 0, load core busy %", False, compared=False),
 )
 
 
@@ -113,7 +126,8 @@ def table(results: Results, columns: Sequence[str], idle_connections: int) -> st
 
 
 def own_comparisons(results: Results) -> list[str]:
-    """Scenario 3 against discoproxy's own SNI figure, and logging's cost."""
+    """Scenario 3 against discoproxy's own SNI figure, logging's cost, and status pings
+    from cache against the backend alone and against asking the backend each time."""
     lines = []
     mc, sni = results.median("mc_cpu_us", DISCOPROXY), results.median("sni_cpu_us", DISCOPROXY)
     if mc is not None and sni is not None:
@@ -123,6 +137,29 @@ def own_comparisons(results: Results) -> list[str]:
         lines.append(
             f"log_level INFO (one line per connection) vs WARNING, SNI CPU per conn: "
             f"{info / sni:.2f}× (+{info - sni:.1f} µs)"
+        )
+    return lines + _status_comparisons(results)
+
+
+def _status_comparisons(results: Results) -> list[str]:
+    lines = []
+    cache = results.median("ping_cache_pps", DISCOPROXY)
+    ttl0 = results.median("ping_ttl0_pps", DISCOPROXY)
+    direct = results.median("ping_cache_pps", "direct")
+    if cache is not None and direct:
+        lines.append(
+            f"status pings/s, discoproxy from cache / backend alone: {cache / direct:.2f}×"
+        )
+    if cache is not None and ttl0:
+        lines.append(f"status pings/s, discoproxy from cache / ttl 0: {cache / ttl0:.2f}×")
+    if ttl0 is not None and direct:
+        lines.append(f"status pings/s, discoproxy ttl 0 / backend alone: {ttl0 / direct:.2f}×")
+    cache_cpu = results.median("ping_cache_cpu_us", DISCOPROXY)
+    ttl0_cpu = results.median("ping_ttl0_cpu_us", DISCOPROXY)
+    if cache_cpu is not None and ttl0_cpu:
+        lines.append(
+            f"status ping, discoproxy CPU per ping, from cache / ttl 0: "
+            f"{cache_cpu / ttl0_cpu:.2f}× ({cache_cpu:.1f} vs {ttl0_cpu:.1f} µs)"
         )
     return lines
 
@@ -140,8 +177,16 @@ def write_json(results: Results, path: Path) -> None:
 CHART_PANELS = (
     ("throughput, GiB/s", ("bulk1_gibps", "bulk8_gibps"), ("1 conn", "8 conns")),
     ("proxy CPU, s/GiB", ("bulk1_cpu", "bulk8_cpu"), ("1 conn", "8 conns")),
-    ("connections/s", ("sni_cps", "mc_cps"), ("SNI", "MC status")),
-    ("proxy CPU, µs/conn", ("sni_cpu_us", "mc_cpu_us"), ("SNI", "MC status")),
+    (
+        "connections/s (status ping: one per connection)",
+        ("sni_cps", "mc_cps", "ping_cache_pps", "ping_ttl0_pps"),
+        ("SNI", "MC status", "ping\ncached", "ping\nttl 0"),
+    ),
+    (
+        "proxy CPU, µs/conn",
+        ("sni_cpu_us", "mc_cpu_us", "ping_cache_cpu_us", "ping_ttl0_cpu_us"),
+        ("SNI", "MC status", "ping\ncached", "ping\nttl 0"),
+    ),
     (
         "64 B ping-pong, µs (log)",
         ("lat_p50_us", "lat_p99_us", "lat1_p50_us", "lat1_p99_us"),

@@ -1,4 +1,5 @@
-"""The six scenarios of issue 4, each one function that fills :class:`Results`.
+"""The six scenarios of issue 4 and issue 5's status pings, each one function that fills
+:class:`Results`.
 
 Every scenario measures each target in turn inside one repetition and repeats
 (round-robin, so drift over the run hits every target alike); the report takes medians.
@@ -18,7 +19,10 @@ from bench import loadgen
 from bench.payloads import (
     BULK_NAME,
     ECHO_NAME,
+    PING_CACHED_NAME,
+    PING_UNCACHED_NAME,
     REPLY,
+    SERIAL_MARKER,
     STATUS_NAME,
     client_hello,
     login_handshake,
@@ -40,6 +44,7 @@ WARMUP_ROUND_TRIPS = 500
 # the targets
 LATENCY_BLOCKS = 10
 CONNECTION_BLOCKS = 5
+PING_BLOCKS = 5
 WARMUP_IDLE_CONNECTIONS = 300
 
 
@@ -194,6 +199,82 @@ def run_minecraft(bench: Bench) -> None:
     _connection_cost(bench, targets, "mc", status_request(STATUS_NAME), "status")
 
 
+def _check_status(target: Target, request: bytes, cached: bool) -> None:
+    """Two pings in a row must both be the backend's answer (not one discoproxy made up
+    because the backend did not answer), the same one when ``cached``, else two."""
+    port = target.ports.mcstatus
+    assert port is not None
+    first, second = (loadgen.status_ping(port, request) for _ in range(2))
+    marker = SERIAL_MARKER.decode()
+    if marker not in first or marker not in second:
+        raise RuntimeError(f"{target.name}: status not the mcstatus backend's: {second}")
+    if (first == second) != cached:
+        why = "cached answers differ" if cached else "ttl 0 answered from cache"
+        raise RuntimeError(f"{target.name}: {why}: {first} then {second}")
+
+
+def run_status(bench: Bench) -> None:
+    """7. Status pings (issue 5): full server-list pings per second — handshake (next
+    state 1) + status request, status response, ping, pong, close — answered by
+    discoproxy from its status cache (``ping_cache``), by discoproxy asking the backend
+    each time (``status_cache_ttl = 0``, ``ping_ttl0``), and by the backend alone
+    (direct, recorded in both rows). Interleaved in ``PING_BLOCKS`` blocks per repetition
+    as the connection-cost scenarios. ``*_backend``: the backend's status answers per
+    ping (distinct serials seen): 1 direct, ~0 from cache, and below 1 at ttl 0 as far
+    as concurrent pings share one backend ping.
+    """
+    settings, results = bench.settings, bench.results
+    cached, uncached = status_request(PING_CACHED_NAME), status_request(PING_UNCACHED_NAME)
+    legs = [
+        ("ping_cache", bench.discoproxy, cached),
+        ("ping_ttl0", bench.discoproxy, uncached),
+        ("direct", bench.direct, uncached),
+    ]
+    for leg, target, request in legs:
+        _check_status(target, request, leg == "ping_cache")
+        port = target.ports.mcstatus
+        assert port is not None
+        loadgen.status_loop(
+            port, request, WARMUP_CONNECTIONS, settings.concurrency, CONNECT_TIMEOUT_S
+        )
+    block = max(1, settings.connections // PING_BLOCKS)
+    for _ in range(settings.runs):
+        used = dict.fromkeys((leg for leg, _, _ in legs), 0.0)
+        busy: dict[str, list[float]] = {leg: [] for leg, _, _ in legs}
+        ok = dict.fromkeys((leg for leg, _, _ in legs), 0)
+        answers = dict.fromkeys((leg for leg, _, _ in legs), 0)
+        seconds = dict.fromkeys((leg for leg, _, _ in legs), 0.0)
+        for _ in range(PING_BLOCKS):
+            for leg, target, request in legs:
+                port = target.ports.mcstatus
+                assert port is not None
+                meter = Meter(target, bench.cores)
+                result = loadgen.status_loop(
+                    port, request, block, settings.concurrency, CONNECT_TIMEOUT_S
+                )
+                cpu, load = meter.stop()
+                if result.failed:
+                    results.notes.append(f"status: {leg}: {result.failed} pings failed")
+                ok[leg] += result.ok
+                answers[leg] += result.answers
+                seconds[leg] += result.seconds
+                used[leg] += cpu or 0.0
+                if load is not None:
+                    busy[leg].append(load)
+        for leg, target, _ in legs:
+            # direct is the reference of both rows
+            metrics = ("ping_cache", "ping_ttl0") if target.pid is None else (leg,)
+            for metric in metrics:
+                name = target.name
+                results.add(f"{metric}_pps", name, ok[leg] / seconds[leg])
+                per_ping = used[leg] / max(ok[leg], 1) * 1e6
+                results.add(f"{metric}_cpu_us", name, per_ping if target.pid else None)
+                results.add(f"{metric}_backend", name, answers[leg] / max(ok[leg], 1))
+                results.add(
+                    f"{metric}_load_busy", name, statistics.mean(busy[leg]) if busy[leg] else None
+                )
+
+
 def _add_percentiles(bench: Bench, target: Target, metric: str, times: list[int]) -> None:
     times.sort()
     bench.results.add(f"{metric}_p50_us", target.name, times[len(times) // 2] / 1e3)
@@ -286,4 +367,5 @@ SCENARIOS = {
     "latency": run_latency,
     "routes": run_route_lookup,
     "memory": run_memory,
+    "status": run_status,
 }

@@ -6,7 +6,9 @@ core; the backends and the load generator share the other one.
 
 - **direct** — no proxy: client and backends alone, the load generator's own limit.
 - **discoproxy** — ``discoproxy serve`` as a child (``python -m discoproxy``, so the pid
-  is the proxy's own), one port, routing every scenario by name through server files.
+  is the proxy's own), one port, routing every scenario by name through server files;
+  two of them route status pings to the mcstatus backend, one cached for
+  ``PING_CACHED_TTL`` seconds, one with ``status_cache_ttl = 0``.
   ``log_level = "WARNING"`` (no per-connection line); the ``discoproxy-info`` variant
   logs one line per connection to a file, to show what that costs.
 - **haproxy-*** — Debian's HAProxy in ``mode tcp``, one frontend per kind of traffic; the
@@ -25,7 +27,17 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.payloads import BULK_NAME, ECHO_NAME, REPLY, SNI_NAME, STATUS_NAME, client_hello
+from bench.payloads import (
+    BULK_NAME,
+    ECHO_NAME,
+    PING_CACHED_NAME,
+    PING_CACHED_TTL,
+    PING_UNCACHED_NAME,
+    REPLY,
+    SNI_NAME,
+    STATUS_NAME,
+    client_hello,
+)
 from bench.procs import Child, free_port
 
 # Lines added to HAProxy's global and defaults sections per variant.
@@ -84,6 +96,7 @@ class Ports:
     sni: int
     status: int | None
     echo: int
+    mcstatus: int | None = None  # status pings answered by a Minecraft server (or for it)
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,7 @@ class BackendPorts:
     sink: int
     reply: int
     echo: int
+    mcstatus: int
 
 
 class Target:
@@ -100,7 +114,9 @@ class Target:
 
     def __init__(self, backends: BackendPorts) -> None:
         self.backends = backends
-        self.ports = Ports(backends.sink, backends.reply, backends.reply, backends.echo)
+        self.ports = Ports(
+            backends.sink, backends.reply, backends.reply, backends.echo, backends.mcstatus
+        )
         self.child: Child | None = None
 
     @property
@@ -146,23 +162,30 @@ class Discoproxy(Target):
         self.cpu = cpu
         self.log_level = log_level
         port = free_port()
-        self.ports = Ports(port, port, port, port)
+        self.ports = Ports(port, port, port, port, port)
         self._write_config()
 
     def _write_config(self) -> None:
         servers = self.workdir / "servers"
         servers.mkdir(parents=True, exist_ok=True)
         b = self.backends
+        # server id: domains, backend port, extra lines
         routes = {
-            "bulk": ([BULK_NAME], b.sink),
-            "reply": ([SNI_NAME, STATUS_NAME], b.reply),
-            "echo": ([ECHO_NAME], b.echo),
+            "bulk": ([BULK_NAME], b.sink, ""),
+            "reply": ([SNI_NAME, STATUS_NAME], b.reply, ""),
+            "echo": ([ECHO_NAME], b.echo, ""),
+            "ping-cached": (
+                [PING_CACHED_NAME],
+                b.mcstatus,
+                f"status_cache_ttl = {PING_CACHED_TTL}\n",
+            ),
+            "ping-uncached": ([PING_UNCACHED_NAME], b.mcstatus, "status_cache_ttl = 0\n"),
         }
-        for server_id, (domains, port) in routes.items():
+        for server_id, (domains, port, extra) in routes.items():
             # a JSON array of strings is a TOML array too
             addresses = json.dumps([f"127.0.0.1:{port}"])
             (servers / f"{server_id}.toml").write_text(
-                f"domains = {json.dumps(domains)}\naddresses = {addresses}\n"
+                f"domains = {json.dumps(domains)}\naddresses = {addresses}\n{extra}"
             )
         (self.workdir / "discoproxy.toml").write_text(
             textwrap.dedent(f"""\

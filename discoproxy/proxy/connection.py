@@ -7,7 +7,10 @@ Rules for this file:
   with ``create_connection`` about 1.7×. Everything around it (listeners, shutdown,
   sweeps) is structured with anyio in ``server.py``.
 - The pipeline is one enum plus one transition table: accepted → [PROXY header] →
-  sniffing → (answering | dialing → forwarding) → closed. An impossible step raises.
+  sniffing → (answering | [waking →] dialing → forwarding) → closed. An impossible step
+  raises. Minecraft status pings for routed servers are answered here (answering), from
+  ``discoproxy.status``; a login for a stopped ``auto_start`` server waits in waking
+  while ``discoproxy.wake`` starts it.
 - The first read happens right after accept (listeners use ``TCP_DEFER_ACCEPT``, so the
   handshake is usually there); a client is registered with epoll only when it must be
   waited for. The backend is dialed with a non-blocking connect and the replayed prefix
