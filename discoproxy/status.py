@@ -11,6 +11,8 @@ Rules for this file:
 - A failed refresh serves the last answer, marked stale, for ``status_stale_for`` past
   its TTL; after that the server is ``unreachable``. A stopped ``auto_start`` server is
   ``sleeping``, one being woken is ``starting`` (see :mod:`discoproxy.wake`).
+- Keys are bounded (:data:`MAX_PROTOCOLS_PER_SERVER`, :data:`MAX_ENTRIES`): the client
+  picks the protocol number, and must not be able to turn pings into backend pings.
 - MOTD text and version names may carry ``{server}`` (display name) and ``{domain}``
   (the name the player used).
 """
@@ -46,6 +48,13 @@ LEGACY_PING_PROTOCOL = 47
 # 64x64 PNG; modded servers list mods in it, still far below).
 MAX_STATUS_BYTES = 256 * 1024
 READ_BYTES = 16 * 1024
+# The client chooses the protocol number it announces, so the keys are bounded: a client
+# cycling through numbers must not turn each ping into a backend ping (amplification) or
+# grow the cache. Past this many protocols for one server, a new one is answered from
+# that server's newest entry, rendered for it, without asking the backend.
+MAX_PROTOCOLS_PER_SERVER = 32
+# Entries overall; the oldest goes first.
+MAX_ENTRIES = 4096
 
 
 class StatusState(enum.StrEnum):
@@ -114,6 +123,8 @@ class StatusService:
         self.waker = waker
         self._entries: dict[tuple[str, int], _Entry] = {}
         self._inflight: dict[tuple[str, int], asyncio.Task[_Entry | None]] = {}
+        self._protocols: dict[str, set[int]] = {}  # per server, the protocols in _entries
+        self._newest: dict[str, _Entry] = {}  # per server, its newest entry
         self.hits = 0
         self.misses = 0
         self.stale = 0
@@ -164,6 +175,19 @@ class StatusService:
         if fresh_entry and entry is not None and (entry.server is server or entry.server == server):
             self.hits += 1
             return entry.rendered, StatusState.ONLINE
+        known = self._protocols.get(route.qualified_id, ())
+        newest = self._newest.get(route.qualified_id)
+        if (
+            protocol not in known
+            and len(known) >= MAX_PROTOCOLS_PER_SERVER
+            and newest is not None
+            and (newest.server is server or newest.server == server)
+            and now - newest.fetched < ttl
+        ):
+            self.hits += 1
+            online = server.motds.online
+            patch = fill(online, name, domain) if online else None
+            return render_status(newest.document, patch, protocol), StatusState.ONLINE
         self.misses += 1
         task = self._inflight.get(key)
         if task is None:
@@ -234,8 +258,26 @@ class StatusService:
         rendered = render_status(document, fill(online, name, domain) if online else None, protocol)
         packet = minecraft.encode_status_response(rendered)
         entry = _Entry(server, document, time.monotonic(), rendered, packet)
-        self._entries[key] = entry
+        self._store(key, entry)
         return entry
+
+    def _store(self, key: tuple[str, int], entry: _Entry) -> None:
+        entries = self._entries
+        qid, protocol = key
+        if key not in entries:
+            while len(entries) >= MAX_ENTRIES:
+                old_qid, old_protocol = old = next(iter(entries))
+                del entries[old]
+                self._protocols.get(old_qid, set()).discard(old_protocol)
+            known = self._protocols.setdefault(qid, set())
+            if len(known) >= MAX_PROTOCOLS_PER_SERVER:
+                self._newest[qid] = entry
+                return
+            known.add(protocol)
+        else:
+            del entries[key]  # re-inserted last: eviction order is age
+        entries[key] = entry
+        self._newest[qid] = entry
 
     async def _ping_backend(
         self,

@@ -402,3 +402,15 @@ async def test_idle_servers_are_stopped_after_auto_stop_after() -> None:
     assert control.stops == 1
     await waker.stop_idle()
     assert control.stops == 1  # not again before another full period
+
+
+async def test_a_client_cycling_protocol_numbers_cannot_multiply_backend_pings() -> None:
+    from discoproxy.status import MAX_PROTOCOLS_PER_SERVER
+
+    async with mc_backend() as (info, seen):
+        routes = [server("a", "a.example.com", addresses=[info.address], status_cache_ttl=30)]
+        async with running_proxy(routes) as proxy:
+            for protocol in range(1, MAX_PROTOCOLS_PER_SERVER + 10):
+                document, _ = await status_ping(proxy, "a.example.com", protocol=protocol)
+                assert plain(document) == "backend-A"
+            assert seen.status_pings == MAX_PROTOCOLS_PER_SERVER
