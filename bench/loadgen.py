@@ -15,12 +15,13 @@ Every wait has a deadline: a socket timeout or ``asyncio.timeout``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,12 +252,16 @@ class PingResult:
 
 
 def status_loop(
-    port: int, request: bytes, total: int, concurrency: int, timeout: float
+    port: int, requests: Sequence[bytes], total: int, concurrency: int, timeout: float
 ) -> PingResult:
-    """``total`` server-list pings (:class:`_Pinger`), ``concurrency`` at a time."""
+    """``total`` server-list pings (:class:`_Pinger`), ``concurrency`` at a time, the
+    n-th sending ``requests[n % len(requests)]``."""
     serials: set[bytes] = set()
+    cycle = itertools.cycle(requests)
     result = uvloop.run(
-        _run_probes(port, lambda done: _Pinger(request, serials, done), total, concurrency, timeout)
+        _run_probes(
+            port, lambda done: _Pinger(next(cycle), serials, done), total, concurrency, timeout
+        )
     )
     return PingResult(result.seconds, result.ok, result.failed, len(serials))
 

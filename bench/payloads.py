@@ -56,11 +56,11 @@ def login_handshake(name: str) -> bytes:
     return minecraft.encode_handshake(PROTOCOL_VERSION, name, 25565, LOGIN)
 
 
-def status_request(name: str) -> bytes:
+def status_request(name: str, protocol: int = PROTOCOL_VERSION) -> bytes:
     """Handshake (next state: status) plus the Status Request packet, as a client pings."""
-    return minecraft.encode_handshake(
-        PROTOCOL_VERSION, name, 25565, STATUS
-    ) + minecraft.encode_packet(0x00, b"")
+    return minecraft.encode_handshake(protocol, name, 25565, STATUS) + minecraft.encode_packet(
+        0x00, b""
+    )
 
 
 def client_hello(name: str = SNI_NAME) -> bytes:

@@ -27,6 +27,14 @@ COLUMNS = (
 )
 
 
+# status ping legs (scenarios.run_status): metric prefix, row label
+PING_LEGS = (
+    ("ping_cache", "status ping from cache"),
+    ("ping_ttl0", "status ping, ttl 0, one backend ping each"),
+    ("ping_shared", "status ping, ttl 0, one protocol (shared)"),
+)
+
+
 @dataclass(frozen=True)
 class Metric:
     key: str
@@ -67,19 +75,17 @@ METRICS = (
     Metric("open_cps", "opening idle conns, conn/s", True),
     Metric("route_exact_us", "route lookup exact (10k routes), µs", False),
     Metric("route_wild_us", "route lookup wildcard (10k routes), µs", False),
-    # status pings (issue 5): discoproxy answers them itself; direct is the backend alone
-    Metric("ping_cache_pps", "status ping from cache, pings/s", True, compared=False),
-    Metric("ping_ttl0_pps", "status ping, ttl 0 (to backend), pings/s", True, compared=False),
-    Metric("ping_cache_cpu_us", "status ping from cache, proxy CPU µs/ping", False, compared=False),
-    Metric("ping_ttl0_cpu_us", "status ping, ttl 0, proxy CPU µs/ping", False, compared=False),
-    Metric(
-        "ping_cache_backend", "status ping from cache, backend answers/ping", False, compared=False
+    # status pings (issue 5), answered by discoproxy itself; direct: the backend alone
+    *(
+        Metric(f"{leg}_{key}", f"{label}, {unit}", higher, compared=False)
+        for key, unit, higher in (
+            ("pps", "pings/s", True),
+            ("cpu_us", "proxy CPU µs/ping", False),
+            ("backend", "backend answers/ping", False),
+            ("load_busy", "load core busy %", False),
+        )
+        for leg, label in PING_LEGS
     ),
-    Metric("ping_ttl0_backend", "status ping, ttl 0, backend answers/ping", False, compared=False),
-    Metric(
-        "ping_cache_load_busy", "status ping from cache, load core busy %", False, compared=False
-    ),
-    Metric("ping_ttl0_load_busy", "status ping, ttl 0, load core busy %", False, compared=False),
 )
 
 
@@ -142,25 +148,21 @@ def own_comparisons(results: Results) -> list[str]:
 
 
 def _status_comparisons(results: Results) -> list[str]:
+    """Status pings/s and discoproxy CPU per ping: from cache against the backend alone
+    and against ttl 0 (one backend ping each), and what sharing backend pings saves."""
     lines = []
-    cache = results.median("ping_cache_pps", DISCOPROXY)
-    ttl0 = results.median("ping_ttl0_pps", DISCOPROXY)
-    direct = results.median("ping_cache_pps", "direct")
-    if cache is not None and direct:
-        lines.append(
-            f"status pings/s, discoproxy from cache / backend alone: {cache / direct:.2f}×"
-        )
-    if cache is not None and ttl0:
-        lines.append(f"status pings/s, discoproxy from cache / ttl 0: {cache / ttl0:.2f}×")
-    if ttl0 is not None and direct:
-        lines.append(f"status pings/s, discoproxy ttl 0 / backend alone: {ttl0 / direct:.2f}×")
-    cache_cpu = results.median("ping_cache_cpu_us", DISCOPROXY)
-    ttl0_cpu = results.median("ping_ttl0_cpu_us", DISCOPROXY)
-    if cache_cpu is not None and ttl0_cpu:
-        lines.append(
-            f"status ping, discoproxy CPU per ping, from cache / ttl 0: "
-            f"{cache_cpu / ttl0_cpu:.2f}× ({cache_cpu:.1f} vs {ttl0_cpu:.1f} µs)"
-        )
+    comparisons = (  # what, discoproxy's metric / that metric of that target
+        ("pings/s, from cache / backend alone", "ping_cache_pps", "ping_cache_pps", "direct"),
+        ("pings/s, from cache / ttl 0", "ping_cache_pps", "ping_ttl0_pps", DISCOPROXY),
+        ("pings/s, ttl 0 / backend alone", "ping_ttl0_pps", "ping_ttl0_pps", "direct"),
+        ("CPU per ping, from cache / ttl 0", "ping_cache_cpu_us", "ping_ttl0_cpu_us", DISCOPROXY),
+        ("CPU per ping, ttl 0 shared / own", "ping_shared_cpu_us", "ping_ttl0_cpu_us", DISCOPROXY),
+    )
+    for what, ours, theirs, target in comparisons:
+        x, y = results.median(ours, DISCOPROXY), results.median(theirs, target)
+        if x is not None and y:
+            unit = "µs" if ours.endswith("_us") else "pings/s"
+            lines.append(f"status ping {what}: {x / y:.2f}× ({_fmt(x)} vs {_fmt(y)} {unit})")
     return lines
 
 
@@ -179,13 +181,13 @@ CHART_PANELS = (
     ("proxy CPU, s/GiB", ("bulk1_cpu", "bulk8_cpu"), ("1 conn", "8 conns")),
     (
         "connections/s (status ping: one per connection)",
-        ("sni_cps", "mc_cps", "ping_cache_pps", "ping_ttl0_pps"),
-        ("SNI", "MC status", "ping\ncached", "ping\nttl 0"),
+        ("sni_cps", "mc_cps", "ping_cache_pps", "ping_ttl0_pps", "ping_shared_pps"),
+        ("SNI", "MC status", "ping\ncache", "ping\nttl 0", "ping\nshared"),
     ),
     (
         "proxy CPU, µs/conn",
-        ("sni_cpu_us", "mc_cpu_us", "ping_cache_cpu_us", "ping_ttl0_cpu_us"),
-        ("SNI", "MC status", "ping\ncached", "ping\nttl 0"),
+        ("sni_cpu_us", "mc_cpu_us", "ping_cache_cpu_us", "ping_ttl0_cpu_us", "ping_shared_cpu_us"),
+        ("SNI", "MC status", "ping\ncache", "ping\nttl 0", "ping\nshared"),
     ),
     (
         "64 B ping-pong, µs (log)",

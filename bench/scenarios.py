@@ -21,6 +21,7 @@ from bench.payloads import (
     ECHO_NAME,
     PING_CACHED_NAME,
     PING_UNCACHED_NAME,
+    PROTOCOL_VERSION,
     REPLY,
     SERIAL_MARKER,
     STATUS_NAME,
@@ -59,14 +60,15 @@ class Settings:
     round_trips: int
     idle_connections: int
     memory_runs: int
+    pings: int  # status pings per leg per repetition
 
     @classmethod
     def full(cls, idle_connections: int) -> Settings:
-        return cls(5, GIB, 20_000, 50, 20_000, idle_connections, 3)
+        return cls(5, GIB, 20_000, 50, 20_000, idle_connections, 3, 10_000)
 
     @classmethod
     def quick(cls, idle_connections: int) -> Settings:
-        return cls(3, 256 << 20, 5_000, 50, 5_000, idle_connections, 1)
+        return cls(3, 256 << 20, 5_000, 50, 5_000, idle_connections, 1, 4_000)
 
 
 @dataclass
@@ -215,42 +217,53 @@ def _check_status(target: Target, request: bytes, cached: bool) -> None:
 
 def run_status(bench: Bench) -> None:
     """7. Status pings (issue 5): full server-list pings per second — handshake (next
-    state 1) + status request, status response, ping, pong, close — answered by
-    discoproxy from its status cache (``ping_cache``), by discoproxy asking the backend
-    each time (``status_cache_ttl = 0``, ``ping_ttl0``), and by the backend alone
-    (direct, recorded in both rows). Interleaved in ``PING_BLOCKS`` blocks per repetition
-    as the connection-cost scenarios. ``*_backend``: the backend's status answers per
-    ping (distinct serials seen): 1 direct, ~0 from cache, and below 1 at ttl 0 as far
-    as concurrent pings share one backend ping.
+    state 1) + status request, status response, ping, pong, close — ``pings`` per leg
+    per repetition, interleaved in ``PING_BLOCKS`` blocks as the connection-cost
+    scenarios. Legs (the metric prefix):
+
+    - ``ping_cache``: discoproxy answers from its cache (``status_cache_ttl`` large);
+    - ``ping_ttl0``: ``status_cache_ttl = 0``, every ping its own backend ping: each
+      ping announces one of ``2 × concurrency`` protocol versions (the cache key is
+      server and protocol), so no two pings in flight share one;
+    - ``ping_shared``: ``status_cache_ttl = 0``, every client on one protocol version:
+      the pings in flight at once share one backend ping;
+    - direct: the backend alone, recorded in every leg's rows as their reference.
+
+    ``*_backend``: status answers the backend gave per ping (distinct serials seen).
     """
     settings, results = bench.settings, bench.results
-    cached, uncached = status_request(PING_CACHED_NAME), status_request(PING_UNCACHED_NAME)
+    cached = [status_request(PING_CACHED_NAME)]
+    shared = [status_request(PING_UNCACHED_NAME)]
+    versions = range(PROTOCOL_VERSION, PROTOCOL_VERSION + 2 * settings.concurrency)
+    each = [status_request(PING_UNCACHED_NAME, version) for version in versions]
     legs = [
         ("ping_cache", bench.discoproxy, cached),
-        ("ping_ttl0", bench.discoproxy, uncached),
-        ("direct", bench.direct, uncached),
+        ("ping_ttl0", bench.discoproxy, each),
+        ("ping_shared", bench.discoproxy, shared),
+        ("direct", bench.direct, each),
     ]
-    for leg, target, request in legs:
-        _check_status(target, request, leg == "ping_cache")
+    for leg, target, requests in legs:
+        _check_status(target, requests[0], leg == "ping_cache")
         port = target.ports.mcstatus
         assert port is not None
         loadgen.status_loop(
-            port, request, WARMUP_CONNECTIONS, settings.concurrency, CONNECT_TIMEOUT_S
+            port, requests, WARMUP_CONNECTIONS, settings.concurrency, CONNECT_TIMEOUT_S
         )
-    block = max(1, settings.connections // PING_BLOCKS)
+    block = max(1, settings.pings // PING_BLOCKS)
+    names = [leg for leg, _, _ in legs]
     for _ in range(settings.runs):
-        used = dict.fromkeys((leg for leg, _, _ in legs), 0.0)
-        busy: dict[str, list[float]] = {leg: [] for leg, _, _ in legs}
-        ok = dict.fromkeys((leg for leg, _, _ in legs), 0)
-        answers = dict.fromkeys((leg for leg, _, _ in legs), 0)
-        seconds = dict.fromkeys((leg for leg, _, _ in legs), 0.0)
+        used = dict.fromkeys(names, 0.0)
+        busy: dict[str, list[float]] = {leg: [] for leg in names}
+        ok = dict.fromkeys(names, 0)
+        answers = dict.fromkeys(names, 0)
+        seconds = dict.fromkeys(names, 0.0)
         for _ in range(PING_BLOCKS):
-            for leg, target, request in legs:
+            for leg, target, requests in legs:
                 port = target.ports.mcstatus
                 assert port is not None
                 meter = Meter(target, bench.cores)
                 result = loadgen.status_loop(
-                    port, request, block, settings.concurrency, CONNECT_TIMEOUT_S
+                    port, requests, block, settings.concurrency, CONNECT_TIMEOUT_S
                 )
                 cpu, load = meter.stop()
                 if result.failed:
@@ -262,10 +275,9 @@ def run_status(bench: Bench) -> None:
                 if load is not None:
                     busy[leg].append(load)
         for leg, target, _ in legs:
-            # direct is the reference of both rows
-            metrics = ("ping_cache", "ping_ttl0") if target.pid is None else (leg,)
+            name = target.name
+            metrics = names[:-1] if target.pid is None else [leg]  # direct: every row
             for metric in metrics:
-                name = target.name
                 results.add(f"{metric}_pps", name, ok[leg] / seconds[leg])
                 per_ping = used[leg] / max(ok[leg], 1) * 1e6
                 results.add(f"{metric}_cpu_us", name, per_ping if target.pid else None)

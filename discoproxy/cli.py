@@ -140,6 +140,7 @@ def table_rows(table: RoutingTable) -> list[dict[str, Any]]:
                     f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in route.addresses
                 ],
                 "send_proxy_protocol": route.send_proxy_protocol,
+                "sleeping": route.server.sleeping,
             }
         )
     return rows
@@ -165,7 +166,8 @@ def cmd_routes(args: argparse.Namespace) -> int:
         (
             row["id"],
             ", ".join(row["domains"] + (["(default)"] if row["default"] else [])) or "-",
-            ", ".join(row["addresses"]),
+            ", ".join(row["addresses"])
+            or ("(sleeping: a login starts it)" if row["sleeping"] else "-"),
             "v2" if row["send_proxy_protocol"] else "-",
         )
         for row in rows
