@@ -152,17 +152,32 @@ def _status_comparisons(results: Results) -> list[str]:
     and against ttl 0 (one backend ping each), and what sharing backend pings saves."""
     lines = []
     comparisons = (  # what, discoproxy's metric / that metric of that target
-        ("pings/s, from cache / backend alone", "ping_cache_pps", "ping_cache_pps", "direct"),
-        ("pings/s, from cache / ttl 0", "ping_cache_pps", "ping_ttl0_pps", DISCOPROXY),
-        ("pings/s, ttl 0 / backend alone", "ping_ttl0_pps", "ping_ttl0_pps", "direct"),
-        ("CPU per ping, from cache / ttl 0", "ping_cache_cpu_us", "ping_ttl0_cpu_us", DISCOPROXY),
-        ("CPU per ping, ttl 0 shared / own", "ping_shared_cpu_us", "ping_ttl0_cpu_us", DISCOPROXY),
+        (
+            "status pings/s, from cache / backend alone",
+            "ping_cache_pps",
+            "ping_cache_pps",
+            "direct",
+        ),
+        ("status pings/s, from cache / ttl 0", "ping_cache_pps", "ping_ttl0_pps", DISCOPROXY),
+        ("status pings/s, ttl 0 / backend alone", "ping_ttl0_pps", "ping_ttl0_pps", "direct"),
+        (
+            "status ping, proxy CPU, from cache / ttl 0",
+            "ping_cache_cpu_us",
+            "ping_ttl0_cpu_us",
+            DISCOPROXY,
+        ),
+        (
+            "status ping, proxy CPU, ttl 0 shared / own",
+            "ping_shared_cpu_us",
+            "ping_ttl0_cpu_us",
+            DISCOPROXY,
+        ),
     )
     for what, ours, theirs, target in comparisons:
         x, y = results.median(ours, DISCOPROXY), results.median(theirs, target)
         if x is not None and y:
             unit = "µs" if ours.endswith("_us") else "pings/s"
-            lines.append(f"status ping {what}: {x / y:.2f}× ({_fmt(x)} vs {_fmt(y)} {unit})")
+            lines.append(f"{what}: {x / y:.2f}× ({_fmt(x)} vs {_fmt(y)} {unit})")
     return lines
 
 
