@@ -16,6 +16,7 @@ Rules for this file:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
@@ -27,6 +28,9 @@ from discoproxy.routing import Registry, Route
 
 # How long a started server shows as "starting" at most if it never answers.
 STARTING_FOR_S = 300.0
+# A login within this long of a start does not start the server again (the start event
+# may not have reached the routing table yet); after it, a sleeping server is restarted.
+RESTART_AFTER_S = 30.0
 # How often auto_stop_after is checked.
 AUTO_STOP_CHECK_S = 5.0
 # How often a held login checks whether its woken server answers yet.
@@ -54,6 +58,7 @@ class Waker:
         self.registry = registry
         self.controls = dict(controls)
         self._starting: dict[str, float] = {}  # qualified id -> until (monotonic)
+        self._started_at: dict[str, float] = {}
         self._starts: dict[str, asyncio.Task[None]] = {}
         # reactor thread: players per qualified id, and since when a server has none
         self.players: dict[str, int] = {}
@@ -93,8 +98,12 @@ class Waker:
         """Start ``route``'s server unless a start is already under way."""
         qid = route.qualified_id
         task = self._starts.get(qid)
+        now = time.monotonic()
+        if task is None and now - self._started_at.get(qid, -math.inf) < RESTART_AFTER_S:
+            return  # started moments ago: its start event is on its way
         if task is None:
-            self._starting[qid] = time.monotonic() + STARTING_FOR_S
+            self._started_at[qid] = now
+            self._starting[qid] = now + STARTING_FOR_S
             task = asyncio.ensure_future(self._start(route))
             self._starts[qid] = task
             task.add_done_callback(lambda _: self._starts.pop(qid, None))

@@ -75,9 +75,10 @@ WORKER_THREADS = 2
 FRESH_OVERRIDE_S = 2.0
 
 # Container actions that can change what is routable. ``die`` covers crashes and kills,
-# ``stop`` a clean stop; ``rename`` changes the server id. ``connect``/``disconnect`` are
+# ``stop`` a clean stop; ``rename`` changes the server id; ``create`` adds a stopped
+# container (routed as sleeping with ``auto_start``). ``connect``/``disconnect`` are
 # network events (a container joined or left a network, which may change its address).
-CONTAINER_ACTIONS = ("start", "die", "stop", "destroy", "pause", "unpause", "rename")
+CONTAINER_ACTIONS = ("create", "start", "die", "stop", "destroy", "pause", "unpause", "rename")
 NETWORK_ACTIONS = ("connect", "disconnect")
 EVENT_FILTERS: dict[str, list[str]] = {
     "type": ["container", "network"],

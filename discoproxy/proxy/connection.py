@@ -123,7 +123,8 @@ _TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
     # waking → dialing: the server answers in time; → answering: it gets the "starting" text
     WAKING: frozenset({DIALING, ANSWERING, CLOSED}),
     # dialing → answering: every address failed, the client gets told so
-    DIALING: frozenset({ANSWERING, FORWARDING, CLOSED}),
+    # dialing → waking: a woken server does not accept yet, the login is held for it
+    DIALING: frozenset({ANSWERING, FORWARDING, WAKING, CLOSED}),
     FORWARDING: frozenset({CLOSED}),
     CLOSED: frozenset(),
 }
@@ -354,6 +355,7 @@ class ClientConnection:
         "_dial_task",
         "_handshake",
         "_handshake_length",
+        "_held",
         "_kind",
         "_legacy",
         "_legacy_wait",
@@ -420,6 +422,7 @@ class ClientConnection:
         self._legacy: minecraft.LegacyPing | None = None
         self._legacy_wait = 0  # 1: a 1.6 ping is incomplete, 2: waited enough for it
         self._status_pending = False
+        self._held = False  # held once for a woken server (auto_start_wait)
         self._player = False
         self._proxy_header: ProxyHeader | None = None
         self._resolved_addresses: list[Resolved] | None = None
@@ -949,7 +952,10 @@ class ClientConnection:
         waker = self.ctx.waker
         if waker is not None and waker.is_starting(route.qualified_id):
             self.up.out = None
-            self._starting_disconnect()
+            if self.ctx.config.auto_start_wait > 0 and not self._held:
+                self._wake()  # hold it as the login that woke the server is held
+            else:
+                self._starting_disconnect()
             return
         logger.bind(conn=self.id, route=route.qualified_id).warning(
             "conn #{} backend unreachable for {}: {}",
@@ -979,6 +985,7 @@ class ClientConnection:
         route = self.route
         assert route is not None
         self._move(WAKING)
+        self._held = True
         self.ctx.handshaking.discard(self)
         self.sync_events()  # the client waits, unread
         self._dial_task = self.ctx.spawn(self._await_wake(route))
@@ -1009,6 +1016,9 @@ class ClientConnection:
             self._starting_disconnect()
             return
         self.route = route
+        self._next_address = 0  # the woken server's addresses, from the first
+        self._resolved_addresses = None
+        self._dial_errors = None
         self._move(DIALING)
         self._dial_next()
 
