@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from discoproxy.motd import Motd
 
@@ -92,6 +99,17 @@ class GlobalMotds(BaseModel):
         default=Motd(text="§7{server} is sleeping\n§fjoin to wake it up", version_name="sleeping"),
         description="A stopped auto_start server: a login starts it.",
     )
+
+    @field_validator("unknown_domain", "unreachable", "starting", "sleeping", mode="before")
+    @classmethod
+    def _over_defaults(cls, value: Any, info: ValidationInfo) -> Any:
+        """A ``[motds.<state>]`` table changes the fields it sets; the others keep their
+        defaults (a down server keeps its "offline" version when only its text changes)."""
+        if not isinstance(value, Mapping) or info.field_name is None:
+            return value
+        default = cls.model_fields[info.field_name].default
+        assert isinstance(default, Motd)
+        return {**default.model_dump(exclude_none=True), **value}
 
 
 class ProxyConfig(BaseModel):

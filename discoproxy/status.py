@@ -75,6 +75,7 @@ class _Entry:
     fetched: float  # time.monotonic()
     rendered: str  # document patched with the server's online MOTD, as JSON
     packet: bytes  # rendered, framed as a Status Response
+    per_domain: bool  # the online MOTD names {domain}: rendered again for each ping
 
 
 class StatusError(Exception):
@@ -136,7 +137,7 @@ class StatusService:
 
     # -- reactor thread -----------------------------------------------------------------
 
-    def cached(self, route: Route, protocol: int) -> bytes | None:
+    def cached(self, route: Route, protocol: int, domain: str) -> bytes | None:
         """A fresh answer's Status Response packet, or None (then call :meth:`answer`)."""
         entry = self._entries.get((route.qualified_id, protocol))
         if entry is None:
@@ -147,7 +148,18 @@ class StatusService:
         if server.sleeping or time.monotonic() - entry.fetched >= self.ttl(server):
             return None
         self.hits += 1
+        if entry.per_domain:
+            return minecraft.encode_status_response(self._render(entry, protocol, domain))
         return entry.packet
+
+    @staticmethod
+    def _render(entry: _Entry, protocol: int, domain: str) -> str:
+        """The entry's answer for a ping that used ``domain``."""
+        if not entry.per_domain:
+            return entry.rendered
+        online = entry.server.motds.online
+        patch = fill(online, display_name(entry.server), domain) if online else None
+        return render_status(entry.document, patch, protocol)
 
     # -- asyncio loop -------------------------------------------------------------------
 
@@ -174,7 +186,7 @@ class StatusService:
         fresh_entry = entry is not None and now - entry.fetched < ttl
         if fresh_entry and entry is not None and (entry.server is server or entry.server == server):
             self.hits += 1
-            return entry.rendered, StatusState.ONLINE
+            return self._render(entry, protocol, domain), StatusState.ONLINE
         known = self._protocols.get(route.qualified_id, ())
         newest = self._newest.get(route.qualified_id)
         if (
@@ -198,7 +210,7 @@ class StatusService:
         if fresh is not None:
             if waker is not None:
                 waker.answered(route.qualified_id)
-            return fresh.rendered, StatusState.ONLINE
+            return self._render(fresh, protocol, domain), StatusState.ONLINE
         entry = self._entries.get(key)
         if (
             entry is not None
@@ -211,7 +223,7 @@ class StatusService:
                 name,
                 time.monotonic() - entry.fetched,
             )
-            return entry.rendered, StatusState.STALE
+            return self._render(entry, protocol, domain), StatusState.STALE
         state = StatusState.STARTING if starting else StatusState.UNREACHABLE
         return self.synthesized(server, state, protocol, domain), state
 
@@ -257,7 +269,8 @@ class StatusService:
         name = display_name(server)
         rendered = render_status(document, fill(online, name, domain) if online else None, protocol)
         packet = minecraft.encode_status_response(rendered)
-        entry = _Entry(server, document, time.monotonic(), rendered, packet)
+        per_domain = online is not None and "{domain}" in f"{online.text}{online.version_name}"
+        entry = _Entry(server, document, time.monotonic(), rendered, packet, per_domain)
         self._store(key, entry)
         return entry
 

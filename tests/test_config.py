@@ -115,8 +115,10 @@ def test_front_door_keys_load_with_motds_per_state(tmp_path: Path) -> None:
     config = load_config(path)
     assert (config.status_cache_ttl, config.status_stale_for, config.auto_start_wait) == (10, 30, 5)
     assert config.motds.unknown_domain.text == "No server {domain}"
-    # a table replaces that state's defaults as a whole; unset fields stay unset
-    assert config.motds.sleeping.max_players == 0 and config.motds.sleeping.text is None
+    # a table changes the fields it sets; the others keep their defaults
+    assert config.motds.sleeping.max_players == 0
+    assert config.motds.sleeping.text == ProxyConfig().motds.sleeping.text
+    assert config.motds.unknown_domain.protocol_version == -1
     assert config.motds.starting.text is not None  # untouched states keep theirs
 
 

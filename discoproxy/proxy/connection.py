@@ -718,7 +718,9 @@ class ClientConnection:
                 handshake.server_port,
             )
         else:
-            protocol, domain = LEGACY_PING_PROTOCOL, (legacy.host if legacy else None) or ""
+            # no host before 1.6: the server's own first name, for backends that care
+            fallback = next((d for d in route.server.domains if not d.startswith("*")), "")
+            protocol, domain = LEGACY_PING_PROTOCOL, (legacy.host if legacy else None) or fallback
             port = (legacy.port if legacy else None) or DEFAULT_BACKEND_PORT
         status = self.ctx.status
         try:
@@ -759,8 +761,14 @@ class ClientConnection:
                     )
                     self._reply(minecraft.encode_status_response(status))
                     continue
-                assert self._handshake is not None
-                cached = self.ctx.status.cached(route, self._handshake.protocol_version)
+                if self.down.count:  # a second status request: vanilla closes too
+                    self.close("unexpected second status request")
+                    return
+                handshake = self._handshake
+                assert handshake is not None
+                cached = self.ctx.status.cached(
+                    route, handshake.protocol_version, handshake.server_address
+                )
                 if cached is not None:
                     self.reason = "status answered (cached)"
                     self._reply(cached)
