@@ -30,7 +30,7 @@ from discoproxy.config import ProxyConfig
 from discoproxy.motd import component_to_legacy, strip_codes
 from discoproxy.protocol import minecraft
 from discoproxy.protocol.errors import NEED_DATA
-from discoproxy.routing import Registry, RoutingTable
+from discoproxy.routing import RoutingTable
 from discoproxy.status import parse_status_document
 from integration.docker_support import (
     DockerResources,
@@ -38,6 +38,7 @@ from integration.docker_support import (
     ensure_image,
     require_docker,
 )
+from integration.test_docker_provider import LiveProxy
 from providers.docker import DockerProvider, DockerSettings
 from tests.proxy.helpers import handshake, provider_proxy, receive_all
 
@@ -126,7 +127,6 @@ Server(("0.0.0.0", int(os.environ.get("PORT", "25565"))), Handler).serve_forever
 BACKEND_PORT = 25577
 
 # Deadlines, not measurements.
-ROUTE_WITHIN_S = 10.0
 REPLY_TIMEOUT_S = 5.0
 RUNNING_WITHIN_S = 10.0
 # Start (<1 s) + bind delay + status pings in between.
@@ -167,30 +167,10 @@ class Status:
 
 
 @dataclass
-class WakeProxy:
-    resources: DockerResources
-    registry: Registry
-    address: tuple[str, int]
+class WakeProxy(LiveProxy):
     # server ids the provider was asked to start / stop, in order
     starts: list[str] = field(default_factory=list)
     stops: list[str] = field(default_factory=list)
-
-    def qualified(self, suffix: str) -> str:
-        return f"{self.resources.name(suffix)}@docker"
-
-    def domain(self, name: str) -> str:
-        return f"{name}.{self.resources.prefix}.test"
-
-    async def docker(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """A blocking docker SDK call, off the event loop the proxy runs on."""
-        return await anyio.to_thread.run_sync(partial(func, *args, **kwargs))
-
-    async def wait_until(
-        self, condition: Callable[[RoutingTable], bool], within_s: float = ROUTE_WITHIN_S
-    ) -> None:
-        with anyio.fail_after(within_s):
-            while not condition(self.registry.table):
-                await anyio.sleep(0.01)
 
     async def container_state(self, container: Any) -> str:
         await self.docker(container.reload)
@@ -267,7 +247,7 @@ async def wake_proxy(resources: DockerResources, **config: Any) -> AsyncIterator
     provider.start_server = recorded_start  # type: ignore[method-assign]
     provider.stop_server = recorded_stop  # type: ignore[method-assign]
     async with provider_proxy(provider, proxy_config) as proxy:
-        yield WakeProxy(resources, proxy.registry, proxy.address, starts, stops)
+        yield WakeProxy(resources, proxy.registry, proxy.address, starts=starts, stops=stops)
 
 
 def sleeping(domain: str, qualified_id: str, asleep: bool = True) -> Callable[[RoutingTable], bool]:

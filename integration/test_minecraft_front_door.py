@@ -27,7 +27,6 @@ import base64
 import json
 import socket
 import struct
-import subprocess
 import time
 import zlib
 from collections.abc import Iterator
@@ -44,7 +43,6 @@ from mcstatus._protocol.java_client import JavaClient
 from discoproxy.protocol.minecraft import encode_legacy_ping_1_6
 from integration.peers import free_port, json_lines, running_peer
 from integration.test_minecraft_peers import (
-    CLIENT_TIMEOUT_S,
     MC_PROTOCOL,
     MC_VERSION,
     MCSTATUS_TIMEOUT_S,
@@ -53,6 +51,7 @@ from integration.test_minecraft_peers import (
     StatusResult,
     closed_line,
     login_via,
+    node_json,
     require_node_peers,
 )
 from tests.support import ProxyProcess, running_proxy
@@ -156,20 +155,6 @@ def legacy_fields_1_4(text: str) -> dict[str, str]:
     parts = text.split("\0")
     assert len(parts) == 6 and parts[0] == "\u00a71", repr(text)
     return dict(zip(("protocol", "version", "motd", "online", "max"), parts[1:], strict=True))
-
-
-def node_json(node: str, script: str, *args: str) -> list[dict[str, Any]]:
-    result = subprocess.run(
-        [node, script, *args],
-        cwd=NODE_DIR,
-        capture_output=True,
-        text=True,
-        timeout=CLIENT_TIMEOUT_S,
-        check=False,
-    )
-    events = json_lines(result.stdout.splitlines())
-    assert events, f"{script} printed nothing (rc={result.returncode}):\n{result.stderr}"
-    return events
 
 
 # -- status cache -------------------------------------------------------------------------

@@ -111,10 +111,10 @@ def closed_line(proxy: ProxyProcess, client_port: int, route: str) -> str:
     return proxy.wait_for_line(rf"closed: client=127\.0\.0\.1:{client_port} route={route} ")
 
 
-def login_via(proxy: ProxyProcess, domain: str, node: str) -> list[dict[str, Any]]:
-    """Run mc_client.js against the proxy; its JSON event lines."""
+def node_json(node: str, script: str, *args: str) -> list[dict[str, Any]]:
+    """Run ``integration/node/<script>`` with ``args``; its JSON event lines."""
     result = subprocess.run(
-        [node, "mc_client.js", str(proxy.port), domain, "tester", MC_VERSION],
+        [node, script, *args],
         cwd=NODE_DIR,
         capture_output=True,
         text=True,
@@ -122,8 +122,13 @@ def login_via(proxy: ProxyProcess, domain: str, node: str) -> list[dict[str, Any
         check=False,
     )
     events = json_lines(result.stdout.splitlines())
-    assert events, f"mc_client.js printed nothing (rc={result.returncode}):\n{result.stderr}"
+    assert events, f"{script} printed nothing (rc={result.returncode}):\n{result.stderr}"
     return events
+
+
+def login_via(proxy: ProxyProcess, domain: str, node: str) -> list[dict[str, Any]]:
+    """Run mc_client.js against the proxy; its JSON event lines."""
+    return node_json(node, "mc_client.js", str(proxy.port), domain, "tester", MC_VERSION)
 
 
 @pytest.mark.parametrize(("domain", "backend", "route"), ROUTES)
