@@ -4,8 +4,8 @@ Rules for this file:
 - discoproxy answers every status ping for a routed server itself. A fresh cache entry
   is served by the reactor thread without leaving it (:meth:`StatusService.cached`); a
   miss goes to the asyncio loop (:meth:`StatusService.answer`), where at most one ping per
-  key (server, client protocol) is in flight to the backend and every other ping waits
-  for it.
+  key (server, client protocol) is asked of the backend and every other ping waits for
+  it; pings for one server's different protocols go to it one after the other.
 - Entries are immutable and only the asyncio side writes the dict; the reactor thread
   only reads it (a dict get or set is atomic under the GIL).
 - A failed refresh serves the last answer, marked stale, for ``status_stale_for`` past
@@ -124,6 +124,7 @@ class StatusService:
         self.waker = waker
         self._entries: dict[tuple[str, int], _Entry] = {}
         self._inflight: dict[tuple[str, int], asyncio.Task[_Entry | None]] = {}
+        self._pinging: dict[str, asyncio.Lock] = {}  # per server: its backend ping
         self._protocols: dict[str, set[int]] = {}  # per server, the protocols in _entries
         self._newest: dict[str, _Entry] = {}  # per server, its newest entry
         self.hits = 0
@@ -256,9 +257,11 @@ class StatusService:
         client: tuple[str, int] | None,
     ) -> _Entry | None:
         server = route.server
+        lock = self._pinging.setdefault(route.qualified_id, asyncio.Lock())
         try:
-            with anyio.fail_after(self.config.status_timeout):
-                document = await self._ping_backend(route, protocol, domain, port, client)
+            async with lock:  # one ping per server at a time, whatever the protocol
+                with anyio.fail_after(self.config.status_timeout):
+                    document = await self._ping_backend(route, protocol, domain, port, client)
         except (StatusError, TimeoutError) as exc:
             why = str(exc) or f"no answer within {self.config.status_timeout}s"
             logger.bind(route=route.qualified_id).info(

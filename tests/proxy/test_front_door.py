@@ -47,6 +47,8 @@ class McBackend:
     headers: list[ProxyHeader] = field(default_factory=list)
     status_pings: int = 0
     description: str = "backend-A"
+    open_now: int = 0
+    most_open: int = 0
 
 
 def minecraft_backend(seen: McBackend) -> Callable[[SocketStream, Backend], Awaitable[None]]:
@@ -54,6 +56,14 @@ def minecraft_backend(seen: McBackend) -> Callable[[SocketStream, Backend], Awai
     names the host it was asked for."""
 
     async def handler(stream: SocketStream, info: Backend) -> None:
+        seen.open_now += 1
+        seen.most_open = max(seen.most_open, seen.open_now)
+        try:
+            await answer(stream)
+        finally:
+            seen.open_now -= 1
+
+    async def answer(stream: SocketStream) -> None:
         buffer = bytearray(await stream.receive())
         if buffer.startswith((b"PROXY ", b"\r\n\r\n\x00\r\nQUIT\n")):
             while isinstance(header := parse_proxy_header(buffer), _NeedData):
@@ -414,3 +424,13 @@ async def test_a_client_cycling_protocol_numbers_cannot_multiply_backend_pings()
                 document, _ = await status_ping(proxy, "a.example.com", protocol=protocol)
                 assert plain(document) == "backend-A"
             assert seen.status_pings == MAX_PROTOCOLS_PER_SERVER
+
+
+async def test_one_server_gets_one_status_ping_at_a_time_whatever_the_protocols() -> None:
+    async with mc_backend() as (info, seen):
+        routes = [server("a", "a.example.com", addresses=[info.address])]
+        async with running_proxy(routes) as proxy, anyio.create_task_group() as tg:
+            for protocol in (47, 340, 765, 766) * 3:
+                tg.start_soon(status_ping, proxy, "a.example.com", protocol)
+        assert seen.status_pings == 4  # one per protocol
+        assert seen.most_open == 1
