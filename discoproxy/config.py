@@ -175,6 +175,29 @@ class ProxyConfig(BaseModel):
     status_timeout: Seconds = Field(
         default=3.0, description="How long a status ping to a backend may take."
     )
+    port_routes_bind: str = Field(
+        default="0.0.0.0",
+        description="IP address the listeners of servers' port routes ('ports') bind; "
+        "'::' for IPv6 and IPv4.",
+    )
+    udp_session_timeout: Seconds = Field(
+        default=60.0, description="A UDP session (one client address) ends after this silence."
+    )
+    udp_max_sessions: int = Field(
+        default=10000, ge=0, description="UDP sessions open at once overall; 0 = unlimited."
+    )
+    udp_per_ip_packets_per_s: float = Field(
+        default=0, ge=0, description="Datagrams per second one client IP may send; 0 = no limit."
+    )
+    udp_per_ip_bytes_per_s: float = Field(
+        default=0, ge=0, description="Bytes per second one client IP may send; 0 = no limit."
+    )
+    recv_buffer_size: int = Field(
+        default=0, ge=0, description="SO_RCVBUF of UDP sockets, bytes; 0 = the OS default."
+    )
+    send_buffer_size: int = Field(
+        default=0, ge=0, description="SO_SNDBUF of UDP sockets, bytes; 0 = the OS default."
+    )
     motds: GlobalMotds = Field(
         default_factory=GlobalMotds,
         description="Server-list answers: [motds.unknown_domain], [motds.unreachable], "
@@ -197,6 +220,17 @@ class ProxyConfig(BaseModel):
                 raise ValueError("at least one bind address is required")
             for item in value:
                 parse_bind(str(item))
+        return value
+
+    @field_validator("port_routes_bind")
+    @classmethod
+    def _port_routes_bind(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(
+                f"expected an IP address such as '0.0.0.0' or '::', got {value!r}"
+            ) from None
         return value
 
     @field_validator("log_level", mode="before")

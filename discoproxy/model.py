@@ -123,6 +123,74 @@ def _check_ip(host: str, original: str, *, want_v6: bool) -> None:
 
 
 DOMAIN_REWRITE_BACKEND = "backend"
+# Ports one mapping may open: each is a listening socket (an fd, a reactor entry).
+MAX_PORTS_PER_MAPPING = 1024
+_PORT_MAPPING_RE = re.compile(r"^(\d+)(?:-(\d+))?(?::(\d+)(?:-(\d+))?)?(?:/(tcp|udp))?$")
+
+
+class PortMapping(BaseModel):
+    """Ports discoproxy listens on for a server and the backend ports they map to:
+    ``"25575/tcp"``, ``"9000-9010:8000-8010/tcp"``, ``"19132/udp"``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    protocol: str  # "tcp" or "udp"
+    listen: int  # first port listened on
+    count: int  # ports in the range
+    target: int  # backend port of the first one; the others follow by offset
+
+    @classmethod
+    def parse(cls, value: str) -> PortMapping:
+        text = value.strip().lower().replace(" ", "")
+        match = _PORT_MAPPING_RE.match(text)
+        if match is None:
+            raise ValueError(
+                f"invalid port mapping {value!r}; expected 'PORT[-END][:TARGET[-END]]/tcp|udp', "
+                "e.g. '25575/tcp', '9000-9010:8000-8010/tcp' or '19132/udp'"
+            )
+        first, last, target_first, target_last, protocol = match.groups()
+        listen = _mapping_port(first, value)
+        listen_end = _mapping_port(last, value) if last else listen
+        target = _mapping_port(target_first, value) if target_first else listen
+        target_end = _mapping_port(target_last, value) if target_last else None
+        if listen_end < listen:
+            raise ValueError(
+                f"invalid port range in {value!r}: {listen}-{listen_end} runs backwards"
+            )
+        count = listen_end - listen + 1
+        if count > MAX_PORTS_PER_MAPPING:
+            raise ValueError(
+                f"port range in {value!r} has {count} ports; at most {MAX_PORTS_PER_MAPPING}"
+            )
+        if target_end is None:
+            target_end = target + count - 1
+        if target_end - target + 1 != count:
+            raise ValueError(
+                f"port ranges in {value!r} differ in length: {count} ports map to "
+                f"{target_end - target + 1}"
+            )
+        if target_end > 65535:
+            raise ValueError(f"target ports in {value!r} run past 65535")
+        return cls(protocol=protocol or "tcp", listen=listen, count=count, target=target)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(listen port, backend port) for every port of the mapping."""
+        return [(self.listen + i, self.target + i) for i in range(self.count)]
+
+    def __str__(self) -> str:
+        def span(first: int) -> str:
+            return str(first) if self.count == 1 else f"{first}-{first + self.count - 1}"
+
+        if self.target == self.listen:
+            return f"{span(self.listen)}/{self.protocol}"
+        return f"{span(self.listen)}:{span(self.target)}/{self.protocol}"
+
+
+def _mapping_port(text: str, original: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"invalid port {text} in {original!r}; expected 1-65535")
+    return port
 
 
 class ServerMotds(BaseModel):
@@ -212,6 +280,12 @@ class ServerDefinition(BaseModel):
         description="Stop the server after this many seconds with no player connected "
         "(with auto_start); unset or 0: never.",
     )
+    ports: tuple[PortMapping, ...] = Field(
+        default=(),
+        description="Ports forwarded as they are, without reading a name: "
+        "'25575/tcp', '9000-9010:8000-8010/tcp' (by offset), '19132/udp'; a port without a "
+        "target maps to the same number on each backend address's host.",
+    )
     sleeping: bool = Field(
         default=False,
         description="Set by the provider: the server is stopped and waits for auto_start "
@@ -258,6 +332,18 @@ class ServerDefinition(BaseModel):
             return ProxyMode.PASSTHROUGH
         return value
 
+    @field_validator("ports", mode="before")
+    @classmethod
+    def _ports(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            return value
+        return tuple(
+            item if isinstance(item, PortMapping) else PortMapping.parse(str(item))
+            for item in value
+        )
+
     @field_validator("domain_rewrite", mode="before")
     @classmethod
     def _domain_rewrite(cls, value: Any) -> Any:
@@ -277,9 +363,9 @@ class ServerDefinition(BaseModel):
     def _routable(self) -> ServerDefinition:
         if not self.addresses and not self.sleeping:
             raise ValueError("addresses: at least one address is required, e.g. ['10.0.0.5:25565']")
-        if not self.domains and not self.default:
+        if not self.domains and not self.default and not self.ports:
             raise ValueError(
-                "a server needs at least one entry in 'domains', or 'default = true' "
-                "to be the catch-all"
+                "a server needs at least one entry in 'domains', 'default = true' "
+                "to be the catch-all, or 'ports' to forward"
             )
         return self

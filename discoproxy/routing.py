@@ -16,6 +16,7 @@ Rules for this file:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +52,13 @@ class Conflict:
         )
 
 
+PortKey = tuple[str, int]  # ("tcp" | "udp", port)
+
+
+def format_port(key: PortKey) -> str:
+    return f"{key[1]}/{key[0]}"
+
+
 def qualify(server_id: str, provider: str) -> str:
     return f"{server_id}@{provider}"
 
@@ -58,7 +66,7 @@ def qualify(server_id: str, provider: str) -> str:
 class RoutingTable:
     """Frozen name → route lookups, plus the catch-all."""
 
-    __slots__ = ("_exact", "_wildcard", "conflicts", "default", "routes")
+    __slots__ = ("_exact", "_wildcard", "conflicts", "default", "ports", "routes")
 
     def __init__(
         self,
@@ -67,6 +75,7 @@ class RoutingTable:
         default: Route | None,
         routes: Sequence[Route],
         conflicts: Sequence[Conflict] = (),
+        ports: Mapping[PortKey, Route] | None = None,
     ) -> None:
         self._exact = dict(exact)
         # keyed by the suffix including its leading dot: "*.example.com" → ".example.com"
@@ -74,6 +83,8 @@ class RoutingTable:
         self.default = default
         self.routes = tuple(routes)
         self.conflicts = tuple(conflicts)
+        # (protocol, listen port) → the server's route with that port's backend addresses
+        self.ports: dict[PortKey, Route] = dict(ports or {})
 
     @classmethod
     def empty(cls) -> RoutingTable:
@@ -154,8 +165,31 @@ def build_table(servers_by_provider: Mapping[str, Iterable[ServerDefinition]]) -
                 "(default)", defaults[0].qualified_id, tuple(d.qualified_id for d in defaults[1:])
             )
         )
+    ports = _port_routes(routes, conflicts)
     conflicts.sort(key=lambda c: c.name)
-    return RoutingTable(exact, wildcard, defaults[0] if defaults else None, routes, conflicts)
+    return RoutingTable(
+        exact, wildcard, defaults[0] if defaults else None, routes, conflicts, ports
+    )
+
+
+def _port_routes(routes: Sequence[Route], conflicts: list[Conflict]) -> dict[PortKey, Route]:
+    """Every claimed (protocol, port): the first claimant in qualified-id order wins, with
+    its backend addresses on the mapped port."""
+    claims: dict[PortKey, list[tuple[Route, int]]] = {}
+    for route in routes:  # sorted by qualified id
+        for mapping in route.server.ports:
+            for listen, target in mapping.pairs():
+                claims.setdefault((mapping.protocol, listen), []).append((route, target))
+    ports: dict[PortKey, Route] = {}
+    for key, claimants in sorted(claims.items()):
+        route, target = claimants[0]
+        others = tuple(dict.fromkeys(r.qualified_id for r, _ in claimants[1:] if r is not route))
+        if others:
+            conflicts.append(Conflict(format_port(key), route.qualified_id, others))
+        ports[key] = dataclasses.replace(
+            route, addresses=tuple((host, target) for host, _ in route.addresses)
+        )
+    return ports
 
 
 TableListener = Callable[[RoutingTable], None]

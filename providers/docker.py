@@ -320,6 +320,19 @@ LABELS: tuple[LabelSpec, ...] = (
         field="default",
     ),
     LabelSpec(
+        key="ports",
+        type="comma-separated list",
+        default="none",
+        example="`25575/tcp,19132/udp,9000-9010:8000-8010/tcp`",
+        accepted="`PORT[-END][:TARGET[-END]]/tcp` or `/udp` (`/tcp` when left out)",
+        maps_to="`ports`",
+        description=_field_doc("ports")
+        + " The ports are opened on discoproxy's `port_routes_bind` address while the "
+        "container is routed, and closed when it goes (open connections finish).",
+        parse=lambda text: text,
+        field="ports",
+    ),
+    LabelSpec(
         key="status_cache_ttl",
         type="duration",
         default="the global `status_cache_ttl`",
@@ -606,10 +619,10 @@ def _server_from_container(
     enable = values.get("enable")
     if enable is False:
         return None, []  # excluded on purpose: its other labels do not matter
-    if "enable" not in ours and "domains" not in ours:
+    if "enable" not in ours and "domains" not in ours and "ports" not in ours:
         hint = (
-            f"has {ctx.prefix}.* labels but neither {ctx.prefix}.domains nor "
-            f"{ctx.prefix}.enable=true: not routed"
+            f"has {ctx.prefix}.* labels but none of {ctx.prefix}.domains, {ctx.prefix}.ports "
+            f"or {ctx.prefix}.enable=true: not routed"
         )
         return None, [LabelProblem(name, None, hint, dropped=False)]
     if any(p.dropped for p in problems):
@@ -1160,7 +1173,7 @@ def labels_markdown(prefix: str = DEFAULT_LABEL_PREFIX) -> str:
         "",
         "## Which containers are routed",
         "",
-        f"A running container is routed when it has the label `{p}.domains`, or",
+        f"A running container is routed when it has the label `{p}.domains` or `{p}.ports`, or",
         f"`{p}.enable=true` (with `{p}.default=true`, for a catch-all without domains).",
         f"`{p}.enable=false` excludes a container whatever its other labels say. Paused",
         "containers are not routed. The prefix is the provider's `label_prefix` setting.",

@@ -116,7 +116,8 @@ _TLS = Sniffed.TLS
 _HTTP = Sniffed.HTTP
 
 _TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
-    ACCEPTED: frozenset({PROXY_HEADER, SNIFFING, CLOSED}),
+    # accepted → dialing: a port route forwards at once, without reading a name
+    ACCEPTED: frozenset({PROXY_HEADER, SNIFFING, DIALING, CLOSED}),
     PROXY_HEADER: frozenset({SNIFFING, CLOSED}),
     SNIFFING: frozenset({ANSWERING, DIALING, WAKING, CLOSED}),
     ANSWERING: frozenset({CLOSED}),
@@ -448,8 +449,7 @@ class ClientConnection:
             raise IllegalTransition(f"{self!r}: cannot go from {self.state.name} to {new.name}")
         self.state = new
 
-    def start(self) -> None:
-        """Just accepted: admit or refuse, then read what the client already sent."""
+    def _admit(self) -> bool:
         ctx = self.ctx
         if ctx.at_capacity():
             self.state = CLOSED
@@ -457,11 +457,27 @@ class ClientConnection:
             os.close(self.cfd)
             ctx.rejected += 1
             ctx.log_rejection(self.client_addr, self.reason)
-            return
+            return False
         self.id = ctx.register(self)
         self.up = Flow(self)
         self.down = Flow(self)
         os.set_blocking(self.cfd, False)  # fcntl.fcntl with an int builds and drops a TypeError
+        return True
+
+    def start_port(self, route: Route) -> None:
+        """Accepted on a port route: dial its backend at once, reading nothing first, so
+        protocols where the server speaks first work."""
+        if not self._admit():
+            return
+        self.route = route
+        self._move(DIALING)
+        self._dial_next()
+
+    def start(self) -> None:
+        """Just accepted: admit or refuse, then read what the client already sent."""
+        if not self._admit():
+            return
+        ctx = self.ctx
         if ctx.config.receive_proxy_protocol and ctx.is_trusted(self.client_addr):
             self._move(PROXY_HEADER)
         else:

@@ -38,6 +38,14 @@ from discoproxy.config import ProxyConfig
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.connection import ClientConnection, _format_addr
 from discoproxy.proxy.names import NameCache
+from discoproxy.proxy.ports import (
+    UDP_SWEEP_S,
+    PortListeners,
+    UdpLimits,
+    UdpListener,
+    UdpStats,
+    sweep_udp,
+)
 from discoproxy.proxy.reactor import Reactor
 from discoproxy.routing import Registry
 from discoproxy.status import StatusService
@@ -71,6 +79,12 @@ class ProxyContext:
         self.registry = registry
         self.waker = Waker(registry, controls or {})
         self.status = StatusService(config, self.waker)
+        self.ports = PortListeners(self)
+        # UDP port routes (reactor thread)
+        self.udp_listeners: set[UdpListener] = set()
+        self.udp_sessions = 0
+        self.udp_stats = UdpStats()
+        self.udp_limits = UdpLimits(config.udp_per_ip_packets_per_s, config.udp_per_ip_bytes_per_s)
         self.connections: set[ClientConnection] = set()
         # connections still owing their PROXY header / handshake, for sweep_handshakes
         self.handshaking: set[ClientConnection] = set()
@@ -87,6 +101,7 @@ class ProxyContext:
         self._trust_all = {net.version for net in self._trusted if net.prefixlen == 0} == {4, 6}
         self._max = config.max_connections or math.inf
         logs_info = logger.level(config.log_level).no <= logger.level("INFO").no
+        self.logs_info = logs_info
         self._access = AccessLog(config.log_format) if logs_info else None
         self._rejections_unlogged = 0
         self._last_rejection_log = -math.inf
@@ -346,18 +361,22 @@ async def run_proxy(
     ctx.loop = asyncio.get_running_loop()
     ctx.reactor = Reactor()
     ctx.start_sweeps()
+    ctx.reactor.every(UDP_SWEEP_S, lambda: sweep_udp(ctx))
     ctx.reactor.start()
     try:
         async with anyio.create_task_group() as tg:
             bound: list[tuple[str, int]] = []
             for host, port in config.bind_addresses:
                 bound += await tg.start(serve_listener, ctx, host, port)
+            ctx.ports.sync(registry.table)
+            registry.add_listener(ctx.ports.sync)
             tg.start_soon(_watch_reactor, ctx)
             if ctx.waker.controls:
                 tg.start_soon(ctx.waker.run)
             task_status.started(bound)
     finally:
         ctx.closing = True
+        ctx.ports.close_all()
         with anyio.CancelScope(shield=True):
             if ctx.reactor.alive:
                 await ctx.drain(config.shutdown_timeout)

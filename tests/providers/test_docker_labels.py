@@ -109,8 +109,8 @@ def test_our_labels_without_domains_or_enable_are_reported_but_not_routed() -> N
     servers, problems = scan(container(labels={"infrarust.default": "true"}))
     assert servers == []
     assert problems == [
-        "container mc-1 has infrarust.* labels but neither infrarust.domains nor "
-        "infrarust.enable=true: not routed"
+        "container mc-1 has infrarust.* labels but none of infrarust.domains, infrarust.ports "
+        "or infrarust.enable=true: not routed"
     ]
 
 
@@ -179,8 +179,8 @@ BAD_LABELS = [
                  id="domain-shape"),
     pytest.param("domains", "a.*.example.com", "invalid domain 'a.*.example.com'", id="wildcard"),
     pytest.param("domains", " , ",
-                 "a server needs at least one entry in 'domains', or 'default = true' to be the "
-                 "catch-all", id="domains-empty"),
+                 "a server needs at least one entry in 'domains', 'default = true' to be the "
+                 "catch-all, or 'ports' to forward", id="domains-empty"),
     pytest.param("proxy_mode", "zerocopy",
                  "proxy_mode 'zerocopy' is not supported yet; accepted: 'passthrough'",
                  id="proxy-mode-unsupported"),
@@ -228,7 +228,7 @@ def test_an_unknown_label_is_a_warning_with_the_closest_known_label() -> None:
             "infrarust.send_proxy_protcol",
             "unknown label, ignored (did you mean infrarust.send_proxy_protocol?); known: "
             "enable, domains, port, docker_network, proxy_mode, send_proxy_protocol, name, "
-            "default, status_cache_ttl, domain_rewrite, auto_start, auto_stop_after, "
+            "default, ports, status_cache_ttl, domain_rewrite, auto_start, auto_stop_after, "
             "motds.{online,unreachable,starting,sleeping}"
             ".{text,version_name,max_players,online_players,favicon}",
             dropped=False,

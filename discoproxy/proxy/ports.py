@@ -1,0 +1,517 @@
+"""Port routes: listeners opened and closed live as servers' ``ports`` come and go, TCP
+forwarded without sniffing, and UDP sessions.
+
+Rules for this file:
+- :class:`PortListeners` follows the routing table (``RoutingTable.ports``): a port that
+  appears is bound at once, one that goes is closed. Closing a listener touches no
+  connection or session already open on it: they finish; new ones are refused (a UDP
+  socket stays bound while it has sessions, since their replies leave through it, and
+  is taken back if the route returns). A port that cannot be bound (in use,
+  privileged) is logged with the reason, once, and tried again on the next table
+  change; every other port still applies.
+- A TCP port route dials its backend as soon as it accepts and reads nothing first, so
+  protocols where the server speaks first work. Its listener does not use
+  ``TCP_DEFER_ACCEPT`` (the client may never speak first).
+- UDP: one session per client address. The first datagram opens a connected socket to
+  the backend (registered in the reactor); replies go back through the listening socket
+  to that client. Sessions end after ``udp_session_timeout`` of silence both ways. With
+  ``send_proxy_protocol``, every datagram to the backend starts with a PROXY v2 header
+  (transport DGRAM), as HAProxy's spec describes for datagrams.
+- Limits: ``udp_max_sessions`` overall; per client IP, datagrams/s and bytes/s in token
+  buckets kept for at most :data:`MAX_TRACKED_IPS` addresses (least recently seen
+  evicted), so a flood of source addresses cannot grow memory without bound. Every drop
+  is counted by cause in :class:`UdpStats`.
+- Everything here that touches sockets runs on the reactor thread, except binding and
+  the table-following in :class:`PortListeners`, which runs on the asyncio loop and hands
+  listeners to the reactor with ``Reactor.call``.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from select import EPOLLIN
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from discoproxy.protocol.proxy_protocol import encode_v2
+from discoproxy.proxy.connection import ClientConnection, _format_addr, _literal_family, _unmapped
+from discoproxy.routing import PortKey, RoutingTable, format_port
+
+if TYPE_CHECKING:
+    from discoproxy.proxy.server import ProxyContext
+    from discoproxy.routing import Route
+
+LISTEN_BACKLOG = 4096
+ACCEPT_BATCH = 64
+# Datagrams read per wake-up of a UDP socket before other fds get their turn.
+UDP_BATCH = 64
+# Largest UDP payload (IPv4: 65,535 - 20 IP - 8 UDP).
+MAX_DATAGRAM = 65507
+# Client IPs whose rate buckets are kept; the least recently seen is evicted beyond it.
+MAX_TRACKED_IPS = 65536
+# How often idle UDP sessions are looked for, at most.
+UDP_SWEEP_S = 1.0
+
+
+@dataclass
+class UdpStats:
+    """Counters for UDP: sessions and datagrams, and drops by cause."""
+
+    sessions_opened: int = 0
+    sessions_closed: int = 0
+    datagrams_up: int = 0
+    datagrams_down: int = 0
+    drops: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+class PortListener:
+    """A TCP listening socket of port routes: each accepted connection is dialed to the
+    route the table has for this port *now* (so a route that moves applies at once)."""
+
+    __slots__ = ("_ctx", "_key", "_sock")
+
+    def __init__(self, ctx: ProxyContext, sock: socket.socket, key: PortKey) -> None:
+        self._ctx = ctx
+        self._sock = sock
+        self._key = key
+
+    def on_event(self, fd: int, events: int) -> None:
+        accept = self._sock._accept  # type: ignore[attr-defined]  # (fd, address), no object
+        ctx = self._ctx
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn_fd, addr = accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                ctx.log_rejection(None, f"accept failed on {format_port(self._key)}: {exc}")
+                return
+            route = ctx.registry.table.ports.get(self._key)
+            if route is None:  # removed a moment ago: new connections are refused
+                os.close(conn_fd)
+                ctx.rejected += 1
+                continue
+            ClientConnection(ctx, conn_fd, (addr[0], addr[1])).start_port(route)
+
+    def on_internal_error(self, exc: Exception) -> None:
+        pass  # logged by the reactor; the listener carries on
+
+    def start(self) -> None:
+        self._ctx.reactor.register(self._sock.fileno(), self, EPOLLIN)
+
+    def close(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._ctx.reactor.unregister(self._sock.fileno())
+        self._sock.close()
+
+
+class _Bucket:
+    __slots__ = ("bytes", "packets", "stamp")
+
+    def __init__(self, packets: float, size: float, now: float) -> None:
+        self.packets = packets
+        self.bytes = size
+        self.stamp = now
+
+
+class UdpLimits:
+    """Per client IP token buckets (one second of burst), bounded in number."""
+
+    def __init__(self, packets_per_s: float, bytes_per_s: float) -> None:
+        self.packets_per_s = packets_per_s
+        self.bytes_per_s = bytes_per_s
+        self._buckets: collections.OrderedDict[str, _Bucket] = collections.OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.packets_per_s or self.bytes_per_s)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, ip: str, size: int, now: float) -> str | None:
+        """None if the datagram may pass, else the limit it broke."""
+        buckets = self._buckets
+        bucket = buckets.get(ip)
+        pps, bps = self.packets_per_s, self.bytes_per_s
+        if bucket is None:
+            if len(buckets) >= MAX_TRACKED_IPS:
+                buckets.popitem(last=False)
+            bucket = buckets[ip] = _Bucket(pps, bps, now)
+        else:
+            buckets.move_to_end(ip)
+            elapsed = now - bucket.stamp
+            bucket.stamp = now
+            if pps:
+                bucket.packets = min(pps, bucket.packets + elapsed * pps)
+            if bps:
+                bucket.bytes = min(bps, bucket.bytes + elapsed * bps)
+        if pps and bucket.packets < 1:
+            return "per-IP packet rate"
+        if bps:
+            if bucket.bytes < size:
+                return "per-IP byte rate"
+            bucket.bytes -= size
+        if pps:
+            bucket.packets -= 1
+        return None
+
+
+class UdpSession:
+    """One client address on a UDP port route and its connected backend socket."""
+
+    __slots__ = (
+        "backend",
+        "bytes_down",
+        "bytes_up",
+        "client",
+        "fd",
+        "header",
+        "last",
+        "listener",
+        "route",
+        "sock",
+        "started",
+    )
+
+    def __init__(
+        self,
+        listener: UdpListener,
+        client: tuple[str, int],
+        route: Route,
+        sock: socket.socket,
+        backend: tuple[str, int],
+        header: bytes,
+    ) -> None:
+        self.listener = listener
+        self.client = client
+        self.route = route
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.backend = backend
+        self.header = header
+        self.started = self.last = time.monotonic()
+        self.bytes_up = self.bytes_down = 0
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.send(self.header + data if self.header else data)
+        except BlockingIOError:
+            self.listener.stats.drops["backend socket full"] += 1
+            return
+        except OSError as exc:  # ICMP port unreachable from an earlier datagram
+            self.listener.end(self, f"backend error: {exc.strerror or exc}")
+            return
+        self.bytes_up += len(data)
+        self.last = time.monotonic()
+        self.listener.stats.datagrams_up += 1
+
+    def on_event(self, fd: int, events: int) -> None:
+        """The backend answered: send its datagrams back to the client."""
+        listener = self.listener
+        recv = self.sock.recv
+        sendto = listener.sock.sendto
+        client = self.client
+        stats = listener.stats
+        for _ in range(UDP_BATCH):
+            try:
+                data = recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                listener.end(self, f"backend error: {exc.strerror or exc}")
+                return
+            try:
+                sendto(data, client)
+            except BlockingIOError:
+                stats.drops["client socket full"] += 1
+                continue
+            except OSError:
+                stats.drops["client unreachable"] += 1
+                continue
+            self.bytes_down += len(data)
+            stats.datagrams_down += 1
+        self.last = time.monotonic()
+
+    def on_internal_error(self, exc: Exception) -> None:
+        self.listener.end(self, f"internal error: {exc!r}")
+
+
+class UdpListener:
+    """A UDP port route's listening socket and its sessions, by client address."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        sock: socket.socket,
+        key: PortKey,
+        rebind: Callable[[], socket.socket],
+    ) -> None:
+        self.ctx = ctx
+        self.sock = sock
+        self.key = key
+        self.rebind = rebind
+        self.address = sock.getsockname()
+        self.sessions: dict[tuple[str, int], UdpSession] = {}
+        self.stats = ctx.udp_stats
+        self.retired = False  # its route is gone: no new sessions, shut when none is left
+
+    def on_event(self, fd: int, events: int) -> None:
+        ctx = self.ctx
+        recvfrom = self.sock.recvfrom
+        sessions = self.sessions
+        limits = ctx.udp_limits
+        stats = self.stats
+        now = time.monotonic()
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = recvfrom(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue  # an ICMP error queued on the socket: nothing to do
+            client = (addr[0], addr[1])
+            if limits.enabled:
+                broken = limits.allow(client[0], len(data), now)
+                if broken is not None:
+                    stats.drops[broken] += 1
+                    ctx.log_rejection(client, f"UDP {format_port(self.key)}: {broken} exceeded")
+                    continue
+            session = sessions.get(client)
+            if session is None:
+                session = self._open(client)
+                if session is None:
+                    continue
+            session.send(data)
+
+    def _open(self, client: tuple[str, int]) -> UdpSession | None:
+        ctx = self.ctx
+        stats = self.stats
+        route = ctx.registry.table.ports.get(self.key)
+        if self.retired or route is None or not route.addresses:
+            stats.drops["no route"] += 1
+            return None
+        limit = ctx.config.udp_max_sessions
+        if limit and ctx.udp_sessions >= limit:
+            stats.drops["udp_max_sessions reached"] += 1
+            ctx.log_rejection(client, "udp_max_sessions reached")
+            return None
+        host, port = route.addresses[0]
+        family = _literal_family(host)
+        if family is None:
+            cached = ctx.names.get(host, port)
+            if cached is None or not cached.addresses:
+                # resolved off the reactor; this datagram is dropped (clients resend)
+                stats.drops["resolving backend"] += 1
+                ctx.spawn(_resolve(ctx, host, port))
+                return None
+            family, host, port, _ = cached.addresses[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            _buffers(sock, ctx.config.recv_buffer_size, ctx.config.send_buffer_size)
+            sock.connect((host, port))
+        except OSError as exc:
+            sock.close()
+            stats.drops["backend connect failed"] += 1
+            ctx.log_rejection(client, f"UDP backend {_format_addr((host, port))}: {exc}")
+            return None
+        header = b""
+        if route.send_proxy_protocol:
+            local = (self.address[0], self.address[1])
+            header = encode_v2(_unmapped(client), _unmapped(local), transport="udp")
+        session = UdpSession(self, client, route, sock, (host, port), header)
+        self.sessions[client] = session
+        ctx.udp_sessions += 1
+        stats.sessions_opened += 1
+        ctx.reactor.register(session.fd, session, EPOLLIN)
+        return session
+
+    def end(self, session: UdpSession, reason: str) -> None:
+        if self.sessions.pop(session.client, None) is None:
+            return
+        ctx = self.ctx
+        ctx.udp_sessions -= 1
+        self.stats.sessions_closed += 1
+        ctx.reactor.forget(session.fd)
+        session.sock.close()
+        if ctx.logs_info:
+            logger.info(
+                "udp session closed: client={} route={} port={} backend={} up={}B down={}B "
+                "duration={:.3f}s reason={}",
+                _format_addr(session.client),
+                session.route.qualified_id,
+                format_port(self.key),
+                _format_addr(session.backend),
+                session.bytes_up,
+                session.bytes_down,
+                time.monotonic() - session.started,
+                reason,
+            )
+
+    def sweep(self, now: float) -> None:
+        timeout = self.ctx.config.udp_session_timeout
+        for session in [s for s in self.sessions.values() if now - s.last >= timeout]:
+            self.end(session, "idle timeout")
+        if self.retired and not self.sessions:
+            self._shut()
+
+    def on_internal_error(self, exc: Exception) -> None:
+        pass  # logged by the reactor; the listener carries on
+
+    def start(self) -> None:
+        self.ctx.reactor.register(self.sock.fileno(), self, EPOLLIN)
+        self.ctx.udp_listeners.add(self)
+
+    def retire(self) -> None:
+        """Its route is gone: take no new client; shut once the sessions have ended."""
+        self.retired = True
+        if not self.sessions:
+            self._shut()
+
+    def revive(self) -> None:
+        """Its route is back: serve again (bind again if it was shut meanwhile)."""
+        self.retired = False
+        if self.sock.fileno() >= 0:
+            return
+        try:
+            self.sock = self.rebind()
+        except OSError as exc:
+            logger.error("cannot listen on {} again: {}", format_port(self.key), exc)
+            return
+        self.start()
+
+    def _shut(self) -> None:
+        self.ctx.udp_listeners.discard(self)
+        if self.sock.fileno() >= 0:
+            self.ctx.reactor.unregister(self.sock.fileno())
+        self.sock.close()
+
+    def close(self) -> None:
+        """Shutdown: end every session and close the socket."""
+        for session in list(self.sessions.values()):
+            self.end(session, "shutdown")
+        self._shut()
+
+
+async def _resolve(ctx: ProxyContext, host: str, port: int) -> None:
+    try:
+        infos = await ctx.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        ctx.names.put(host, port, (), f"{host}:{port}: {exc.strerror or exc}")
+        return
+    resolved = []
+    for family, _, _, _, sockaddr in infos:
+        entry = (socket.AddressFamily(family), str(sockaddr[0]), port, host)
+        if entry not in resolved:
+            resolved.append(entry)
+    ctx.names.put(host, port, tuple(resolved), "")
+
+
+def _buffers(sock: socket.socket, receive: int, send: int) -> None:
+    if receive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive)
+    if send:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send)
+
+
+class PortListeners:
+    """Keeps one listener per (protocol, port) of the routing table; asyncio side."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.open: dict[PortKey, PortListener | UdpListener] = {}
+        self._retired: dict[PortKey, UdpListener] = {}  # may still carry sessions
+        self._failed: dict[PortKey, str] = {}  # port → why it could not be bound (logged)
+
+    def sync(self, table: RoutingTable) -> None:
+        """Open the ports ``table`` claims and close the others."""
+        if self.ctx.closing:
+            return
+        wanted = set(table.ports)
+        for key in sorted(set(self.open) - wanted):
+            listener = self.open.pop(key)
+            if isinstance(listener, UdpListener):
+                self._retired[key] = listener
+                self.ctx.reactor.call(listener.retire)
+            else:
+                self.ctx.reactor.call(listener.close)
+            logger.info("port {} closed: no route claims it", format_port(key))
+        for key in sorted(wanted - set(self.open)):
+            retired = self._retired.pop(key, None)
+            if retired is not None:
+                self.open[key] = retired
+                self.ctx.reactor.call(retired.revive)
+                logger.info("port {} open for {}", format_port(key), table.ports[key].qualified_id)
+                continue
+            try:
+                listener = self._bind(key)
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                if exc.errno == errno.EACCES:
+                    why += " (ports below 1024 need CAP_NET_BIND_SERVICE)"
+                if self._failed.get(key) != why:
+                    route = table.ports[key]
+                    logger.error(
+                        "cannot listen on {} for {}: {}; the other routes still apply",
+                        format_port(key),
+                        route.qualified_id,
+                        why,
+                    )
+                self._failed[key] = why
+                continue
+            self._failed.pop(key, None)
+            self.open[key] = listener
+            self.ctx.reactor.call(listener.start)
+            logger.info("port {} open for {}", format_port(key), table.ports[key].qualified_id)
+        for key in set(self._failed) - wanted:
+            del self._failed[key]
+
+    def _bind(self, key: PortKey) -> PortListener | UdpListener:
+        sock = self._socket(key)
+        if key[0] == "tcp":
+            return PortListener(self.ctx, sock, key)
+        return UdpListener(self.ctx, sock, key, lambda: self._socket(key))
+
+    def _socket(self, key: PortKey) -> socket.socket:
+        protocol, port = key
+        host = self.ctx.config.port_routes_bind
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+        sock = socket.socket(family, kind)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            if protocol == "tcp":
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                _buffers(sock, self.ctx.config.recv_buffer_size, self.ctx.config.send_buffer_size)
+            sock.bind((host, port))
+            if protocol == "tcp":
+                sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def close_all(self) -> None:
+        for key in sorted(self.open):
+            self.ctx.reactor.call(self.open.pop(key).close)
+        for key in sorted(self._retired):
+            self.ctx.reactor.call(self._retired.pop(key).close)
+
+
+def sweep_udp(ctx: ProxyContext) -> None:
+    """Reactor thread: end idle UDP sessions, shut retired sockets left without any."""
+    now = time.monotonic()
+    for listener in list(ctx.udp_listeners):
+        listener.sweep(now)

@@ -1,0 +1,368 @@
+"""Port routes in-process: TCP forwarded without sniffing (server speaks first), ranges
+mapped by offset, listeners opened and closed with the table, UDP sessions, PROXY v2
+on both, and the UDP limits. Loopback only; ports are taken from the OS."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, closing
+
+import anyio
+import pytest
+from anyio.abc import SocketStream
+from loguru import logger
+
+from discoproxy.model import PortMapping, ServerDefinition
+from discoproxy.protocol.errors import _NeedData
+from discoproxy.protocol.proxy_protocol import ProxyHeader, parse_proxy_header
+from discoproxy.routing import build_table
+from tests.proxy.helpers import Backend, RunningProxy, backend, receive_all, running_proxy, server
+
+pytestmark = pytest.mark.anyio
+
+
+def free_ports(count: int, kind: int = socket.SOCK_STREAM) -> int:
+    """The first of ``count`` consecutive ports free right now on 127.0.0.1."""
+    for _ in range(200):
+        with closing(socket.socket(socket.AF_INET, kind)) as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        if first + count > 65000:
+            continue
+        socks = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket(socket.AF_INET, kind)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return first
+    raise AssertionError("no run of free ports")
+
+
+async def banner(stream: SocketStream, info: Backend) -> None:
+    """Speaks first, like SMTP, then echoes one line."""
+    await stream.send(f"220 backend on {info.port}\r\n".encode())
+    info.received.append(await stream.receive())
+    await stream.send(b"250 " + info.received[-1])
+
+
+async def wait_port(port: int, *, open_: bool = True) -> None:
+    with anyio.fail_after(5):
+        while True:
+            try:
+                stream = await anyio.connect_tcp("127.0.0.1", port)
+            except OSError:
+                if not open_:
+                    return
+            else:
+                await stream.aclose()
+                if open_:
+                    return
+            await anyio.sleep(0.02)
+
+
+def test_port_mappings_parse_single_ports_ranges_and_targets() -> None:
+    assert PortMapping.parse("25575/tcp").pairs() == [(25575, 25575)]
+    assert PortMapping.parse("19132/udp").protocol == "udp"
+    assert PortMapping.parse("9000-9002:8000-8002/tcp").pairs() == [
+        (9000, 8000),
+        (9001, 8001),
+        (9002, 8002),
+    ]
+    assert PortMapping.parse("9000-9001:7000").pairs() == [(9000, 7000), (9001, 7001)]
+    assert str(PortMapping.parse("9000-9010:8000-8010/TCP")) == "9000-9010:8000-8010/tcp"
+    for bad, message in [
+        ("9000-8000/tcp", "runs backwards"),
+        ("9000-9010:8000-8005/tcp", "differ in length"),
+        ("70000/tcp", "expected 1-65535"),
+        ("25565/sctp", "expected 'PORT"),
+        ("1-2000/tcp", "at most 1024"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            PortMapping.parse(bad)
+
+
+def test_two_servers_claiming_one_port_is_a_conflict_with_a_deterministic_winner() -> None:
+    a = server("a", addresses=["10.0.0.1"], ports=["9000-9001/tcp"])
+    b = server("b", addresses=["10.0.0.2"], ports=["9001:7001/tcp", "9001/udp"])
+    table = build_table({"file": [b, a]})
+    assert table.ports[("tcp", 9001)].qualified_id == "a@file"
+    assert table.ports[("tcp", 9001)].addresses == (("10.0.0.1", 9001),)
+    assert table.ports[("udp", 9001)].addresses == (("10.0.0.2", 9001),)
+    assert [str(c) for c in table.conflicts] == [
+        "'9001/tcp' is claimed by a@file and b@file; a@file wins (first qualified id in sort order)"
+    ]
+
+
+async def test_a_tcp_port_route_forwards_a_server_first_protocol() -> None:
+    port = free_ports(1)
+    async with backend(banner) as info:
+        route = server("smtp", addresses=[info.address], ports=[f"{port}:{info.port}/tcp"])
+        async with running_proxy([route]) as _:
+            await wait_port(port)
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+            async with stream:
+                with anyio.fail_after(5):
+                    assert await stream.receive() == f"220 backend on {info.port}\r\n".encode()
+                    await stream.send(b"HELO me\r\n")
+                    assert await stream.receive() == b"250 HELO me\r\n"
+
+
+async def test_a_range_of_eleven_ports_maps_by_offset() -> None:
+    listen, target = free_ports(11), free_ports(11)
+    ranged = server(
+        "range", addresses=["127.0.0.1"], ports=[f"{listen}-{listen + 10}:{target}-{target + 10}"]
+    )
+    async with _banner_servers(target) as ports, running_proxy([ranged]) as _:
+        for i in range(11):
+            await wait_port(listen + i)
+            stream = await anyio.connect_tcp("127.0.0.1", listen + i)
+            async with stream:
+                with anyio.fail_after(5):
+                    assert await stream.receive() == f"220 backend on {ports[i]}\r\n".encode()
+
+
+async def test_listeners_follow_the_table_and_open_connections_survive_removal() -> None:
+    port = free_ports(1)
+    async with backend(banner) as info, running_proxy() as proxy:
+        route = server("smtp", addresses=[info.address], ports=[f"{port}:{info.port}/tcp"])
+        proxy.registry.apply_snapshot("test", [route])
+        await wait_port(port)
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        async with stream:
+            with anyio.fail_after(5):
+                await stream.receive()
+            proxy.registry.apply_snapshot("test", [])
+            await wait_port(port, open_=False)
+            with anyio.fail_after(5):  # the open connection still works
+                await stream.send(b"still here\r\n")
+                assert await stream.receive() == b"250 still here\r\n"
+        proxy.registry.apply_snapshot("test", [route])
+        await wait_port(port)
+
+
+async def test_a_port_that_cannot_be_bound_is_reported_and_the_rest_applies() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    port = free_ports(1)
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), format="{message}")
+    try:
+        with closing(taken):
+            async with backend(banner) as info:
+                routes = [
+                    server("busy", addresses=[info.address], ports=[f"{busy}/tcp"]),
+                    server("fine", addresses=[info.address], ports=[f"{port}:{info.port}/tcp"]),
+                ]
+                async with running_proxy(routes) as _:
+                    await wait_port(port)
+    finally:
+        logger.remove(sink)
+    expected = f"cannot listen on {busy}/tcp for busy@test: Address already in use"
+    assert any(expected in line for line in lines), lines
+
+
+async def test_tcp_port_routes_send_a_proxy_v2_header_with_the_client() -> None:
+    port = free_ports(1)
+    headers: list[ProxyHeader] = []
+
+    async def reader(stream: SocketStream, info: Backend) -> None:
+        buffer = bytearray()
+        while isinstance(header := parse_proxy_header(buffer), _NeedData):
+            buffer += await stream.receive()
+        assert isinstance(header, ProxyHeader)
+        headers.append(header)
+        await stream.send(b"ok")
+
+    async with backend(reader) as info:
+        route = server(
+            "p",
+            addresses=[info.address],
+            ports=[f"{port}:{info.port}/tcp"],
+            send_proxy_protocol=True,
+        )
+        async with running_proxy([route]) as _:
+            await wait_port(port)
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+            async with stream:
+                assert await receive_all(stream) == b"ok"
+                local = stream.extra(anyio.abc.SocketAttribute.local_port)
+    assert headers[-1].source == ("127.0.0.1", local)  # [0] is wait_port's probe
+    assert headers[-1].destination == ("127.0.0.1", port)
+
+
+# -- UDP --------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def udp_echo(prefix: bytes = b"echo:") -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A UDP backend answering every datagram with ``prefix + datagram``."""
+    seen: list[bytes] = []
+    async with await anyio.create_udp_socket(local_host="127.0.0.1") as sock:
+        port = sock.extra(anyio.abc.SocketAttribute.local_port)
+
+        async def serve() -> None:
+            async for data, addr in sock:
+                seen.append(data)
+                await sock.sendto(prefix + data, *addr)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve)
+            yield port, seen
+            tg.cancel_scope.cancel()
+
+
+def udp_route(sid: str, port: int, backend_port: int, **extra: object) -> ServerDefinition:
+    return server(
+        sid, addresses=[f"127.0.0.1:{backend_port}"], ports=[f"{port}:{backend_port}/udp"], **extra
+    )
+
+
+async def udp_client(port: int) -> anyio.abc.ConnectedUDPSocket:
+    return await anyio.create_connected_udp_socket("127.0.0.1", port, local_host="127.0.0.1")
+
+
+async def test_udp_sessions_forward_both_ways_per_client() -> None:
+    port = free_ports(1, socket.SOCK_DGRAM)
+    async with udp_echo() as (backend_port, _):
+        route = server(
+            "bedrock", addresses=[f"127.0.0.1:{backend_port}"], ports=[f"{port}:{backend_port}/udp"]
+        )
+        async with running_proxy([route]) as proxy:
+            await _wait_udp(proxy, port)
+            a, b = await udp_client(port), await udp_client(port)
+            async with a, b:
+                for client, name in ((a, b"a"), (b, b"b")):
+                    for i in range(3):
+                        await client.send(name + str(i).encode())
+                        with anyio.fail_after(5):
+                            assert await client.receive() == b"echo:" + name + str(i).encode()
+            assert proxy.ctx.udp_sessions == 2
+            assert proxy.ctx.udp_stats.datagrams_up == 6
+
+
+async def test_udp_sessions_expire_after_silence() -> None:
+    port = free_ports(1, socket.SOCK_DGRAM)
+    async with udp_echo() as (backend_port, _):
+        route = server(
+            "u", addresses=[f"127.0.0.1:{backend_port}"], ports=[f"{port}:{backend_port}/udp"]
+        )
+        async with running_proxy([route], udp_session_timeout=0.3) as proxy:
+            await _wait_udp(proxy, port)
+            async with await udp_client(port) as client:
+                await client.send(b"x")
+                with anyio.fail_after(5):
+                    await client.receive()
+                assert proxy.ctx.udp_sessions == 1
+                with anyio.fail_after(5):
+                    while proxy.ctx.udp_sessions:
+                        await anyio.sleep(0.05)
+                assert proxy.ctx.udp_stats.sessions_closed == 1
+
+
+async def test_udp_datagrams_carry_a_proxy_v2_dgram_header_each() -> None:
+    port = free_ports(1, socket.SOCK_DGRAM)
+    async with udp_echo(prefix=b"") as (backend_port, seen):
+        route = server(
+            "u",
+            addresses=[f"127.0.0.1:{backend_port}"],
+            ports=[f"{port}:{backend_port}/udp"],
+            send_proxy_protocol=True,
+        )
+        async with running_proxy([route]) as proxy:
+            await _wait_udp(proxy, port)
+            async with await udp_client(port) as client:
+                local = client.extra(anyio.abc.SocketAttribute.local_port)
+                for payload in (b"one", b"two"):
+                    await client.send(payload)
+                    with anyio.fail_after(5):
+                        await client.receive()
+    for datagram, payload in zip(seen, (b"one", b"two"), strict=True):
+        header = parse_proxy_header(datagram)
+        assert isinstance(header, ProxyHeader)
+        assert header.transport == "udp"
+        assert header.source == ("127.0.0.1", local)
+        assert datagram[header.length :] == payload
+
+
+async def test_a_per_ip_packet_limit_drops_the_excess_and_spares_others() -> None:
+    port = free_ports(1, socket.SOCK_DGRAM)
+    async with udp_echo() as (backend_port, seen):
+        route = server(
+            "u", addresses=[f"127.0.0.1:{backend_port}"], ports=[f"{port}:{backend_port}/udp"]
+        )
+        async with running_proxy([route], udp_per_ip_packets_per_s=20) as proxy:
+            await _wait_udp(proxy, port)
+            flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            flood.bind(("127.0.0.2", 0))  # another client IP on loopback
+            with closing(flood):
+                for i in range(200):
+                    flood.sendto(b"f%d" % i, ("127.0.0.1", port))
+                with anyio.fail_after(5):
+                    while sum(proxy.ctx.udp_stats.drops.values()) < 150:
+                        await anyio.sleep(0.02)
+            async with await udp_client(port) as client:
+                await client.send(b"legit")
+                with anyio.fail_after(5):
+                    assert await client.receive() == b"echo:legit"
+            flooded = [d for d in seen if d.startswith(b"f")]
+            assert 15 <= len(flooded) <= 30  # the one-second burst, not the 200
+            assert proxy.ctx.udp_stats.drops["per-IP packet rate"] >= 170
+
+
+async def test_udp_max_sessions_refuses_new_clients_only() -> None:
+    port = free_ports(1, socket.SOCK_DGRAM)
+    async with udp_echo() as (backend_port, _):
+        route = server(
+            "u", addresses=[f"127.0.0.1:{backend_port}"], ports=[f"{port}:{backend_port}/udp"]
+        )
+        async with running_proxy([route], udp_max_sessions=1) as proxy:
+            await _wait_udp(proxy, port)
+            async with await udp_client(port) as first, await udp_client(port) as second:
+                await first.send(b"1")
+                with anyio.fail_after(5):
+                    assert await first.receive() == b"echo:1"
+                await second.send(b"2")
+                with anyio.fail_after(5):
+                    while not proxy.ctx.udp_stats.drops["udp_max_sessions reached"]:
+                        await anyio.sleep(0.02)
+                await first.send(b"3")
+                with anyio.fail_after(5):
+                    assert await first.receive() == b"echo:3"
+
+
+async def _wait_udp(proxy: RunningProxy, port: int) -> None:
+    with anyio.fail_after(5):
+        while ("udp", port) not in proxy.ctx.ports.open:
+            await anyio.sleep(0.02)
+    await anyio.sleep(0.05)  # the reactor registers it
+
+
+@asynccontextmanager
+async def _banner_servers(first: int) -> AsyncIterator[list[int]]:
+    """Eleven banner servers on consecutive ports from ``first``."""
+    listeners = []
+    for i in range(11):
+        listeners.append(
+            await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=first + i)
+        )
+
+    async def serve(port: int, stream: SocketStream) -> None:
+        async with stream:
+            await stream.send(f"220 backend on {port}\r\n".encode())
+
+    async with anyio.create_task_group() as tg:
+        for i, listener in enumerate(listeners):
+            tg.start_soon(listener.serve, lambda s, p=first + i: serve(p, s))
+        yield [first + i for i in range(11)]
+        tg.cancel_scope.cancel()
+    for listener in listeners:
+        await listener.aclose()
