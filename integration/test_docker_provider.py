@@ -35,6 +35,7 @@ from integration.docker_support import (
     start_dockerd,
     stop_dockerd,
 )
+from integration.peers import free_port
 from providers.docker import DockerProvider, DockerSettings, EngineUnavailable
 from tests.proxy.helpers import handshake, provider_proxy, read_string, routed
 
@@ -150,6 +151,50 @@ async def test_a_labelled_container_routes_until_it_stops(resources: DockerResou
         await live.docker(container.stop, timeout=5)
         await live.wait_until(routed(domain, None))
         assert await live.unknown(domain)
+
+
+async def test_a_ports_label_opens_the_port_while_the_container_runs(
+    resources: DockerResources,
+) -> None:
+    port = free_port()
+    config = ProxyConfig(bind=("127.0.0.1:0",), port_routes_bind="127.0.0.1")
+    provider = DockerProvider("docker", DockerSettings(label_prefix=resources.prefix), config)
+    key = ("tcp", port)
+    async with provider_proxy(provider, config) as proxy:
+        labels = resources.labels(ports=f"{port}:25565/tcp")
+        container = await anyio.to_thread.run_sync(partial(resources.run, "p", labels))
+        expected = resources.name("p").encode()
+        with anyio.fail_after(BACKEND_READY_S):  # no handshake: the port forwards as it is
+            while (reply := await _first_reply(port)) != expected:
+                await anyio.sleep(0.05)
+        assert reply == expected
+        await anyio.to_thread.run_sync(partial(container.stop, timeout=5))
+        with anyio.fail_after(LIVE_WITHIN_S):
+            while key in proxy.registry.table.ports:
+                await anyio.sleep(0.01)
+        with anyio.fail_after(LIVE_WITHIN_S):  # closed: refused, not accepted and dropped
+            while True:
+                try:
+                    stream = await anyio.connect_tcp("127.0.0.1", port)
+                except OSError:
+                    break
+                await stream.aclose()
+                await anyio.sleep(0.02)
+
+
+async def _first_reply(port: int) -> bytes:
+    try:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+    except OSError:
+        return b""
+    async with stream:
+        await stream.send(b"hello")
+        with anyio.move_on_after(REPLY_TIMEOUT_S):
+            try:
+                return await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return b""
+    return b""
 
 
 async def test_a_paused_container_is_not_routed_until_unpaused(

@@ -7,6 +7,7 @@ import signal
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -131,3 +132,32 @@ def test_port_in_use_is_reported(tmp_path: Path) -> None:
             running_proxy(tmp_path, {}, bind=f"127.0.0.1:{port}"),
         ):
             pass
+
+
+def test_port_routes_follow_server_files_and_open_connections_survive(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = 'port_routes_bind = "127.0.0.1"\n'
+    with echo_server() as backend, running_proxy(tmp_path, {}, config) as proxy:
+        server_file = tmp_path / "servers" / "smtp.toml"
+        server_file.write_text(f'addresses = ["127.0.0.1"]\nports = ["{port}:{backend}/tcp"]\n')
+        proxy.wait_for_line(rf"port {port}/tcp open for smtp@file")
+        with connect(port) as sock:
+            assert roundtrip(sock, b"through the port route") == b"through the port route"
+            server_file.unlink()
+            proxy.wait_for_line(rf"port {port}/tcp closed: no route claims it")
+            with pytest.raises(ConnectionRefusedError):
+                connect(port)
+            assert roundtrip(sock, b"still open") == b"still open"
+        server_file.write_text(f'addresses = ["127.0.0.1"]\nports = ["{port}:{backend}/tcp"]\n')
+        deadline = time.monotonic() + 5
+        while True:  # open again
+            try:
+                sock = connect(port)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, proxy.output()
+                time.sleep(0.02)
+        with sock:
+            assert roundtrip(sock, b"back") == b"back"
