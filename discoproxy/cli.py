@@ -141,6 +141,7 @@ def table_rows(table: RoutingTable) -> list[dict[str, Any]]:
                 ],
                 "send_proxy_protocol": route.send_proxy_protocol,
                 "sleeping": route.server.sleeping,
+                "ports": [str(mapping) for mapping in route.server.ports],
             }
         )
     return rows
@@ -161,13 +162,14 @@ def cmd_routes(args: argparse.Namespace) -> int:
         conflicts = [str(c) for c in table.conflicts]
         print(json.dumps({"routes": rows, "conflicts": conflicts}, indent=2))
         return EXIT_OK
-    headers = ("SERVER", "DOMAINS", "BACKENDS", "PROXY-PROTOCOL")
+    headers = ("SERVER", "DOMAINS", "BACKENDS", "PORTS", "PROXY-PROTOCOL")
     lines = [
         (
             row["id"],
             ", ".join(row["domains"] + (["(default)"] if row["default"] else [])) or "-",
             ", ".join(row["addresses"])
             or ("(sleeping: a login starts it)" if row["sleeping"] else "-"),
+            ", ".join(row["ports"]) or "-",
             "v2" if row["send_proxy_protocol"] else "-",
         )
         for row in rows

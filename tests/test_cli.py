@@ -67,7 +67,7 @@ def test_routes_prints_the_table(project: Path, capsys: pytest.CaptureFixture[st
     code, out, _ = run(["routes", "--config", str(project / "discoproxy.toml")], capsys)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["SERVER", "DOMAINS", "BACKENDS", "PROXY-PROTOCOL"]
+    assert lines[0].split() == ["SERVER", "DOMAINS", "BACKENDS", "PORTS", "PROXY-PROTOCOL"]
     assert any(
         line.split()[:3] == ["lobby@file", "*.lobby.example.com", "10.0.0.6:25565"]
         for line in lines
