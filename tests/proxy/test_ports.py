@@ -366,3 +366,18 @@ async def _banner_servers(first: int) -> AsyncIterator[list[int]]:
         tg.cancel_scope.cancel()
     for listener in listeners:
         await listener.aclose()
+
+
+def test_per_ip_rate_state_is_bounded_and_refills(monkeypatch: pytest.MonkeyPatch) -> None:
+    from discoproxy.proxy import ports
+
+    monkeypatch.setattr(ports, "MAX_TRACKED_IPS", 100)
+    limits = ports.UdpLimits(packets_per_s=2, bytes_per_s=1000)
+    for i in range(10_000):  # a flood of distinct source addresses
+        limits.allow(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 10, now=0.0)
+    assert len(limits) == 100
+    assert limits.allow("192.0.2.1", 10, now=0.0) is None
+    assert limits.allow("192.0.2.1", 10, now=0.0) is None
+    assert limits.allow("192.0.2.1", 10, now=0.0) == "per-IP packet rate"
+    assert limits.allow("192.0.2.1", 10, now=0.5) is None  # half a second: one more
+    assert limits.allow("192.0.2.1", 2000, now=10.0) == "per-IP byte rate"
