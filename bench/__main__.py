@@ -1,4 +1,5 @@
-"""Data-plane benchmark: discoproxy against HAProxy in the same run (issue 4).
+"""Data-plane benchmark: discoproxy against HAProxy (and nginx for port routes) in the
+same run (issues 4 and 6).
 
     uv run python -m bench                          # full run, under 10 minutes
     uv run python -m bench --quick                  # fewer repetitions, smaller sizes, < 2 min
@@ -36,7 +37,15 @@ from bench.procs import (
     raise_nofile_limit,
 )
 from bench.scenarios import SCENARIOS, Bench, Results, Settings
-from bench.targets import BackendPorts, Discoproxy, HAProxy, Target, haproxy_available
+from bench.targets import (
+    BackendPorts,
+    Discoproxy,
+    HAProxy,
+    Nginx,
+    Target,
+    haproxy_available,
+    nginx_stream,
+)
 
 # fds a proxy needs besides two per proxied connection: listeners, epoll, logs, and
 # HAProxy's splice pipes (maxpipes 64, two fds each)
@@ -45,6 +54,8 @@ IDLE_CONNECTIONS = 10_000
 # busy % of a benchmark core, with the benchmark paused, above which the run is flagged
 BACKGROUND_BUSY_MAX = 5.0
 HAPROXY_MAXCONN = 30_000
+# the scenarios nginx is measured in: port routes (TCP, UDP)
+NGINX_SCENARIOS = ("portbulk", "udp")
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,12 +75,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def _output(argv: list[str]) -> str:
-    """What a command prints on stdout, or "" when it cannot run."""
+    """What a command prints on stdout (on stderr if nothing: ``nginx -v``), or "" when
+    it cannot run."""
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except OSError:
         return ""
-    return result.stdout.strip()
+    return (result.stdout or result.stderr).strip()
 
 
 def describe_run(cores: Cores, nofile: int, settings: Settings) -> dict[str, object]:
@@ -82,6 +94,7 @@ def describe_run(cores: Cores, nofile: int, settings: Settings) -> dict[str, obj
         "python": platform.python_version(),
         "uvloop": importlib.metadata.version("uvloop"),
         "haproxy": _output(["haproxy", "-v"]).split("\n")[0],
+        "nginx": _output(["nginx", "-v"]).split("\n")[0],
         "cores": {"load": cores.load, "proxy": cores.proxy},
         "nofile": nofile,
         "settings": settings.__dict__,
@@ -108,6 +121,13 @@ def run(args: argparse.Namespace, settings: Settings, cores: Cores, maxconn: int
             ]
         else:
             results.notes.append("haproxy not installed: apt-get install haproxy")
+        nginx: Target | None = None
+        if any(name in NGINX_SCENARIOS for name in wanted):
+            found = nginx_stream()
+            if isinstance(found, str):
+                results.notes.append(found)
+            else:
+                nginx = Nginx(ports, workdir, cores.proxy, *found)
         bench = Bench(
             settings=settings,
             results=results,
@@ -117,8 +137,9 @@ def run(args: argparse.Namespace, settings: Settings, cores: Cores, maxconn: int
             discoproxy=Discoproxy(ports, workdir, cores.proxy, "WARNING"),
             discoproxy_info=Discoproxy(ports, workdir, cores.proxy, "INFO"),
             haproxies=haproxies,
+            nginx=nginx,
         )
-        proxies = [bench.discoproxy_info, *bench.proxies]
+        proxies = [bench.discoproxy_info, *bench.proxies, *([nginx] if nginx else [])]
         try:
             for proxy in proxies:
                 proxy.start()

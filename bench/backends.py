@@ -1,7 +1,7 @@
 """The backends every scenario talks to, in one child process on the load-generator core.
 
-    python -m bench.backends    # prints "ports sink=P reply=P echo=P mcstatus=P", runs
-                                # until SIGTERM
+    python -m bench.backends    # prints "ports sink=P reply=P echo=P mcstatus=P
+                                # udp_echo=P", runs until SIGTERM
 
 - **sink** (bulk): reads a stream until EOF without copying it to user space
   (``splice`` socket → pipe → /dev/null, one thread per connection), then answers
@@ -13,6 +13,9 @@
   packets (handshake with next state 1, status request, ping), answers the status
   request with a status response numbered by a serial (``payloads.SERIAL_*``) and the
   ping with its pong, and refuses anything else by closing.
+- **udp_echo** (UDP port routes): sends every datagram back to where it came from, one
+  blocking thread doing ``recvfrom`` + ``sendto`` (two syscalls a datagram, no event
+  loop in between).
 
 They must cost less than the proxies, or the proxies' figures would be the backends'
 ones: the "direct" rows, where the client talks to these without a proxy, are the
@@ -64,6 +67,16 @@ def _drain(conn: socket.socket) -> None:
         conn.close()
         for fd in (read_fd, write_fd, null):
             os.close(fd)
+
+
+def _serve_udp_echo(sock: socket.socket) -> None:
+    recvfrom, sendto = sock.recvfrom, sock.sendto
+    while True:
+        data, address = recvfrom(65535)
+        try:  # noqa: SIM105  (contextlib.suppress costs a call per datagram)
+            sendto(data, address)
+        except OSError:
+            pass  # a full buffer or a vanished client: the client counts it lost
 
 
 def _serve_sink(listener: socket.socket) -> None:
@@ -163,11 +176,14 @@ async def serve() -> None:
     loop = asyncio.get_running_loop()
     sink, reply, echo, mcstatus = _listener(), _listener(), _listener(), _listener()
     threading.Thread(target=_serve_sink, args=(sink,), daemon=True).start()
+    udp_echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp_echo.bind(("127.0.0.1", 0))
+    threading.Thread(target=_serve_udp_echo, args=(udp_echo,), daemon=True).start()
     await loop.create_server(Reply, sock=reply, backlog=LISTEN_BACKLOG)
     await loop.create_server(Echo, sock=echo, backlog=LISTEN_BACKLOG)
     await loop.create_server(McStatus, sock=mcstatus, backlog=LISTEN_BACKLOG)
-    ports = [s.getsockname()[1] for s in (sink, reply, echo, mcstatus)]
-    print("ports sink={} reply={} echo={} mcstatus={}".format(*ports), flush=True)
+    ports = [s.getsockname()[1] for s in (sink, reply, echo, mcstatus, udp_echo)]
+    print("ports sink={} reply={} echo={} mcstatus={} udp_echo={}".format(*ports), flush=True)
     await asyncio.Event().wait()
 
 

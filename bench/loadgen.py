@@ -8,6 +8,8 @@
   beyond the workers).
 - :func:`ping_pong` is a blocking socket in a tight loop: one syscall each way per
   round trip, nothing else on the client's path.
+- :class:`UdpLoad` keeps a window of datagrams in flight per client socket to a UDP
+  echo, from one thread on ``epoll``, so the load is bounded by what comes back.
 
 Every wait has a deadline: a socket timeout or ``asyncio.timeout``.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import select
 import socket
 import struct
 import threading
@@ -317,6 +320,119 @@ def _recv_exactly(sock: socket.socket, size: int) -> None:
         if not chunk:
             raise RuntimeError(f"echo closed after {got} of {size} bytes")
         got += len(chunk)
+
+
+# -- UDP ----------------------------------------------------------------------------------
+
+# A client with datagrams in flight and no reply for this long has lost them: they are
+# written off and its window sent afresh (a late reply still counts as delivered).
+UDP_STALL_S = 0.05
+# After the sending stops, how long the replies still in flight are waited for.
+UDP_DRAIN_S = 0.1
+
+
+@dataclass(frozen=True)
+class UdpResult:
+    seconds: float  # from the first datagram sent to the last reply received
+    sent: int
+    received: int
+    errors: int  # send or receive errors (ICMP port unreachable, a full buffer)
+
+
+class UdpLoad:
+    """``clients`` UDP sockets, each its own source port (one proxy session each), each
+    keeping ``window`` datagrams of ``size`` bytes in flight to an echo: a reply sends
+    the next one, so the load never outruns what comes back and buffers do not overflow.
+
+    The sockets are kept between :meth:`run` calls, so the proxy's sessions are too:
+    what is measured is forwarding, not opening sessions.
+    """
+
+    def __init__(self, port: int, clients: int, window: int, size: int) -> None:
+        self.port = port
+        self.window = window
+        self.message = bytes(size)
+        self.epoll = select.epoll()
+        self.socks: dict[int, socket.socket] = {}
+        try:
+            for _ in range(clients):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                self.socks[sock.fileno()] = sock
+                sock.bind(("127.0.0.1", 0))
+                sock.connect(("127.0.0.1", port))
+                sock.setblocking(False)
+                self.epoll.register(sock.fileno(), select.EPOLLIN)
+        except OSError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.epoll.close()
+        for sock in self.socks.values():
+            sock.close()
+
+    def run(self, seconds: float) -> UdpResult:
+        """Keep every window full for ``seconds``, then wait up to :data:`UDP_DRAIN_S`
+        for the replies in flight."""
+        window, message, socks = self.window, self.message, self.socks
+        poll = self.epoll.poll
+        clock = time.perf_counter
+        sent = received = errors = 0
+        in_flight = dict.fromkeys(socks, 0)
+        last = dict.fromkeys(socks, 0.0)
+
+        def fill(fd: int) -> None:
+            nonlocal sent, errors
+            send = socks[fd].send
+            while in_flight[fd] < window:
+                try:
+                    send(message)
+                except OSError:
+                    errors += 1
+                    return
+                sent += 1
+                in_flight[fd] += 1
+
+        started = last_reply = clock()
+        for fd in socks:
+            last[fd] = started
+            fill(fd)
+        stop = started + seconds
+        next_check = started + UDP_STALL_S
+        sending = True
+        while True:
+            now = clock()
+            if sending and now >= stop:
+                sending = False
+                stop = now + UDP_DRAIN_S
+            if not sending and (now >= stop or received >= sent):
+                break
+            for fd, _ in poll(UDP_STALL_S):
+                recv = socks[fd].recv
+                while True:
+                    try:
+                        recv(65536)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        errors += 1
+                        break
+                    received += 1
+                    if in_flight[fd]:
+                        in_flight[fd] -= 1
+                last_reply = last[fd] = clock()
+                if sending:
+                    fill(fd)
+            if sending and now >= next_check:
+                next_check = now + UDP_STALL_S
+                for fd in socks:
+                    if now - last[fd] >= UDP_STALL_S:  # its window is lost
+                        last[fd] = now
+                        in_flight[fd] = 0
+                        fill(fd)
+        if not received:
+            raise RuntimeError(f"UDP port {self.port}: no reply ({errors} errors)")
+        return UdpResult(last_reply - started, sent, received, errors)
 
 
 # -- idle connections ---------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Turn samples into the results table (medians, HAProxy-best, ratios, targets) and a chart.
 
 "HAProxy-best" is chosen per metric among the HAProxy variants (highest throughput,
-lowest cost); the ratio is discoproxy / HAProxy-best, next to issue 4's target.
+lowest cost); the ratio is discoproxy / HAProxy-best, next to issue 4's target. When
+nginx was measured (port routes), a second ratio column gives discoproxy / nginx.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from bench.scenarios import Results
 
 DISCOPROXY = "discoproxy"
+NGINX = "nginx"
 HAPROXY_BEST = "HAProxy-best"
 # table and chart columns, in this order, when the run measured them
 COLUMNS = (
@@ -24,6 +26,7 @@ COLUMNS = (
     "haproxy-default",
     "haproxy-splice",
     "haproxy-bigbuf",
+    "nginx",
 )
 
 
@@ -86,6 +89,22 @@ METRICS = (
         )
         for leg, label in PING_LEGS
     ),
+    # port routes (issue 6): no targets, ratios to HAProxy-best and nginx
+    Metric("pbulk1_gibps", "TCP port route bulk 1 conn, GiB/s", True),
+    Metric("pbulk8_gibps", "TCP port route bulk 8 conns, GiB/s", True),
+    Metric("pbulk1_cpu", "TCP port route bulk 1 conn, proxy CPU s/GiB", False),
+    Metric("pbulk8_cpu", "TCP port route bulk 8 conns, proxy CPU s/GiB", False),
+    Metric(
+        "pbulk1_load_busy", "TCP port route bulk 1 conn, load core busy %", False, compared=False
+    ),
+    Metric(
+        "pbulk8_load_busy", "TCP port route bulk 8 conns, load core busy %", False, compared=False
+    ),
+    Metric("udp_rtps", "UDP 64 B, round trips/s", True),
+    Metric("udp_loss", "UDP 64 B, loss %", False, compared=False),
+    Metric("udp_cpu_us", "UDP 64 B, proxy CPU µs/round trip", False),
+    Metric("udp_proxy_busy", "UDP 64 B, proxy core used %", False, compared=False),
+    Metric("udp_load_busy", "UDP 64 B, load core busy %", False, compared=False),
 )
 
 
@@ -108,10 +127,17 @@ def haproxy_best(results: Results, metric: Metric, haproxies: Sequence[str]) -> 
     return max(values) if metric.higher_is_better else min(values)
 
 
+def _ratio(ours: float | None, theirs: float | None) -> str:
+    return f"{ours / theirs:.3f}" if ours is not None and theirs else "–"
+
+
 def table(results: Results, columns: Sequence[str], idle_connections: int) -> str:
     """The medians as a Markdown table, one row per metric that was measured."""
     haproxies = [c for c in columns if c.startswith("haproxy")]
-    header = ["metric", *columns, HAPROXY_BEST, "ratio", "target", ""]
+    with_nginx = NGINX in columns
+    header = ["metric", *columns, HAPROXY_BEST, "ratio"]
+    header += ["ratio / nginx"] if with_nginx else []
+    header += ["target", ""]
     rows = [header, ["---"] * len(header)]
     for metric in METRICS:
         if metric.key not in results.samples:
@@ -120,6 +146,7 @@ def table(results: Results, columns: Sequence[str], idle_connections: int) -> st
         best = haproxy_best(results, metric, haproxies) if metric.compared else None
         ours = results.median(metric.key, DISCOPROXY)
         ratio = ours / best if ours is not None and best else None
+        nginx = results.median(metric.key, NGINX) if metric.compared else None
         verdict, target = "", metric.target_text()
         if metric.key == "held":
             target = f"all {idle_connections:,}"
@@ -127,7 +154,9 @@ def table(results: Results, columns: Sequence[str], idle_connections: int) -> st
         elif ratio is not None and metric.limit is not None:
             verdict = "ok" if metric.meets(ratio) else "MISS"
         ratio_text = f"{ratio:.3f}" if ratio is not None else "–"
-        rows.append([metric.label, *map(_fmt, values), _fmt(best), ratio_text, target, verdict])
+        row = [metric.label, *map(_fmt, values), _fmt(best), ratio_text]
+        row += [_ratio(ours, nginx)] if with_nginx else []
+        rows.append([*row, target, verdict])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -144,7 +173,29 @@ def own_comparisons(results: Results) -> list[str]:
             f"log_level INFO (one line per connection) vs WARNING, SNI CPU per conn: "
             f"{info / sni:.2f}× (+{info - sni:.1f} µs)"
         )
-    return lines + _status_comparisons(results)
+    return lines + _status_comparisons(results) + _port_comparisons(results)
+
+
+def _port_comparisons(results: Results) -> list[str]:
+    """discoproxy's TCP port route against its name-routed bulk (what reading the
+    handshake costs), and its UDP figures against nginx's."""
+    lines = []
+    for streams in (1, 8):
+        port = results.median(f"pbulk{streams}_cpu", DISCOPROXY)
+        named = results.median(f"bulk{streams}_cpu", DISCOPROXY)
+        if port is not None and named:
+            lines.append(
+                f"bulk {streams} conn(s), discoproxy CPU s/GiB, port route / name-routed: "
+                f"{port / named:.2f}× ({_fmt(port)} vs {_fmt(named)})"
+            )
+    for key, what in (("udp_rtps", "round trips/s"), ("udp_cpu_us", "proxy CPU µs/round trip")):
+        ours, theirs = results.median(key, DISCOPROXY), results.median(key, NGINX)
+        if ours is not None and theirs:
+            lines.append(
+                f"UDP {what}, discoproxy / nginx: {ours / theirs:.2f}× "
+                f"({_fmt(ours)} vs {_fmt(theirs)})"
+            )
+    return lines
 
 
 def _status_comparisons(results: Results) -> list[str]:
@@ -192,8 +243,16 @@ def write_json(results: Results, path: Path) -> None:
 
 
 CHART_PANELS = (
-    ("throughput, GiB/s", ("bulk1_gibps", "bulk8_gibps"), ("1 conn", "8 conns")),
-    ("proxy CPU, s/GiB", ("bulk1_cpu", "bulk8_cpu"), ("1 conn", "8 conns")),
+    (
+        "throughput, GiB/s",
+        ("bulk1_gibps", "bulk8_gibps", "pbulk1_gibps", "pbulk8_gibps"),
+        ("1 conn", "8 conns", "port route\n1 conn", "port route\n8 conns"),
+    ),
+    (
+        "proxy CPU, s/GiB",
+        ("bulk1_cpu", "bulk8_cpu", "pbulk1_cpu", "pbulk8_cpu"),
+        ("1 conn", "8 conns", "port route\n1 conn", "port route\n8 conns"),
+    ),
     (
         "connections/s (status ping: one per connection)",
         ("sni_cps", "mc_cps", "ping_cache_pps", "ping_ttl0_pps", "ping_shared_pps"),
@@ -210,6 +269,8 @@ CHART_PANELS = (
         ("p50", "p99", "p50\n1 core", "p99\n1 core"),
     ),
     ("RSS per idle connection, KiB", ("mem_kib",), ("",)),
+    ("UDP 64 B port route, round trips/s", ("udp_rtps",), ("",)),
+    ("UDP 64 B port route, proxy CPU µs/round trip", ("udp_cpu_us",), ("",)),
 )
 
 
@@ -252,7 +313,7 @@ def write_chart(results: Results, columns: Sequence[str], path: Path) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplot_mosaic(
-        [["0", "1", "2", "3"], ["4", "5", "ratios", "ratios"]], figsize=(22, 9)
+        [["0", "1", "2", "3"], ["4", "5", "6", "7"], ["ratios"] * 4], figsize=(22, 13)
     )
     for i, (title, keys, labels) in enumerate(CHART_PANELS):
         ax = axes[str(i)]
@@ -267,7 +328,9 @@ def write_chart(results: Results, columns: Sequence[str], path: Path) -> bool:
     _ratios(axes["ratios"], results, [c for c in columns if c.startswith("haproxy")])
     handles = [Patch(color=f"C{i}", label=name) for i, name in enumerate(columns)]
     fig.legend(handles=handles, loc="upper right", ncols=len(columns), fontsize="small")
-    fig.suptitle("discoproxy vs HAProxy, medians (direct: client and backend, no proxy)", x=0.2)
+    fig.suptitle(
+        "discoproxy vs HAProxy and nginx, medians (direct: client and backend, no proxy)", x=0.2
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -1,5 +1,5 @@
-"""The six scenarios of issue 4 and issue 5's status pings, each one function that fills
-:class:`Results`.
+"""The six scenarios of issue 4, issue 5's status pings and issue 6's port routes (TCP
+bulk and UDP), each one function that fills :class:`Results`.
 
 Every scenario measures each target in turn inside one repetition and repeats
 (round-robin, so drift over the run hits every target alike); the report takes medians.
@@ -47,6 +47,13 @@ LATENCY_BLOCKS = 10
 CONNECTION_BLOCKS = 5
 PING_BLOCKS = 5
 WARMUP_IDLE_CONNECTIONS = 300
+# UDP: client sockets (one proxy session each), datagrams in flight per client, bytes a
+# datagram; blocks per repetition, round-robin over the targets
+UDP_CLIENTS = 8
+UDP_WINDOW = 8
+UDP_SIZE = 64
+UDP_BLOCKS = 5
+WARMUP_UDP_S = 0.3
 
 
 @dataclass(frozen=True)
@@ -61,14 +68,15 @@ class Settings:
     idle_connections: int
     memory_runs: int
     pings: int  # status pings per leg per repetition
+    udp_seconds: float  # UDP load per target per repetition
 
     @classmethod
     def full(cls, idle_connections: int) -> Settings:
-        return cls(5, GIB, 20_000, 50, 20_000, idle_connections, 3, 10_000)
+        return cls(5, GIB, 20_000, 50, 20_000, idle_connections, 3, 10_000, 3.0)
 
     @classmethod
     def quick(cls, idle_connections: int) -> Settings:
-        return cls(3, 256 << 20, 5_000, 50, 5_000, idle_connections, 1, 4_000)
+        return cls(3, 256 << 20, 5_000, 50, 5_000, idle_connections, 1, 4_000, 1.5)
 
 
 @dataclass
@@ -103,6 +111,7 @@ class Bench:
     discoproxy: Target
     discoproxy_info: Target
     haproxies: list[Target]
+    nginx: Target | None = None  # port routes only
 
     @property
     def proxies(self) -> list[Target]:
@@ -124,27 +133,97 @@ class Meter:
         return used, busy * 100 if busy is not None else None
 
 
-def run_bulk(bench: Bench) -> None:
-    """1. Bulk: ``bulk_bytes`` over 1 and over 8 connections — GiB/s, proxy CPU s/GiB."""
+def _bulk(bench: Bench, targets: list[Target], metric: str, port_of: str, prefix: bytes) -> None:
+    """``bulk_bytes`` over 1 and over 8 connections to each target's ``port_of`` port,
+    each opening with ``prefix``: GiB/s, proxy CPU s/GiB, load core busy %."""
     settings, results = bench.settings, bench.results
-    targets = [bench.direct, *bench.proxies]
-    prefix = login_handshake(BULK_NAME)
     gib = settings.bulk_bytes / GIB
     for target in targets:
-        loadgen.bulk(target.ports.bulk, prefix, WARMUP_BULK_BYTES, 2, bench.source)
+        loadgen.bulk(getattr(target.ports, port_of), prefix, WARMUP_BULK_BYTES, 2, bench.source)
     for _ in range(settings.runs):
         for target in targets:
+            port = getattr(target.ports, port_of)
             for streams in (1, 8):
                 meter = Meter(target, bench.cores)
-                seconds = loadgen.bulk(
-                    target.ports.bulk, prefix, settings.bulk_bytes, streams, bench.source
-                )
+                seconds = loadgen.bulk(port, prefix, settings.bulk_bytes, streams, bench.source)
                 used, busy = meter.stop()
-                results.add(f"bulk{streams}_gibps", target.name, gib / seconds)
+                results.add(f"{metric}{streams}_gibps", target.name, gib / seconds)
                 results.add(
-                    f"bulk{streams}_cpu", target.name, used / gib if used is not None else None
+                    f"{metric}{streams}_cpu", target.name, used / gib if used is not None else None
                 )
-                results.add(f"bulk{streams}_load_busy", target.name, busy)
+                results.add(f"{metric}{streams}_load_busy", target.name, busy)
+
+
+def run_bulk(bench: Bench) -> None:
+    """1. Bulk: ``bulk_bytes`` over 1 and over 8 connections — GiB/s, proxy CPU s/GiB."""
+    _bulk(bench, [bench.direct, *bench.proxies], "bulk", "bulk", login_handshake(BULK_NAME))
+
+
+def run_port_bulk(bench: Bench) -> None:
+    """8. TCP port route (issue 6): bulk as scenario 1, but to a port forwarded as it is,
+    nothing read first (no handshake sent): discoproxy's TCP port route, nginx's stream
+    server, HAProxy's ``bulk`` frontend (``default_backend``: the same thing)."""
+    nginx = [bench.nginx] if bench.nginx is not None else []
+    targets = [bench.direct, bench.discoproxy, *nginx, *bench.haproxies]
+    _bulk(bench, targets, "pbulk", "portbulk", b"")
+
+
+def run_udp(bench: Bench) -> None:
+    """9. UDP port route (issue 6): ``UDP_CLIENTS`` client sockets, each one session in
+    the proxy, each keeping ``UDP_WINDOW`` datagrams of ``UDP_SIZE`` bytes in flight to
+    the UDP echo backend (:class:`loadgen.UdpLoad`) for ``udp_seconds`` per target per
+    repetition, interleaved in ``UDP_BLOCKS`` blocks as the connection-cost scenarios.
+
+    Per target: round trips/s (a datagram there and its echo back), loss % (sent and
+    never echoed), proxy CPU µs per round trip (two datagrams through the proxy) and the
+    share of its core the proxy used (near 100 %: the proxy set the pace).
+    """
+    settings, results = bench.settings, bench.results
+    nginx = [bench.nginx] if bench.nginx is not None else []
+    targets = [bench.direct, bench.discoproxy, *nginx]
+    loads: dict[str, loadgen.UdpLoad] = {}
+    try:
+        for target in targets:
+            assert target.ports.udp is not None
+            loads[target.name] = loadgen.UdpLoad(
+                target.ports.udp, UDP_CLIENTS, UDP_WINDOW, UDP_SIZE
+            )
+            loads[target.name].run(WARMUP_UDP_S)
+        block = settings.udp_seconds / UDP_BLOCKS
+        names = [t.name for t in targets]
+        for _ in range(settings.runs):
+            used = dict.fromkeys(names, 0.0)
+            busy: dict[str, list[float]] = {name: [] for name in names}
+            sent = dict.fromkeys(names, 0)
+            received = dict.fromkeys(names, 0)
+            seconds = dict.fromkeys(names, 0.0)
+            for _ in range(UDP_BLOCKS):
+                for target in targets:
+                    meter = Meter(target, bench.cores)
+                    result = loads[target.name].run(block)
+                    cpu, load = meter.stop()
+                    if result.errors:
+                        results.notes.append(f"udp: {target.name}: {result.errors} errors")
+                    sent[target.name] += result.sent
+                    received[target.name] += result.received
+                    seconds[target.name] += result.seconds
+                    used[target.name] += cpu or 0.0
+                    if load is not None:
+                        busy[target.name].append(load)
+            for target in targets:
+                name, proxied = target.name, target.pid is not None
+                results.add("udp_rtps", name, received[name] / seconds[name])
+                results.add("udp_loss", name, (sent[name] - received[name]) / sent[name] * 100)
+                per_trip = used[name] / max(received[name], 1) * 1e6
+                results.add("udp_cpu_us", name, per_trip if proxied else None)
+                share = used[name] / seconds[name] * 100
+                results.add("udp_proxy_busy", name, share if proxied else None)
+                results.add(
+                    "udp_load_busy", name, statistics.mean(busy[name]) if busy[name] else None
+                )
+    finally:
+        for generator in loads.values():
+            generator.close()
 
 
 def _connection_cost(
@@ -380,4 +459,6 @@ SCENARIOS = {
     "routes": run_route_lookup,
     "memory": run_memory,
     "status": run_status,
+    "portbulk": run_port_bulk,
+    "udp": run_udp,
 }

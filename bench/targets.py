@@ -1,4 +1,4 @@
-"""What the load generator talks to: the backends directly, discoproxy, or HAProxy.
+"""What the load generator talks to: the backends directly, discoproxy, HAProxy or nginx.
 
 Every target exposes one port per kind of traffic (:class:`Ports`) and, when it is a
 proxy, the pid whose CPU time and RSS are measured. Proxies run pinned to the proxy
@@ -10,20 +10,31 @@ core; the backends and the load generator share the other one.
   two of them route status pings to the mcstatus backend, one cached for
   ``PING_CACHED_TTL`` seconds, one with ``status_cache_ttl = 0``.
   ``log_level = "WARNING"`` (no per-connection line); the ``discoproxy-info`` variant
-  logs one line per connection to a file, to show what that costs.
+  logs one line per connection to a file, to show what that costs. Each also has two
+  *port routes* (issue 6) in one more server file: a TCP port to the sink backend and a
+  UDP port to the UDP echo backend, bound on 127.0.0.1 (``port_routes_bind``).
 - **haproxy-*** — Debian's HAProxy in ``mode tcp``, one frontend per kind of traffic; the
   SNI frontend routes on ``req_ssl_sni`` as discoproxy does. Variants: ``default``,
   ``splice`` (kernel splicing forced both ways with 1 MiB pipes) and ``bigbuf``
-  (256 KiB buffers). "HAProxy-best" is the best variant per metric.
+  (256 KiB buffers). "HAProxy-best" is the best variant per metric. Its ``bulk``
+  frontend (``default_backend``, nothing read first) is a port route in effect, and
+  serves the port-route bulk scenario too.
+- **nginx** — Debian's nginx with the stream module (``libnginx-mod-stream``), one
+  process doing all the work (``master_process off``), a ``stream {}`` block with a TCP
+  server to the sink and a UDP server (``listen … udp``) to the UDP echo: port routes
+  only, it measures no other scenario.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
+import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +49,7 @@ from bench.payloads import (
     STATUS_NAME,
     client_hello,
 )
-from bench.procs import Child, free_port
+from bench.procs import STARTUP_TIMEOUT_S, Child, free_port
 
 # Lines added to HAProxy's global and defaults sections per variant.
 HAPROXY_TUNING: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -86,6 +97,43 @@ HAPROXY_CONFIG = textwrap.dedent("""\
 """)
 # well above the ~10,000 idle connections scenario 5 holds, as HAProxy's maxconn
 DISCOPROXY_MAX_CONNECTIONS = 30_000
+# discoproxy's default udp_session_timeout, for nginx's UDP sessions
+UDP_SESSION_TIMEOUT_S = 60
+NGINX_CONFIG = textwrap.dedent("""\
+    {load_module}
+    worker_processes 1;
+    pid {workdir}/nginx.pid;
+    error_log {workdir}/error.log warn;
+
+    events {{
+        worker_connections 4096;
+    }}
+
+    stream {{
+        server {{
+            listen 127.0.0.1:{tcp};
+            proxy_pass 127.0.0.1:{sink_backend};
+            # the client's FIN goes on to the sink and the byte count comes back
+            # (without it nginx closes both sides at the client's EOF; nginx >= 1.21.4)
+            proxy_half_close on;
+        }}
+
+        server {{
+            listen 127.0.0.1:{udp} udp;
+            proxy_pass 127.0.0.1:{udp_echo_backend};
+            proxy_timeout {udp_timeout}s;
+        }}
+    }}
+""")
+# proxy_half_close, which the bulk sink's byte count needs, came with 1.21.4
+NGINX_MIN_VERSION = (1, 21, 4)
+# where Debian, Fedora and nginx.org's packages put dynamic modules
+NGINX_MODULE_DIRS = (
+    "/usr/lib/nginx/modules",
+    "/usr/share/nginx/modules",
+    "/usr/lib64/nginx/modules",
+    "/etc/nginx/modules",
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +145,8 @@ class Ports:
     status: int | None
     echo: int
     mcstatus: int | None = None  # status pings answered by a Minecraft server (or for it)
+    portbulk: int | None = None  # TCP to the sink, forwarded without reading a name
+    udp: int | None = None  # UDP to the UDP echo
 
 
 @dataclass(frozen=True)
@@ -105,6 +155,7 @@ class BackendPorts:
     reply: int
     echo: int
     mcstatus: int
+    udp_echo: int
 
 
 class Target:
@@ -115,7 +166,13 @@ class Target:
     def __init__(self, backends: BackendPorts) -> None:
         self.backends = backends
         self.ports = Ports(
-            backends.sink, backends.reply, backends.reply, backends.echo, backends.mcstatus
+            backends.sink,
+            backends.reply,
+            backends.reply,
+            backends.echo,
+            backends.mcstatus,
+            portbulk=backends.sink,
+            udp=backends.udp_echo,
         )
         self.child: Child | None = None
 
@@ -149,9 +206,33 @@ class Target:
             output = self.child.output() if self.child else ""
             raise RuntimeError(f"{self.name} does not route SNI {SNI_NAME}: {got!r}\n{output}")
 
+    def _check_udp(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """A datagram to the UDP port must come back from the UDP echo; retried until
+        ``timeout``, since a port route's listener opens a moment after the proxy."""
+        assert self.ports.udp is not None
+        deadline = time.monotonic() + timeout
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("127.0.0.1", self.ports.udp))
+            sock.settimeout(0.2)
+            while True:
+                if self.child is not None:
+                    self.child.check_alive()
+                try:
+                    sock.send(b"udp check")
+                    if sock.recv(64) == b"udp check":
+                        return
+                except OSError:  # nothing bound yet (ICMP port unreachable), or a timeout
+                    pass
+                if time.monotonic() > deadline:
+                    output = self.child.output() if self.child else ""
+                    raise RuntimeError(
+                        f"{self.name}: no echo through UDP port {self.ports.udp}\n{output}"
+                    )
+
 
 class Discoproxy(Target):
-    """``discoproxy serve`` with one server file per backend, all on one port."""
+    """``discoproxy serve`` with one server file per backend, all on one port, and one
+    more with a TCP and a UDP port route (``ports.toml``)."""
 
     def __init__(
         self, backends: BackendPorts, workdir: Path, cpu: int | None, log_level: str
@@ -162,7 +243,9 @@ class Discoproxy(Target):
         self.cpu = cpu
         self.log_level = log_level
         port = free_port()
-        self.ports = Ports(port, port, port, port, port)
+        self.ports = Ports(
+            port, port, port, port, port, portbulk=free_port(), udp=free_port(socket.SOCK_DGRAM)
+        )
         self._write_config()
 
     def _write_config(self) -> None:
@@ -187,12 +270,18 @@ class Discoproxy(Target):
             (servers / f"{server_id}.toml").write_text(
                 f"domains = {json.dumps(domains)}\naddresses = {addresses}\n{extra}"
             )
+        # port routes: listen port:backend port, on each address's host
+        port_routes = [f"{self.ports.portbulk}:{b.sink}/tcp", f"{self.ports.udp}:{b.udp_echo}/udp"]
+        (servers / "ports.toml").write_text(
+            f'addresses = ["127.0.0.1"]\nports = {json.dumps(port_routes)}\n'
+        )
         (self.workdir / "discoproxy.toml").write_text(
             textwrap.dedent(f"""\
                 bind = "127.0.0.1:{self.ports.sni}"
                 servers_dir = "{servers}"
                 log_level = "{self.log_level}"
                 max_connections = {DISCOPROXY_MAX_CONNECTIONS}
+                port_routes_bind = "127.0.0.1"
             """)
         )
 
@@ -202,6 +291,9 @@ class Discoproxy(Target):
         self.child = Child(self.name, argv, self.workdir / "proxy.log", cpu=self.cpu)
         self.child.wait_for_port(self.ports.sni)
         self._check_routes()
+        assert self.ports.portbulk is not None
+        self.child.wait_for_port(self.ports.portbulk)
+        self._check_udp()
 
 
 class HAProxy(Target):
@@ -217,7 +309,8 @@ class HAProxy(Target):
         self.cpu = cpu
         self.variant = variant
         self.maxconn = maxconn
-        self.ports = Ports(free_port(), free_port(), None, free_port())
+        bulk = free_port()
+        self.ports = Ports(bulk, free_port(), None, free_port(), portbulk=bulk)
         self._write_config()
 
     def _write_config(self) -> None:
@@ -247,3 +340,72 @@ class HAProxy(Target):
 
 def haproxy_available() -> bool:
     return shutil.which("haproxy") is not None or Path("/usr/sbin/haproxy").exists()
+
+
+class Nginx(Target):
+    """nginx's stream module: a TCP server to the sink, a UDP server to the UDP echo."""
+
+    name = "nginx"
+
+    def __init__(
+        self, backends: BackendPorts, workdir: Path, cpu: int | None, binary: str, module: str
+    ) -> None:
+        super().__init__(backends)
+        self.workdir = workdir / self.name
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.cpu = cpu
+        self.binary = binary
+        tcp = free_port()
+        # no port for the name-routed scenarios: nginx is measured on port routes only
+        self.ports = Ports(tcp, 0, None, 0, portbulk=tcp, udp=free_port(socket.SOCK_DGRAM))
+        self.config = self.workdir / "nginx.conf"
+        self.config.write_text(
+            NGINX_CONFIG.format(
+                load_module=f"load_module {module};" if module else "",
+                workdir=self.workdir,
+                tcp=self.ports.portbulk,
+                sink_backend=backends.sink,
+                udp=self.ports.udp,
+                udp_echo_backend=backends.udp_echo,
+                udp_timeout=UDP_SESSION_TIMEOUT_S,
+            )
+        )
+
+    def start(self) -> None:
+        # master_process off: one process accepts, proxies and is the pid measured;
+        # -e: the log for messages before the configuration is read
+        argv = [self.binary, "-p", str(self.workdir), "-c", str(self.config)]
+        argv += ["-e", str(self.workdir / "error.log")]
+        argv += ["-g", "daemon off; master_process off;"]
+        self.child = Child(self.name, argv, self.workdir / "proxy.log", cpu=self.cpu)
+        assert self.ports.portbulk is not None
+        self.child.wait_for_port(self.ports.portbulk)
+        self._check_udp()
+
+
+def nginx_stream() -> tuple[str, str] | str:
+    """(nginx binary, stream module path or "" when built in) when nginx can proxy
+    streams here, else why not (for the notes under the table)."""
+    binary = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else ""
+    )
+    if not binary:
+        return "nginx not installed: apt-get install nginx libnginx-mod-stream"
+    try:
+        built = subprocess.run(
+            [binary, "-V"], capture_output=True, text=True, timeout=10, check=False
+        ).stderr
+    except OSError as exc:
+        return f"nginx not runnable: {exc}"
+    version = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", built)
+    if version is None or tuple(map(int, version.groups())) < NGINX_MIN_VERSION:
+        found = version.group(0) if version else "nginx of unknown version"
+        return f"{found}: nginx >= 1.21.4 needed (proxy_half_close)"
+    flags = built.split()
+    if "--with-stream" in flags:  # compiled in
+        return binary, ""
+    for directory in NGINX_MODULE_DIRS:
+        module = Path(directory) / "ngx_stream_module.so"
+        if module.exists():
+            return binary, str(module)
+    return "nginx has no stream module: apt-get install libnginx-mod-stream"
