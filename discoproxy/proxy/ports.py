@@ -17,6 +17,10 @@ Rules for this file:
   to that client. Sessions end after ``udp_session_timeout`` of silence both ways. With
   ``send_proxy_protocol``, every datagram to the backend starts with a PROXY v2 header
   (transport DGRAM), as HAProxy's spec describes for datagrams.
+- With a wildcard ``port_routes_bind``, each datagram's local address is read
+  (``IP_PKTINFO``/``IPV6_PKTINFO``) and replies leave from it: a client that sent to a
+  secondary address gets its answers from that address. A backend address that refuses
+  (ICMP) is passed over for new sessions for a few seconds when the route has another.
 - Limits: ``udp_max_sessions`` overall; per client IP, datagrams/s and bytes/s in token
   buckets kept for at most :data:`MAX_TRACKED_IPS` addresses (least recently seen
   evicted), so a flood of source addresses cannot grow memory without bound. Every drop
@@ -58,6 +62,14 @@ MAX_DATAGRAM = 65507
 MAX_TRACKED_IPS = 65536
 # How often idle UDP sessions are looked for, at most.
 UDP_SWEEP_S = 1.0
+# A backend address that refused (ICMP port unreachable) is passed over for new UDP
+# sessions this long, when the route has another.
+UDP_BACKEND_HOLD_OFF_S = 5.0
+# Linux's IP_PKTINFO (Python 3.11 does not export it): with a wildcard bind, which local
+# address a datagram arrived on, so the reply leaves from that address.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_PKTINFO_SPACE = socket.CMSG_SPACE(20) * 2  # in6_pktinfo (20) and/or in_pktinfo (12)
+_WILDCARDS = frozenset({"0.0.0.0", "::"})
 
 
 @dataclass
@@ -176,6 +188,7 @@ class UdpSession:
         "header",
         "last",
         "listener",
+        "pktinfo",
         "route",
         "sock",
         "started",
@@ -189,6 +202,7 @@ class UdpSession:
         sock: socket.socket,
         backend: tuple[str, int],
         header: bytes,
+        pktinfo: list[tuple[int, int, bytes]],
     ) -> None:
         self.listener = listener
         self.client = client
@@ -197,6 +211,8 @@ class UdpSession:
         self.fd = sock.fileno()
         self.backend = backend
         self.header = header
+        # with a wildcard bind: the address the client sent to, for the replies' source
+        self.pktinfo = pktinfo
         self.started = self.last = time.monotonic()
         self.bytes_up = self.bytes_down = 0
 
@@ -207,7 +223,7 @@ class UdpSession:
             self.listener.stats.drops["backend socket full"] += 1
             return
         except OSError as exc:  # ICMP port unreachable from an earlier datagram
-            self.listener.end(self, f"backend error: {exc.strerror or exc}")
+            self.listener.backend_failed(self, exc)
             return
         self.bytes_up += len(data)
         self.last = time.monotonic()
@@ -217,19 +233,23 @@ class UdpSession:
         """The backend answered: send its datagrams back to the client."""
         listener = self.listener
         recv = self.sock.recv
-        sendto = listener.sock.sendto
+        sock = listener.sock
         client = self.client
         stats = listener.stats
+        pktinfo = self.pktinfo
         for _ in range(UDP_BATCH):
             try:
                 data = recv(MAX_DATAGRAM)
             except BlockingIOError:
                 break
             except OSError as exc:
-                listener.end(self, f"backend error: {exc.strerror or exc}")
+                listener.backend_failed(self, exc)
                 return
             try:
-                sendto(data, client)
+                if pktinfo:
+                    sock.sendmsg((data,), pktinfo, 0, client)
+                else:
+                    sock.sendto(data, client)
             except BlockingIOError:
                 stats.drops["client socket full"] += 1
                 continue
@@ -261,18 +281,26 @@ class UdpListener:
         self.address = sock.getsockname()
         self.sessions: dict[tuple[str, int], UdpSession] = {}
         self.stats = ctx.udp_stats
+        self.wildcard = self.address[0] in _WILDCARDS
+        self._held_off: dict[tuple[str, int], float] = {}  # backend → until
         self.retired = False  # its route is gone: no new sessions, shut when none is left
 
     def on_event(self, fd: int, events: int) -> None:
         ctx = self.ctx
         recvfrom = self.sock.recvfrom
+        recvmsg = self.sock.recvmsg
+        wildcard = self.wildcard
         sessions = self.sessions
         limits = ctx.udp_limits
         stats = self.stats
         now = time.monotonic()
+        ancillary: list[tuple[int, int, bytes]] = []
         for _ in range(UDP_BATCH):
             try:
-                data, addr = recvfrom(MAX_DATAGRAM)
+                if wildcard:
+                    data, ancillary, _, addr = recvmsg(MAX_DATAGRAM, _PKTINFO_SPACE)
+                else:
+                    data, addr = recvfrom(MAX_DATAGRAM)
             except BlockingIOError:
                 return
             except OSError:
@@ -286,12 +314,14 @@ class UdpListener:
                     continue
             session = sessions.get(client)
             if session is None:
-                session = self._open(client)
+                session = self._open(client, ancillary)
                 if session is None:
                     continue
             session.send(data)
 
-    def _open(self, client: tuple[str, int]) -> UdpSession | None:
+    def _open(
+        self, client: tuple[str, int], ancillary: list[tuple[int, int, bytes]]
+    ) -> UdpSession | None:
         ctx = self.ctx
         stats = self.stats
         route = ctx.registry.table.ports.get(self.key)
@@ -303,7 +333,7 @@ class UdpListener:
             stats.drops["udp_max_sessions reached"] += 1
             ctx.log_rejection(client, "udp_max_sessions reached")
             return None
-        host, port = route.addresses[0]
+        host, port = self._pick(route.addresses)
         family = _literal_family(host)
         if family is None:
             cached = ctx.names.get(host, port)
@@ -323,16 +353,33 @@ class UdpListener:
             stats.drops["backend connect failed"] += 1
             ctx.log_rejection(client, f"UDP backend {_format_addr((host, port))}: {exc}")
             return None
+        pktinfo, local_ip = _reply_source(ancillary)
         header = b""
         if route.send_proxy_protocol:
-            local = (self.address[0], self.address[1])
+            local = (local_ip or self.address[0], self.address[1])
             header = encode_v2(_unmapped(client), _unmapped(local), transport="udp")
-        session = UdpSession(self, client, route, sock, (host, port), header)
+        session = UdpSession(self, client, route, sock, (host, port), header, pktinfo)
         self.sessions[client] = session
         ctx.udp_sessions += 1
         stats.sessions_opened += 1
         ctx.reactor.register(session.fd, session, EPOLLIN)
         return session
+
+    def _pick(self, addresses: tuple[tuple[str, int], ...]) -> tuple[str, int]:
+        """The first address not held off after a refusal (else the first)."""
+        held = self._held_off
+        if held:
+            now = time.monotonic()
+            for address in addresses:
+                if held.get(address, 0.0) <= now:
+                    return address
+        return addresses[0]
+
+    def backend_failed(self, session: UdpSession, exc: OSError) -> None:
+        """The backend refused (ICMP): end the session; new ones try the next address."""
+        if len(session.route.addresses) > 1:
+            self._held_off[session.backend] = time.monotonic() + UDP_BACKEND_HOLD_OFF_S
+        self.end(session, f"backend error: {exc.strerror or exc}")
 
     def end(self, session: UdpSession, reason: str) -> None:
         if self.sessions.pop(session.client, None) is None:
@@ -399,6 +446,21 @@ class UdpListener:
         for session in list(self.sessions.values()):
             self.end(session, "shutdown")
         self._shut()
+
+
+def _reply_source(
+    ancillary: list[tuple[int, int, bytes]],
+) -> tuple[list[tuple[int, int, bytes]], str | None]:
+    """From a datagram's IP_PKTINFO / IPV6_PKTINFO: the control message that makes a
+    reply leave from the address it arrived on, and that address."""
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            # in_pktinfo: ifindex, spec_dst, addr; send back with spec_dst = addr
+            reply = bytes(4) + data[8:12] + bytes(4)
+            return [(level, kind, reply)], socket.inet_ntop(socket.AF_INET, data[8:12])
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
+            return [(level, kind, data[:20])], socket.inet_ntop(socket.AF_INET6, data[:16])
+    return [], None
 
 
 async def _resolve(ctx: ProxyContext, host: str, port: int) -> None:
@@ -494,6 +556,10 @@ class PortListeners:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             else:
                 _buffers(sock, self.ctx.config.recv_buffer_size, self.ctx.config.send_buffer_size)
+                if host in _WILDCARDS:  # learn each datagram's local address (replies)
+                    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
             sock.bind((host, port))
             if protocol == "tcp":
                 sock.listen(LISTEN_BACKLOG)

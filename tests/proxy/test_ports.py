@@ -381,3 +381,35 @@ def test_per_ip_rate_state_is_bounded_and_refills(monkeypatch: pytest.MonkeyPatc
     assert limits.allow("192.0.2.1", 10, now=0.0) == "per-IP packet rate"
     assert limits.allow("192.0.2.1", 10, now=0.5) is None  # half a second: one more
     assert limits.allow("192.0.2.1", 2000, now=10.0) == "per-IP byte rate"
+
+
+async def test_with_a_wildcard_bind_replies_leave_from_the_address_the_client_used() -> None:
+    port = free_ports(1, socket.SOCK_DGRAM)
+    async with udp_echo() as (backend_port, _):
+        route = udp_route("u", port, backend_port, send_proxy_protocol=False)
+        # loopback only: 127.0.0.2 is a loopback address the proxy's socket does not name
+        async with running_proxy([route], port_routes_bind="0.0.0.0") as proxy:
+            await _wait_udp(proxy, port)
+            async with await anyio.create_connected_udp_socket("127.0.0.2", port) as client:
+                await client.send(b"hi")  # a connected socket drops replies from elsewhere
+                with anyio.fail_after(5):
+                    assert await client.receive() == b"echo:hi"
+
+
+async def test_a_refusing_udp_backend_is_passed_over_for_the_next_address() -> None:
+    port = free_ports(1, socket.SOCK_DGRAM)
+    async with udp_echo() as (backend_port, _):
+        # nothing listens on 127.0.0.9: it answers with ICMP port unreachable
+        route = server(
+            "u", addresses=["127.0.0.9", "127.0.0.1"], ports=[f"{port}:{backend_port}/udp"]
+        )
+        async with running_proxy([route]) as proxy:
+            await _wait_udp(proxy, port)
+            async with await udp_client(port) as client:
+                with anyio.fail_after(10):
+                    while True:  # clients resend; the next session goes to 127.0.0.1
+                        await client.send(b"x")
+                        with anyio.move_on_after(0.3):
+                            assert await client.receive() == b"echo:x"
+                            break
+            assert proxy.ctx.udp_stats.sessions_closed >= 1
