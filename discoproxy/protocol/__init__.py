@@ -32,12 +32,14 @@ from .minecraft import MAX_PACKET_BYTES as MAX_PACKET_BYTES
 from .minecraft import MAX_VARINT_BYTES as MAX_VARINT_BYTES
 from .minecraft import Handshake as Handshake
 from .minecraft import LegacyPing as LegacyPing
+from .minecraft import LoginStart as LoginStart
 from .minecraft import Packet as Packet
 from .minecraft import encode_handshake as encode_handshake
 from .minecraft import encode_legacy_beta_kick as encode_legacy_beta_kick
 from .minecraft import encode_legacy_kick as encode_legacy_kick
 from .minecraft import encode_legacy_ping_1_6 as encode_legacy_ping_1_6
 from .minecraft import encode_login_disconnect as encode_login_disconnect
+from .minecraft import encode_login_start as encode_login_start
 from .minecraft import encode_packet as encode_packet
 from .minecraft import encode_pong as encode_pong
 from .minecraft import encode_status_response as encode_status_response
@@ -46,6 +48,7 @@ from .minecraft import encode_varint as encode_varint
 from .minecraft import is_legacy_ping as is_legacy_ping
 from .minecraft import parse_handshake as parse_handshake
 from .minecraft import parse_legacy_ping as parse_legacy_ping
+from .minecraft import parse_login_start as parse_login_start
 from .minecraft import parse_packet as parse_packet
 from .minecraft import read_varint as read_varint
 from .minecraft import status_json as status_json

@@ -542,3 +542,46 @@ def encode_legacy_beta_kick(motd: str, online: int, max_players: int) -> bytes:
             f"legacy kick of {units} UTF-16 units exceeds cap {MAX_LEGACY_KICK_UNITS}"
         )
     return bytes((_LEGACY_KICK,)) + _U16.pack(units) + data
+
+
+LOGIN_START_PACKET_ID = 0x00
+# Login Start's name is String(16); a modded client may send a little more, a peer may not
+# make us wait for more than this before we give up on it.
+MAX_LOGIN_START_BYTES = 512
+MAX_USERNAME_CHARS = 16
+
+
+class LoginStart(NamedTuple):
+    """The client's first packet in the Login state: the player's name."""
+
+    username: str
+    length: int
+    """Bytes consumed, length prefix included."""
+
+
+def parse_login_start(buf: Buffer) -> LoginStart | _NeedData:
+    """Parse Login Start (Login state, serverbound 0x00): VarInt length, VarInt id, String(16)
+    name, then version-dependent fields (UUID, signature data) that are skipped."""
+    frame = _read_frame(buf, MAX_LOGIN_START_BYTES, "login start packet")
+    if isinstance(frame, _NeedData):
+        return NEED_DATA
+    start, end = frame
+    if len(buf) < end:
+        return NEED_DATA
+    body = bytes(buf[start:end])
+    packet_id, pos = _field_varint(body, 0, "packet id")
+    if packet_id != LOGIN_START_PACKET_ID:
+        raise MalformedHandshake(
+            f"login start packet id {packet_id:#04x}, expected {LOGIN_START_PACKET_ID:#04x}"
+        )
+    name, _ = _field_string(body, pos, "username")
+    if not 1 <= len(name) <= MAX_USERNAME_CHARS:
+        raise MalformedHandshake(
+            f"username of {len(name)} characters, expected 1-{MAX_USERNAME_CHARS}"
+        )
+    return LoginStart(username=name, length=end)
+
+
+def encode_login_start(username: str, extra: bytes = b"") -> bytes:
+    """Build Login Start (``extra``: the version's fields after the name, e.g. a UUID)."""
+    return encode_packet(LOGIN_START_PACKET_ID, encode_string(username) + extra)

@@ -21,12 +21,14 @@ from discoproxy.protocol import (
     HandshakeTooLarge,
     LegacyPing,
     LocalProtocolError,
+    LoginStart,
     MalformedHandshake,
     encode_handshake,
     encode_legacy_beta_kick,
     encode_legacy_kick,
     encode_legacy_ping_1_6,
     encode_login_disconnect,
+    encode_login_start,
     encode_packet,
     encode_pong,
     encode_status_response,
@@ -36,6 +38,7 @@ from discoproxy.protocol import (
     normalize_host,
     parse_handshake,
     parse_legacy_ping,
+    parse_login_start,
     parse_packet,
     read_varint,
     status_json,
@@ -776,3 +779,51 @@ def test_mcstatus_reads_our_legacy_kick_with_a_colour_code() -> None:
     assert status.motd.to_plain() == "Green"
     assert (status.version.name, status.version.protocol) == ("1.6.4", 78)
     assert (status.players.online, status.players.max) == (2, 8)
+
+
+# -- Login Start (usernames, for bans) ---------------------------------------------------
+
+
+UUID_BYTES = bytes(range(16))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [b"", UUID_BYTES, b"\x01" + UUID_BYTES, b"\x00\x00"],
+    ids=["1.7-1.18", "1.20.2+ uuid", "1.19.1 has-uuid", "1.19 no-signature"],
+)
+def test_login_start_gives_the_username_whatever_follows_it(extra: bytes) -> None:
+    packet = encode_login_start("Notch_42", extra)
+    assert parse_login_start(packet) == LoginStart("Notch_42", len(packet))
+    assert parse_login_start(packet + b"more") == LoginStart("Notch_42", len(packet))
+    assert feed(parse_login_start, packet) == LoginStart("Notch_42", len(packet))
+
+
+@pytest.mark.parametrize(
+    ("packet", "message"),
+    [
+        (encode_packet(0x01, encode_string("x")), "login start packet id 0x01"),
+        (encode_packet(0x00, encode_string("")), "username of 0 characters"),
+        (encode_packet(0x00, encode_string("x" * 17)), "username of 17 characters"),
+        (encode_packet(0x00, b"\x05ab"), "username length 5"),
+        (encode_varint(4096) + b"\x00", "exceeds cap"),
+    ],
+)
+def test_bad_login_starts_say_why(packet: bytes, message: str) -> None:
+    with pytest.raises((MalformedHandshake, HandshakeTooLarge), match=message):
+        parse_login_start(packet)
+
+
+@given(st.binary(max_size=600))
+@PROPERTY
+def test_login_start_on_random_bytes_only_returns_or_raises_protocol_errors(data: bytes) -> None:
+    survives(parse_login_start, data, MalformedHandshake)
+
+
+@given(st.text(alphabet="abcXYZ019_", min_size=1, max_size=16), st.binary(max_size=40))
+@PROPERTY
+def test_every_prefix_of_a_login_start_needs_data(name: str, extra: bytes) -> None:
+    packet = encode_login_start(name, extra)
+    for cut in range(len(packet)):
+        assert parse_login_start(packet[:cut]) is NEED_DATA
+    assert parse_login_start(packet).username == name
