@@ -7,10 +7,13 @@ Exit codes: 0 ok, 1 invalid configuration or server files, 2 usage error (argpar
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import resource
 import signal
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -21,6 +24,7 @@ from anyio.abc import TaskGroup
 from loguru import logger
 
 from discoproxy.config import ConfigError, ProxyConfig, load_config
+from discoproxy.guard import Ban, BanList, check_username, load_bans, parse_duration, save_bans
 from discoproxy.model import ServerDefinition
 from discoproxy.provider import Enabled, Provider, load_providers, supervise
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox, build_table
@@ -240,6 +244,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(config.log_level, config.log_format)
+    raise_nofile_limit()
     try:
         anyio.run(_serve, config, providers, backend="asyncio")
     except OSError as exc:
@@ -249,6 +254,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     logger.info("stopped")
     return EXIT_OK
+
+
+def raise_nofile_limit() -> None:
+    """Two fds per connection: take the hard RLIMIT_NOFILE, not the (often 1024) soft one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open-file limit from {} to {}: {}", soft, hard, exc)
+            return
+    logger.debug("open-file limit: {}", max(soft, hard))
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
@@ -329,7 +346,104 @@ def build_parser() -> argparse.ArgumentParser:
     )
     labels.add_argument("--prefix", default="infrarust", help="label prefix to document")
     labels.set_defaults(func=cmd_labels)
+
+    ban = sub.add_parser(
+        "ban",
+        parents=[common],
+        help="manage bans (by IP/CIDR or username)",
+        description="Add, remove or list bans in the config's bans_file. A running proxy "
+        "applies the change within a moment (it watches the file).",
+    )
+    ban_sub = ban.add_subparsers(dest="ban_command", required=True, metavar="ACTION")
+    ban_add = ban_sub.add_parser("add", help="ban an address, a network or a username")
+    ban_add.add_argument("target", help="IP, CIDR (203.0.113.0/24) or Minecraft username")
+    ban_add.add_argument("--reason", default="", help="shown to the banned player")
+    ban_add.add_argument("--duration", metavar="D", help="e.g. 30m, 12h, 7d; default: forever")
+    ban_add.set_defaults(func=cmd_ban_add)
+    ban_remove = ban_sub.add_parser("remove", help="lift the bans on a target")
+    ban_remove.add_argument("target", help="as given to 'ban add'")
+    ban_remove.set_defaults(func=cmd_ban_remove)
+    ban_list = ban_sub.add_parser("list", help="print the bans in force")
+    ban_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ban_list.set_defaults(func=cmd_ban_list)
     return parser
+
+
+def _bans_path(args: argparse.Namespace) -> Path:
+    return _load(args).bans_file
+
+
+def _ban_target(text: str) -> tuple[Any, str | None]:
+    """(network, None) for an address or CIDR, (None, username) otherwise."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False), None
+    except ValueError:
+        return None, check_username(text.strip(), "target")
+
+
+def cmd_ban_add(args: argparse.Namespace) -> int:
+    try:
+        path = _bans_path(args)
+        network, username = _ban_target(args.target)
+        expires = time.time() + parse_duration(args.duration) if args.duration else None
+        bans = load_bans(path)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    kept = [b for b in bans.bans if not _same_target(b, network, username)]
+    ban = Ban(args.reason, time.time(), expires, network=network, username=username)
+    save_bans(path, BanList([*kept, ban]))
+    until = f" until {_when(expires)}" if expires is not None else ""
+    print(f"banned {ban.target}{until} ({path})")
+    return EXIT_OK
+
+
+def cmd_ban_remove(args: argparse.Namespace) -> int:
+    try:
+        path = _bans_path(args)
+        network, username = _ban_target(args.target)
+        bans = load_bans(path)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    kept = [b for b in bans.bans if not _same_target(b, network, username)]
+    if len(kept) == len(bans.bans):
+        print(f"error: no ban on {args.target} in {path}", file=sys.stderr)
+        return EXIT_CONFIG
+    save_bans(path, BanList(kept))
+    print(f"unbanned {args.target} ({path})")
+    return EXIT_OK
+
+
+def cmd_ban_list(args: argparse.Namespace) -> int:
+    try:
+        path = _bans_path(args)
+        bans = load_bans(path)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    now = time.time()
+    active = [b for b in bans.bans if b.active(now)]
+    if args.json:
+        print(json.dumps([b.to_json() for b in active], indent=2))
+        return EXIT_OK
+    if not active:
+        print(f"no bans ({path})")
+        return EXIT_OK
+    for ban in active:
+        until = _when(ban.expires) if ban.expires is not None else "forever"
+        print(f"{ban.target:<32}  until {until:<20}  {ban.reason}")
+    return EXIT_OK
+
+
+def _same_target(ban: Ban, network: Any, username: str | None) -> bool:
+    if username is not None:
+        return ban.username is not None and ban.username.lower() == username.lower()
+    return bool(ban.network == network)
+
+
+def _when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(stamp))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -29,6 +29,7 @@ from pydantic import (
     field_validator,
 )
 
+from discoproxy.model import IpFilterSettings
 from discoproxy.motd import Motd
 
 DEFAULT_PORT = 25565
@@ -112,6 +113,21 @@ class GlobalMotds(BaseModel):
         return {**default.model_dump(exclude_none=True), **value}
 
 
+class RateLimitSettings(BaseModel):
+    """New connections per client IP per ``window`` (GCRA: a burst of the full budget,
+    then one every window/count); 0 turns a budget off."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connections: int = Field(
+        default=0, ge=0, description="Logins and every other connection, per IP per window."
+    )
+    status: int = Field(
+        default=0, ge=0, description="Minecraft status pings, per IP per window (looser)."
+    )
+    window: float = Field(default=10.0, gt=0, description="Seconds the budgets are counted over.")
+
+
 class ProxyConfig(BaseModel):
     """The global configuration (``discoproxy.toml``). Durations are in seconds."""
 
@@ -141,6 +157,36 @@ class ProxyConfig(BaseModel):
     )
     max_connections: int = Field(
         default=20000, ge=0, description="Concurrent client connections; 0 = unlimited."
+    )
+    max_connections_per_ip: int = Field(
+        default=0, ge=0, description="Concurrent connections per client IP; 0 = unlimited."
+    )
+    ip_filter: IpFilterSettings = Field(
+        default_factory=IpFilterSettings,
+        description="Global allow/deny CIDRs on the real client address (after PROXY "
+        "protocol): deny refuses, a non-empty allow refuses everything outside it.",
+    )
+    rate_limit: RateLimitSettings = Field(
+        default_factory=RateLimitSettings,
+        description="New connections per client IP per window: [rate_limit] connections, "
+        "status, window.",
+    )
+    bans_file: Path = Field(
+        default=Path("bans.json"),
+        description="JSON file of bans (by IP/CIDR or username), re-read when it changes; "
+        "managed with 'discoproxy ban'. A missing file means no bans.",
+    )
+    ban_message: str = Field(
+        default="You are banned from this server: {reason}{until}",
+        description="Disconnect text for a banned player ({reason}, {until}).",
+    )
+    rate_limited_message: str = Field(
+        default="Too many connections from your address; wait a moment",
+        description="Disconnect text for a login over its rate budget.",
+    )
+    not_allowed_message: str = Field(
+        default="You may not join this server from your address",
+        description="Disconnect text for a login a server's ip_filter refuses.",
     )
     servers_dir: Path = Field(
         default=Path("servers"), description="Directory of server files (*.toml, *.yaml)."

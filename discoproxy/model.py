@@ -193,6 +193,41 @@ def _mapping_port(text: str, original: str) -> int:
     return port
 
 
+class IpFilterSettings(BaseModel):
+    """Who may connect, by real client address: ``deny`` refuses, and a non-empty
+    ``allow`` refuses everything outside it (deny wins)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
+        default=(), description="CIDRs or addresses allowed; empty: everyone not denied."
+    )
+    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
+        default=(), description="CIDRs or addresses refused, whatever 'allow' says."
+    )
+
+    @field_validator("allow", "deny", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            return value
+        networks = []
+        for item in value:
+            try:
+                networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+            except ValueError:
+                raise ValueError(
+                    f"invalid address or CIDR {item!r}; expected e.g. '203.0.113.0/24', "
+                    "'2001:db8::/32' or '198.51.100.7'"
+                ) from None
+        return tuple(networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.allow or self.deny)
+
+
 class ServerMotds(BaseModel):
     """Per-state overrides of what the server list shows; unset fields fall back to the
     global ``[motds.<state>]`` of the config."""
@@ -279,6 +314,11 @@ class ServerDefinition(BaseModel):
         ge=0,
         description="Stop the server after this many seconds with no player connected "
         "(with auto_start); unset or 0: never.",
+    )
+    ip_filter: IpFilterSettings = Field(
+        default_factory=IpFilterSettings,
+        description="Per-server allow/deny CIDRs, applied after the global [ip_filter]: "
+        "it can narrow who reaches this server, never widen it.",
     )
     ports: tuple[PortMapping, ...] = Field(
         default=(),

@@ -93,3 +93,27 @@ def test_help_documents_every_command(capsys: pytest.CaptureFixture[str]) -> Non
     code, out, _ = run(["serve", "--help"], capsys)
     for option in ("--config", "--bind", "--servers-dir", "--log-level", "--log-format"):
         assert option in out
+
+
+def test_ban_add_list_remove_edit_the_bans_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "discoproxy.toml"
+    bans = tmp_path / "bans.json"
+    config.write_text(f'bans_file = "{bans}"\n')
+    args = ["--config", str(config)]
+    code, out, _ = run(["ban", *args, "add", "203.0.113.0/24", "--reason", "grief"], capsys)
+    assert code == 0 and "banned 203.0.113.0/24" in out
+    code, out, _ = run(["ban", *args, "add", "Notch", "--duration", "1h"], capsys)
+    assert code == 0 and "banned user Notch until" in out
+    code, out, _ = run(["ban", *args, "list", "--json"], capsys)
+    listed = json.loads(out)
+    assert [b.get("ip") or b.get("username") for b in listed] == ["203.0.113.0/24", "Notch"]
+    assert listed[1]["expires"] is not None
+    code, out, _ = run(["ban", *args, "remove", "notch"], capsys)
+    assert code == 0
+    code, _, err = run(["ban", *args, "remove", "notch"], capsys)
+    assert code != 0 and "no ban on notch" in err
+    code, _, err = run(["ban", *args, "add", "not a name"], capsys)
+    assert code != 0 and "invalid Minecraft username 'not a name'" in err
+    assert [b["ip"] for b in json.loads(bans.read_text())["bans"]] == ["203.0.113.0/24"]

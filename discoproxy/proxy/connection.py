@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from discoproxy.guard import Ban, IpAddress, client_ip, filter_refusal
 from discoproxy.model import DEFAULT_BACKEND_PORT
 from discoproxy.motd import legacy_fields, strip_codes
 from discoproxy.protocol import http, minecraft, tls
@@ -52,6 +53,7 @@ from discoproxy.status import LEGACY_PING_PROTOCOL, StatusState, display_name, r
 if TYPE_CHECKING:
     import concurrent.futures
 
+    from discoproxy.config import ProxyConfig
     from discoproxy.proxy.names import Resolved
     from discoproxy.proxy.reactor import Pipe
     from discoproxy.proxy.server import ProxyContext
@@ -354,9 +356,12 @@ class ClientConnection:
         "_dial_errors",
         "_dial_name",
         "_dial_task",
+        "_guarded",
         "_handshake",
         "_handshake_length",
         "_held",
+        "_ip",
+        "_ip_key",
         "_kind",
         "_legacy",
         "_legacy_wait",
@@ -424,6 +429,9 @@ class ClientConnection:
         self._legacy_wait = 0  # 1: a 1.6 ping is incomplete, 2: waited enough for it
         self._status_pending = False
         self._held = False  # held once for a woken server (auto_start_wait)
+        self._ip: IpAddress | None = None  # the real client address, once known
+        self._ip_key: str | None = None  # counted in max_connections_per_ip
+        self._guarded = False  # bans, rate budget and server filter checked
         self._player = False
         self._proxy_header: ProxyHeader | None = None
         self._resolved_addresses: list[Resolved] | None = None
@@ -470,6 +478,9 @@ class ClientConnection:
         if not self._admit():
             return
         self.route = route
+        guard = self.ctx.guard
+        if not guard.idle and not (self._guard_address() and self._guard_checks(None, route)):
+            return
         self._move(DIALING)
         self._dial_next()
 
@@ -481,6 +492,8 @@ class ClientConnection:
         if ctx.config.receive_proxy_protocol and ctx.is_trusted(self.client_addr):
             self._move(PROXY_HEADER)
         else:
+            if not ctx.guard.idle and not self._guard_address():
+                return
             self._move(SNIFFING)
         self._read_prefix()
         if self.state in _PRE_ROUTING:  # must wait for more: watch it and its deadline
@@ -598,6 +611,8 @@ class ClientConnection:
             self._proxy_header = header
             if header.command == "PROXY" and header.source is not None:
                 self.client_addr = header.source
+            if not self.ctx.guard.idle and not self._guard_address():
+                return
             self._move(SNIFFING)
             if not buffer:
                 return
@@ -646,6 +661,8 @@ class ClientConnection:
         self._kind = kind
         self._name = name
         route = self.ctx.registry.table.lookup_or_default(name)
+        if not self.ctx.guard.idle and not self._guard_checks(kind, route):
+            return  # refused, or waiting for the Login Start of a username check
         if route is None:
             self._answer_unknown(kind, name)
             return
@@ -673,6 +690,78 @@ class ClientConnection:
                 self._sniff()
             except ProtocolError as exc:
                 self._fail(str(exc), exc.hint)
+
+    # -- guard (discoproxy/guard.py: precedence and bounds) -----------------------------
+
+    def _guard_address(self) -> bool:
+        """The real client address is known: global ip_filter, then
+        max_connections_per_ip. A refused client is closed without a reply."""
+        guard = self.ctx.guard
+        addr = self.client_addr
+        ip = client_ip(addr[0]) if addr is not None else None
+        self._ip = ip
+        if ip is None:
+            return True
+        why = filter_refusal(guard.filter, ip) if guard.filter else None
+        if why is None and guard.max_per_ip:
+            key = str(ip)
+            if guard.opened(key):
+                self._ip_key = key
+            else:
+                why = "max_connections_per_ip reached"
+        if why is not None:
+            self._refused(why)
+            return False
+        return True
+
+    def _guard_checks(self, kind: Sniffed | None, route: Route | None) -> bool:
+        """After the handshake: bans by IP, the rate budget, the server's ip_filter (once),
+        then a username ban (Minecraft logins: waits for Login Start). False: refused, or
+        waiting for more bytes."""
+        guard = self.ctx.guard
+        config = self.ctx.config
+        ip = self._ip
+        login = kind is _MINECRAFT and self._next_state != minecraft.NEXT_STATE_STATUS
+        if not self._guarded:
+            self._guarded = True
+            if ip is not None:
+                ban = guard.bans.ip_ban(ip)
+                if ban is not None:
+                    self._refused(f"banned ({ban.target})", login, _ban_text(config, ban))
+                    return False
+                status = (kind is _MINECRAFT and not login) or kind is _MINECRAFT_LEGACY
+                budget = guard.status if status else guard.connections
+                if budget and not budget.allow(str(ip)):
+                    which = "status" if status else "connections"
+                    self._refused(
+                        f"rate_limit {which} exceeded", login, config.rate_limited_message
+                    )
+                    return False
+                server_filter = route.server.ip_filter if route is not None else None
+                if server_filter:
+                    why = filter_refusal(server_filter, ip)
+                    if why is not None:
+                        text = config.not_allowed_message
+                        self._refused(f"{route.qualified_id}: {why}", login, text)  # type: ignore[union-attr]
+                        return False
+        if login and guard.bans.has_usernames:
+            start = minecraft.parse_login_start(self.buffer[self._handshake_length :])
+            if start is NEED_DATA:
+                return False
+            ban = guard.bans.user_ban(start.username)
+            if ban is not None:
+                self._refused(f"banned ({ban.target})", login, _ban_text(config, ban))
+                return False
+        return True
+
+    def _refused(self, reason: str, login: bool = False, text: str = "") -> None:
+        """Refuse this connection: a Minecraft login reads ``text`` in a Disconnect."""
+        self.ctx.log_rejection(self.client_addr, reason, cause=reason.split(" (", 1)[0])
+        self.ctx.rejected += 1
+        if login and self.state is SNIFFING:
+            self._move(ANSWERING)
+            self._reply(minecraft.encode_login_disconnect(minecraft.text_component(text)))
+        self.close(f"refused: {reason}")
 
     # -- answers when nothing routes ----------------------------------------------------
 
@@ -1143,6 +1232,9 @@ class ClientConnection:
         if self._player:
             self._player = False
             ctx.waker.player_left(self.route.qualified_id)  # type: ignore[union-attr]
+        if self._ip_key is not None:
+            ctx.guard.closed(self._ip_key)
+            self._ip_key = None
         # break the conn <-> flow cycles: refcounting frees the connection now, not
         # the cyclic GC later (fewer collections, memory reused at once)
         up.conn = down.conn = None  # type: ignore[assignment]
@@ -1179,4 +1271,13 @@ def _legacy_answer(ping: minecraft.LegacyPing | None, status: str) -> bytes:
         version_name=version.replace("\0", ""),
         online=online,
         max_players=max_players,
+    )
+
+
+def _ban_text(config: ProxyConfig, ban: Ban) -> str:
+    until = ""
+    if ban.expires is not None:
+        until = " (until " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ban.expires)) + ")"
+    return config.ban_message.replace("{reason}", ban.reason or "no reason given").replace(
+        "{until}", until
     )

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
+from discoproxy.guard import Guard, client_ip, filter_refusal
 from discoproxy.protocol.proxy_protocol import encode_v2
 from discoproxy.proxy.connection import ClientConnection, _format_addr, _literal_family, _unmapped
 from discoproxy.routing import PortKey, RoutingTable, format_port
@@ -328,6 +329,13 @@ class UdpListener:
         if self.retired or route is None or not route.addresses:
             stats.drops["no route"] += 1
             return None
+        guard = ctx.guard
+        if not guard.idle:
+            why = _guard_refusal(guard, client, route)
+            if why is not None:
+                stats.drops[why.split(" (", 1)[0]] += 1
+                ctx.log_rejection(client, f"UDP {format_port(self.key)}: {why}")
+                return None
         limit = ctx.config.udp_max_sessions
         if limit and ctx.udp_sessions >= limit:
             stats.drops["udp_max_sessions reached"] += 1
@@ -448,6 +456,22 @@ class UdpListener:
         self._shut()
 
 
+def _guard_refusal(guard: Guard, client: tuple[str, int], route: Route) -> str | None:
+    """A new UDP client: the global and the server's ip_filter, and bans by IP (the
+    datagram rate is limited per IP separately, by UdpLimits)."""
+    ip = client_ip(client[0])
+    if ip is None:
+        return None
+    why = filter_refusal(guard.filter, ip) if guard.filter else None
+    if why is None and route.server.ip_filter:
+        why = filter_refusal(route.server.ip_filter, ip)
+    if why is None:
+        ban = guard.bans.ip_ban(ip)
+        if ban is not None:
+            why = f"banned ({ban.target})"
+    return why
+
+
 def _reply_source(
     ancillary: list[tuple[int, int, bytes]],
 ) -> tuple[list[tuple[int, int, bytes]], str | None]:
@@ -495,7 +519,7 @@ class PortListeners:
 
     def sync(self, table: RoutingTable) -> None:
         """Open the ports ``table`` claims and close the others."""
-        if self.ctx.closing:
+        if self.ctx.closing or not self.ctx.reactor.alive:
             return
         wanted = set(table.ports)
         for key in sorted(set(self.open) - wanted):

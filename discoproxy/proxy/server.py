@@ -20,6 +20,7 @@ Rules for this file:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import ipaddress
 import itertools
@@ -27,14 +28,17 @@ import math
 import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
 from select import EPOLLIN
 from typing import Any
 
 import anyio
+import watchfiles
 from anyio.abc import TaskStatus
 from loguru import logger
 
 from discoproxy.config import ProxyConfig
+from discoproxy.guard import Guard, load_bans
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.connection import ClientConnection, _format_addr
 from discoproxy.proxy.names import NameCache
@@ -64,6 +68,10 @@ DEFER_ACCEPT_S = 1
 # Rejections (e.g. max_connections) are logged at most this often, so a flood does not
 # become a log flood; the count in between is reported with the next line.
 REJECTION_LOG_INTERVAL_S = 5.0
+# Distinct rejection causes remembered for that; beyond it the memory is reset.
+MAX_REJECTION_CAUSES = 256
+# The bans file is re-read this long after its directory went quiet.
+BANS_WATCH_STEP_MS = 50
 
 
 class ProxyContext:
@@ -103,8 +111,10 @@ class ProxyContext:
         logs_info = logger.level(config.log_level).no <= logger.level("INFO").no
         self.logs_info = logs_info
         self._access = AccessLog(config.log_format) if logs_info else None
-        self._rejections_unlogged = 0
-        self._last_rejection_log = -math.inf
+        self.rejections: collections.Counter[str] = collections.Counter()  # by cause
+        self._rejections_unlogged: collections.Counter[str] = collections.Counter()
+        self._last_rejection_log: dict[str, float] = {}
+        self.guard = Guard(config)
         self._on_drained: Callable[[], object] | None = None
         self._idle_limit = 0
         self.names = NameCache()
@@ -137,15 +147,24 @@ class ProxyContext:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self._trusted)
 
-    def log_rejection(self, client: tuple[str, int] | None, reason: str) -> None:
+    def log_rejection(
+        self, client: tuple[str, int] | None, reason: str, cause: str | None = None
+    ) -> None:
+        """Count a rejection by ``cause`` and log it, at most once per
+        ``REJECTION_LOG_INTERVAL_S`` per cause (a flood must not become a log flood)."""
+        cause = cause or reason
+        self.rejections[cause] += 1
         now = time.monotonic()
-        if now - self._last_rejection_log < REJECTION_LOG_INTERVAL_S:
-            self._rejections_unlogged += 1
+        last = self._last_rejection_log.get(cause, -math.inf)
+        if now - last < REJECTION_LOG_INTERVAL_S:
+            self._rejections_unlogged[cause] += 1
             return
-        suppressed = self._rejections_unlogged
-        self._rejections_unlogged = 0
-        self._last_rejection_log = now
-        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        if len(self._last_rejection_log) >= MAX_REJECTION_CAUSES:
+            self._last_rejection_log.clear()  # causes are few; never let them grow unbounded
+            self._rejections_unlogged.clear()
+        suppressed = self._rejections_unlogged.pop(cause, 0)
+        self._last_rejection_log[cause] = now
+        more = f" ({suppressed} more like it since the last report)" if suppressed else ""
         logger.warning("rejected {}: {}{}", _format_addr(client), reason, more)
 
     # -- tasks (called from the reactor thread; the coroutines run on the asyncio loop) --
@@ -340,6 +359,33 @@ async def serve_listener(
             ctx.reactor.call(listener.close)
 
 
+async def watch_bans(ctx: ProxyContext) -> None:
+    """Load the bans file, then again whenever it changes (a bad file keeps the last
+    good list, with an error naming the file and entry)."""
+    path = ctx.config.bans_file.absolute()
+
+    def load(first: bool) -> None:
+        try:
+            bans = load_bans(path)
+        except ValueError as exc:
+            logger.error("bans not applied: {}; keeping the previous list", exc)
+            return
+        if first or len(bans) != len(ctx.guard.bans) or bans.bans != ctx.guard.bans.bans:
+            ctx.guard.set_bans(bans)
+            if bans or not first:
+                logger.info("bans: {} from {}", len(bans), path)
+
+    load(first=True)
+    if not path.parent.is_dir():
+        logger.info("bans: {} does not exist; not watched", path.parent)
+        return
+    async for changes in watchfiles.awatch(
+        path.parent, recursive=False, step=BANS_WATCH_STEP_MS, watch_filter=None
+    ):
+        if any(Path(changed).name == path.name for _, changed in changes):
+            load(first=False)
+
+
 async def _watch_reactor(ctx: ProxyContext) -> None:
     """The reactor thread must only end when told to: otherwise fail the whole proxy, so
     the process exits (and a supervisor restarts it) instead of accepting nothing."""
@@ -368,15 +414,19 @@ async def run_proxy(
             bound: list[tuple[str, int]] = []
             for host, port in config.bind_addresses:
                 bound += await tg.start(serve_listener, ctx, host, port)
+            ctx.guard.table_changed(registry.table)
+            registry.add_listener(ctx.guard.table_changed)
             ctx.ports.sync(registry.table)
             registry.add_listener(ctx.ports.sync)
             tg.start_soon(_watch_reactor, ctx)
+            tg.start_soon(watch_bans, ctx)
             if ctx.waker.controls:
                 tg.start_soon(ctx.waker.run)
             task_status.started(bound)
     finally:
         ctx.closing = True
-        ctx.ports.close_all()
+        if ctx.reactor.alive:  # a dead reactor's own failure is what run_proxy raises
+            ctx.ports.close_all()
         with anyio.CancelScope(shield=True):
             if ctx.reactor.alive:
                 await ctx.drain(config.shutdown_timeout)
