@@ -228,7 +228,8 @@ def test_an_unknown_label_is_a_warning_with_the_closest_known_label() -> None:
             "infrarust.send_proxy_protcol",
             "unknown label, ignored (did you mean infrarust.send_proxy_protocol?); known: "
             "enable, domains, port, docker_network, proxy_mode, send_proxy_protocol, name, "
-            "default, ports, status_cache_ttl, domain_rewrite, auto_start, auto_stop_after, "
+            "default, ports, ip_filter.allow, ip_filter.deny, status_cache_ttl, domain_rewrite, "
+            "auto_start, auto_stop_after, "
             "motds.{online,unreachable,starting,sleeping}"
             ".{text,version_name,max_players,online_players,favicon}",
             dropped=False,
@@ -619,3 +620,20 @@ def test_bad_front_door_labels_name_the_label(label: str, value: str, message: s
         f"container mc-1, label infrarust.{label}: "
     )
     assert message in problems[0]
+
+
+def test_ip_filter_labels_nest_into_the_server_filter() -> None:
+    labels = {
+        "infrarust.domains": "mc.example.com",
+        "infrarust.ip_filter.allow": "10.0.0.0/8, 2001:db8::/32",
+        "infrarust.ip_filter.deny": "10.9.0.0/16",
+    }
+    (server,), problems = scan(container("mc-1", labels))
+    assert problems == []
+    assert [str(n) for n in server.ip_filter.allow] == ["10.0.0.0/8", "2001:db8::/32"]
+    assert [str(n) for n in server.ip_filter.deny] == ["10.9.0.0/16"]
+    _, problems = scan(container("mc-1", {**labels, "infrarust.ip_filter.deny": "10.0.0.300"}))
+    assert problems == [
+        "container mc-1, label infrarust.ip_filter.deny: invalid address or CIDR '10.0.0.300'; "
+        "expected e.g. '203.0.113.0/24', '2001:db8::/32' or '198.51.100.7'"
+    ]
