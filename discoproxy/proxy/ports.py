@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 
 LISTEN_BACKLOG = 4096
 ACCEPT_BATCH = 64
+# After an accept error (EMFILE: out of fds), a port listener rests this long.
+ACCEPT_BACKOFF_S = 0.1
 # Datagrams read per wake-up of a UDP socket before other fds get their turn.
 UDP_BATCH = 64
 # Largest UDP payload (IPv4: 65,535 - 20 IP - 8 UDP).
@@ -103,8 +105,9 @@ class PortListener:
                 conn_fd, addr = accept()
             except BlockingIOError:
                 return
-            except OSError as exc:
+            except OSError as exc:  # out of fds: rest, do not spin on a readable socket
                 ctx.log_rejection(None, f"accept failed on {format_port(self._key)}: {exc}")
+                self._rest()
                 return
             route = ctx.registry.table.ports.get(self._key)
             if route is None:  # removed a moment ago: new connections are refused
@@ -112,6 +115,17 @@ class PortListener:
                 ctx.rejected += 1
                 continue
             ClientConnection(ctx, conn_fd, (addr[0], addr[1])).start_port(route)
+
+    def _rest(self) -> None:
+        ctx = self._ctx
+        fd = self._sock.fileno()
+        ctx.reactor.unregister(fd)
+
+        def resume() -> None:
+            if self._sock.fileno() >= 0 and not ctx.closing:
+                ctx.reactor.register(fd, self, EPOLLIN)
+
+        ctx.reactor.call_later(ACCEPT_BACKOFF_S, resume)
 
     def on_internal_error(self, exc: Exception) -> None:
         pass  # logged by the reactor; the listener carries on
