@@ -349,21 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     ban = sub.add_parser(
         "ban",
-        parents=[common],
         help="manage bans (by IP/CIDR or username)",
         description="Add, remove or list bans in the config's bans_file. A running proxy "
         "applies the change within a moment (it watches the file).",
     )
     ban_sub = ban.add_subparsers(dest="ban_command", required=True, metavar="ACTION")
-    ban_add = ban_sub.add_parser("add", help="ban an address, a network or a username")
+    ban_add = ban_sub.add_parser(
+        "add", parents=[common], help="ban an address, a network or a username"
+    )
     ban_add.add_argument("target", help="IP, CIDR (203.0.113.0/24) or Minecraft username")
     ban_add.add_argument("--reason", default="", help="shown to the banned player")
     ban_add.add_argument("--duration", metavar="D", help="e.g. 30m, 12h, 7d; default: forever")
     ban_add.set_defaults(func=cmd_ban_add)
-    ban_remove = ban_sub.add_parser("remove", help="lift the bans on a target")
+    ban_remove = ban_sub.add_parser("remove", parents=[common], help="lift the bans on a target")
     ban_remove.add_argument("target", help="as given to 'ban add'")
     ban_remove.set_defaults(func=cmd_ban_remove)
-    ban_list = ban_sub.add_parser("list", help="print the bans in force")
+    ban_list = ban_sub.add_parser("list", parents=[common], help="print the bans in force")
     ban_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ban_list.set_defaults(func=cmd_ban_list)
     return parser

@@ -102,18 +102,18 @@ def test_ban_add_list_remove_edit_the_bans_file(
     bans = tmp_path / "bans.json"
     config.write_text(f'bans_file = "{bans}"\n')
     args = ["--config", str(config)]
-    code, out, _ = run(["ban", *args, "add", "203.0.113.0/24", "--reason", "grief"], capsys)
+    code, out, _ = run(["ban", "add", "203.0.113.0/24", "--reason", "grief", *args], capsys)
     assert code == 0 and "banned 203.0.113.0/24" in out
-    code, out, _ = run(["ban", *args, "add", "Notch", "--duration", "1h"], capsys)
+    code, out, _ = run(["ban", "add", *args, "Notch", "--duration", "1h"], capsys)
     assert code == 0 and "banned user Notch until" in out
-    code, out, _ = run(["ban", *args, "list", "--json"], capsys)
+    code, out, _ = run(["ban", "list", "--json", *args], capsys)
     listed = json.loads(out)
     assert [b.get("ip") or b.get("username") for b in listed] == ["203.0.113.0/24", "Notch"]
     assert listed[1]["expires"] is not None
-    code, out, _ = run(["ban", *args, "remove", "notch"], capsys)
+    code, out, _ = run(["ban", "remove", "notch", *args], capsys)
     assert code == 0
-    code, _, err = run(["ban", *args, "remove", "notch"], capsys)
+    code, _, err = run(["ban", "remove", *args, "notch"], capsys)
     assert code != 0 and "no ban on notch" in err
-    code, _, err = run(["ban", *args, "add", "not a name"], capsys)
+    code, _, err = run(["ban", "add", "not a name", *args], capsys)
     assert code != 0 and "invalid Minecraft username 'not a name'" in err
     assert [b["ip"] for b in json.loads(bans.read_text())["bans"]] == ["203.0.113.0/24"]

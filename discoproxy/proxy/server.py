@@ -70,8 +70,11 @@ DEFER_ACCEPT_S = 1
 REJECTION_LOG_INTERVAL_S = 5.0
 # Distinct rejection causes remembered for that; beyond it the memory is reset.
 MAX_REJECTION_CAUSES = 256
-# The bans file is re-read this long after its directory went quiet.
+# The bans file is re-read this long after its directory went quiet (a burst of writes
+# is one reload, at most DEBOUNCE later).
 BANS_WATCH_STEP_MS = 50
+BANS_WATCH_DEBOUNCE_MS = 400
+BANS_WATCH_TIMEOUT_MS = 500
 
 
 class ProxyContext:
@@ -380,7 +383,14 @@ async def watch_bans(ctx: ProxyContext) -> None:
         logger.info("bans: {} does not exist; not watched", path.parent)
         return
     async for changes in watchfiles.awatch(
-        path.parent, recursive=False, step=BANS_WATCH_STEP_MS, watch_filter=None
+        path.parent,
+        watch_filter=lambda _change, changed: Path(changed).name == path.name,
+        step=BANS_WATCH_STEP_MS,
+        debounce=BANS_WATCH_DEBOUNCE_MS,
+        recursive=False,
+        # the watcher thread checks for cancellation this often: shutdown waits for it
+        rust_timeout=BANS_WATCH_TIMEOUT_MS,
+        yield_on_timeout=True,
     ):
         if any(Path(changed).name == path.name for _, changed in changes):
             load(first=False)
