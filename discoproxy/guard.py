@@ -32,12 +32,12 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from discoproxy.model import IpFilterSettings
+from discoproxy.model import IpFilterSettings, parse_networks
 
 if TYPE_CHECKING:
     from discoproxy.config import ProxyConfig
@@ -61,20 +61,6 @@ def client_ip(host: str) -> IpAddress | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
-
-
-def parse_networks(values: Iterable[str], field: str) -> tuple[IpNetwork, ...]:
-    """CIDRs (or bare addresses) → networks; errors name ``field`` and the value."""
-    networks = []
-    for value in values:
-        try:
-            networks.append(ipaddress.ip_network(str(value).strip(), strict=False))
-        except ValueError:
-            raise ValueError(
-                f"{field}: invalid address or CIDR {value!r}; expected e.g. '203.0.113.0/24', "
-                "'2001:db8::/32' or '198.51.100.7'"
-            ) from None
-    return tuple(networks)
 
 
 def _contains(networks: Sequence[IpNetwork], ip: IpAddress) -> bool:

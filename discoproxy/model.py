@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -193,6 +194,23 @@ def _mapping_port(text: str, original: str) -> int:
     return port
 
 
+def parse_networks(
+    values: Iterable[object], field: str = ""
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """CIDRs (or bare addresses) → networks; an error names ``field`` and the value."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(str(value).strip(), strict=False))
+        except ValueError:
+            where = f"{field}: " if field else ""
+            raise ValueError(
+                f"{where}invalid address or CIDR {value!r}; expected e.g. '203.0.113.0/24', "
+                "'2001:db8::/32' or '198.51.100.7'"
+            ) from None
+    return tuple(networks)
+
+
 class IpFilterSettings(BaseModel):
     """Who may connect, by real client address: ``deny`` refuses, and a non-empty
     ``allow`` refuses everything outside it (deny wins)."""
@@ -213,16 +231,7 @@ class IpFilterSettings(BaseModel):
             value = [part for part in value.split(",") if part.strip()]
         if not isinstance(value, list | tuple):
             return value
-        networks = []
-        for item in value:
-            try:
-                networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
-            except ValueError:
-                raise ValueError(
-                    f"invalid address or CIDR {item!r}; expected e.g. '203.0.113.0/24', "
-                    "'2001:db8::/32' or '198.51.100.7'"
-                ) from None
-        return tuple(networks)
+        return parse_networks(value)
 
     def __bool__(self) -> bool:
         return bool(self.allow or self.deny)

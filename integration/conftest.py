@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Generator, Iterator
 
+import docker
 import pytest
 
+from integration.docker_support import ensure_image, require_docker
 from integration.peers import PeerProcess
 from tests.support import ProxyProcess
 
@@ -44,3 +46,12 @@ def pytest_runtest_makereport(
                 seen.add(name)
                 report.sections.append((f"output of {name}", "\n".join(lines[-REPORT_TAIL_LINES:])))
     return report
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[docker.DockerClient]:
+    """A Docker engine with the test image (fails under CI=true when there is none)."""
+    client = require_docker()
+    ensure_image(client)
+    yield client
+    client.close()

@@ -29,9 +29,7 @@ from integration.docker_support import (
     docker_client,
     docker_resources,
     engine_answers,
-    ensure_image,
     find_dockerd,
-    require_docker,
     start_dockerd,
     stop_dockerd,
 )
@@ -48,14 +46,6 @@ BACKEND_READY_S = 10.0
 REPLY_TIMEOUT_S = 5.0
 # After a dockerd restart: engine up, containers restarted, provider's backoff elapsed.
 ENGINE_BACK_WITHIN_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[docker.DockerClient]:
-    client = require_docker()
-    ensure_image(client)
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -35,8 +35,6 @@ from discoproxy.status import parse_status_document
 from integration.docker_support import (
     DockerResources,
     docker_resources,
-    ensure_image,
-    require_docker,
 )
 from integration.test_docker_provider import LiveProxy
 from providers.docker import DockerProvider, DockerSettings
@@ -141,14 +139,6 @@ CONCURRENT_LOGINS = 5
 CREATED_ROUTED_WITHIN_S = 3.0
 # After the burst: time for a second (wrong) start to reach the engine's event log.
 SECOND_START_GRACE_S = 1.0
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[docker.DockerClient]:
-    client = require_docker()
-    ensure_image(client)
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ from loguru import logger
 from discoproxy.guard import Guard, client_ip, filter_refusal
 from discoproxy.protocol.proxy_protocol import encode_v2
 from discoproxy.proxy.connection import ClientConnection, _format_addr, _literal_family, _unmapped
+from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener
 from discoproxy.routing import PortKey, RoutingTable, format_port
 
 if TYPE_CHECKING:
@@ -54,9 +55,6 @@ if TYPE_CHECKING:
     from discoproxy.routing import Route
 
 LISTEN_BACKLOG = 4096
-ACCEPT_BATCH = 64
-# After an accept error (EMFILE: out of fds), a port listener rests this long.
-ACCEPT_BACKOFF_S = 0.1
 # Datagrams read per wake-up of a UDP socket before other fds get their turn.
 UDP_BATCH = 64
 # Largest UDP payload (IPv4: 65,535 - 20 IP - 8 UDP).
@@ -86,15 +84,14 @@ class UdpStats:
     drops: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
-class PortListener:
+class PortListener(BaseListener):
     """A TCP listening socket of port routes: each accepted connection is dialed to the
     route the table has for this port *now* (so a route that moves applies at once)."""
 
-    __slots__ = ("_ctx", "_key", "_sock")
+    __slots__ = ("_key",)
 
     def __init__(self, ctx: ProxyContext, sock: socket.socket, key: PortKey) -> None:
-        self._ctx = ctx
-        self._sock = sock
+        super().__init__(ctx, sock)
         self._key = key
 
     def on_event(self, fd: int, events: int) -> None:
@@ -105,9 +102,8 @@ class PortListener:
                 conn_fd, addr = accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # out of fds: rest, do not spin on a readable socket
-                ctx.log_rejection(None, f"accept failed on {format_port(self._key)}: {exc}")
-                self._rest()
+            except OSError as exc:
+                self._accept_failed(exc, format_port(self._key))
                 return
             route = ctx.registry.table.ports.get(self._key)
             if route is None:  # removed a moment ago: new connections are refused
@@ -115,28 +111,6 @@ class PortListener:
                 ctx.rejected += 1
                 continue
             ClientConnection(ctx, conn_fd, (addr[0], addr[1])).start_port(route)
-
-    def _rest(self) -> None:
-        ctx = self._ctx
-        fd = self._sock.fileno()
-        ctx.reactor.unregister(fd)
-
-        def resume() -> None:
-            if self._sock.fileno() >= 0 and not ctx.closing:
-                ctx.reactor.register(fd, self, EPOLLIN)
-
-        ctx.reactor.call_later(ACCEPT_BACKOFF_S, resume)
-
-    def on_internal_error(self, exc: Exception) -> None:
-        pass  # logged by the reactor; the listener carries on
-
-    def start(self) -> None:
-        self._ctx.reactor.register(self._sock.fileno(), self, EPOLLIN)
-
-    def close(self) -> None:
-        if self._sock.fileno() >= 0:
-            self._ctx.reactor.unregister(self._sock.fileno())
-        self._sock.close()
 
 
 class _Bucket:

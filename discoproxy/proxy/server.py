@@ -29,7 +29,6 @@ import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from select import EPOLLIN
 from typing import Any
 
 import anyio
@@ -41,6 +40,7 @@ from discoproxy.config import ProxyConfig
 from discoproxy.guard import Guard, load_bans
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.connection import ClientConnection, _format_addr
+from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener
 from discoproxy.proxy.names import NameCache
 from discoproxy.proxy.ports import (
     UDP_SWEEP_S,
@@ -58,10 +58,6 @@ from discoproxy.wake import ServerControl, Waker
 # A burst of connections must not be refused by the kernel while the loop is busy;
 # 4096 matches common somaxconn defaults on current kernels.
 LISTEN_BACKLOG = 4096
-# Connections accepted per listener wake-up before other fds get their turn.
-ACCEPT_BATCH = 64
-# After an accept error (EMFILE: out of fds), the listener rests this long.
-ACCEPT_BACKOFF_S = 0.1
 # TCP_DEFER_ACCEPT: the kernel hands over a connection once its first bytes arrived, or
 # after about this many seconds of silence (then handshake_timeout applies).
 DEFER_ACCEPT_S = 1
@@ -256,16 +252,10 @@ class ProxyContext:
                     conn.close_idle()
 
 
-class Listener:
-    """A listening socket in the reactor: accepts in batches and starts connections."""
+class Listener(BaseListener):
+    """A name-routing listening socket: accepts in batches and starts connections."""
 
-    __slots__ = ("_ctx", "_sock", "address")
-
-    def __init__(self, ctx: ProxyContext, sock: socket.socket) -> None:
-        self._ctx = ctx
-        self._sock = sock
-        name = sock.getsockname()
-        self.address: tuple[str, int] = (name[0], name[1])
+    __slots__ = ()
 
     def on_event(self, fd: int, events: int) -> None:
         accept = self._sock._accept  # type: ignore[attr-defined]  # (fd, address), no object
@@ -276,33 +266,9 @@ class Listener:
             except BlockingIOError:
                 return
             except OSError as exc:
-                self._accept_failed(exc)
+                self._accept_failed(exc, _format_addr(self.address))
                 return
             ClientConnection(ctx, conn_fd, (addr[0], addr[1])).start()
-
-    def _accept_failed(self, exc: OSError) -> None:
-        """Out of fds (or another accept error): stop accepting for a moment, not spin."""
-        ctx = self._ctx
-        ctx.log_rejection(None, f"accept failed on {_format_addr(self.address)}: {exc}")
-        fd = self._sock.fileno()
-        ctx.reactor.unregister(fd)
-
-        def resume() -> None:
-            if self._sock.fileno() >= 0 and not ctx.closing:
-                ctx.reactor.register(fd, self, EPOLLIN)
-
-        ctx.reactor.call_later(ACCEPT_BACKOFF_S, resume)
-
-    def on_internal_error(self, exc: Exception) -> None:
-        pass  # logged by the reactor; the listener carries on
-
-    def start(self) -> None:
-        self._ctx.reactor.register(self._sock.fileno(), self, EPOLLIN)
-
-    def close(self) -> None:
-        if self._sock.fileno() >= 0:
-            self._ctx.reactor.unregister(self._sock.fileno())
-        self._sock.close()
 
 
 def _listening_sockets(infos: list[tuple[Any, ...]]) -> list[socket.socket]:
