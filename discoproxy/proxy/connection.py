@@ -1190,8 +1190,10 @@ class ClientConnection:
             self.abort(self.lingering)
 
     def _fail(self, message: str, hint: Hint, reason: str | None = None) -> None:
-        logger.bind(conn=self.id, client=_format_addr(self.client_addr)).warning(
-            "conn #{} from {} rejected: {}", self.id, _format_addr(self.client_addr), message
+        # counted, and logged at most every few seconds per cause: a flood of garbage must
+        # not become a log flood (the close line still says what happened to this one)
+        self.ctx.log_rejection(
+            self.client_addr, f"conn #{self.id}: {message}", cause=reason or "protocol error"
         )
         if hint is Hint.HTTP_400:
             self._reply(http.encode_response(400, "Bad Request", message + "\n"))
