@@ -117,3 +117,18 @@ def test_ban_add_list_remove_edit_the_bans_file(
     code, _, err = run(["ban", "add", "not a name", *args], capsys)
     assert code != 0 and "invalid Minecraft username 'not a name'" in err
     assert [b["ip"] for b in json.loads(bans.read_text())["bans"]] == ["203.0.113.0/24"]
+
+
+def test_serve_raises_the_open_file_limit_to_the_hard_limit() -> None:
+    import resource
+
+    from discoproxy.cli import raise_nofile_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(soft, hard, 256)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        raise_nofile_limit()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
