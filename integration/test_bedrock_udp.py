@@ -142,5 +142,10 @@ def test_the_route_s_file_removed_closes_the_udp_port(
         assert BedrockServer("127.0.0.1", listen, timeout=PING_TIMEOUT_S).status()
         (tmp_path / "servers" / "b.toml").unlink()
         running.wait_for_line(rf"port {listen}/udp closed")
-        with pytest.raises(TimeoutError):  # nobody answers on it any more
-            BedrockServer("127.0.0.1", listen, timeout=1).status()
+        for _ in range(3):  # the reactor retires the socket a moment after the log line
+            try:
+                BedrockServer("127.0.0.1", listen, timeout=1).status()
+            except TimeoutError:
+                break  # nobody answers on it any more
+        else:
+            raise AssertionError(f"port {listen}/udp still answers after its route went")
