@@ -16,6 +16,7 @@ import enum
 import ipaddress
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -237,6 +238,28 @@ class IpFilterSettings(BaseModel):
         return bool(self.allow or self.deny)
 
 
+class TlsSettings(BaseModel):
+    """TLS termination for a server: discoproxy completes the handshake with this
+    certificate (chosen by SNI: the server's domains) and forwards plaintext, or TLS
+    again with ``backend_tls``. Paths are read inside discoproxy's container."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cert: Path = Field(description="PEM certificate chain (leaf first).")
+    key: Path = Field(description="PEM private key of the certificate.")
+    backend_tls: bool = Field(
+        default=False, description="Speak TLS to the backend too (re-encrypt)."
+    )
+    backend_verify: bool = Field(
+        default=True,
+        description="With backend_tls: verify the backend's certificate (system CAs, or "
+        "backend_ca) and its name.",
+    )
+    backend_ca: Path | None = Field(
+        default=None, description="With backend_tls: PEM CA bundle to verify the backend."
+    )
+
+
 class ServerMotds(BaseModel):
     """Per-state overrides of what the server list shows; unset fields fall back to the
     global ``[motds.<state>]`` of the config."""
@@ -323,6 +346,11 @@ class ServerDefinition(BaseModel):
         ge=0,
         description="Stop the server after this many seconds with no player connected "
         "(with auto_start); unset or 0: never.",
+    )
+    tls: TlsSettings | None = Field(
+        default=None,
+        description="Terminate TLS here: { cert = '...pem', key = '...pem' }; without it, "
+        "TLS passes through to the backend untouched (the default).",
     )
     ip_filter: IpFilterSettings = Field(
         default_factory=IpFilterSettings,

@@ -48,6 +48,7 @@ from discoproxy.protocol import http, minecraft, tls
 from discoproxy.protocol.errors import NEED_DATA, Hint, ProtocolError
 from discoproxy.protocol.proxy_protocol import ProxyHeader, encode_v2, parse_proxy_header
 from discoproxy.protocol.sniff import Sniffed, detect_protocol
+from discoproxy.proxy.tls_termination import terminate
 from discoproxy.status import LEGACY_PING_PROTOCOL, StatusState, display_name, rewritten_host
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ class ConnState(enum.IntEnum):
     FORWARDING = 6
     CLOSED = 7
     WAKING = 8  # a login held while its stopped server starts (auto_start)
+    TERMINATING = 9  # TLS terminated: the asyncio side runs it (tls_termination.py)
 
 
 # Members as module constants: on Python 3.11 ``ConnState.X`` goes through EnumType's
@@ -112,6 +114,7 @@ DIALING = ConnState.DIALING
 FORWARDING = ConnState.FORWARDING
 CLOSED = ConnState.CLOSED
 WAKING = ConnState.WAKING
+TERMINATING = ConnState.TERMINATING
 _MINECRAFT = Sniffed.MINECRAFT
 _MINECRAFT_LEGACY = Sniffed.MINECRAFT_LEGACY
 _TLS = Sniffed.TLS
@@ -121,7 +124,8 @@ _TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
     # accepted → dialing: a port route forwards at once, without reading a name
     ACCEPTED: frozenset({PROXY_HEADER, SNIFFING, DIALING, CLOSED}),
     PROXY_HEADER: frozenset({SNIFFING, CLOSED}),
-    SNIFFING: frozenset({ANSWERING, DIALING, WAKING, CLOSED}),
+    SNIFFING: frozenset({ANSWERING, DIALING, WAKING, TERMINATING, CLOSED}),
+    TERMINATING: frozenset({CLOSED}),
     ANSWERING: frozenset({CLOSED}),
     # waking → dialing: the server answers in time; → answering: it gets the "starting" text
     WAKING: frozenset({DIALING, ANSWERING, CLOSED}),
@@ -677,6 +681,9 @@ class ClientConnection:
         elif kind is _MINECRAFT_LEGACY:
             self._answer_status(0)
             return
+        elif kind is _TLS and route.server.tls is not None:
+            self._terminate(route)
+            return
         self._move(DIALING)
         self.ctx.handshaking.discard(self)
         if self.cmask > 0:
@@ -690,6 +697,31 @@ class ClientConnection:
                 self._sniff()
             except ProtocolError as exc:
                 self._fail(str(exc), exc.hint)
+
+    # -- TLS termination (discoproxy/proxy/tls_termination.py) ---------------------------
+
+    def _terminate(self, route: Route) -> None:
+        """Hand the client to the asyncio side, which completes the TLS handshake with
+        the server's certificate and relays plaintext; it comes back in ``terminated``."""
+        ctx = self.ctx
+        self._move(TERMINATING)
+        ctx.handshaking.discard(self)
+        if self.cmask >= 0:
+            ctx.reactor.unregister(self.cfd)  # leaves epoll; the fd now belongs to asyncio
+            self.cmask = -1
+        self._dial_task = ctx.spawn(terminate(ctx, self, route, self.cfd))
+
+    def terminated(self, backend: tuple[str, int] | None, up: int, down: int, reason: str) -> None:
+        """The terminated relay ended (its fd is closed): account and log it."""
+        self._dial_task = None
+        self.cfd = -1
+        if self.state is CLOSED:
+            return
+        self.backend_addr = backend
+        self.prefix_bytes = 0  # the close line counts plaintext: up and down alike
+        self.up.count += up
+        self.down.count += down
+        self.close(reason)
 
     # -- guard (discoproxy/guard.py: precedence and bounds) -----------------------------
 
@@ -1219,6 +1251,7 @@ class ClientConnection:
             self.ctx.handshaking.add(self)
             self.sync_events()
             return
+        handed_off = self.state is TERMINATING  # the asyncio side owns (and closes) cfd
         self.state = CLOSED
         self.reason = reason
         ctx = self.ctx
@@ -1243,7 +1276,8 @@ class ClientConnection:
         reactor = ctx.reactor
         if self.cmask >= 0:
             reactor.forget(self.cfd)
-        os.close(self.cfd)
+        if self.cfd >= 0 and not handed_off:
+            os.close(self.cfd)
         if self.bfd >= 0:
             if self.bmask >= 0:
                 reactor.forget(self.bfd)

@@ -51,6 +51,7 @@ from discoproxy.proxy.ports import (
     sweep_udp,
 )
 from discoproxy.proxy.reactor import Reactor
+from discoproxy.proxy.tls_termination import CertStore
 from discoproxy.routing import Registry
 from discoproxy.status import StatusService
 from discoproxy.wake import ServerControl, Waker
@@ -87,6 +88,7 @@ class ProxyContext:
         self.waker = Waker(registry, controls or {})
         self.status = StatusService(config, self.waker)
         self.ports = PortListeners(self)
+        self.certs = CertStore()
         # UDP port routes (reactor thread)
         self.udp_listeners: set[UdpListener] = set()
         self.udp_sessions = 0

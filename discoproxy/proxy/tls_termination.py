@@ -1,0 +1,283 @@
+"""TLS termination: the handshake with the server's own certificate, then plaintext (or
+TLS again) to its backend.
+
+Rules for this file:
+- The reactor sniffs the ClientHello and routes by SNI as for passthrough; a route with
+  ``tls`` hands the client's fd and the bytes already read to :func:`terminate`, which
+  runs on the asyncio loop: the handshake's crypto and the copies must not stall the
+  reactor's other connections. Passthrough stays the default and stays in the reactor.
+- The bytes already read (the ClientHello) are fed to an ``ssl.SSLObject`` through a
+  ``MemoryBIO``: nothing the client sent is lost or read twice.
+- :class:`CertStore` keeps one ``SSLContext`` per (cert, key) and looks at the files'
+  mtimes at most every :data:`CERT_CHECK_S`: a changed pair is loaded for new handshakes;
+  a pair that fails to load is reported (file and reason) and the previous context kept.
+- The connection stays a :class:`~discoproxy.proxy.connection.ClientConnection` for the
+  bookkeeping: the close line (bytes each way, reason) is written when the relay ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from discoproxy.protocol import tls
+from discoproxy.protocol.proxy_protocol import encode_v2
+
+if TYPE_CHECKING:
+    from discoproxy.model import TlsSettings
+    from discoproxy.proxy.connection import ClientConnection
+    from discoproxy.proxy.server import ProxyContext
+    from discoproxy.routing import Route
+
+# How often a certificate's files are looked at for a change, at most.
+CERT_CHECK_S = 1.0
+READ_BYTES = 64 * 1024
+
+
+class CertificateError(Exception):
+    """Raised when a server's certificate or key cannot be loaded (file and reason)."""
+
+
+@dataclass
+class _Loaded:
+    context: ssl.SSLContext
+    stamp: tuple[float, float]  # mtimes of cert and key
+    checked: float
+
+
+class CertStore:
+    """Server-side contexts per (cert, key), reloaded when their files change."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[tuple[Path, Path], _Loaded] = {}
+        self._backend: dict[tuple[bool, Path | None], ssl.SSLContext] = {}
+
+    def context(self, settings: TlsSettings) -> ssl.SSLContext:
+        key = (settings.cert, settings.key)
+        loaded = self._loaded.get(key)
+        now = time.monotonic()
+        if loaded is not None and now - loaded.checked < CERT_CHECK_S:
+            return loaded.context
+        try:
+            stamp = (settings.cert.stat().st_mtime, settings.key.stat().st_mtime)
+        except OSError as exc:
+            if loaded is not None:
+                loaded.checked = now
+                logger.error("certificate {}: {}; keeping the one loaded", settings.cert, exc)
+                return loaded.context
+            raise CertificateError(f"certificate {settings.cert}: {exc.strerror or exc}") from exc
+        if loaded is not None and loaded.stamp == stamp:
+            loaded.checked = now
+            return loaded.context
+        try:
+            context = _server_context(settings.cert, settings.key)
+        except (ssl.SSLError, OSError) as exc:
+            why = f"certificate {settings.cert} / key {settings.key}: {exc}"
+            if loaded is None:
+                raise CertificateError(why) from exc
+            loaded.checked = now
+            loaded.stamp = stamp  # reported once per change, not per handshake
+            logger.error("{}; keeping the certificate loaded before", why)
+            return loaded.context
+        if loaded is not None:
+            logger.info("certificate {} reloaded", settings.cert)
+        self._loaded[key] = _Loaded(context, stamp, now)
+        return context
+
+    def backend_context(self, settings: TlsSettings) -> ssl.SSLContext:
+        key = (settings.backend_verify, settings.backend_ca)
+        context = self._backend.get(key)
+        if context is None:
+            context = ssl.create_default_context(
+                cafile=str(settings.backend_ca) if settings.backend_ca else None
+            )
+            if not settings.backend_verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._backend[key] = context
+        return context
+
+
+def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+class _Ended(Exception):
+    """The relay is over; ``reason`` is what the close line says."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def terminate(ctx: ProxyContext, conn: ClientConnection, route: Route, fd: int) -> None:
+    """Run a terminated connection to its end, then hand it back to the reactor to be
+    closed and logged (``conn.terminated``)."""
+    settings = route.server.tls
+    assert settings is not None
+    loop = asyncio.get_running_loop()
+    client = socket.socket(fileno=fd)
+    client.setblocking(False)
+    up = down = 0
+    backend: tuple[str, int] | None = None
+    reason = "both sides closed"
+    try:
+        try:
+            context = ctx.certs.context(settings)
+        except CertificateError as exc:
+            logger.error("{}: {}", route.qualified_id, exc)
+            await loop.sock_sendall(client, tls.encode_alert(tls.ALERT_INTERNAL_ERROR))
+            raise _Ended("certificate not loaded") from exc
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        incoming.write(bytes(conn.buffer))
+        tls_obj = context.wrap_bio(incoming, outgoing, server_side=True)
+        await _handshake(loop, client, tls_obj, incoming, outgoing)
+        reader, writer, backend = await _dial(ctx, conn, route, settings)
+        try:
+            up, down, reason = await _relay(
+                loop, conn, client, tls_obj, incoming, outgoing, reader, writer
+            )
+        finally:
+            writer.close()
+    except _Ended as ended:
+        reason = ended.reason
+    except ssl.SSLError as exc:
+        reason = f"TLS handshake failed: {exc.reason or exc}"
+    except OSError as exc:
+        reason = f"client reset: {exc.strerror or exc}"
+    finally:
+        client.close()
+        with contextlib.suppress(RuntimeError):  # the reactor stopped: nothing to account to
+            ctx.reactor.call(lambda: conn.terminated(backend, up, down, reason))
+
+
+async def _handshake(
+    loop: asyncio.AbstractEventLoop,
+    client: socket.socket,
+    tls_obj: ssl.SSLObject,
+    incoming: ssl.MemoryBIO,
+    outgoing: ssl.MemoryBIO,
+) -> None:
+    while True:
+        try:
+            tls_obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        else:
+            break
+        finally:
+            if outgoing.pending:
+                await loop.sock_sendall(client, outgoing.read())
+        data = await loop.sock_recv(client, READ_BYTES)
+        if not data:
+            raise _Ended("client closed during the TLS handshake")
+        incoming.write(data)
+    if outgoing.pending:
+        await loop.sock_sendall(client, outgoing.read())
+
+
+async def _dial(
+    ctx: ProxyContext, conn: ClientConnection, route: Route, settings: TlsSettings
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[str, int]]:
+    errors = []
+    timeout = ctx.config.connect_timeout or None
+    for host, port in route.addresses:
+        backend_tls = ctx.certs.backend_context(settings) if settings.backend_tls else None
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=backend_tls, server_hostname=host if backend_tls else None
+                )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            errors.append(f"{host}:{port}: {getattr(exc, 'strerror', None) or exc or 'timed out'}")
+            continue
+        if route.send_proxy_protocol and conn.client_addr is not None:
+            local = writer.get_extra_info("sockname") or ("0.0.0.0", 0)
+            writer.write(encode_v2(conn.client_addr, (str(local[0]), int(local[1]))))
+        return reader, writer, (host, port)
+    logger.bind(route=route.qualified_id).warning(
+        "conn #{} backend unreachable for {}: {}", conn.id, route.qualified_id, "; ".join(errors)
+    )
+    raise _Ended("backend unreachable")
+
+
+async def _relay(
+    loop: asyncio.AbstractEventLoop,
+    conn: ClientConnection,
+    client: socket.socket,
+    tls_obj: ssl.SSLObject,
+    incoming: ssl.MemoryBIO,
+    outgoing: ssl.MemoryBIO,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> tuple[int, int, str]:
+    counts = [0, 0]
+    reasons: list[str] = []
+
+    async def client_to_backend() -> None:
+        while True:
+            try:
+                while True:
+                    plain = tls_obj.read(READ_BYTES)
+                    if not plain:
+                        reasons.append("client closed")
+                        return
+                    counts[0] += len(plain)
+                    conn.active = True  # for the idle sweep
+                    writer.write(plain)
+                    await writer.drain()
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                reasons.append("client closed")
+                return
+            data = await loop.sock_recv(client, READ_BYTES)
+            if not data:
+                reasons.append("client closed")
+                return
+            incoming.write(data)
+
+    async def backend_to_client() -> None:
+        while True:
+            data = await reader.read(READ_BYTES)
+            if not data:
+                reasons.append("backend closed")
+                return
+            counts[1] += len(data)
+            conn.active = True
+            tls_obj.write(data)
+            await loop.sock_sendall(client, outgoing.read())
+
+    tasks = [asyncio.ensure_future(client_to_backend()), asyncio.ensure_future(backend_to_client())]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, ConnectionError | OSError):
+                reasons.append(f"reset: {exc.strerror or exc}")
+            elif exc is not None:
+                raise exc
+        # one side is done: pass the close on (close_notify to the client, EOF to the backend)
+        if "client closed" in reasons and writer.can_write_eof():
+            writer.write_eof()
+            await asyncio.wait(pending, timeout=5)
+        else:
+            with contextlib.suppress(ssl.SSLError, ssl.SSLWantReadError):
+                tls_obj.unwrap()
+            if outgoing.pending:
+                await loop.sock_sendall(client, outgoing.read())
+    finally:
+        for task in tasks:
+            task.cancel()
+    return counts[0], counts[1], reasons[0] if reasons else "both sides closed"

@@ -1,0 +1,151 @@
+"""TLS termination in-process: the certificate chosen by SNI, plaintext to the backend,
+certificates rotated without a restart, a bad certificate reported and the old one kept.
+Certificates are made with the ``openssl`` command (installed by .ci/run)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import SocketStream
+
+from discoproxy.proxy import tls_termination
+from tests.proxy.helpers import Backend, backend, running_proxy, server
+from tests.support import IN_CI
+
+pytestmark = pytest.mark.anyio
+
+
+def make_cert(directory: Path, name: str, serial: int = 1) -> tuple[Path, Path]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        if IN_CI:
+            pytest.fail("openssl is missing: apt-get install openssl")
+        pytest.skip("openssl is missing: apt-get install openssl")
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+            "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
+            "-set_serial", str(serial),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def upper(stream: SocketStream, info: Backend) -> None:
+    """Plaintext backend: records what it gets and answers it upper-cased."""
+    async for chunk in stream:
+        info.received.append(chunk)
+        await stream.send(chunk.upper())
+
+
+def talk(port: int, name: str, message: bytes) -> tuple[dict[str, object], bytes]:
+    """A TLS client (Python ssl) with SNI ``name``: the peer certificate and the answer."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        tls.sendall(message)
+        answer = tls.recv(1024)
+        info = _decode(der)
+    return info, answer
+
+
+def _decode(der: bytes) -> dict[str, object]:
+    """Subject CN and serial of a DER certificate, via the openssl command."""
+    result = subprocess.run(
+        ["openssl", "x509", "-inform", "DER", "-noout", "-subject", "-serial"],
+        input=der,
+        capture_output=True,
+        check=True,
+    )
+    lines = result.stdout.decode().splitlines()
+    subject = lines[0].split("CN", 1)[1].strip(" =")
+    serial = int(lines[1].split("=", 1)[1], 16)
+    return {"cn": subject, "serial": serial}
+
+
+def tls_server(sid: str, domain: str, address: str, cert: Path, key: Path) -> object:
+    return server(sid, domain, addresses=[address], tls={"cert": str(cert), "key": str(key)})
+
+
+async def test_each_name_gets_its_certificate_and_the_backend_plaintext(tmp_path: Path) -> None:
+    cert_a, key_a = make_cert(tmp_path, "a.example.com")
+    cert_b, key_b = make_cert(tmp_path, "b.example.com")
+    async with backend(upper) as a, backend(upper) as b:
+        routes = [
+            tls_server("a", "a.example.com", a.address, cert_a, key_a),
+            tls_server("b", "b.example.com", b.address, cert_b, key_b),
+        ]
+        async with running_proxy(routes) as proxy:
+            info, answer = await anyio.to_thread.run_sync(
+                talk, proxy.port, "a.example.com", b"hi a"
+            )
+            assert info["cn"] == "a.example.com" and answer == b"HI A"
+            info, answer = await anyio.to_thread.run_sync(
+                talk, proxy.port, "b.example.com", b"hi b"
+            )
+            assert info["cn"] == "b.example.com" and answer == b"HI B"
+    assert a.received == [b"hi a"] and b.received == [b"hi b"]  # plaintext, nothing else
+
+
+async def test_certificates_rotate_without_restart_and_a_bad_one_keeps_the_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tls_termination, "CERT_CHECK_S", 0.0)
+    cert, key = make_cert(tmp_path, "a.example.com", serial=1)
+    async with backend(upper) as a:
+        async with running_proxy([tls_server("a", "a.example.com", a.address, cert, key)]) as proxy:
+            first, _ = await anyio.to_thread.run_sync(talk, proxy.port, "a.example.com", b"x")
+            assert first["serial"] == 1
+            rotated = tmp_path / "rotated"
+            rotated.mkdir()
+            new_cert, new_key = make_cert(rotated, "a.example.com", serial=2)
+            await anyio.sleep(0.01)  # a later mtime
+            shutil.copy(new_key, key)
+            shutil.copy(new_cert, cert)
+            second, _ = await anyio.to_thread.run_sync(talk, proxy.port, "a.example.com", b"x")
+            assert second["serial"] == 2
+            cert.write_text("not a certificate")
+            third, answer = await anyio.to_thread.run_sync(talk, proxy.port, "a.example.com", b"x")
+            assert third["serial"] == 2 and answer == b"X"
+
+
+async def test_a_terminated_connection_ends_and_leaves_the_table(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path, "a.example.com")
+    async with backend(upper) as a:
+        async with running_proxy([tls_server("a", "a.example.com", a.address, cert, key)]) as proxy:
+            await anyio.to_thread.run_sync(talk, proxy.port, "a.example.com", b"12345")
+            with anyio.fail_after(5):
+                while proxy.ctx.connections:
+                    await anyio.sleep(0.02)
+
+
+async def test_a_missing_certificate_fails_that_handshake_only(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path, "b.example.com")
+    async with backend(upper) as a, backend(upper) as b:
+        routes = [
+            tls_server(
+                "a", "a.example.com", a.address, tmp_path / "nope.crt", tmp_path / "nope.key"
+            ),
+            tls_server("b", "b.example.com", b.address, cert, key),
+        ]
+        async with running_proxy(routes) as proxy:
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                await anyio.to_thread.run_sync(talk, proxy.port, "a.example.com", b"x")
+            _, answer = await anyio.to_thread.run_sync(talk, proxy.port, "b.example.com", b"ok")
+            assert answer == b"OK"
