@@ -27,6 +27,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from discoproxy.model import IpFilterSettings
@@ -195,6 +196,19 @@ class ProxyConfig(BaseModel):
         default="Unknown server: {domain}",
         description="Disconnect/status text for a name no server claims ({domain} is replaced).",
     )
+    http_unmatched_status: int = Field(
+        default=421,
+        ge=400,
+        le=599,
+        description="HTTP status for a request whose Host no server claims (421 Misdirected "
+        "Request by default; 404 is common too).",
+    )
+    fallbacks: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per-listener catch-all: a bind address (as written in 'bind') → the "
+        "qualified id ('id@provider') of the server that gets that listener's connections "
+        "whose name matches no server (before the global default server).",
+    )
     unreachable_message: str = Field(
         default="Server {server} is unreachable",
         description="Disconnect text for a login whose server does not answer.",
@@ -267,6 +281,28 @@ class ProxyConfig(BaseModel):
             for item in value:
                 parse_bind(str(item))
         return value
+
+    @field_validator("fallbacks")
+    @classmethod
+    def _fallbacks(cls, value: dict[str, str]) -> dict[str, str]:
+        for bind, target in value.items():
+            parse_bind(bind)
+            if "@" not in target:
+                raise ValueError(
+                    f"fallback for {bind!r}: {target!r} is not a qualified id; expected "
+                    "'server-id@provider', e.g. 'web@file' or 'site@docker'"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _fallbacks_name_binds(self) -> ProxyConfig:
+        unknown = set(self.fallbacks) - set(self.bind)
+        if unknown:
+            raise ValueError(
+                f"fallbacks: {sorted(unknown)[0]!r} is not one of the bind addresses "
+                f"({', '.join(self.bind)})"
+            )
+        return self
 
     @field_validator("port_routes_bind")
     @classmethod

@@ -66,7 +66,7 @@ def qualify(server_id: str, provider: str) -> str:
 class RoutingTable:
     """Frozen name → route lookups, plus the catch-all."""
 
-    __slots__ = ("_exact", "_wildcard", "conflicts", "default", "ports", "routes")
+    __slots__ = ("_exact", "_wildcard", "by_id", "conflicts", "default", "ports", "routes")
 
     def __init__(
         self,
@@ -82,6 +82,7 @@ class RoutingTable:
         self._wildcard = dict(wildcard)
         self.default = default
         self.routes = tuple(routes)
+        self.by_id = {route.qualified_id: route for route in self.routes}
         self.conflicts = tuple(conflicts)
         # (protocol, listen port) → the server's route with that port's backend addresses
         self.ports: dict[PortKey, Route] = dict(ports or {})

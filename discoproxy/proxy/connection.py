@@ -30,6 +30,7 @@ import _socket
 import ctypes
 import enum
 import errno
+import http as http_status
 import ipaddress
 import json
 import math
@@ -141,6 +142,7 @@ _PRE_ROUTING = frozenset({PROXY_HEADER, SNIFFING, ANSWERING})
 
 # host string → address family for IP literals, None for names to resolve
 _LITERAL_FAMILY: dict[str, socket.AddressFamily | None] = {}
+_HTTP_PHRASES = {status.value: status.phrase for status in http_status.HTTPStatus}
 
 
 class IllegalTransition(RuntimeError):
@@ -387,6 +389,7 @@ class ClientConnection:
         "ctx",
         "dial_deadline",
         "down",
+        "fallback",
         "id",
         "idle_ticks",
         "lingering",
@@ -421,6 +424,7 @@ class ClientConnection:
         self.up: Flow = None  # type: ignore[assignment]  # set when admitted
         self.down: Flow = None  # type: ignore[assignment]
         self.dial_deadline = math.inf
+        self.fallback: str | None = None  # the listener's catch-all server (qualified id)
         self._dial_task: concurrent.futures.Future[None] | None = None
         self._dial_errors: list[str] | None = None
         self._next_address = 0
@@ -664,7 +668,12 @@ class ClientConnection:
             name = None
         self._kind = kind
         self._name = name
-        route = self.ctx.registry.table.lookup_or_default(name)
+        table = self.ctx.registry.table
+        if self.fallback is None:
+            route = table.lookup_or_default(name)
+        else:  # the listener's catch-all comes before the global default
+            route = table.lookup_host(name) if name else None
+            route = route or table.by_id.get(self.fallback) or table.default
         if not self.ctx.guard.idle and not self._guard_checks(kind, route):
             return  # refused, or waiting for the Login Start of a username check
         if route is None:
@@ -826,7 +835,9 @@ class ClientConnection:
             self._reply(tls.encode_alert(tls.ALERT_UNRECOGNIZED_NAME))
         elif kind is _HTTP:
             if name:
-                self._reply(http.encode_response(421, "Misdirected Request", text + "\n"))
+                code = self.ctx.config.http_unmatched_status
+                phrase = _HTTP_PHRASES.get(code, "Error")
+                self._reply(http.encode_response(code, phrase, text + "\n"))
             else:
                 self._reply(http.encode_response(400, "Bad Request", "missing Host\n"))
         self.close(reason)

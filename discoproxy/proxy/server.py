@@ -28,6 +28,7 @@ import math
 import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +258,11 @@ class ProxyContext:
 class Listener(BaseListener):
     """A name-routing listening socket: accepts in batches and starts connections."""
 
-    __slots__ = ()
+    __slots__ = ("fallback",)
+
+    def __init__(self, ctx: ProxyContext, sock: socket.socket, fallback: str | None) -> None:
+        super().__init__(ctx, sock)
+        self.fallback = fallback  # qualified id of this listener's catch-all server
 
     def on_event(self, fd: int, events: int) -> None:
         accept = self._sock._accept  # type: ignore[attr-defined]  # (fd, address), no object
@@ -270,7 +275,10 @@ class Listener(BaseListener):
             except OSError as exc:
                 self._accept_failed(exc, _format_addr(self.address))
                 return
-            ClientConnection(ctx, conn_fd, (addr[0], addr[1])).start()
+            conn = ClientConnection(ctx, conn_fd, (addr[0], addr[1]))
+            if self.fallback is not None:
+                conn.fallback = self.fallback
+            conn.start()
 
 
 def _listening_sockets(infos: list[tuple[Any, ...]]) -> list[socket.socket]:
@@ -305,9 +313,11 @@ async def serve_listener(
     host: str,
     port: int,
     *,
+    bind: str | None = None,
     task_status: TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept on ``host:port`` until cancelled; report the bound addresses when ready."""
+    """Accept on ``host:port`` until cancelled; report the bound addresses when ready.
+    ``bind`` is the config's spelling of it, which ``fallbacks`` are keyed by."""
     family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
     where = _format_addr((host, port))
     try:
@@ -317,7 +327,8 @@ async def serve_listener(
         socks = _listening_sockets(infos)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from exc
-    listeners = [Listener(ctx, sock) for sock in socks]
+    fallback = ctx.config.fallbacks.get(bind) if bind is not None else None
+    listeners = [Listener(ctx, sock, fallback) for sock in socks]
     for listener in listeners:
         await ctx.reactor.run(listener.start)
     bound = [listener.address for listener in listeners]
@@ -390,8 +401,8 @@ async def run_proxy(
     try:
         async with anyio.create_task_group() as tg:
             bound: list[tuple[str, int]] = []
-            for host, port in config.bind_addresses:
-                bound += await tg.start(serve_listener, ctx, host, port)
+            for bind, (host, port) in zip(config.bind, config.bind_addresses, strict=True):
+                bound += await tg.start(partial(serve_listener, ctx, host, port, bind=bind))
             ctx.guard.table_changed(registry.table)
             registry.add_listener(ctx.guard.table_changed)
             ctx.ports.sync(registry.table)

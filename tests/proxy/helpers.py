@@ -29,6 +29,7 @@ class RunningProxy:
     registry: Registry
     tg: TaskGroup
     ctx: ProxyContext
+    bound: list[tuple[str, int]] = field(default_factory=list)  # every listener, in order
 
     @property
     def port(self) -> int:
@@ -48,7 +49,7 @@ async def running_proxy(
     ctx = ProxyContext(config, registry)
     async with anyio.create_task_group() as tg:
         bound = await tg.start(partial(run_proxy, config, registry, context=ctx))
-        yield RunningProxy(bound[0], registry, tg, ctx)
+        yield RunningProxy(bound[0], registry, tg, ctx, bound)
         tg.cancel_scope.cancel()
 
 

@@ -152,6 +152,54 @@ async def test_unknown_http_host_gets_421() -> None:
     assert reply.startswith(b"HTTP/1.1 421 Misdirected Request\r\n")
 
 
+async def test_the_unmatched_http_status_is_configurable() -> None:
+    async with running_proxy([], http_unmatched_status=404) as proxy:
+        async with await proxy.connect() as stream:
+            await stream.send(b"GET / HTTP/1.1\r\nHost: nope.example.com\r\n\r\n")
+            reply = await receive_all(stream)
+    assert reply.startswith(b"HTTP/1.1 404 Not Found\r\n")
+
+
+async def test_a_listener_fallback_comes_before_the_global_default() -> None:
+    async with (
+        backend(named(b"web")) as web,
+        backend(named(b"default")) as default,
+        backend(named(b"named")) as named_backend,
+    ):
+        servers = [
+            server("web", "web.example.com", addresses=[web.address]),
+            server("default", addresses=[default.address], default=True),
+            server("named", "named.example.com", addresses=[named_backend.address]),
+        ]
+        # bound twice: one listener with a fallback, one without
+        settings = {
+            "bind": ["127.0.0.1:0", "[::1]:0"],
+            "fallbacks": {"127.0.0.1:0": "web@test"},
+        }
+        async with running_proxy(servers, **settings) as proxy:
+            for name, expected in [("nope.example.com", b"web"), ("named.example.com", b"named")]:
+                async with await proxy.connect() as stream:
+                    await stream.send(b"GET / HTTP/1.1\r\nHost: " + name.encode() + b"\r\n\r\n")
+                    with anyio.fail_after(5):
+                        assert await stream.receive() == expected
+            # the second listener has no fallback: the global default
+            async with await anyio.connect_tcp(*proxy.bound[1]) as stream:
+                await stream.send(b"GET / HTTP/1.1\r\nHost: nope.example.com\r\n\r\n")
+                with anyio.fail_after(5):
+                    assert await stream.receive() == b"default"
+
+
+def test_fallbacks_must_name_a_bind_address_and_a_qualified_id() -> None:
+    from pydantic import ValidationError
+
+    from discoproxy.config import ProxyConfig
+
+    with pytest.raises(ValidationError, match="is not one of the bind addresses"):
+        ProxyConfig(bind=("0.0.0.0:443",), fallbacks={"0.0.0.0:80": "web@file"})
+    with pytest.raises(ValidationError, match="is not a qualified id"):
+        ProxyConfig(bind=("0.0.0.0:443",), fallbacks={"0.0.0.0:443": "web"})
+
+
 async def test_default_server_catches_unknown_names() -> None:
     async with backend(named(b"fallback")) as fallback:
         servers = [server("fallback", addresses=[fallback.address], default=True)]
