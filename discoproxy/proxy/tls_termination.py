@@ -6,6 +6,8 @@ Rules for this file:
   ``tls`` hands the client's fd and the bytes already read to :func:`terminate`, which
   runs on the asyncio loop: the handshake's crypto and the copies must not stall the
   reactor's other connections. Passthrough stays the default and stays in the reactor.
+- ``handshake_timeout`` still bounds the TLS handshake (counted from accept): a client
+  that stalls after its ClientHello is closed like any other slow handshake.
 - The bytes already read (the ClientHello) are fed to an ``ssl.SSLObject`` through a
   ``MemoryBIO``: nothing the client sent is lost or read twice.
 - :class:`CertStore` keeps one ``SSLContext`` per (cert, key) and looks at the files'
@@ -142,7 +144,13 @@ async def terminate(ctx: ProxyContext, conn: ClientConnection, route: Route, fd:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         incoming.write(bytes(conn.buffer))
         tls_obj = context.wrap_bio(incoming, outgoing, server_side=True)
-        await _handshake(loop, client, tls_obj, incoming, outgoing)
+        deadline = ctx.config.handshake_timeout  # counted from accept, as for every client
+        left = max(0.0, conn.started + deadline - time.monotonic()) if deadline else None
+        try:
+            async with asyncio.timeout(left):
+                await _handshake(loop, client, tls_obj, incoming, outgoing)
+        except TimeoutError:
+            raise _Ended("handshake timeout") from None
         reader, writer, backend = await _dial(ctx, conn, route, settings)
         try:
             up, down, reason = await _relay(
