@@ -21,7 +21,9 @@ from tests.support import IN_CI
 pytestmark = pytest.mark.anyio
 
 
-def make_cert(directory: Path, name: str, serial: int = 1) -> tuple[Path, Path]:
+def make_cert(
+    directory: Path, name: str, serial: int = 1, san: str | None = None
+) -> tuple[Path, Path]:
     openssl = shutil.which("openssl")
     if openssl is None:
         if IN_CI:
@@ -32,7 +34,7 @@ def make_cert(directory: Path, name: str, serial: int = 1) -> tuple[Path, Path]:
         [
             openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
-            "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
+            "-subj", f"/CN={name}", "-addext", f"subjectAltName={san or 'DNS:' + name}",
             "-set_serial", str(serial),
         ],
         check=True,
@@ -149,3 +151,48 @@ async def test_a_missing_certificate_fails_that_handshake_only(tmp_path: Path) -
                 await anyio.to_thread.run_sync(talk, proxy.port, "a.example.com", b"x")
             _, answer = await anyio.to_thread.run_sync(talk, proxy.port, "b.example.com", b"ok")
             assert answer == b"OK"
+
+
+async def test_backend_tls_re_encrypts_and_verifies_the_backend(tmp_path: Path) -> None:
+    front_cert, front_key = make_cert(tmp_path, "a.example.com")
+    backend_dir = tmp_path / "backend"
+    backend_dir.mkdir()
+    back_cert, back_key = make_cert(backend_dir, "backend", san="IP:127.0.0.1")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(back_cert, back_key)
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    seen: list[bytes] = []
+
+    async def serve(stream: SocketStream) -> None:
+        # the untrusted case below hangs up in the middle of the handshake: not an error here
+        async with stream:
+            try:
+                tls_stream = await anyio.streams.tls.TLSStream.wrap(
+                    stream, server_side=True, ssl_context=context
+                )
+            except (anyio.BrokenResourceError, ssl.SSLError):
+                return
+            data = await tls_stream.receive()
+            seen.append(data)
+            await tls_stream.send(data.upper())
+
+    tls = {"cert": str(front_cert), "key": str(front_key), "backend_tls": True}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        trusted = server(
+            "a",
+            "a.example.com",
+            addresses=[f"127.0.0.1:{port}"],
+            tls={**tls, "backend_ca": str(back_cert)},
+        )
+        async with running_proxy([trusted]) as proxy:
+            _, answer = await anyio.to_thread.run_sync(talk, proxy.port, "a.example.com", b"sec")
+            assert answer == b"SEC" and seen == [b"sec"]
+        # without the backend's CA, verification fails: the client is not forwarded
+        untrusted = server("a", "a.example.com", addresses=[f"127.0.0.1:{port}"], tls=tls)
+        async with running_proxy([untrusted]) as proxy:
+            _, answer = await anyio.to_thread.run_sync(talk, proxy.port, "a.example.com", b"x")
+            assert answer == b""
+        tg.cancel_scope.cancel()
+    assert seen == [b"sec"]
