@@ -276,14 +276,15 @@ async def _relay(
                 reasons.append(f"reset: {exc.strerror or exc}")
             elif exc is not None:
                 raise exc
-        # one side is done: pass the close on (close_notify to the client, EOF to the backend)
+        # one side is done: pass the close on (EOF to the backend, and let it finish its
+        # answer), then close_notify to the client either way, as a TLS peer expects
         if "client closed" in reasons and writer.can_write_eof():
             writer.write_eof()
             await asyncio.wait(pending, timeout=5)
-        else:
-            with contextlib.suppress(ssl.SSLError, ssl.SSLWantReadError):
-                tls_obj.unwrap()
-            if outgoing.pending:
+        with contextlib.suppress(ssl.SSLError, ssl.SSLWantReadError):
+            tls_obj.unwrap()
+        if outgoing.pending:
+            with contextlib.suppress(OSError):
                 await loop.sock_sendall(client, outgoing.read())
     finally:
         for task in tasks:

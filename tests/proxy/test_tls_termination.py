@@ -196,3 +196,22 @@ async def test_backend_tls_re_encrypts_and_verifies_the_backend(tmp_path: Path) 
             assert answer == b""
         tg.cancel_scope.cancel()
     assert seen == [b"sec"]
+
+
+def close_cleanly(port: int, name: str) -> None:
+    """Send, read, then close_notify and wait for the proxy's (raises if it never comes)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        tls = context.wrap_socket(raw, server_hostname=name)
+        tls.sendall(b"bye")
+        assert tls.recv(1024) == b"BYE"
+        tls.unwrap()
+
+
+async def test_a_client_close_notify_is_answered_with_one(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path, "a.example.com")
+    async with backend(upper) as a:
+        async with running_proxy([tls_server("a", "a.example.com", a.address, cert, key)]) as proxy:
+            await anyio.to_thread.run_sync(close_cleanly, proxy.port, "a.example.com")
