@@ -1,8 +1,8 @@
 """Data-plane benchmark: discoproxy against HAProxy (and nginx for port routes) in the
-same run (issues 4 and 6).
+same run (issues 4, 6 and 8).
 
     uv run python -m bench                          # full run, under 10 minutes
-    uv run python -m bench --quick                  # fewer repetitions, smaller sizes, < 2 min
+    uv run python -m bench --quick                  # fewer repetitions, smaller sizes, ~2 min
     uv run --with matplotlib python -m bench        # also draw the PNG chart
 
 The load generator and the backends run on one core, the proxy under test on another;
@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import platform
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -39,11 +40,13 @@ from bench.procs import (
 from bench.scenarios import SCENARIOS, Bench, Results, Settings
 from bench.targets import (
     BackendPorts,
+    Certificate,
     Discoproxy,
     HAProxy,
     Nginx,
     Target,
     haproxy_available,
+    make_certificate,
     nginx_stream,
 )
 
@@ -56,6 +59,9 @@ BACKGROUND_BUSY_MAX = 5.0
 HAPROXY_MAXCONN = 30_000
 # the scenarios nginx is measured in: port routes (TCP, UDP)
 NGINX_SCENARIOS = ("portbulk", "udp")
+# the HAProxy variant that terminates TLS (scenario tlsterm): splice cannot apply to a
+# TLS connection and a 256 KiB buffer does nothing for one small reply (bench/README.md)
+HAPROXY_TLS_VARIANT = "default"
 
 
 def parse_args() -> argparse.Namespace:
@@ -87,6 +93,11 @@ def _output(argv: list[str]) -> str:
 def describe_run(cores: Cores, nofile: int, settings: Settings) -> dict[str, object]:
     """What the figures were measured on: code, versions, placement, sizes."""
     git = ["git", "-C", str(REPO)]
+    haproxy_openssl = [
+        line.split(":", 1)[1].strip()
+        for line in _output(["haproxy", "-vv"]).splitlines()
+        if line.startswith("Running on OpenSSL version")
+    ]
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": _output([*git, "rev-parse", "--short", "HEAD"]),
@@ -95,6 +106,9 @@ def describe_run(cores: Cores, nofile: int, settings: Settings) -> dict[str, obj
         "uvloop": importlib.metadata.version("uvloop"),
         "haproxy": _output(["haproxy", "-v"]).split("\n")[0],
         "nginx": _output(["nginx", "-v"]).split("\n")[0],
+        # TLS termination: the library each side's handshakes run in
+        "python_openssl": ssl.OPENSSL_VERSION,
+        "haproxy_openssl": haproxy_openssl[0] if haproxy_openssl else "",
         "cores": {"load": cores.load, "proxy": cores.proxy},
         "nofile": nofile,
         "settings": settings.__dict__,
@@ -113,10 +127,24 @@ def run(args: argparse.Namespace, settings: Settings, cores: Cores, maxconn: int
     with tempfile.TemporaryDirectory(prefix="discoproxy-bench-") as tmp:
         workdir = Path(tmp)
         backends, ports = start_backends(workdir, cores.load)
+        certificate: Certificate | None = None
+        if "tlsterm" in wanted:
+            made = make_certificate(workdir)
+            if isinstance(made, str):
+                results.notes.append(made)
+            else:
+                certificate = made
         haproxies: list[Target] = []
         if haproxy_available():
             haproxies = [
-                HAProxy(ports, workdir, cores.proxy, variant, maxconn)
+                HAProxy(
+                    ports,
+                    workdir,
+                    cores.proxy,
+                    variant,
+                    maxconn,
+                    certificate if variant == HAPROXY_TLS_VARIANT else None,
+                )
                 for variant in ("default", "splice", "bigbuf")
             ]
         else:
@@ -134,10 +162,11 @@ def run(args: argparse.Namespace, settings: Settings, cores: Cores, maxconn: int
             cores=cores,
             source=make_source_file(workdir),
             direct=Target(ports),
-            discoproxy=Discoproxy(ports, workdir, cores.proxy, "WARNING"),
-            discoproxy_info=Discoproxy(ports, workdir, cores.proxy, "INFO"),
+            discoproxy=Discoproxy(ports, workdir, cores.proxy, "WARNING", certificate),
+            discoproxy_info=Discoproxy(ports, workdir, cores.proxy, "INFO", certificate),
             haproxies=haproxies,
             nginx=nginx,
+            certificate=certificate,
         )
         proxies = [bench.discoproxy_info, *bench.proxies, *([nginx] if nginx else [])]
         try:

@@ -3,9 +3,10 @@
 - :func:`bulk` streams from a tmpfs file with ``sendfile`` (no copy through user
   space), one blocking thread per connection, and times until the sink has counted
   every byte: the data crossed the proxy, not just the client's socket buffer.
-- :func:`connect_loop`, :func:`status_loop` and :func:`hold_idle` run on uvloop with
-  asyncio protocols (the cheapest Python path; no streams, no task per connection
-  beyond the workers).
+- :func:`connect_loop`, :func:`status_loop`, :func:`tls_loop` and :func:`hold_idle` run
+  on uvloop with asyncio protocols (the cheapest Python path; no streams, no task per
+  connection beyond the workers); :func:`tls_loop`'s handshakes are uvloop's own TLS
+  (OpenSSL through Python's ``ssl``), a full one per connection.
 - :func:`ping_pong` is a blocking socket in a tight loop: one syscall each way per
   round trip, nothing else on the client's path.
 - :class:`UdpLoad` keeps a window of datagrams in flight per client socket to a UDP
@@ -21,6 +22,7 @@ import itertools
 import os
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -150,9 +152,13 @@ async def _run_probes(
     total: int,
     concurrency: int,
     deadline_s: float,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> ConnectResult:
     """``total`` connections, ``concurrency`` at a time, each one probe; a probe sets its
-    future to whether its exchange succeeded when its connection is lost."""
+    future to whether its exchange succeeded when its connection is lost. With ``tls``
+    each connection is a TLS client for ``server_name``, its probe made once the
+    handshake is done."""
     loop = asyncio.get_running_loop()
     remaining = total
     ok = failed = 0
@@ -164,9 +170,15 @@ async def _run_probes(
             done: asyncio.Future[bool] = loop.create_future()
             probe = make_probe(done)
             try:
-                await loop.create_connection(lambda: probe, "127.0.0.1", port)  # noqa: B023
+                await loop.create_connection(
+                    lambda: probe,  # noqa: B023
+                    "127.0.0.1",
+                    port,
+                    ssl=tls,
+                    server_hostname=server_name,
+                )
                 success = await done
-            except OSError:
+            except (OSError, ssl.SSLError):
                 success = False
             if success:
                 ok += 1
@@ -186,6 +198,113 @@ def connect_loop(
     return uvloop.run(
         _run_probes(port, lambda done: _Probe(payload, expected, done), total, concurrency, timeout)
     )
+
+
+# -- TLS handshakes -----------------------------------------------------------------------
+
+
+def tls_client_context(cafile: Path | None = None) -> ssl.SSLContext:
+    """A client context that never resumes: no session tickets asked for, and no session
+    handed to a new connection (uvloop never does), so every connection is a full
+    handshake (:class:`_TlsProbe` counts any that was not).
+
+    Without ``cafile`` the certificate is not verified (``CERT_NONE``): the client still
+    checks the server's handshake signature, but not the chain, which would be one more
+    ECDSA verification of the load core's per handshake; :func:`tls_check` verifies the
+    chain and the name once per target instead."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.options |= ssl.OP_NO_TICKET
+    if cafile is None:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.load_verify_locations(cafile)
+    return context
+
+
+class _TlsProbe(asyncio.Protocol):
+    """Once the TLS handshake is done: send the request, read the expected plaintext reply
+    length, close (close_notify, then FIN). Counts sessions that were resumed."""
+
+    __slots__ = ("done", "expected", "got", "request", "resumed", "transport")
+
+    def __init__(
+        self, request: bytes, expected: int, resumed: list[int], done: asyncio.Future[bool]
+    ) -> None:
+        self.request = request
+        self.expected = expected
+        self.resumed = resumed
+        self.done = done
+        self.got = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        tls = transport.get_extra_info("ssl_object")
+        if tls is None or tls.session_reused:
+            self.resumed[0] += 1
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.got += len(data)
+        if self.got >= self.expected:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(self.got >= self.expected)
+
+
+@dataclass(frozen=True)
+class TlsResult:
+    seconds: float
+    ok: int
+    failed: int
+    resumed: int  # connections whose handshake was not a full one (must be 0)
+
+
+def tls_loop(
+    port: int,
+    context: ssl.SSLContext,
+    server_name: str,
+    request: bytes,
+    expected: int,
+    total: int,
+    concurrency: int,
+    timeout: float,
+) -> TlsResult:
+    """``total`` TLS connections to ``server_name``, ``concurrency`` at a time: connect,
+    full handshake, send ``request``, read ``expected`` plaintext bytes, close."""
+    resumed = [0]
+    result = uvloop.run(
+        _run_probes(
+            port,
+            lambda done: _TlsProbe(request, expected, resumed, done),
+            total,
+            concurrency,
+            timeout,
+            tls=context,
+            server_name=server_name,
+        )
+    )
+    return TlsResult(result.seconds, result.ok, result.failed, resumed[0])
+
+
+def tls_check(port: int, cafile: Path, server_name: str, request: bytes, reply: bytes) -> str:
+    """One TLS connection, blocking, verifying the certificate against ``cafile`` and its
+    name: the answer to ``request`` must be ``reply``. Returns "version cipher"."""
+    context = tls_client_context(cafile)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as sock,
+    ):
+        sock.sendall(request)
+        got = b""
+        while len(got) < len(reply) and (chunk := sock.recv(len(reply) - len(got))):
+            got += chunk
+        version, cipher = sock.version(), (sock.cipher() or ("?",))[0]
+    if got != reply:
+        raise RuntimeError(f"port {port}: TLS reply {got[:64]!r}, not the reply backend's")
+    return f"{version} {cipher}"
 
 
 # -- status pings -------------------------------------------------------------------------

@@ -20,6 +20,10 @@ STATUS_NAME = "status.bench.example.com"
 PING_CACHED_NAME = "cached.ping.bench.example.com"  # status_cache_ttl = PING_CACHED_TTL
 PING_UNCACHED_NAME = "ttl0.ping.bench.example.com"  # status_cache_ttl = 0
 PING_CACHED_TTL = 3600
+# TLS termination scenario: the certificate's name (CN and SAN), and what the client sends
+# once the handshake is done; the reply backend answers it with REPLY
+TLS_NAME = "tls.bench.example.com"
+TLS_REQUEST = b"tls termination bench: one request\n"
 
 PROTOCOL_VERSION = 765  # Minecraft 1.20.4
 LOGIN = 2

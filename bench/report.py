@@ -105,6 +105,11 @@ METRICS = (
     Metric("udp_cpu_us", "UDP 64 B, proxy CPU µs/round trip", False),
     Metric("udp_proxy_busy", "UDP 64 B, proxy core used %", False, compared=False),
     Metric("udp_load_busy", "UDP 64 B, load core busy %", False, compared=False),
+    # TLS termination (issue 8): no targets, ratios to HAProxy-best
+    Metric("tls_hps", "TLS termination, full handshakes/s", True),
+    Metric("tls_cpu_us", "TLS termination, proxy CPU µs/handshake", False),
+    Metric("tls_proxy_busy", "TLS termination, proxy core used %", False, compared=False),
+    Metric("tls_load_busy", "TLS termination, load core busy %", False, compared=False),
 )
 
 
@@ -173,7 +178,26 @@ def own_comparisons(results: Results) -> list[str]:
             f"log_level INFO (one line per connection) vs WARNING, SNI CPU per conn: "
             f"{info / sni:.2f}× (+{info - sni:.1f} µs)"
         )
-    return lines + _status_comparisons(results) + _port_comparisons(results)
+    return (
+        lines
+        + _status_comparisons(results)
+        + _port_comparisons(results)
+        + _tls_comparisons(results)
+    )
+
+
+def _tls_comparisons(results: Results) -> list[str]:
+    """TLS termination against SNI passthrough, per proxy: what the handshake (and the
+    crypto of one small exchange) adds to routing a connection."""
+    lines = []
+    for name in (DISCOPROXY, "haproxy-default"):
+        term, passthrough = results.median("tls_cpu_us", name), results.median("sni_cpu_us", name)
+        if term is not None and passthrough:
+            lines.append(
+                f"TLS termination vs SNI passthrough, {name} CPU per conn: "
+                f"{term / passthrough:.2f}× (+{term - passthrough:.0f} µs)"
+            )
+    return lines
 
 
 def _port_comparisons(results: Results) -> list[str]:
@@ -255,13 +279,20 @@ CHART_PANELS = (
     ),
     (
         "connections/s (status ping: one per connection)",
-        ("sni_cps", "mc_cps", "ping_cache_pps", "ping_ttl0_pps", "ping_shared_pps"),
-        ("SNI", "MC status", "ping\ncache", "ping\nttl 0", "ping\nshared"),
+        ("sni_cps", "mc_cps", "ping_cache_pps", "ping_ttl0_pps", "ping_shared_pps", "tls_hps"),
+        ("SNI", "MC status", "ping\ncache", "ping\nttl 0", "ping\nshared", "TLS\nterm"),
     ),
     (
         "proxy CPU, µs/conn",
-        ("sni_cpu_us", "mc_cpu_us", "ping_cache_cpu_us", "ping_ttl0_cpu_us", "ping_shared_cpu_us"),
-        ("SNI", "MC status", "ping\ncache", "ping\nttl 0", "ping\nshared"),
+        (
+            "sni_cpu_us",
+            "mc_cpu_us",
+            "ping_cache_cpu_us",
+            "ping_ttl0_cpu_us",
+            "ping_shared_cpu_us",
+            "tls_cpu_us",
+        ),
+        ("SNI", "MC status", "ping\ncache", "ping\nttl 0", "ping\nshared", "TLS\nterm"),
     ),
     (
         "64 B ping-pong, µs (log)",

@@ -1,5 +1,6 @@
-"""The six scenarios of issue 4, issue 5's status pings and issue 6's port routes (TCP
-bulk and UDP), each one function that fills :class:`Results`.
+"""The six scenarios of issue 4, issue 5's status pings, issue 6's port routes (TCP
+bulk and UDP) and issue 8's TLS termination, each one function that fills
+:class:`Results`.
 
 Every scenario measures each target in turn inside one repetition and repeats
 (round-robin, so drift over the run hits every target alike); the report takes medians.
@@ -25,6 +26,8 @@ from bench.payloads import (
     REPLY,
     SERIAL_MARKER,
     STATUS_NAME,
+    TLS_NAME,
+    TLS_REQUEST,
     client_hello,
     login_handshake,
     status_request,
@@ -32,7 +35,7 @@ from bench.payloads import (
 from bench.procs import CoreMeter, Cores, cpu_seconds, pin_process, rss_kib
 from bench.route_lookup import make_table
 from bench.route_lookup import measure as measure_lookup
-from bench.targets import Target
+from bench.targets import Certificate, Target
 
 GIB = 1 << 30
 CONNECT_TIMEOUT_S = 120.0
@@ -54,6 +57,11 @@ UDP_WINDOW = 8
 UDP_SIZE = 64
 UDP_BLOCKS = 5
 WARMUP_UDP_S = 0.3
+# TLS termination: full handshakes per target per repetition (2-3 s each here), and
+# unmeasured ones per target before measuring
+HANDSHAKES_FULL = 3_000
+HANDSHAKES_QUICK = 2_000
+WARMUP_HANDSHAKES = 200
 
 
 @dataclass(frozen=True)
@@ -69,14 +77,17 @@ class Settings:
     memory_runs: int
     pings: int  # status pings per leg per repetition
     udp_seconds: float  # UDP load per target per repetition
+    handshakes: int  # TLS termination: full handshakes per target per repetition
 
     @classmethod
     def full(cls, idle_connections: int) -> Settings:
-        return cls(5, GIB, 20_000, 50, 20_000, idle_connections, 3, 10_000, 3.0)
+        return cls(5, GIB, 20_000, 50, 20_000, idle_connections, 3, 10_000, 3.0, HANDSHAKES_FULL)
 
     @classmethod
     def quick(cls, idle_connections: int) -> Settings:
-        return cls(3, 256 << 20, 5_000, 50, 5_000, idle_connections, 1, 4_000, 1.5)
+        return cls(
+            3, 256 << 20, 5_000, 50, 5_000, idle_connections, 1, 4_000, 1.5, HANDSHAKES_QUICK
+        )
 
 
 @dataclass
@@ -112,6 +123,7 @@ class Bench:
     discoproxy_info: Target
     haproxies: list[Target]
     nginx: Target | None = None  # port routes only
+    certificate: Certificate | None = None  # TLS termination only
 
     @property
     def proxies(self) -> list[Target]:
@@ -278,6 +290,84 @@ def run_minecraft(bench: Bench) -> None:
     """3. Connection cost, Minecraft: handshake + status request, status response, close."""
     targets = [bench.direct, bench.discoproxy, bench.discoproxy_info]
     _connection_cost(bench, targets, "mc", status_request(STATUS_NAME), "status")
+
+
+def run_tlsterm(bench: Bench) -> None:
+    """10. TLS termination (issue 8): full TLS handshakes per second, each connection a
+    new session (:func:`loadgen.tls_client_context`: nothing resumed), ``TLS_REQUEST``
+    sent once it is done, the reply backend's ``REPLY`` read back in plaintext, close —
+    ``handshakes`` per target per repetition with the load generator's concurrency,
+    interleaved in ``CONNECTION_BLOCKS`` blocks as the connection-cost scenarios.
+
+    Targets: discoproxy (``tls = {cert, key}`` on its one port) and the HAProxy variants
+    given the certificate (``bind … ssl crt``: ``haproxy-default`` alone). Per target:
+    handshakes/s, proxy CPU µs per handshake, the share of its core the proxy used and
+    the load core busy % (the client's own handshake CPU is there: near 100 %, the
+    client set the pace, and the CPU per handshake is the figure to compare).
+    """
+    settings, results = bench.settings, bench.results
+    certificate = bench.certificate
+    targets = [t for t in bench.proxies if t.ports.tlsterm is not None]
+    if certificate is None or not targets:
+        return  # no certificate: the run's notes say why
+    negotiated = {}
+    for target in targets:
+        port = target.ports.tlsterm
+        assert port is not None
+        negotiated[target.name] = loadgen.tls_check(
+            port, certificate.cert, TLS_NAME, TLS_REQUEST, REPLY
+        )
+    if len(set(negotiated.values())) > 1:
+        results.notes.append(
+            "tlsterm: the targets negotiated different parameters: "
+            + ", ".join(f"{name} {what}" for name, what in negotiated.items())
+        )
+    context = loadgen.tls_client_context()
+
+    def handshakes(target: Target, count: int) -> loadgen.TlsResult:
+        port = target.ports.tlsterm
+        assert port is not None
+        return loadgen.tls_loop(
+            port,
+            context,
+            TLS_NAME,
+            TLS_REQUEST,
+            len(REPLY),
+            count,
+            settings.concurrency,
+            CONNECT_TIMEOUT_S,
+        )
+
+    for target in targets:
+        handshakes(target, WARMUP_HANDSHAKES)
+    block = max(1, settings.handshakes // CONNECTION_BLOCKS)
+    names = [t.name for t in targets]
+    for _ in range(settings.runs):
+        used = dict.fromkeys(names, 0.0)
+        busy: dict[str, list[float]] = {name: [] for name in names}
+        ok = dict.fromkeys(names, 0)
+        seconds = dict.fromkeys(names, 0.0)
+        for _ in range(CONNECTION_BLOCKS):
+            for target in targets:
+                meter = Meter(target, bench.cores)
+                result = handshakes(target, block)
+                cpu, load = meter.stop()
+                if result.failed:
+                    results.notes.append(f"tlsterm: {target.name}: {result.failed} failed")
+                if result.resumed:
+                    results.notes.append(
+                        f"tlsterm: {target.name}: {result.resumed} handshakes not full"
+                    )
+                ok[target.name] += result.ok
+                seconds[target.name] += result.seconds
+                used[target.name] += cpu or 0.0
+                if load is not None:
+                    busy[target.name].append(load)
+        for name in names:
+            results.add("tls_hps", name, ok[name] / seconds[name])
+            results.add("tls_cpu_us", name, used[name] / max(ok[name], 1) * 1e6)
+            results.add("tls_proxy_busy", name, used[name] / seconds[name] * 100)
+            results.add("tls_load_busy", name, statistics.mean(busy[name]) if busy[name] else None)
 
 
 def _check_status(target: Target, request: bytes, cached: bool) -> None:
@@ -461,4 +551,5 @@ SCENARIOS = {
     "status": run_status,
     "portbulk": run_port_bulk,
     "udp": run_udp,
+    "tlsterm": run_tlsterm,
 }

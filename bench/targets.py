@@ -12,13 +12,18 @@ core; the backends and the load generator share the other one.
   ``log_level = "WARNING"`` (no per-connection line); the ``discoproxy-info`` variant
   logs one line per connection to a file, to show what that costs. Each also has two
   *port routes* (issue 6) in one more server file: a TCP port to the sink backend and a
-  UDP port to the UDP echo backend, bound on 127.0.0.1 (``port_routes_bind``).
+  UDP port to the UDP echo backend, bound on 127.0.0.1 (``port_routes_bind``). With
+  the benchmark's certificate (:func:`make_certificate`, issue 8) one more server file,
+  ``tlsterm.toml``, terminates TLS for ``TLS_NAME`` (``tls = {cert, key}``) and forwards
+  the plaintext to the reply backend, on the same one port.
 - **haproxy-*** — Debian's HAProxy in ``mode tcp``, one frontend per kind of traffic; the
   SNI frontend routes on ``req_ssl_sni`` as discoproxy does. Variants: ``default``,
   ``splice`` (kernel splicing forced both ways with 1 MiB pipes) and ``bigbuf``
   (256 KiB buffers). "HAProxy-best" is the best variant per metric. Its ``bulk``
   frontend (``default_backend``, nothing read first) is a port route in effect, and
-  serves the port-route bulk scenario too.
+  serves the port-route bulk scenario too. With the certificate, ``haproxy-default``
+  alone also has a ``tlsterm`` frontend, ``bind … ssl crt`` (cert and key in one PEM),
+  routing on ``ssl_fc_sni`` to the reply backend.
 - **nginx** — Debian's nginx with the stream module (``libnginx-mod-stream``), one
   process doing all the work (``master_process off``), a ``stream {}`` block with a TCP
   server to the sink and a UDP server (``listen … udp``) to the UDP echo: port routes
@@ -47,6 +52,7 @@ from bench.payloads import (
     REPLY,
     SNI_NAME,
     STATUS_NAME,
+    TLS_NAME,
     client_hello,
 )
 from bench.procs import STARTUP_TIMEOUT_S, Child, free_port
@@ -86,6 +92,7 @@ HAPROXY_CONFIG = textwrap.dedent("""\
         bind 127.0.0.1:{echo}
         default_backend echo
 
+    {tlsterm_frontend}
     backend sink
         server sink 127.0.0.1:{sink_backend}
 
@@ -95,6 +102,15 @@ HAPROXY_CONFIG = textwrap.dedent("""\
     backend echo
         server echo 127.0.0.1:{echo_backend}
 """)
+# TLS termination (issue 8): HAProxy completes the handshake with the certificate and
+# key in one PEM and routes the plaintext by the SNI it was given, as discoproxy does
+HAPROXY_TLSTERM = textwrap.dedent("""\
+    frontend tlsterm
+        bind 127.0.0.1:{port} ssl crt {pem}
+        use_backend reply if {{ ssl_fc_sni -i {name} }}
+""")
+# the benchmark's self-signed certificate: ECDSA P-256, valid long enough for any run
+CERT_DAYS = 7
 # well above the ~10,000 idle connections scenario 5 holds, as HAProxy's maxconn
 DISCOPROXY_MAX_CONNECTIONS = 30_000
 # discoproxy's default udp_session_timeout, for nginx's UDP sessions
@@ -147,6 +163,40 @@ class Ports:
     mcstatus: int | None = None  # status pings answered by a Minecraft server (or for it)
     portbulk: int | None = None  # TCP to the sink, forwarded without reading a name
     udp: int | None = None  # UDP to the UDP echo
+    tlsterm: int | None = None  # TLS terminated by the proxy, plaintext to the reply backend
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The benchmark's self-signed certificate for ``TLS_NAME``: PEM files, and both in
+    one (HAProxy's ``crt``)."""
+
+    cert: Path
+    key: Path
+    combined: Path
+
+
+def make_certificate(workdir: Path) -> Certificate | str:
+    """A self-signed ECDSA P-256 certificate for ``TLS_NAME`` (CN and SAN), made with the
+    openssl CLI in ``workdir``; why not (for the notes under the table) when it cannot be."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return "openssl not installed (the tlsterm certificate): apt-get install openssl"
+    directory = workdir / "tls"
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    argv = [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    argv += ["-nodes", "-keyout", str(key), "-out", str(cert), "-days", str(CERT_DAYS)]
+    argv += ["-subj", f"/CN={TLS_NAME}", "-addext", f"subjectAltName=DNS:{TLS_NAME}"]
+    try:
+        made = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"openssl failed to make the tlsterm certificate: {exc}"
+    if made.returncode != 0 or not cert.exists() or not key.exists():
+        return f"openssl failed to make the tlsterm certificate: {made.stderr.strip()[:300]}"
+    combined = directory / "combined.pem"
+    combined.write_text(cert.read_text() + key.read_text())
+    return Certificate(cert, key, combined)
 
 
 @dataclass(frozen=True)
@@ -231,20 +281,34 @@ class Target:
 
 
 class Discoproxy(Target):
-    """``discoproxy serve`` with one server file per backend, all on one port, and one
-    more with a TCP and a UDP port route (``ports.toml``)."""
+    """``discoproxy serve`` with one server file per backend, all on one port, one more
+    with a TCP and a UDP port route (``ports.toml``) and, given a certificate, one that
+    terminates TLS (``tlsterm.toml``)."""
 
     def __init__(
-        self, backends: BackendPorts, workdir: Path, cpu: int | None, log_level: str
+        self,
+        backends: BackendPorts,
+        workdir: Path,
+        cpu: int | None,
+        log_level: str,
+        certificate: Certificate | None = None,
     ) -> None:
         super().__init__(backends)
+        self.certificate = certificate
         self.name = "discoproxy" if log_level == "WARNING" else f"discoproxy-{log_level.lower()}"
         self.workdir = workdir / self.name
         self.cpu = cpu
         self.log_level = log_level
         port = free_port()
         self.ports = Ports(
-            port, port, port, port, port, portbulk=free_port(), udp=free_port(socket.SOCK_DGRAM)
+            port,
+            port,
+            port,
+            port,
+            port,
+            portbulk=free_port(),
+            udp=free_port(socket.SOCK_DGRAM),
+            tlsterm=port if certificate is not None else None,
         )
         self._write_config()
 
@@ -269,6 +333,15 @@ class Discoproxy(Target):
             addresses = json.dumps([f"127.0.0.1:{port}"])
             (servers / f"{server_id}.toml").write_text(
                 f"domains = {json.dumps(domains)}\naddresses = {addresses}\n{extra}"
+            )
+        if self.certificate is not None:  # TLS terminated, plaintext to the reply backend
+            tls = (
+                f"tls = {{ cert = {json.dumps(str(self.certificate.cert))}, "
+                f"key = {json.dumps(str(self.certificate.key))} }}\n"
+            )
+            (servers / "tlsterm.toml").write_text(
+                f"domains = {json.dumps([TLS_NAME])}\n"
+                f"addresses = {json.dumps([f'127.0.0.1:{b.reply}'])}\n{tls}"
             )
         # port routes: listen port:backend port, on each address's host
         port_routes = [f"{self.ports.portbulk}:{b.sink}/tcp", f"{self.ports.udp}:{b.udp_echo}/udp"]
@@ -297,12 +370,20 @@ class Discoproxy(Target):
 
 
 class HAProxy(Target):
-    """HAProxy in ``mode tcp`` with one frontend per kind of traffic, as one variant."""
+    """HAProxy in ``mode tcp`` with one frontend per kind of traffic, as one variant;
+    given a certificate, a TLS-terminating frontend too."""
 
     def __init__(
-        self, backends: BackendPorts, workdir: Path, cpu: int | None, variant: str, maxconn: int
+        self,
+        backends: BackendPorts,
+        workdir: Path,
+        cpu: int | None,
+        variant: str,
+        maxconn: int,
+        certificate: Certificate | None = None,
     ) -> None:
         super().__init__(backends)
+        self.certificate = certificate
         self.name = f"haproxy-{variant}"
         self.workdir = workdir / self.name
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -310,11 +391,17 @@ class HAProxy(Target):
         self.variant = variant
         self.maxconn = maxconn
         bulk = free_port()
-        self.ports = Ports(bulk, free_port(), None, free_port(), portbulk=bulk)
+        tlsterm = free_port() if certificate is not None else None
+        self.ports = Ports(bulk, free_port(), None, free_port(), portbulk=bulk, tlsterm=tlsterm)
         self._write_config()
 
     def _write_config(self) -> None:
         global_tuning, defaults_tuning = HAPROXY_TUNING[self.variant]
+        tlsterm = ""
+        if self.certificate is not None:
+            tlsterm = HAPROXY_TLSTERM.format(
+                port=self.ports.tlsterm, pem=self.certificate.combined, name=TLS_NAME
+            )
         text = HAPROXY_CONFIG.format(
             maxconn=self.maxconn,
             global_tuning="".join(f"    {line}\n" for line in global_tuning),
@@ -326,6 +413,7 @@ class HAProxy(Target):
             sink_backend=self.backends.sink,
             reply_backend=self.backends.reply,
             echo_backend=self.backends.echo,
+            tlsterm_frontend=tlsterm,
         )
         (self.workdir / "haproxy.cfg").write_text(text)
 
@@ -333,8 +421,9 @@ class HAProxy(Target):
         binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
         argv = [binary, "-db", "-f", str(self.workdir / "haproxy.cfg")]
         self.child = Child(self.name, argv, self.workdir / "proxy.log", cpu=self.cpu)
-        for port in (self.ports.bulk, self.ports.sni, self.ports.echo):
-            self.child.wait_for_port(port)
+        for port in (self.ports.bulk, self.ports.sni, self.ports.echo, self.ports.tlsterm):
+            if port is not None:
+                self.child.wait_for_port(port)
         self._check_routes()
 
 
