@@ -222,36 +222,23 @@ def tls_client_context(cafile: Path | None = None) -> ssl.SSLContext:
     return context
 
 
-class _TlsProbe(asyncio.Protocol):
+class _TlsProbe(_Probe):
     """Once the TLS handshake is done: send the request, read the expected plaintext reply
     length, close (close_notify, then FIN). Counts sessions that were resumed."""
 
-    __slots__ = ("done", "expected", "got", "request", "resumed", "transport")
+    __slots__ = ("resumed",)
 
     def __init__(
         self, request: bytes, expected: int, resumed: list[int], done: asyncio.Future[bool]
     ) -> None:
-        self.request = request
-        self.expected = expected
+        super().__init__(request, expected, done)
         self.resumed = resumed
-        self.done = done
-        self.got = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
         tls = transport.get_extra_info("ssl_object")
         if tls is None or tls.session_reused:
             self.resumed[0] += 1
-        self.transport.write(self.request)
-
-    def data_received(self, data: bytes) -> None:
-        self.got += len(data)
-        if self.got >= self.expected:
-            self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
-            self.done.set_result(self.got >= self.expected)
+        super().connection_made(transport)
 
 
 @dataclass(frozen=True)
