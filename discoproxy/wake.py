@@ -89,10 +89,7 @@ class Waker:
     # -- asyncio loop -------------------------------------------------------------------
 
     def route(self, qualified_id: str) -> Route | None:
-        for route in self.registry.table.routes:
-            if route.qualified_id == qualified_id:
-                return route
-        return None
+        return self.registry.table.by_id.get(qualified_id)
 
     async def wake(self, route: Route) -> None:
         """Start ``route``'s server unless a start is already under way."""
