@@ -562,24 +562,19 @@ class LoginStart(NamedTuple):
 def parse_login_start(buf: Buffer) -> LoginStart | _NeedData:
     """Parse Login Start (Login state, serverbound 0x00): VarInt length, VarInt id, String(16)
     name, then version-dependent fields (UUID, signature data) that are skipped."""
-    frame = _read_frame(buf, MAX_LOGIN_START_BYTES, "login start packet")
-    if isinstance(frame, _NeedData):
+    packet = parse_packet(buf, max_bytes=MAX_LOGIN_START_BYTES)
+    if isinstance(packet, _NeedData):
         return NEED_DATA
-    start, end = frame
-    if len(buf) < end:
-        return NEED_DATA
-    body = bytes(buf[start:end])
-    packet_id, pos = _field_varint(body, 0, "packet id")
-    if packet_id != LOGIN_START_PACKET_ID:
+    if packet.packet_id != LOGIN_START_PACKET_ID:
         raise MalformedHandshake(
-            f"login start packet id {packet_id:#04x}, expected {LOGIN_START_PACKET_ID:#04x}"
+            f"login start packet id {packet.packet_id:#04x}, expected {LOGIN_START_PACKET_ID:#04x}"
         )
-    name, _ = _field_string(body, pos, "username")
+    name, _ = _field_string(packet.payload, 0, "username")
     if not 1 <= len(name) <= MAX_USERNAME_CHARS:
         raise MalformedHandshake(
             f"username of {len(name)} characters, expected 1-{MAX_USERNAME_CHARS}"
         )
-    return LoginStart(username=name, length=end)
+    return LoginStart(username=name, length=packet.length)
 
 
 def encode_login_start(username: str, extra: bytes = b"") -> bytes:
