@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 invalid configuration or server files, 2 usage error (argpar
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import json
 import os
@@ -246,7 +247,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_level, config.log_format)
     raise_nofile_limit()
     try:
-        anyio.run(_serve, config, providers, backend="asyncio")
+        anyio.run(
+            _serve, config, providers, backend="asyncio", backend_options={"use_uvloop": UVLOOP}
+        )
     except OSError as exc:
         logger.error("cannot start: {}", exc)
         return EXIT_START
@@ -254,6 +257,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     logger.info("stopped")
     return EXIT_OK
+
+
+# uvloop when installed (a runtime dependency except on Windows): TLS termination and
+# backend status pings run on the asyncio loop; the data plane's reactor does not.
+UVLOOP = importlib.util.find_spec("uvloop") is not None
 
 
 def raise_nofile_limit() -> None:
