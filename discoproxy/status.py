@@ -108,6 +108,15 @@ def merge(base: Motd, override: Motd | None) -> Motd:
     return base.model_copy(update=values) if values else base
 
 
+def render_online(
+    server: ServerDefinition, document: Mapping[str, Any], protocol: int, domain: str
+) -> str:
+    """The backend's status ``document`` patched with the server's ``[motds.online]``."""
+    online = server.motds.online
+    patch = fill(online, display_name(server), domain) if online else None
+    return render_status(document, patch, protocol)
+
+
 def rewritten_host(server: ServerDefinition, dialed_host: str, sent: str) -> str:
     """The host the backend sees in the handshake (``domain_rewrite``)."""
     rewrite = server.domain_rewrite
@@ -158,9 +167,7 @@ class StatusService:
         """The entry's answer for a ping that used ``domain``."""
         if not entry.per_domain:
             return entry.rendered
-        online = entry.server.motds.online
-        patch = fill(online, display_name(entry.server), domain) if online else None
-        return render_status(entry.document, patch, protocol)
+        return render_online(entry.server, entry.document, protocol, domain)
 
     # -- asyncio loop -------------------------------------------------------------------
 
@@ -198,9 +205,7 @@ class StatusService:
             and now - newest.fetched < ttl
         ):
             self.hits += 1
-            online = server.motds.online
-            patch = fill(online, name, domain) if online else None
-            return render_status(newest.document, patch, protocol), StatusState.ONLINE
+            return render_online(server, newest.document, protocol, domain), StatusState.ONLINE
         self.misses += 1
         task = self._inflight.get(key)
         if task is None:
@@ -269,8 +274,7 @@ class StatusService:
             )
             return None
         online = server.motds.online
-        name = display_name(server)
-        rendered = render_status(document, fill(online, name, domain) if online else None, protocol)
+        rendered = render_online(server, document, protocol, domain)
         packet = minecraft.encode_status_response(rendered)
         per_domain = online is not None and "{domain}" in f"{online.text}{online.version_name}"
         entry = _Entry(server, document, time.monotonic(), rendered, packet, per_domain)
