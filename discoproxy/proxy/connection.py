@@ -49,6 +49,7 @@ from discoproxy.protocol import http, minecraft, tls
 from discoproxy.protocol.errors import NEED_DATA, Hint, ProtocolError
 from discoproxy.protocol.proxy_protocol import ProxyHeader, encode_v2, parse_proxy_header
 from discoproxy.protocol.sniff import Sniffed, detect_protocol
+from discoproxy.proxy.names import Resolved, resolved_addresses
 from discoproxy.proxy.tls_termination import terminate
 from discoproxy.status import LEGACY_PING_PROTOCOL, StatusState, display_name, rewritten_host
 
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
     import concurrent.futures
 
     from discoproxy.config import ProxyConfig
-    from discoproxy.proxy.names import Resolved
     from discoproxy.proxy.reactor import Pipe
     from discoproxy.proxy.server import ProxyContext
     from discoproxy.routing import Route
@@ -984,11 +984,7 @@ class ClientConnection:
     def _resolved(
         self, host: str, port: int, token: int, infos: list[tuple[Any, ...]], error: str
     ) -> None:
-        resolved: list[Resolved] = []
-        for family, _, _, _, sockaddr in infos:
-            entry = (socket.AddressFamily(family), str(sockaddr[0]), port, host)
-            if entry not in resolved:
-                resolved.append(entry)
+        resolved = list(resolved_addresses(infos, host, port))
         self.ctx.names.put(host, port, tuple(resolved), error)
         if token != self._next_address or self._dial_task is None:
             return  # this attempt timed out meanwhile, or the connection is gone

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # (family, ip, port, the name it came from)
 Resolved = tuple[socket.AddressFamily, str, int, str]
@@ -20,6 +20,16 @@ Resolved = tuple[socket.AddressFamily, str, int, str]
 NAME_TTL_S = 5.0
 NAME_FAILURE_TTL_S = 1.0
 MAX_NAMES = 4096
+
+
+def resolved_addresses(infos: list[tuple[Any, ...]], host: str, port: int) -> tuple[Resolved, ...]:
+    """getaddrinfo's answer for ``host`` as cache entries, in order, without repeats."""
+    resolved: list[Resolved] = []
+    for family, _, _, _, sockaddr in infos:
+        entry = (socket.AddressFamily(family), str(sockaddr[0]), port, host)
+        if entry not in resolved:
+            resolved.append(entry)
+    return tuple(resolved)
 
 
 class CachedName(NamedTuple):

@@ -48,6 +48,7 @@ from discoproxy.guard import Guard, client_ip, filter_refusal
 from discoproxy.protocol.proxy_protocol import encode_v2
 from discoproxy.proxy.connection import ClientConnection, _format_addr, _literal_family, _unmapped
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener
+from discoproxy.proxy.names import resolved_addresses
 from discoproxy.routing import PortKey, RoutingTable, format_port
 
 if TYPE_CHECKING:
@@ -476,17 +477,16 @@ def _reply_source(
 
 
 async def _resolve(ctx: ProxyContext, host: str, port: int) -> None:
+    """Resolve on the asyncio loop; the name cache belongs to the reactor thread, so the
+    answer is put there through ``Reactor.call`` (as connections do)."""
     try:
         infos = await ctx.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     except OSError as exc:
-        ctx.names.put(host, port, (), f"{host}:{port}: {exc.strerror or exc}")
+        error = f"{host}:{port}: {exc.strerror or exc}"
+        ctx.reactor.call(lambda: ctx.names.put(host, port, (), error))
         return
-    resolved = []
-    for family, _, _, _, sockaddr in infos:
-        entry = (socket.AddressFamily(family), str(sockaddr[0]), port, host)
-        if entry not in resolved:
-            resolved.append(entry)
-    ctx.names.put(host, port, tuple(resolved), "")
+    resolved = resolved_addresses(infos, host, port)
+    ctx.reactor.call(lambda: ctx.names.put(host, port, resolved, ""))
 
 
 def _buffers(sock: socket.socket, receive: int, send: int) -> None:
