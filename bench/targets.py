@@ -355,6 +355,9 @@ class Discoproxy(Target):
                 log_level = "{self.log_level}"
                 max_connections = {DISCOPROXY_MAX_CONNECTIONS}
                 port_routes_bind = "127.0.0.1"
+
+                [admin]  # on, as deployed (its history sampler runs), on a free port
+                listen = "127.0.0.1:0"
             """)
         )
 

@@ -15,26 +15,32 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
 from loguru import logger
 
+from discoproxy.admin.client import AdminUnreachable, admin_token, admin_url, fetch, fetch_json
 from discoproxy.config import ConfigError, ProxyConfig, load_config
 from discoproxy.guard import Ban, BanList, check_username, load_bans, parse_duration, save_bans
 from discoproxy.model import ServerDefinition
-from discoproxy.provider import Enabled, Provider, load_providers, supervise
+from discoproxy.provider import Enabled, Provider, ProviderStatus, load_providers, supervise
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox, build_table
 from discoproxy.wake import ServerControl
 from providers.file import PROVIDER_NAME as FILE_PROVIDER
 from providers.file import load_servers_dir
 
+if TYPE_CHECKING:
+    from discoproxy.admin.server import Admin
+
 EXIT_OK = 0
 EXIT_CONFIG = 1
+EXIT_UNHEALTHY = 1  # `health`: what HEALTHCHECK counts as unhealthy
+EXIT_UNREACHABLE = 2  # `routes`/`connections`: no admin API answered
 EXIT_START = 3
 # Listeners open once every enabled provider has published, or after this long: a
 # connection arriving in the first instant should not see an empty table.
@@ -55,7 +61,7 @@ def configure_logging(level: str, fmt: str) -> None:
 
 def _load(args: argparse.Namespace) -> ProxyConfig:
     path = args.config or os.environ.get("DISCOPROXY_CONFIG")
-    config = load_config(Path(path) if path else None)
+    config = load_config(Path(path) if path else None, os.environ)
     overrides: dict[str, Any] = {}
     if getattr(args, "bind", None):
         overrides["bind"] = tuple(args.bind)
@@ -134,96 +140,251 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def table_rows(table: RoutingTable) -> list[dict[str, Any]]:
+    """The table as ``/api/routes`` shapes it (without the live numbers)."""
     rows = []
     for route in table.routes:
         rows.append(
             {
                 "id": route.qualified_id,
+                "provider": route.provider,
                 "domains": table.domains_of(route),
                 "default": table.default is route,
-                "addresses": [
+                "backends": [
                     f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in route.addresses
                 ],
-                "send_proxy_protocol": route.send_proxy_protocol,
-                "sleeping": route.server.sleeping,
                 "ports": [str(mapping) for mapping in route.server.ports],
+                "send_proxy_protocol": route.send_proxy_protocol,
+                "state": "sleeping" if route.server.sleeping else "running",
             }
         )
     return rows
 
 
-def cmd_routes(args: argparse.Namespace) -> int:
-    try:
-        config = _load(args)
-        providers = load_providers(config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    table, errors = _load_table(config, providers)
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    rows = table_rows(table)
-    if args.json:
-        conflicts = [str(c) for c in table.conflicts]
-        print(json.dumps({"routes": rows, "conflicts": conflicts}, indent=2))
-        return EXIT_OK
-    headers = ("SERVER", "DOMAINS", "BACKENDS", "PORTS", "PROXY-PROTOCOL")
-    lines = [
-        (
-            row["id"],
-            ", ".join(row["domains"] + (["(default)"] if row["default"] else [])) or "-",
-            ", ".join(row["addresses"])
-            or ("(sleeping: a login starts it)" if row["sleeping"] else "-"),
-            ", ".join(row["ports"]) or "-",
-            "v2" if row["send_proxy_protocol"] else "-",
-        )
-        for row in rows
-    ]
+def _print_table(headers: Sequence[str], lines: Sequence[Sequence[str]]) -> None:
     widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(headers)]
     for line in [headers, *lines]:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         )
-    for conflict in table.conflicts:
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count}{unit}" if unit == "B" else f"{count:.1f}{unit}"
+        count /= 1024  # type: ignore[assignment]
+    raise AssertionError
+
+
+def _api(args: argparse.Namespace, path: str) -> Any:
+    """GET ``path`` from the running instance's admin API (config, --admin, --token)."""
+    config = _load(args)
+    return fetch_json(admin_url(config, args.admin), path, admin_token(config, args.token))
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    try:
+        if args.offline:
+            config = _load(args)
+            table, errors = _load_table(config, load_providers(config))
+            for error in errors:
+                print(f"error: {error}", file=sys.stderr)
+            data: Any = {
+                "routes": table_rows(table),
+                "conflicts": [str(c) for c in table.conflicts],
+            }
+        else:
+            data = _api(args, "/api/routes")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AdminUnreachable as exc:
+        print(
+            f"error: {exc}; 'routes --offline' shows what the config would route", file=sys.stderr
+        )
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    live = not args.offline
+    headers = ["SERVER", "DOMAINS", "BACKENDS", "PORTS", "PROXY-PROTOCOL", "STATE"]
+    if live:
+        headers += ["ACTIVE", "TOTAL", "UP", "DOWN"]
+    lines = []
+    for row in data["routes"]:
+        line = [
+            row["id"],
+            ", ".join(row["domains"] + (["(default)"] if row["default"] else [])) or "-",
+            ", ".join(row["backends"])
+            or ("(sleeping: a login starts it)" if row["state"] == "sleeping" else "-"),
+            ", ".join(row["ports"]) or "-",
+            "v2" if row["send_proxy_protocol"] else "-",
+            row["state"],
+        ]
+        if live:
+            line += [
+                str(row["active"]),
+                str(row["connections_total"]),
+                _size(row["bytes_up"]),
+                _size(row["bytes_down"]),
+            ]
+        lines.append(line)
+    _print_table(headers, lines)
+    for conflict in data["conflicts"]:
         print(f"conflict: {conflict}")
+    return EXIT_OK
+
+
+def cmd_connections(args: argparse.Namespace) -> int:
+    try:
+        data = _api(args, f"/api/connections?limit={args.limit}")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AdminUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    headers = [
+        "ID",
+        "PROTO",
+        "CLIENT",
+        "LISTENER",
+        "ROUTE",
+        "BACKEND",
+        "STATE",
+        "AGE",
+        "UP",
+        "DOWN",
+    ]
+    lines = [
+        [
+            str(c["id"]) if c["id"] else "-",
+            c["protocol"],
+            c["client"],
+            c["listener"],
+            c["route"] or "-",
+            c["backend"] or "-",
+            c["state"],
+            f"{c['age_s']:.1f}s",
+            _size(c["bytes_up"]),
+            _size(c["bytes_down"]),
+        ]
+        for c in data["connections"]
+    ]
+    _print_table(headers, lines)
+    more = " (list truncated; --limit shows more)" if data["truncated"] else ""
+    print(f"{data['total']} open{more}")
+    return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the running instance's /healthz (or /readyz with --ready) says so."""
+    path = "/readyz" if args.ready else "/healthz"
+    try:
+        config = _load(args)
+        url = admin_url(config, args.admin)
+        status, body = fetch(url, path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AdminUnreachable as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    text = body.decode(errors="replace").strip()
+    if status != 200:
+        print(f"unhealthy: {url}{path}: HTTP {status} {text}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    print(f"{url}{path}: {text}")
     return EXIT_OK
 
 
 async def _start_providers(
     tg: TaskGroup, providers: list[tuple[Provider, Enabled]], inbox: SnapshotInbox
-) -> None:
+) -> dict[str, ProviderStatus]:
+    statuses: dict[str, ProviderStatus] = {}
     for provider, enabled in providers:
         name = provider.name
         if enabled is Enabled.FALSE:
             logger.info("provider {} disabled in the config", name)
+            statuses[name] = ProviderStatus(name, "disabled")
             continue
         if enabled is Enabled.AUTO and not await provider.available():
-            logger.info("provider {} off: {}", name, provider.unavailable_reason())
+            reason = provider.unavailable_reason()
+            logger.info("provider {} off: {}", name, reason)
+            statuses[name] = ProviderStatus(name, "off", reason)
             continue
         logger.info("provider {} on", name)
-        tg.start_soon(supervise, name, provider, inbox.publisher(name), name=f"provider {name}")
+        status = statuses[name] = ProviderStatus(name)
+        publish = inbox.publisher(name)
+        tg.start_soon(supervise, name, provider, publish, status, name=f"provider {name}")
+    return statuses
 
 
-async def _serve(config: ProxyConfig, providers: list[tuple[Provider, Enabled]]) -> None:
-    from discoproxy.proxy.server import run_proxy
+async def _serve(
+    config: ProxyConfig,
+    providers: list[tuple[Provider, Enabled]],
+    load: Callable[[], ProxyConfig],
+) -> None:
+    """Run the providers, the proxy and the admin listener until SIGTERM/SIGINT; SIGHUP
+    (or ``POST /api/reload``) reloads the global config with ``load``."""
+    from discoproxy.admin.server import Admin, serve_admin
+    from discoproxy.proxy.server import ProxyContext, reconfigure, run_proxy
 
     registry = Registry()
     inbox = SnapshotInbox()
     async with anyio.create_task_group() as tg:
         tg.start_soon(inbox.run, registry)
-        await _start_providers(tg, providers, inbox)
+        statuses = await _start_providers(tg, providers, inbox)
         with anyio.move_on_after(STARTUP_WAIT_S) as waited:
             await inbox.wait_first_snapshots()
         if waited.cancelled_caught:
             logger.warning("starting before every provider has published its first routes")
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        stop_signals = (signal.SIGTERM, signal.SIGINT)
+        with anyio.open_signal_receiver(*stop_signals, signal.SIGHUP) as signals:
             controls = {
                 provider.name: provider
                 for provider, _ in providers
                 if provider.name in inbox.publishing and isinstance(provider, ServerControl)
             }
-            await tg.start(partial(run_proxy, config, registry, controls=controls))
+            ctx = ProxyContext(config, registry, controls)
+            await tg.start(partial(run_proxy, config, registry, context=ctx))
+            reloading = anyio.Lock()
+
+            async def reload() -> str:
+                async with reloading:  # SIGHUP and the API, one at a time
+                    try:
+                        new = load()
+                        new.admin.bearer_token()
+                    except ConfigError as exc:
+                        logger.error("config reload failed, keeping the current one: {}", exc)
+                        return f"failed: {exc}"
+                    if new.log_level != ctx.config.log_level:
+                        configure_logging(new.log_level, config.log_format)
+                    problems = await reconfigure(ctx, new)
+                    return "reloaded" + "".join(f"; not applied: {p}" for p in problems)
+
+            if config.admin.listen:
+                admin = Admin(
+                    ctx,
+                    registry,
+                    token=config.admin.bearer_token(),
+                    read_only=config.admin.read_only,
+                    providers=statuses,
+                    inbox=inbox,
+                    reload=reload,
+                )
+                await tg.start(serve_admin, admin, config.admin.listen)
+                admin.ready = not waited.cancelled_caught
+                if not admin.ready:
+                    tg.start_soon(_ready_when_published, admin, inbox)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    logger.info("SIGHUP received: reloading the config")
+                    await reload()
+                    continue
                 logger.info(
                     "{} received: no new connections; open ones get up to {}s",
                     signal.Signals(signum).name,
@@ -231,6 +392,11 @@ async def _serve(config: ProxyConfig, providers: list[tuple[Provider, Enabled]])
                 )
                 tg.cancel_scope.cancel()
                 break
+
+
+async def _ready_when_published(admin: Admin, inbox: SnapshotInbox) -> None:
+    await inbox.wait_first_snapshots()
+    admin.ready = True
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -241,6 +407,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         providers = load_providers(config)
+        config.admin.bearer_token()  # an unreadable token_file stops the start, not a request
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -248,7 +415,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     raise_nofile_limit()
     try:
         anyio.run(
-            _serve, config, providers, backend="asyncio", backend_options={"use_uvloop": UVLOOP}
+            _serve,
+            config,
+            providers,
+            partial(_load, args),
+            backend="asyncio",
+            backend_options={"use_uvloop": UVLOOP},
         )
     except OSError as exc:
         logger.error("cannot start: {}", exc)
@@ -333,14 +505,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(func=cmd_check)
 
+    admin = argparse.ArgumentParser(add_help=False)
+    admin.add_argument(
+        "--admin",
+        metavar="URL",
+        help="admin API of the running instance; $DISCOPROXY_ADMIN_URL, else from the "
+        "config's admin.listen (default http://127.0.0.1:8404)",
+    )
+    admin.add_argument(
+        "--token", help="bearer token; $DISCOPROXY_ADMIN_TOKEN, else the config's admin.token"
+    )
+
     routes = sub.add_parser(
         "routes",
-        parents=[common],
-        help="print the routing table the config would build",
-        description="Print the routing table built from the server files, with conflicts.",
+        parents=[common, admin],
+        help="print the live routing table of a running instance",
+        description="Print the routing table of the running instance (its admin API), with "
+        "each route's state, open and total connections and bytes; --offline prints "
+        "what the config and providers would route, without asking a running instance.",
     )
     routes.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    routes.add_argument(
+        "--offline", action="store_true", help="build the table from the config and providers"
+    )
     routes.set_defaults(func=cmd_routes)
+
+    connections = sub.add_parser(
+        "connections",
+        parents=[common, admin],
+        help="print the open connections of a running instance",
+        description="Print the open TCP connections and UDP sessions of the running instance "
+        "(its admin API), oldest first.",
+    )
+    connections.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    connections.add_argument("--limit", type=int, default=500, help="list at most this many")
+    connections.set_defaults(func=cmd_connections)
+
+    health = sub.add_parser(
+        "health",
+        parents=[common],
+        help="exit 0 if the running instance is healthy (for HEALTHCHECK)",
+        description="Ask the running instance's admin listener: exit 0 when /healthz (with "
+        "--ready: /readyz) answers 200, else 1 with the reason.",
+    )
+    health.add_argument("--admin", metavar="URL", help="as for 'routes'")
+    health.add_argument("--ready", action="store_true", help="ask /readyz instead")
+    health.set_defaults(func=cmd_health)
 
     labels = sub.add_parser(
         "labels",

@@ -114,6 +114,48 @@ class GlobalMotds(BaseModel):
         return {**default.model_dump(exclude_none=True), **value}
 
 
+class AdminSettings(BaseModel):
+    """The admin listener: Prometheus ``/metrics``, the JSON API and the dashboard."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen: str = Field(
+        default="127.0.0.1:8404",
+        description="Address of the admin listener, 'host:port'; '' turns it off. Loopback "
+        "by default: expose it with care (and a token).",
+    )
+    token: str = Field(
+        default="",
+        description="Bearer token every /metrics, /api and dashboard request must carry "
+        "('Authorization: Bearer …'); '' = none. /healthz and /readyz stay open.",
+    )
+    token_file: Path | None = Field(
+        default=None, description="File holding the token (e.g. a Docker secret); wins over token."
+    )
+    read_only: bool = Field(
+        default=True,
+        description="Refuse the API's write endpoints (POST /api/reload); false allows them.",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            parse_bind(value)
+        return value
+
+    def bearer_token(self) -> str:
+        """The token in force: ``token_file``'s content (stripped) or ``token``."""
+        if self.token_file is not None:
+            try:
+                return self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"admin.token_file: cannot read {self.token_file}: {exc}"
+                ) from exc
+        return self.token
+
+
 class RateLimitSettings(BaseModel):
     """New connections per client IP per ``window`` (GCRA: a burst of the full budget,
     then one every window/count); 0 turns a budget off."""
@@ -267,6 +309,10 @@ class ProxyConfig(BaseModel):
         default_factory=dict,
         description="Per-provider tables, e.g. [providers.docker]; see each provider's keys.",
     )
+    admin: AdminSettings = Field(
+        default_factory=AdminSettings,
+        description="[admin] listen, token, token_file, read_only: metrics, API, dashboard.",
+    )
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -413,8 +459,68 @@ def validate_document(model: type[Model], data: Mapping[str, Any], path: Path) -
         raise ConfigError(message, str(path)) from exc
 
 
-def load_config(path: Path | None) -> ProxyConfig:
-    """Load the global config; ``None`` gives the embedded default."""
-    if path is None:
+ENV_PREFIX = "DISCOPROXY_"
+# DISCOPROXY_* variables that are not config keys (read by the CLI itself)
+ENV_NOT_KEYS = frozenset({"DISCOPROXY_CONFIG", "DISCOPROXY_ADMIN_URL", "DISCOPROXY_ADMIN_TOKEN"})
+
+
+def _env_value(text: str) -> Any:
+    """A TOML value when the text is one (``true``, ``30``, ``["a", "b"]``), else the text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``DISCOPROXY_<KEY>`` (``__`` between nested keys) → a mapping over the file's keys.
+
+    ``DISCOPROXY_BIND=0.0.0.0:25565``, ``DISCOPROXY_ADMIN__LISTEN=0.0.0.0:8404``,
+    ``DISCOPROXY_IDLE_TIMEOUT=300``. An unknown name is an error naming the variable.
+    """
+    overrides: dict[str, Any] = {}
+    fields = ProxyConfig.model_fields
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_KEYS:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        if path[0] not in fields:
+            close = difflib.get_close_matches(path[0], list(fields), n=1)
+            hint = f" (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else ""
+            raise ConfigError(f"environment variable {name}: no config key {path[0]!r}{hint}")
+        target = overrides
+        for key in path[:-1]:
+            nested = target.setdefault(key, {})
+            if not isinstance(nested, dict):
+                raise ConfigError(f"environment variable {name}: {key!r} is not a table")
+            target = nested
+        target[path[-1]] = _env_value(text)
+    return overrides
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> ProxyConfig:
+    """Load the global config: the file (``None``: the embedded default), then the
+    ``DISCOPROXY_*`` variables of ``environ`` over it."""
+    overrides = environment_overrides(environ) if environ else {}
+    if path is None and not overrides:
         return ProxyConfig()
-    return validate_document(ProxyConfig, read_document(path), path)
+    data = read_document(path) if path is not None else {}
+    if not overrides:
+        assert path is not None
+        return validate_document(ProxyConfig, data, path)
+    try:
+        return ProxyConfig.model_validate(_merge(data, overrides))
+    except ValidationError as exc:
+        source = f"{path} + environment" if path is not None else "environment"
+        keys = list(ProxyConfig.model_fields)
+        raise ConfigError(describe_validation_error(exc, source, known_keys=keys)) from exc

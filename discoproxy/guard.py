@@ -84,16 +84,26 @@ class Guard:
     skips every check with one attribute test."""
 
     def __init__(self, config: ProxyConfig) -> None:
+        self.open_per_ip: dict[str, int] = {}
+        self.bans = BanList()
+        self._server_filters = False
+        self._rate_limit = config.rate_limit
+        self.connections = RateLimiter(config.rate_limit.connections, config.rate_limit.window)
+        self.status = RateLimiter(config.rate_limit.status, config.rate_limit.window)
+        self.configure(config)
+
+    def configure(self, config: ProxyConfig) -> None:
+        """Take the global settings of ``config`` (at start and on a reload). Open
+        connections stay counted; rate budgets restart only when their settings changed."""
         self.filter = config.ip_filter
         self.max_per_ip = config.max_connections_per_ip
-        self.open_per_ip: dict[str, int] = {}
-        window = config.rate_limit.window
-        self.connections = RateLimiter(config.rate_limit.connections, window)
-        self.status = RateLimiter(config.rate_limit.status, window)
-        self.bans = BanList()
+        if config.rate_limit != self._rate_limit:
+            self._rate_limit = config.rate_limit
+            window = config.rate_limit.window
+            self.connections = RateLimiter(config.rate_limit.connections, window)
+            self.status = RateLimiter(config.rate_limit.status, window)
         self._configured = bool(self.filter or self.max_per_ip or self.connections or self.status)
-        self._server_filters = False
-        self.idle = not self._configured
+        self._update()
 
     def set_bans(self, bans: BanList) -> None:
         """Swap in a new ban list (asyncio side; the reactor reads the reference)."""

@@ -36,6 +36,22 @@ RETRY_RESET_AFTER_S = 60.0
 Publish = Callable[[Iterable[ServerDefinition]], None]
 
 
+class ProviderStatus:
+    """How one provider is doing, for the admin API and /metrics (asyncio side only).
+
+    ``starting`` until its first snapshot; ``running`` while it publishes; ``failed``
+    (with ``error``) between a failure and its next snapshot; ``off`` when ``auto`` found
+    no source (``error`` says why); ``disabled`` in the config.
+    """
+
+    __slots__ = ("error", "name", "state")
+
+    def __init__(self, name: str, state: str = "starting", error: str | None = None) -> None:
+        self.name = name
+        self.state = state
+        self.error = error
+
+
 class Enabled(enum.StrEnum):
     """``auto``: on when the provider's source is there (directory exists, engine answers)."""
 
@@ -117,18 +133,29 @@ def load_providers(
     return loaded
 
 
-async def supervise(name: str, provider: Provider, publish: Publish) -> None:
+async def supervise(
+    name: str, provider: Provider, publish: Publish, status: ProviderStatus | None = None
+) -> None:
     """Run ``provider`` forever: log failures, keep its last snapshot, retry with backoff."""
     delay = RETRY_FIRST_S
     log = logger.bind(provider=name)
+    status = status or ProviderStatus(name)
+
+    def publish_running(servers: Iterable[ServerDefinition]) -> None:
+        status.state = "running"
+        status.error = None
+        publish(servers)
+
     while True:
         started = anyio.current_time()
         try:
-            await provider.run(publish)
+            await provider.run(publish_running)
         except Exception as exc:  # a provider's failure must never reach the proxy
             failure = f"{type(exc).__name__}: {exc}"
         else:
             failure = "stopped unexpectedly"
+        status.state = "failed"
+        status.error = failure
         if anyio.current_time() - started > RETRY_RESET_AFTER_S:
             delay = RETRY_FIRST_S
         log.error(

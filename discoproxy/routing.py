@@ -17,6 +17,7 @@ Rules for this file:
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -264,6 +265,8 @@ class SnapshotInbox:
         self._first = anyio.Event()
         self._expected: set[str] = set()
         self.throttle_s = throttle_s
+        # provider → (snapshots applied, time.time() of the last): for /metrics and the API
+        self.applied: dict[str, tuple[int, float]] = {}
 
     def publisher(self, provider: str) -> Callable[[Iterable[ServerDefinition]], None]:
         self._expected.add(provider)
@@ -290,6 +293,9 @@ class SnapshotInbox:
             self._wake = anyio.Event()
             pending, self._pending = self._pending, {}
             registry.apply_snapshots(pending)
+            now = time.time()
+            for provider in pending:
+                self.applied[provider] = (self.applied.get(provider, (0, 0.0))[0] + 1, now)
             self._published.update(pending)
             if not self._expected - self._published:
                 self._first.set()

@@ -54,6 +54,11 @@ class ProxyProcess:
     def output(self) -> str:
         return "\n".join(self.lines)
 
+    def admin_url(self, timeout: float = 5.0) -> str:
+        """The admin listener's base URL (``running_proxy`` binds it to a free port)."""
+        line = self.wait_for_line(r"admin on http://", timeout)
+        return line.split("admin on ", 1)[1].split("/ ", 1)[0].rstrip("/")
+
     def wait_for_line(self, pattern: str, timeout: float = 5.0) -> str:
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
@@ -88,6 +93,7 @@ def running_proxy(
     config: str = "",
     bind: str = "127.0.0.1:0",
     startup_timeout: float = 15.0,
+    admin_listen: str = "127.0.0.1:0",
 ) -> Iterator[ProxyProcess]:
     """Start ``discoproxy serve`` with ``servers`` (file name → TOML/YAML text)."""
     servers_dir = write_servers(tmp_path / "servers", servers or {})
@@ -101,7 +107,8 @@ def running_proxy(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "NO_COLOR": "1"},
+        # the admin listener on a free port: tests run side by side
+        env={**os.environ, "NO_COLOR": "1", "DISCOPROXY_ADMIN__LISTEN": admin_listen},
     )
     lines: list[str] = []
 

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
 
 from discoproxy.cli import main
-from tests.support import write_servers
+from discoproxy.protocol import minecraft
+from tests.support import running_proxy, write_servers
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -64,10 +66,11 @@ def test_check_fails_on_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_routes_prints_the_table(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(["routes", "--config", str(project / "discoproxy.toml")], capsys)
+    argv = ["routes", "--offline", "--config", str(project / "discoproxy.toml")]
+    code, out, _ = run(argv, capsys)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["SERVER", "DOMAINS", "BACKENDS", "PORTS", "PROXY-PROTOCOL"]
+    assert lines[0].split() == ["SERVER", "DOMAINS", "BACKENDS", "PORTS", "PROXY-PROTOCOL", "STATE"]
     assert any(
         line.split()[:3] == ["lobby@file", "*.lobby.example.com", "10.0.0.6:25565"]
         for line in lines
@@ -76,7 +79,8 @@ def test_routes_prints_the_table(project: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_routes_json(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(["routes", "--json", "--config", str(project / "discoproxy.toml")], capsys)
+    argv = ["routes", "--offline", "--json", "--config", str(project / "discoproxy.toml")]
+    code, out, _ = run(argv, capsys)
     data = json.loads(out)
     assert code == 0
     by_id = {row["id"]: row for row in data["routes"]}
@@ -88,7 +92,7 @@ def test_routes_json(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_help_documents_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["--help"], capsys)
     assert code == 0
-    for command in ("serve", "check", "routes"):
+    for command in ("serve", "check", "routes", "connections", "health"):
         assert command in out
     code, out, _ = run(["serve", "--help"], capsys)
     for option in ("--config", "--bind", "--servers-dir", "--log-level", "--log-format"):
@@ -132,3 +136,66 @@ def test_serve_raises_the_open_file_limit_to_the_hard_limit() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_routes_connections_and_health_read_a_running_instance(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        backend = f"127.0.0.1:{listener.getsockname()[1]}"
+        servers = {"game.toml": f'domains = ["game.example.com"]\naddresses = ["{backend}"]\n'}
+        with running_proxy(tmp_path, servers) as proxy:
+            admin = proxy.admin_url()
+            with socket.create_connection(proxy.address) as client:
+                client.sendall(minecraft.encode_handshake(765, "game.example.com", 25565, 2))
+                accepted, _ = listener.accept()
+                with accepted:
+                    accepted.recv(100)
+                    code, out, _ = run(["routes", "--admin", admin], capsys)
+                    assert code == 0
+                    header, row = out.splitlines()[:2]
+                    assert header.split()[-4:] == ["ACTIVE", "TOTAL", "UP", "DOWN"]
+                    assert row.split()[:3] == ["game@file", "game.example.com", backend]
+                    assert row.split()[-4:-2] == ["1", "1"]
+
+                    code, out, _ = run(["connections", "--admin", admin, "--json"], capsys)
+                    assert code == 0
+                    (conn,) = json.loads(out)["connections"]
+                    assert conn["route"] == "game@file"
+                    assert conn["client"] == "{}:{}".format(*client.getsockname())
+
+                    code, out, _ = run(["connections", "--admin", admin], capsys)
+                    assert out.splitlines()[-1] == "1 open"
+
+            code, out, _ = run(["health", "--admin", admin], capsys)
+            assert code == 0
+            assert out.strip() == f"{admin}/healthz: ok"
+            code, _, _ = run(["health", "--ready", "--admin", admin], capsys)
+            assert code == 0
+        code, _, err = run(["health", "--admin", admin], capsys)
+        assert code == 1
+        assert err.startswith(f"unhealthy: no admin API at {admin}")
+        code, _, err = run(["routes", "--admin", admin], capsys)
+        assert code == 2
+        assert "'routes --offline' shows what the config would route" in err
+
+
+def test_commands_find_the_admin_api_from_the_config_and_use_its_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = '[admin]\ntoken = "t0ken"\n'
+    with running_proxy(tmp_path, {}, config) as proxy:
+        host, port = proxy.admin_url().removeprefix("http://").split(":")
+        # a config naming that admin address (what the running instance was started with)
+        path = tmp_path / "client.toml"
+        path.write_text(f'[admin]\nlisten = "0.0.0.0:{port}"\ntoken = "t0ken"\n')
+        code, out, _ = run(["routes", "--config", str(path)], capsys)
+        assert code == 0, out
+        path.write_text(f'[admin]\nlisten = "{host}:{port}"\n')
+        code, _, err = run(["routes", "--config", str(path)], capsys)
+        assert code == 2
+        assert "401, the admin API wants a token" in err
+        code, _, _ = run(["routes", "--config", str(path), "--token", "t0ken"], capsys)
+        assert code == 0

@@ -128,3 +128,47 @@ def test_a_bad_favicon_names_the_file_and_field(tmp_path: Path) -> None:
     expected = r"motds\.unreachable\.favicon: .*nope\.png cannot be read"
     with pytest.raises(ConfigError, match=expected):
         load_config(path)
+
+
+def test_environment_overrides_the_file_key_by_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.toml", 'bind = ":1"\nidle_timeout = 9\n[admin]\ntoken = "t"\n')
+    env = {
+        "DISCOPROXY_BIND": "127.0.0.1:2",
+        "DISCOPROXY_ADMIN__LISTEN": "0.0.0.0:9000",
+        "DISCOPROXY_RECEIVE_PROXY_PROTOCOL": "true",
+        "DISCOPROXY_TRUSTED_PROXIES": '["10.0.0.0/8"]',
+        "DISCOPROXY_CONFIG": "ignored: the CLI reads it",
+        "PATH": "/usr/bin",
+    }
+    config = load_config(path, env)
+    assert config.bind_addresses == (("127.0.0.1", 2),)
+    assert config.idle_timeout == 9  # from the file
+    assert config.admin.listen == "0.0.0.0:9000"
+    assert config.admin.token == "t"  # the rest of [admin] kept
+    assert config.receive_proxy_protocol is True
+    assert [str(net) for net in config.trusted_proxies] == ["10.0.0.0/8"]
+    assert load_config(None, {"DISCOPROXY_SERVERS_DIR": "/srv"}).servers_dir == Path("/srv")
+
+
+def test_a_bad_environment_variable_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"DISCOPROXY_IDEL_TIMEOUT": "3"})
+    assert str(info.value) == (
+        "environment variable DISCOPROXY_IDEL_TIMEOUT: no config key 'idel_timeout' "
+        "(did you mean DISCOPROXY_IDLE_TIMEOUT?)"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"DISCOPROXY_ADMIN__LISTEN": "nowhere"})
+    assert str(info.value).startswith("environment: admin.listen: invalid bind 'nowhere'")
+
+
+def test_admin_token_file_wins_and_an_unreadable_one_is_an_error(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")
+    config = load_config(
+        write(tmp_path, "c.toml", f'[admin]\ntoken = "x"\ntoken_file = "{secret}"\n')
+    )
+    assert config.admin.bearer_token() == "from-file"
+    secret.unlink()
+    with pytest.raises(ConfigError, match=r"admin.token_file: cannot read .*token"):
+        config.admin.bearer_token()

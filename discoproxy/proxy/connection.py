@@ -359,6 +359,7 @@ class ClientConnection:
     """One client and its backend: runs the pipeline, owns both fds, logs the close."""
 
     __slots__ = (
+        "_dial_at",
         "_dial_errors",
         "_dial_name",
         "_dial_task",
@@ -393,6 +394,7 @@ class ClientConnection:
         "id",
         "idle_ticks",
         "lingering",
+        "listener",
         "prefix_bytes",
         "reason",
         "route",
@@ -425,6 +427,8 @@ class ClientConnection:
         self.down: Flow = None  # type: ignore[assignment]
         self.dial_deadline = math.inf
         self.fallback: str | None = None  # the listener's catch-all server (qualified id)
+        self.listener = ""  # its listener's label (metrics, API)
+        self._dial_at = 0.0  # when the first backend address was dialed
         self._dial_task: concurrent.futures.Future[None] | None = None
         self._dial_errors: list[str] | None = None
         self._next_address = 0
@@ -472,7 +476,7 @@ class ClientConnection:
             self.reason = "max_connections reached"
             os.close(self.cfd)
             ctx.rejected += 1
-            ctx.log_rejection(self.client_addr, self.reason)
+            ctx.log_rejection(self.client_addr, self.reason, listener=self.listener)
             return False
         self.id = ctx.register(self)
         self.up = Flow(self)
@@ -680,6 +684,7 @@ class ClientConnection:
             self._answer_unknown(kind, name)
             return
         self.route = route
+        self.ctx.stats.routed(self.listener, time.monotonic() - self.started)
         if kind is _MINECRAFT:
             if self._next_state == minecraft.NEXT_STATE_STATUS:
                 self._answer_status(self._handshake_length)
@@ -797,7 +802,9 @@ class ClientConnection:
 
     def _refused(self, reason: str, login: bool = False, text: str = "") -> None:
         """Refuse this connection: a Minecraft login reads ``text`` in a Disconnect."""
-        self.ctx.log_rejection(self.client_addr, reason, cause=reason.split(" (", 1)[0])
+        self.ctx.log_rejection(
+            self.client_addr, reason, cause=reason.split(" (", 1)[0], listener=self.listener
+        )
         self.ctx.rejected += 1
         if login and self.state is SNIFFING:
             self._move(ANSWERING)
@@ -943,7 +950,10 @@ class ClientConnection:
         addresses = route.addresses
         timeout = self.ctx.config.connect_timeout
         while self.state is DIALING:
-            self.dial_deadline = time.monotonic() + timeout if timeout else math.inf
+            now = time.monotonic()
+            if not self._dial_at:
+                self._dial_at = now
+            self.dial_deadline = now + timeout if timeout else math.inf
             resolved = self._resolved_addresses
             if resolved:
                 resolved_family, ip, port, name = resolved.pop(0)
@@ -1063,11 +1073,17 @@ class ClientConnection:
             self._drop_backend(f"{_format_addr(self.backend_addr)}: {exc.strerror or exc}")
             self._dial_next()
             return
-        self.ctx.dialing.discard(self)
+        ctx = self.ctx
+        ctx.dialing.discard(self)
         up.out = prefix[n:] if n < len(prefix) else None
+        route = self.route
+        assert route is not None
+        ctx.stats.route(route.qualified_id).connect.observe(time.monotonic() - self._dial_at)
         self._start_forwarding()
 
     def _dial_error(self, error: str) -> None:
+        if self.route is not None:
+            self.ctx.stats.route(self.route.qualified_id).dial_failures += 1
         if self._dial_errors is None:
             self._dial_errors = []
         self._dial_errors.append(error)
@@ -1232,7 +1248,10 @@ class ClientConnection:
         # counted, and logged at most every few seconds per cause: a flood of garbage must
         # not become a log flood (the close line still says what happened to this one)
         self.ctx.log_rejection(
-            self.client_addr, f"conn #{self.id}: {message}", cause=reason or "protocol error"
+            self.client_addr,
+            f"conn #{self.id}: {message}",
+            cause=reason or "protocol error",
+            listener=self.listener,
         )
         if hint is Hint.HTTP_400:
             self._reply(http.encode_response(400, "Bad Request", message + "\n"))

@@ -27,18 +27,21 @@ ACCEPT_BACKOFF_S = 0.1
 class BaseListener:
     """A listening socket registered in the reactor."""
 
-    __slots__ = ("_ctx", "_sock", "address")
+    __slots__ = ("_ctx", "_sock", "address", "label")
 
-    def __init__(self, ctx: ProxyContext, sock: socket.socket) -> None:
+    def __init__(self, ctx: ProxyContext, sock: socket.socket, label: str) -> None:
         self._ctx = ctx
         self._sock = sock
         name = sock.getsockname()
         self.address: tuple[str, int] = (name[0], name[1])
+        self.label = label  # in metrics and the API: the bind as configured, or "25/tcp"
 
     def _accept_failed(self, exc: OSError, where: str) -> None:
         """Out of fds (or another accept error): stop accepting for a moment, not spin."""
         ctx = self._ctx
-        ctx.log_rejection(None, f"accept failed on {where}: {exc}", cause="accept failed")
+        ctx.log_rejection(
+            None, f"accept failed on {where}: {exc}", cause="accept failed", listener=self.label
+        )
         fd = self._sock.fileno()
         ctx.reactor.unregister(fd)
 

@@ -92,26 +92,30 @@ class PortListener(BaseListener):
     __slots__ = ("_key",)
 
     def __init__(self, ctx: ProxyContext, sock: socket.socket, key: PortKey) -> None:
-        super().__init__(ctx, sock)
+        super().__init__(ctx, sock, format_port(key))
         self._key = key
 
     def on_event(self, fd: int, events: int) -> None:
         accept = self._sock._accept  # type: ignore[attr-defined]  # (fd, address), no object
         ctx = self._ctx
+        label = self.label
         for _ in range(ACCEPT_BATCH):
             try:
                 conn_fd, addr = accept()
             except BlockingIOError:
                 return
             except OSError as exc:
-                self._accept_failed(exc, format_port(self._key))
+                self._accept_failed(exc, label)
                 return
             route = ctx.registry.table.ports.get(self._key)
             if route is None:  # removed a moment ago: new connections are refused
                 os.close(conn_fd)
                 ctx.rejected += 1
+                ctx.stats.rejected[(label, "no route")] += 1
                 continue
-            ClientConnection(ctx, conn_fd, (addr[0], addr[1])).start_port(route)
+            conn = ClientConnection(ctx, conn_fd, (addr[0], addr[1]))
+            conn.listener = label
+            conn.start_port(route)
 
 
 class _Bucket:
@@ -300,7 +304,12 @@ class UdpListener:
                 broken = limits.allow(client[0], len(data), now)
                 if broken is not None:
                     stats.drops[broken] += 1
-                    ctx.log_rejection(client, f"UDP {format_port(self.key)}: {broken} exceeded")
+                    ctx.log_rejection(
+                        client,
+                        f"UDP {format_port(self.key)}: {broken} exceeded",
+                        cause=f"{broken} exceeded",
+                        listener=format_port(self.key),
+                    )
                     continue
             session = sessions.get(client)
             if session is None:
@@ -323,12 +332,17 @@ class UdpListener:
             why = _guard_refusal(guard, client, route)
             if why is not None:
                 stats.drops[why.split(" (", 1)[0]] += 1
-                ctx.log_rejection(client, f"UDP {format_port(self.key)}: {why}")
+                ctx.log_rejection(
+                    client,
+                    f"UDP {format_port(self.key)}: {why}",
+                    cause=why.split(" (", 1)[0],
+                    listener=format_port(self.key),
+                )
                 return None
         limit = ctx.config.udp_max_sessions
         if limit and ctx.udp_sessions >= limit:
             stats.drops["udp_max_sessions reached"] += 1
-            ctx.log_rejection(client, "udp_max_sessions reached")
+            ctx.log_rejection(client, "udp_max_sessions reached", listener=format_port(self.key))
             return None
         host, port = self._pick(route.addresses)
         family = _literal_family(host)
@@ -348,7 +362,12 @@ class UdpListener:
         except OSError as exc:
             sock.close()
             stats.drops["backend connect failed"] += 1
-            ctx.log_rejection(client, f"UDP backend {_format_addr((host, port))}: {exc}")
+            ctx.log_rejection(
+                client,
+                f"UDP backend {_format_addr((host, port))}: {exc}",
+                cause="backend connect failed",
+                listener=format_port(self.key),
+            )
             return None
         pktinfo, local_ip = _reply_source(ancillary)
         header = b""
@@ -384,6 +403,10 @@ class UdpListener:
         ctx = self.ctx
         ctx.udp_sessions -= 1
         self.stats.sessions_closed += 1
+        route_stats = ctx.stats.route(session.route.qualified_id)
+        route_stats.udp_sessions += 1
+        route_stats.udp_bytes_up += session.bytes_up
+        route_stats.udp_bytes_down += session.bytes_down
         ctx.reactor.forget(session.fd)
         session.sock.close()
         if ctx.logs_info:

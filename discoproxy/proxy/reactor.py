@@ -209,14 +209,22 @@ class Reactor:
     def call_later(self, delay: float, fn: Callable[[], object]) -> None:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), fn))
 
-    def every(self, interval: float, fn: Callable[[], object]) -> None:
-        """Run ``fn`` every ``interval`` seconds from now on."""
+    def every(self, interval: float, fn: Callable[[], object]) -> Callable[[], None]:
+        """Run ``fn`` every ``interval`` seconds from now on, until the returned function
+        is called."""
+        stopped = False
 
         def tick() -> None:
-            self.call_later(interval, tick)
-            fn()
+            if not stopped:
+                self.call_later(interval, tick)
+                fn()
+
+        def stop() -> None:
+            nonlocal stopped
+            stopped = True
 
         self.call_later(interval, tick)
+        return stop
 
     def _run(self) -> None:
         poll = self._epoll.poll

@@ -1,9 +1,12 @@
 """Listeners, connection bookkeeping and graceful shutdown, structured with anyio.
 
 Rules for this file:
-- Every listener is started with ``TaskGroup.start`` and reports the addresses it bound,
-  so tests bind port 0. Cancelling the task group stops accepting at once; open
-  connections then get ``shutdown_timeout`` to finish before they are aborted.
+- ``run_proxy`` reports the addresses it bound through ``TaskGroup.start``, so tests bind
+  port 0. Cancelling it stops accepting at once; open connections then get
+  ``shutdown_timeout`` to finish before they are aborted.
+- The listeners of ``bind`` live in :class:`BindListeners`; a reloaded config
+  (:func:`reconfigure`, on SIGHUP) opens and closes them like port routes, and every
+  other setting applies to new connections. Open connections are never touched.
 - Listening sockets and connections live in one :class:`Reactor` (an epoll set served by
   its own thread); a listener accepts in batches and hands each fd to a
   :class:`ClientConnection`. An accept error (out of fds) rests the listener for
@@ -28,7 +31,6 @@ import math
 import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +39,9 @@ import watchfiles
 from anyio.abc import TaskStatus
 from loguru import logger
 
-from discoproxy.config import ProxyConfig
+from discoproxy.config import ProxyConfig, parse_bind
 from discoproxy.guard import Guard, load_bans
+from discoproxy.metrics import DataPlaneStats
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.connection import ClientConnection, _format_addr
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener
@@ -53,7 +56,7 @@ from discoproxy.proxy.ports import (
 )
 from discoproxy.proxy.reactor import Reactor
 from discoproxy.proxy.tls_termination import CertStore
-from discoproxy.routing import Registry
+from discoproxy.routing import Registry, RoutingTable
 from discoproxy.status import StatusService
 from discoproxy.wake import ServerControl, Waker
 
@@ -106,6 +109,20 @@ class ProxyContext:
         self.rejected = 0
         self._ids = itertools.count(1)
         self._tasks: set[concurrent.futures.Future[None]] = set()
+        self.rejections: collections.Counter[str] = collections.Counter()  # by cause
+        self._rejections_unlogged: collections.Counter[str] = collections.Counter()
+        self._last_rejection_log: dict[str, float] = {}
+        self.guard = Guard(config)
+        self._on_drained: Callable[[], object] | None = None
+        self._idle_limit = 0
+        self._stop_sweeps: list[Callable[[], None]] = []
+        self.names = NameCache()
+        self.stats = DataPlaneStats()  # reactor thread; read through metrics.take_snapshot
+        self.binds = BindListeners(self)
+        self._derive(config)
+
+    def _derive(self, config: ProxyConfig) -> None:
+        """What the hot path reads precomputed from the config."""
         self._trusted = tuple(config.trusted_proxies)
         # 0.0.0.0/0 and ::/0 together trust everyone: skip the per-connection check
         self._trust_all = {net.version for net in self._trusted if net.prefixlen == 0} == {4, 6}
@@ -113,13 +130,25 @@ class ProxyContext:
         logs_info = logger.level(config.log_level).no <= logger.level("INFO").no
         self.logs_info = logs_info
         self._access = AccessLog(config.log_format) if logs_info else None
-        self.rejections: collections.Counter[str] = collections.Counter()  # by cause
-        self._rejections_unlogged: collections.Counter[str] = collections.Counter()
-        self._last_rejection_log: dict[str, float] = {}
-        self.guard = Guard(config)
-        self._on_drained: Callable[[], object] | None = None
-        self._idle_limit = 0
-        self.names = NameCache()
+
+    def apply_config(self, config: ProxyConfig) -> None:
+        """A reloaded config (reactor thread): new connections, dials, sweeps and status
+        answers follow it; open connections keep going."""
+        previous = self.config
+        self.config = config
+        self._derive(config)
+        self.guard.configure(config)
+        self.status.config = config
+        if (config.udp_per_ip_packets_per_s, config.udp_per_ip_bytes_per_s) != (
+            previous.udp_per_ip_packets_per_s,
+            previous.udp_per_ip_bytes_per_s,
+        ):
+            self.udp_limits = UdpLimits(
+                config.udp_per_ip_packets_per_s, config.udp_per_ip_bytes_per_s
+            )
+        for listener in self.binds.listeners():
+            listener.fallback = config.fallbacks.get(listener.bind or "")
+        self.start_sweeps()
 
     # -- connections --------------------------------------------------------------------
 
@@ -129,10 +158,12 @@ class ProxyContext:
     def register(self, conn: ClientConnection) -> int:
         self.connections.add(conn)
         self.total += 1
+        self.stats.accepted[conn.listener] += 1
         return next(self._ids)
 
     def unregister(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
+        self.stats.closed(conn, time.monotonic())
         if self._on_drained is not None and not self.connections:
             self._on_drained()
             self._on_drained = None
@@ -150,12 +181,18 @@ class ProxyContext:
         return any(ip in net for net in self._trusted)
 
     def log_rejection(
-        self, client: tuple[str, int] | None, reason: str, cause: str | None = None
+        self,
+        client: tuple[str, int] | None,
+        reason: str,
+        cause: str | None = None,
+        listener: str = "",
     ) -> None:
-        """Count a rejection by ``cause`` and log it, at most once per
-        ``REJECTION_LOG_INTERVAL_S`` per cause (a flood must not become a log flood)."""
+        """Count a rejection by ``cause`` (and by listener, for /metrics) and log it, at
+        most once per ``REJECTION_LOG_INTERVAL_S`` per cause (a flood must not become a
+        log flood)."""
         cause = cause or reason
         self.rejections[cause] += 1
+        self.stats.rejected[(listener, cause)] += 1
         now = time.monotonic()
         last = self._last_rejection_log.get(cause, -math.inf)
         if now - last < REJECTION_LOG_INTERVAL_S:
@@ -168,6 +205,18 @@ class ProxyContext:
         self._last_rejection_log[cause] = now
         more = f" ({suppressed} more like it since the last report)" if suppressed else ""
         logger.warning("rejected {}: {}{}", _format_addr(client), reason, more)
+
+    def prune_stats(self, table: RoutingTable) -> None:
+        """The table changed: drop the counters of routes gone from it (once unused), so
+        container churn does not grow /metrics forever."""
+
+        def prune() -> None:
+            live = {c.route.qualified_id for c in self.connections if c.route is not None}
+            for listener in self.udp_listeners:
+                live.update(s.route.qualified_id for s in listener.sessions.values())
+            self.stats.prune(table, live)
+
+        self.reactor.call(prune)
 
     # -- tasks (called from the reactor thread; the coroutines run on the asyncio loop) --
 
@@ -223,15 +272,19 @@ class ProxyContext:
         connection (a heap push and a cancel on every accept and dial); a deadline fires
         at most 25% late.
         """
+        for stop in self._stop_sweeps:  # a reload: the timeouts may have changed
+            stop()
+        self._stop_sweeps.clear()
         handshake = self.config.handshake_timeout
         timeouts = [t for t in (handshake, self.config.connect_timeout) if t > 0]
         if timeouts:
-            self.reactor.every(min(1.0, min(timeouts) / 4), self._sweep_deadlines)
+            tick = min(1.0, min(timeouts) / 4)
+            self._stop_sweeps.append(self.reactor.every(tick, self._sweep_deadlines))
         idle = self.config.idle_timeout
         if idle > 0:
             tick = min(1.0, idle / 4)
             self._idle_limit = math.ceil(idle / tick)
-            self.reactor.every(tick, self._sweep_idle)
+            self._stop_sweeps.append(self.reactor.every(tick, self._sweep_idle))
 
     def _sweep_deadlines(self) -> None:
         now = time.monotonic()
@@ -258,15 +311,24 @@ class ProxyContext:
 class Listener(BaseListener):
     """A name-routing listening socket: accepts in batches and starts connections."""
 
-    __slots__ = ("fallback",)
+    __slots__ = ("bind", "fallback")
 
-    def __init__(self, ctx: ProxyContext, sock: socket.socket, fallback: str | None) -> None:
-        super().__init__(ctx, sock)
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        sock: socket.socket,
+        fallback: str | None,
+        label: str,
+        bind: str | None = None,
+    ) -> None:
+        super().__init__(ctx, sock, label)
         self.fallback = fallback  # qualified id of this listener's catch-all server
+        self.bind = bind  # as written in the config's ``bind``
 
     def on_event(self, fd: int, events: int) -> None:
         accept = self._sock._accept  # type: ignore[attr-defined]  # (fd, address), no object
         ctx = self._ctx
+        label = self.label
         for _ in range(ACCEPT_BATCH):
             try:
                 conn_fd, addr = accept()
@@ -276,6 +338,7 @@ class Listener(BaseListener):
                 self._accept_failed(exc, _format_addr(self.address))
                 return
             conn = ClientConnection(ctx, conn_fd, (addr[0], addr[1]))
+            conn.listener = label
             if self.fallback is not None:
                 conn.fallback = self.fallback
             conn.start()
@@ -308,37 +371,122 @@ def _listening_sockets(infos: list[tuple[Any, ...]]) -> list[socket.socket]:
     return socks
 
 
-async def serve_listener(
-    ctx: ProxyContext,
-    host: str,
-    port: int,
-    *,
-    bind: str | None = None,
-    task_status: TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Accept on ``host:port`` until cancelled; report the bound addresses when ready.
-    ``bind`` is the config's spelling of it, which ``fallbacks`` are keyed by."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
-    where = _format_addr((host, port))
-    try:
-        infos = await ctx.loop.getaddrinfo(
-            host or None, port, family=family, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        socks = _listening_sockets(infos)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from exc
-    fallback = ctx.config.fallbacks.get(bind) if bind is not None else None
-    listeners = [Listener(ctx, sock, fallback) for sock in socks]
-    for listener in listeners:
-        await ctx.reactor.run(listener.start)
-    bound = [listener.address for listener in listeners]
-    logger.info("listening on {}", ", ".join(_format_addr(addr) for addr in bound))
-    task_status.started(bound)
-    try:
-        await anyio.sleep_forever()
-    finally:
-        for listener in listeners:  # in order, before the drain's calls
-            ctx.reactor.call(listener.close)
+class BindListeners:
+    """The listeners of the config's ``bind``, by bind string: opened at start, and
+    opened or closed on a reload (connections they accepted carry on)."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self._ctx = ctx
+        self._open: dict[str, list[Listener]] = {}
+
+    def listeners(self) -> list[Listener]:
+        return [listener for group in self._open.values() for listener in group]
+
+    @property
+    def binds(self) -> list[str]:
+        return list(self._open)
+
+    async def open(self, bind: str) -> list[tuple[str, int]]:
+        """Listen on ``bind``; the addresses bound. Raises OSError naming the address."""
+        ctx = self._ctx
+        host, port = parse_bind(bind)
+        family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
+        where = _format_addr((host, port))
+        try:
+            infos = await ctx.loop.getaddrinfo(
+                host or None, port, family=family, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            socks = _listening_sockets(infos)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from exc
+        fallback = ctx.config.fallbacks.get(bind)
+        # labelled as configured; a port picked by the kernel (":0") by the address it got
+        listeners = [
+            Listener(ctx, sock, fallback, bind if port else _format_addr(sock.getsockname()), bind)
+            for sock in socks
+        ]
+        self._open[bind] = listeners
+        for listener in listeners:
+            await ctx.reactor.run(listener.start)
+        bound = [listener.address for listener in listeners]
+        logger.info("listening on {}", ", ".join(_format_addr(addr) for addr in bound))
+        return bound
+
+    def find(self, bind: str) -> str | None:
+        """The open bind that ``bind`` names, however it is spelt: ``:25565`` is
+        ``0.0.0.0:25565``, and ``127.0.0.1:41234`` is a ``127.0.0.1:0`` that got that port."""
+        wanted = parse_bind(bind)
+        for key, listeners in self._open.items():
+            if parse_bind(key) == wanted or (
+                wanted[1] and any(listener.address == wanted for listener in listeners)
+            ):
+                return key
+        return None
+
+    def rename(self, old: str, new: str) -> None:
+        """The same listeners, now written ``new`` in the config (``fallbacks`` keys)."""
+        listeners = self._open.pop(old)
+        for listener in listeners:
+            listener.bind = new
+        self._open[new] = listeners
+
+    def close(self, bind: str) -> None:
+        """Stop accepting on ``bind`` (in order, before any later reactor call)."""
+        listeners = self._open.pop(bind, [])
+        for listener in listeners:
+            self._ctx.reactor.call(listener.close)
+        if listeners:
+            where = ", ".join(_format_addr(listener.address) for listener in listeners)
+            logger.info("stopped listening on {}", where)
+
+    def close_all(self) -> None:
+        for bind in list(self._open):
+            self.close(bind)
+
+
+# Keys a reload cannot apply to a running process: they name what was set up at start.
+RESTART_ONLY = ("admin", "providers", "servers_dir", "bans_file", "log_format")
+
+
+async def reconfigure(ctx: ProxyContext, config: ProxyConfig) -> list[str]:
+    """Apply a reloaded global config: listeners of ``bind`` opened and closed, every
+    other setting for new connections. Returns what could not be applied (bind
+    failures, keys that need a restart), each already logged."""
+    problems: list[str] = []
+    previous = ctx.config
+    kept = {}
+    for key in RESTART_ONLY:
+        if getattr(config, key) != getattr(previous, key):
+            kept[key] = getattr(previous, key)
+            problems.append(f"{key} changed: it takes effect at the next restart")
+            logger.warning("config reload: {}", problems[-1])
+    config = config.model_copy(update=kept)  # ctx.config says what is in force
+    wanted = list(dict.fromkeys(config.bind))
+    opened = 0
+    for bind in wanted:
+        existing = ctx.binds.find(bind)
+        if existing is not None:
+            if existing != bind:
+                ctx.binds.rename(existing, bind)
+        else:
+            try:
+                await ctx.binds.open(bind)
+                opened += 1
+            except OSError as exc:
+                problems.append(str(exc))
+                logger.error("config reload: {}", exc)
+    closed = [bind for bind in ctx.binds.binds if bind not in wanted]
+    for bind in closed:
+        ctx.binds.close(bind)
+    await ctx.reactor.run(lambda: ctx.apply_config(config))
+    logger.info(
+        "config reloaded: {} listeners ({} opened, {} closed){}",
+        len(ctx.binds.binds),
+        opened,
+        len(closed),
+        f"; {len(problems)} not applied" if problems else "",
+    )
+    return problems
 
 
 async def watch_bans(ctx: ProxyContext) -> None:
@@ -401,20 +549,23 @@ async def run_proxy(
     try:
         async with anyio.create_task_group() as tg:
             bound: list[tuple[str, int]] = []
-            for bind, (host, port) in zip(config.bind, config.bind_addresses, strict=True):
-                bound += await tg.start(partial(serve_listener, ctx, host, port, bind=bind))
+            for bind in dict.fromkeys(config.bind):
+                bound += await ctx.binds.open(bind)
             ctx.guard.table_changed(registry.table)
             registry.add_listener(ctx.guard.table_changed)
             ctx.ports.sync(registry.table)
             registry.add_listener(ctx.ports.sync)
+            registry.add_listener(ctx.prune_stats)
             tg.start_soon(_watch_reactor, ctx)
             tg.start_soon(watch_bans, ctx)
             if ctx.waker.controls:
                 tg.start_soon(ctx.waker.run)
             task_status.started(bound)
+            await anyio.sleep_forever()
     finally:
         ctx.closing = True
         if ctx.reactor.alive:  # a dead reactor's own failure is what run_proxy raises
+            ctx.binds.close_all()  # in order, before the drain's calls
             ctx.ports.close_all()
         with anyio.CancelScope(shield=True):
             if ctx.reactor.alive:

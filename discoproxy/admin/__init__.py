@@ -1,0 +1,1 @@
+"""The admin listener: Prometheus metrics, the JSON API and the live dashboard."""

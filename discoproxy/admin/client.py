@@ -1,0 +1,63 @@
+"""Reading a running instance's admin API from the command line (``discoproxy routes``,
+``connections``, ``health``): where it is, and one GET with the bearer token."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+from discoproxy.config import ProxyConfig, parse_bind
+
+TIMEOUT_S = 5.0
+
+
+class AdminUnreachable(Exception):
+    """The admin API did not answer, or answered with an error; the message says which."""
+
+
+def admin_url(config: ProxyConfig, override: str | None = None) -> str:
+    """``--admin``, else ``$DISCOPROXY_ADMIN_URL``, else the config's ``admin.listen``
+    (a wildcard bind is reached on loopback)."""
+    url = override or os.environ.get("DISCOPROXY_ADMIN_URL")
+    if url:
+        url = url if "://" in url else f"http://{url}"
+        return url.rstrip("/")
+    if not config.admin.listen:
+        raise AdminUnreachable("the admin listener is off (admin.listen = ''); nothing to ask")
+    host, port = parse_bind(config.admin.listen)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def admin_token(config: ProxyConfig, override: str | None = None) -> str:
+    return override or os.environ.get("DISCOPROXY_ADMIN_TOKEN") or config.admin.bearer_token()
+
+
+def fetch(url: str, path: str, token: str = "") -> tuple[int, bytes]:
+    """GET ``url + path``: (status, body). Raises :class:`AdminUnreachable` when nothing
+    answers."""
+    request = urllib.request.Request(url + path)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise AdminUnreachable(f"no admin API at {url}: {reason}") from exc
+
+
+def fetch_json(url: str, path: str, token: str = "") -> Any:
+    status, body = fetch(url, path, token)
+    if status == 401:
+        raise AdminUnreachable(
+            f"{url}{path}: 401, the admin API wants a token (--token or $DISCOPROXY_ADMIN_TOKEN)"
+        )
+    if status != 200:
+        raise AdminUnreachable(f"{url}{path}: HTTP {status}: {body[:200].decode(errors='replace')}")
+    return json.loads(body)

@@ -1,0 +1,382 @@
+"""The admin listener: ``/metrics``, ``/api/*``, ``/healthz``, ``/readyz`` and the dashboard.
+
+Rules for this file:
+- It runs on the asyncio loop, apart from the data plane: HTTP/1.1 through h11 (sans-IO)
+  over anyio streams, one request per connection, heads capped at 16 KiB, bodies at
+  64 KiB, ``REQUEST_TIMEOUT_S`` per request and ``MAX_CLIENTS`` at once. A slow or broken
+  admin client costs the proxy nothing.
+- Numbers come from the reactor thread through ``Reactor.run`` (``metrics.take_snapshot``),
+  never by reading its structures from this thread.
+- With ``admin.token`` set, every endpoint but ``/healthz``, ``/readyz`` and the
+  dashboard page itself (static; its API calls carry the token) wants
+  ``Authorization: Bearer <token>``. Writes (``POST /api/reload``) also need
+  ``admin.read_only = false``.
+- ``/healthz``: the process and its data plane are alive. ``/readyz``: listening, with
+  every provider's first routes applied, and not shutting down.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict
+from importlib.resources import files
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import anyio
+import h11
+from anyio.abc import SocketStream, TaskStatus
+from loguru import logger
+
+from discoproxy.config import parse_bind
+from discoproxy.metrics import ProviderInfo, Snapshot, render, take_snapshot
+from discoproxy.provider import ProviderStatus
+from discoproxy.status import display_name
+
+if TYPE_CHECKING:
+    from discoproxy.proxy.server import ProxyContext
+    from discoproxy.routing import Registry, Route, SnapshotInbox
+
+REQUEST_TIMEOUT_S = 10.0
+MAX_CLIENTS = 64
+MAX_HEAD_BYTES = 16 * 1024
+MAX_BODY_BYTES = 64 * 1024
+# The dashboard's charts: one sample every HISTORY_INTERVAL_S, the last 10 minutes.
+HISTORY_INTERVAL_S = 2.0
+HISTORY_SAMPLES = 300
+# /api/connections lists at most this many unless ?limit= asks for fewer (or more, ≤ max).
+DEFAULT_CONNECTIONS = 500
+MAX_CONNECTIONS_LISTED = 10_000
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/dashboard"})
+
+Reload = Callable[[], Awaitable[str]]
+
+
+class Response:
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(data, separators=(",", ":")).encode() + b"\n")
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message}, status)
+
+
+class Admin:
+    """Everything the admin endpoints read, and the request router."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        registry: Registry,
+        *,
+        token: str = "",
+        read_only: bool = True,
+        providers: Mapping[str, ProviderStatus] | None = None,
+        inbox: SnapshotInbox | None = None,
+        reload: Reload | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.registry = registry
+        self.token = token
+        self.read_only = read_only
+        self.providers = providers if providers is not None else {}
+        self.inbox = inbox
+        self.reload = reload
+        self.ready = False  # set once listening with the first routes applied
+        self.history: collections.deque[dict[str, float]] = collections.deque(
+            maxlen=HISTORY_SAMPLES
+        )
+        self._dashboard: bytes | None = None
+
+    # -- the numbers --------------------------------------------------------------------
+
+    @property
+    def is_ready(self) -> bool:
+        return self.ready and not self.ctx.closing and self.ctx.reactor.alive
+
+    async def snapshot(self, connections: int = 0) -> Snapshot:
+        ctx = self.ctx
+        return await ctx.reactor.run(lambda: take_snapshot(ctx, connections))
+
+    def provider_infos(self) -> list[ProviderInfo]:
+        applied = self.inbox.applied if self.inbox is not None else {}
+        snapshots = self.registry.snapshots
+        infos = []
+        for name, status in sorted(self.providers.items()):
+            updates, last = applied.get(name, (0, None))
+            infos.append(
+                ProviderInfo(
+                    name, status.state, len(snapshots.get(name, ())), updates, last, status.error
+                )
+            )
+        return infos
+
+    def route_rows(self, snap: Snapshot) -> list[dict[str, Any]]:
+        table = self.registry.table
+        totals = snap.route_totals()
+        waker = self.ctx.waker
+        empty = {"active": 0, "connections_total": 0, "bytes_up": 0, "bytes_down": 0}
+        rows = []
+        for route in table.routes:
+            rows.append(
+                {
+                    "id": route.qualified_id,
+                    "provider": route.provider,
+                    "name": display_name(route.server),
+                    "domains": table.domains_of(route),
+                    "default": table.default is route,
+                    "ports": [str(mapping) for mapping in route.server.ports],
+                    "backends": [_address(host, port) for host, port in route.addresses],
+                    "send_proxy_protocol": route.send_proxy_protocol,
+                    "state": _state(route, waker.is_starting(route.qualified_id)),
+                    **totals.get(route.qualified_id, empty),
+                }
+            )
+        return rows
+
+    async def sample_history(self) -> None:
+        """Append the totals every ``HISTORY_INTERVAL_S`` (the dashboard's charts)."""
+        ctx = self.ctx
+        while True:
+            if ctx.reactor.alive and not ctx.closing:
+                totals = await ctx.reactor.run(lambda: _totals(ctx))
+                self.history.append({"t": round(time.time(), 3), **totals})
+            await anyio.sleep(HISTORY_INTERVAL_S)
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _authorized(self, headers: Mapping[str, str]) -> bool:
+        if not self.token:
+            return True
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), self.token.encode()
+        )
+
+    async def respond(self, method: str, target: str, headers: Mapping[str, str]) -> Response:
+        url = urlsplit(target)
+        path = url.path.rstrip("/") or "/"
+        query = parse_qs(url.query)
+        if path not in OPEN_PATHS and not self._authorized(headers):
+            return Response(
+                401,
+                b'{"error":"missing or wrong bearer token"}\n',
+                headers=(("www-authenticate", 'Bearer realm="discoproxy"'),),
+            )
+        if path == "/api/reload":
+            if method != "POST":
+                return _error(405, "use POST")
+            if self.read_only or self.reload is None:
+                return _error(403, "the admin API is read-only (admin.read_only = true)")
+            return _json({"result": await self.reload()})
+        if method not in ("GET", "HEAD"):
+            return _error(405, f"{method} not allowed; the API is read with GET")
+        if path == "/healthz":
+            alive = self.ctx.reactor.alive
+            return Response(
+                200 if alive else 503, b"ok\n" if alive else b"data plane stopped\n", "text/plain"
+            )
+        if path == "/readyz":
+            ready = self.is_ready
+            return Response(
+                200 if ready else 503, b"ready\n" if ready else b"not ready\n", "text/plain"
+            )
+        if path in ("/", "/dashboard"):
+            return Response(200, self.dashboard(), "text/html; charset=utf-8")
+        if path == "/metrics":
+            snap = await self.snapshot()
+            body = render(snap, self.registry.table, self.provider_infos(), self.is_ready)
+            return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/api/routes":
+            snap = await self.snapshot()
+            conflicts = [str(c) for c in self.registry.table.conflicts]
+            return _json({"routes": self.route_rows(snap), "conflicts": conflicts})
+        if path == "/api/connections":
+            limit = _int_param(query, "limit", DEFAULT_CONNECTIONS, MAX_CONNECTIONS_LISTED)
+            if limit is None:
+                return _error(400, f"limit: expected an integer 1-{MAX_CONNECTIONS_LISTED}")
+            snap = await self.snapshot(connections=limit + 1)
+            listed = [asdict(c) for c in snap.connections]
+            total = snap.totals()["active"]
+            return _json(
+                {"connections": listed[:limit], "total": total, "truncated": len(listed) > limit}
+            )
+        if path == "/api/providers":
+            return _json({"providers": [asdict(info) for info in self.provider_infos()]})
+        if path == "/api/history":
+            return _json({"interval_s": HISTORY_INTERVAL_S, "samples": list(self.history)})
+        return _error(404, f"no such endpoint: {path}")
+
+    def dashboard(self) -> bytes:
+        if self._dashboard is None:
+            self._dashboard = files("discoproxy.admin").joinpath("dashboard.html").read_bytes()
+        return self._dashboard
+
+    async def handle(self, stream: SocketStream) -> None:
+        async with stream:
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+            response: Response | None = None
+            with anyio.move_on_after(REQUEST_TIMEOUT_S):
+                try:
+                    request = await _read_request(conn, stream)
+                    if request is None:
+                        return
+                    headers = {
+                        name.decode("latin-1").lower(): value.decode("latin-1")
+                        for name, value in request.headers
+                    }
+                    method = request.method.decode("ascii", "replace")
+                    target = request.target.decode("ascii", "replace")
+                    response = await self.respond(method, target, headers)
+                    if method == "HEAD":
+                        response.body, length = b"", len(response.body)
+                    else:
+                        length = len(response.body)
+                except h11.RemoteProtocolError as exc:  # h11 still lets us answer it
+                    response = _error(exc.error_status_hint, f"bad request: {exc}")
+                    length = len(response.body)
+                except anyio.EndOfStream:
+                    return
+                except Exception as exc:  # an endpoint's bug answers 500, not a dead listener
+                    logger.exception("admin request failed: {!r}", exc)
+                    response = _error(500, "internal error (see the proxy's log)")
+                    length = len(response.body)
+                await _send(conn, stream, response, length)
+
+
+async def _read_request(conn: h11.Connection, stream: SocketStream) -> h11.Request | None:
+    request: h11.Request | None = None
+    body = 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            try:
+                data = await stream.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                data = b""
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += len(event.data)
+            if body > MAX_BODY_BYTES:
+                raise h11.RemoteProtocolError("request body too large", 413)
+        elif isinstance(event, h11.EndOfMessage):
+            return request
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+
+
+async def _send(
+    conn: h11.Connection, stream: SocketStream, response: Response, length: int
+) -> None:
+    headers = [
+        ("content-type", response.content_type),
+        ("content-length", str(length)),
+        ("cache-control", "no-store"),
+        ("connection", "close"),
+        *response.headers,
+    ]
+    try:
+        await stream.send(conn.send(h11.Response(status_code=response.status, headers=headers)))
+        if response.body:
+            await stream.send(conn.send(h11.Data(data=response.body)))
+        await stream.send(conn.send(h11.EndOfMessage()))
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, h11.LocalProtocolError):
+        pass
+
+
+def _int_param(query: Mapping[str, list[str]], name: str, default: int, most: int) -> int | None:
+    values = query.get(name)
+    if not values:
+        return default
+    text = values[-1]
+    if not text.isdigit() or not 1 <= int(text) <= most:
+        return None
+    return int(text)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _state(route: Route, starting: bool) -> str:
+    if starting:
+        return "starting"
+    return "sleeping" if route.server.sleeping else "running"
+
+
+def _totals(ctx: ProxyContext) -> dict[str, float]:
+    """All routes together, cheaply (reactor thread): the history sampler runs every 2 s."""
+    active = total = up = down = 0
+    for stats in ctx.stats.routes.values():
+        total += stats.closed + stats.udp_sessions
+        up += stats.bytes_up + stats.udp_bytes_up
+        down += stats.bytes_down + stats.udp_bytes_down
+    for conn in ctx.connections:
+        if conn.route is None:
+            continue
+        active += 1
+        total += 1
+        if conn.up is not None:
+            up += conn.prefix_bytes + conn.up.count
+            down += conn.down.count
+    for listener in ctx.udp_listeners:
+        for session in listener.sessions.values():
+            active += 1
+            total += 1
+            up += session.bytes_up
+            down += session.bytes_down
+    return {"active": active, "connections_total": total, "bytes_up": up, "bytes_down": down}
+
+
+async def serve_admin(
+    admin: Admin,
+    listen: str,
+    *,
+    task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin endpoints on ``listen`` until cancelled; report the bound address."""
+    host, port = parse_bind(listen)
+    try:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {listen} (admin): {exc.strerror}") from exc
+    limiter = anyio.CapacityLimiter(MAX_CLIENTS)
+
+    async def handle(stream: SocketStream) -> None:
+        async with limiter:
+            await admin.handle(stream)
+
+    bound = listener.extra(anyio.abc.SocketAttribute.local_address)
+    address = (str(bound[0]), int(bound[1]))
+    logger.info(
+        "admin on http://{}:{}/ (metrics, API, dashboard){}",
+        address[0] if ":" not in address[0] else f"[{address[0]}]",
+        address[1],
+        "" if admin.token else "; no token set",
+    )
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(admin.sample_history)
+        task_status.started(address)
+        await listener.serve(handle)

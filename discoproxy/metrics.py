@@ -1,0 +1,526 @@
+"""What the data plane counts, and how it becomes Prometheus metrics and API numbers.
+
+Rules for this file:
+- The hot path pays plain ``int`` increments on objects owned by the reactor thread,
+  never a lock: prometheus-client's own ``Counter.inc`` takes one per call, and a
+  connection would touch several. Per connection the cost is one :meth:`DataPlaneStats.closed`
+  call at close (a dict lookup, a few additions, one bisect per histogram).
+- A scrape (or an API call) asks the reactor thread for a :class:`Snapshot` through
+  ``Reactor.run``; live connections are counted there and then, so an open connection's
+  bytes show before it closes, and ``connections_total`` (closed + open) never goes down.
+- Labels are bounded: routes come from the routing table (stats of routes gone from it
+  are dropped once they have no connection left), listeners from the config and the
+  port routes, rejection causes and UDP drop causes are fixed strings.
+- :func:`render` turns a snapshot plus the control plane's numbers (routing table,
+  providers) into the text exposition format, with prometheus-client doing the format.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from discoproxy.proxy.connection import ClientConnection
+    from discoproxy.proxy.server import ProxyContext
+    from discoproxy.routing import RoutingTable
+
+# Seconds. Handshakes and dials are sub-millisecond on a LAN and seconds when something
+# is wrong; connections last from a status ping (ms) to a play session (hours).
+FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+DURATION_BUCKETS = (0.01, 0.1, 1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600)
+UNROUTED = "-"  # route label of connections that never reached a route
+
+
+class Histogram:
+    """Cumulative-at-export histogram: ``counts[i]`` is observations ≤ ``bounds[i]``
+    (and above the last bound in the extra last slot)."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.total += value
+
+    def copy(self) -> Histogram:
+        other = Histogram.__new__(Histogram)
+        other.bounds = self.bounds
+        other.counts = list(self.counts)
+        other.count = self.count
+        other.total = self.total
+        return other
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """``(le, cumulative count)`` pairs, ``+Inf`` last, as Prometheus wants them."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            running += count
+            out.append((_le(bound), running))
+        out.append(("+Inf", self.count))
+        return out
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+class RouteStats:
+    """One route's counters: TCP connections that closed, and UDP sessions that ended."""
+
+    __slots__ = (
+        "bytes_down",
+        "bytes_up",
+        "closed",
+        "connect",
+        "dial_failures",
+        "duration",
+        "udp_bytes_down",
+        "udp_bytes_up",
+        "udp_sessions",
+    )
+
+    def __init__(self) -> None:
+        self.closed = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.dial_failures = 0
+        self.duration = Histogram(DURATION_BUCKETS)
+        self.connect = Histogram(FAST_BUCKETS)
+        self.udp_sessions = 0
+        self.udp_bytes_up = 0
+        self.udp_bytes_down = 0
+
+    def copy(self) -> RouteStats:
+        other = RouteStats.__new__(RouteStats)
+        for name in RouteStats.__slots__:
+            setattr(other, name, getattr(self, name))
+        other.duration = self.duration.copy()
+        other.connect = self.connect.copy()
+        return other
+
+
+class DataPlaneStats:
+    """Every counter of the data plane; the reactor thread is its only writer."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, RouteStats] = {}
+        self.accepted: collections.Counter[str] = collections.Counter()  # by listener
+        self.rejected: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.handshake: dict[str, Histogram] = {}  # by listener: accept → routed
+
+    def route(self, route_id: str) -> RouteStats:
+        stats = self.routes.get(route_id)
+        if stats is None:
+            stats = self.routes[route_id] = RouteStats()
+        return stats
+
+    def routed(self, listener: str, seconds: float) -> None:
+        histogram = self.handshake.get(listener)
+        if histogram is None:
+            histogram = self.handshake[listener] = Histogram(FAST_BUCKETS)
+        histogram.observe(seconds)
+
+    def closed(self, conn: ClientConnection, now: float) -> None:
+        route = conn.route
+        stats = self.route(route.qualified_id if route is not None else UNROUTED)
+        stats.closed += 1
+        stats.bytes_up += conn.prefix_bytes + conn.up.count
+        stats.bytes_down += conn.down.count
+        stats.duration.observe(now - conn.started)
+
+    def prune(self, table: RoutingTable, live: Iterable[str]) -> None:
+        """Forget routes gone from ``table`` that no open connection still uses."""
+        keep = set(table.by_id) | set(live) | {UNROUTED}
+        for route_id in [r for r in self.routes if r not in keep]:
+            del self.routes[route_id]
+
+
+@dataclass
+class LiveConnection:
+    id: int
+    protocol: str  # "tcp" | "udp"
+    client: str
+    listener: str
+    route: str | None
+    backend: str | None
+    state: str
+    age_s: float
+    bytes_up: int
+    bytes_down: int
+
+
+@dataclass
+class Snapshot:
+    """The data plane's numbers at one instant, copied on the reactor thread."""
+
+    taken: float  # time.time()
+    routes: dict[str, RouteStats]  # closed connections / ended sessions
+    accepted: dict[str, int]
+    rejected: dict[tuple[str, str], int]
+    handshake: dict[str, Histogram]
+    # (listener, route) → [open connections, bytes up, bytes down] of open connections
+    open_tcp: dict[tuple[str, str], list[int]]
+    # route → [open sessions, bytes up, bytes down]
+    open_udp: dict[str, list[int]]
+    udp_drops: dict[str, int]
+    udp_datagrams: tuple[int, int]
+    status: tuple[int, int, int]  # hits, misses, stale
+    connections: list[LiveConnection] = field(default_factory=list)
+
+    def route_totals(self) -> dict[str, dict[str, int]]:
+        """Per route: open and total connections, bytes each way (TCP and UDP together)."""
+        out: dict[str, dict[str, int]] = {}
+
+        def entry(route_id: str) -> dict[str, int]:
+            return out.setdefault(
+                route_id, {"active": 0, "connections_total": 0, "bytes_up": 0, "bytes_down": 0}
+            )
+
+        for route_id, stats in self.routes.items():
+            item = entry(route_id)
+            item["connections_total"] += stats.closed + stats.udp_sessions
+            item["bytes_up"] += stats.bytes_up + stats.udp_bytes_up
+            item["bytes_down"] += stats.bytes_down + stats.udp_bytes_down
+        for (_, route_id), (count, up, down) in self.open_tcp.items():
+            item = entry(route_id)
+            item["active"] += count
+            item["connections_total"] += count
+            item["bytes_up"] += up
+            item["bytes_down"] += down
+        for route_id, (count, up, down) in self.open_udp.items():
+            item = entry(route_id)
+            item["active"] += count
+            item["connections_total"] += count
+            item["bytes_up"] += up
+            item["bytes_down"] += down
+        return out
+
+    def totals(self) -> dict[str, int]:
+        """All routes together: what the dashboard charts."""
+        active = total = up = down = 0
+        for item in self.route_totals().values():
+            active += item["active"]
+            total += item["connections_total"]
+            up += item["bytes_up"]
+            down += item["bytes_down"]
+        return {"active": active, "connections_total": total, "bytes_up": up, "bytes_down": down}
+
+
+def take_snapshot(ctx: ProxyContext, connections: int = 0) -> Snapshot:
+    """Copy the numbers (reactor thread only). ``connections``: also list up to that many
+    open connections, oldest first, for the API."""
+    stats = ctx.stats
+    now = time.monotonic()
+    open_tcp: dict[tuple[str, str], list[int]] = {}
+    for conn in ctx.connections:
+        route = conn.route
+        key = (conn.listener, route.qualified_id if route is not None else UNROUTED)
+        item = open_tcp.get(key)
+        if item is None:
+            item = open_tcp[key] = [0, 0, 0]
+        item[0] += 1
+        if conn.up is not None:
+            item[1] += conn.prefix_bytes + conn.up.count
+            item[2] += conn.down.count
+    open_udp: dict[str, list[int]] = {}
+    for listener in ctx.udp_listeners:
+        for session in listener.sessions.values():
+            item = open_udp.setdefault(session.route.qualified_id, [0, 0, 0])
+            item[0] += 1
+            item[1] += session.bytes_up
+            item[2] += session.bytes_down
+    status = ctx.status
+    udp = ctx.udp_stats
+    snapshot = Snapshot(
+        taken=time.time(),
+        routes={route_id: s.copy() for route_id, s in stats.routes.items()},
+        accepted=dict(stats.accepted),
+        rejected=dict(stats.rejected),
+        handshake={name: h.copy() for name, h in stats.handshake.items()},
+        open_tcp=open_tcp,
+        open_udp=open_udp,
+        udp_drops=dict(udp.drops),
+        udp_datagrams=(udp.datagrams_up, udp.datagrams_down),
+        status=(status.hits, status.misses, status.stale),
+    )
+    if connections:
+        snapshot.connections = _live(ctx, connections, now)
+    return snapshot
+
+
+def _live(ctx: ProxyContext, limit: int, now: float) -> list[LiveConnection]:
+    from discoproxy.proxy.connection import _format_addr
+    from discoproxy.routing import format_port
+
+    live: list[LiveConnection] = []
+    for conn in sorted(ctx.connections, key=lambda c: c.started)[:limit]:
+        route = conn.route
+        has_flows = conn.up is not None
+        live.append(
+            LiveConnection(
+                id=conn.id,
+                protocol="tcp",
+                client=_format_addr(conn.client_addr),
+                listener=conn.listener,
+                route=route.qualified_id if route is not None else None,
+                backend=_format_addr(conn.backend_addr) if conn.backend_addr else None,
+                state=conn.state.name.lower(),
+                age_s=round(now - conn.started, 3),
+                bytes_up=conn.prefix_bytes + conn.up.count if has_flows else conn.prefix_bytes,
+                bytes_down=conn.down.count if has_flows else 0,
+            )
+        )
+    for listener in ctx.udp_listeners:
+        for session in listener.sessions.values():
+            if len(live) >= limit:
+                return live
+            live.append(
+                LiveConnection(
+                    id=0,
+                    protocol="udp",
+                    client=_format_addr(session.client),
+                    listener=format_port(listener.key),
+                    route=session.route.qualified_id,
+                    backend=_format_addr(session.backend),
+                    state="udp session",
+                    age_s=round(now - session.started, 3),
+                    bytes_up=session.bytes_up,
+                    bytes_down=session.bytes_down,
+                )
+            )
+    return live
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    """One provider as the admin side reports it."""
+
+    name: str
+    state: str  # starting | running | failed | off | disabled
+    routes: int
+    updates: int
+    last_update: float | None  # time.time() of the last applied snapshot
+    error: str | None
+
+
+class _Families(Collector):
+    """Hands prometheus-client the families built for one scrape."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def render(
+    snapshot: Snapshot,
+    table: RoutingTable,
+    providers: Sequence[ProviderInfo],
+    ready: bool,
+) -> bytes:
+    """The text exposition of everything, process metrics included."""
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(namespace="discoproxy", registry=registry)
+    PlatformCollector(registry=registry)
+    registry.register(_Families(list(_families(snapshot, table, providers, ready))))
+    return generate_latest(registry)
+
+
+def _families(
+    snap: Snapshot, table: RoutingTable, providers: Sequence[ProviderInfo], ready: bool
+) -> Iterator[Metric]:
+    accepted = CounterMetricFamily(
+        "discoproxy_connections_accepted",
+        "TCP connections accepted, by listener",
+        labels=["listener"],
+    )
+    for listener, count in sorted(snap.accepted.items()):
+        accepted.add_metric([listener], count)
+    yield accepted
+
+    active = GaugeMetricFamily(
+        "discoproxy_connections_active",
+        "Open TCP connections, by listener and route ('-': not routed yet)",
+        labels=["listener", "route"],
+    )
+    for (listener, route_id), (count, _, _) in sorted(snap.open_tcp.items()):
+        active.add_metric([listener, route_id], count)
+    yield active
+
+    totals = CounterMetricFamily(
+        "discoproxy_connections",
+        "TCP connections per route, closed and open",
+        labels=["route"],
+    )
+    byte_counts = CounterMetricFamily(
+        "discoproxy_bytes",
+        "Bytes forwarded per route and direction (up: client to backend), TCP and UDP",
+        labels=["route", "direction"],
+    )
+    open_by_route: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+    for (_, route_id), (count, up, down) in snap.open_tcp.items():
+        item = open_by_route[route_id]
+        item[0] += count
+        item[1] += up
+        item[2] += down
+    udp_by_route = snap.open_udp
+    for route_id in sorted(set(snap.routes) | set(open_by_route) | set(udp_by_route)):
+        stats = snap.routes.get(route_id)
+        live = open_by_route.get(route_id, [0, 0, 0])
+        udp = udp_by_route.get(route_id, [0, 0, 0])
+        closed = stats.closed if stats else 0
+        totals.add_metric([route_id], closed + live[0])
+        up = (stats.bytes_up + stats.udp_bytes_up if stats else 0) + live[1] + udp[1]
+        down = (stats.bytes_down + stats.udp_bytes_down if stats else 0) + live[2] + udp[2]
+        byte_counts.add_metric([route_id, "up"], up)
+        byte_counts.add_metric([route_id, "down"], down)
+    yield totals
+    yield byte_counts
+
+    rejected = CounterMetricFamily(
+        "discoproxy_connections_rejected",
+        "Connections and datagrams refused, by listener and reason",
+        labels=["listener", "reason"],
+    )
+    for (listener, reason), count in sorted(snap.rejected.items()):
+        rejected.add_metric([listener, reason], count)
+    yield rejected
+
+    handshake = HistogramMetricFamily(
+        "discoproxy_handshake_seconds",
+        "From accept to a routing decision (PROXY header, sniffing), by listener",
+        labels=["listener"],
+    )
+    for listener, histogram in sorted(snap.handshake.items()):
+        handshake.add_metric([listener], histogram.buckets(), histogram.total)
+    yield handshake
+
+    connect = HistogramMetricFamily(
+        "discoproxy_backend_connect_seconds",
+        "From the first dial to the backend accepting, by route",
+        labels=["route"],
+    )
+    duration = HistogramMetricFamily(
+        "discoproxy_connection_duration_seconds",
+        "Lifetime of closed TCP connections, by route",
+        labels=["route"],
+    )
+    dial_failures = CounterMetricFamily(
+        "discoproxy_backend_dial_failures",
+        "Backend addresses that refused, timed out or failed to resolve, by route",
+        labels=["route"],
+    )
+    for route_id, stats in sorted(snap.routes.items()):
+        if stats.connect.count:
+            connect.add_metric([route_id], stats.connect.buckets(), stats.connect.total)
+        if stats.closed:
+            duration.add_metric([route_id], stats.duration.buckets(), stats.duration.total)
+        dial_failures.add_metric([route_id], stats.dial_failures)
+    yield connect
+    yield duration
+    yield dial_failures
+
+    status = CounterMetricFamily(
+        "discoproxy_status_cache",
+        "Minecraft status pings answered: from cache (hit), after a backend ping (miss), "
+        "or from a stale entry when the backend did not answer (stale)",
+        labels=["result"],
+    )
+    for result, count in zip(("hit", "miss", "stale"), snap.status, strict=True):
+        status.add_metric([result], count)
+    yield status
+
+    udp_active = GaugeMetricFamily(
+        "discoproxy_udp_sessions_active", "Open UDP sessions, by route", labels=["route"]
+    )
+    udp_total = CounterMetricFamily(
+        "discoproxy_udp_sessions", "UDP sessions per route, ended and open", labels=["route"]
+    )
+    for route_id in sorted(
+        set(udp_by_route) | {r for r, s in snap.routes.items() if s.udp_sessions}
+    ):
+        count = udp_by_route.get(route_id, [0, 0, 0])[0]
+        stats = snap.routes.get(route_id)
+        udp_active.add_metric([route_id], count)
+        udp_total.add_metric([route_id], count + (stats.udp_sessions if stats else 0))
+    yield udp_active
+    yield udp_total
+    datagrams = CounterMetricFamily(
+        "discoproxy_udp_datagrams", "UDP datagrams forwarded, by direction", labels=["direction"]
+    )
+    datagrams.add_metric(["up"], snap.udp_datagrams[0])
+    datagrams.add_metric(["down"], snap.udp_datagrams[1])
+    yield datagrams
+    drops = CounterMetricFamily(
+        "discoproxy_udp_drops", "UDP datagrams dropped, by cause", labels=["cause"]
+    )
+    for cause, count in sorted(snap.udp_drops.items()):
+        drops.add_metric([cause], count)
+    yield drops
+
+    yield GaugeMetricFamily("discoproxy_routes", "Routes in the routing table", value=len(table))
+    yield GaugeMetricFamily(
+        "discoproxy_route_conflicts",
+        "Names claimed by more than one server (the loser is not routed)",
+        value=len(table.conflicts),
+    )
+    yield GaugeMetricFamily(
+        "discoproxy_ready", "1 when listening with every provider's first routes", value=ready
+    )
+    yield from _provider_families(providers)
+
+
+PROVIDER_STATES = ("starting", "running", "failed", "off", "disabled")
+
+
+def _provider_families(providers: Sequence[ProviderInfo]) -> Iterator[Metric]:
+    state = GaugeMetricFamily(
+        "discoproxy_provider_state",
+        "1 for the state each provider is in",
+        labels=["provider", "state"],
+    )
+    routes = GaugeMetricFamily(
+        "discoproxy_provider_routes", "Servers a provider supplies", labels=["provider"]
+    )
+    updates = CounterMetricFamily(
+        "discoproxy_provider_updates", "Snapshots applied, by provider", labels=["provider"]
+    )
+    last = GaugeMetricFamily(
+        "discoproxy_provider_last_update_timestamp_seconds",
+        "When a provider's last snapshot was applied (Unix time)",
+        labels=["provider"],
+    )
+    for info in providers:
+        for name in PROVIDER_STATES:
+            state.add_metric([info.name, name], 1.0 if info.state == name else 0.0)
+        routes.add_metric([info.name], info.routes)
+        updates.add_metric([info.name], info.updates)
+        if info.last_update is not None:
+            last.add_metric([info.name], info.last_update)
+    yield state
+    yield routes
+    yield updates
+    yield last
