@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import anyio
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from discoproxy.config import ConfigError, ProxyConfig, describe_validation_error
 from discoproxy.model import ServerDefinition
@@ -66,6 +66,12 @@ class ProviderSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: Enabled = Enabled.AUTO
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _enabled(cls, value: Any) -> Any:
+        """TOML/YAML booleans (``enabled = false``) mean what their strings mean."""
+        return str(value).lower() if isinstance(value, bool) else value
 
 
 @runtime_checkable

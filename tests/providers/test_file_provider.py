@@ -12,8 +12,8 @@ import anyio
 import pytest
 from anyio.abc import SocketStream
 
-from discoproxy.config import ProxyConfig
-from discoproxy.provider import load_providers
+from discoproxy.config import ProxyConfig, load_config
+from discoproxy.provider import Enabled, load_providers
 from discoproxy.routing import Registry, RoutingTable
 from providers.file import FileProvider, FileSettings
 from tests.proxy.helpers import (
@@ -205,3 +205,12 @@ def test_provider_table_is_validated_with_field_names(tmp_path: Path) -> None:
     config = ProxyConfig(providers={"fiel": {}})
     with pytest.raises(Exception, match=r"providers\.fiel: unknown provider; registered: file"):
         load_providers(config, {"file": FileProvider})
+
+
+def test_enabled_takes_toml_booleans_as_well_as_strings(tmp_path: Path) -> None:
+    path = tmp_path / "discoproxy.toml"
+    path.write_text("[providers.file]\nenabled = false\n")
+    ((_, enabled),) = load_providers(load_config(path), {"file": FileProvider})
+    assert enabled is Enabled.FALSE
+    config = ProxyConfig(providers={"file": {"enabled": True}})
+    assert load_providers(config, {"file": FileProvider})[0][1] is Enabled.TRUE
