@@ -36,17 +36,16 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from discoproxy.protocol import minecraft
-from tests.support import IN_CI, REPO, ProxyProcess, require_program, running_proxy
+from integration.test_minecraft_peers import NODE_DIR, require_node_peers
+from tests.support import REPO, ProxyProcess, require_program, running_proxy
 
 pytestmark = pytest.mark.peer
 
-NODE_DIR = Path(__file__).resolve().parent / "node"
 ARTIFACTS = REPO / "artifacts"
 TOKEN = "dashboard-test-token"
 DOMAIN = "dash.example.com"
@@ -60,16 +59,10 @@ TRAFFIC_PERIOD_S = 0.1
 
 def require_browser() -> tuple[str, str]:
     """``node`` and Debian's ``chromium``, with playwright-core installed for the script."""
-    node = require_program("node", "apt-get install nodejs npm")
     browser = os.environ.get("CHROMIUM") or shutil.which("chromium")
     if browser is None:
         browser = require_program("chromium", "apt-get install chromium (Debian's, not a download)")
-    if not (NODE_DIR / "node_modules" / "playwright-core").is_dir():
-        message = "playwright-core is missing: run: npm ci --prefix integration/node"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return node, browser
+    return require_node_peers("playwright-core"), browser
 
 
 class _Echo(socketserver.BaseRequestHandler):

@@ -43,10 +43,13 @@ ROUTES = [
 ]
 
 
-def require_node_peers() -> str:
+def require_node_peers(module: str = "minecraft-protocol") -> str:
+    """``node``, with ``module`` installed in integration/node (fails under CI)."""
     node = require_program("node", "apt-get install nodejs npm")
-    if not (NODE_DIR / "node_modules" / "minecraft-protocol").is_dir():
-        message = "integration/node/node_modules is missing: run: npm ci --prefix integration/node"
+    if not (NODE_DIR / "node_modules" / module).is_dir():
+        message = (
+            f"{module} is missing from integration/node: run: npm ci --prefix integration/node"
+        )
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
