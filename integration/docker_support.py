@@ -9,6 +9,8 @@ Rules for this file:
   collide with another run on the same engine.
 - The docker SDK blocks: async code calls these helpers through ``anyio.to_thread``.
 - Without an engine, :func:`require_docker` fails under ``CI=true`` and skips elsewhere.
+- The sidecar image (:func:`build_sidecar_image`) is the one image built from a
+  Dockerfile: on the debootstrap base, never pulled; it and its base are kept between runs.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import docker
 import docker.errors
 import pytest
 
-from tests.support import IN_CI
+from tests.support import IN_CI, REPO, require_program
 
 IMAGE = "discoproxy-test/scratch:latest"
 HOST_MOUNTS = {
@@ -279,3 +281,83 @@ def stop_dockerd(process: DockerdProcess) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"dockerd (pid {process.pid}) did not stop after SIGTERM")
         time.sleep(0.1)
+
+
+# -- the sidecar image ----------------------------------------------------------------------
+
+# The offline base (image/build-base-image.sh) and the image built on it from this tree.
+BASE_IMAGE = "discoproxy-base:bookworm"
+SIDECAR_IMAGE = "discoproxy-test/sidecar:latest"
+BASE_SCRIPT = REPO / "image" / "build-base-image.sh"
+WHEELS_SCRIPT = REPO / "image" / "build-wheels.sh"
+# build-base-image.sh's exit status when root or debootstrap is missing
+PREREQUISITE_MISSING = 3
+# debootstrap takes one to two minutes; a cached tarball imports in seconds
+BASE_TIMEOUT_S = 900
+BUILD_TIMEOUT_S = 600
+OUTPUT_TAIL_LINES = 40
+
+
+def _run_step(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _tail(result: subprocess.CompletedProcess[str]) -> str:
+    lines = (result.stdout + result.stderr).splitlines()
+    return "\n".join(lines[-OUTPUT_TAIL_LINES:])
+
+
+def build_sidecar_image(client: docker.DockerClient) -> str:
+    """Build the Dockerfile on the cached offline base, from the host's wheelhouse.
+
+    The engine's build containers cannot reach PyPI here (TLS through the egress proxy is
+    trusted by the host only), so ``build-wheels.sh`` downloads on the host and the build
+    installs with ``--no-index``. Each step is cached (base image and tarball, wheelhouse,
+    image layers): with nothing changed this takes a few seconds. The image it replaces is
+    removed. Missing root or debootstrap for a base that is not cached yet fails under CI
+    and skips elsewhere.
+    """
+    docker_cli = require_program("docker", "apt-get install docker.io")
+    base = _run_step([str(BASE_SCRIPT), BASE_IMAGE], BASE_TIMEOUT_S)
+    if base.returncode == PREREQUISITE_MISSING:
+        message = f"cannot build the base image {BASE_IMAGE}: {base.stderr.strip()}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    if base.returncode != 0:
+        pytest.fail(f"{BASE_SCRIPT.name} failed ({base.returncode}):\n{_tail(base)}")
+    wheels = _run_step([str(WHEELS_SCRIPT)], BUILD_TIMEOUT_S)
+    if wheels.returncode != 0:
+        pytest.fail(f"{WHEELS_SCRIPT.name} failed ({wheels.returncode}):\n{_tail(wheels)}")
+    try:
+        previous = client.images.get(SIDECAR_IMAGE).id
+    except docker.errors.ImageNotFound:
+        previous = None
+    build = _run_step(
+        [
+            docker_cli,
+            "build",
+            "--force-rm",
+            "--build-arg",
+            f"BASE={BASE_IMAGE}",
+            "-t",
+            SIDECAR_IMAGE,
+            ".",
+        ],
+        BUILD_TIMEOUT_S,
+    )
+    if build.returncode != 0:
+        pytest.fail(f"docker build failed ({build.returncode}):\n{_tail(build)}")
+    built = client.images.get(SIDECAR_IMAGE).id
+    if previous not in (None, built):
+        # the last build's image, untagged now: drop it and the layers only it used
+        with suppress(docker.errors.DockerException):
+            client.images.remove(previous)
+    return SIDECAR_IMAGE
