@@ -298,7 +298,7 @@ def _live(ctx: ProxyContext, limit: int, now: float) -> list[LiveConnection]:
                 return live
             live.append(
                 LiveConnection(
-                    id=0,
+                    id=session.id,
                     protocol="udp",
                     client=_format_addr(session.client),
                     listener=format_port(listener.key),

@@ -103,7 +103,7 @@ def test_a_bedrock_client_joins_and_spawns_through_the_udp_route(
     joined = backend.wait_for_json(seen, timeout=5, event="join")
     assert joined["username"] == "Steve"
     # the session ends after udp_session_timeout of silence, with its line
-    closed = r"udp session closed: client=127\.0\.0\.1:\d+ route=bedrock@file"
+    closed = r"udp session #\d+ closed: client=127\.0\.0\.1:\d+ route=bedrock@file"
     line = proxy.wait_for_line(closed, 10)
     assert f"port={udp_port(proxy)}/udp" in line and "reason=idle timeout" in line
     assert "up=0B" not in line and "down=0B" not in line

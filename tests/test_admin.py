@@ -258,6 +258,7 @@ async def test_udp_sessions_are_counted_per_route() -> None:
                 assert sample(metrics, "discoproxy_udp_datagrams_total", direction="down") == 1
                 live = (await api.json("/api/connections"))["connections"]
                 assert [c["protocol"] for c in live] == ["udp"]
+                assert live[0]["id"] > 0
                 assert live[0]["listener"] == f"{port}/udp"
 
 

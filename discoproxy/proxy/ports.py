@@ -180,6 +180,7 @@ class UdpSession:
         "client",
         "fd",
         "header",
+        "id",
         "last",
         "listener",
         "pktinfo",
@@ -199,6 +200,7 @@ class UdpSession:
         pktinfo: list[tuple[int, int, bytes]],
     ) -> None:
         self.listener = listener
+        self.id = listener.ctx.new_id()  # shared with TCP connections: unique in the API
         self.client = client
         self.route = route
         self.sock = sock
@@ -411,8 +413,9 @@ class UdpListener:
         session.sock.close()
         if ctx.logs_info:
             logger.info(
-                "udp session closed: client={} route={} port={} backend={} up={}B down={}B "
+                "udp session #{} closed: client={} route={} port={} backend={} up={}B down={}B "
                 "duration={:.3f}s reason={}",
+                session.id,
                 _format_addr(session.client),
                 session.route.qualified_id,
                 format_port(self.key),

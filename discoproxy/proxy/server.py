@@ -161,6 +161,10 @@ class ProxyContext:
         self.stats.accepted[conn.listener] += 1
         return next(self._ids)
 
+    def new_id(self) -> int:
+        """The next connection id (a UDP session takes one too)."""
+        return next(self._ids)
+
     def unregister(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
         self.stats.closed(conn, time.monotonic())
