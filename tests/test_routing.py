@@ -38,6 +38,38 @@ def test_default_is_used_only_when_nothing_matches() -> None:
     assert table.lookup_or_default(None).qualified_id == "catch@file"  # type: ignore[union-attr]
 
 
+def test_lookup_or_default_matches_wildcards_like_lookup_host() -> None:
+    table = build_table(
+        {
+            "file": [
+                server("catch", default=True),
+                server("broad", "*.example.com"),
+                server("eu", "*.eu.example.com"),
+                server("exact", "mc.eu.example.com"),
+            ]
+        }
+    )
+    for name, expected in [
+        ("mc.eu.example.com", "exact@file"),
+        ("a.eu.example.com", "eu@file"),
+        ("a.b.example.com", "broad@file"),
+        ("example.com", "catch@file"),
+        ("x.org", "catch@file"),
+        ("", "catch@file"),
+    ]:
+        assert table.lookup_or_default(name).qualified_id == expected  # type: ignore[union-attr]
+        if name:
+            found = table.lookup_host(name)
+            assert (found.qualified_id if found else "catch@file") == expected
+
+
+def test_lookup_without_wildcards_or_default() -> None:
+    table = build_table({"file": [server("mc", "mc.example.com")]})
+    assert table.lookup_or_default("a.mc.example.com") is None
+    assert table.lookup_host("a.mc.example.com") is None
+    assert table.lookup_or_default(None) is None
+
+
 def test_conflict_has_a_deterministic_winner_whatever_the_order() -> None:
     a, b = server("b-server", "mc.example.com"), server("a-server", "mc.example.com")
     for order in ([a, b], [b, a]):

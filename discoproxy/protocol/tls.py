@@ -9,9 +9,17 @@ Rules for this file:
    read, so the caller forwards the untouched prefix to the backend.
 2. Every length the peer declares is checked against its container (record, message,
    vector) before it is used: malformed input raises our error, never ``IndexError``
-   or ``struct.error``.
+   or ``struct.error``. (The fast path of rule 4 reads first and checks the sums after;
+   it catches its own ``IndexError``/``struct.error`` and hands over to the careful walk.)
 3. The handshake message may be split across several records and each record across
    several reads; the parser is simply called again on the longer buffer.
+4. The common case, a whole hello in the first record, takes :func:`_fast_client_hello`
+   (once per TLS connection: it cut parsing Python's own 517-byte hello from ~57k to
+   ~38k CPU instructions, 4.8 → 3.2 µs here). It decides nothing on its own: it returns
+   a result only where the careful walk, :func:`_parse_client_hello_body`, returns the
+   same, and on anything unusual (a second SNI entry, a repeated extension, a length
+   that does not add up) it gives up; the careful walk then runs, names the error and
+   raises it.
 
 Specs: RFC 8446 §5.1 (TLSPlaintext records), §4 and §4.1.2 (Handshake, ClientHello),
 §4.2 (one extension of each type); RFC 6066 §3 (server_name); RFC 7301 §3.1 (ALPN).
@@ -68,12 +76,26 @@ MAX_CLIENT_HELLO_RECORDS = 256
 MAX_SESSION_ID_BYTES = 32
 
 _RECORD_HEADER = struct.Struct(">BBBH")
+# record header (type, major, minor skipped, length) and handshake header (type, then the
+# 24-bit length as a byte and a u16): the single-record fast path's first unpack
+_HELLO_HEADERS = struct.Struct(">BBxHBBH")
+# legacy_version's major byte and, after the minor byte and the 32-byte random,
+# legacy_session_id's length
+_VERSION_AND_SESSION_ID = struct.Struct(">B33xB")
+# from an extension header's length on: server_name's extension length, list length,
+# first name_type and its length
+_SNI_HEADERS = struct.Struct(">HHBH")
 _U16 = struct.Struct(">H")
 _EXTENSION_HEADER = struct.Struct(">HH")
 _RANDOM_BYTES = 32
 # Bytes allowed in a host_name: printable ASCII without space. RFC 6066 §3 says the
 # name is ASCII "without a trailing dot"; we accept and strip the dot via normalize_host.
 _HOST_NAME_BYTES = bytes(range(0x21, 0x7F))
+
+
+# ClientHello built with tuple.__new__: the NamedTuple's generated __new__ with keywords
+# costs ~3x as much (a Python frame), once per connection.
+_tuple_new = tuple.__new__
 
 
 class ClientHello(NamedTuple):  # built per connection: 3× cheaper than a frozen dataclass
@@ -101,16 +123,32 @@ def is_tls(buf: Buffer) -> bool | _NeedData:
 def parse_client_hello(buf: Buffer) -> ClientHello | _NeedData:
     """Reassemble and parse the ClientHello at the start of *buf*."""
     size = len(buf)
-    if size >= 9 and buf[0] == CONTENT_TYPE_HANDSHAKE and buf[1] == 3 and buf[5] == 1:
-        # fast path: the whole ClientHello in the first record, as nearly every client sends
-        record_length = (buf[3] << 8) | buf[4]
-        needed = HANDSHAKE_HEADER_BYTES + ((buf[6] << 16) | (buf[7] << 8) | buf[8])
-        if 0 < record_length <= MAX_RECORD_PAYLOAD_BYTES and needed == record_length:
-            if size < RECORD_HEADER_BYTES + record_length:
-                return NEED_DATA
+    if size >= 9:  # _HELLO_HEADERS.size
+        # the whole ClientHello in the first record, as nearly every client sends: one
+        # unpack reads both headers instead of nine subscripts
+        content_type, major, record_length, handshake_type, high, low = _HELLO_HEADERS.unpack_from(
+            buf
+        )
+        if (
+            content_type == CONTENT_TYPE_HANDSHAKE
+            and major == 3
+            and handshake_type == HANDSHAKE_TYPE_CLIENT_HELLO
+            and 0 < record_length <= MAX_RECORD_PAYLOAD_BYTES
+            and record_length == HANDSHAKE_HEADER_BYTES + ((high << 16) | low)
+        ):
             end = RECORD_HEADER_BYTES + record_length
+            if size < end:
+                return NEED_DATA
+            try:
+                hello = _fast_client_hello(
+                    bytes(buf[:end]) if isinstance(buf, memoryview) else buf, end
+                )
+            except (IndexError, struct.error):  # read past the end: the careful walk says where
+                hello = None
+            if hello is not None:
+                return hello
             server_name, alpn = _parse_client_hello_body(bytes(buf[9:end]))
-            return ClientHello(server_name=server_name, alpn=alpn, length=end)
+            return _tuple_new(ClientHello, (server_name, alpn, end))
     payload = bytearray()
     needed = -1  # handshake bytes (header + body) once the 4-byte header is known
     pos = 0
@@ -136,7 +174,74 @@ def parse_client_hello(buf: Buffer) -> ClientHello | _NeedData:
         if 0 <= needed <= len(payload):
             break
     server_name, alpn = _parse_client_hello_body(bytes(payload[HANDSHAKE_HEADER_BYTES:needed]))
-    return ClientHello(server_name=server_name, alpn=alpn, length=pos)
+    return _tuple_new(ClientHello, (server_name, alpn, pos))
+
+
+def _fast_client_hello(data: bytes | bytearray, end: int) -> ClientHello | None:
+    """The ClientHello that fills ``data[:end]``, one record; None: let the careful walk decide.
+
+    Returns a result only where :func:`_parse_client_hello_body` returns the same one;
+    anything it does not check itself (no extensions block, a server_name list of more
+    than one entry, a repeated extension, a length that does not add up) gives None, or
+    IndexError/struct.error for a read past the end, and the careful walk runs. Nothing
+    past ``end`` (the next record, already read) can make it succeed: every position only
+    grows, and the extensions block and the walk over it must stop exactly at ``end``.
+    """
+    major, session_id_length = _VERSION_AND_SESSION_ID.unpack_from(data, 9)
+    if major != 3 or session_id_length > MAX_SESSION_ID_BYTES:
+        return None
+    pos = 9 + _VERSION_AND_SESSION_ID.size + session_id_length
+    suites_length = (data[pos] << 8) | data[pos + 1]
+    if suites_length == 0 or suites_length & 1:
+        return None
+    pos += 2 + suites_length
+    compression_length = data[pos]
+    if compression_length == 0:
+        return None
+    pos += 1 + compression_length
+    if pos + 2 + ((data[pos] << 8) | data[pos + 1]) != end:
+        return None
+    pos += 2
+    # The walk is the cost (one turn per extension, ~11-17 in real hellos): a turn is one
+    # unpack and one dict store. Repeats show as fewer keys than turns; server_name and
+    # ALPN are looked up afterwards instead of compared on every turn.
+    unpack = _EXTENSION_HEADER.unpack_from
+    starts: dict[int, int] = {}  # extension type → offset of its header
+    count = 0
+    while pos < end:
+        ext_type, ext_length = unpack(data, pos)
+        starts[ext_type] = pos
+        pos += 4 + ext_length
+        count += 1
+    if pos != end or len(starts) != count:
+        return None
+    server_name = None
+    at = starts.get(EXTENSION_SERVER_NAME)
+    if at is not None:
+        # one host_name entry filling the extension, as every client sends
+        ext_length, list_length, name_type, name_length = _SNI_HEADERS.unpack_from(data, at + 2)
+        if (
+            name_type != NAME_TYPE_HOST_NAME
+            or name_length == 0
+            or list_length != name_length + 3
+            or ext_length != name_length + 5
+        ):
+            return None
+        raw = data[at + 9 : at + 9 + name_length]
+        if not raw.isascii():
+            return None
+        host_name = raw.decode("ascii")
+        # printable ASCII without space is _HOST_NAME_BYTES; cheaper than the careful
+        # walk's translate(), which builds a 256-byte table on every call
+        if not host_name.isprintable() or " " in host_name:
+            return None
+        server_name = normalize_host(host_name)
+    alpn: tuple[str, ...] = ()
+    at = starts.get(EXTENSION_ALPN)
+    if at is not None:
+        # raises the careful walk's own error: every other check above has passed
+        alpn = _parse_alpn(data[at + 4 : at + 4 + ((data[at + 2] << 8) | data[at + 3])])
+    return _tuple_new(ClientHello, (server_name, alpn, end))
 
 
 def _check_partial_record_header(buf: Buffer, pos: int, size: int) -> None:
@@ -297,25 +402,34 @@ def _decode_host_name(raw: bytes) -> str:
     return raw.decode("ascii")
 
 
-def _parse_alpn(data: bytes) -> tuple[str, ...]:
-    """RFC 7301 §3.1: ProtocolNameList<2..2^16-1> of ProtocolName<1..2^8-1>."""
-    list_length, pos = _read_u16(data, 0, "ALPN list length")
-    if list_length == 0 or pos + list_length != len(data):
+def _parse_alpn(data: bytes | bytearray) -> tuple[str, ...]:
+    """RFC 7301 §3.1: ProtocolNameList<2..2^16-1> of ProtocolName<1..2^8-1>.
+
+    Hot for browsers (h2, http/1.1): bounds are checked inline, as in the body walk.
+    """
+    end = len(data)
+    if end < 2:
+        _need(data, 0, 2, "ALPN list length")
+    list_length = (data[0] << 8) | data[1]
+    if list_length == 0 or list_length + 2 != end:
         raise MalformedClientHello(
-            f"ALPN list length {list_length}, expected {len(data) - 2} (the extension)"
+            f"ALPN list length {list_length}, expected {end - 2} (the extension)"
         )
     names: list[str] = []
-    while pos < len(data):
+    pos = 2
+    while pos < end:
         name_length = data[pos]
         if name_length == 0:
             raise MalformedClientHello("ALPN protocol name is empty")
-        name_end = _skip(data, pos + 1, name_length, "ALPN protocol name")
+        name_end = pos + 1 + name_length
+        if name_end > end:
+            _need(data, pos + 1, name_length, "ALPN protocol name")
         names.append(data[pos + 1 : name_end].decode("latin-1"))
         pos = name_end
     return tuple(names)
 
 
-def _need(data: bytes, pos: int, count: int, what: str) -> None:
+def _need(data: bytes | bytearray, pos: int, count: int, what: str) -> None:
     if pos + count > len(data):
         raise MalformedClientHello(
             f"{what}: {count} bytes at byte {pos} run past the end at byte {len(data)}"

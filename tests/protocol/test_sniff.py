@@ -20,6 +20,8 @@ LOGIN = encode_handshake(767, "mc.example.com", 25565, 2)
 CASES = [
     (OPENSSL_CLIENT_HELLO, Sniffed.TLS),
     (CURL_CLIENT_HELLO, Sniffed.TLS),
+    (b"\x16\x03", Sniffed.TLS),  # decided on two bytes, as is_tls does
+    (b"\x16\x03\x03\x00", Sniffed.TLS),
     (CURL_HTTP_REQUEST, Sniffed.HTTP),
     (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Sniffed.HTTP),
     (LOGIN, Sniffed.MINECRAFT),

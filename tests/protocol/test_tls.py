@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import ssl
 import struct
 from functools import cache
@@ -21,10 +22,14 @@ from discoproxy.protocol import (
     is_tls,
     parse_client_hello,
 )
-from discoproxy.protocol.tls import MAX_CLIENT_HELLO_RECORDS
+from discoproxy.protocol.tls import (
+    MAX_CLIENT_HELLO_RECORDS,
+    _fast_client_hello,
+    _parse_client_hello_body,
+)
 
 from .captures import CURL_CLIENT_HELLO, OPENSSL_CLIENT_HELLO
-from .feed import PROPERTY, feed, feed_error, feed_reads, split_at, survives
+from .feed import PROPERTY, TRAILING, feed, feed_error, feed_reads, split_at, survives
 
 
 def u8(n: int) -> bytes:
@@ -339,6 +344,128 @@ def test_body_cut_short_with_consistent_outer_lengths_is_malformed(data: st.Data
     message = b"\x01" + len(short).to_bytes(3, "big") + short
     result = survives(parse_client_hello, records(message), MalformedClientHello)
     assert result is None or isinstance(result, ClientHello)
+
+
+# --- Fast path ----------------------------------------------------------------------
+# A hello in one record goes through _fast_client_hello; it must agree with the careful
+# walk wherever it answers, and give up (None) or fail to read wherever it does not.
+
+
+GAVE_UP = (None, "read past the end")
+
+
+def fast(wire: bytes) -> object:
+    """What the fast path makes of *wire*: a ClientHello, its error, or one of GAVE_UP."""
+    end = 5 + int.from_bytes(wire[3:5], "big")
+    try:
+        return _fast_client_hello(wire, end)
+    except (IndexError, struct.error):
+        return "read past the end"
+    except MalformedClientHello as exc:
+        return exc
+
+
+def careful(wire: bytes) -> object:
+    """The careful walk's answer for the single-record hello in *wire*, or its error."""
+    end = 5 + int.from_bytes(wire[3:5], "big")
+    try:
+        server_name, alpn = _parse_client_hello_body(wire[9:end])
+    except MalformedClientHello as exc:
+        return exc
+    return ClientHello(server_name, alpn, end)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        python_ssl_client_hello("fast.example.com", ()),
+        python_ssl_client_hello("fast.example.com", ("h2", "http/1.1")),
+        OPENSSL_CLIENT_HELLO,
+        CURL_CLIENT_HELLO,
+        records(client_hello_message(b"a.example", session_id=b"")),
+        records(client_hello_message(None, (b"h2",))),
+    ],
+)
+def test_fast_path_takes_real_hellos(wire: bytes) -> None:
+    assert fast(wire) == careful(wire)
+    assert fast(wire + TRAILING) == careful(wire)
+    assert isinstance(fast(wire), ClientHello)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        client_hello_message(None, with_extensions=False),  # no extensions block
+        client_hello_message(
+            None, extra=((0, sni_extension((7, b"\x00\x01"), (0, b"b.example"))),)
+        ),  # a second server_name entry
+        client_hello_message(None, extra=((0, sni_extension((1, b"x"), (0, b"c.example"))),)),
+        client_hello_message(b"Caf\xc3\xa9.example"),  # not ASCII
+        client_hello_message(b"a b.example"),  # a space
+        client_hello_message(b"a\x7f.example"),  # DEL
+        client_hello_message(b""),
+        client_hello_message(b"a.io", extra=((0, sni_extension((0, b"b.io"))),)),  # repeat
+        client_hello_message(b"a.io", extra=((21, b""), (21, b""))),
+        client_hello_message(version=b"\x02\x00"),
+        client_hello_message(session_id=b"\x00" * 33),
+        client_hello_message(suites=b""),
+        client_hello_message(suites=b"\x13\x01\x13"),
+        client_hello_message(compression=b""),
+    ],
+)
+def test_fast_path_gives_up_on_what_it_does_not_check(message: bytes) -> None:
+    wire = records(message)
+    assert fast(wire) in GAVE_UP
+    assert fast(wire + TRAILING) in GAVE_UP
+    outcome = careful(wire)
+    if isinstance(outcome, ClientHello):
+        assert parse_client_hello(wire) == outcome
+    else:
+        with pytest.raises(MalformedClientHello, match=re.escape(str(outcome))):
+            parse_client_hello(wire)
+
+
+def test_fast_path_raises_the_careful_walks_alpn_error() -> None:
+    wire = records(client_hello_message(b"a.example", (b"",)))
+    assert str(fast(wire)) == str(careful(wire)) == "ALPN protocol name is empty"
+
+
+def test_fast_path_does_not_read_into_the_next_record() -> None:
+    # the last extension claims 6 bytes, 2 of which only the next record holds: the
+    # bytes are in the buffer, but the hello must still be rejected
+    message = client_hello_message(b"a.example", extra=((21, b"\x00" * 4),))
+    body = bytearray(message[4:])
+    body[-5] = 6  # extension 21's length: 4 -> 6
+    wire = records(message[:4] + bytes(body))
+    assert fast(wire + b"\x00\x00" + TRAILING) in GAVE_UP
+    with pytest.raises(MalformedClientHello, match="extension 21: 6 bytes"):
+        parse_client_hello(wire + b"\x00\x00" + TRAILING)
+
+
+@PROPERTY
+@given(st.data())
+def test_fast_path_agrees_with_the_careful_walk(data: st.DataObject) -> None:
+    base = data.draw(
+        st.sampled_from(
+            [
+                OPENSSL_CLIENT_HELLO,
+                CURL_CLIENT_HELLO,
+                python_ssl_client_hello("prop.example.com", ("h2", "http/1.1")),
+                records(client_hello_message(b"Prop.Example.", (b"h2",), ((21, b"\x00" * 3),))),
+            ]
+        )
+    )
+    wire = bytearray(base)
+    for _ in range(data.draw(st.integers(1, 4))):
+        # corrupt the body only: the record and handshake headers choose the path
+        wire[data.draw(st.integers(9, len(wire) - 1))] = data.draw(st.integers(0, 255))
+    expected = careful(bytes(wire))
+    for tail in (b"", TRAILING):
+        outcome = fast(bytes(wire) + tail)
+        if isinstance(outcome, MalformedClientHello):
+            assert str(outcome) == str(expected)
+        elif outcome not in GAVE_UP:
+            assert outcome == expected
 
 
 # --- Helpers ----------------------------------------------------------------------
