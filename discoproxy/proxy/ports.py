@@ -99,23 +99,29 @@ class PortListener(BaseListener):
         accept = self._sock._accept  # type: ignore[attr-defined]  # (fd, address), no object
         ctx = self._ctx
         label = self.label
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn_fd, addr = accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._accept_failed(exc, label)
-                return
-            route = ctx.registry.table.ports.get(self._key)
-            if route is None:  # removed a moment ago: new connections are refused
-                os.close(conn_fd)
-                ctx.rejected += 1
-                ctx.stats.rejected[(label, "no route")] += 1
-                continue
-            conn = ClientConnection(ctx, conn_fd, (addr[0], addr[1]))
-            conn.listener = label
-            conn.start_port(route)
+        accepted = 0
+        try:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn_fd, addr = accept()
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    self._accept_failed(exc, label)
+                    return
+                accepted += 1
+                route = ctx.registry.table.ports.get(self._key)
+                if route is None:  # removed a moment ago: new connections are refused
+                    os.close(conn_fd)
+                    ctx.rejected += 1
+                    ctx.stats.rejected[(label, "no route")] += 1
+                    continue
+                conn = ClientConnection(ctx, conn_fd, (addr[0], addr[1]))
+                conn.listener = label
+                conn.start_port(route)
+        finally:  # counted once per batch, not per connection
+            if accepted:
+                ctx.stats.accepted[label] += accepted
 
 
 class _Bucket:

@@ -62,17 +62,17 @@ Pipe = tuple[int, int, int]  # read end, write end, capacity in bytes
 class PipePool:
     """Pipes for ``splice``, lent while bytes are in flight and taken back empty."""
 
-    __slots__ = ("_free", "in_flight")
+    __slots__ = ("free", "in_flight")
 
     def __init__(self) -> None:
-        self._free: list[Pipe] = []
+        self.free: list[Pipe] = []  # Flow.pump pops from it inline (see acquire)
         self.in_flight = 0
 
     def acquire(self) -> Pipe | None:
         """A pipe, or None when none can be had (fd limit, budget): the caller copies."""
-        if self._free:
+        if self.free:
             self.in_flight += 1
-            return self._free.pop()
+            return self.free.pop()
         if self.in_flight >= MAX_PIPES_IN_FLIGHT:
             return None
         try:
@@ -89,8 +89,8 @@ class PipePool:
     def release(self, pipe: Pipe) -> None:
         """Take back an empty pipe."""
         self.in_flight -= 1
-        if len(self._free) < MAX_FREE_PIPES and pipe[2] >= PIPE_SIZE:
-            self._free.append(pipe)
+        if len(self.free) < MAX_FREE_PIPES and pipe[2] >= PIPE_SIZE:
+            self.free.append(pipe)
         else:
             os.close(pipe[0])
             os.close(pipe[1])
@@ -102,10 +102,10 @@ class PipePool:
         os.close(pipe[1])
 
     def close(self) -> None:
-        for pipe in self._free:
+        for pipe in self.free:
             os.close(pipe[0])
             os.close(pipe[1])
-        self._free.clear()
+        self.free.clear()
 
 
 T = TypeVar("T")

@@ -158,7 +158,6 @@ class ProxyContext:
     def register(self, conn: ClientConnection) -> int:
         self.connections.add(conn)
         self.total += 1
-        self.stats.accepted[conn.listener] += 1
         return next(self._ids)
 
     def new_id(self) -> int:
@@ -333,19 +332,25 @@ class Listener(BaseListener):
         accept = self._sock._accept  # type: ignore[attr-defined]  # (fd, address), no object
         ctx = self._ctx
         label = self.label
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn_fd, addr = accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._accept_failed(exc, _format_addr(self.address))
-                return
-            conn = ClientConnection(ctx, conn_fd, (addr[0], addr[1]))
-            conn.listener = label
-            if self.fallback is not None:
-                conn.fallback = self.fallback
-            conn.start()
+        accepted = 0
+        try:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn_fd, addr = accept()
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    self._accept_failed(exc, _format_addr(self.address))
+                    return
+                accepted += 1
+                conn = ClientConnection(ctx, conn_fd, (addr[0], addr[1]))
+                conn.listener = label
+                if self.fallback is not None:
+                    conn.fallback = self.fallback
+                conn.start()
+        finally:  # counted once per batch, not per connection
+            if accepted:
+                ctx.stats.accepted[label] += accepted
 
 
 def _listening_sockets(infos: list[tuple[Any, ...]]) -> list[socket.socket]:
