@@ -15,7 +15,8 @@ Rules for this file:
   handshake is usually there); a client is registered with epoll only when it must be
   waited for. The backend is dialed with a non-blocking connect and the replayed prefix
   is written at once: on a fast network the connection is already up.
-- Forwarding is two :class:`Flow` objects, one per direction, moving bytes with
+- Forwarding is two :class:`Flow` objects, one per direction. A flow copies small
+  transfers (read + write) and, once a read fills ``SMALL_READ_BYTES``, moves bytes with
   ``splice`` through a pipe borrowed from the pool only while bytes are in flight (no
   copy into Python). Backpressure: while a flow cannot write, its source is not read.
 - Half-close is carried: EOF from one side becomes ``shutdown(SHUT_WR)`` on the other;
