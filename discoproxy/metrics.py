@@ -34,6 +34,9 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from discoproxy.proxy.connection import _format_addr
+from discoproxy.routing import format_port
+
 if TYPE_CHECKING:
     from discoproxy.proxy.connection import ClientConnection
     from discoproxy.proxy.server import ProxyContext
@@ -276,9 +279,6 @@ def take_snapshot(ctx: ProxyContext, connections: int = 0) -> Snapshot:
 
 
 def _live(ctx: ProxyContext, limit: int, now: float) -> list[LiveConnection]:
-    from discoproxy.proxy.connection import _format_addr
-    from discoproxy.routing import format_port
-
     live: list[LiveConnection] = []
     for conn in sorted(ctx.connections, key=lambda c: c.started)[:limit]:
         route = conn.route
@@ -385,25 +385,17 @@ def _families(
         "Bytes forwarded per route and direction (up: client to backend), TCP and UDP",
         labels=["route", "direction"],
     )
-    open_by_route: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
-    for (_, route_id), (count, up, down) in snap.open_tcp.items():
-        item = open_by_route[route_id]
-        item[0] += count
-        item[1] += up
-        item[2] += down
-    udp_by_route = snap.open_udp
-    for route_id in sorted(set(snap.routes) | set(open_by_route) | set(udp_by_route)):
+    open_tcp: collections.Counter[str] = collections.Counter()
+    for (_, route_id), (count, _, _) in snap.open_tcp.items():
+        open_tcp[route_id] += count
+    for route_id, item in sorted(snap.route_totals().items()):
         stats = snap.routes.get(route_id)
-        live = open_by_route.get(route_id, [0, 0, 0])
-        udp = udp_by_route.get(route_id, [0, 0, 0])
-        closed = stats.closed if stats else 0
-        totals.add_metric([route_id], closed + live[0])
-        up = (stats.bytes_up + stats.udp_bytes_up if stats else 0) + live[1] + udp[1]
-        down = (stats.bytes_down + stats.udp_bytes_down if stats else 0) + live[2] + udp[2]
-        byte_counts.add_metric([route_id, "up"], up)
-        byte_counts.add_metric([route_id, "down"], down)
+        totals.add_metric([route_id], (stats.closed if stats else 0) + open_tcp[route_id])
+        byte_counts.add_metric([route_id, "up"], item["bytes_up"])
+        byte_counts.add_metric([route_id, "down"], item["bytes_down"])
     yield totals
     yield byte_counts
+    udp_by_route = snap.open_udp
 
     rejected = CounterMetricFamily(
         "discoproxy_connections_rejected",
