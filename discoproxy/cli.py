@@ -141,23 +141,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def table_rows(table: RoutingTable) -> list[dict[str, Any]]:
     """The table as ``/api/routes`` shapes it (without the live numbers)."""
-    rows = []
-    for route in table.routes:
-        rows.append(
-            {
-                "id": route.qualified_id,
-                "provider": route.provider,
-                "domains": table.domains_of(route),
-                "default": table.default is route,
-                "backends": [
-                    f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in route.addresses
-                ],
-                "ports": [str(mapping) for mapping in route.server.ports],
-                "send_proxy_protocol": route.send_proxy_protocol,
-                "state": "sleeping" if route.server.sleeping else "running",
-            }
-        )
-    return rows
+    from discoproxy.admin.server import route_row
+
+    return [route_row(table, route) for route in table.routes]
 
 
 def _print_table(headers: Sequence[str], lines: Sequence[Sequence[str]]) -> None:

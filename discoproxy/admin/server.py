@@ -35,11 +35,12 @@ from loguru import logger
 from discoproxy.config import parse_bind
 from discoproxy.metrics import ProviderInfo, Snapshot, render, take_snapshot
 from discoproxy.provider import ProviderStatus
+from discoproxy.proxy.connection import _format_addr
 from discoproxy.status import display_name
 
 if TYPE_CHECKING:
     from discoproxy.proxy.server import ProxyContext
-    from discoproxy.routing import Registry, Route, SnapshotInbox
+    from discoproxy.routing import Registry, Route, RoutingTable, SnapshotInbox
 
 REQUEST_TIMEOUT_S = 10.0
 MAX_CLIENTS = 64
@@ -135,23 +136,13 @@ class Admin:
         totals = snap.route_totals()
         waker = self.ctx.waker
         empty = {"active": 0, "connections_total": 0, "bytes_up": 0, "bytes_down": 0}
-        rows = []
-        for route in table.routes:
-            rows.append(
-                {
-                    "id": route.qualified_id,
-                    "provider": route.provider,
-                    "name": display_name(route.server),
-                    "domains": table.domains_of(route),
-                    "default": table.default is route,
-                    "ports": [str(mapping) for mapping in route.server.ports],
-                    "backends": [_address(host, port) for host, port in route.addresses],
-                    "send_proxy_protocol": route.send_proxy_protocol,
-                    "state": _state(route, waker.is_starting(route.qualified_id)),
-                    **totals.get(route.qualified_id, empty),
-                }
-            )
-        return rows
+        return [
+            {
+                **route_row(table, route, waker.is_starting(route.qualified_id)),
+                **totals.get(route.qualified_id, empty),
+            }
+            for route in table.routes
+        ]
 
     async def sample_history(self) -> None:
         """Append the totals every ``HISTORY_INTERVAL_S`` (the dashboard's charts)."""
@@ -316,14 +307,21 @@ def _int_param(query: Mapping[str, list[str]], name: str, default: int, most: in
     return int(text)
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _state(route: Route, starting: bool) -> str:
-    if starting:
-        return "starting"
-    return "sleeping" if route.server.sleeping else "running"
+def route_row(table: RoutingTable, route: Route, starting: bool = False) -> dict[str, Any]:
+    """One route as ``/api/routes`` (and ``routes --offline``) shows it, live numbers aside."""
+    sleeping = "sleeping" if route.server.sleeping else "running"
+    state = "starting" if starting else sleeping
+    return {
+        "id": route.qualified_id,
+        "provider": route.provider,
+        "name": display_name(route.server),
+        "domains": table.domains_of(route),
+        "default": table.default is route,
+        "ports": [str(mapping) for mapping in route.server.ports],
+        "backends": [_format_addr(address) for address in route.addresses],
+        "send_proxy_protocol": route.send_proxy_protocol,
+        "state": state,
+    }
 
 
 def _totals(ctx: ProxyContext) -> dict[str, float]:
