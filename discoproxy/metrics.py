@@ -34,7 +34,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from discoproxy.proxy.connection import _format_addr
+from discoproxy.proxy.addresses import format_addr
 from discoproxy.routing import format_port
 
 if TYPE_CHECKING:
@@ -287,10 +287,10 @@ def _live(ctx: ProxyContext, limit: int, now: float) -> list[LiveConnection]:
             LiveConnection(
                 id=conn.id,
                 protocol="tcp",
-                client=_format_addr(conn.client_addr),
+                client=format_addr(conn.client_addr),
                 listener=conn.listener,
                 route=route.qualified_id if route is not None else None,
-                backend=_format_addr(conn.backend_addr) if conn.backend_addr else None,
+                backend=format_addr(conn.backend_addr) if conn.backend_addr else None,
                 state=conn.state.name.lower(),
                 age_s=round(now - conn.started, 3),
                 bytes_up=conn.prefix_bytes + conn.up.count if has_flows else conn.prefix_bytes,
@@ -305,10 +305,10 @@ def _live(ctx: ProxyContext, limit: int, now: float) -> list[LiveConnection]:
                 LiveConnection(
                     id=session.id,
                     protocol="udp",
-                    client=_format_addr(session.client),
+                    client=format_addr(session.client),
                     listener=format_port(listener.key),
                     route=session.route.qualified_id,
-                    backend=_format_addr(session.backend),
+                    backend=format_addr(session.backend),
                     state="udp session",
                     age_s=round(now - session.started, 3),
                     bytes_up=session.bytes_up,

@@ -35,7 +35,7 @@ from loguru import logger
 from discoproxy.config import parse_bind
 from discoproxy.metrics import ProviderInfo, Snapshot, render, take_snapshot
 from discoproxy.provider import ProviderStatus
-from discoproxy.proxy.connection import _format_addr
+from discoproxy.proxy.addresses import format_addr
 from discoproxy.status import display_name
 
 if TYPE_CHECKING:
@@ -318,7 +318,7 @@ def route_row(table: RoutingTable, route: Route, starting: bool = False) -> dict
         "domains": table.domains_of(route),
         "default": table.default is route,
         "ports": [str(mapping) for mapping in route.server.ports],
-        "backends": [_format_addr(address) for address in route.addresses],
+        "backends": [format_addr(address) for address in route.addresses],
         "send_proxy_protocol": route.send_proxy_protocol,
         "state": state,
     }

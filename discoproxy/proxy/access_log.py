@@ -19,7 +19,7 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, TextIO
 
-from discoproxy.proxy.connection import _format_addr
+from discoproxy.proxy.addresses import format_addr
 
 if TYPE_CHECKING:
     from discoproxy.proxy.connection import ClientConnection
@@ -49,8 +49,8 @@ class AccessLog:
 
     def closed(self, conn: ClientConnection) -> None:
         now = time.time()
-        client = _format_addr(conn.client_addr)
-        backend = _format_addr(conn.backend_addr)
+        client = format_addr(conn.client_addr)
+        backend = format_addr(conn.backend_addr)
         route = conn.route.qualified_id if conn.route else "-"
         duration = time.monotonic() - conn.started
         up, down = conn.bytes_up, conn.bytes_down

@@ -32,7 +32,6 @@ import ctypes
 import enum
 import errno
 import http as http_status
-import ipaddress
 import json
 import math
 import os
@@ -50,6 +49,7 @@ from discoproxy.protocol import http, minecraft, tls
 from discoproxy.protocol.errors import NEED_DATA, Hint, ProtocolError
 from discoproxy.protocol.proxy_protocol import ProxyHeader, encode_v2, parse_proxy_header
 from discoproxy.protocol.sniff import Sniffed, detect_protocol
+from discoproxy.proxy.addresses import format_addr, literal_family, unmapped
 from discoproxy.proxy.names import Resolved, resolved_addresses
 from discoproxy.proxy.tls_termination import terminate
 from discoproxy.status import LEGACY_PING_PROTOCOL, StatusState, display_name, rewritten_host
@@ -145,8 +145,6 @@ _TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
 
 _PRE_ROUTING = frozenset({PROXY_HEADER, SNIFFING, ANSWERING})
 
-# host string → address family for IP literals, None for names to resolve
-_LITERAL_FAMILY: dict[str, socket.AddressFamily | None] = {}
 _HTTP_PHRASES = {status.value: status.phrase for status in http_status.HTTPStatus}
 
 
@@ -154,30 +152,8 @@ class IllegalTransition(RuntimeError):
     """Raised when the pipeline is asked to make a step its transition table forbids."""
 
 
-def _format_addr(addr: tuple[str, int] | None) -> str:
-    if addr is None:
-        return "-"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _literal_family(host: str) -> socket.AddressFamily | None:
-    try:
-        return _LITERAL_FAMILY[host]
-    except KeyError:
-        pass
-    family: socket.AddressFamily | None
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        family = None
-    if len(_LITERAL_FAMILY) < 4096:
-        _LITERAL_FAMILY[host] = family
-    return family
-
-
 def _dial_target(ip: str, port: int, name: str | None) -> str:
-    where = _format_addr((ip, port))
+    where = format_addr((ip, port))
     return f"{name} ({where})" if name else where
 
 
@@ -488,7 +464,7 @@ class ClientConnection:
     def __repr__(self) -> str:
         route = self.route.qualified_id if self.route else "-"
         state = self.state.name.lower()
-        return f"<conn #{self.id} {_format_addr(self.client_addr)} {route} {state}>"
+        return f"<conn #{self.id} {format_addr(self.client_addr)} {route} {state}>"
 
     @property
     def bytes_up(self) -> int:
@@ -1004,7 +980,7 @@ class ClientConnection:
                 return
             host, port = addresses[self._next_address]
             self._next_address += 1
-            family = _literal_family(host)
+            family = literal_family(host)
             if family is None:
                 cached = self.ctx.names.get(host, port)
                 if cached is not None:  # resolved moments ago: no round trip to a thread
@@ -1025,7 +1001,7 @@ class ClientConnection:
         try:
             infos = await self.ctx.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            error = f"{_format_addr((host, port))}: {exc.strerror or exc}"
+            error = f"{format_addr((host, port))}: {exc.strerror or exc}"
             self.ctx.reactor.call(lambda: self._resolved(host, port, token, [], error))
         else:
             self.ctx.reactor.call(lambda: self._resolved(host, port, token, infos, ""))
@@ -1109,7 +1085,7 @@ class ClientConnection:
                 self.bmask = EPOLLOUT
             return
         except OSError as exc:
-            self._drop_backend(f"{_format_addr(self.backend_addr)}: {exc.strerror or exc}")
+            self._drop_backend(f"{format_addr(self.backend_addr)}: {exc.strerror or exc}")
             self._dial_next()
             return
         ctx = self.ctx
@@ -1149,7 +1125,7 @@ class ClientConnection:
         if task is not None:
             self._dial_task = None
             task.cancel()
-        where = _format_addr(self.backend_addr) if self.backend_addr else "name resolution"
+        where = format_addr(self.backend_addr) if self.backend_addr else "name resolution"
         self._drop_backend(f"{where}: timed out after {timeout}s")
         self._dial_next()
 
@@ -1265,7 +1241,7 @@ class ClientConnection:
             destination = (local[0], local[1])
         if source is None:
             return b""
-        return encode_v2(_unmapped(source), _unmapped(destination))
+        return encode_v2(unmapped(source), unmapped(destination))
 
     # -- failures and teardown ----------------------------------------------------------
 
@@ -1349,16 +1325,6 @@ class ClientConnection:
                 reactor.forget(self.bfd)
             os.close(self.bfd)
         ctx.unregister(self)
-
-
-def _unmapped(addr: tuple[str, int]) -> tuple[str, int]:
-    """``::ffff:a.b.c.d`` → ``a.b.c.d`` so a dual-stack listener still sends v4 headers."""
-    host = addr[0]
-    if host.startswith("::ffff:"):
-        mapped = ipaddress.IPv6Address(host.split("%", 1)[0]).ipv4_mapped
-        if mapped is not None:
-            return (str(mapped), addr[1])
-    return (host.split("%", 1)[0], addr[1])
 
 
 def _legacy_answer(ping: minecraft.LegacyPing | None, status: str) -> bytes:

@@ -46,7 +46,8 @@ from loguru import logger
 
 from discoproxy.guard import Guard, client_ip, filter_refusal
 from discoproxy.protocol.proxy_protocol import encode_v2
-from discoproxy.proxy.connection import ClientConnection, _format_addr, _literal_family, _unmapped
+from discoproxy.proxy.addresses import format_addr, literal_family, unmapped
+from discoproxy.proxy.connection import ClientConnection
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener
 from discoproxy.proxy.names import resolved_addresses
 from discoproxy.routing import PortKey, RoutingTable, format_port
@@ -353,7 +354,7 @@ class UdpListener:
             ctx.log_rejection(client, "udp_max_sessions reached", listener=format_port(self.key))
             return None
         host, port = self._pick(route.addresses)
-        family = _literal_family(host)
+        family = literal_family(host)
         if family is None:
             cached = ctx.names.get(host, port)
             if cached is None or not cached.addresses:
@@ -372,7 +373,7 @@ class UdpListener:
             stats.drops["backend connect failed"] += 1
             ctx.log_rejection(
                 client,
-                f"UDP backend {_format_addr((host, port))}: {exc}",
+                f"UDP backend {format_addr((host, port))}: {exc}",
                 cause="backend connect failed",
                 listener=format_port(self.key),
             )
@@ -381,7 +382,7 @@ class UdpListener:
         header = b""
         if route.send_proxy_protocol:
             local = (local_ip or self.address[0], self.address[1])
-            header = encode_v2(_unmapped(client), _unmapped(local), transport="udp")
+            header = encode_v2(unmapped(client), unmapped(local), transport="udp")
         session = UdpSession(self, client, route, sock, (host, port), header, pktinfo)
         self.sessions[client] = session
         ctx.udp_sessions += 1
@@ -422,10 +423,10 @@ class UdpListener:
                 "udp session #{} closed: client={} route={} port={} backend={} up={}B down={}B "
                 "duration={:.3f}s reason={}",
                 session.id,
-                _format_addr(session.client),
+                format_addr(session.client),
                 session.route.qualified_id,
                 format_port(self.key),
-                _format_addr(session.backend),
+                format_addr(session.backend),
                 session.bytes_up,
                 session.bytes_down,
                 time.monotonic() - session.started,

@@ -43,7 +43,8 @@ from discoproxy.config import ProxyConfig, parse_bind
 from discoproxy.guard import Guard, load_bans
 from discoproxy.metrics import DataPlaneStats
 from discoproxy.proxy.access_log import AccessLog
-from discoproxy.proxy.connection import ClientConnection, _format_addr
+from discoproxy.proxy.addresses import format_addr
+from discoproxy.proxy.connection import ClientConnection
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener
 from discoproxy.proxy.names import NameCache
 from discoproxy.proxy.ports import (
@@ -207,7 +208,7 @@ class ProxyContext:
         suppressed = self._rejections_unlogged.pop(cause, 0)
         self._last_rejection_log[cause] = now
         more = f" ({suppressed} more like it since the last report)" if suppressed else ""
-        logger.warning("rejected {}: {}{}", _format_addr(client), reason, more)
+        logger.warning("rejected {}: {}{}", format_addr(client), reason, more)
 
     def prune_stats(self, table: RoutingTable) -> None:
         """The table changed: drop the counters of routes gone from it (once unused), so
@@ -340,7 +341,7 @@ class Listener(BaseListener):
                 except BlockingIOError:
                     return
                 except OSError as exc:
-                    self._accept_failed(exc, _format_addr(self.address))
+                    self._accept_failed(exc, format_addr(self.address))
                     return
                 accepted += 1
                 conn = ClientConnection(ctx, conn_fd, (addr[0], addr[1]))
@@ -400,7 +401,7 @@ class BindListeners:
         ctx = self._ctx
         host, port = parse_bind(bind)
         family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
-        where = _format_addr((host, port))
+        where = format_addr((host, port))
         try:
             infos = await ctx.loop.getaddrinfo(
                 host or None, port, family=family, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -411,14 +412,14 @@ class BindListeners:
         fallback = ctx.config.fallbacks.get(bind)
         # labelled as configured; a port picked by the kernel (":0") by the address it got
         listeners = [
-            Listener(ctx, sock, fallback, bind if port else _format_addr(sock.getsockname()), bind)
+            Listener(ctx, sock, fallback, bind if port else format_addr(sock.getsockname()), bind)
             for sock in socks
         ]
         self._open[bind] = listeners
         for listener in listeners:
             await ctx.reactor.run(listener.start)
         bound = [listener.address for listener in listeners]
-        logger.info("listening on {}", ", ".join(_format_addr(addr) for addr in bound))
+        logger.info("listening on {}", ", ".join(format_addr(addr) for addr in bound))
         return bound
 
     def find(self, bind: str) -> str | None:
@@ -445,7 +446,7 @@ class BindListeners:
         for listener in listeners:
             self._ctx.reactor.call(listener.close)
         if listeners:
-            where = ", ".join(_format_addr(listener.address) for listener in listeners)
+            where = ", ".join(format_addr(listener.address) for listener in listeners)
             logger.info("stopped listening on {}", where)
 
     def close_all(self) -> None:
