@@ -27,6 +27,7 @@ from loguru import logger
 from discoproxy.admin.client import AdminUnreachable, admin_token, admin_url, fetch, fetch_json
 from discoproxy.config import ConfigError, ProxyConfig, load_config
 from discoproxy.guard import Ban, BanList, check_username, load_bans, parse_duration, save_bans
+from discoproxy.logwriter import writer
 from discoproxy.model import ServerDefinition
 from discoproxy.provider import Enabled, Provider, ProviderStatus, load_providers, supervise
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox, build_table
@@ -52,11 +53,18 @@ TEXT_FORMAT = "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}<
 
 
 def configure_logging(level: str, fmt: str) -> None:
+    """loguru formats in the caller's thread and hands the line to the log writer, whose
+    own thread writes it: a stalled stderr never blocks the data plane or the loop."""
     logger.remove()
+    out = writer()
+
+    def sink(message: str) -> None:
+        out.put(str(message))
+
     if fmt == "json":
-        logger.add(sys.stderr, level=level, serialize=True, enqueue=False)
+        logger.add(sink, level=level, serialize=True, catch=True)
     else:
-        logger.add(sys.stderr, level=level, format=TEXT_FORMAT, colorize=None)
+        logger.add(sink, level=level, format=TEXT_FORMAT, colorize=out.isatty(), catch=True)
 
 
 def _load(args: argparse.Namespace) -> ProxyConfig:
@@ -654,4 +662,8 @@ def _when(stamp: float) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    raise SystemExit(args.func(args))
+    try:
+        code = args.func(args)
+    finally:
+        writer().close()  # what is queued is written, unless stderr stays stalled
+    raise SystemExit(code)

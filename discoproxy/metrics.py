@@ -34,6 +34,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from discoproxy.logwriter import writer
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.routing import format_port
 
@@ -132,6 +133,7 @@ class DataPlaneStats:
         self.accepted: collections.Counter[str] = collections.Counter()  # by listener
         self.rejected: collections.Counter[tuple[str, str]] = collections.Counter()
         self.handshake: dict[str, Histogram] = {}  # by listener: accept → routed
+        self.internal_errors = 0  # connections ended by an unexpected exception
 
     def route(self, route_id: str) -> RouteStats:
         stats = self.routes.get(route_id)
@@ -195,6 +197,8 @@ class Snapshot:
     udp_drops: dict[str, int]
     udp_datagrams: tuple[int, int]
     status: tuple[int, int, int]  # hits, misses, stale
+    internal_errors: int = 0  # connections ended by a bug of ours (logged with a traceback)
+    log_lines_dropped: int = 0  # the log writer's queue was full (stderr stalled)
     connections: list[LiveConnection] = field(default_factory=list)
 
     def route_totals(self) -> dict[str, dict[str, int]]:
@@ -272,6 +276,8 @@ def take_snapshot(ctx: ProxyContext, connections: int = 0) -> Snapshot:
         udp_drops=dict(udp.drops),
         udp_datagrams=(udp.datagrams_up, udp.datagrams_down),
         status=(status.hits, status.misses, status.stale),
+        internal_errors=stats.internal_errors,
+        log_lines_dropped=writer().dropped,
     )
     if connections:
         snapshot.connections = _live(ctx, connections, now)
@@ -478,6 +484,16 @@ def _families(
         drops.add_metric([cause], count)
     yield drops
 
+    yield CounterMetricFamily(
+        "discoproxy_internal_errors",
+        "Connections ended by an unexpected exception (a bug: logged with its traceback)",
+        value=snap.internal_errors,
+    )
+    yield CounterMetricFamily(
+        "discoproxy_log_lines_dropped",
+        "Log lines dropped because stderr did not keep up (the data plane never waits)",
+        value=snap.log_lines_dropped,
+    )
     yield GaugeMetricFamily("discoproxy_routes", "Routes in the routing table", value=len(table))
     yield GaugeMetricFamily(
         "discoproxy_route_conflicts",

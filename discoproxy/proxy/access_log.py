@@ -8,17 +8,20 @@ Rules for this file:
 - The line looks exactly like loguru's (``cli.TEXT_FORMAT``, colours on a terminal), and
   ``log_format = "json"`` gives loguru's ``serialize`` shape (``text`` plus a ``record``
   with ``extra``, ``level``, ``message``, ``time``), so operators see one log, not two.
-- It is written by the reactor thread; the stream's own lock keeps lines whole.
+- It is built on the reactor thread and handed to the log writer
+  (:mod:`discoproxy.logwriter`), which never blocks: a stalled stderr costs dropped
+  (counted) lines, never a frozen data plane.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
+from discoproxy.logwriter import writer
 from discoproxy.proxy.addresses import format_addr
 
 if TYPE_CHECKING:
@@ -32,11 +35,19 @@ _RESET = "\x1b[0m"
 class AccessLog:
     """Formats and writes the close line of each connection."""
 
-    def __init__(self, log_format: str, stream: TextIO | None = None) -> None:
-        self._stream = stream if stream is not None else sys.stderr
+    def __init__(
+        self,
+        log_format: str,
+        write: Callable[[str], None] | None = None,
+        colour: bool | None = None,
+    ) -> None:
+        """``write`` takes each line (the log writer's non-blocking ``put`` by default)."""
+        out = writer()
+        self._write = write if write is not None else out.put
         self._json = log_format == "json"
-        isatty = getattr(self._stream, "isatty", None)
-        self._colour = not self._json and bool(isatty and isatty())
+        if colour is None:
+            colour = write is None and out.isatty()
+        self._colour = not self._json and colour
         self._second = -1
         self._stamp = ""  # "YYYY-MM-DD HH:MM:SS" of self._second, local time
 
@@ -83,5 +94,4 @@ class AccessLog:
                 "time": {"repr": str(moment), "timestamp": now},
             }
             line = json.dumps({"text": line, "record": record}) + "\n"
-        self._stream.write(line)
-        self._stream.flush()
+        self._write(line)

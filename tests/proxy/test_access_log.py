@@ -15,11 +15,6 @@ from discoproxy.proxy.connection import ClientConnection
 from discoproxy.routing import Route
 
 
-class _Tty(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 def _closed_connection() -> ClientConnection:
     conn = ClientConnection.__new__(ClientConnection)
     conn.id = 7
@@ -48,20 +43,20 @@ LINE = re.compile(
 
 def test_text_line_has_loguru_layout_and_every_field() -> None:
     stream = io.StringIO()
-    AccessLog("text", stream).closed(_closed_connection())
+    AccessLog("text", stream.write).closed(_closed_connection())
     assert LINE.match(stream.getvalue()), stream.getvalue()
 
 
 def test_a_terminal_gets_loguru_colours() -> None:
-    stream = _Tty()
-    AccessLog("text", stream).closed(_closed_connection())
+    stream = io.StringIO()
+    AccessLog("text", stream.write, colour=True).closed(_closed_connection())
     line = stream.getvalue()
     assert line.startswith("\x1b[32m") and "\x1b[1mINFO   \x1b[0m conn #7 closed" in line
 
 
 def test_json_has_loguru_serialize_shape() -> None:
     stream = io.StringIO()
-    AccessLog("json", stream).closed(_closed_connection())
+    AccessLog("json", stream.write).closed(_closed_connection())
     entry = json.loads(stream.getvalue())
     assert LINE.match(entry["text"])
     record = entry["record"]
