@@ -28,6 +28,7 @@ Rules for this file:
 from __future__ import annotations
 
 import _socket
+import contextlib
 import ctypes
 import enum
 import errno
@@ -559,7 +560,46 @@ class ClientConnection:
             self._backend_writable()
 
     def on_internal_error(self, exc: Exception) -> None:
-        self.abort(f"internal error: {exc!r}")
+        """A bug met this connection (the reactor logged it with the traceback): end it
+        and count it; if even the orderly close fails, tear it down by hand. Never raises:
+        a connection that escaped every set would hold its fds until the process ends."""
+        ctx = self.ctx
+        ctx.stats.internal_errors += 1
+        reason = f"internal error: {exc!r}"
+        try:
+            self.abort(reason)
+            return
+        except Exception as cleanup:
+            logger.opt(exception=cleanup).error("internal error closing {!r}", self)
+        self._tear_down(reason)
+
+    def _tear_down(self, reason: str) -> None:
+        """Last resort after a failed close: release fds and leave every set, touching
+        nothing that may be half-built."""
+        ctx = self.ctx
+        handed_off = self.state is TERMINATING
+        self.state = CLOSED
+        self.reason = reason
+        ctx.handshaking.discard(self)
+        ctx.dialing.discard(self)
+        if self._dial_task is not None:
+            self._dial_task.cancel()
+            self._dial_task = None
+        for flow in (self.up, self.down):
+            if flow is not None and flow.pipe is not None:
+                with contextlib.suppress(Exception):
+                    flow.release()
+        if self._ip_key is not None:
+            ctx.guard.closed(self._ip_key)
+            self._ip_key = None
+        for fd, owned in ((self.cfd, not handed_off), (self.bfd, True)):
+            if fd >= 0:
+                ctx.reactor.forget(fd)
+                if owned:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+        self.cfd = self.bfd = -1
+        ctx.connections.discard(self)
 
     def sync_events(self) -> None:
         """Register what each fd must be watched for, from the state of both flows."""
@@ -665,7 +705,9 @@ class ClientConnection:
             if ping is NEED_DATA:
                 if self._legacy_wait == 0:  # a stalled 1.6 ping is answered as 1.4 soon
                     self._legacy_wait = 1
-                    self.ctx.reactor.call_later(LEGACY_PING_GRACE_S, self._legacy_stalled)
+                    self.ctx.reactor.call_later_into(
+                        LEGACY_PING_GRACE_S, self, self._legacy_stalled
+                    )
                 if self._legacy_wait == 1:
                     return
                 ping = minecraft.LegacyPing("1.4", None, None, None, None, len(buffer))
@@ -898,9 +940,9 @@ class ClientConnection:
         except Exception as exc:  # a bug: this connection only
             logger.opt(exception=exc).error("internal error answering a status ping")
             reason = f"internal error: {exc!r}"
-            self.ctx.reactor.call(lambda: self.abort(reason))
+            self.ctx.reactor.call_into(self, lambda: self.abort(reason))
             return
-        self.ctx.reactor.call(lambda: self._status_ready(text, state))
+        self.ctx.reactor.call_into(self, lambda: self._status_ready(text, state))
 
     def _status_ready(self, text: str, state: StatusState) -> None:
         if self.state is not ANSWERING:
@@ -1002,9 +1044,9 @@ class ClientConnection:
             infos = await self.ctx.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
             error = f"{format_addr((host, port))}: {exc.strerror or exc}"
-            self.ctx.reactor.call(lambda: self._resolved(host, port, token, [], error))
+            self.ctx.reactor.call_into(self, lambda: self._resolved(host, port, token, [], error))
         else:
-            self.ctx.reactor.call(lambda: self._resolved(host, port, token, infos, ""))
+            self.ctx.reactor.call_into(self, lambda: self._resolved(host, port, token, infos, ""))
 
     def _resolved(
         self, host: str, port: int, token: int, infos: list[tuple[Any, ...]], error: str
@@ -1177,13 +1219,13 @@ class ClientConnection:
         waker = self.ctx.waker
         ready = None
         if not (route.server.auto_start and route.provider in waker.controls):
-            self.ctx.reactor.call(self._cannot_wake)
+            self.ctx.reactor.call_into(self, self._cannot_wake)
             return
         await waker.wake(route)
         wait = self.ctx.config.auto_start_wait
         if wait > 0:
             ready = await waker.wait_ready(route.qualified_id, wait)
-        self.ctx.reactor.call(lambda: self._woken(ready))
+        self.ctx.reactor.call_into(self, lambda: self._woken(ready))
 
     def _cannot_wake(self) -> None:
         if self.state is WAKING:

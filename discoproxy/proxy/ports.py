@@ -119,7 +119,10 @@ class PortListener(BaseListener):
                     continue
                 conn = ClientConnection(ctx, conn_fd, (addr[0], addr[1]))
                 conn.listener = label
-                conn.start_port(route)
+                try:  # zero-cost unless raised: a bug ends this connection, not the batch
+                    conn.start_port(route)
+                except Exception as exc:
+                    ctx.reactor.handler_failed(conn, exc)
         finally:  # counted once per batch, not per connection
             if accepted:
                 ctx.stats.accepted[label] += accepted

@@ -53,7 +53,8 @@ MAX_EVENTS = 256
 class Handler(Protocol):
     def on_event(self, fd: int, events: int) -> None: ...
 
-    def on_internal_error(self, exc: Exception) -> None: ...
+    def on_internal_error(self, exc: Exception) -> None:
+        """An unexpected exception met this handler: end it cleanly (never raises)."""
 
 
 Pipe = tuple[int, int, int]  # read end, write end, capacity in bytes
@@ -145,6 +146,11 @@ class Reactor:
         with contextlib.suppress(BlockingIOError):  # full: wake-ups are pending already
             os.write(self._wake_write, b"\0")
 
+    def call_into(self, handler: Handler, fn: Callable[[], object]) -> None:
+        """:meth:`call` for a function that acts on ``handler`` (a connection): if it
+        raises, ``handler`` is ended through :meth:`handler_failed`, as for an event."""
+        self.call(lambda: self.guarded(handler, fn))
+
     async def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in the reactor thread and await its result (from the asyncio loop)."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -209,6 +215,18 @@ class Reactor:
     def call_later(self, delay: float, fn: Callable[[], object]) -> None:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), fn))
 
+    def call_later_into(self, delay: float, handler: Handler, fn: Callable[[], object]) -> None:
+        """:meth:`call_later` for a function that acts on ``handler`` (see :meth:`call_into`)."""
+        self.call_later(delay, lambda: self.guarded(handler, fn))
+
+    def guarded(self, handler: Handler, fn: Callable[[], object]) -> None:
+        """Run ``fn`` (reactor thread); an exception ends ``handler``, not the caller's
+        batch: sweeps, accept loops and cross-thread calls into connections use it."""
+        try:
+            fn()
+        except Exception as exc:
+            self.handler_failed(handler, exc)
+
     def every(self, interval: float, fn: Callable[[], object]) -> Callable[[], None]:
         """Run ``fn`` every ``interval`` seconds from now on, until the returned function
         is called."""
@@ -247,7 +265,7 @@ class Reactor:
                     try:
                         handler.on_event(fd, events)
                     except Exception as exc:
-                        self._handler_failed(fd, handler, exc)
+                        self.handler_failed(handler, exc)
                 if timers and timers[0][0] <= time.monotonic():
                     self._run_timers()
         except BaseException as exc:  # the data plane is gone: say so, and let run() fail
@@ -261,14 +279,14 @@ class Reactor:
         finally:
             self._fail_waiting()
 
-    def _handler_failed(self, fd: int, handler: Handler, exc: Exception) -> None:
-        """A bug met one connection: log it, drop that connection, keep serving."""
-        logger.opt(exception=exc).error("internal error handling fd {}", fd)
+    def handler_failed(self, handler: Handler, exc: Exception) -> None:
+        """A bug met one handler (a connection, a listener): log it once with the
+        traceback and let the handler end itself cleanly; everything else keeps going."""
+        logger.opt(exception=exc).error("internal error in {!r}: {!r}", handler, exc)
         try:
             handler.on_internal_error(exc)
-        except Exception as cleanup:
-            logger.opt(exception=cleanup).error("internal error dropping fd {}", fd)
-            self.forget(fd)
+        except Exception as cleanup:  # on_internal_error must not raise: a second bug
+            logger.opt(exception=cleanup).error("internal error ending {!r}", handler)
 
     async def wait_stopped(self) -> None:
         """Return when the reactor thread ends; raise what ended it if it failed."""

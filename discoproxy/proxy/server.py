@@ -293,11 +293,12 @@ class ProxyContext:
     def _sweep_deadlines(self) -> None:
         now = time.monotonic()
         handshake = self.config.handshake_timeout
+        guarded = self.reactor.guarded
         if handshake > 0:
             for conn in [c for c in self.handshaking if now - c.started >= handshake]:
-                conn.handshake_timed_out()
+                guarded(conn, conn.handshake_timed_out)
         for conn in [c for c in self.dialing if now >= c.dial_deadline]:
-            conn.dial_timed_out()
+            guarded(conn, conn.dial_timed_out)
 
     def _sweep_idle(self) -> None:
         """Close connections that moved no byte either way for ``idle_timeout``."""
@@ -309,7 +310,7 @@ class ProxyContext:
             else:
                 conn.idle_ticks += 1
                 if conn.idle_ticks >= limit:
-                    conn.close_idle()
+                    self.reactor.guarded(conn, conn.close_idle)
 
 
 class Listener(BaseListener):
@@ -348,7 +349,10 @@ class Listener(BaseListener):
                 conn.listener = label
                 if self.fallback is not None:
                     conn.fallback = self.fallback
-                conn.start()
+                try:  # zero-cost unless raised: a bug ends this connection, not the batch
+                    conn.start()
+                except Exception as exc:
+                    ctx.reactor.handler_failed(conn, exc)
         finally:  # counted once per batch, not per connection
             if accepted:
                 ctx.stats.accepted[label] += accepted

@@ -167,7 +167,7 @@ async def terminate(ctx: ProxyContext, conn: ClientConnection, route: Route, fd:
     finally:
         client.close()
         with contextlib.suppress(RuntimeError):  # the reactor stopped: nothing to account to
-            ctx.reactor.call(lambda: conn.terminated(backend, up, down, reason))
+            ctx.reactor.call_into(conn, lambda: conn.terminated(backend, up, down, reason))
 
 
 async def _handshake(
