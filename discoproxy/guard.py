@@ -14,6 +14,9 @@ Rules for this file:
   5. for a Minecraft login, a ban of the username in Login Start.
   Steps 1-2 happen right after accept (a refused client is closed without a reply);
   3-5 after the handshake, so a Minecraft player reads why (a Disconnect with the reason).
+  UDP meets the same steps in the same order through the same functions
+  (:func:`global_refusal`, :func:`routed_refusal`), without the TCP-only ones (2, the
+  connection budget of 3, and 5).
 - Per-IP state is bounded: open-connection counts live only while connections are open,
   rate state is kept for the :data:`MAX_TRACKED_IPS` most recently seen addresses (the
   least recently seen are forgotten), so a flood of distinct addresses costs bounded
@@ -41,7 +44,6 @@ from discoproxy.model import IpFilterSettings, parse_networks
 
 if TYPE_CHECKING:
     from discoproxy.config import ProxyConfig
-    from discoproxy.routing import RoutingTable
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -80,13 +82,16 @@ def filter_refusal(settings: IpFilterSettings, ip: IpAddress) -> str | None:
 class Guard:
     """The proxy's guard state: global filter, per-IP counts and budgets, the bans.
 
-    ``idle`` is true when nothing is configured and no ban exists: the data plane then
-    skips every check with one attribute test."""
+    Owned by the reactor thread: :meth:`configure` runs there on a reload and
+    :meth:`set_bans` is posted there by the bans watcher, so ``idle`` has one writer.
+    ``idle`` is true when no global setting is configured and no ban exists; the data
+    plane then skips the global checks with one attribute test. A server's own
+    ``ip_filter`` is not part of it: it travels with the route in the routing table and
+    is checked whenever the route carries one, so a table swap can never skip it."""
 
     def __init__(self, config: ProxyConfig) -> None:
         self.open_per_ip: dict[str, int] = {}
         self.bans = BanList()
-        self._server_filters = False
         self._rate_limit = config.rate_limit
         self.connections = RateLimiter(config.rate_limit.connections, config.rate_limit.window)
         self.status = RateLimiter(config.rate_limit.status, config.rate_limit.window)
@@ -106,18 +111,12 @@ class Guard:
         self._update()
 
     def set_bans(self, bans: BanList) -> None:
-        """Swap in a new ban list (asyncio side; the reactor reads the reference)."""
+        """Swap in a new ban list (reactor thread)."""
         self.bans = bans
         self._update()
 
-    def table_changed(self, table: RoutingTable) -> None:
-        """A new routing table: do its servers carry ip_filters?"""
-        routes = [*table.routes, *table.ports.values()]
-        self._server_filters = any(route.server.ip_filter for route in routes)
-        self._update()
-
     def _update(self) -> None:
-        self.idle = not (self._configured or self._server_filters or len(self.bans))
+        self.idle = not (self._configured or len(self.bans))
 
     def opened(self, key: str) -> bool:
         """Count a connection from ``key``; False if it is over ``max_connections_per_ip``."""
@@ -133,6 +132,55 @@ class Guard:
             self.open_per_ip[key] = count
         else:
             self.open_per_ip.pop(key, None)
+
+
+# Why a connection was refused: a fixed set (metric label values), never a route id or
+# an address. The filters add their own two: "denied by ip_filter", "not in ip_filter
+# allow" (global), the same prefixed with "server " for a server's own filter.
+BANNED = "banned"
+MAX_PER_IP = "max_connections_per_ip reached"
+RATE_LIMITED = ("rate_limit connections exceeded", "rate_limit status exceeded")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A guard step refused a client: ``cause`` is one of the fixed causes above (a
+    metric label), ``reason`` says why for the log and the close line."""
+
+    cause: str
+    reason: str
+    ban: Ban | None = None
+
+
+def global_refusal(guard: Guard, ip: IpAddress) -> Refusal | None:
+    """Step 1 of the precedence: the global ``[ip_filter]``."""
+    why = filter_refusal(guard.filter, ip) if guard.filter else None
+    return Refusal(why, why) if why is not None else None
+
+
+def routed_refusal(
+    guard: Guard,
+    ip: IpAddress,
+    server_filter: IpFilterSettings | None,
+    route_id: str,
+    budget: RateLimiter | None,
+) -> Refusal | None:
+    """Steps 3-4 of the precedence, in order, once a connection has its route: bans by
+    IP, the per-IP rate ``budget`` (None: none applies, as for UDP, which has its own
+    datagram limits), then the server's own ``ip_filter``. Checked whatever the global
+    state: the server filter travels with the route."""
+    if guard.bans:
+        ban = guard.bans.ip_ban(ip)
+        if ban is not None:
+            return Refusal(BANNED, f"banned ({ban.target})", ban)
+    if budget and not budget.allow(str(ip)):
+        cause = RATE_LIMITED[budget is guard.status]
+        return Refusal(cause, cause)
+    if server_filter:
+        why = filter_refusal(server_filter, ip)
+        if why is not None:
+            return Refusal(f"server {why}", f"{route_id}: {why}")
+    return None
 
 
 class RateLimiter:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import anyio
 from loguru import logger
 
-from discoproxy.model import ServerDefinition
+from discoproxy.model import IpFilterSettings, ServerDefinition
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,12 @@ class Route:
     addresses: tuple[tuple[str, int], ...]
     send_proxy_protocol: bool
     server: ServerDefinition = field(compare=False, repr=False)
+    # the server's own ip_filter, None when it sets none: the guard checks it from the
+    # route itself, so a connection meets the filter of the very table that routed it
+    ip_filter: IpFilterSettings | None = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ip_filter", self.server.ip_filter or None)
 
 
 @dataclass(frozen=True, slots=True)

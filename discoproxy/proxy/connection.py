@@ -43,7 +43,17 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from discoproxy.guard import Ban, IpAddress, client_ip, filter_refusal
+from discoproxy.guard import (
+    BANNED,
+    MAX_PER_IP,
+    RATE_LIMITED,
+    Ban,
+    IpAddress,
+    Refusal,
+    client_ip,
+    global_refusal,
+    routed_refusal,
+)
 from discoproxy.model import DEFAULT_BACKEND_PORT
 from discoproxy.motd import legacy_fields, strip_codes
 from discoproxy.protocol import http, minecraft, tls
@@ -504,8 +514,8 @@ class ClientConnection:
             return
         self.route = route
         self.route_stats = self.ctx.stats.route(route.qualified_id)
-        guard = self.ctx.guard
-        if not guard.idle and not (self._guard_address() and self._guard_checks(None, route)):
+        guarded = not self.ctx.guard.idle or route.ip_filter is not None
+        if guarded and not (self._guard_address() and self._guard_checks(None, route)):
             return
         self._move(DIALING)
         self._dial_next()
@@ -733,7 +743,8 @@ class ClientConnection:
         else:  # the listener's catch-all comes before the global default
             route = table.lookup_host(name) if name else None
             route = route or table.by_id.get(self.fallback) or table.default
-        if not self.ctx.guard.idle and not self._guard_checks(kind, route):
+        guarded = not self.ctx.guard.idle or (route is not None and route.ip_filter is not None)
+        if guarded and not self._guard_checks(kind, route):
             return  # refused, or waiting for the Login Start of a username check
         if route is None:
             self._answer_unknown(kind, name)
@@ -798,69 +809,72 @@ class ClientConnection:
 
     def _guard_address(self) -> bool:
         """The real client address is known: global ip_filter, then
-        max_connections_per_ip. A refused client is closed without a reply."""
+        max_connections_per_ip (guard.py: steps 1-2). A refused client is closed
+        without a reply."""
         guard = self.ctx.guard
         addr = self.client_addr
         ip = client_ip(addr[0]) if addr is not None else None
         self._ip = ip
         if ip is None:
             return True
-        why = filter_refusal(guard.filter, ip) if guard.filter else None
-        if why is None and guard.max_per_ip:
+        refusal = global_refusal(guard, ip)
+        if refusal is None and guard.max_per_ip:
             key = str(ip)
             if guard.opened(key):
                 self._ip_key = key
             else:
-                why = "max_connections_per_ip reached"
-        if why is not None:
-            self._refused(why)
+                refusal = Refusal(MAX_PER_IP, "max_connections_per_ip reached")
+        if refusal is not None:
+            self._refused(refusal)
             return False
         return True
 
     def _guard_checks(self, kind: Sniffed | None, route: Route | None) -> bool:
-        """After the handshake: bans by IP, the rate budget, the server's ip_filter (once),
-        then a username ban (Minecraft logins: waits for Login Start). False: refused, or
-        waiting for more bytes."""
+        """After the handshake (guard.py: steps 3-5): bans by IP, the rate budget, the
+        server's ip_filter (once), then a username ban (Minecraft logins: waits for Login
+        Start). False: refused, or waiting for more bytes."""
         guard = self.ctx.guard
         config = self.ctx.config
-        ip = self._ip
         login = kind is _MINECRAFT and self._next_state != minecraft.NEXT_STATE_STATUS
         if not self._guarded:
             self._guarded = True
+            ip = self._ip
+            if ip is None and self.client_addr is not None:  # the global steps were idle
+                ip = self._ip = client_ip(self.client_addr[0])
             if ip is not None:
-                ban = guard.bans.ip_ban(ip)
-                if ban is not None:
-                    self._refused(f"banned ({ban.target})", login, _ban_text(config, ban))
-                    return False
                 status = (kind is _MINECRAFT and not login) or kind is _MINECRAFT_LEGACY
-                budget = guard.status if status else guard.connections
-                if budget and not budget.allow(str(ip)):
-                    which = "status" if status else "connections"
-                    self._refused(
-                        f"rate_limit {which} exceeded", login, config.rate_limited_message
-                    )
-                    return False
-                server_filter = route.server.ip_filter if route is not None else None
-                if server_filter:
-                    why = filter_refusal(server_filter, ip)
-                    if why is not None:
+                refusal = routed_refusal(
+                    guard,
+                    ip,
+                    route.ip_filter if route is not None else None,
+                    route.qualified_id if route is not None else "-",
+                    guard.status if status else guard.connections,
+                )
+                if refusal is not None:
+                    if refusal.ban is not None:
+                        text = _ban_text(config, refusal.ban)
+                    elif refusal.cause in RATE_LIMITED:
+                        text = config.rate_limited_message
+                    else:
                         text = config.not_allowed_message
-                        self._refused(f"{route.qualified_id}: {why}", login, text)  # type: ignore[union-attr]
-                        return False
+                    self._refused(refusal, login, text)
+                    return False
         if login and guard.bans.has_usernames:
             start = minecraft.parse_login_start(self.buffer[self._handshake_length :])
             if start is NEED_DATA:
                 return False
             ban = guard.bans.user_ban(start.username)
             if ban is not None:
-                self._refused(f"banned ({ban.target})", login, _ban_text(config, ban))
+                refusal = Refusal(BANNED, f"banned ({ban.target})", ban)
+                self._refused(refusal, login, _ban_text(config, ban))
                 return False
         return True
 
-    def _refused(self, reason: str, login: bool = False, text: str = "") -> None:
+    def _refused(self, refusal: Refusal, login: bool = False, text: str = "") -> None:
         """Refuse this connection: a Minecraft login reads ``text`` in a Disconnect."""
+        reason = refusal.reason
         self.ctx.log_rejection(
-            self.client_addr, reason, cause=reason.split(" (", 1)[0], listener=self.listener
+            self.client_addr, reason, cause=refusal.cause, listener=self.listener
         )
         self.ctx.rejected += 1
         if login and self.state is SNIFFING:

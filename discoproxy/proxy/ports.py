@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from discoproxy.guard import Guard, client_ip, filter_refusal
+from discoproxy.guard import Guard, Refusal, client_ip, global_refusal, routed_refusal
 from discoproxy.protocol.proxy_protocol import encode_v2
 from discoproxy.proxy.addresses import format_addr, literal_family, unmapped
 from discoproxy.proxy.connection import ClientConnection
@@ -340,14 +340,14 @@ class UdpListener:
             stats.drops["no route"] += 1
             return None
         guard = ctx.guard
-        if not guard.idle:
-            why = _guard_refusal(guard, client, route)
-            if why is not None:
-                stats.drops[why.split(" (", 1)[0]] += 1
+        if not guard.idle or route.ip_filter is not None:
+            refusal = udp_refusal(guard, client, route)
+            if refusal is not None:
+                stats.drops[refusal.cause] += 1
                 ctx.log_rejection(
                     client,
-                    f"UDP {format_port(self.key)}: {why}",
-                    cause=why.split(" (", 1)[0],
+                    f"UDP {format_port(self.key)}: {refusal.reason}",
+                    cause=refusal.cause,
                     listener=format_port(self.key),
                 )
                 return None
@@ -481,20 +481,15 @@ class UdpListener:
         self._shut()
 
 
-def _guard_refusal(guard: Guard, client: tuple[str, int], route: Route) -> str | None:
-    """A new UDP client: the global and the server's ip_filter, and bans by IP (the
-    datagram rate is limited per IP separately, by UdpLimits)."""
+def udp_refusal(guard: Guard, client: tuple[str, int], route: Route) -> Refusal | None:
+    """A new UDP client: guard.py's precedence without the TCP-only steps (the datagram
+    rate is limited per IP separately, by UdpLimits)."""
     ip = client_ip(client[0])
     if ip is None:
         return None
-    why = filter_refusal(guard.filter, ip) if guard.filter else None
-    if why is None and route.server.ip_filter:
-        why = filter_refusal(route.server.ip_filter, ip)
-    if why is None:
-        ban = guard.bans.ip_ban(ip)
-        if ban is not None:
-            why = f"banned ({ban.target})"
-    return why
+    return global_refusal(guard, ip) or routed_refusal(
+        guard, ip, route.ip_filter, route.qualified_id, None
+    )
 
 
 def _reply_source(

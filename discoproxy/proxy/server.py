@@ -40,7 +40,7 @@ from anyio.abc import TaskStatus
 from loguru import logger
 
 from discoproxy.config import ProxyConfig, parse_bind
-from discoproxy.guard import Guard, load_bans
+from discoproxy.guard import BanList, Guard, load_bans
 from discoproxy.metrics import DataPlaneStats
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.addresses import format_addr
@@ -507,15 +507,18 @@ async def watch_bans(ctx: ProxyContext) -> None:
     """Load the bans file, then again whenever it changes (a bad file keeps the last
     good list, with an error naming the file and entry)."""
     path = ctx.config.bans_file.absolute()
+    current = BanList()  # what was last handed to the guard (which the reactor owns)
 
     def load(first: bool) -> None:
+        nonlocal current
         try:
             bans = load_bans(path)
         except ValueError as exc:
             logger.error("bans not applied: {}; keeping the previous list", exc)
             return
-        if first or len(bans) != len(ctx.guard.bans) or bans.bans != ctx.guard.bans.bans:
-            ctx.guard.set_bans(bans)
+        if first or bans.bans != current.bans:
+            current = bans
+            ctx.reactor.call(lambda: ctx.guard.set_bans(bans))
             if bans or not first:
                 logger.info("bans: {} from {}", len(bans), path)
 
@@ -565,8 +568,6 @@ async def run_proxy(
             bound: list[tuple[str, int]] = []
             for bind in dict.fromkeys(config.bind):
                 bound += await ctx.binds.open(bind)
-            ctx.guard.table_changed(registry.table)
-            registry.add_listener(ctx.guard.table_changed)
             ctx.ports.sync(registry.table)
             registry.add_listener(ctx.ports.sync)
             registry.add_listener(ctx.prune_stats)
