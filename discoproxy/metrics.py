@@ -198,6 +198,7 @@ class Snapshot:
     udp_datagrams: tuple[int, int]
     status: tuple[int, int, int]  # hits, misses, stale
     internal_errors: int = 0  # connections ended by a bug of ours (logged with a traceback)
+    table_listener_errors: int = 0  # the control plane's: routing-table listeners that raised
     log_lines_dropped: int = 0  # the log writer's queue was full (stderr stalled)
     connections: list[LiveConnection] = field(default_factory=list)
 
@@ -484,11 +485,15 @@ def _families(
         drops.add_metric([cause], count)
     yield drops
 
-    yield CounterMetricFamily(
+    internal = CounterMetricFamily(
         "discoproxy_internal_errors",
-        "Connections ended by an unexpected exception (a bug: logged with its traceback)",
-        value=snap.internal_errors,
+        "Unexpected exceptions (a bug: logged with its traceback): a connection ended, or "
+        "a routing-table listener that kept its previous state",
+        labels=["where"],
     )
+    internal.add_metric(["connection"], snap.internal_errors)
+    internal.add_metric(["table listener"], snap.table_listener_errors)
+    yield internal
     yield CounterMetricFamily(
         "discoproxy_log_lines_dropped",
         "Log lines dropped because stderr did not keep up (the data plane never waits)",

@@ -220,6 +220,7 @@ class Registry:
         self._snapshots: dict[str, tuple[ServerDefinition, ...]] = {}
         self._table = RoutingTable.empty()
         self._listeners: list[TableListener] = []
+        self.listener_errors = 0  # table listeners that raised (discoproxy_internal_errors)
 
     @property
     def table(self) -> RoutingTable:
@@ -230,6 +231,8 @@ class Registry:
         return dict(self._snapshots)
 
     def add_listener(self, listener: TableListener) -> None:
+        """Call ``listener`` with each new table, in the order added. One that raises is
+        logged and counted; it does not stop the swap or the listeners after it."""
         self._listeners.append(listener)
 
     def apply_snapshot(self, provider: str, servers: Iterable[ServerDefinition]) -> bool:
@@ -262,7 +265,16 @@ class Registry:
             ", ".join(f"{len(servers)} from {name}" for name, servers in sorted(changed.items())),
         )
         for listener in self._listeners:
-            listener(table)
+            try:
+                listener(table)
+            except Exception as exc:  # one listener's bug: it keeps its last good state
+                self.listener_errors += 1
+                logger.opt(exception=exc).error(
+                    "internal error applying the routing table in {}: {!r}; it keeps its "
+                    "previous state, the others carry on",
+                    getattr(listener, "__qualname__", repr(listener)),
+                    exc,
+                )
         return True
 
 
@@ -308,7 +320,17 @@ class SnapshotInbox:
             await self._wake.wait()
             self._wake = anyio.Event()
             pending, self._pending = self._pending, {}
-            registry.apply_snapshots(pending)
+            try:
+                registry.apply_snapshots(pending)
+            except Exception as exc:  # a bug building this table: keep serving the last
+                registry.listener_errors += 1
+                logger.opt(exception=exc).error(
+                    "internal error building the routing table from {}: {!r}; the previous "
+                    "table stays in force",
+                    ", ".join(sorted(pending)),
+                    exc,
+                )
+                continue
             now = time.time()
             for provider in pending:
                 self.applied[provider] = (self.applied.get(provider, (0, 0.0))[0] + 1, now)

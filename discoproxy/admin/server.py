@@ -195,6 +195,7 @@ class Admin:
             return Response(200, self.dashboard(), "text/html; charset=utf-8")
         if path == "/metrics":
             snap = await self.snapshot()
+            snap.table_listener_errors = self.registry.listener_errors
             body = render(snap, self.registry.table, self.provider_infos(), self.is_ready)
             return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
         if path == "/api/routes":
