@@ -33,11 +33,12 @@ from loguru import logger
 from discoproxy.model import DOMAIN_REWRITE_BACKEND, ServerDefinition
 from discoproxy.motd import Motd, render_status
 from discoproxy.protocol import minecraft
-from discoproxy.protocol.errors import ProtocolError, _NeedData
-from discoproxy.protocol.proxy_protocol import encode_v2
+from discoproxy.protocol.errors import NeedData, ProtocolError
+from discoproxy.proxy.addresses import proxy_v2_header
 
 if TYPE_CHECKING:
     from discoproxy.config import ProxyConfig
+    from discoproxy.proxy.addresses import Proxied
     from discoproxy.routing import Route
     from discoproxy.wake import Waker
 
@@ -177,7 +178,7 @@ class StatusService:
         protocol: int,
         domain: str,
         port: int,
-        client: tuple[str, int] | None,
+        client: Proxied | None,
     ) -> tuple[str, StatusState]:
         """The status document (JSON) to show for ``route`` and why."""
         server = route.server
@@ -259,7 +260,7 @@ class StatusService:
         protocol: int,
         domain: str,
         port: int,
-        client: tuple[str, int] | None,
+        client: Proxied | None,
     ) -> _Entry | None:
         server = route.server
         lock = self._pinging.setdefault(route.qualified_id, asyncio.Lock())
@@ -305,7 +306,7 @@ class StatusService:
         protocol: int,
         domain: str,
         port: int,
-        client: tuple[str, int] | None,
+        client: Proxied | None,
     ) -> dict[str, Any]:
         """Ask each address in turn for its status document; raise if none answers."""
         errors = []
@@ -327,15 +328,16 @@ class StatusService:
         protocol: int,
         domain: str,
         port: int,
-        client: tuple[str, int] | None,
+        client: Proxied | None,
     ) -> dict[str, Any]:
         stream = await anyio.connect_tcp(host, backend_port)
         async with stream:
             header = b""
-            if route.send_proxy_protocol:
-                local = stream.extra(anyio.abc.SocketAttribute.local_address)
-                source = client if client is not None else local
-                header = encode_v2((str(source[0]), int(source[1])), (str(local[0]), int(local[1])))
+            if route.send_proxy_protocol:  # the pinging client's addresses, else our own
+                if client is None:
+                    local = stream.extra(anyio.abc.SocketAttribute.local_address)
+                    client = ((str(local[0]), int(local[1])), (str(local[0]), int(local[1])))
+                header = proxy_v2_header(client)
             name = rewritten_host(route.server, host, domain)
             status = minecraft.NEXT_STATE_STATUS
             handshake = minecraft.encode_handshake(protocol, name, port, status)
@@ -343,7 +345,7 @@ class StatusService:
             buffer = bytearray()
             while True:
                 packet = minecraft.parse_packet(buffer, max_bytes=MAX_STATUS_BYTES)
-                if not isinstance(packet, _NeedData):
+                if not isinstance(packet, NeedData):
                     break
                 buffer += await stream.receive(READ_BYTES)
         if packet.packet_id != minecraft.STATUS_RESPONSE_PACKET_ID:
@@ -364,7 +366,7 @@ def _reason(exc: BaseException) -> str:
 def parse_status_document(payload: bytes) -> dict[str, Any]:
     """The JSON document of a Status Response payload (a protocol String)."""
     size = minecraft.read_varint(payload)
-    if isinstance(size, _NeedData):
+    if isinstance(size, NeedData):
         raise StatusError("empty status response")
     length, start = size
     if length < 0 or start + length != len(payload):

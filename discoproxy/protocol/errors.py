@@ -66,7 +66,7 @@ class InvalidProxyHeader(RemoteProtocolError):
     """A PROXY protocol header is missing, malformed or too large."""
 
 
-class _NeedData(enum.Enum):
+class NeedData(enum.Enum):
     """Sentinel type: the parser needs more bytes before it can decide.
 
     A one-member enum rather than a plain singleton class so that type checkers
@@ -83,4 +83,4 @@ class _NeedData(enum.Enum):
         return False
 
 
-NEED_DATA: Final = _NeedData.NEED_DATA
+NEED_DATA: Final = NeedData.NEED_DATA

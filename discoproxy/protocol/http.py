@@ -24,7 +24,7 @@ import re
 from typing import NamedTuple
 
 from ._types import Buffer
-from .errors import NEED_DATA, HttpHeadTooLarge, LocalProtocolError, MalformedHttpHead, _NeedData
+from .errors import NEED_DATA, HttpHeadTooLarge, LocalProtocolError, MalformedHttpHead, NeedData
 from .names import normalize_host, strip_port
 
 # Cap on the head, request line through the blank line. nginx's default
@@ -64,7 +64,7 @@ class HttpHead(NamedTuple):  # built per connection: 3× cheaper than a frozen d
     """Bytes through the blank line ending the head."""
 
 
-def looks_like_http(buf: Buffer) -> bool | _NeedData:
+def looks_like_http(buf: Buffer) -> bool | NeedData:
     """Whether *buf* starts with ``METHOD SP``: 3-10 upper-case ASCII letters, a space."""
     head = bytes(buf[: MAX_METHOD_LETTERS + 1])
     space = head.find(b" ")
@@ -76,7 +76,7 @@ def looks_like_http(buf: Buffer) -> bool | _NeedData:
     return space >= MIN_METHOD_LETTERS and method.isalpha() and method.isupper()
 
 
-def parse_request_head(buf: Buffer) -> HttpHead | _NeedData:
+def parse_request_head(buf: Buffer) -> HttpHead | NeedData:
     """Parse the request line and fields up to the blank line; find the Host."""
     region = buf[:MAX_HTTP_HEAD_BYTES]
     end_match = _END_OF_HEAD.search(region)

@@ -31,7 +31,7 @@ from .errors import (
     HandshakeTooLarge,
     LocalProtocolError,
     MalformedHandshake,
-    _NeedData,
+    NeedData,
 )
 from .names import normalize_host as normalize_host
 
@@ -119,7 +119,7 @@ class Packet(NamedTuple):  # built per connection: 3× cheaper than a frozen dat
     """Bytes consumed, length prefix included."""
 
 
-def read_varint(buf: Buffer, offset: int = 0) -> tuple[int, int] | _NeedData:
+def read_varint(buf: Buffer, offset: int = 0) -> tuple[int, int] | NeedData:
     """Read a VarInt at *offset*; return ``(value, offset_after)`` or NEED_DATA.
 
     The value is a signed 32-bit int, as Java reads it: bits past the 32nd are
@@ -161,10 +161,10 @@ def encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _read_frame(buf: Buffer, cap: int, what: str) -> tuple[int, int] | _NeedData:
+def _read_frame(buf: Buffer, cap: int, what: str) -> tuple[int, int] | NeedData:
     """Check a frame's length prefix; return ``(body_start, body_end)`` or NEED_DATA."""
     header = read_varint(buf)
-    if isinstance(header, _NeedData):
+    if isinstance(header, NeedData):
         return NEED_DATA
     declared, start = header
     if declared > cap:
@@ -174,7 +174,7 @@ def _read_frame(buf: Buffer, cap: int, what: str) -> tuple[int, int] | _NeedData
     return start, start + declared
 
 
-def parse_handshake(buf: Buffer) -> Handshake | _NeedData:
+def parse_handshake(buf: Buffer) -> Handshake | NeedData:
     """Parse the client's first packet: the handshake.
 
     Layout: VarInt length, VarInt packet id (0x00), VarInt protocol version, String
@@ -182,7 +182,7 @@ def parse_handshake(buf: Buffer) -> Handshake | _NeedData:
     must exactly fill the declared length.
     """
     frame = _read_frame(buf, MAX_HANDSHAKE_PACKET_BYTES, "handshake packet")
-    if isinstance(frame, _NeedData):
+    if isinstance(frame, NeedData):
         return NEED_DATA
     start, end = frame
     if len(buf) < end:
@@ -227,7 +227,7 @@ def parse_handshake(buf: Buffer) -> Handshake | _NeedData:
 
 def _field_varint(body: bytes, pos: int, field: str) -> tuple[int, int]:
     result = read_varint(body, pos)
-    if isinstance(result, _NeedData):
+    if isinstance(result, NeedData):
         raise MalformedHandshake(f"packet ends at byte {len(body)} inside the {field} VarInt")
     return result
 
@@ -307,7 +307,7 @@ _BETA_PING = LegacyPing("beta", None, None, None, None, 1)
 _PING_1_4 = LegacyPing("1.4", None, None, None, None, 2)
 
 
-def parse_legacy_ping(buf: Buffer) -> LegacyPing | _NeedData:
+def parse_legacy_ping(buf: Buffer) -> LegacyPing | NeedData:
     """Parse a pre-1.7 server-list ping that :func:`is_legacy_ping` accepts.
 
     Like vanilla, the kind is decided by what has arrived: ``FE`` alone is a Beta
@@ -422,10 +422,10 @@ def encode_legacy_ping_1_6(host: str, port: int, protocol_version: int = 74) -> 
     )
 
 
-def parse_packet(buf: Buffer, max_bytes: int = MAX_PACKET_BYTES) -> Packet | _NeedData:
+def parse_packet(buf: Buffer, max_bytes: int = MAX_PACKET_BYTES) -> Packet | NeedData:
     """Parse one uncompressed packet (Status Request, Ping Request, Login Start, ...)."""
     frame = _read_frame(buf, max_bytes, "packet")
-    if isinstance(frame, _NeedData):
+    if isinstance(frame, NeedData):
         return NEED_DATA
     start, end = frame
     if len(buf) < end:
@@ -559,11 +559,11 @@ class LoginStart(NamedTuple):
     """Bytes consumed, length prefix included."""
 
 
-def parse_login_start(buf: Buffer) -> LoginStart | _NeedData:
+def parse_login_start(buf: Buffer) -> LoginStart | NeedData:
     """Parse Login Start (Login state, serverbound 0x00): VarInt length, VarInt id, String(16)
     name, then version-dependent fields (UUID, signature data) that are skipped."""
     packet = parse_packet(buf, max_bytes=MAX_LOGIN_START_BYTES)
-    if isinstance(packet, _NeedData):
+    if isinstance(packet, NeedData):
         return NEED_DATA
     if packet.packet_id != LOGIN_START_PACKET_ID:
         raise MalformedHandshake(

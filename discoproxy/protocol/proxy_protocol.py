@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._types import Buffer
-from .errors import NEED_DATA, InvalidProxyHeader, LocalProtocolError, _NeedData
+from .errors import NEED_DATA, InvalidProxyHeader, LocalProtocolError, NeedData
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
@@ -89,7 +89,7 @@ class ProxyHeader:
     """v2 type-length-value pairs after the addresses, in order."""
 
 
-def parse_proxy_header(buf: Buffer) -> ProxyHeader | _NeedData:
+def parse_proxy_header(buf: Buffer) -> ProxyHeader | NeedData:
     """Decode the PROXY v1 or v2 header at the start of *buf*."""
     size = len(buf)
     if size == 0:
@@ -115,7 +115,7 @@ def _no_signature(first: bytes) -> InvalidProxyHeader:
     )
 
 
-def _parse_v2(buf: Buffer, size: int) -> ProxyHeader | _NeedData:
+def _parse_v2(buf: Buffer, size: int) -> ProxyHeader | NeedData:
     if size <= len(V2_SIGNATURE):
         return NEED_DATA
     version, command = buf[12] >> 4, buf[12] & 0x0F
@@ -189,7 +189,7 @@ def _parse_tlvs(block: bytes, pos: int) -> tuple[tuple[int, bytes], ...]:
     return tuple(tlvs)
 
 
-def _parse_v1(buf: Buffer, size: int) -> ProxyHeader | _NeedData:
+def _parse_v1(buf: Buffer, size: int) -> ProxyHeader | NeedData:
     region = bytes(buf[:MAX_V1_HEADER_BYTES])
     newline = region.find(b"\n")
     if newline < 0:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 
 from ._types import Buffer
-from .errors import NEED_DATA, HandshakeTooLarge, _NeedData
+from .errors import NEED_DATA, HandshakeTooLarge, NeedData
 from .http import looks_like_http
 from .minecraft import HANDSHAKE_PACKET_ID, MAX_HANDSHAKE_PACKET_BYTES, is_legacy_ping, read_varint
 from .tls import CONTENT_TYPE_HANDSHAKE, is_tls
@@ -49,7 +49,7 @@ _HTTP = Sniffed.HTTP
 _UNKNOWN = Sniffed.UNKNOWN
 
 
-def detect_protocol(buf: Buffer) -> Sniffed | _NeedData:
+def detect_protocol(buf: Buffer) -> Sniffed | NeedData:
     """Classify the connection from the bytes received so far."""
     size = len(buf)
     if size > 1 and buf[0] == CONTENT_TYPE_HANDSHAKE and buf[1] == 3:
@@ -59,24 +59,24 @@ def detect_protocol(buf: Buffer) -> Sniffed | _NeedData:
     if buf[0] == _LEGACY_PING and is_legacy_ping(buf):
         return _MINECRAFT_LEGACY
     tls = is_tls(buf)
-    if isinstance(tls, _NeedData):
+    if isinstance(tls, NeedData):
         return NEED_DATA
     if tls:
         return _TLS
     http = looks_like_http(buf)
-    if isinstance(http, _NeedData):
+    if isinstance(http, NeedData):
         return NEED_DATA
     if http:
         return _HTTP
     return _detect_minecraft(buf)
 
 
-def _detect_minecraft(buf: Buffer) -> Sniffed | _NeedData:
+def _detect_minecraft(buf: Buffer) -> Sniffed | NeedData:
     try:
         header = read_varint(buf)
     except HandshakeTooLarge:
         return _UNKNOWN
-    if isinstance(header, _NeedData):
+    if isinstance(header, NeedData):
         return NEED_DATA
     length, pos = header
     if not 0 < length <= MAX_HANDSHAKE_PACKET_BYTES:

@@ -36,7 +36,7 @@ from .errors import (
     ClientHelloTooLarge,
     LocalProtocolError,
     MalformedClientHello,
-    _NeedData,
+    NeedData,
 )
 from .names import normalize_host
 
@@ -109,7 +109,7 @@ class ClientHello(NamedTuple):  # built per connection: 3× cheaper than a froze
     """Bytes of records consumed, through the record holding the hello's last byte."""
 
 
-def is_tls(buf: Buffer) -> bool | _NeedData:
+def is_tls(buf: Buffer) -> bool | NeedData:
     """Whether *buf* starts like a TLS handshake record (``16 03``)."""
     if len(buf) == 0:
         return NEED_DATA
@@ -120,7 +120,7 @@ def is_tls(buf: Buffer) -> bool | _NeedData:
     return buf[1] == 3
 
 
-def parse_client_hello(buf: Buffer) -> ClientHello | _NeedData:
+def parse_client_hello(buf: Buffer) -> ClientHello | NeedData:
     """Reassemble and parse the ClientHello at the start of *buf*."""
     size = len(buf)
     if size >= 9:  # _HELLO_HEADERS.size

@@ -4,6 +4,8 @@ Rules for this file:
 - Pure functions over ``(host, port)`` tuples: no sockets, no logging. Every module that
   prints, keys or sends an address goes through these, so one address reads the same in
   the close line, ``/api/connections``, ``/metrics`` and a PROXY header.
+- Every PROXY header discoproxy sends (passthrough, TLS termination, status pings, UDP)
+  is built by :func:`proxy_v2_header`, from the same :data:`Proxied` pair.
 - ``format_addr`` brackets IPv6 hosts (``[::1]:25565``), as URLs and HAProxy logs do.
 """
 
@@ -11,6 +13,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+
+from discoproxy.protocol.proxy_protocol import encode_v2
+
+Address = tuple[str, int]
+# What a PROXY header to a backend carries: (source, destination) = the real client and
+# the address it reached — both as a trusted upstream's PROXY header said, when it did.
+Proxied = tuple[Address, Address]
 
 # host → family for IP literals (None: a name to resolve); bounded, hosts repeat
 _LITERAL_FAMILY: dict[str, socket.AddressFamily | None] = {}
@@ -50,3 +59,10 @@ def unmapped(addr: tuple[str, int]) -> tuple[str, int]:
         if mapped is not None:
             return (str(mapped), addr[1])
     return (host.split("%", 1)[0], addr[1])
+
+
+def proxy_v2_header(proxied: Proxied, transport: str = "tcp") -> bytes:
+    """The PROXY v2 header for a backend: IPv4-mapped addresses sent as IPv4, zones
+    dropped, so a dual-stack listener still says "a.b.c.d"."""
+    source, destination = proxied
+    return encode_v2(unmapped(source), unmapped(destination), transport=transport)

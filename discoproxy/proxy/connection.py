@@ -58,9 +58,9 @@ from discoproxy.model import DEFAULT_BACKEND_PORT
 from discoproxy.motd import legacy_fields, strip_codes
 from discoproxy.protocol import http, minecraft, tls
 from discoproxy.protocol.errors import NEED_DATA, Hint, ProtocolError
-from discoproxy.protocol.proxy_protocol import ProxyHeader, encode_v2, parse_proxy_header
+from discoproxy.protocol.proxy_protocol import ProxyHeader, parse_proxy_header
 from discoproxy.protocol.sniff import Sniffed, detect_protocol
-from discoproxy.proxy.addresses import format_addr, literal_family, unmapped
+from discoproxy.proxy.addresses import Proxied, format_addr, literal_family, proxy_v2_header
 from discoproxy.proxy.names import Resolved, resolved_addresses
 from discoproxy.proxy.tls_termination import terminate
 from discoproxy.status import LEGACY_PING_PROTOCOL, StatusState, display_name, rewritten_host
@@ -791,7 +791,7 @@ class ClientConnection:
         if self.cmask >= 0:
             ctx.reactor.unregister(self.cfd)  # leaves epoll; the fd now belongs to asyncio
             self.cmask = -1
-        self._dial_task = ctx.spawn(terminate(ctx, self, route, self.cfd))
+        self._dial_task = ctx.spawn(terminate(ctx, self, route, self.cfd, self._proxied_for(route)))
 
     def terminated(self, backend: tuple[str, int] | None, up: int, down: int, reason: str) -> None:
         """The terminated relay ended (its fd is closed): account and log it."""
@@ -928,11 +928,16 @@ class ClientConnection:
         self._move(ANSWERING)
         if self._legacy is not None:
             self._status_pending = True
-            self._dial_task = self.ctx.spawn(self._fetch_status())
+            self._dial_task = self.ctx.spawn(self._fetch_status(self._proxied_for(self.route)))
             return
         self._answer_status_packets()
 
-    async def _fetch_status(self) -> None:
+    def _proxied_for(self, route: Route | None) -> Proxied | None:
+        """The PROXY addresses a backend of ``route`` is sent, taken on the reactor thread
+        for work that runs on the loop (status pings, TLS termination)."""
+        return self.proxy_addresses() if route is not None and route.send_proxy_protocol else None
+
+    async def _fetch_status(self, proxied: Proxied | None) -> None:
         """On the asyncio loop: the status to answer with; back to the reactor with it."""
         route = self.route
         assert route is not None
@@ -950,7 +955,7 @@ class ClientConnection:
             port = (legacy.port if legacy else None) or DEFAULT_BACKEND_PORT
         status = self.ctx.status
         try:
-            text, state = await status.answer(route, protocol, domain, port, self.client_addr)
+            text, state = await status.answer(route, protocol, domain, port, proxied)
         except Exception as exc:  # a bug: this connection only
             logger.opt(exception=exc).error("internal error answering a status ping")
             reason = f"internal error: {exc!r}"
@@ -1000,7 +1005,7 @@ class ClientConnection:
                     self._reply(cached)
                     continue
                 self._status_pending = True
-                self._dial_task = self.ctx.spawn(self._fetch_status())
+                self._dial_task = self.ctx.spawn(self._fetch_status(self._proxied_for(self.route)))
                 return
             elif packet.packet_id == 0x01:
                 self._reply(minecraft.encode_pong(packet.payload))
@@ -1283,9 +1288,13 @@ class ClientConnection:
         self.buffer = b""
         self.sync_events()
 
-    def _proxy_header_for_backend(self) -> bytes:
-        """PROXY v2 with the real client: one received from upstream wins over the peer."""
+    def proxy_addresses(self) -> Proxied | None:
+        """(source, destination) for a backend's PROXY header: the real client and the
+        address it reached, as an upstream PROXY header said when there was one, else the
+        peer and the listening socket's own address. None when the client is unknown."""
         source = self.client_addr
+        if source is None:
+            return None
         header = self._proxy_header
         destination = header.destination if header is not None else None
         if destination is None:
@@ -1295,9 +1304,11 @@ class ClientConnection:
             finally:
                 sock.detach()
             destination = (local[0], local[1])
-        if source is None:
-            return b""
-        return encode_v2(unmapped(source), unmapped(destination))
+        return (source, destination)
+
+    def _proxy_header_for_backend(self) -> bytes:
+        proxied = self.proxy_addresses()
+        return proxy_v2_header(proxied) if proxied is not None else b""
 
     # -- failures and teardown ----------------------------------------------------------
 

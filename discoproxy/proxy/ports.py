@@ -45,8 +45,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from discoproxy.guard import Guard, Refusal, client_ip, global_refusal, routed_refusal
-from discoproxy.protocol.proxy_protocol import encode_v2
-from discoproxy.proxy.addresses import format_addr, literal_family, unmapped
+from discoproxy.proxy.addresses import format_addr, literal_family, proxy_v2_header
 from discoproxy.proxy.connection import ClientConnection
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener
 from discoproxy.proxy.names import resolved_addresses
@@ -385,7 +384,7 @@ class UdpListener:
         header = b""
         if route.send_proxy_protocol:
             local = (local_ip or self.address[0], self.address[1])
-            header = encode_v2(unmapped(client), unmapped(local), transport="udp")
+            header = proxy_v2_header((client, local), transport="udp")
         session = UdpSession(self, client, route, sock, (host, port), header, pktinfo)
         self.sessions[client] = session
         ctx.udp_sessions += 1

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from discoproxy.protocol import tls
-from discoproxy.protocol.proxy_protocol import encode_v2
+from discoproxy.proxy.addresses import Proxied, proxy_v2_header
 
 if TYPE_CHECKING:
     from discoproxy.model import TlsSettings
@@ -123,7 +123,9 @@ class _Ended(Exception):
         self.reason = reason
 
 
-async def terminate(ctx: ProxyContext, conn: ClientConnection, route: Route, fd: int) -> None:
+async def terminate(
+    ctx: ProxyContext, conn: ClientConnection, route: Route, fd: int, proxied: Proxied | None
+) -> None:
     """Run a terminated connection to its end, then hand it back to the reactor to be
     closed and logged (``conn.terminated``)."""
     settings = route.server.tls
@@ -151,7 +153,7 @@ async def terminate(ctx: ProxyContext, conn: ClientConnection, route: Route, fd:
                 await _handshake(loop, client, tls_obj, incoming, outgoing)
         except TimeoutError:
             raise _Ended("handshake timeout") from None
-        reader, writer, backend = await _dial(ctx, conn, route, settings)
+        reader, writer, backend = await _dial(ctx, conn, route, settings, proxied)
         try:
             up, down, reason = await _relay(
                 loop, conn, client, tls_obj, incoming, outgoing, reader, writer
@@ -196,7 +198,11 @@ async def _handshake(
 
 
 async def _dial(
-    ctx: ProxyContext, conn: ClientConnection, route: Route, settings: TlsSettings
+    ctx: ProxyContext,
+    conn: ClientConnection,
+    route: Route,
+    settings: TlsSettings,
+    proxied: Proxied | None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[str, int]]:
     errors = []
     timeout = ctx.config.connect_timeout or None
@@ -210,9 +216,8 @@ async def _dial(
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             errors.append(f"{host}:{port}: {getattr(exc, 'strerror', None) or exc or 'timed out'}")
             continue
-        if route.send_proxy_protocol and conn.client_addr is not None:
-            local = writer.get_extra_info("sockname") or ("0.0.0.0", 0)
-            writer.write(encode_v2(conn.client_addr, (str(local[0]), int(local[1]))))
+        if proxied is not None:
+            writer.write(proxy_v2_header(proxied))
         return reader, writer, (host, port)
     logger.bind(route=route.qualified_id).warning(
         "conn #{} backend unreachable for {}: {}", conn.id, route.qualified_id, "; ".join(errors)

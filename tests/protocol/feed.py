@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from discoproxy.protocol import NEED_DATA, ProtocolError
-from discoproxy.protocol.errors import _NeedData
+from discoproxy.protocol.errors import NeedData
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ BUFFER_KINDS: tuple[Callable[[bytes], Any], ...] = (bytes, bytearray, memoryview
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def feed(parser: Callable[[Any], T | _NeedData], data: bytes) -> T:
+def feed(parser: Callable[[Any], T | NeedData], data: bytes) -> T:
     """Parse *data* every way; assert all agree; return the result.
 
     - every strict prefix gives NEED_DATA (no early result, no exception);
@@ -42,7 +42,7 @@ def feed(parser: Callable[[Any], T | _NeedData], data: bytes) -> T:
     for cut in range(len(data)):
         assert parser(data[:cut]) is NEED_DATA, f"prefix of {cut} bytes did not give NEED_DATA"
     result = parser(data)
-    assert not isinstance(result, _NeedData)
+    assert not isinstance(result, NeedData)
     if hasattr(result, "length"):
         assert result.length == len(data)
     for kind in BUFFER_KINDS:
@@ -51,7 +51,7 @@ def feed(parser: Callable[[Any], T | _NeedData], data: bytes) -> T:
     return result
 
 
-def feed_reads(parser: Callable[[Any], T | _NeedData], reads: Iterable[bytes]) -> T:
+def feed_reads(parser: Callable[[Any], T | NeedData], reads: Iterable[bytes]) -> T:
     """Accumulate *reads* in a bytearray as a connection would, parsing after each.
 
     Every read but the last must leave the parser at NEED_DATA.
@@ -63,7 +63,7 @@ def feed_reads(parser: Callable[[Any], T | _NeedData], reads: Iterable[bytes]) -
         assert parser(buffer) is NEED_DATA, f"decided after {len(buffer)} bytes"
     buffer += chunks[-1]
     result = parser(buffer)
-    assert not isinstance(result, _NeedData)
+    assert not isinstance(result, NeedData)
     return result
 
 

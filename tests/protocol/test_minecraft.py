@@ -44,7 +44,7 @@ from discoproxy.protocol import (
     status_json,
     text_component,
 )
-from discoproxy.protocol.errors import _NeedData
+from discoproxy.protocol.errors import NeedData
 
 from .feed import PROPERTY, feed, feed_error, feed_reads, split_at, survives
 
@@ -429,7 +429,7 @@ class _StatusServer:
 
     def _answer(self, conn: socket.socket) -> None:
         buffer = bytearray()
-        handshake: Handshake | _NeedData = NEED_DATA
+        handshake: Handshake | NeedData = NEED_DATA
         while handshake is NEED_DATA:
             chunk = conn.recv(4096)
             if not chunk:
@@ -514,7 +514,7 @@ LEGACY_1_6_CAPTURE = bytes.fromhex(
 )
 
 
-def parse_1_6(buf: Buffer) -> LegacyPing | _NeedData:
+def parse_1_6(buf: Buffer) -> LegacyPing | NeedData:
     """parse_legacy_ping as a caller that waits for ``FE 01 FA`` uses it.
 
     ``FE`` and ``FE 01`` alone are complete Beta and 1.4 pings (vanilla decides on what

@@ -20,7 +20,7 @@ import pytest
 from anyio.abc import SocketStream
 
 from discoproxy.protocol import minecraft
-from discoproxy.protocol.errors import _NeedData
+from discoproxy.protocol.errors import NeedData
 from discoproxy.protocol.proxy_protocol import ProxyHeader, parse_proxy_header
 from discoproxy.routing import Registry
 from discoproxy.status import StatusService, StatusState
@@ -66,12 +66,12 @@ def minecraft_backend(seen: McBackend) -> Callable[[SocketStream, Backend], Awai
     async def answer(stream: SocketStream) -> None:
         buffer = bytearray(await stream.receive())
         if buffer.startswith((b"PROXY ", b"\r\n\r\n\x00\r\nQUIT\n")):
-            while isinstance(header := parse_proxy_header(buffer), _NeedData):
+            while isinstance(header := parse_proxy_header(buffer), NeedData):
                 buffer += await stream.receive()
             assert isinstance(header, ProxyHeader)
             seen.headers.append(header)
             del buffer[: header.length]
-        while isinstance(hs := minecraft.parse_handshake(buffer), _NeedData):
+        while isinstance(hs := minecraft.parse_handshake(buffer), NeedData):
             buffer += await stream.receive()
         seen.handshakes.append(hs)
         del buffer[: hs.length]
@@ -80,7 +80,7 @@ def minecraft_backend(seen: McBackend) -> Callable[[SocketStream, Backend], Awai
             await stream.send(minecraft.encode_login_disconnect(text))
             return
         while True:
-            while isinstance(packet := minecraft.parse_packet(buffer), _NeedData):
+            while isinstance(packet := minecraft.parse_packet(buffer), NeedData):
                 buffer += await stream.receive()
             del buffer[: packet.length]
             if packet.packet_id == 0:

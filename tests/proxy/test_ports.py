@@ -16,7 +16,7 @@ from anyio.abc import SocketStream
 from loguru import logger
 
 from discoproxy.model import PortMapping, ServerDefinition
-from discoproxy.protocol.errors import _NeedData
+from discoproxy.protocol.errors import NeedData
 from discoproxy.protocol.proxy_protocol import ProxyHeader, parse_proxy_header
 from discoproxy.routing import build_table
 from tests.proxy.helpers import Backend, RunningProxy, backend, receive_all, running_proxy, server
@@ -179,7 +179,7 @@ async def test_tcp_port_routes_send_a_proxy_v2_header_with_the_client() -> None:
 
     async def reader(stream: SocketStream, info: Backend) -> None:
         buffer = bytearray()
-        while isinstance(header := parse_proxy_header(buffer), _NeedData):
+        while isinstance(header := parse_proxy_header(buffer), NeedData):
             buffer += await stream.receive()
         assert isinstance(header, ProxyHeader)
         headers.append(header)
