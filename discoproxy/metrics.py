@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import collections
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -181,6 +181,10 @@ class LiveConnection:
     bytes_down: int
 
 
+OpenTcp = dict[tuple[str, str], list[int]]  # (listener, route) → [open, bytes up, down]
+OpenUdp = dict[str, list[int]]  # route → [open sessions, bytes up, bytes down]
+
+
 @dataclass
 class Snapshot:
     """The data plane's numbers at one instant, copied on the reactor thread."""
@@ -190,10 +194,8 @@ class Snapshot:
     accepted: dict[str, int]
     rejected: dict[tuple[str, str], int]
     handshake: dict[str, Histogram]
-    # (listener, route) → [open connections, bytes up, bytes down] of open connections
-    open_tcp: dict[tuple[str, str], list[int]]
-    # route → [open sessions, bytes up, bytes down]
-    open_udp: dict[str, list[int]]
+    open_tcp: OpenTcp
+    open_udp: OpenUdp
     udp_drops: dict[str, int]
     udp_datagrams: tuple[int, int]
     status: tuple[int, int, int]  # hits, misses, stale
@@ -204,49 +206,18 @@ class Snapshot:
 
     def route_totals(self) -> dict[str, dict[str, int]]:
         """Per route: open and total connections, bytes each way (TCP and UDP together)."""
-        out: dict[str, dict[str, int]] = {}
-
-        def entry(route_id: str) -> dict[str, int]:
-            return out.setdefault(
-                route_id, {"active": 0, "connections_total": 0, "bytes_up": 0, "bytes_down": 0}
-            )
-
-        for route_id, stats in self.routes.items():
-            item = entry(route_id)
-            item["connections_total"] += stats.closed + stats.udp_sessions
-            item["bytes_up"] += stats.bytes_up + stats.udp_bytes_up
-            item["bytes_down"] += stats.bytes_down + stats.udp_bytes_down
-        for (_, route_id), (count, up, down) in self.open_tcp.items():
-            item = entry(route_id)
-            item["active"] += count
-            item["connections_total"] += count
-            item["bytes_up"] += up
-            item["bytes_down"] += down
-        for route_id, (count, up, down) in self.open_udp.items():
-            item = entry(route_id)
-            item["active"] += count
-            item["connections_total"] += count
-            item["bytes_up"] += up
-            item["bytes_down"] += down
-        return out
+        return route_totals(self.routes, self.open_tcp, self.open_udp)
 
     def totals(self) -> dict[str, int]:
-        """All routes together: what the dashboard charts."""
-        active = total = up = down = 0
-        for item in self.route_totals().values():
-            active += item["active"]
-            total += item["connections_total"]
-            up += item["bytes_up"]
-            down += item["bytes_down"]
-        return {"active": active, "connections_total": total, "bytes_up": up, "bytes_down": down}
+        """All routes together (unrouted open connections included): the dashboard's
+        charts, ``/api/connections``' total."""
+        return grand_totals(self.route_totals())
 
 
-def take_snapshot(ctx: ProxyContext, connections: int = 0) -> Snapshot:
-    """Copy the numbers (reactor thread only). ``connections``: also list up to that many
-    open connections, oldest first, for the API."""
-    stats = ctx.stats
-    now = time.monotonic()
-    open_tcp: dict[tuple[str, str], list[int]] = {}
+def open_counts(ctx: ProxyContext) -> tuple[OpenTcp, OpenUdp]:
+    """The one walk over open connections and UDP sessions (reactor thread): every
+    number about what is open now comes from here."""
+    open_tcp: OpenTcp = {}
     for conn in ctx.connections:
         route = conn.route
         key = (conn.listener, route.qualified_id if route is not None else UNROUTED)
@@ -257,13 +228,64 @@ def take_snapshot(ctx: ProxyContext, connections: int = 0) -> Snapshot:
         if conn.up is not None:
             item[1] += conn.prefix_bytes + conn.up.count
             item[2] += conn.down.count
-    open_udp: dict[str, list[int]] = {}
+    open_udp: OpenUdp = {}
     for listener in ctx.udp_listeners:
         for session in listener.sessions.values():
             item = open_udp.setdefault(session.route.qualified_id, [0, 0, 0])
             item[0] += 1
             item[1] += session.bytes_up
             item[2] += session.bytes_down
+    return open_tcp, open_udp
+
+
+def route_totals(
+    routes: Mapping[str, RouteStats], open_tcp: OpenTcp, open_udp: OpenUdp
+) -> dict[str, dict[str, int]]:
+    """The one sum of closed and open numbers per route (``-``: not routed yet)."""
+    out: dict[str, dict[str, int]] = {}
+
+    def entry(route_id: str) -> dict[str, int]:
+        return out.setdefault(
+            route_id, {"active": 0, "connections_total": 0, "bytes_up": 0, "bytes_down": 0}
+        )
+
+    for route_id, stats in routes.items():
+        item = entry(route_id)
+        item["connections_total"] += stats.closed + stats.udp_sessions
+        item["bytes_up"] += stats.bytes_up + stats.udp_bytes_up
+        item["bytes_down"] += stats.bytes_down + stats.udp_bytes_down
+    for (_, route_id), (count, up, down) in open_tcp.items():
+        item = entry(route_id)
+        item["active"] += count
+        item["connections_total"] += count
+        item["bytes_up"] += up
+        item["bytes_down"] += down
+    for route_id, (count, up, down) in open_udp.items():
+        item = entry(route_id)
+        item["active"] += count
+        item["connections_total"] += count
+        item["bytes_up"] += up
+        item["bytes_down"] += down
+    return out
+
+
+def grand_totals(per_route: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    keys = ("active", "connections_total", "bytes_up", "bytes_down")
+    return {key: sum(item[key] for item in per_route.values()) for key in keys}
+
+
+def take_totals(ctx: ProxyContext) -> dict[str, int]:
+    """:meth:`Snapshot.totals` without copying every route's stats (reactor thread):
+    the dashboard's history samples it every few seconds."""
+    return grand_totals(route_totals(ctx.stats.routes, *open_counts(ctx)))
+
+
+def take_snapshot(ctx: ProxyContext, connections: int = 0) -> Snapshot:
+    """Copy the numbers (reactor thread only). ``connections``: also list up to that many
+    open connections, oldest first, for the API."""
+    stats = ctx.stats
+    now = time.monotonic()
+    open_tcp, open_udp = open_counts(ctx)
     status = ctx.status
     udp = ctx.udp_stats
     snapshot = Snapshot(

@@ -405,3 +405,20 @@ async def test_counters_of_a_removed_route_are_dropped() -> None:
         with anyio.fail_after(5):
             while ("discoproxy_connections_total", (("route", "old@test"),)) in await api.metrics():
                 await anyio.sleep(0.02)
+
+
+async def test_history_and_the_connections_api_count_the_same_open_connections() -> None:
+    """One walk, one sum: a client still sending its handshake is open in both."""
+    async with running_proxy() as proxy, admin_for(proxy) as api:
+        async with await proxy.connect() as stream:
+            await stream.send(b"\x10")  # an incomplete handshake: open, not routed yet
+            with anyio.fail_after(5):
+                while (await api.json("/api/connections"))["total"] != 1:
+                    await anyio.sleep(0.02)
+            api.admin.history.clear()
+            with anyio.fail_after(10):
+                while not api.admin.history:
+                    await anyio.sleep(0.05)
+            sample = api.admin.history[-1]
+            listed = await api.json("/api/connections")
+            assert sample["active"] == listed["total"] == len(listed["connections"]) == 1

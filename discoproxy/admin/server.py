@@ -33,7 +33,7 @@ from anyio.abc import SocketStream, TaskStatus
 from loguru import logger
 
 from discoproxy.config import parse_bind
-from discoproxy.metrics import ProviderInfo, Snapshot, render, take_snapshot
+from discoproxy.metrics import ProviderInfo, Snapshot, render, take_snapshot, take_totals
 from discoproxy.provider import ProviderStatus
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.status import display_name
@@ -149,7 +149,7 @@ class Admin:
         ctx = self.ctx
         while True:
             if ctx.reactor.alive and not ctx.closing:
-                totals = await ctx.reactor.run(lambda: _totals(ctx))
+                totals = await ctx.reactor.run(lambda: take_totals(ctx))
                 self.history.append({"t": round(time.time(), 3), **totals})
             await anyio.sleep(HISTORY_INTERVAL_S)
 
@@ -323,30 +323,6 @@ def route_row(table: RoutingTable, route: Route, starting: bool = False) -> dict
         "send_proxy_protocol": route.send_proxy_protocol,
         "state": state,
     }
-
-
-def _totals(ctx: ProxyContext) -> dict[str, float]:
-    """All routes together, cheaply (reactor thread): the history sampler runs every 2 s."""
-    active = total = up = down = 0
-    for stats in ctx.stats.routes.values():
-        total += stats.closed + stats.udp_sessions
-        up += stats.bytes_up + stats.udp_bytes_up
-        down += stats.bytes_down + stats.udp_bytes_down
-    for conn in ctx.connections:
-        if conn.route is None:
-            continue
-        active += 1
-        total += 1
-        if conn.up is not None:
-            up += conn.prefix_bytes + conn.up.count
-            down += conn.down.count
-    for listener in ctx.udp_listeners:
-        for session in listener.sessions.values():
-            active += 1
-            total += 1
-            up += session.bytes_up
-            down += session.bytes_down
-    return {"active": active, "connections_total": total, "bytes_up": up, "bytes_down": down}
 
 
 async def serve_admin(
