@@ -30,6 +30,7 @@ from discoproxy.guard import Ban, BanList, check_username, load_bans, parse_dura
 from discoproxy.logwriter import writer
 from discoproxy.model import ServerDefinition
 from discoproxy.provider import Enabled, Provider, ProviderStatus, load_providers, supervise
+from discoproxy.proxy.listener import ListenError
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox, build_table
 from discoproxy.wake import ServerControl
 from providers.file import PROVIDER_NAME as FILE_PROVIDER
@@ -416,13 +417,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
             backend="asyncio",
             backend_options={"use_uvloop": UVLOOP},
         )
-    except OSError as exc:
-        logger.error("cannot start: {}", exc)
+    except (ListenError, BaseExceptionGroup) as exc:
+        failures = listen_errors(exc)
+        if not failures:
+            raise  # a bug, not a start failure: its traceback is what to report
+        for failure in failures:
+            logger.error("{}", failure)
         return EXIT_START
     except KeyboardInterrupt:
         pass
     logger.info("stopped")
     return EXIT_OK
+
+
+def listen_errors(exc: BaseException) -> list[ListenError]:
+    """The listeners that could not be opened, when that is all that went wrong: the task
+    groups of ``_serve`` and ``run_proxy`` wrap them in (nested) ExceptionGroups."""
+    if isinstance(exc, ListenError):
+        return [exc]
+    if not isinstance(exc, BaseExceptionGroup):
+        return []
+    failures = [listen_errors(inner) for inner in exc.exceptions]
+    return [f for found in failures for f in found] if all(failures) else []
 
 
 # uvloop when installed (a runtime dependency except on Windows): TLS termination and

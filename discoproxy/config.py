@@ -184,9 +184,14 @@ class ProxyConfig(BaseModel):
         default=False,
         description="Expect a PROXY v1/v2 header from trusted_proxies on every connection.",
     )
+    # No default trust: a PROXY header sets the address ip_filter, bans and rate limits
+    # judge, so trusting everyone must be written out (as Traefik wants trustedIPs or
+    # an explicit insecure). Until issue 15 the default was ["0.0.0.0/0", "::/0"].
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
-        default=(ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")),
-        description="CIDRs allowed to send a PROXY header; others are treated as direct clients.",
+        default=(),
+        validate_default=True,
+        description="CIDRs allowed to send a PROXY header; others are treated as direct "
+        "clients. Required with receive_proxy_protocol; ['0.0.0.0/0', '::/0'] trusts all.",
     )
     connect_timeout: Seconds = Field(default=5.0, description="Per backend address dial.")
     handshake_timeout: Seconds = Field(
@@ -326,6 +331,21 @@ class ProxyConfig(BaseModel):
                 raise ValueError("at least one bind address is required")
             for item in value:
                 parse_bind(str(item))
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies_named(
+        cls, value: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], info: ValidationInfo
+    ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        if info.data.get("receive_proxy_protocol") and not value:
+            raise ValueError(
+                "required when receive_proxy_protocol = true (got none): any client could "
+                "otherwise send a PROXY header and forge its address past ip_filter, bans and "
+                "rate limits; list the addresses of your load balancers, e.g. trusted_proxies "
+                '= ["10.0.0.0/8"], or trust every address explicitly: trusted_proxies = '
+                '["0.0.0.0/0", "::/0"]'
+            )
         return value
 
     @field_validator("fallbacks")

@@ -9,6 +9,7 @@ import pytest
 from discoproxy.cli import main
 from discoproxy.protocol import minecraft
 from tests.support import running_proxy, write_servers
+from tests.test_config import PROXY_PROTOCOL_NEEDS_TRUSTED_PROXIES
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -63,6 +64,16 @@ def test_check_fails_on_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixtu
     code, _, err = run(["check", "--config", str(path)], capsys)
     assert code == 1
     assert f"{path}:1: max_conections: unknown key (did you mean 'max_connections'?)" in err
+
+
+def test_check_explains_why_proxy_protocol_needs_trusted_proxies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "discoproxy.toml"
+    config.write_text(f'servers_dir = "{tmp_path}"\nreceive_proxy_protocol = true\n')
+    code, _, err = run(["check", "--config", str(config)], capsys)
+    assert code == 1
+    assert err == f"error: {config}: {PROXY_PROTOCOL_NEEDS_TRUSTED_PROXIES}\n"
 
 
 def test_routes_prints_the_table(project: Path, capsys: pytest.CaptureFixture[str]) -> None:

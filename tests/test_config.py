@@ -18,6 +18,7 @@ def test_embedded_default_needs_no_file() -> None:
     assert config.bind_addresses == (("0.0.0.0", 25565),)
     assert config.servers_dir == Path("servers")
     assert config.receive_proxy_protocol is False
+    assert config.trusted_proxies == ()  # nobody may send a PROXY header unless named
 
 
 def test_toml_and_yaml_load_the_same(tmp_path: Path) -> None:
@@ -128,6 +129,41 @@ def test_a_bad_favicon_names_the_file_and_field(tmp_path: Path) -> None:
     expected = r"motds\.unreachable\.favicon: .*nope\.png cannot be read"
     with pytest.raises(ConfigError, match=expected):
         load_config(path)
+
+
+PROXY_PROTOCOL_NEEDS_TRUSTED_PROXIES = (
+    "trusted_proxies: required when receive_proxy_protocol = true (got none): any client "
+    "could otherwise send a PROXY header and forge its address past ip_filter, bans and "
+    "rate limits; list the addresses of your load balancers, e.g. trusted_proxies = "
+    '["10.0.0.0/8"], or trust every address explicitly: trusted_proxies = '
+    '["0.0.0.0/0", "::/0"]'
+)
+
+
+def test_receive_proxy_protocol_without_trusted_proxies_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.toml", "receive_proxy_protocol = true\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {PROXY_PROTOCOL_NEEDS_TRUSTED_PROXIES}"
+    path = write(tmp_path, "d.toml", "receive_proxy_protocol = true\ntrusted_proxies = []\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}:2: {PROXY_PROTOCOL_NEEDS_TRUSTED_PROXIES}"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"DISCOPROXY_RECEIVE_PROXY_PROTOCOL": "true"})
+    assert str(info.value) == f"environment: {PROXY_PROTOCOL_NEEDS_TRUSTED_PROXIES}"
+
+
+def test_trusting_every_address_is_accepted_when_said_explicitly(tmp_path: Path) -> None:
+    text = 'receive_proxy_protocol = true\ntrusted_proxies = ["0.0.0.0/0", "::/0"]\n'
+    config = load_config(write(tmp_path, "c.toml", text))
+    assert config.receive_proxy_protocol is True
+    assert [str(net) for net in config.trusted_proxies] == ["0.0.0.0/0", "::/0"]
+    env = {
+        "DISCOPROXY_RECEIVE_PROXY_PROTOCOL": "true",
+        "DISCOPROXY_TRUSTED_PROXIES": '["0.0.0.0/0", "::/0"]',
+    }
+    assert len(load_config(None, env).trusted_proxies) == 2
 
 
 def test_environment_overrides_the_file_key_by_key(tmp_path: Path) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from discoproxy.cli import EXIT_START
 from discoproxy.protocol import minecraft
-from tests.support import running_proxy
+from discoproxy.proxy.listener import ListenError
+from tests.support import running_proxy, write_servers
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -122,16 +128,84 @@ def test_shutdown_timeout_aborts_connections_left_open(tmp_path: Path) -> None:
             assert sock.recv(1) == b""
 
 
-def test_port_in_use_is_reported(tmp_path: Path) -> None:
+def serve_until_it_exits(tmp_path: Path, bind: str, admin_listen: str) -> tuple[int, str]:
+    """Run ``discoproxy serve`` that cannot start to its end: its exit code and stderr."""
+    servers_dir = write_servers(tmp_path / "servers", {})
+    config = tmp_path / "discoproxy.toml"
+    config.write_text(
+        f'bind = ["{bind}"]\nservers_dir = "{servers_dir}"\n[admin]\nlisten = "{admin_listen}"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISCOPROXY_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "discoproxy", "serve", "--config", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**env, "NO_COLOR": "1"},
+    )
+    return result.returncode, result.stderr
+
+
+def assert_one_error_line(stderr: str, message: str) -> None:
+    assert "Traceback" not in stderr
+    assert "ExceptionGroup" not in stderr
+    errors = [line for line in stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, stderr
+    assert errors[0].split(" ERROR ", 1)[1].strip() == message
+
+
+def test_game_port_in_use_is_one_line_and_the_start_failure_code(tmp_path: Path) -> None:
+    with socket.socket() as taken:  # the user's own server already on the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, stderr = serve_until_it_exits(tmp_path, f"127.0.0.1:{port}", "127.0.0.1:0")
+    assert code == EXIT_START == 3
+    assert_one_error_line(
+        stderr,
+        f"cannot listen on 127.0.0.1:{port}: address already in use — is a server already "
+        'running there? set bind = ["host:port"] (or serve --bind host:port) to listen '
+        "elsewhere",
+    )
+
+
+def test_admin_port_in_use_is_one_line_and_the_start_failure_code(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with (
-            pytest.raises(AssertionError, match=r"cannot listen on 127\.0\.0\.1"),
-            running_proxy(tmp_path, {}, bind=f"127.0.0.1:{port}"),
-        ):
-            pass
+        code, stderr = serve_until_it_exits(tmp_path, "127.0.0.1:0", f"127.0.0.1:{port}")
+    assert code == EXIT_START
+    assert_one_error_line(
+        stderr,
+        f"cannot listen on 127.0.0.1:{port} (admin): address already in use — is a server "
+        'already running there? set admin.listen = "host:port" to listen elsewhere, or "" '
+        "to turn the admin listener off",
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "port", "said"),
+    [
+        (
+            errno.EACCES,
+            80,
+            "permission denied — ports below 1024 need root or CAP_NET_BIND_SERVICE;",
+        ),
+        (
+            errno.EADDRNOTAVAIL,
+            25565,
+            "cannot assign requested address — is that an address of this machine?",
+        ),
+        (errno.EACCES, 25565, "permission denied;"),
+    ],
+)
+def test_listen_error_says_what_is_likely_behind_it(error: int, port: int, said: str) -> None:
+    cause = OSError(error, os.strerror(error))
+    where = f"10.0.0.1:{port}"
+    failure = ListenError(where, port, 'bind = ["host:port"]', cause)
+    assert str(failure) == f'cannot listen on {where}: {said} set bind = ["host:port"]'
 
 
 def test_port_routes_follow_server_files_and_open_connections_survive(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from discoproxy.config import parse_bind
 from discoproxy.metrics import ProviderInfo, Snapshot, render, take_snapshot, take_totals
 from discoproxy.provider import ProviderStatus
 from discoproxy.proxy.addresses import format_addr
+from discoproxy.proxy.listener import ListenError
 from discoproxy.status import display_name
 
 if TYPE_CHECKING:
@@ -331,12 +332,16 @@ async def serve_admin(
     *,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the admin endpoints on ``listen`` until cancelled; report the bound address."""
+    """Serve the admin endpoints on ``listen`` until cancelled; report the bound address.
+    Raises :class:`ListenError` when ``listen`` cannot be opened."""
     host, port = parse_bind(listen)
     try:
         listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot listen on {listen} (admin): {exc.strerror}") from exc
+        setting = (
+            'admin.listen = "host:port" to listen elsewhere, or "" to turn the admin listener off'
+        )
+        raise ListenError(f"{listen} (admin)", port, setting, exc) from exc
     limiter = anyio.CapacityLimiter(MAX_CLIENTS)
 
     async def handle(stream: SocketStream) -> None:

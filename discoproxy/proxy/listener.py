@@ -7,10 +7,13 @@ Rules for this file:
 - An accept error (EMFILE/ENFILE: out of file descriptors) is logged as a rate-limited
   rejection and the listener leaves epoll for :data:`ACCEPT_BACKOFF_S`: a level-triggered
   socket that stays readable would otherwise spin the reactor at 100 % CPU.
+- A socket that cannot be opened raises :class:`ListenError`, the one message for it: at
+  start ``cli.py`` prints it and exits, on a reload the bind is reported as not applied.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 from select import EPOLLIN
 from typing import TYPE_CHECKING
@@ -22,6 +25,37 @@ if TYPE_CHECKING:
 ACCEPT_BATCH = 64
 # After an accept error (EMFILE: out of fds), the listener rests this long.
 ACCEPT_BACKOFF_S = 0.1
+# Binding below this port needs root or CAP_NET_BIND_SERVICE (Linux's default
+# net.ipv4.ip_unprivileged_port_start).
+PRIVILEGED_PORTS_BELOW = 1024
+
+
+class ListenError(OSError):
+    """Raised when a listening socket (``bind``, or the admin listener) cannot be opened.
+
+    ``str()`` is the whole line for an operator: the address, the reason, what is likely
+    behind it and the setting that moves it, e.g. ``cannot listen on 0.0.0.0:25565:
+    address already in use — is a server already running there? set bind = …``.
+    """
+
+    def __init__(self, where: str, port: int, setting: str, exc: OSError) -> None:
+        super().__init__(exc.errno, exc.strerror)
+        self.where = where  # the address as shown, "(admin)" appended for that listener
+        self.port = port
+        self.setting = setting  # what to write instead, e.g. 'bind = ["host:port"]'
+
+    def __str__(self) -> str:
+        reason = self.strerror or "cannot bind"
+        reason = reason[:1].lower() + reason[1:]
+        if self.errno == errno.EADDRINUSE:
+            reason += " — is a server already running there?"
+        elif self.errno == errno.EACCES and 0 < self.port < PRIVILEGED_PORTS_BELOW:
+            reason += f" — ports below {PRIVILEGED_PORTS_BELOW} need root or CAP_NET_BIND_SERVICE;"
+        elif self.errno == errno.EADDRNOTAVAIL:
+            reason += " — is that an address of this machine?"
+        else:
+            reason += ";"
+        return f"cannot listen on {self.where}: {reason} set {self.setting}"
 
 
 class BaseListener:

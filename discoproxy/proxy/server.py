@@ -45,7 +45,7 @@ from discoproxy.metrics import DataPlaneStats
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.connection import ClientConnection
-from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener
+from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener, ListenError
 from discoproxy.proxy.names import NameCache
 from discoproxy.proxy.ports import (
     UDP_SWEEP_S,
@@ -401,7 +401,7 @@ class BindListeners:
         return list(self._open)
 
     async def open(self, bind: str) -> list[tuple[str, int]]:
-        """Listen on ``bind``; the addresses bound. Raises OSError naming the address."""
+        """Listen on ``bind``; the addresses bound. Raises :class:`ListenError`."""
         ctx = self._ctx
         host, port = parse_bind(bind)
         family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
@@ -412,7 +412,8 @@ class BindListeners:
             )
             socks = _listening_sockets(infos)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from exc
+            setting = 'bind = ["host:port"] (or serve --bind host:port) to listen elsewhere'
+            raise ListenError(where, port, setting, exc) from exc
         fallback = ctx.config.fallbacks.get(bind)
         # labelled as configured; a port picked by the kernel (":0") by the address it got
         listeners = [

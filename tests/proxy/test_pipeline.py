@@ -276,7 +276,8 @@ async def test_untrusted_source_cannot_spoof_a_proxy_header() -> None:
 
 
 async def test_missing_proxy_header_from_a_trusted_upstream_is_rejected() -> None:
-    async with running_proxy([], receive_proxy_protocol=True) as proxy:
+    settings = {"receive_proxy_protocol": True, "trusted_proxies": ["127.0.0.0/8"]}
+    async with running_proxy([], **settings) as proxy:
         async with await proxy.connect() as stream:
             await stream.send(handshake("mc.example.com"))
             assert await receive_all(stream) == b""
