@@ -15,12 +15,9 @@ Rules for this file:
   handshake is usually there); a client is registered with epoll only when it must be
   waited for. The backend is dialed with a non-blocking connect and the replayed prefix
   is written at once: on a fast network the connection is already up.
-- Forwarding is two :class:`Flow` objects, one per direction. A flow copies small
-  transfers (read + write) and, once a read fills ``SMALL_READ_BYTES``, moves bytes with
-  ``splice`` through a pipe borrowed from the pool only while bytes are in flight (no
-  copy into Python). Backpressure: while a flow cannot write, its source is not read.
-- Half-close is carried: EOF from one side becomes ``shutdown(SHUT_WR)`` on the other;
-  the connection closes when both directions are done or either side fails.
+- Forwarding is two :class:`~discoproxy.proxy.relay.Flow` objects, one per direction
+  (``proxy/relay.py``: copy or splice, backpressure, half-close); the connection is their
+  :class:`~discoproxy.proxy.relay.FlowOwner` and closes when they say so.
 - Parsers come from ``discoproxy.protocol`` (sans-IO); this module turns their results
   and errors into socket actions and exactly one log line per connection.
 """
@@ -29,7 +26,6 @@ from __future__ import annotations
 
 import _socket
 import contextlib
-import ctypes
 import enum
 import errno
 import http as http_status
@@ -62,6 +58,7 @@ from discoproxy.protocol.proxy_protocol import ProxyHeader, parse_proxy_header
 from discoproxy.protocol.sniff import Sniffed, detect_protocol
 from discoproxy.proxy.addresses import Proxied, format_addr, literal_family, proxy_v2_header
 from discoproxy.proxy.names import Resolved, resolved_addresses
+from discoproxy.proxy.relay import Flow
 from discoproxy.proxy.tls_termination import terminate
 from discoproxy.status import LEGACY_PING_PROTOCOL, StatusState, display_name, rewritten_host
 
@@ -70,7 +67,6 @@ if TYPE_CHECKING:
 
     from discoproxy.config import ProxyConfig
     from discoproxy.metrics import RouteStats
-    from discoproxy.proxy.reactor import Pipe
     from discoproxy.proxy.server import ProxyContext
     from discoproxy.routing import Route
 
@@ -84,25 +80,12 @@ MAX_PREFIX_BYTES = 20 * 1024
 LEGACY_PING_GRACE_S = 0.3
 # One read while the prefix is gathered.
 PREFIX_READ_BYTES = 32 * 1024
-# A read at least this big marks a bulk stream: read again before going back to epoll,
-# up to MAX_BULK_READS times (a splice moves ~200 KiB here, so a turn is a few ms at
-# most; 8 reads per turn cost 1-conn bulk ~10% of throughput against HAProxy).
-BULK_READ_BYTES = 64 * 1024
-MAX_BULK_READS = 32
-# One read when a flow has no pipe (the pool is exhausted) and copies instead.
-COPY_READ_BYTES = 256 * 1024
-# A flow copies until one read fills this much; then it splices (see Flow). Below
-# malloc's mmap threshold (128 KiB), so a read's buffer never costs an mmap.
-SMALL_READ_BYTES = 16 * 1024
-
-_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # plain ints: OR-ing socket's IntFlag members runs enum code on every dial
 _STREAM_NONBLOCK = int(socket.SOCK_STREAM) | int(socket.SOCK_NONBLOCK)
 _IPPROTO_TCP = int(socket.IPPROTO_TCP)
 _TCP_NODELAY = int(socket.TCP_NODELAY)
 _READABLE = EPOLLIN | EPOLLHUP | EPOLLERR
 _FAILED = EPOLLHUP | EPOLLERR
-_splice = os.splice
 _read = os.read
 _write = os.write
 
@@ -176,204 +159,6 @@ def _socket_error(fd: int) -> str:
     finally:
         sock.detach()
     return os.strerror(code) if code else "connection closed"
-
-
-class Flow:
-    """One direction of a forwarded connection: bytes from ``src`` to ``dst``.
-
-    A flow starts by copying (``read`` into ``out``, then ``write``), as HAProxy's
-    ``splice-auto`` does: most connections move a few small messages and an EOF, which
-    cost less as reads and writes than as splices through a borrowed pipe. The first read
-    that fills ``SMALL_READ_BYTES`` marks a stream (``bulk``): from then on bytes go
-    through a pooled pipe (``splice``, no copy), or a copy when no pipe can be had. While
-    ``blocked`` (the destination is full), the source is not read; ``eof`` is the
-    source's EOF, ``shut`` that it was passed on.
-    """
-
-    __slots__ = (
-        "blocked",
-        "bulk",
-        "conn",
-        "count",
-        "dst",
-        "eof",
-        "out",
-        "pending",
-        "pipe",
-        "shut",
-        "src",
-    )
-
-    def __init__(self, conn: ClientConnection) -> None:
-        self.conn = conn
-        self.bulk = False
-        self.src = -1
-        self.dst = -1
-        self.pipe: Pipe | None = None
-        self.pending = 0  # bytes in the pipe
-        self.out: bytes | None = None  # bytes copied, not yet written
-        self.count = 0
-        self.blocked = False
-        self.eof = False
-        self.shut = False
-
-    def pump(self) -> None:
-        """The source is readable: move what it has (and was not refused) to ``dst``.
-
-        A bulk read (at least ``BULK_READ_BYTES``) is followed by another at once while
-        the destination keeps up, up to ``MAX_BULK_READS``: a stream then costs one
-        epoll round per several reads. Small reads return, as one read is the common case.
-        """
-        if not self.bulk:
-            if self._copy(SMALL_READ_BYTES) == SMALL_READ_BYTES:
-                self.bulk = True  # a stream: splice from the next read on
-            return
-        conn = self.conn
-        reads = MAX_BULK_READS
-        while reads:  # not ``for … in range()``: a range object per call shows up here
-            reads -= 1
-            pipe = self.pipe
-            if pipe is None:
-                pool = conn.ctx.reactor.pipes
-                if pool.free:  # PipePool.acquire inlined: a free pipe is the common case
-                    pipe = pool.free.pop()
-                    pool.in_flight += 1
-                else:
-                    pipe = pool.acquire()
-                    if pipe is None:
-                        self._copy(COPY_READ_BYTES)
-                        return
-                self.pipe = pipe
-            try:
-                n = _splice(self.src, pipe[1], pipe[2], None, None, _SPLICE_FLAGS)
-            except BlockingIOError:
-                n = -1
-            except OSError as exc:
-                conn.flow_failed(self.src, exc)
-                return
-            if n <= 0:
-                if not self.pending:
-                    self.pipe = None
-                    conn.ctx.reactor.pipes.release(pipe)
-                if n == 0:
-                    self.source_eof()
-                return
-            self.count += n
-            self.pending += n
-            conn.active = True
-            self.flush()
-            if n < BULK_READ_BYTES or self.blocked or conn.state is not FORWARDING:
-                return
-
-    def _copy(self, size: int) -> int:
-        """Read up to ``size`` bytes into ``out`` and write them; how many were read."""
-        conn = self.conn
-        try:
-            data = _read(self.src, size)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            conn.flow_failed(self.src, exc)
-            return 0
-        if not data:
-            self.source_eof()
-            return 0
-        n = len(data)
-        self.count += n
-        conn.active = True
-        self.out = data
-        self.flush()
-        return n
-
-    def flush(self) -> None:
-        """Write what is held for ``dst``; block the flow if it does not all fit."""
-        out = self.out
-        if out is not None:
-            try:
-                n = _write(self.dst, out)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                self.conn.flow_failed(self.dst, exc)
-                return
-            if n < len(out):
-                self.out = out[n:]
-                self._block()
-                return
-            self.out = None
-            if self.conn.lingering:
-                self.conn.close(self.conn.lingering)
-                return
-        if self.pending:
-            pipe = self.pipe
-            assert pipe is not None
-            try:
-                n = _splice(pipe[0], self.dst, self.pending, None, None, _SPLICE_FLAGS)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                self.conn.flow_failed(self.dst, exc)
-                return
-            self.pending -= n
-            if self.pending:
-                self._block()
-                return
-            self.pipe = None
-            self.conn.ctx.reactor.pipes.release(pipe)
-        if self.blocked:
-            self.blocked = False
-            self.conn.sync_events()
-        if self.eof and not self.shut:
-            self._pass_eof()
-
-    def _block(self) -> None:
-        if not self.blocked:
-            self.blocked = True
-            self.conn.sync_events()
-
-    def source_eof(self) -> None:
-        self.eof = True
-        conn = self.conn
-        if not self.pending and self.out is None:
-            other = conn.down if self is conn.up else conn.up
-            if other.shut:  # the last direction: no need to stop watching the source
-                self.shut = True
-                conn.close("both sides closed")
-                return
-            conn.sync_events()
-            self._pass_eof()
-        else:
-            conn.sync_events()
-
-    def _pass_eof(self) -> None:
-        self.shut = True
-        conn = self.conn
-        other = conn.down if self is conn.up else conn.up
-        if other.shut:
-            conn.close("both sides closed")
-            return
-        try:
-            _shutdown_write(self.dst)
-        except OSError:
-            conn.close("client closed" if self.dst == conn.cfd else "backend closed")
-
-    def release(self) -> None:
-        pipe = self.pipe
-        if pipe is not None:
-            self.pipe = None
-            self.conn.ctx.reactor.pipes.discard(pipe)
-
-
-def _shutdown_write(fd: int) -> None:
-    # libc directly: a socket object over a raw fd costs a getsockname() per call
-    if _libc_shutdown(fd, socket.SHUT_WR) < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc_shutdown = _libc.shutdown  # no argtypes: plain ints convert natively, 30 % faster
-_libc_shutdown.restype = ctypes.c_int
 
 
 class ClientConnection:
@@ -502,8 +287,9 @@ class ClientConnection:
             ctx.log_rejection(self.client_addr, self.reason, listener=self.listener)
             return False
         self.id = ctx.register(self)
-        self.up = Flow(self)
-        self.down = Flow(self)
+        pipes = ctx.reactor.pipes
+        self.up = Flow(self, pipes)
+        self.down = Flow(self, pipes)
         os.set_blocking(self.cfd, False)  # fcntl.fcntl with an int builds and drops a TypeError
         return True
 

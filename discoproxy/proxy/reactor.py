@@ -1,4 +1,4 @@
-"""The data plane's own thread: one epoll set, its timers, and a pipe pool.
+"""The data plane's own thread: one epoll set, its timers, and the relay's pipe pool.
 
 Rules for this file:
 - Connections and listeners are plain objects with ``on_event(fd, events)``; the reactor
@@ -16,9 +16,8 @@ Rules for this file:
   so no sweep ever races a connection.
 - An fd forgotten during a batch gets no more events from that batch, even when the
   kernel hands the same number to a new connection before the batch ends.
-- Pipes for ``splice`` are pooled and held only while bytes are in flight: an
-  unprivileged process gets 64 pipes of 1 MiB (then ``F_SETPIPE_SZ`` fails), and 64 KiB
-  pipes cost twice the CPU per GiB.
+- It owns the relay's :class:`~discoproxy.proxy.relay.PipePool` (``pipes``), closed
+  with it.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import fcntl
 import heapq
 import itertools
 import os
@@ -39,12 +37,8 @@ from typing import Any, Protocol, TypeVar
 
 from loguru import logger
 
-# Bytes one pipe holds; one splice moves at most this much.
-PIPE_SIZE = 1 << 20
-# Free pipes kept for reuse (two fds each); in-flight pipes beyond this are closed on release.
-MAX_FREE_PIPES = 64
-# Pipes in flight at once; past this, flows copy through user space instead of splicing.
-MAX_PIPES_IN_FLIGHT = 1024
+from discoproxy.proxy.relay import PipePool
+
 # Events taken from the kernel per wake-up; epoll.poll allocates an array this long on
 # every call, so it stays modest (the loop calls again while events remain).
 MAX_EVENTS = 256
@@ -55,58 +49,6 @@ class Handler(Protocol):
 
     def on_internal_error(self, exc: Exception) -> None:
         """An unexpected exception met this handler: end it cleanly (never raises)."""
-
-
-Pipe = tuple[int, int, int]  # read end, write end, capacity in bytes
-
-
-class PipePool:
-    """Pipes for ``splice``, lent while bytes are in flight and taken back empty."""
-
-    __slots__ = ("free", "in_flight")
-
-    def __init__(self) -> None:
-        self.free: list[Pipe] = []  # Flow.pump pops from it inline (see acquire)
-        self.in_flight = 0
-
-    def acquire(self) -> Pipe | None:
-        """A pipe, or None when none can be had (fd limit, budget): the caller copies."""
-        if self.free:
-            self.in_flight += 1
-            return self.free.pop()
-        if self.in_flight >= MAX_PIPES_IN_FLIGHT:
-            return None
-        try:
-            read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            capacity = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:  # over the per-user pipe budget: keep the kernel's size
-            capacity = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
-        self.in_flight += 1
-        return (read_end, write_end, capacity)
-
-    def release(self, pipe: Pipe) -> None:
-        """Take back an empty pipe."""
-        self.in_flight -= 1
-        if len(self.free) < MAX_FREE_PIPES and pipe[2] >= PIPE_SIZE:
-            self.free.append(pipe)
-        else:
-            os.close(pipe[0])
-            os.close(pipe[1])
-
-    def discard(self, pipe: Pipe) -> None:
-        """Close a pipe that may still hold bytes (its connection is gone)."""
-        self.in_flight -= 1
-        os.close(pipe[0])
-        os.close(pipe[1])
-
-    def close(self) -> None:
-        for pipe in self.free:
-            os.close(pipe[0])
-            os.close(pipe[1])
-        self.free.clear()
 
 
 T = TypeVar("T")

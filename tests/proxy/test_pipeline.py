@@ -13,8 +13,7 @@ from anyio.abc import SocketStream
 
 from discoproxy.protocol import minecraft, tls
 from discoproxy.protocol.proxy_protocol import ProxyHeader, encode_v2, parse_proxy_header
-from discoproxy.proxy.connection import COPY_READ_BYTES
-from discoproxy.proxy.reactor import PIPE_SIZE
+from discoproxy.proxy.relay import COPY_READ_BYTES, PIPE_SIZE
 from tests.proxy.helpers import (
     Backend,
     backend,

@@ -14,8 +14,9 @@ import anyio
 import pytest
 from anyio.abc import SocketStream
 
-from discoproxy.proxy import reactor
-from discoproxy.proxy.connection import COPY_READ_BYTES, ClientConnection, Flow
+from discoproxy.proxy import relay
+from discoproxy.proxy.connection import ClientConnection
+from discoproxy.proxy.relay import COPY_READ_BYTES, Flow
 from tests.proxy.helpers import (
     Backend,
     RunningProxy,
@@ -65,7 +66,7 @@ async def test_a_large_transfer_each_way_arrives_intact() -> None:
 async def test_without_pipes_flows_copy_and_still_arrive_intact(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(reactor, "MAX_PIPES_IN_FLIGHT", 0)
+    monkeypatch.setattr(relay, "MAX_PIPES_IN_FLIGHT", 0)
     async with backend(echo) as b:
         async with running_proxy([server("mc", "mc.example.com", addresses=[b.address])]) as p:
             sent, received = await _echo_round_trip(p, 8 * MIB)
@@ -78,7 +79,7 @@ async def test_a_slow_backend_stops_the_client_from_being_read(
     pipes: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not pipes:
-        monkeypatch.setattr(reactor, "MAX_PIPES_IN_FLIGHT", 0)
+        monkeypatch.setattr(relay, "MAX_PIPES_IN_FLIGHT", 0)
     # a raw socket, not an anyio stream: anyio's protocol reads eagerly into its buffer
     listener = socket.create_server(("127.0.0.1", 0))
     got = 0
@@ -120,7 +121,7 @@ async def test_a_slow_backend_stops_the_client_from_being_read(
                 conn = conns[0]
                 assert not conn.cmask & select.EPOLLIN  # the client is not read
                 held = conn.up.pending + len(conn.up.out or b"")
-                assert held <= (reactor.PIPE_SIZE if pipes else COPY_READ_BYTES)
+                assert held <= (relay.PIPE_SIZE if pipes else COPY_READ_BYTES)
                 assert (conn.up.pipe is not None) is pipes
                 release.set()
                 with anyio.fail_after(10):
