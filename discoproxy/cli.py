@@ -109,9 +109,7 @@ async def _offline_snapshots(
     return snapshots, lines
 
 
-def _load_table(
-    config: ProxyConfig, providers: list[tuple[Provider, Enabled]]
-) -> tuple[RoutingTable, bool]:
+def _load_table(providers: list[tuple[Provider, Enabled]]) -> tuple[RoutingTable, bool]:
     """The table every enabled provider would give now, its report printed to stderr;
     True when some provider or item had an error."""
     configure_logging("ERROR", "text")  # providers without load_once() run and may log
@@ -128,7 +126,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    table, failed = _load_table(config, providers)
+    table, failed = _load_table(providers)
     for conflict in table.conflicts:
         print(f"warning: route conflict: {conflict}", file=sys.stderr)
     print(f"config ok: {len(config.bind)} listeners, {len(table)} servers", file=sys.stderr)
@@ -168,7 +166,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
     try:
         if args.offline:
             config = _load(args)
-            table, _ = _load_table(config, load_providers(config))
+            table, _ = _load_table(load_providers(config))
             data: Any = {
                 "routes": table_rows(table),
                 "conflicts": [str(c) for c in table.conflicts],
