@@ -15,7 +15,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,12 +29,17 @@ from discoproxy.config import ConfigError, ProxyConfig, load_config
 from discoproxy.guard import Ban, BanList, check_username, load_bans, parse_duration, save_bans
 from discoproxy.logwriter import writer
 from discoproxy.model import ServerDefinition
-from discoproxy.provider import Enabled, Provider, ProviderStatus, load_providers, supervise
+from discoproxy.provider import (
+    Enabled,
+    Provider,
+    ProviderStatus,
+    load_providers,
+    snapshot_once,
+    supervise,
+)
 from discoproxy.proxy.listener import ListenError
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox, build_table
 from discoproxy.wake import ServerControl
-from providers.file import PROVIDER_NAME as FILE_PROVIDER
-from providers.file import load_servers_dir
 
 if TYPE_CHECKING:
     from discoproxy.admin.server import Admin
@@ -47,7 +52,7 @@ EXIT_START = 3
 # Listeners open once every enabled provider has published, or after this long: a
 # connection arriving in the first instant should not see an empty table.
 STARTUP_WAIT_S = 10.0
-# `check` and `routes` wait this long for each non-file provider's first snapshot.
+# `check` and `routes --offline` wait this long for each provider's servers.
 SNAPSHOT_WAIT_S = 10.0
 
 TEXT_FORMAT = "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> {message}"
@@ -85,49 +90,42 @@ def _load(args: argparse.Namespace) -> ProxyConfig:
     return config
 
 
-async def _first_snapshot(provider: Provider) -> list[ServerDefinition] | None:
-    """Run ``provider`` until it publishes once; ``None`` if it is off or too slow."""
-    captured: list[list[ServerDefinition]] = []
-    try:
-        with anyio.move_on_after(SNAPSHOT_WAIT_S):
-            async with anyio.create_task_group() as tg:
-
-                def publish(servers: Iterable[ServerDefinition]) -> None:
-                    captured.append(list(servers))
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(provider.run, publish)
-    except Exception as exc:  # a provider's failure is reported, not fatal
-        print(f"error: provider {provider.name} failed: {exc!r}", file=sys.stderr)
-    return captured[0] if captured else None
-
-
-async def _other_snapshots(
+async def _offline_snapshots(
     providers: list[tuple[Provider, Enabled]],
-) -> dict[str, list[ServerDefinition]]:
-    snapshots: dict[str, list[ServerDefinition]] = {}
+) -> tuple[dict[str, tuple[ServerDefinition, ...]], list[str]]:
+    """Every enabled provider asked once for its servers, as ``serve`` would start it
+    (``enabled``, then ``available()`` in auto mode); with the report lines for stderr."""
+    snapshots: dict[str, tuple[ServerDefinition, ...]] = {}
+    lines: list[str] = []
     for provider, enabled in providers:
-        if provider.name == FILE_PROVIDER or enabled is Enabled.FALSE:
+        name = provider.name
+        if enabled is Enabled.FALSE:
+            lines.append(f"note: provider {name} disabled in the config")
             continue
         if enabled is Enabled.AUTO and not await provider.available():
+            lines.append(f"note: provider {name} off: {provider.unavailable_reason()}")
             continue
-        servers = await _first_snapshot(provider)
-        if servers is None:
-            print(f"warning: provider {provider.name} gave no routes", file=sys.stderr)
-        else:
-            snapshots[provider.name] = servers
-    return snapshots
+        try:
+            result = await snapshot_once(provider, SNAPSHOT_WAIT_S)
+        except Exception as exc:  # a provider's failure is reported, not fatal
+            lines.append(f"error: provider {name} failed: {type(exc).__name__}: {exc}")
+            continue
+        snapshots[name] = result.servers
+        lines += [f"error: {error}" for error in result.errors]
+        lines += [f"warning: {warning}" for warning in result.warnings]
+        source = f" from {result.source}" if result.source else ""
+        lines.append(f"note: provider {name}: {len(result.servers)} servers{source}")
+    return snapshots, lines
 
 
-def _load_table(
-    config: ProxyConfig, providers: list[tuple[Provider, Enabled]]
-) -> tuple[RoutingTable, list[ConfigError]]:
-    """The table every enabled provider would give now; file errors listed in detail."""
-    servers, errors = load_servers_dir(config.servers_dir)
-    snapshots: dict[str, list[ServerDefinition]] = {FILE_PROVIDER: servers}
-    configure_logging("ERROR", "text")
-    snapshots.update(anyio.run(_other_snapshots, providers))
-    return build_table(snapshots), errors
+def _load_table(providers: list[tuple[Provider, Enabled]]) -> tuple[RoutingTable, bool]:
+    """The table every enabled provider would give now, its report printed to stderr;
+    True when some provider or item had an error."""
+    configure_logging("ERROR", "text")  # providers without load_once() run and may log
+    snapshots, lines = anyio.run(_offline_snapshots, providers)
+    for line in lines:
+        print(line, file=sys.stderr)
+    return build_table(snapshots), any(line.startswith("error:") for line in lines)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -137,15 +135,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    table, errors = _load_table(config, providers)
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
+    table, failed = _load_table(providers)
     for conflict in table.conflicts:
         print(f"warning: route conflict: {conflict}", file=sys.stderr)
-    if not config.servers_dir.is_dir():
-        print(f"note: servers_dir {config.servers_dir} does not exist", file=sys.stderr)
     print(f"config ok: {len(config.bind)} listeners, {len(table)} servers", file=sys.stderr)
-    return EXIT_CONFIG if errors else EXIT_OK
+    return EXIT_CONFIG if failed else EXIT_OK
 
 
 def table_rows(table: RoutingTable) -> list[dict[str, Any]]:
@@ -181,9 +175,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
     try:
         if args.offline:
             config = _load(args)
-            table, errors = _load_table(config, load_providers(config))
-            for error in errors:
-                print(f"error: {error}", file=sys.stderr)
+            table, _ = _load_table(load_providers(config))
             data: Any = {
                 "routes": table_rows(table),
                 "conflicts": [str(c) for c in table.conflicts],

@@ -9,6 +9,11 @@ Rules for this file:
 - A provider never sees other providers or the routing table. When it fails, it raises;
   the supervisor here logs it, keeps its last snapshot published, and runs it again with
   backoff. It never stops the proxy or the other providers.
+- ``check`` and ``routes --offline`` ask each enabled provider for its servers once
+  (:func:`snapshot_once`): through its :meth:`LoadsOnce.load_once` when it has one (a
+  read of its source with its own loading code, nothing watched, nothing logged), else by
+  running it until its first ``publish``. Never a second reading of a provider's source
+  elsewhere: the provider alone knows where its servers are.
 - Providers import :mod:`discoproxy.model` and this module only.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -97,6 +103,62 @@ class Provider(Protocol):
     async def run(self, publish: Publish) -> None:
         """Publish snapshots until cancelled; raise on failure (the supervisor retries)."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """A provider's servers read once, for ``check`` and ``routes --offline``.
+
+    ``errors`` are the items it would not route, each a complete message naming its source
+    (file and line, container and label), the field and the accepted form; ``warnings``
+    the items routed with a remark, or a source that is not there yet. ``source`` says
+    what was read (a directory, an engine endpoint), for the report.
+    """
+
+    servers: tuple[ServerDefinition, ...]
+    errors: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    source: str = ""
+
+
+@runtime_checkable
+class LoadsOnce(Protocol):
+    """A provider that can read its source once, offline (optional; ours both do)."""
+
+    async def load_once(self) -> LoadResult:
+        """What :meth:`Provider.run` would publish first, read once and without watching
+        or logging. Raise when the source cannot be read at all (an engine that does not
+        answer); a missing source that ``run`` would wait for is a warning."""
+        ...
+
+
+async def snapshot_once(provider: Provider, wait_s: float) -> LoadResult:
+    """``provider``'s servers, once: its :meth:`LoadsOnce.load_once`, else its first
+    ``publish`` from :meth:`Provider.run` (a warning if none comes within ``wait_s``).
+
+    Raises what the provider raised (unwrapped from the task group).
+    """
+    if isinstance(provider, LoadsOnce):
+        with anyio.move_on_after(wait_s):
+            return await provider.load_once()
+        raise TimeoutError(f"no answer within {wait_s:g}s")
+    captured: list[tuple[ServerDefinition, ...]] = []
+    try:
+        with anyio.move_on_after(wait_s):
+            async with anyio.create_task_group() as tg:
+
+                def publish(servers: Iterable[ServerDefinition]) -> None:
+                    captured.append(tuple(servers))
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(provider.run, publish)
+    except ExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    if not captured:
+        return LoadResult((), warnings=(f"provider {provider.name}: no routes within {wait_s:g}s",))
+    return LoadResult(captured[0])
 
 
 def discover() -> dict[str, type[Provider]]:

@@ -11,6 +11,8 @@ Rules for this file:
   winner is the one whose qualified id (``id@provider``) sorts first, and the conflict is
   reported when the table is built — never "whichever loaded first".
 - Lookups cost one dict probe per label of the name: flat in the number of routes.
+  So does :meth:`RoutingTable.domains_of`: each route's names are collected once, when
+  the table is built (``/api/routes`` asks for every route, every 2 s from the dashboard).
 - This module alone writes the current table.
 """
 
@@ -73,7 +75,16 @@ def qualify(server_id: str, provider: str) -> str:
 class RoutingTable:
     """Frozen name → route lookups, plus the catch-all."""
 
-    __slots__ = ("_exact", "_wildcard", "by_id", "conflicts", "default", "ports", "routes")
+    __slots__ = (
+        "_exact",
+        "_names",
+        "_wildcard",
+        "by_id",
+        "conflicts",
+        "default",
+        "ports",
+        "routes",
+    )
 
     def __init__(
         self,
@@ -93,6 +104,15 @@ class RoutingTable:
         self.conflicts = tuple(conflicts)
         # (protocol, listen port) → the server's route with that port's backend addresses
         self.ports: dict[PortKey, Route] = dict(ports or {})
+        # id(route) → the names it won, exact ones first, in claim order. Keyed by
+        # identity, as the scan this replaces compared: the routes are this table's own
+        # and live as long as it does; a port route (a copy) or another table's has none.
+        names: dict[int, list[str]] = {}
+        for name, route in self._exact.items():
+            names.setdefault(id(route), []).append(name)
+        for suffix, route in self._wildcard.items():
+            names.setdefault(id(route), []).append("*" + suffix)
+        self._names = {key: tuple(found) for key, found in names.items()}
 
     @classmethod
     def empty(cls) -> RoutingTable:
@@ -134,10 +154,9 @@ class RoutingTable:
             dot = name.find(".", dot + 1)
         return None
 
-    def domains_of(self, route: Route) -> list[str]:
-        names = [name for name, r in self._exact.items() if r is route]
-        names += ["*" + suffix for suffix, r in self._wildcard.items() if r is route]
-        return names
+    def domains_of(self, route: Route) -> tuple[str, ...]:
+        """The names ``route`` won (a conflict's losers have none): one dict probe."""
+        return self._names.get(id(route), ())
 
 
 def build_table(servers_by_provider: Mapping[str, Iterable[ServerDefinition]]) -> RoutingTable:

@@ -24,6 +24,9 @@ Rules for this file:
   choice is deterministic or the container is reported with the reason and dropped.
 - A bad label drops that container only. Each distinct problem is logged once, when it
   first appears, not on every resync.
+- ``load_once`` (``check``, ``routes --offline``) needs an engine that answers: it lists
+  the containers once, as a resync does, and returns the problems instead of logging them
+  (a dropped container is an error, a remark a warning); no event stream.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from discoproxy.model import (
     ServerMotds,
 )
 from discoproxy.motd import Motd
-from discoproxy.provider import ProviderSettings, Publish
+from discoproxy.provider import LoadResult, ProviderSettings, Publish
 
 PROVIDER_NAME = "docker"
 DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"
@@ -1028,10 +1031,30 @@ class DockerProvider:
     def unavailable_reason(self) -> str:
         return self._unavailable
 
-    async def run(self, publish: Publish) -> None:
+    async def load_once(self) -> LoadResult:
+        """The servers of one container listing, as the first resync of :meth:`run`
+        publishes them. Raises :class:`EngineUnavailable` when the engine does not answer."""
+        await self._detect_own_id()
+        client = await self._call(partial(self._connect, self.settings.api_timeout))
+        try:
+            listing = await self._list(client)
+        finally:
+            client.close()
+        scan = servers_from_containers(listing, self.settings, self._own_id)
+        return LoadResult(
+            scan.servers,
+            errors=tuple(f"{problem}; not routed" for problem in scan.problems if problem.dropped),
+            warnings=tuple(str(problem) for problem in scan.problems if not problem.dropped),
+            source=self.settings.endpoint,
+        )
+
+    async def _detect_own_id(self) -> None:
         if not self._own_id_known:
             self._own_id = await anyio.to_thread.run_sync(detect_own_container_id)
             self._own_id_known = True
+
+    async def run(self, publish: Publish) -> None:
+        await self._detect_own_id()
         self._listing = None  # a new connection starts from a full listing
         self._fresh.clear()
         client = await self._call(partial(self._connect, self.settings.api_timeout))
@@ -1153,9 +1176,13 @@ class DockerProvider:
 
     async def resync(self, client: Any, publish: Publish) -> ContainerScan:
         """List containers once and publish the complete snapshot."""
-        listed = await self._call(partial(client.containers, all=True))
-        self._listing = [r for r in listed if isinstance(r, Mapping)]
+        self._listing = await self._list(client)
         return self._publish(self._listing, publish, prune=True)
+
+    async def _list(self, client: Any) -> list[ContainerRecord]:
+        """Every container, stopped ones too (``auto_start`` servers sleep in them)."""
+        listed = await self._call(partial(client.containers, all=True))
+        return [r for r in listed if isinstance(r, Mapping)]
 
     def _publish(
         self, listing: list[ContainerRecord], publish: Publish, *, prune: bool

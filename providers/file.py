@@ -8,6 +8,8 @@ Rules for this file:
 - Editors' temporary and hidden files (``.name``, ``name~``, ``#name#``, ``.swp``) are
   ignored; a file is read only once its size and mtime hold still across the read, so a
   truncate-then-write is never published half-written (a rename is atomic anyway).
+- ``load_once`` (``check``, ``routes --offline``) reads the directory with the same code
+  as ``run``, from ``[providers.file] directory`` when set, else ``servers_dir``.
 - watchfiles (inotify) is used, not polling; ``WATCHFILES_FORCE_POLLING=1`` switches to
   polling for bind mounts and network filesystems that do not deliver events.
 """
@@ -32,7 +34,7 @@ from discoproxy.config import (
     validate_document,
 )
 from discoproxy.model import ServerDefinition
-from discoproxy.provider import ProviderSettings, Publish
+from discoproxy.provider import LoadResult, ProviderSettings, Publish
 
 PROVIDER_NAME = "file"
 # watchfiles yields a batch once the directory has been quiet this long: long enough to
@@ -60,21 +62,6 @@ def load_server_file(path: Path) -> ServerDefinition:
     data = read_document(path)
     data.setdefault("id", path.stem)
     return validate_document(ServerDefinition, data, path)
-
-
-def load_servers_dir(directory: Path) -> tuple[list[ServerDefinition], list[ConfigError]]:
-    """Every valid server in ``directory`` (sorted by file name) and the errors of the rest."""
-    loaded: list[tuple[Path, ServerDefinition]] = []
-    errors: list[ConfigError] = []
-    if not directory.is_dir():
-        return [], errors
-    for path in sorted(p for p in directory.iterdir() if p.is_file() and is_server_file(p)):
-        try:
-            loaded.append((path, load_server_file(path)))
-        except ConfigError as exc:
-            errors.append(exc)
-    servers, duplicates = unique_by_id(loaded)
-    return servers, errors + duplicates
 
 
 def unique_by_id(
@@ -122,6 +109,9 @@ class FileProvider:
     def __init__(self, name: str, settings: FileSettings, config: ProxyConfig) -> None:
         self.name = name
         self.directory = settings.directory or config.servers_dir
+        # how messages name the directory: by the setting it comes from
+        field = "servers_dir" if settings.directory is None else "providers.file.directory"
+        self._where = f"{field} {self.directory}"
         self._good: dict[Path, ServerDefinition] = {}
         self._errors: dict[Path, str] = {}
         self._log = logger.bind(provider=name)
@@ -130,7 +120,25 @@ class FileProvider:
         return self.directory.is_dir()
 
     def unavailable_reason(self) -> str:
-        return f"servers_dir {self.directory} does not exist"
+        return f"{self._where} does not exist"
+
+    async def load_once(self) -> LoadResult:
+        """The servers :meth:`run` publishes first, read once with the same reading code
+        (settled files, first file name wins a duplicate id); nothing kept or logged."""
+        if not self.directory.is_dir():
+            warning = f"{self._where} does not exist; serve waits for it"
+            return LoadResult((), warnings=(warning,), source=self._where)
+        loaded: list[tuple[Path, ServerDefinition]] = []
+        errors: list[str] = []
+        for path in sorted(self._server_files()):
+            result = await self._read_settled(path)
+            if isinstance(result, ConfigError):
+                errors.append(str(result))
+            elif result is not None:
+                loaded.append((path, result))
+        servers, duplicates = unique_by_id(loaded)
+        errors += (str(error) for error in duplicates)
+        return LoadResult(tuple(servers), tuple(errors), source=self._where)
 
     async def run(self, publish: Publish) -> None:
         announced_missing = False
@@ -138,8 +146,8 @@ class FileProvider:
             if not self.directory.is_dir():
                 if not announced_missing:
                     self._log.warning(
-                        "servers_dir {} is missing; keeping its {} servers until it is back",
-                        self.directory,
+                        "{} is missing; keeping its {} servers until it is back",
+                        self._where,
                         len(self._good),
                     )
                     announced_missing = True
@@ -168,8 +176,11 @@ class FileProvider:
             if paths:
                 await self.reload(paths, publish)
 
+    def _server_files(self) -> set[Path]:
+        return {p for p in self.directory.iterdir() if p.is_file() and is_server_file(p)}
+
     async def reload_all(self, publish: Publish) -> None:
-        present = {p for p in self.directory.iterdir() if p.is_file() and is_server_file(p)}
+        present = self._server_files()
         await self.reload(present | set(self._good) | set(self._errors), publish)
 
     async def reload(self, paths: set[Path], publish: Publish) -> None:
@@ -184,15 +195,14 @@ class FileProvider:
             self._log.error("server file rejected: {}", error)
         return servers
 
-    async def _reload_one(self, path: Path) -> None:
+    async def _read_settled(self, path: Path) -> ServerDefinition | ConfigError | None:
+        """``path`` read once its size and mtime hold still: its server, why it is
+        rejected, or ``None`` when it is gone."""
         give_up = anyio.current_time() + STABLE_WAIT_MAX_S
         while True:
             before = _stat_key(path)
             if before is None:
-                if self._good.pop(path, None) is not None:
-                    self._log.info("server file removed: {}", path)
-                self._errors.pop(path, None)
-                return
+                return None
             age = time.time() - before[1] / 1e9
             if age < QUIET_S and anyio.current_time() < give_up:
                 await anyio.sleep(QUIET_S - max(age, 0.0))
@@ -202,7 +212,15 @@ class FileProvider:
             except ConfigError as exc:
                 result = exc
             if _stat_key(path) == before or anyio.current_time() >= give_up:
-                break
+                return result
+
+    async def _reload_one(self, path: Path) -> None:
+        result = await self._read_settled(path)
+        if result is None:
+            if self._good.pop(path, None) is not None:
+                self._log.info("server file removed: {}", path)
+            self._errors.pop(path, None)
+            return
         if isinstance(result, ConfigError):
             message = str(result)
             if self._errors.get(path) != message:

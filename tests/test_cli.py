@@ -100,6 +100,89 @@ def test_routes_json(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert by_id["lobby@file"]["send_proxy_protocol"] is True
 
 
+def _offline(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, list[str]]:
+    """``check``'s exit code and report, and the route ids ``routes --offline`` prints."""
+    code, _, report = run(["check", "--config", str(config)], capsys)
+    routes_code, out, _ = run(["routes", "--offline", "--json", "--config", str(config)], capsys)
+    assert routes_code == 0
+    return code, report, [row["id"] for row in json.loads(out)["routes"]]
+
+
+def test_check_and_routes_offline_read_the_file_providers_directory(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    elsewhere = write_servers(
+        project / "elsewhere",
+        {"creative.toml": 'domains = ["creative.example.com"]\naddresses = ["10.0.0.8"]\n'},
+    )
+    (project / "servers" / "broken.toml").write_text("domains = [\n")  # not read
+    config = project / "discoproxy.toml"
+    config.write_text(
+        f'servers_dir = "{project / "servers"}"\n'
+        f'[providers.file]\ndirectory = "{elsewhere}"\n'
+        "[providers.docker]\nenabled = false\n"
+    )
+    code, report, ids = _offline(config, capsys)
+    assert code == 0, report
+    assert ids == ["creative@file"]
+    assert f"note: provider file: 1 servers from providers.file.directory {elsewhere}" in report
+    assert "config ok: 1 listeners, 1 servers" in report
+    assert "broken.toml" not in report
+
+
+def test_check_reports_errors_in_the_file_providers_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    elsewhere = write_servers(
+        tmp_path / "elsewhere", {"bad.toml": 'domains = ["x.example.com"]\naddresses = "a:0"\n'}
+    )
+    config = tmp_path / "discoproxy.toml"
+    config.write_text(f'[providers.file]\ndirectory = "{elsewhere}"\n')
+    code, report, ids = _offline(config, capsys)
+    assert code == 1
+    assert ids == []
+    assert f"error: {elsewhere / 'bad.toml'}:2: addresses:" in report
+
+
+def test_check_and_routes_offline_skip_a_disabled_file_provider(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project / "servers" / "broken.toml").write_text("domains = [\n")
+    config = project / "discoproxy.toml"
+    config.write_text(
+        f'servers_dir = "{project / "servers"}"\n'
+        "[providers.file]\nenabled = false\n"
+        "[providers.docker]\nenabled = false\n"
+    )
+    code, report, ids = _offline(config, capsys)
+    assert code == 0, report
+    assert ids == []
+    assert "note: provider file disabled in the config" in report
+    assert "config ok: 1 listeners, 0 servers" in report
+    assert "broken.toml" not in report
+
+
+def test_check_notes_a_missing_directory_the_enabled_provider_would_wait_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "discoproxy.toml"
+    missing = tmp_path / "not-yet"
+    config.write_text(
+        f'[providers.file]\nenabled = true\ndirectory = "{missing}"\n'
+        "[providers.docker]\nenabled = false\n"
+    )
+    code, report, ids = _offline(config, capsys)
+    assert code == 0, report
+    assert ids == []
+    assert (
+        f"warning: providers.file.directory {missing} does not exist; serve waits for it" in report
+    )
+    config.write_text(f'servers_dir = "{missing}"\n[providers.docker]\nenabled = false\n')
+    code, report, _ = _offline(config, capsys)
+    assert code == 0
+    assert f"note: provider file off: servers_dir {missing} does not exist" in report
+
+
 def test_help_documents_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["--help"], capsys)
     assert code == 0

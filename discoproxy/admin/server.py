@@ -317,7 +317,7 @@ def route_row(table: RoutingTable, route: Route, starting: bool = False) -> dict
         "id": route.qualified_id,
         "provider": route.provider,
         "name": display_name(route.server),
-        "domains": table.domains_of(route),
+        "domains": list(table.domains_of(route)),
         "default": table.default is route,
         "ports": [str(mapping) for mapping in route.server.ports],
         "backends": [format_addr(address) for address in route.addresses],

@@ -20,7 +20,7 @@ from loguru import logger
 
 from discoproxy.config import ProxyConfig
 from discoproxy.model import ServerDefinition
-from providers.docker import DockerProvider, DockerSettings, EventStreamEnded
+from providers.docker import DockerProvider, DockerSettings, EngineUnavailable, EventStreamEnded
 
 pytestmark = pytest.mark.anyio
 
@@ -188,3 +188,36 @@ async def test_a_label_problem_is_logged_once_not_on_every_resync() -> None:
         "hostname such as 'mc.example.com' or a wildcard such as '*.example.com' (the '*' "
         "only as the whole first label); not routed"
     ]
+
+
+async def test_load_once_lists_once_and_returns_the_problems_instead_of_logging() -> None:
+    mc, bad = (
+        inspection("c1", "mc", "running", "mc.example.com"),
+        inspection("c2", "bad", "running", "bad domain"),
+    )
+    engine = ScriptedEngine({"c1": mc, "c2": bad}, [listed(mc), listed(bad)])
+    engine.events = None  # type: ignore[assignment,method-assign]  # no event stream offline
+    provider = DockerProvider("docker", DockerSettings(endpoint="tcp://engine:2375"), ProxyConfig())
+    provider._connect = lambda timeout, version="auto": engine  # type: ignore[method-assign]
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG")
+    try:
+        with anyio.fail_after(WITHIN_S):
+            result = await provider.load_once()
+    finally:
+        logger.remove(sink)
+    assert lines == []
+    assert [s.id for s in result.servers] == ["mc"]
+    assert result.errors == (
+        "container bad, label infrarust.domains: invalid domain 'bad domain'; expected a "
+        "hostname such as 'mc.example.com' or a wildcard such as '*.example.com' (the '*' "
+        "only as the whole first label); not routed",
+    )
+    assert result.source == "tcp://engine:2375"
+
+
+async def test_load_once_raises_when_no_engine_answers() -> None:
+    settings = DockerSettings(endpoint="unix:///nonexistent/docker.sock", api_timeout=1)
+    provider = DockerProvider("docker", settings, ProxyConfig())
+    with anyio.fail_after(WITHIN_S), pytest.raises(EngineUnavailable):
+        await provider.load_once()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,9 +11,11 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio.abc import SocketStream
+from loguru import logger
 
 from discoproxy.config import ProxyConfig, load_config
-from discoproxy.provider import Enabled, load_providers
+from discoproxy.model import ServerDefinition
+from discoproxy.provider import Enabled, LoadResult, load_providers
 from discoproxy.routing import Registry, RoutingTable
 from providers.file import FileProvider, FileSettings
 from tests.proxy.helpers import (
@@ -110,8 +112,6 @@ async def test_a_broken_file_keeps_its_last_good_version_until_fixed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     logs: list[str] = []
-    from loguru import logger
-
     sink = logger.add(lambda message: logs.append(str(message)), level="INFO")
     try:
         async with backend(named(b"A")) as a, live_proxy(tmp_path) as live:
@@ -214,3 +214,62 @@ def test_enabled_takes_toml_booleans_as_well_as_strings(tmp_path: Path) -> None:
     assert enabled is Enabled.FALSE
     config = ProxyConfig(providers={"file": {"enabled": True}})
     assert load_providers(config, {"file": FileProvider})[0][1] is Enabled.TRUE
+
+
+def _files(directory: Path) -> Path:
+    directory.mkdir()
+    (directory / "a.toml").write_text(server_file(25565, "a.example.com"))
+    (directory / "b.toml").write_text('domains = ["b.example.com"]\naddresses = ["h:0"]\n')
+    (directory / "c.toml").write_text(server_file(25565, "c.example.com"))
+    (directory / "c.yaml").write_text("domains: [d.example.com]\naddresses: ['127.0.0.1:1']\n")
+    (directory / ".a.toml.swp").write_text("not a server")
+    return directory
+
+
+async def test_load_once_gives_what_run_publishes_first_with_the_errors(tmp_path: Path) -> None:
+    directory = _files(tmp_path / "servers")
+    provider = FileProvider("file", FileSettings(), ProxyConfig(servers_dir=directory))
+    logged: list[str] = []
+    sink = logger.add(logged.append, level="DEBUG")
+    try:
+        result = await provider.load_once()
+    finally:
+        logger.remove(sink)
+    assert logged == []  # reported through the result, for check to print
+    assert [s.id for s in result.servers] == ["a", "c"]
+    assert len(result.errors) == 2
+    assert result.errors[0].startswith(f"{directory / 'b.toml'}:2: addresses:")
+    assert result.errors[1] == (
+        f"{directory / 'c.yaml'}: id: 'c' is already used by {directory / 'c.toml'}; "
+        "ids must be unique in servers_dir"
+    )
+    assert result.source == f"servers_dir {directory}"
+    first: list[tuple[ServerDefinition, ...]] = []
+    with anyio.fail_after(LIVE_WITHIN_S):
+        async with anyio.create_task_group() as tg:
+
+            def publish(servers: Iterable[ServerDefinition]) -> None:
+                first.append(tuple(servers))
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(
+                FileProvider("file", FileSettings(), ProxyConfig(servers_dir=directory)).run,
+                publish,
+            )
+    assert first == [result.servers]
+
+
+async def test_load_once_reads_the_configured_directory_not_servers_dir(tmp_path: Path) -> None:
+    elsewhere = _files(tmp_path / "elsewhere")
+    config = ProxyConfig(servers_dir=tmp_path / "servers")
+    provider = FileProvider("file", FileSettings(directory=elsewhere), config)
+    result = await provider.load_once()
+    assert [s.id for s in result.servers] == ["a", "c"]
+    assert result.source == f"providers.file.directory {elsewhere}"
+    assert provider.unavailable_reason() == f"providers.file.directory {elsewhere} does not exist"
+    missing = FileProvider("file", FileSettings(), config)
+    assert await missing.load_once() == LoadResult(
+        (),
+        warnings=(f"servers_dir {tmp_path / 'servers'} does not exist; serve waits for it",),
+        source=f"servers_dir {tmp_path / 'servers'}",
+    )
