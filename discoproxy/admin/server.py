@@ -33,10 +33,11 @@ from anyio.abc import SocketStream, TaskStatus
 from loguru import logger
 
 from discoproxy.config import parse_bind
-from discoproxy.metrics import ProviderInfo, Snapshot, render, take_snapshot, take_totals
+from discoproxy.metrics import ProviderInfo, render
 from discoproxy.provider import ProviderStatus
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.listener import ListenError
+from discoproxy.proxy.stats import Snapshot, take_snapshot, take_totals
 from discoproxy.status import display_name
 
 if TYPE_CHECKING:

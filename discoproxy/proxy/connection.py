@@ -66,8 +66,8 @@ if TYPE_CHECKING:
     import concurrent.futures
 
     from discoproxy.config import ProxyConfig
-    from discoproxy.metrics import RouteStats
     from discoproxy.proxy.server import ProxyContext
+    from discoproxy.proxy.stats import RouteStats
     from discoproxy.routing import Route
 
 # Bytes a client may send before it is routed: the largest of the sniffers' own caps

@@ -41,7 +41,6 @@ from loguru import logger
 
 from discoproxy.config import ProxyConfig, parse_bind
 from discoproxy.guard import BanList, Guard, load_bans
-from discoproxy.metrics import DataPlaneStats
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.connection import ClientConnection
@@ -56,6 +55,7 @@ from discoproxy.proxy.ports import (
     sweep_udp,
 )
 from discoproxy.proxy.reactor import Reactor
+from discoproxy.proxy.stats import DataPlaneStats
 from discoproxy.proxy.tls_termination import CertStore
 from discoproxy.routing import Registry, RoutingTable
 from discoproxy.status import StatusService
