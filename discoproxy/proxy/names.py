@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 # (family, ip, port, the name it came from)
@@ -39,16 +40,18 @@ class CachedName(NamedTuple):
 
 
 class NameCache:
-    """``(host, port)`` → what resolving it gave, until it expires."""
+    """``(host, port)`` → what resolving it gave, until it expires (on ``clock``, by
+    default ``time.monotonic``)."""
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_clock", "_entries")
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock or time.monotonic
         self._entries: dict[tuple[str, int], CachedName] = {}
 
     def get(self, host: str, port: int) -> CachedName | None:
         entry = self._entries.get((host, port))
-        if entry is None or entry.expires < time.monotonic():
+        if entry is None or entry.expires < self._clock():
             return None
         return entry
 
@@ -56,7 +59,7 @@ class NameCache:
         if len(self._entries) >= MAX_NAMES:
             self._entries.clear()
         ttl = NAME_TTL_S if addresses else NAME_FAILURE_TTL_S
-        self._entries[(host, port)] = CachedName(time.monotonic() + ttl, addresses, error)
+        self._entries[(host, port)] = CachedName(self._clock() + ttl, addresses, error)
 
     def forget(self, host: str, port: int) -> None:
         self._entries.pop((host, port), None)
