@@ -16,7 +16,10 @@ Rules for this file:
   the backend (registered in the reactor); replies go back through the listening socket
   to that client. Sessions end after ``udp_session_timeout`` of silence both ways. With
   ``send_proxy_protocol``, every datagram to the backend starts with a PROXY v2 header
-  (transport DGRAM), as HAProxy's spec describes for datagrams.
+  (transport DGRAM), as HAProxy's spec describes for datagrams. A backend host name is
+  resolved on the loop, one lookup in flight per name however many clients ask; a new
+  client's datagrams are dropped (and counted) while it resolves and for the name
+  cache's failure hold-off after it failed (a spoofed flood must not queue lookups).
 - With a wildcard ``port_routes_bind``, each datagram's local address is read
   (``IP_PKTINFO``/``IPV6_PKTINFO``) and replies leave from it: a client that sent to a
   secondary address gets its answers from that address. A backend address that refuses
@@ -49,7 +52,7 @@ from discoproxy.protocol.proxy_protocol import encode_v2
 from discoproxy.proxy.addresses import format_addr, literal_family, unmapped
 from discoproxy.proxy.connection import ClientConnection
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener
-from discoproxy.proxy.names import resolved_addresses
+from discoproxy.proxy.names import Resolved, resolved_addresses
 from discoproxy.routing import PortKey, RoutingTable, format_port
 
 if TYPE_CHECKING:
@@ -356,11 +359,17 @@ class UdpListener:
         host, port = self._pick(route.addresses)
         family = literal_family(host)
         if family is None:
-            cached = ctx.names.get(host, port)
-            if cached is None or not cached.addresses:
-                # resolved off the reactor; this datagram is dropped (clients resend)
+            names = ctx.names
+            cached = names.get(host, port)
+            if cached is None:
+                # resolved off the reactor, once however many datagrams ask meanwhile;
+                # this one is dropped (clients resend)
                 stats.drops["resolving backend"] += 1
-                ctx.spawn(_resolve(ctx, host, port))
+                if names.start_resolving(host, port):
+                    ctx.spawn(_resolve(ctx, host, port))
+                return None
+            if not cached.addresses:  # failed moments ago: not again before its hold-off
+                stats.drops["backend name unresolved"] += 1
                 return None
             family, host, port, _ = cached.addresses[0]
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -511,15 +520,19 @@ def _reply_source(
 
 async def _resolve(ctx: ProxyContext, host: str, port: int) -> None:
     """Resolve on the asyncio loop; the name cache belongs to the reactor thread, so the
-    answer is put there through ``Reactor.call`` (as connections do)."""
+    answer is put there through ``Reactor.call`` (as connections do). Whatever happens
+    (even cancellation), an answer is put: it ends the resolution in flight."""
+    resolved: tuple[Resolved, ...] = ()
+    error = f"{format_addr((host, port))}: not resolved"
     try:
         infos = await ctx.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except OSError as exc:
-        error = f"{host}:{port}: {exc.strerror or exc}"
-        ctx.reactor.call(lambda: ctx.names.put(host, port, (), error))
-        return
-    resolved = resolved_addresses(infos, host, port)
-    ctx.reactor.call(lambda: ctx.names.put(host, port, resolved, ""))
+        resolved = resolved_addresses(infos, host, port)
+        error = ""
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
+        error = f"{format_addr((host, port))}: {getattr(exc, 'strerror', None) or exc}"
+        logger.warning("UDP backend {}; datagrams to it are dropped for now", error)
+    finally:
+        ctx.reactor.call(lambda: ctx.names.put(host, port, resolved, error))
 
 
 def _buffers(sock: socket.socket, receive: int, send: int) -> None:
