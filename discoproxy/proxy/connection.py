@@ -51,6 +51,7 @@ from discoproxy.protocol.proxy_protocol import ProxyHeader, encode_v2, parse_pro
 from discoproxy.protocol.sniff import Sniffed, detect_protocol
 from discoproxy.proxy.addresses import format_addr, literal_family, unmapped
 from discoproxy.proxy.names import Resolved, resolved_addresses
+from discoproxy.proxy.rejections import Rejection
 from discoproxy.proxy.tls_termination import terminate
 from discoproxy.status import LEGACY_PING_PROTOCOL, StatusState, display_name, rewritten_host
 
@@ -485,10 +486,10 @@ class ClientConnection:
         ctx = self.ctx
         if ctx.at_capacity():
             self.state = CLOSED
-            self.reason = "max_connections reached"
+            self.reason = Rejection.MAX_CONNECTIONS
             os.close(self.cfd)
             ctx.rejected += 1
-            ctx.log_rejection(self.client_addr, self.reason, listener=self.listener)
+            ctx.log_rejection(self.client_addr, self.reason, self.reason, self.listener)
             return False
         self.id = ctx.register(self)
         self.up = Flow(self)
@@ -770,8 +771,8 @@ class ClientConnection:
                 self._ip_key = key
             else:
                 why = "max_connections_per_ip reached"
-        if why is not None:
-            self._refused(why)
+        if why is not None:  # a filter_refusal answer or max_connections_per_ip: a cause
+            self._refused(why, Rejection(why))
             return False
         return True
 
@@ -788,22 +789,25 @@ class ClientConnection:
             if ip is not None:
                 ban = guard.bans.ip_ban(ip)
                 if ban is not None:
-                    self._refused(f"banned ({ban.target})", login, _ban_text(config, ban))
+                    self._refused(
+                        f"banned ({ban.target})", Rejection.BANNED, login, _ban_text(config, ban)
+                    )
                     return False
                 status = (kind is _MINECRAFT and not login) or kind is _MINECRAFT_LEGACY
                 budget = guard.status if status else guard.connections
                 if budget and not budget.allow(str(ip)):
-                    which = "status" if status else "connections"
-                    self._refused(
-                        f"rate_limit {which} exceeded", login, config.rate_limited_message
-                    )
+                    cause = Rejection.RATE_LIMIT_CONNECTIONS
+                    if status:
+                        cause = Rejection.RATE_LIMIT_STATUS
+                    self._refused(cause, cause, login, config.rate_limited_message)
                     return False
                 server_filter = route.server.ip_filter if route is not None else None
                 if server_filter:
                     why = filter_refusal(server_filter, ip)
                     if why is not None:
                         text = config.not_allowed_message
-                        self._refused(f"{route.qualified_id}: {why}", login, text)  # type: ignore[union-attr]
+                        reason = f"{route.qualified_id}: {why}"  # type: ignore[union-attr]
+                        self._refused(reason, Rejection.SERVER_IP_FILTER, login, text)
                         return False
         if login and guard.bans.has_usernames:
             start = minecraft.parse_login_start(self.buffer[self._handshake_length :])
@@ -811,15 +815,16 @@ class ClientConnection:
                 return False
             ban = guard.bans.user_ban(start.username)
             if ban is not None:
-                self._refused(f"banned ({ban.target})", login, _ban_text(config, ban))
+                self._refused(
+                    f"banned ({ban.target})", Rejection.BANNED, login, _ban_text(config, ban)
+                )
                 return False
         return True
 
-    def _refused(self, reason: str, login: bool = False, text: str = "") -> None:
-        """Refuse this connection: a Minecraft login reads ``text`` in a Disconnect."""
-        self.ctx.log_rejection(
-            self.client_addr, reason, cause=reason.split(" (", 1)[0], listener=self.listener
-        )
+    def _refused(self, reason: str, cause: Rejection, login: bool = False, text: str = "") -> None:
+        """Refuse this connection (``reason`` is logged, ``cause`` counted): a Minecraft
+        login reads ``text`` in a Disconnect."""
+        self.ctx.log_rejection(self.client_addr, reason, cause, self.listener)
         self.ctx.rejected += 1
         if login and self.state is SNIFFING:
             self._move(ANSWERING)
@@ -1255,18 +1260,18 @@ class ClientConnection:
                 f"no complete handshake within {self.ctx.config.handshake_timeout}s "
                 f"({len(self.buffer)} bytes received)",
                 Hint.CLOSE,
-                reason="handshake timeout",
+                reason=Rejection.HANDSHAKE_TIMEOUT,
             )
         elif self.lingering:
             self.abort(self.lingering)
 
-    def _fail(self, message: str, hint: Hint, reason: str | None = None) -> None:
+    def _fail(self, message: str, hint: Hint, reason: Rejection | None = None) -> None:
         # counted, and logged at most every few seconds per cause: a flood of garbage must
         # not become a log flood (the close line still says what happened to this one)
         self.ctx.log_rejection(
             self.client_addr,
             f"conn #{self.id}: {message}",
-            cause=reason or "protocol error",
+            cause=reason or Rejection.PROTOCOL_ERROR,
             listener=self.listener,
         )
         if hint is Hint.HTTP_400:

@@ -53,6 +53,7 @@ from discoproxy.proxy.addresses import format_addr, literal_family, unmapped
 from discoproxy.proxy.connection import ClientConnection
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener
 from discoproxy.proxy.names import Resolved, resolved_addresses
+from discoproxy.proxy.rejections import Rejection
 from discoproxy.routing import PortKey, RoutingTable, format_port
 
 if TYPE_CHECKING:
@@ -76,6 +77,11 @@ UDP_BACKEND_HOLD_OFF_S = 5.0
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _PKTINFO_SPACE = socket.CMSG_SPACE(20) * 2  # in6_pktinfo (20) and/or in_pktinfo (12)
 _WILDCARDS = frozenset({"0.0.0.0", "::"})
+# UdpLimits.allow's answers (also the drop causes) as rejection causes
+_RATE_REJECTIONS = {
+    "per-IP packet rate": Rejection.UDP_PACKET_RATE,
+    "per-IP byte rate": Rejection.UDP_BYTE_RATE,
+}
 
 
 @dataclass
@@ -118,7 +124,7 @@ class PortListener(BaseListener):
                 if route is None:  # removed a moment ago: new connections are refused
                     os.close(conn_fd)
                     ctx.rejected += 1
-                    ctx.stats.rejected[(label, "no route")] += 1
+                    ctx.stats.rejected[(label, Rejection.NO_ROUTE)] += 1
                     continue
                 conn = ClientConnection(ctx, conn_fd, (addr[0], addr[1]))
                 conn.listener = label
@@ -283,6 +289,7 @@ class UdpListener:
         self.ctx = ctx
         self.sock = sock
         self.key = key
+        self.label = format_port(key)  # in metrics and logs: "19132/udp"
         self.rebind = rebind
         self.address = sock.getsockname()
         self.sessions: dict[tuple[str, int], UdpSession] = {}
@@ -318,9 +325,9 @@ class UdpListener:
                     stats.drops[broken] += 1
                     ctx.log_rejection(
                         client,
-                        f"UDP {format_port(self.key)}: {broken} exceeded",
-                        cause=f"{broken} exceeded",
-                        listener=format_port(self.key),
+                        f"UDP {self.label}: {broken} exceeded",
+                        _RATE_REJECTIONS[broken],
+                        self.label,
                     )
                     continue
             session = sessions.get(client)
@@ -341,20 +348,17 @@ class UdpListener:
             return None
         guard = ctx.guard
         if not guard.idle:
-            why = _guard_refusal(guard, client, route)
-            if why is not None:
-                stats.drops[why.split(" (", 1)[0]] += 1
-                ctx.log_rejection(
-                    client,
-                    f"UDP {format_port(self.key)}: {why}",
-                    cause=why.split(" (", 1)[0],
-                    listener=format_port(self.key),
-                )
+            refusal = _guard_refusal(guard, client, route)
+            if refusal is not None:
+                why, cause = refusal
+                stats.drops[cause] += 1
+                ctx.log_rejection(client, f"UDP {self.label}: {why}", cause, self.label)
                 return None
         limit = ctx.config.udp_max_sessions
         if limit and ctx.udp_sessions >= limit:
-            stats.drops["udp_max_sessions reached"] += 1
-            ctx.log_rejection(client, "udp_max_sessions reached", listener=format_port(self.key))
+            cause = Rejection.UDP_MAX_SESSIONS
+            stats.drops[cause] += 1
+            ctx.log_rejection(client, cause, cause, self.label)
             return None
         host, port = self._pick(route.addresses)
         family = literal_family(host)
@@ -379,12 +383,12 @@ class UdpListener:
             sock.connect((host, port))
         except OSError as exc:
             sock.close()
-            stats.drops["backend connect failed"] += 1
+            stats.drops[Rejection.BACKEND_CONNECT_FAILED] += 1
             ctx.log_rejection(
                 client,
                 f"UDP backend {format_addr((host, port))}: {exc}",
-                cause="backend connect failed",
-                listener=format_port(self.key),
+                Rejection.BACKEND_CONNECT_FAILED,
+                self.label,
             )
             return None
         pktinfo, local_ip = _reply_source(ancillary)
@@ -487,20 +491,26 @@ class UdpListener:
         self._shut()
 
 
-def _guard_refusal(guard: Guard, client: tuple[str, int], route: Route) -> str | None:
+def _guard_refusal(
+    guard: Guard, client: tuple[str, int], route: Route
+) -> tuple[str, Rejection] | None:
     """A new UDP client: the global and the server's ip_filter, and bans by IP (the
-    datagram rate is limited per IP separately, by UdpLimits)."""
+    datagram rate is limited per IP separately, by UdpLimits). Refused: why (for the
+    log, naming the route or the ban) and the cause (for the metric)."""
     ip = client_ip(client[0])
     if ip is None:
         return None
     why = filter_refusal(guard.filter, ip) if guard.filter else None
-    if why is None and route.server.ip_filter:
+    if why is not None:
+        return why, Rejection(why)
+    if route.server.ip_filter:
         why = filter_refusal(route.server.ip_filter, ip)
-    if why is None:
-        ban = guard.bans.ip_ban(ip)
-        if ban is not None:
-            why = f"banned ({ban.target})"
-    return why
+        if why is not None:
+            return f"{route.qualified_id}: {why}", Rejection.SERVER_IP_FILTER
+    ban = guard.bans.ip_ban(ip)
+    if ban is not None:
+        return f"banned ({ban.target})", Rejection.BANNED
+    return None
 
 
 def _reply_source(
