@@ -207,13 +207,14 @@ class ProxyContext:
 
     def prune_stats(self, table: RoutingTable) -> None:
         """The table changed: drop the counters of routes gone from it (once unused), so
-        container churn does not grow /metrics forever."""
+        container churn does not grow /metrics forever; the waker's player times too."""
 
         def prune() -> None:
             live = {c.route.qualified_id for c in self.connections if c.route is not None}
             for listener in self.udp_listeners:
                 live.update(s.route.qualified_id for s in listener.sessions.values())
             self.stats.prune(table, live)
+            self.waker.forget_gone(table.by_id)
 
         self.reactor.call(prune)
 
@@ -561,6 +562,8 @@ async def run_proxy(
             ctx.ports.sync(registry.table)
             registry.add_listener(ctx.ports.sync)
             registry.add_listener(ctx.prune_stats)
+            registry.add_listener(ctx.status.table_changed)
+            registry.add_listener(ctx.waker.table_changed)
             tg.start_soon(_watch_reactor, ctx)
             tg.start_soon(watch_bans, ctx)
             if ctx.waker.controls:
