@@ -416,7 +416,11 @@ class UdpListener:
     def backend_failed(self, session: UdpSession, exc: OSError) -> None:
         """The backend refused (ICMP): end the session; new ones try the next address."""
         if len(session.route.addresses) > 1:
-            self._held_off[session.backend] = time.monotonic() + UDP_BACKEND_HOLD_OFF_S
+            now = time.monotonic()
+            held = self._held_off  # past hold-offs go: backends come and go with containers
+            for address in [a for a, until in held.items() if until <= now]:
+                del held[address]
+            held[session.backend] = now + UDP_BACKEND_HOLD_OFF_S
         self.end(session, f"backend error: {exc.strerror or exc}")
 
     def end(self, session: UdpSession, reason: str) -> None:

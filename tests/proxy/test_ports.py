@@ -474,3 +474,24 @@ async def test_a_flood_to_an_unresolvable_udp_backend_resolves_once_per_hold_off
         now[0] += NAME_FAILURE_TTL_S + 0.1
         await _flood(proxy, port, 25, "resolving backend")
         assert len(resolver.lookups) == 2  # then one lookup again, not one per datagram
+
+
+def test_udp_backend_hold_offs_that_ran_out_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from discoproxy.proxy import ports
+
+    now = [1000.0]
+    monkeypatch.setattr(ports.time, "monotonic", lambda: now[0])
+    ctx = SimpleNamespace(udp_stats=ports.UdpStats())
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        listener = ports.UdpListener(ctx, sock, ("udp", 19132), lambda: sock)  # type: ignore[arg-type]
+        refused = ConnectionRefusedError(111, "Connection refused")
+        for i in range(1000):  # container churn: each backend address refuses once, then goes
+            backend = (f"10.0.{i >> 8}.{i & 255}", 19132)
+            route = SimpleNamespace(addresses=(backend, ("10.1.0.1", 19132)))
+            session = SimpleNamespace(route=route, backend=backend, client=("192.0.2.1", i))
+            listener.backend_failed(session, refused)  # type: ignore[arg-type]
+            now[0] += ports.UDP_BACKEND_HOLD_OFF_S / 2
+        assert len(listener._held_off) <= 3
