@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from discoproxy.model import IpFilterSettings, parse_networks
+from discoproxy.rejections import Rejection
 
 if TYPE_CHECKING:
     from discoproxy.config import ProxyConfig
@@ -134,20 +135,16 @@ class Guard:
             self.open_per_ip.pop(key, None)
 
 
-# Why a connection was refused: a fixed set (metric label values), never a route id or
-# an address. The filters add their own two: "denied by ip_filter", "not in ip_filter
-# allow" (global), the same prefixed with "server " for a server's own filter.
-BANNED = "banned"
-MAX_PER_IP = "max_connections_per_ip reached"
-RATE_LIMITED = ("rate_limit connections exceeded", "rate_limit status exceeded")
+# The guard's causes of refusal (metric labels: discoproxy/rejections.py holds them all).
+RATE_LIMITED = (Rejection.RATE_LIMIT_CONNECTIONS, Rejection.RATE_LIMIT_STATUS)
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """A guard step refused a client: ``cause`` is one of the fixed causes above (a
-    metric label), ``reason`` says why for the log and the close line."""
+    """A guard step refused a client: ``cause`` is its fixed metric label, ``reason``
+    says why for the log and the close line (it may name the route or the ban)."""
 
-    cause: str
+    cause: Rejection
     reason: str
     ban: Ban | None = None
 
@@ -155,7 +152,7 @@ class Refusal:
 def global_refusal(guard: Guard, ip: IpAddress) -> Refusal | None:
     """Step 1 of the precedence: the global ``[ip_filter]``."""
     why = filter_refusal(guard.filter, ip) if guard.filter else None
-    return Refusal(why, why) if why is not None else None
+    return Refusal(Rejection(why), why) if why is not None else None
 
 
 def routed_refusal(
@@ -172,14 +169,14 @@ def routed_refusal(
     if guard.bans:
         ban = guard.bans.ip_ban(ip)
         if ban is not None:
-            return Refusal(BANNED, f"banned ({ban.target})", ban)
+            return Refusal(Rejection.BANNED, f"banned ({ban.target})", ban)
     if budget and not budget.allow(str(ip)):
         cause = RATE_LIMITED[budget is guard.status]
-        return Refusal(cause, cause)
+        return Refusal(cause, str(cause))
     if server_filter:
         why = filter_refusal(server_filter, ip)
         if why is not None:
-            return Refusal(f"server {why}", f"{route_id}: {why}")
+            return Refusal(Rejection.SERVER_IP_FILTER, f"{route_id}: {why}")
     return None
 
 

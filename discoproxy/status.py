@@ -13,6 +13,9 @@ Rules for this file:
   ``sleeping``, one being woken is ``starting`` (see :mod:`discoproxy.wake`).
 - Keys are bounded (:data:`MAX_PROTOCOLS_PER_SERVER`, :data:`MAX_ENTRIES`): the client
   picks the protocol number, and must not be able to turn pings into backend pings.
+- Per-server state follows the routing table (:meth:`StatusService.table_changed`, a
+  registry listener on the loop): a route that leaves takes its entries and maps with it,
+  and a ping still in flight for it stores nothing, so container churn does not grow them.
 - MOTD text and version names may carry ``{server}`` (display name) and ``{domain}``
   (the name the player used).
 """
@@ -39,7 +42,7 @@ from discoproxy.proxy.addresses import proxy_v2_header
 if TYPE_CHECKING:
     from discoproxy.config import ProxyConfig
     from discoproxy.proxy.addresses import Proxied
-    from discoproxy.routing import Route
+    from discoproxy.routing import Route, RoutingTable
     from discoproxy.wake import Waker
 
 # The protocol announced when pinging a backend for a pre-1.7 (legacy) client: 1.8's,
@@ -137,6 +140,7 @@ class StatusService:
         self._pinging: dict[str, asyncio.Lock] = {}  # per server: its backend ping
         self._protocols: dict[str, set[int]] = {}  # per server, the protocols in _entries
         self._newest: dict[str, _Entry] = {}  # per server, its newest entry
+        self._gone: frozenset[str] = frozenset()  # left at the last table change
         self.hits = 0
         self.misses = 0
         self.stale = 0
@@ -171,6 +175,24 @@ class StatusService:
         return render_online(entry.server, entry.document, protocol, domain)
 
     # -- asyncio loop -------------------------------------------------------------------
+
+    def table_changed(self, table: RoutingTable) -> None:
+        """Forget the servers gone from ``table``; a ping in flight for one stores nothing
+        and drops its server's lock when it ends."""
+        live = table.by_id
+        held = {qid for qid, _ in (*self._entries, *self._inflight)}
+        held.update(self._protocols, self._newest, self._pinging)
+        gone = self._gone = frozenset(qid for qid in held if qid not in live)
+        if not gone:
+            return
+        # a new dict, swapped in: the reactor thread reads the old one meanwhile
+        self._entries = {key: e for key, e in self._entries.items() if key[0] not in gone}
+        for qid in gone:
+            self._protocols.pop(qid, None)
+            self._newest.pop(qid, None)
+            lock = self._pinging.get(qid)
+            if lock is not None and not lock.locked():
+                del self._pinging[qid]
 
     async def answer(
         self,
@@ -263,7 +285,8 @@ class StatusService:
         client: Proxied | None,
     ) -> _Entry | None:
         server = route.server
-        lock = self._pinging.setdefault(route.qualified_id, asyncio.Lock())
+        qid = route.qualified_id
+        lock = self._pinging.setdefault(qid, asyncio.Lock())
         try:
             async with lock:  # one ping per server at a time, whatever the protocol
                 with anyio.fail_after(self.config.status_timeout):
@@ -274,6 +297,9 @@ class StatusService:
                 "status ping to {} failed: {}", route.qualified_id, why
             )
             return None
+        finally:
+            if qid in self._gone:  # its route left meanwhile: keep nothing for it
+                self._pinging.pop(qid, None)
         online = server.motds.online
         rendered = render_online(server, document, protocol, domain)
         packet = minecraft.encode_status_response(rendered)
@@ -285,11 +311,17 @@ class StatusService:
     def _store(self, key: tuple[str, int], entry: _Entry) -> None:
         entries = self._entries
         qid, protocol = key
+        if qid in self._gone:
+            return  # its route left while the backend was asked
         if key not in entries:
             while len(entries) >= MAX_ENTRIES:
                 old_qid, old_protocol = old = next(iter(entries))
                 del entries[old]
-                self._protocols.get(old_qid, set()).discard(old_protocol)
+                known = self._protocols.get(old_qid)
+                if known is not None:
+                    known.discard(old_protocol)
+                    if not known:
+                        del self._protocols[old_qid]
             known = self._protocols.setdefault(qid, set())
             if len(known) >= MAX_PROTOCOLS_PER_SERVER:
                 self._newest[qid] = entry

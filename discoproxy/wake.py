@@ -9,8 +9,13 @@ Rules for this file:
 - A server is ``starting`` from the start request until its backend answers a status
   ping or a login reaches it (or :data:`STARTING_FOR_S` passes): pings show the
   ``starting`` MOTD meanwhile.
-- The reactor thread counts players per server (it is the only writer of ``players`` and
-  ``idle_since``); this module reads them on the asyncio loop.
+- The reactor thread counts players per server and notes when the last one left: it is
+  the only writer of ``players`` (a server without players has no entry) and ``left_at``,
+  and writes nothing else here; the loop reads them (a login that reached a server ends
+  its ``starting``), and keeps its own times (first seen, started, stopped) apart.
+- Per-server state follows the routing table: a route that leaves is forgotten, on the
+  loop by :meth:`Waker.table_changed` (a registry listener) and on the reactor thread by
+  :meth:`Waker.forget_gone`, so container churn does not grow the maps.
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Container, Mapping
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anyio
 from loguru import logger
 
 from discoproxy.routing import Registry, Route
+
+if TYPE_CHECKING:
+    from discoproxy.routing import RoutingTable
 
 # How long a started server shows as "starting" at most if it never answers.
 STARTING_FOR_S = 300.0
@@ -54,21 +62,36 @@ class ServerControl(Protocol):
 class Waker:
     """Starts sleeping servers on demand and stops idle ones."""
 
-    def __init__(self, registry: Registry, controls: Mapping[str, ServerControl]) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        controls: Mapping[str, ServerControl],
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.registry = registry
         self.controls = dict(controls)
-        self._starting: dict[str, float] = {}  # qualified id -> until (monotonic)
+        self._clock = clock or time.monotonic
+        # asyncio loop, by qualified id
+        self._starting: dict[str, float] = {}  # until
         self._started_at: dict[str, float] = {}
         self._starts: dict[str, asyncio.Task[None]] = {}
-        # reactor thread: players per qualified id, and since when a server has none
+        self._idle_since: dict[str, float] = {}  # first seen idle, started or stopped
+        # reactor thread, by qualified id: players on it, and when the last one left
         self.players: dict[str, int] = {}
-        self.idle_since: dict[str, float] = {}
+        self.left_at: dict[str, float] = {}
         self.starts = 0
         self.stops = 0
 
     def is_starting(self, qualified_id: str) -> bool:
+        """Started and not yet answering (either thread: it only reads)."""
         until = self._starting.get(qualified_id)
-        return until is not None and time.monotonic() < until
+        if until is None or self._clock() >= until:
+            return False
+        # a login reached it since the start: it runs (the reactor's counts say so)
+        if qualified_id in self.players:
+            return False
+        started = self._started_at.get(qualified_id, math.inf)
+        return self.left_at.get(qualified_id, -math.inf) < started
 
     def answered(self, qualified_id: str) -> None:
         """Its backend answered: it is no longer starting."""
@@ -78,15 +101,34 @@ class Waker:
 
     def player_joined(self, qualified_id: str) -> None:
         self.players[qualified_id] = self.players.get(qualified_id, 0) + 1
-        self._starting.pop(qualified_id, None)
 
     def player_left(self, qualified_id: str) -> None:
         left = self.players.get(qualified_id, 1) - 1
-        self.players[qualified_id] = left
-        if left <= 0:
-            self.idle_since[qualified_id] = time.monotonic()
+        if left > 0:
+            self.players[qualified_id] = left
+            return
+        self.players.pop(qualified_id, None)
+        if qualified_id in self.registry.table.by_id:
+            self.left_at[qualified_id] = self._clock()
+        else:  # its route left meanwhile: nothing to stop
+            self.left_at.pop(qualified_id, None)
+
+    def forget_gone(self, live: Container[str]) -> None:
+        """Forget when the last player left the servers whose routes are not ``live``
+        (servers with players keep their count: it falls to nothing as they leave)."""
+        left_at = self.left_at
+        for qid in [qid for qid in left_at if qid not in live]:
+            del left_at[qid]
 
     # -- asyncio loop -------------------------------------------------------------------
+
+    def table_changed(self, table: RoutingTable) -> None:
+        """Forget the loop's times of servers gone from ``table`` (a start under way
+        forgets itself when it ends)."""
+        live = table.by_id
+        for per_server in (self._starting, self._started_at, self._idle_since):
+            for qid in [qid for qid in per_server if qid not in live]:
+                del per_server[qid]
 
     def route(self, qualified_id: str) -> Route | None:
         return self.registry.table.by_id.get(qualified_id)
@@ -95,7 +137,7 @@ class Waker:
         """Start ``route``'s server unless a start is already under way."""
         qid = route.qualified_id
         task = self._starts.get(qid)
-        now = time.monotonic()
+        now = self._clock()
         if task is None and now - self._started_at.get(qid, -math.inf) < RESTART_AFTER_S:
             return  # started moments ago: its start event is on its way
         if task is None:
@@ -115,7 +157,7 @@ class Waker:
             return
         logger.info("starting {} for a player (auto_start)", qid)
         self.starts += 1
-        self.idle_since[qid] = time.monotonic()
+        self._idle_since[qid] = self._clock()
         try:
             await control.start_server(route.server.id)
         except Exception as exc:
@@ -148,7 +190,7 @@ class Waker:
             await self.stop_idle()
 
     async def stop_idle(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         for route in self.registry.table.routes:
             server = route.server
             after = server.auto_stop_after
@@ -157,11 +199,12 @@ class Waker:
                 continue
             if self.players.get(qid, 0) > 0 or qid in self._starts:
                 continue
-            since = self.idle_since.setdefault(qid, now)
+            # idle since the latest of: first seen, started, stopped, last player left
+            since = max(self._idle_since.setdefault(qid, now), self.left_at.get(qid, -math.inf))
             if now - since < after:
                 continue
             logger.info("stopping {}: no player for {:.0f}s (auto_stop_after)", qid, now - since)
-            self.idle_since[qid] = now  # not again before another full period
+            self._idle_since[qid] = now  # not again before another full period
             self.stops += 1
             try:
                 await self.controls[route.provider].stop_server(server.id)

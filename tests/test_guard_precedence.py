@@ -9,7 +9,6 @@ import time
 
 from discoproxy.config import ProxyConfig
 from discoproxy.guard import (
-    BANNED,
     Ban,
     BanList,
     Guard,
@@ -17,6 +16,7 @@ from discoproxy.guard import (
 )
 from discoproxy.model import ServerDefinition
 from discoproxy.proxy.ports import udp_refusal
+from discoproxy.rejections import Rejection
 from discoproxy.routing import Route, build_table
 
 CLIENT = ("198.51.100.7", 40000)
@@ -43,7 +43,7 @@ def test_banned_and_outside_the_server_filter_is_banned_on_tcp_and_udp() -> None
     tcp = routed_refusal(guard, ip, route.ip_filter, route.qualified_id, guard.connections)
     udp = udp_refusal(guard, CLIENT, route)
     assert tcp is not None and udp is not None
-    assert tcp.cause == udp.cause == BANNED
+    assert tcp.cause == udp.cause == Rejection.BANNED
 
 
 def test_the_global_filter_comes_first_on_udp() -> None:
@@ -57,5 +57,5 @@ def test_a_server_filter_refusal_names_the_route_but_its_cause_does_not() -> Non
     route = _route(ip_filter={"deny": ["198.51.100.0/24"]})
     refusal = udp_refusal(guard, CLIENT, route)
     assert refusal is not None
-    assert refusal.cause == "server denied by ip_filter"  # a fixed metric label, whatever the route
+    assert refusal.cause == "server ip_filter"  # a fixed metric label, whatever the route
     assert refusal.reason == "mc@test: denied by ip_filter"

@@ -40,8 +40,6 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from discoproxy.guard import (
-    BANNED,
-    MAX_PER_IP,
     RATE_LIMITED,
     Ban,
     IpAddress,
@@ -60,6 +58,7 @@ from discoproxy.proxy.addresses import Proxied, format_addr, literal_family, pro
 from discoproxy.proxy.names import Resolved, resolved_addresses
 from discoproxy.proxy.relay import Flow
 from discoproxy.proxy.tls_termination import terminate
+from discoproxy.rejections import Rejection
 from discoproxy.status import LEGACY_PING_PROTOCOL, StatusState, display_name, rewritten_host
 
 if TYPE_CHECKING:
@@ -281,10 +280,10 @@ class ClientConnection:
         ctx = self.ctx
         if ctx.at_capacity():
             self.state = CLOSED
-            self.reason = "max_connections reached"
+            self.reason = Rejection.MAX_CONNECTIONS
             os.close(self.cfd)
             ctx.rejected += 1
-            ctx.log_rejection(self.client_addr, self.reason, listener=self.listener)
+            ctx.log_rejection(self.client_addr, self.reason, self.reason, self.listener)
             return False
         self.id = ctx.register(self)
         pipes = ctx.reactor.pipes
@@ -609,7 +608,8 @@ class ClientConnection:
             if guard.opened(key):
                 self._ip_key = key
             else:
-                refusal = Refusal(MAX_PER_IP, "max_connections_per_ip reached")
+                cause = Rejection.MAX_CONNECTIONS_PER_IP
+                refusal = Refusal(cause, str(cause))
         if refusal is not None:
             self._refused(refusal)
             return False
@@ -651,7 +651,7 @@ class ClientConnection:
                 return False
             ban = guard.bans.user_ban(start.username)
             if ban is not None:
-                refusal = Refusal(BANNED, f"banned ({ban.target})", ban)
+                refusal = Refusal(Rejection.BANNED, f"banned ({ban.target})", ban)
                 self._refused(refusal, login, _ban_text(config, ban))
                 return False
         return True
@@ -659,9 +659,7 @@ class ClientConnection:
     def _refused(self, refusal: Refusal, login: bool = False, text: str = "") -> None:
         """Refuse this connection: a Minecraft login reads ``text`` in a Disconnect."""
         reason = refusal.reason
-        self.ctx.log_rejection(
-            self.client_addr, reason, cause=refusal.cause, listener=self.listener
-        )
+        self.ctx.log_rejection(self.client_addr, reason, refusal.cause, self.listener)
         self.ctx.rejected += 1
         if login and self.state is SNIFFING:
             self._move(ANSWERING)
@@ -1108,18 +1106,18 @@ class ClientConnection:
                 f"no complete handshake within {self.ctx.config.handshake_timeout}s "
                 f"({len(self.buffer)} bytes received)",
                 Hint.CLOSE,
-                reason="handshake timeout",
+                reason=Rejection.HANDSHAKE_TIMEOUT,
             )
         elif self.lingering:
             self.abort(self.lingering)
 
-    def _fail(self, message: str, hint: Hint, reason: str | None = None) -> None:
+    def _fail(self, message: str, hint: Hint, reason: Rejection | None = None) -> None:
         # counted, and logged at most every few seconds per cause: a flood of garbage must
         # not become a log flood (the close line still says what happened to this one)
         self.ctx.log_rejection(
             self.client_addr,
             f"conn #{self.id}: {message}",
-            cause=reason or "protocol error",
+            cause=reason or Rejection.PROTOCOL_ERROR,
             listener=self.listener,
         )
         if hint is Hint.HTTP_400:

@@ -18,6 +18,8 @@ import socket
 from select import EPOLLIN
 from typing import TYPE_CHECKING
 
+from discoproxy.rejections import Rejection
+
 if TYPE_CHECKING:
     from discoproxy.proxy.server import ProxyContext
 
@@ -73,9 +75,8 @@ class BaseListener:
     def _accept_failed(self, exc: OSError, where: str) -> None:
         """Out of fds (or another accept error): stop accepting for a moment, not spin."""
         ctx = self._ctx
-        ctx.log_rejection(
-            None, f"accept failed on {where}: {exc}", cause="accept failed", listener=self.label
-        )
+        reason = f"accept failed on {where}: {exc}"
+        ctx.log_rejection(None, reason, Rejection.ACCEPT_FAILED, self.label)
         fd = self._sock.fileno()
         ctx.reactor.unregister(fd)
 

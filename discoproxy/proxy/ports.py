@@ -16,7 +16,10 @@ Rules for this file:
   the backend (registered in the reactor); replies go back through the listening socket
   to that client. Sessions end after ``udp_session_timeout`` of silence both ways. With
   ``send_proxy_protocol``, every datagram to the backend starts with a PROXY v2 header
-  (transport DGRAM), as HAProxy's spec describes for datagrams.
+  (transport DGRAM), as HAProxy's spec describes for datagrams. A backend host name is
+  resolved on the loop, one lookup in flight per name however many clients ask; a new
+  client's datagrams are dropped (and counted) while it resolves and for the name
+  cache's failure hold-off after it failed (a spoofed flood must not queue lookups).
 - With a wildcard ``port_routes_bind``, each datagram's local address is read
   (``IP_PKTINFO``/``IPV6_PKTINFO``) and replies leave from it: a client that sent to a
   secondary address gets its answers from that address. A backend address that refuses
@@ -48,7 +51,8 @@ from discoproxy.guard import Guard, Refusal, client_ip, global_refusal, routed_r
 from discoproxy.proxy.addresses import format_addr, literal_family, proxy_v2_header
 from discoproxy.proxy.connection import ClientConnection
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener
-from discoproxy.proxy.names import resolved_addresses
+from discoproxy.proxy.names import Resolved, resolved_addresses
+from discoproxy.rejections import Rejection
 from discoproxy.routing import PortKey, RoutingTable, format_port
 
 if TYPE_CHECKING:
@@ -72,6 +76,11 @@ UDP_BACKEND_HOLD_OFF_S = 5.0
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _PKTINFO_SPACE = socket.CMSG_SPACE(20) * 2  # in6_pktinfo (20) and/or in_pktinfo (12)
 _WILDCARDS = frozenset({"0.0.0.0", "::"})
+# UdpLimits.allow's answers (also the drop causes) as rejection causes
+_RATE_REJECTIONS = {
+    "per-IP packet rate": Rejection.UDP_PACKET_RATE,
+    "per-IP byte rate": Rejection.UDP_BYTE_RATE,
+}
 
 
 @dataclass
@@ -114,7 +123,7 @@ class PortListener(BaseListener):
                 if route is None:  # removed a moment ago: new connections are refused
                     os.close(conn_fd)
                     ctx.rejected += 1
-                    ctx.stats.rejected[(label, "no route")] += 1
+                    ctx.stats.rejected[(label, Rejection.NO_ROUTE)] += 1
                     continue
                 conn = ClientConnection(ctx, conn_fd, (addr[0], addr[1]))
                 conn.listener = label
@@ -282,6 +291,7 @@ class UdpListener:
         self.ctx = ctx
         self.sock = sock
         self.key = key
+        self.label = format_port(key)  # in metrics and logs: "19132/udp"
         self.rebind = rebind
         self.address = sock.getsockname()
         self.sessions: dict[tuple[str, int], UdpSession] = {}
@@ -317,9 +327,9 @@ class UdpListener:
                     stats.drops[broken] += 1
                     ctx.log_rejection(
                         client,
-                        f"UDP {format_port(self.key)}: {broken} exceeded",
-                        cause=f"{broken} exceeded",
-                        listener=format_port(self.key),
+                        f"UDP {self.label}: {broken} exceeded",
+                        _RATE_REJECTIONS[broken],
+                        self.label,
                     )
                     continue
             session = sessions.get(client)
@@ -343,26 +353,29 @@ class UdpListener:
             refusal = udp_refusal(guard, client, route)
             if refusal is not None:
                 stats.drops[refusal.cause] += 1
-                ctx.log_rejection(
-                    client,
-                    f"UDP {format_port(self.key)}: {refusal.reason}",
-                    cause=refusal.cause,
-                    listener=format_port(self.key),
-                )
+                why = f"UDP {self.label}: {refusal.reason}"
+                ctx.log_rejection(client, why, refusal.cause, self.label)
                 return None
         limit = ctx.config.udp_max_sessions
         if limit and ctx.udp_sessions >= limit:
-            stats.drops["udp_max_sessions reached"] += 1
-            ctx.log_rejection(client, "udp_max_sessions reached", listener=format_port(self.key))
+            cause = Rejection.UDP_MAX_SESSIONS
+            stats.drops[cause] += 1
+            ctx.log_rejection(client, cause, cause, self.label)
             return None
         host, port = self._pick(route.addresses)
         family = literal_family(host)
         if family is None:
-            cached = ctx.names.get(host, port)
-            if cached is None or not cached.addresses:
-                # resolved off the reactor; this datagram is dropped (clients resend)
+            names = ctx.names
+            cached = names.get(host, port)
+            if cached is None:
+                # resolved off the reactor, once however many datagrams ask meanwhile;
+                # this one is dropped (clients resend)
                 stats.drops["resolving backend"] += 1
-                ctx.spawn(_resolve(ctx, host, port))
+                if names.start_resolving(host, port):
+                    ctx.spawn(_resolve(ctx, host, port))
+                return None
+            if not cached.addresses:  # failed moments ago: not again before its hold-off
+                stats.drops["backend name unresolved"] += 1
                 return None
             family, host, port, _ = cached.addresses[0]
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -372,12 +385,12 @@ class UdpListener:
             sock.connect((host, port))
         except OSError as exc:
             sock.close()
-            stats.drops["backend connect failed"] += 1
+            stats.drops[Rejection.BACKEND_CONNECT_FAILED] += 1
             ctx.log_rejection(
                 client,
                 f"UDP backend {format_addr((host, port))}: {exc}",
-                cause="backend connect failed",
-                listener=format_port(self.key),
+                Rejection.BACKEND_CONNECT_FAILED,
+                self.label,
             )
             return None
         pktinfo, local_ip = _reply_source(ancillary)
@@ -405,7 +418,11 @@ class UdpListener:
     def backend_failed(self, session: UdpSession, exc: OSError) -> None:
         """The backend refused (ICMP): end the session; new ones try the next address."""
         if len(session.route.addresses) > 1:
-            self._held_off[session.backend] = time.monotonic() + UDP_BACKEND_HOLD_OFF_S
+            now = time.monotonic()
+            held = self._held_off  # past hold-offs go: backends come and go with containers
+            for address in [a for a, until in held.items() if until <= now]:
+                del held[address]
+            held[session.backend] = now + UDP_BACKEND_HOLD_OFF_S
         self.end(session, f"backend error: {exc.strerror or exc}")
 
     def end(self, session: UdpSession, reason: str) -> None:
@@ -508,15 +525,19 @@ def _reply_source(
 
 async def _resolve(ctx: ProxyContext, host: str, port: int) -> None:
     """Resolve on the asyncio loop; the name cache belongs to the reactor thread, so the
-    answer is put there through ``Reactor.call`` (as connections do)."""
+    answer is put there through ``Reactor.call`` (as connections do). Whatever happens
+    (even cancellation), an answer is put: it ends the resolution in flight."""
+    resolved: tuple[Resolved, ...] = ()
+    error = f"{format_addr((host, port))}: not resolved"
     try:
         infos = await ctx.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except OSError as exc:
-        error = f"{host}:{port}: {exc.strerror or exc}"
-        ctx.reactor.call(lambda: ctx.names.put(host, port, (), error))
-        return
-    resolved = resolved_addresses(infos, host, port)
-    ctx.reactor.call(lambda: ctx.names.put(host, port, resolved, ""))
+        resolved = resolved_addresses(infos, host, port)
+        error = ""
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
+        error = f"{format_addr((host, port))}: {getattr(exc, 'strerror', None) or exc}"
+        logger.warning("UDP backend {}; datagrams to it are dropped for now", error)
+    finally:
+        ctx.reactor.call(lambda: ctx.names.put(host, port, resolved, error))
 
 
 def _buffers(sock: socket.socket, receive: int, send: int) -> None:

@@ -57,6 +57,7 @@ from discoproxy.proxy.ports import (
 from discoproxy.proxy.reactor import Reactor
 from discoproxy.proxy.stats import DataPlaneStats
 from discoproxy.proxy.tls_termination import CertStore
+from discoproxy.rejections import Rejection
 from discoproxy.routing import Registry, RoutingTable
 from discoproxy.status import StatusService
 from discoproxy.wake import ServerControl, Waker
@@ -70,8 +71,6 @@ DEFER_ACCEPT_S = 1
 # Rejections (e.g. max_connections) are logged at most this often, so a flood does not
 # become a log flood; the count in between is reported with the next line.
 REJECTION_LOG_INTERVAL_S = 5.0
-# Distinct rejection causes remembered for that; beyond it the memory is reset.
-MAX_REJECTION_CAUSES = 256
 # The bans file is re-read this long after its directory went quiet (a burst of writes
 # is one reload, at most DEBOUNCE later).
 BANS_WATCH_STEP_MS = 50
@@ -110,9 +109,9 @@ class ProxyContext:
         self.rejected = 0
         self._ids = itertools.count(1)
         self._tasks: set[concurrent.futures.Future[None]] = set()
-        self.rejections: collections.Counter[str] = collections.Counter()  # by cause
-        self._rejections_unlogged: collections.Counter[str] = collections.Counter()
-        self._last_rejection_log: dict[str, float] = {}
+        self.rejections: collections.Counter[Rejection] = collections.Counter()  # by cause
+        self._rejections_unlogged: collections.Counter[Rejection] = collections.Counter()
+        self._last_rejection_log: dict[Rejection, float] = {}  # a fixed set of causes
         self.guard = Guard(config)
         self._on_drained: Callable[[], object] | None = None
         self._idle_limit = 0
@@ -188,13 +187,12 @@ class ProxyContext:
         self,
         client: tuple[str, int] | None,
         reason: str,
-        cause: str | None = None,
+        cause: Rejection,
         listener: str = "",
     ) -> None:
-        """Count a rejection by ``cause`` (and by listener, for /metrics) and log it, at
-        most once per ``REJECTION_LOG_INTERVAL_S`` per cause (a flood must not become a
-        log flood)."""
-        cause = cause or reason
+        """Count a rejection by ``cause`` (and by listener, for /metrics) and log
+        ``reason``, at most once per ``REJECTION_LOG_INTERVAL_S`` per cause (a flood must
+        not become a log flood)."""
         self.rejections[cause] += 1
         self.stats.rejected[(listener, cause)] += 1
         now = time.monotonic()
@@ -202,9 +200,6 @@ class ProxyContext:
         if now - last < REJECTION_LOG_INTERVAL_S:
             self._rejections_unlogged[cause] += 1
             return
-        if len(self._last_rejection_log) >= MAX_REJECTION_CAUSES:
-            self._last_rejection_log.clear()  # causes are few; never let them grow unbounded
-            self._rejections_unlogged.clear()
         suppressed = self._rejections_unlogged.pop(cause, 0)
         self._last_rejection_log[cause] = now
         more = f" ({suppressed} more like it since the last report)" if suppressed else ""
@@ -212,13 +207,14 @@ class ProxyContext:
 
     def prune_stats(self, table: RoutingTable) -> None:
         """The table changed: drop the counters of routes gone from it (once unused), so
-        container churn does not grow /metrics forever."""
+        container churn does not grow /metrics forever; the waker's player times too."""
 
         def prune() -> None:
             live = {c.route.qualified_id for c in self.connections if c.route is not None}
             for listener in self.udp_listeners:
                 live.update(s.route.qualified_id for s in listener.sessions.values())
             self.stats.prune(table, live)
+            self.waker.forget_gone(table.by_id)
 
         self.reactor.call(prune)
 
@@ -572,6 +568,8 @@ async def run_proxy(
             ctx.ports.sync(registry.table)
             registry.add_listener(ctx.ports.sync)
             registry.add_listener(ctx.prune_stats)
+            registry.add_listener(ctx.status.table_changed)
+            registry.add_listener(ctx.waker.table_changed)
             tg.start_soon(_watch_reactor, ctx)
             tg.start_soon(watch_bans, ctx)
             if ctx.waker.controls:

@@ -399,15 +399,19 @@ async def test_idle_servers_are_stopped_after_auto_stop_after() -> None:
     idle = awake.model_copy(update={"auto_stop_after": 10.0})
     registry.apply_snapshot("test", [idle])
     control = FakeControl(registry)
-    waker = Waker(registry, {"test": control})
+    now = [1000.0]
+    waker = Waker(registry, {"test": control}, clock=lambda: now[0])
     await waker.stop_idle()  # first sight: idle from now on
     assert control.stops == 0
-    waker.idle_since["a@test"] -= 11
+    now[0] += 11
     waker.player_joined("a@test")
     await waker.stop_idle()
     assert control.stops == 0  # a player is on
     waker.player_left("a@test")
-    waker.idle_since["a@test"] -= 11
+    now[0] += 9
+    await waker.stop_idle()
+    assert control.stops == 0  # idle since the player left, not since first sight
+    now[0] += 2
     await waker.stop_idle()
     assert control.stops == 1
     await waker.stop_idle()
@@ -434,3 +438,60 @@ async def test_one_server_gets_one_status_ping_at_a_time_whatever_the_protocols(
                 tg.start_soon(status_ping, proxy, "a.example.com", protocol)
         assert seen.status_pings == 4  # one per protocol
         assert seen.most_open == 1
+
+
+def ids_kept(*objects: object) -> set[str]:
+    """The route ids that keys of the objects' dicts name (a key is an id or (id, …))."""
+    ids = set()
+    for obj in objects:
+        for value in vars(obj).values():
+            if isinstance(value, dict):
+                ids.update(key[0] if isinstance(key, tuple) else key for key in list(value))
+    return ids
+
+
+async def test_status_and_waker_forget_a_route_once_it_leaves_the_table() -> None:
+    async with mc_backend() as (info, _), waking_proxy(info.address) as (proxy, _):
+        ctx = proxy.ctx
+        assert "starting" in await login(proxy, "a.example.com")  # woken
+        with anyio.fail_after(5):
+            while proxy.registry.table.routes[0].server.sleeping:
+                await anyio.sleep(0.05)
+        assert await login(proxy, "a.example.com") == "login for a.example.com"  # a player
+        for protocol in (47, 765):
+            await status_ping(proxy, "a.example.com", protocol=protocol)
+        with anyio.fail_after(5):  # the player's connection is closed on the reactor
+            while await ctx.reactor.run(lambda: ctx.waker.players.get("a@test", 0)):
+                await anyio.sleep(0.02)
+        # the maps are read on the reactor thread, where the player counts live
+        assert "a@test" in await ctx.reactor.run(lambda: ids_kept(ctx.status, ctx.waker))
+
+        other = server("b", "b.example.com", addresses=[info.address])
+        proxy.registry.apply_snapshot("test", [other])  # a@test leaves
+        assert "a@test" not in await ctx.reactor.run(lambda: ids_kept(ctx.status, ctx.waker))
+
+
+async def test_a_status_ping_in_flight_when_its_route_leaves_stores_nothing() -> None:
+    from discoproxy.config import ProxyConfig
+
+    release = anyio.Event()
+    answer = minecraft_backend(McBackend())
+
+    async def held(stream: SocketStream, info: Backend) -> None:
+        await release.wait()
+        await answer(stream, info)
+
+    async with backend(held) as info:
+        registry = Registry()
+        registry.apply_snapshot("test", [server("a", "a.example.com", addresses=[info.address])])
+        service = StatusService(ProxyConfig(), Waker(registry, {}))
+        (route,) = registry.table.routes
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(service.answer, route, 765, "a.example.com", 25565, None)
+            with anyio.fail_after(5):
+                while not info.connections:  # the backend is being asked
+                    await anyio.sleep(0.01)
+            registry.apply_snapshot("test", [])
+            service.table_changed(registry.table)
+            release.set()
+        assert "a@test" not in ids_kept(service)

@@ -12,10 +12,13 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio.abc import SocketStream
+from loguru import logger
 
-from discoproxy.guard import Ban, BanList, save_bans
+from discoproxy.guard import Ban, BanList, client_ip, filter_refusal, save_bans
+from discoproxy.model import IpFilterSettings
 from discoproxy.protocol import minecraft
 from discoproxy.protocol.proxy_protocol import encode_v2
+from discoproxy.rejections import Rejection
 from tests.proxy.helpers import (
     RunningProxy,
     backend,
@@ -103,6 +106,37 @@ async def test_a_server_filter_narrows_and_the_player_reads_why() -> None:
             assert disconnect_text(reply) == "You may not join this server from your address"
             assert await attempt(proxy, from_ip("192.0.2.1") + login("b.example.com")) == b"B"
             assert await attempt(proxy, from_ip("10.0.0.1") + login("a.example.com")) == b"A"
+
+
+def test_every_ip_filter_answer_is_a_rejection_cause() -> None:
+    ip = client_ip("192.0.2.1")
+    assert ip is not None
+    for settings in ({"deny": ["192.0.2.0/24"]}, {"allow": ["10.0.0.0/8"]}):
+        why = filter_refusal(IpFilterSettings.model_validate(settings), ip)
+        assert why is not None and Rejection(why) == why
+
+
+async def test_server_filter_refusals_share_one_metric_reason_and_the_log_names_the_route() -> None:
+    deny = {"deny": ["192.0.2.0/24"]}
+    routes = [
+        server(f"s{i}", f"s{i}.example.com", addresses=["127.0.0.1:1"], ip_filter=deny)
+        for i in range(20)
+    ]
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), format="{message}")
+    try:
+        async with running_proxy(routes, **PROXIED) as proxy:
+            for i in range(20):
+                reply = await attempt(proxy, from_ip("192.0.2.1") + login(f"s{i}.example.com"))
+                assert disconnect_text(reply) == "You may not join this server from your address"
+            ctx = proxy.ctx
+            rejected = await ctx.reactor.run(lambda: dict(ctx.stats.rejected))
+    finally:
+        logger.remove(sink)
+    # a label value per route would grow /metrics with every container ever seen
+    assert {reason for _, reason in rejected} == {"server ip_filter"}
+    assert sum(rejected.values()) == 20
+    assert any("rejected 192.0.2.1:40000: s0@test: denied by ip_filter" in line for line in lines)
 
 
 async def test_max_connections_per_ip_counts_open_connections_of_one_address() -> None:

@@ -9,6 +9,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -18,6 +19,7 @@ from loguru import logger
 from discoproxy.model import PortMapping, ServerDefinition
 from discoproxy.protocol.errors import NeedData
 from discoproxy.protocol.proxy_protocol import ProxyHeader, parse_proxy_header
+from discoproxy.proxy.names import NAME_FAILURE_TTL_S, NameCache
 from discoproxy.routing import build_table
 from tests.proxy.helpers import Backend, RunningProxy, backend, receive_all, running_proxy, server
 
@@ -416,3 +418,80 @@ async def test_a_refusing_udp_backend_is_passed_over_for_the_next_address() -> N
                             assert await client.receive() == b"echo:x"
                             break
             assert proxy.ctx.udp_stats.sessions_closed >= 1
+
+
+class HeldResolver:
+    """Stands in for the loop's ``getaddrinfo``: counts lookups; each waits for
+    ``release``, then fails as a name that does not exist does."""
+
+    def __init__(self) -> None:
+        self.lookups: list[tuple[str, int]] = []
+        self.release = anyio.Event()
+
+    async def getaddrinfo(self, host: str, port: int, **kwargs: Any) -> list[Any]:
+        self.lookups.append((host, port))
+        await self.release.wait()
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+async def _flood(proxy: RunningProxy, port: int, count: int, cause: str) -> None:
+    """Send ``count`` datagrams from as many source ports, in bursts the socket buffer
+    holds, until each was dropped for ``cause``."""
+    ctx = proxy.ctx
+    before = await ctx.reactor.run(lambda: ctx.udp_stats.drops[cause])
+    for burst in range(0, count, 25):
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(25)]
+        for sock in socks:
+            with closing(sock):
+                sock.sendto(b"ping", ("127.0.0.1", port))
+        with anyio.fail_after(5):
+            while await ctx.reactor.run(lambda: ctx.udp_stats.drops[cause]) < before + burst + 25:
+                await anyio.sleep(0.01)
+
+
+async def test_a_flood_to_an_unresolvable_udp_backend_resolves_once_per_hold_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    port = free_ports(1, socket.SOCK_DGRAM)
+    route = server("u", addresses=["backend.invalid"], ports=[f"{port}:19132/udp"])
+    resolver, now = HeldResolver(), [1000.0]
+    cache = NameCache(clock=lambda: now[0])
+    async with running_proxy([route]) as proxy:
+        ctx = proxy.ctx
+        monkeypatch.setattr(ctx.loop, "getaddrinfo", resolver.getaddrinfo)
+        await ctx.reactor.run(lambda: setattr(ctx, "names", cache))
+        await _wait_udp(proxy, port)
+        await _flood(proxy, port, 100, "resolving backend")
+        assert resolver.lookups == [("backend.invalid", 19132)]  # one, still in flight
+
+        resolver.release.set()
+        with anyio.fail_after(5):
+            while await ctx.reactor.run(lambda: cache.get("backend.invalid", 19132)) is None:
+                await anyio.sleep(0.01)
+        await _flood(proxy, port, 100, "backend name unresolved")
+        assert len(resolver.lookups) == 1  # the failure is honoured for its hold-off
+
+        now[0] += NAME_FAILURE_TTL_S + 0.1
+        await _flood(proxy, port, 25, "resolving backend")
+        assert len(resolver.lookups) == 2  # then one lookup again, not one per datagram
+
+
+def test_udp_backend_hold_offs_that_ran_out_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from discoproxy.proxy import ports
+
+    now = [1000.0]
+    monkeypatch.setattr(ports.time, "monotonic", lambda: now[0])
+    ctx = SimpleNamespace(udp_stats=ports.UdpStats())
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        listener = ports.UdpListener(ctx, sock, ("udp", 19132), lambda: sock)  # type: ignore[arg-type]
+        refused = ConnectionRefusedError(111, "Connection refused")
+        for i in range(1000):  # container churn: each backend address refuses once, then goes
+            backend = (f"10.0.{i >> 8}.{i & 255}", 19132)
+            route = SimpleNamespace(addresses=(backend, ("10.1.0.1", 19132)))
+            session = SimpleNamespace(route=route, backend=backend, client=("192.0.2.1", i))
+            listener.backend_failed(session, refused)  # type: ignore[arg-type]
+            now[0] += ports.UDP_BACKEND_HOLD_OFF_S / 2
+        assert len(listener._held_off) <= 3
