@@ -62,9 +62,8 @@ from discoproxy.rejections import Rejection
 from discoproxy.status import LEGACY_PING_PROTOCOL, StatusState, display_name, rewritten_host
 
 if TYPE_CHECKING:
-    import concurrent.futures
-
     from discoproxy.config import ProxyConfig
+    from discoproxy.proxy.planes import TaskHandle
     from discoproxy.proxy.server import ProxyContext
     from discoproxy.proxy.stats import RouteStats
     from discoproxy.routing import Route
@@ -236,7 +235,7 @@ class ClientConnection:
         self.fallback: str | None = None  # the listener's catch-all server (qualified id)
         self.listener = ""  # its listener's label (metrics, API)
         self._dial_at = 0.0  # when the first backend address was dialed
-        self._dial_task: concurrent.futures.Future[None] | None = None
+        self._dial_task: TaskHandle | None = None
         self._dial_errors: list[str] | None = None
         self._next_address = 0
         self._kind: Sniffed | None = None
@@ -576,7 +575,9 @@ class ClientConnection:
         if self.cmask >= 0:
             ctx.reactor.unregister(self.cfd)  # leaves epoll; the fd now belongs to asyncio
             self.cmask = -1
-        self._dial_task = ctx.spawn(terminate(ctx, self, route, self.cfd, self._proxied_for(route)))
+        self._dial_task = ctx.spawn(
+            self, terminate(ctx, self, route, self.cfd, self._proxied_for(route))
+        )
 
     def terminated(self, backend: tuple[str, int] | None, up: int, down: int, reason: str) -> None:
         """The terminated relay ended (its fd is closed): account and log it."""
@@ -712,7 +713,9 @@ class ClientConnection:
         self._move(ANSWERING)
         if self._legacy is not None:
             self._status_pending = True
-            self._dial_task = self.ctx.spawn(self._fetch_status(self._proxied_for(self.route)))
+            self._dial_task = self.ctx.spawn(
+                self, self._fetch_status(self._proxied_for(self.route))
+            )
             return
         self._answer_status_packets()
 
@@ -789,7 +792,9 @@ class ClientConnection:
                     self._reply(cached)
                     continue
                 self._status_pending = True
-                self._dial_task = self.ctx.spawn(self._fetch_status(self._proxied_for(self.route)))
+                self._dial_task = self.ctx.spawn(
+                    self, self._fetch_status(self._proxied_for(self.route))
+                )
                 return
             elif packet.packet_id == 0x01:
                 self._reply(minecraft.encode_pong(packet.payload))
@@ -835,7 +840,7 @@ class ClientConnection:
                     continue
                 self.ctx.dialing.add(self)
                 token = self._next_address
-                self._dial_task = self.ctx.spawn(self._resolve(host, port, token))
+                self._dial_task = self.ctx.spawn(self, self._resolve(host, port, token))
                 return
             if self._connect(family, host, port):
                 return
@@ -1016,7 +1021,7 @@ class ClientConnection:
         self._held = True
         self.ctx.handshaking.discard(self)
         self.sync_events()  # the client waits, unread
-        self._dial_task = self.ctx.spawn(self._await_wake(route))
+        self._dial_task = self.ctx.spawn(self, self._await_wake(route))
 
     async def _await_wake(self, route: Route) -> None:
         waker = self.ctx.waker

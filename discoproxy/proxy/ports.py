@@ -372,7 +372,7 @@ class UdpListener:
                 # this one is dropped (clients resend)
                 stats.drops["resolving backend"] += 1
                 if names.start_resolving(host, port):
-                    ctx.spawn(_resolve(ctx, host, port))
+                    ctx.spawn(self, _resolve(ctx, host, port))
                 return None
             if not cached.addresses:  # failed moments ago: not again before its hold-off
                 stats.drops["backend name unresolved"] += 1

@@ -8,10 +8,10 @@ Rules for this file:
 - The reactor runs in its own thread, blocked in ``epoll_wait`` on the data plane's fds
   only. Nested in the asyncio loop instead, every event paid for uvloop's wake-up and
   callback as well: about 3 µs more per hop and a longer latency tail. The asyncio loop
-  (providers, the CLI, shutdown) and the reactor meet in two places only: ``call`` runs a
-  function in the reactor thread (ordered, wakes it through a pipe), and connections
-  hand coroutines (name resolution) to the loop with ``run_coroutine_threadsafe``.
-  Connection state is touched by the reactor thread alone.
+  (providers, the CLI, shutdown) and the reactor meet through ``proxy/planes.py`` only:
+  ``call``/``call_into``/``run`` run a function in the reactor thread (ordered, woken
+  through a pipe), and connections hand coroutines to the loop with
+  ``LoopTasks.spawn``. Connection state is touched by the reactor thread alone.
 - Periodic work (deadline and idle sweeps, listener back-off) runs as reactor timers,
   so no sweep ever races a connection.
 - An fd forgotten during a batch gets no more events from that batch, even when the

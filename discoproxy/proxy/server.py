@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import ipaddress
 import itertools
 import math
@@ -46,6 +45,7 @@ from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.connection import ClientConnection
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener, ListenError
 from discoproxy.proxy.names import NameCache
+from discoproxy.proxy.planes import LoopTasks, TaskHandle, TaskOwner
 from discoproxy.proxy.ports import (
     UDP_SWEEP_S,
     PortListeners,
@@ -108,7 +108,7 @@ class ProxyContext:
         self.total = 0
         self.rejected = 0
         self._ids = itertools.count(1)
-        self._tasks: set[concurrent.futures.Future[None]] = set()
+        self.tasks = LoopTasks()  # what the data plane asks the loop to run
         self.rejections: collections.Counter[Rejection] = collections.Counter()  # by cause
         self._rejections_unlogged: collections.Counter[Rejection] = collections.Counter()
         self._last_rejection_log: dict[Rejection, float] = {}  # a fixed set of causes
@@ -220,18 +220,9 @@ class ProxyContext:
 
     # -- tasks (called from the reactor thread; the coroutines run on the asyncio loop) --
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> concurrent.futures.Future[None]:
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        self._tasks.add(future)
-        future.add_done_callback(self._tasks.discard)
-        return future
-
-    async def cancel_tasks(self) -> None:
-        futures = list(self._tasks)
-        for future in futures:
-            future.cancel()
-        if futures:
-            await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+    def spawn(self, owner: TaskOwner, coro: Coroutine[Any, Any, None]) -> TaskHandle:
+        """Run ``coro`` in the control plane's task group (see ``proxy/planes.py``)."""
+        return self.tasks.spawn(owner, coro)
 
     # -- shutdown (asyncio side) --------------------------------------------------------
 
@@ -261,7 +252,6 @@ class ProxyContext:
         aborted = await self.reactor.run(abort_all)
         if aborted:
             logger.warning("aborted {} connections still open at shutdown_timeout", aborted)
-        await self.cancel_tasks()
 
     # -- sweeps (reactor timers) --------------------------------------------------------
 
@@ -560,28 +550,35 @@ async def run_proxy(
     ctx.start_sweeps()
     ctx.reactor.every(UDP_SWEEP_S, lambda: sweep_udp(ctx))
     ctx.reactor.start()
-    try:
-        async with anyio.create_task_group() as tg:
-            bound: list[tuple[str, int]] = []
-            for bind in dict.fromkeys(config.bind):
-                bound += await ctx.binds.open(bind)
-            ctx.ports.sync(registry.table)
-            registry.add_listener(ctx.ports.sync)
-            registry.add_listener(ctx.prune_stats)
-            registry.add_listener(ctx.status.table_changed)
-            registry.add_listener(ctx.waker.table_changed)
-            tg.start_soon(_watch_reactor, ctx)
-            tg.start_soon(watch_bans, ctx)
-            if ctx.waker.controls:
-                tg.start_soon(ctx.waker.run)
-            task_status.started(bound)
-            await anyio.sleep_forever()
-    finally:
-        ctx.closing = True
-        if ctx.reactor.alive:  # a dead reactor's own failure is what run_proxy raises
-            ctx.binds.close_all()  # in order, before the drain's calls
-            ctx.ports.close_all()
-        with anyio.CancelScope(shield=True):
-            if ctx.reactor.alive:
-                await ctx.drain(config.shutdown_timeout)
-            await ctx.reactor.stop()
+    # the control plane's task group for the data plane's coroutines outlives the
+    # listeners' (it is stopped after the drain, which may still need it)
+    async with anyio.create_task_group() as control:
+        await control.start(ctx.tasks.run, ctx.reactor)
+        try:
+            async with anyio.create_task_group() as tg:
+                bound: list[tuple[str, int]] = []
+                for bind in dict.fromkeys(config.bind):
+                    bound += await ctx.binds.open(bind)
+                ctx.ports.sync(registry.table)
+                registry.add_listener(ctx.ports.sync)
+                registry.add_listener(ctx.prune_stats)
+                registry.add_listener(ctx.status.table_changed)
+                registry.add_listener(ctx.waker.table_changed)
+                tg.start_soon(_watch_reactor, ctx)
+                tg.start_soon(watch_bans, ctx)
+                if ctx.waker.controls:
+                    tg.start_soon(ctx.waker.run)
+                task_status.started(bound)
+                await anyio.sleep_forever()
+        finally:
+            ctx.closing = True
+            if ctx.reactor.alive:  # a dead reactor's own failure is what run_proxy raises
+                ctx.binds.close_all()  # in order, before the drain's calls
+                ctx.ports.close_all()
+            with anyio.CancelScope(shield=True):
+                try:
+                    if ctx.reactor.alive:
+                        await ctx.drain(config.shutdown_timeout)
+                finally:
+                    ctx.tasks.stop()  # what connections still asked of the loop
+                    await ctx.reactor.stop()

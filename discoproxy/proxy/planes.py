@@ -1,0 +1,125 @@
+"""The one API between the data plane (the reactor thread) and the control plane (the
+asyncio loop).
+
+Rules for this file (ARCHITECTURE.md draws the same picture):
+- Loop → data plane: ``Reactor.call(fn)`` (ordered, fire and forget), ``Reactor.run(fn)``
+  (awaits ``fn``'s result) and ``Reactor.call_into(conn, fn)`` (a failure ends ``conn``).
+  Config reloads, ban lists, port-listener starts and every read of live numbers go
+  this way; nothing on the loop touches a connection, a set of them or a counter.
+- Data plane → loop: :meth:`LoopTasks.spawn` starts a coroutine (name resolution, a
+  status fetch, a wake, a TLS-terminated relay) in the control plane's task group and
+  returns a :class:`TaskHandle` the reactor may cancel. What the coroutine needs from the
+  connection is computed on the reactor and passed in; its answer comes back with
+  ``Reactor.call_into``.
+- Read across without a call, because they are immutable values swapped by reference by
+  their one writer: the routing table (``Registry.table``, written on the loop), the
+  config (``ProxyContext.config``, written on the reactor by ``apply_config``), a ban list
+  (``Guard.bans``, written on the reactor by ``set_bans``), the status cache's answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from functools import partial
+from typing import Any, Protocol
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from loguru import logger
+
+
+class TaskOwner(Protocol):
+    """What spawned a coroutine (a connection): ended if the coroutine raises."""
+
+    def on_internal_error(self, exc: Exception) -> None: ...
+
+
+class _Reactor(Protocol):
+    def call(self, fn: Any) -> None: ...
+
+    def handler_failed(self, handler: Any, exc: Exception) -> None: ...
+
+
+class TaskHandle:
+    """A coroutine handed to the loop: ``cancel`` may be called from any thread."""
+
+    __slots__ = ("_cancelled", "_loop", "_scope")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._cancelled = False
+        self._scope: anyio.CancelScope | None = None  # loop only
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._loop.call_soon_threadsafe(self._cancel_on_loop)
+
+    def _cancel_on_loop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+
+class LoopTasks:
+    """The control plane's task group for work the data plane asks for."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tg: TaskGroup | None = None  # loop only
+        self._reactor: _Reactor | None = None
+        self._scope: anyio.CancelScope | None = None
+
+    async def run(
+        self, reactor: _Reactor, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Own every spawned coroutine until cancelled (then cancel them all)."""
+        self._loop = asyncio.get_running_loop()
+        self._reactor = reactor
+        # shielded: the proxy's own cancellation must not end these before the drain,
+        # which may still need them (a dial resolving a name); stop() ends them
+        with anyio.CancelScope(shield=True) as scope:
+            self._scope = scope
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    task_status.started()
+                    await anyio.sleep_forever()
+            finally:
+                self._tg = None
+
+    def stop(self) -> None:
+        """Cancel every spawned coroutine and end :meth:`run` (loop thread)."""
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def spawn(self, owner: TaskOwner, coro: Coroutine[Any, Any, None]) -> TaskHandle:
+        """Run ``coro`` on the loop (called from the reactor thread). An exception from
+        it ends ``owner`` on the reactor thread, as a failed event would."""
+        loop = self._loop
+        assert loop is not None, "LoopTasks.run has not started"
+        handle = TaskHandle(loop)
+        loop.call_soon_threadsafe(self._start, handle, owner, coro)
+        return handle
+
+    def _start(self, handle: TaskHandle, owner: TaskOwner, coro: Coroutine[Any, Any, None]) -> None:
+        tg = self._tg
+        if handle._cancelled or tg is None:  # cancelled before it started, or shutting down
+            coro.close()
+            return
+        tg.start_soon(self._run, handle, owner, coro)
+
+    async def _run(
+        self, handle: TaskHandle, owner: TaskOwner, coro: Coroutine[Any, Any, None]
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            handle._scope = scope
+            if handle._cancelled:
+                scope.cancel()
+            try:
+                await coro
+            except Exception as exc:  # a bug: it ends its connection, not the task group
+                reactor = self._reactor
+                if reactor is None:
+                    logger.opt(exception=exc).error("internal error in a loop task")
+                else:
+                    reactor.call(partial(reactor.handler_failed, owner, exc))
