@@ -38,6 +38,7 @@ from discoproxy.motd import Motd, render_status
 from discoproxy.protocol import minecraft
 from discoproxy.protocol.errors import NeedData, ProtocolError
 from discoproxy.proxy.addresses import proxy_v2_header
+from discoproxy.singleflight import SingleFlight
 
 if TYPE_CHECKING:
     from discoproxy.config import ProxyConfig
@@ -136,7 +137,7 @@ class StatusService:
         self.config = config
         self.waker = waker
         self._entries: dict[tuple[str, int], _Entry] = {}
-        self._inflight: dict[tuple[str, int], asyncio.Task[_Entry | None]] = {}
+        self._inflight: SingleFlight[tuple[str, int], _Entry | None] = SingleFlight()
         self._pinging: dict[str, asyncio.Lock] = {}  # per server: its backend ping
         self._protocols: dict[str, set[int]] = {}  # per server, the protocols in _entries
         self._newest: dict[str, _Entry] = {}  # per server, its newest entry
@@ -180,7 +181,7 @@ class StatusService:
         """Forget the servers gone from ``table``; a ping in flight for one stores nothing
         and drops its server's lock when it ends."""
         live = table.by_id
-        held = {qid for qid, _ in (*self._entries, *self._inflight)}
+        held = {qid for qid, _ in (*self._entries, *self._inflight.keys())}
         held.update(self._protocols, self._newest, self._pinging)
         gone = self._gone = frozenset(qid for qid in held if qid not in live)
         if not gone:
@@ -230,12 +231,9 @@ class StatusService:
             self.hits += 1
             return render_online(server, newest.document, protocol, domain), StatusState.ONLINE
         self.misses += 1
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._refresh(key, route, protocol, domain, port, client))
-            self._inflight[key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(key, None))
-        fresh = await asyncio.shield(task)
+        fresh = await self._inflight.run(
+            key, lambda: self._refresh(key, route, protocol, domain, port, client)
+        )
         if fresh is not None:
             if waker is not None:
                 waker.answered(route.qualified_id)

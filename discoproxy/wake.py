@@ -20,7 +20,6 @@ Rules for this file:
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Callable, Container, Mapping
@@ -30,6 +29,7 @@ import anyio
 from loguru import logger
 
 from discoproxy.routing import Registry, Route
+from discoproxy.singleflight import SingleFlight
 
 if TYPE_CHECKING:
     from discoproxy.routing import RoutingTable
@@ -74,7 +74,7 @@ class Waker:
         # asyncio loop, by qualified id
         self._starting: dict[str, float] = {}  # until
         self._started_at: dict[str, float] = {}
-        self._starts: dict[str, asyncio.Task[None]] = {}
+        self._starts: SingleFlight[str, None] = SingleFlight()
         self._idle_since: dict[str, float] = {}  # first seen idle, started or stopped
         # reactor thread, by qualified id: players on it, and when the last one left
         self.players: dict[str, int] = {}
@@ -136,17 +136,14 @@ class Waker:
     async def wake(self, route: Route) -> None:
         """Start ``route``'s server unless a start is already under way."""
         qid = route.qualified_id
-        task = self._starts.get(qid)
+        under_way = qid in self._starts
         now = self._clock()
-        if task is None and now - self._started_at.get(qid, -math.inf) < RESTART_AFTER_S:
+        if not under_way and now - self._started_at.get(qid, -math.inf) < RESTART_AFTER_S:
             return  # started moments ago: its start event is on its way
-        if task is None:
+        if not under_way:
             self._started_at[qid] = now
             self._starting[qid] = now + STARTING_FOR_S
-            task = asyncio.ensure_future(self._start(route))
-            self._starts[qid] = task
-            task.add_done_callback(lambda _: self._starts.pop(qid, None))
-        await asyncio.shield(task)
+        await self._starts.run(qid, lambda: self._start(route))
 
     async def _start(self, route: Route) -> None:
         qid = route.qualified_id

@@ -57,7 +57,7 @@ from discoproxy.protocol.sniff import Sniffed, detect_protocol
 from discoproxy.proxy.addresses import Proxied, format_addr, literal_family, proxy_v2_header
 from discoproxy.proxy.names import Resolved, resolved_addresses
 from discoproxy.proxy.relay import Flow
-from discoproxy.proxy.tls_termination import terminate
+from discoproxy.proxy.tls_termination import Handoff, terminate
 from discoproxy.rejections import Rejection
 from discoproxy.status import LEGACY_PING_PROTOCOL, StatusState, display_name, rewritten_host
 
@@ -575,9 +575,8 @@ class ClientConnection:
         if self.cmask >= 0:
             ctx.reactor.unregister(self.cfd)  # leaves epoll; the fd now belongs to asyncio
             self.cmask = -1
-        self._dial_task = ctx.spawn(
-            self, terminate(ctx, self, route, self.cfd, self._proxied_for(route))
-        )
+        handoff = Handoff(self.id, self.started, bytes(self.buffer), self._proxied_for(route))
+        self._dial_task = ctx.spawn(self, terminate(ctx, self, route, self.cfd, handoff))
 
     def terminated(self, backend: tuple[str, int] | None, up: int, down: int, reason: str) -> None:
         """The terminated relay ended (its fd is closed): account and log it."""

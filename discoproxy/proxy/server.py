@@ -42,7 +42,7 @@ from discoproxy.config import ProxyConfig, parse_bind
 from discoproxy.guard import BanList, Guard, load_bans
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.addresses import format_addr
-from discoproxy.proxy.connection import ClientConnection
+from discoproxy.proxy.connection import ClientConnection, ConnState
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener, ListenError
 from discoproxy.proxy.names import NameCache
 from discoproxy.proxy.planes import LoopTasks, TaskHandle, TaskOwner
@@ -68,6 +68,7 @@ LISTEN_BACKLOG = 4096
 # TCP_DEFER_ACCEPT: the kernel hands over a connection once its first bytes arrived, or
 # after about this many seconds of silence (then handshake_timeout applies).
 DEFER_ACCEPT_S = 1
+TERMINATING = ConnState.TERMINATING
 # Rejections (e.g. max_connections) are logged at most this often, so a flood does not
 # become a log flood; the count in between is reported with the next line.
 REJECTION_LOG_INTERVAL_S = 5.0
@@ -290,6 +291,8 @@ class ProxyContext:
         """Close connections that moved no byte either way for ``idle_timeout``."""
         limit = self._idle_limit
         for conn in list(self.connections):
+            if conn.state is TERMINATING:  # the loop's TLS relay keeps its own deadline
+                continue
             if conn.active:
                 conn.active = False
                 conn.idle_ticks = 0

@@ -24,10 +24,12 @@ import contextlib
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import anyio
 from loguru import logger
 
 from discoproxy.protocol import tls
@@ -42,6 +44,9 @@ if TYPE_CHECKING:
 # How often a certificate's files are looked at for a change, at most.
 CERT_CHECK_S = 1.0
 READ_BYTES = 64 * 1024
+# After the client's EOF the backend may still be answering: it gets this long to finish
+# (a request sent with shutdown(SHUT_WR), as curl and HTTP/1.0 clients do).
+BACKEND_FINISH_S = 5.0
 
 
 class CertificateError(Exception):
@@ -123,11 +128,22 @@ class _Ended(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """What the reactor hands over with a client fd: taken on the reactor thread, so the
+    loop never reads the connection's own state."""
+
+    conn_id: int
+    started: float  # time.monotonic() of accept: handshake_timeout counts from it
+    prefix: bytes  # the ClientHello bytes already read
+    proxied: Proxied | None  # the backend's PROXY header addresses, if it wants one
+
+
 async def terminate(
-    ctx: ProxyContext, conn: ClientConnection, route: Route, fd: int, proxied: Proxied | None
+    ctx: ProxyContext, conn: ClientConnection, route: Route, fd: int, handoff: Handoff
 ) -> None:
     """Run a terminated connection to its end, then hand it back to the reactor to be
-    closed and logged (``conn.terminated``)."""
+    closed and logged (``conn.terminated``, the only use of ``conn`` here)."""
     settings = route.server.tls
     assert settings is not None
     loop = asyncio.get_running_loop()
@@ -144,19 +160,20 @@ async def terminate(
             await loop.sock_sendall(client, tls.encode_alert(tls.ALERT_INTERNAL_ERROR))
             raise _Ended("certificate not loaded") from exc
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        incoming.write(bytes(conn.buffer))
+        incoming.write(handoff.prefix)
         tls_obj = context.wrap_bio(incoming, outgoing, server_side=True)
         deadline = ctx.config.handshake_timeout  # counted from accept, as for every client
-        left = max(0.0, conn.started + deadline - time.monotonic()) if deadline else None
+        left = max(0.0, handoff.started + deadline - time.monotonic()) if deadline else None
         try:
             async with asyncio.timeout(left):
                 await _handshake(loop, client, tls_obj, incoming, outgoing)
         except TimeoutError:
             raise _Ended("handshake timeout") from None
-        reader, writer, backend = await _dial(ctx, conn, route, settings, proxied)
+        reader, writer, backend = await _dial(ctx, handoff, route, settings)
         try:
+            idle = ctx.config.idle_timeout
             up, down, reason = await _relay(
-                loop, conn, client, tls_obj, incoming, outgoing, reader, writer
+                loop, idle, client, tls_obj, incoming, outgoing, reader, writer
             )
         finally:
             writer.close()
@@ -199,10 +216,9 @@ async def _handshake(
 
 async def _dial(
     ctx: ProxyContext,
-    conn: ClientConnection,
+    handoff: Handoff,
     route: Route,
     settings: TlsSettings,
-    proxied: Proxied | None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[str, int]]:
     errors = []
     timeout = ctx.config.connect_timeout or None
@@ -216,18 +232,21 @@ async def _dial(
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             errors.append(f"{host}:{port}: {getattr(exc, 'strerror', None) or exc or 'timed out'}")
             continue
-        if proxied is not None:
-            writer.write(proxy_v2_header(proxied))
+        if handoff.proxied is not None:
+            writer.write(proxy_v2_header(handoff.proxied))
         return reader, writer, (host, port)
     logger.bind(route=route.qualified_id).warning(
-        "conn #{} backend unreachable for {}: {}", conn.id, route.qualified_id, "; ".join(errors)
+        "conn #{} backend unreachable for {}: {}",
+        handoff.conn_id,
+        route.qualified_id,
+        "; ".join(errors),
     )
     raise _Ended("backend unreachable")
 
 
 async def _relay(
     loop: asyncio.AbstractEventLoop,
-    conn: ClientConnection,
+    idle_timeout: float,
     client: socket.socket,
     tls_obj: ssl.SSLObject,
     incoming: ssl.MemoryBIO,
@@ -235,8 +254,12 @@ async def _relay(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
 ) -> tuple[int, int, str]:
+    """Both directions until one ends (then the other gets ``BACKEND_FINISH_S`` to finish
+    after a client's EOF), a reset, or ``idle_timeout`` with no byte either way: this
+    relay keeps its own idle deadline, as it owns the connection while it runs."""
     counts = [0, 0]
     reasons: list[str] = []
+    moved = [time.monotonic()]
 
     async def client_to_backend() -> None:
         while True:
@@ -247,7 +270,7 @@ async def _relay(
                         reasons.append("client closed")
                         return
                     counts[0] += len(plain)
-                    conn.active = True  # for the idle sweep
+                    moved[0] = time.monotonic()
                     writer.write(plain)
                     await writer.drain()
             except ssl.SSLWantReadError:
@@ -268,30 +291,44 @@ async def _relay(
                 reasons.append("backend closed")
                 return
             counts[1] += len(data)
-            conn.active = True
+            moved[0] = time.monotonic()
             tls_obj.write(data)
             await loop.sock_sendall(client, outgoing.read())
 
-    tasks = [asyncio.ensure_future(client_to_backend()), asyncio.ensure_future(backend_to_client())]
-    try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            exc = task.exception()
-            if isinstance(exc, ConnectionError | OSError):
-                reasons.append(f"reset: {exc.strerror or exc}")
-            elif exc is not None:
-                raise exc
+    async def idle() -> None:
+        # a deadline pushed back by every move: sleep until it, then look again
+        while (left := moved[0] + idle_timeout - time.monotonic()) > 0:  # noqa: ASYNC110
+            await anyio.sleep(left)
+        reasons.append("idle timeout")
+
+    one_done = anyio.Event()
+    backend_done = anyio.Event()
+
+    async def side(direction: Callable[[], Awaitable[None]], done: anyio.Event) -> None:
+        try:
+            await direction()
+        except (ConnectionError, OSError) as exc:
+            reasons.append(f"reset: {exc.strerror or exc}")
+        finally:
+            done.set()
+            one_done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(side, client_to_backend, anyio.Event())
+        tg.start_soon(side, backend_to_client, backend_done)
+        if idle_timeout > 0:
+            tg.start_soon(side, idle, anyio.Event())
+        await one_done.wait()
         # one side is done: pass the close on (EOF to the backend, and let it finish its
         # answer), then close_notify to the client either way, as a TLS peer expects
-        if "client closed" in reasons and writer.can_write_eof():
+        if reasons[:1] == ["client closed"] and writer.can_write_eof():
             writer.write_eof()
-            await asyncio.wait(pending, timeout=5)
-        with contextlib.suppress(ssl.SSLError, ssl.SSLWantReadError):
-            tls_obj.unwrap()
-        if outgoing.pending:
-            with contextlib.suppress(OSError):
-                await loop.sock_sendall(client, outgoing.read())
-    finally:
-        for task in tasks:
-            task.cancel()
+            with anyio.move_on_after(BACKEND_FINISH_S):
+                await backend_done.wait()
+        tg.cancel_scope.cancel()
+    with contextlib.suppress(ssl.SSLError, ssl.SSLWantReadError):
+        tls_obj.unwrap()
+    if outgoing.pending:
+        with contextlib.suppress(OSError):
+            await loop.sock_sendall(client, outgoing.read())
     return counts[0], counts[1], reasons[0] if reasons else "both sides closed"

@@ -215,3 +215,32 @@ async def test_a_client_close_notify_is_answered_with_one(tmp_path: Path) -> Non
     async with backend(upper) as a:
         async with running_proxy([tls_server("a", "a.example.com", a.address, cert, key)]) as proxy:
             await anyio.to_thread.run_sync(close_cleanly, proxy.port, "a.example.com")
+
+
+def _idle_client(port: int, name: str) -> bytes:
+    """Complete the handshake, send nothing, read until the proxy closes."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=name) as tls,
+    ):
+        try:
+            return tls.recv(1024)
+        except (ssl.SSLError, ConnectionError):
+            return b""
+
+
+async def test_a_terminated_connection_that_moves_nothing_is_closed_at_idle_timeout(
+    tmp_path: Path,
+) -> None:
+    cert, key = make_cert(tmp_path, "a.example.com")
+    async with backend(upper) as a:
+        routes = [tls_server("a", "a.example.com", a.address, cert, key)]
+        async with running_proxy(routes, idle_timeout=0.3) as proxy:
+            answer = await anyio.to_thread.run_sync(_idle_client, proxy.port, "a.example.com")
+            assert answer == b""  # closed by the proxy, long before the client's 10 s
+            with anyio.fail_after(5):
+                while await proxy.ctx.reactor.run(lambda: len(proxy.ctx.connections)):
+                    await anyio.sleep(0.01)
