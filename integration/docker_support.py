@@ -8,7 +8,9 @@ Rules for this file:
   and removed in ``finally``, also when the test fails; names and label prefixes never
   collide with another run on the same engine.
 - The docker SDK blocks: async code calls these helpers through ``anyio.to_thread``.
-- Without an engine, :func:`require_docker` fails under ``CI=true`` and skips elsewhere.
+- A missing or unsuitable engine (none answers, a ``DOCKER_HOST`` that is not local where
+  the engine must be restarted, no way to build the sidecar's base) fails the test under
+  ``CI=true`` and skips it elsewhere, saying what to install (:func:`unavailable`).
 - The sidecar image (:func:`build_sidecar_image`) is the one image built from a
   Dockerfile: on the debootstrap base, never pulled; it and its base are kept between runs.
 """
@@ -27,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import docker
 import docker.errors
@@ -72,6 +74,23 @@ ENGINE_TIMEOUT_S = 5
 REMOVE_WORKERS = 8
 ENGINE_RESTART_TIMEOUT_S = 60.0
 DOCKERD_FALLBACK_LOG = Path("/tmp/dockerd.log")
+DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"
+LOCAL_ENDPOINTS = (DEFAULT_ENDPOINT, "unix:///run/docker.sock")
+INSTALL_ENGINE = "apt-get install docker.io; dockerd &"
+
+
+def unavailable(message: str) -> NoReturn:
+    """A dependency is missing or unsuitable: fail under ``CI=true``, skip elsewhere.
+
+    ``message`` says what is missing and what to install or change.
+    """
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def docker_endpoint() -> str:
+    return os.environ.get("DOCKER_HOST") or DEFAULT_ENDPOINT
 
 
 def docker_client(timeout: int = ENGINE_TIMEOUT_S) -> docker.DockerClient | None:
@@ -88,11 +107,7 @@ def require_docker() -> docker.DockerClient:
     """A client for a live engine; fail under CI, skip elsewhere, when none answers."""
     client = docker_client()
     if client is None:
-        endpoint = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        message = f"no Docker engine answers at {endpoint}: apt-get install docker.io; dockerd &"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"no Docker engine answers at {docker_endpoint()}: {INSTALL_ENGINE}")
     return client
 
 
@@ -222,17 +237,22 @@ class DockerdProcess:
 
 
 def find_dockerd() -> DockerdProcess:
-    """The local dockerd behind the default socket; skips when the engine is elsewhere."""
-    endpoint = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    if endpoint not in ("unix:///var/run/docker.sock", "unix:///run/docker.sock"):
-        pytest.skip(f"DOCKER_HOST={endpoint}: only a local dockerd can be restarted")
+    """The local dockerd behind the default socket, to restart it.
+
+    An engine elsewhere (``DOCKER_HOST``) or not exactly one local dockerd fails under CI
+    (``.ci/run`` starts exactly one, on the default socket) and skips elsewhere.
+    """
+    endpoint = docker_endpoint()
+    if endpoint not in LOCAL_ENDPOINTS:
+        unavailable(
+            f"DOCKER_HOST={endpoint}: restarting the engine needs a local dockerd on "
+            f"{DEFAULT_ENDPOINT} ({INSTALL_ENGINE}; unset DOCKER_HOST)"
+        )
     found = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True)
     pids = [int(p) for p in found.stdout.split()]
     if len(pids) != 1:
-        message = f"need exactly one local dockerd process to restart, found {len(pids)}"
-        if IN_CI:  # .ci/run starts exactly one: anything else is a broken CI machine
-            pytest.fail(message)
-        pytest.skip(message)
+        hint = INSTALL_ENGINE if not pids else "stop all but the one on the default socket"
+        unavailable(f"need exactly one local dockerd process to restart, found {len(pids)}: {hint}")
     pid = pids[0]
     argv = tuple(Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1])
     try:
@@ -327,10 +347,7 @@ def build_sidecar_image(client: docker.DockerClient) -> str:
     docker_cli = require_program("docker", "apt-get install docker.io")
     base = _run_step([str(BASE_SCRIPT), BASE_IMAGE], BASE_TIMEOUT_S)
     if base.returncode == PREREQUISITE_MISSING:
-        message = f"cannot build the base image {BASE_IMAGE}: {base.stderr.strip()}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"cannot build the base image {BASE_IMAGE}: {base.stderr.strip()}")
     if base.returncode != 0:
         pytest.fail(f"{BASE_SCRIPT.name} failed ({base.returncode}):\n{_tail(base)}")
     wheels = _run_step([str(WHEELS_SCRIPT)], BUILD_TIMEOUT_S)
