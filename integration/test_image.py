@@ -32,6 +32,7 @@ from typing import Any
 import docker
 import docker.errors
 import pytest
+from testcontainers.core.network import Network
 
 from integration.docker_support import (
     BACKEND_SCRIPT,
@@ -195,7 +196,7 @@ def test_a_one_off_command_runs_started_as_root_or_as_a_user(
 class Sidecar:
     container: Any
     resources: DockerResources
-    network: str
+    network: Network
     address: tuple[str, int]
     servers: Path
 
@@ -214,7 +215,7 @@ def sidecar(
     provider.
     """
     with docker_resources(engine, "dpi") as resources:
-        network = resources.network("net").name
+        network = resources.network("net")
         directory = readable_directory(tmp_path_factory.mktemp("sidecar"))
         config = write_readable(
             directory / "config.toml",
@@ -235,7 +236,7 @@ def sidecar(
                 str(config): {"bind": CONFIG_IN_CONTAINER, "mode": "ro"},
                 str(servers): {"bind": SERVERS_IN_CONTAINER, "mode": "ro"},
             },
-            network=network,
+            network=network.name,
             ports={"25565/tcp": ("127.0.0.1", None)},
             healthcheck={"interval": TEST_HEALTH_INTERVAL_NS},
         )
