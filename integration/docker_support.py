@@ -1,14 +1,26 @@
 """A real Docker engine for integration tests and benchmarks: images, containers, cleanup.
 
 Rules for this file:
-- No image is pulled. :func:`ensure_image` imports an empty ``scratch`` image once; every
-  container runs the host's own Python with ``/usr``, ``/lib``, ``/lib64`` and
-  ``/etc/alternatives`` bind-mounted read-only.
-- Everything a test creates is named with one unique prefix (:class:`DockerResources`)
-  and removed in ``finally``, also when the test fails; names and label prefixes never
-  collide with another run on the same engine.
-- The docker SDK blocks: async code calls these helpers through ``anyio.to_thread``.
-- Without an engine, :func:`require_docker` fails under ``CI=true`` and skips elsewhere.
+- The containers a test starts are testcontainers ``DockerContainer`` objects: their
+  configuration, testcontainers' own labels, readiness through its wait strategies and
+  removal through its ``stop()``. Ryuk, its reaper, is an image that would have to be
+  pulled, so it is off (``TESTCONTAINERS_RYUK_DISABLED``, set below): cleanup is
+  :meth:`DockerResources.remove_all`, in ``finally``.
+- No image is pulled. :func:`ensure_image` imports an empty ``scratch`` image once (the one
+  thing testcontainers cannot do); every :class:`HostPython` container runs the host's own
+  Python with ``/usr``, ``/lib``, ``/lib64`` and ``/etc/alternatives`` bind-mounted
+  read-only. (testcontainers logs "Pulling image" before every start; it pulls only an
+  image the engine lacks, and every image used here is imported or built first.)
+- Everything a test creates is named with one unique prefix (:class:`DockerResources`) and
+  removed afterwards, also when the test fails; names and label prefixes never collide
+  with another run on the same engine. Whatever a removal missed, or was created outside
+  testcontainers (``bench/docker_latency.py``), is swept by that prefix and what still
+  stays is named in the error.
+- The docker SDK and testcontainers block: async code calls these helpers through
+  ``anyio.to_thread``.
+- A missing or unsuitable engine (none answers, a ``DOCKER_HOST`` that is not local where
+  the engine must be restarted, no way to build the sidecar's base) fails the test under
+  ``CI=true`` and skips it elsewhere, saying what to install (:func:`unavailable`).
 - The sidecar image (:func:`build_sidecar_image`) is the one image built from a
   Dockerfile: on the debootstrap base, never pulled; it and its base are kept between runs.
 """
@@ -22,18 +34,27 @@ import shlex
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, Self, TypeVar
 
 import docker
 import docker.errors
 import pytest
+from testcontainers.core.config import testcontainers_config
+from testcontainers.core.container import DockerContainer
+from testcontainers.core.network import Network
+from testcontainers.core.wait_strategies import LogMessageWaitStrategy
 
 from tests.support import IN_CI, REPO, require_program
+
+# Ryuk off without any setting from the user: the variable is what testcontainers reads (at
+# its first container); the assignment holds even if something read it before this line.
+os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"
+testcontainers_config.ryuk_disabled = True
 
 IMAGE = "discoproxy-test/scratch:latest"
 HOST_MOUNTS = {
@@ -44,12 +65,13 @@ HOST_MOUNTS = {
 PYTHON = "/usr/bin/python3"
 # Answers the first chunk of every connection (the forwarded handshake) with $NAME, then
 # echoes: the name proves which container a connection reached, the echo that it is
-# still open. SIGTERM exits at once (as PID 1 it would otherwise be ignored, and every
-# `docker stop` would wait its full timeout).
+# still open. It prints BACKEND_READY once it is bound. SIGTERM exits at once (as PID 1 it
+# would otherwise be ignored, and every `docker stop` would wait its full timeout).
 BACKEND_SCRIPT = """
 import os, signal, socketserver
 signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 name = os.environ["NAME"].encode()
+port = int(os.environ.get("PORT", "25565"))
 class Handler(socketserver.BaseRequestHandler):
     def handle(self):
         if not self.request.recv(65536):
@@ -60,18 +82,43 @@ class Handler(socketserver.BaseRequestHandler):
 class Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
-Server(("0.0.0.0", int(os.environ.get("PORT", "25565"))), Handler).serve_forever()
+server = Server(("0.0.0.0", port), Handler)
+print("listening on", port, flush=True)
+server.serve_forever()
 """
-# A container that only has to exist (benchmarks): no port, negligible memory.
-SLEEPER_SCRIPT = (
-    "import os, signal, time; signal.signal(signal.SIGTERM, lambda *_: os._exit(0)); "
-    "time.sleep(1e6)"
-)
+# What BACKEND_SCRIPT prints once it accepts connections (a regex, for LogMessageWaitStrategy).
+BACKEND_READY = r"^listening on \d+$"
+# Where a container without networks of its own goes, named so that testcontainers does not
+# pick one (without DOCKER_HOST it looks for a network this host is on, for Docker-in-Docker).
+DEFAULT_NETWORK = "bridge"
 ENGINE_TIMEOUT_S = 5
+# Deadlines, not measurements: the host's Python starts in well under a second, but the
+# machine is shared.
+READY_TIMEOUT_S = 60
+READY_POLL_S = 0.05
 # Benchmarks leave hundreds of containers; removing them one by one takes a minute.
 REMOVE_WORKERS = 8
 ENGINE_RESTART_TIMEOUT_S = 60.0
 DOCKERD_FALLBACK_LOG = Path("/tmp/dockerd.log")
+DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"
+LOCAL_ENDPOINTS = (DEFAULT_ENDPOINT, "unix:///run/docker.sock")
+INSTALL_ENGINE = "apt-get install docker.io; dockerd &"
+
+ContainerT = TypeVar("ContainerT", bound=DockerContainer)
+
+
+def unavailable(message: str) -> NoReturn:
+    """A dependency is missing or unsuitable: fail under ``CI=true``, skip elsewhere.
+
+    ``message`` says what is missing and what to install or change.
+    """
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def docker_endpoint() -> str:
+    return os.environ.get("DOCKER_HOST") or DEFAULT_ENDPOINT
 
 
 def docker_client(timeout: int = ENGINE_TIMEOUT_S) -> docker.DockerClient | None:
@@ -88,16 +135,15 @@ def require_docker() -> docker.DockerClient:
     """A client for a live engine; fail under CI, skip elsewhere, when none answers."""
     client = docker_client()
     if client is None:
-        endpoint = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        message = f"no Docker engine answers at {endpoint}: apt-get install docker.io; dockerd &"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"no Docker engine answers at {docker_endpoint()}: {INSTALL_ENGINE}")
     return client
 
 
 def ensure_image(client: docker.DockerClient) -> str:
-    """Import the empty base image unless it is there already (idempotent, offline)."""
+    """Import the empty base image unless it is there already (idempotent, offline).
+
+    By hand: testcontainers pulls or builds images, it does not import them.
+    """
     try:
         client.images.get(IMAGE)
     except docker.errors.ImageNotFound:
@@ -115,12 +161,80 @@ def unique_prefix(kind: str = "dpt") -> str:
     return f"{kind}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+class HostPython(DockerContainer):
+    """A container of the empty image (:data:`IMAGE`) running ``script`` on the host's Python.
+
+    Its ``$NAME`` is its container name. testcontainers' own ``start()`` creates and starts
+    in one call; here a container joins all its ``networks`` before it starts (the
+    provider's first look must see every one), and a sleeping server is created and never
+    started by the test. So :meth:`create` creates (through testcontainers' client, which
+    adds its labels) and :meth:`start` starts what was created, then waits for ``ready``
+    (a regex the script prints, :class:`LogMessageWaitStrategy`) when one is given.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        script: str,
+        labels: Mapping[str, str],
+        *,
+        networks: Sequence[Network] = (),
+        restart: bool = False,
+        env: Mapping[str, str] | None = None,
+        ready: str | None = None,
+    ) -> None:
+        super().__init__(IMAGE)
+        self.with_name(name).with_command([PYTHON, "-c", script])
+        self.with_envs(NAME=name, **(env or {}))
+        for path in HOST_MOUNTS:
+            self.with_volume_mapping(path, path, "ro")
+        self.with_kwargs(
+            labels=dict(labels),
+            network=networks[0].name if networks else DEFAULT_NETWORK,
+            restart_policy={"Name": "always"} if restart else None,
+        )
+        if ready is not None:
+            self.waiting_for(
+                LogMessageWaitStrategy(ready)
+                .with_startup_timeout(READY_TIMEOUT_S)
+                .with_poll_interval(READY_POLL_S)
+            )
+        self._other_networks = tuple(networks[1:])
+
+    def create(self) -> Self:
+        """Create the container on all its networks, not started."""
+        self._container = self.get_docker_client().create(
+            self.image,
+            command=self._command,
+            environment=self.env,
+            name=self._name,
+            volumes={
+                path: {"bind": mount["bind"], "mode": mount["mode"]}
+                for path, mount in self.volumes.items()
+            },
+            **self._kwargs,
+        )
+        for network in self._other_networks:
+            network.connect(self.get_container_id())
+        return self
+
+    def start(self) -> Self:
+        if self._container is None:
+            self.create()
+        self.get_docker_client().start(self.get_wrapped_container())
+        if self._wait_strategy is not None:
+            self._wait_strategy.wait_until_ready(self)
+        return self
+
+
 @dataclass
 class DockerResources:
     """Containers and networks created under one prefix; :meth:`remove_all` cleans up."""
 
     client: docker.DockerClient
     prefix: str = field(default_factory=unique_prefix)
+    containers: dict[str, DockerContainer] = field(default_factory=dict)
+    networks: list[Network] = field(default_factory=list)
 
     def name(self, suffix: str) -> str:
         return f"{self.prefix}-{suffix}"
@@ -132,8 +246,19 @@ class DockerResources:
     def labels(self, **values: str) -> dict[str, str]:
         return {self.label(key): value for key, value in values.items()}
 
-    def network(self, suffix: str) -> Any:
-        return self.client.networks.create(self.name(suffix), driver="bridge")
+    def network(self, suffix: str) -> Network:
+        """A bridge network named ``<prefix>-<suffix>`` (testcontainers would pick a uuid)."""
+        network = Network(docker_network_kw={"driver": "bridge"})
+        network.name = self.name(suffix)
+        self.networks.append(network.create())
+        return network
+
+    def start(self, suffix: str, container: ContainerT) -> ContainerT:
+        """Name ``container`` ``<prefix>-<suffix>``, start it (testcontainers waits for its
+        wait strategy) and remove it with the rest."""
+        name = self.name(suffix)
+        self.containers[name] = container.with_name(name)
+        return container.start()
 
     def run(
         self,
@@ -141,58 +266,77 @@ class DockerResources:
         labels: Mapping[str, str],
         *,
         script: str = BACKEND_SCRIPT,
-        networks: tuple[str, ...] = (),
+        ready: str | None = BACKEND_READY,
+        networks: Sequence[Network] = (),
         restart: bool = False,
         env: Mapping[str, str] | None = None,
         start: bool = True,
     ) -> Any:
-        """Create (and start) a container running ``script`` on the host's Python.
+        """A :class:`HostPython` container running ``script``, started (until it printed
+        ``ready``; ``None``: as soon as it runs) or only created; its docker SDK container,
+        which the tests stop, pause and inspect as users would.
 
-        Its ``$NAME`` is its full container name. With several ``networks`` it is
-        attached to all of them before it starts.
+        Its ``$NAME`` is its full container name. With several ``networks`` it is on all of
+        them before it starts.
         """
         name = self.name(suffix)
         ensure_image(self.client)
-        container = self.client.containers.create(
-            IMAGE,
-            [PYTHON, "-c", script],
-            name=name,
-            labels=dict(labels),
-            environment={"NAME": name, **(env or {})},
-            volumes=HOST_MOUNTS,
-            network=networks[0] if networks else None,
-            restart_policy={"Name": "always"} if restart else None,
+        container = HostPython(
+            name, script, labels, networks=networks, restart=restart, env=env, ready=ready
         )
-        for network in networks[1:]:
-            self.client.networks.get(network).connect(container)
+        self.containers[name] = container
         if start:
             container.start()
-        return container
+        else:
+            container.create()
+        return container.get_wrapped_container()
 
     def remove_container(self, suffix: str) -> None:
-        with suppress(docker.errors.NotFound):
-            self.client.containers.get(self.name(suffix)).remove(force=True)
+        """Remove one container now (testcontainers' ``stop()``: forced, with its volumes)."""
+        container = self.containers.pop(self.name(suffix), None)
+        if container is not None:
+            with suppress(docker.errors.NotFound):
+                container.stop()
 
     def remove_all(self) -> None:
         """Remove every container and network of this prefix, whatever state they are in.
 
-        A removal that fails (a busy engine can time out) is tried once more; whatever is
+        First each one testcontainers started (its ``stop()``), then, as Ryuk would have,
+        whatever else carries the prefix: a container created outside testcontainers, or
+        one whose removal failed (a busy engine can time out), tried twice. Whatever is
         still left after that is named in the error.
         """
+        containers, self.containers = list(self.containers.values()), {}
+        with ThreadPoolExecutor(REMOVE_WORKERS) as pool:
+            list(pool.map(_stop_quietly, containers))
+        networks, self.networks = self.networks, []
+        for network in networks:
+            with suppress(docker.errors.DockerException, OSError):
+                network.remove()
         for _attempt in range(2):
-            containers = self.client.containers.list(all=True, filters={"name": self.prefix})
+            left = self.client.containers.list(all=True, filters={"name": self.prefix})
             with ThreadPoolExecutor(REMOVE_WORKERS) as pool:
-                list(pool.map(_remove_container, containers))
-            networks = self.client.networks.list(filters={"name": self.prefix})
-            for network in networks:
+                list(pool.map(_remove_container, left))
+            for left_network in self.client.networks.list(filters={"name": self.prefix}):
                 with suppress(docker.errors.DockerException, OSError):
-                    network.remove()
-        left = [
-            c.name for c in self.client.containers.list(all=True, filters={"name": self.prefix})
+                    left_network.remove()
+        names = [
+            str(c.name)
+            for c in self.client.containers.list(all=True, filters={"name": self.prefix})
         ]
-        left += [n.name for n in self.client.networks.list(filters={"name": self.prefix})]
-        if left:
-            raise AssertionError(f"could not remove {len(left)} test resources: {', '.join(left)}")
+        names += [str(n.name) for n in self.client.networks.list(filters={"name": self.prefix})]
+        if names:
+            raise AssertionError(
+                f"could not remove {len(names)} test resources: {', '.join(names)}"
+            )
+
+
+def _stop_quietly(container: DockerContainer) -> None:
+    """testcontainers' removal; what it leaves, the sweep by prefix tries again."""
+    try:
+        container.stop()
+    except (docker.errors.DockerException, OSError):
+        container.get_docker_client().client.close()  # stop() closes it only on success
 
 
 def _remove_container(container: Any) -> None:
@@ -222,17 +366,22 @@ class DockerdProcess:
 
 
 def find_dockerd() -> DockerdProcess:
-    """The local dockerd behind the default socket; skips when the engine is elsewhere."""
-    endpoint = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    if endpoint not in ("unix:///var/run/docker.sock", "unix:///run/docker.sock"):
-        pytest.skip(f"DOCKER_HOST={endpoint}: only a local dockerd can be restarted")
+    """The local dockerd behind the default socket, to restart it.
+
+    An engine elsewhere (``DOCKER_HOST``) or not exactly one local dockerd fails under CI
+    (``.ci/run`` starts exactly one, on the default socket) and skips elsewhere.
+    """
+    endpoint = docker_endpoint()
+    if endpoint not in LOCAL_ENDPOINTS:
+        unavailable(
+            f"DOCKER_HOST={endpoint}: restarting the engine needs a local dockerd on "
+            f"{DEFAULT_ENDPOINT} ({INSTALL_ENGINE}; unset DOCKER_HOST)"
+        )
     found = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True)
     pids = [int(p) for p in found.stdout.split()]
     if len(pids) != 1:
-        message = f"need exactly one local dockerd process to restart, found {len(pids)}"
-        if IN_CI:  # .ci/run starts exactly one: anything else is a broken CI machine
-            pytest.fail(message)
-        pytest.skip(message)
+        hint = INSTALL_ENGINE if not pids else "stop all but the one on the default socket"
+        unavailable(f"need exactly one local dockerd process to restart, found {len(pids)}: {hint}")
     pid = pids[0]
     argv = tuple(Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1])
     try:
@@ -327,10 +476,7 @@ def build_sidecar_image(client: docker.DockerClient) -> str:
     docker_cli = require_program("docker", "apt-get install docker.io")
     base = _run_step([str(BASE_SCRIPT), BASE_IMAGE], BASE_TIMEOUT_S)
     if base.returncode == PREREQUISITE_MISSING:
-        message = f"cannot build the base image {BASE_IMAGE}: {base.stderr.strip()}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"cannot build the base image {BASE_IMAGE}: {base.stderr.strip()}")
     if base.returncode != 0:
         pytest.fail(f"{BASE_SCRIPT.name} failed ({base.returncode}):\n{_tail(base)}")
     wheels = _run_step([str(WHEELS_SCRIPT)], BUILD_TIMEOUT_S)

@@ -257,8 +257,8 @@ async def test_a_bad_label_drops_only_that_container(
 async def test_a_container_on_two_networks_needs_the_network_label(
     resources: DockerResources, logs: list[str]
 ) -> None:
-    front = (await anyio.to_thread.run_sync(resources.network, "front")).name
-    back = (await anyio.to_thread.run_sync(resources.network, "back")).name
+    front = await anyio.to_thread.run_sync(resources.network, "front")
+    back = await anyio.to_thread.run_sync(resources.network, "back")
     async with docker_proxy(resources) as live:
         unsure, chosen = live.domain("unsure"), live.domain("chosen")
         networks = (front, back)
@@ -267,14 +267,14 @@ async def test_a_container_on_two_networks_needs_the_network_label(
         )
         line = await wait_for_log(logs, resources.name("unsure"))
         assert line == (
-            f"container {resources.name('unsure')} is on networks {back}, {front}: "
+            f"container {resources.name('unsure')} is on networks {back.name}, {front.name}: "
             f"set label {resources.label('docker_network')} to choose; not routed"
         )
-        labels = resources.labels(domains=chosen, docker_network=back)
+        labels = resources.labels(domains=chosen, docker_network=back.name)
         container = await live.docker(resources.run, "chosen", labels, networks=networks)
         await live.wait_until(routed(chosen, live.qualified("chosen")))
         await live.docker(container.reload)
-        back_ip = container.attrs["NetworkSettings"]["Networks"][back]["IPAddress"]
+        back_ip = container.attrs["NetworkSettings"]["Networks"][back.name]["IPAddress"]
         route = live.registry.table.lookup_host(chosen)
         assert route is not None and route.addresses == ((back_ip, 25565),)
         await live.wait_for_backend(chosen, "chosen")

@@ -7,15 +7,20 @@ socket mounted read-only, a config file mounted and ``DISCOPROXY_*`` variables s
 port published on 127.0.0.1. A labelled container started on its network afterwards is
 reached through that port with a Minecraft login handshake (the backend answers with its
 own name, then echoes). The process must run as an unprivileged user holding the socket's
-group, and the image's HEALTHCHECK (``discoproxy health``) must report healthy.
+group, and the image's HEALTHCHECK (``discoproxy health``) must report healthy. The sidecar
+and the one-off commands are testcontainers containers; the sidecar counts as started once
+discoproxy logs that it listens.
 
 ``compose.example.yml`` is brought up with docker-compose as written, plus
 ``integration/compose.ci.yml`` for what cannot work offline (the game servers' image, the
 published port), and exercised the same way: every domain of its labels, and a server file
-in its servers volume.
+in its servers volume. That stays a ``docker-compose`` child process: testcontainers'
+``DockerCompose`` drives only the ``docker compose`` plugin (v2) and takes no project
+name, and Debian's ``docker-compose`` is v1.
 
 Every container and network is named with a unique prefix (compose: a unique project) and
-removed afterwards; the base image and the built image stay for the next run.
+removed afterwards (a one-off by testcontainers when its ``with`` ends); the base image and
+the built image stay for the next run.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from typing import Any
 import docker
 import docker.errors
 import pytest
+from testcontainers.core.container import DockerContainer
+from testcontainers.core.network import Network
+from testcontainers.core.wait_strategies import LogMessageWaitStrategy
 
 from integration.docker_support import (
     BACKEND_SCRIPT,
@@ -48,6 +56,7 @@ from tests.support import REPO, require_program
 pytestmark = pytest.mark.peer
 
 SOCKET = "/var/run/docker.sock"
+PROXY_PORT = "25565/tcp"
 CONFIG_IN_CONTAINER = "/etc/discoproxy/config.toml"
 SERVERS_IN_CONTAINER = "/etc/discoproxy/servers"
 # set through DISCOPROXY_ADMIN__LISTEN: `discoproxy health` must find it the same way
@@ -60,6 +69,8 @@ TEST_HEALTH_INTERVAL_NS = 1_000_000_000
 # the offline image is ~190 MB: the base plus a virtualenv, no compilers, no build stage
 MAX_IMAGE_BYTES = 250 * 1024 * 1024
 # Deadlines, not measurements.
+LISTENING_WITHIN_S = 60
+ONE_OFF_WITHIN_S = 60
 HEALTHY_WITHIN_S = 60.0
 ROUTED_WITHIN_S = 30.0
 REPLY_TIMEOUT_S = 5.0
@@ -148,7 +159,7 @@ def wait_until_healthy(container: Any, within_s: float = HEALTHY_WITHIN_S) -> di
         time.sleep(0.2)
 
 
-def published_port(container: Any, port: str = "25565/tcp") -> tuple[str, int]:
+def published_port(container: Any, port: str = PROXY_PORT) -> tuple[str, int]:
     container.reload()
     binding = container.attrs["NetworkSettings"]["Ports"][port][0]
     return binding["HostIp"], int(binding["HostPort"])
@@ -184,7 +195,10 @@ def test_a_one_off_command_runs_started_as_root_or_as_a_user(
     engine: docker.DockerClient, sidecar_image: str, user: str | None
 ) -> None:
     """Started as root the entry point drops privileges; started as a user it just execs."""
-    output = engine.containers.run(sidecar_image, ["labels"], user=user, remove=True)
+    with DockerContainer(sidecar_image).with_command(["labels"]).with_kwargs(user=user) as one_off:
+        exited = one_off.get_wrapped_container().wait(timeout=ONE_OFF_WITHIN_S)
+        output, errors = one_off.get_logs()
+    assert exited["StatusCode"] == 0, errors
     assert b"domains" in output
 
 
@@ -193,9 +207,9 @@ def test_a_one_off_command_runs_started_as_root_or_as_a_user(
 
 @dataclass
 class Sidecar:
-    container: Any
+    container: Any  # the docker SDK's, as the tests inspect and exec into it
     resources: DockerResources
-    network: str
+    network: Network
     address: tuple[str, int]
     servers: Path
 
@@ -214,31 +228,32 @@ def sidecar(
     provider.
     """
     with docker_resources(engine, "dpi") as resources:
-        network = resources.network("net").name
+        network = resources.network("net")
         directory = readable_directory(tmp_path_factory.mktemp("sidecar"))
         config = write_readable(
             directory / "config.toml",
             f'[providers.docker]\nlabel_prefix = "{resources.prefix}"\n',
         )
         servers = readable_directory(directory / "servers")
-        container = engine.containers.run(
-            sidecar_image,
-            name=resources.name("sidecar"),
-            detach=True,
-            environment={
-                "DISCOPROXY_CONFIG": CONFIG_IN_CONTAINER,
-                "DISCOPROXY_ADMIN__LISTEN": ADMIN_LISTEN,
-                "DISCOPROXY_LOG_LEVEL": "DEBUG",
-            },
-            volumes={
-                SOCKET: {"bind": SOCKET, "mode": "ro"},
-                str(config): {"bind": CONFIG_IN_CONTAINER, "mode": "ro"},
-                str(servers): {"bind": SERVERS_IN_CONTAINER, "mode": "ro"},
-            },
-            network=network,
-            ports={"25565/tcp": ("127.0.0.1", None)},
-            healthcheck={"interval": TEST_HEALTH_INTERVAL_NS},
+        sidecar = (
+            DockerContainer(sidecar_image)
+            .with_env("DISCOPROXY_CONFIG", CONFIG_IN_CONTAINER)
+            .with_env("DISCOPROXY_ADMIN__LISTEN", ADMIN_LISTEN)
+            .with_env("DISCOPROXY_LOG_LEVEL", "DEBUG")
+            .with_volume_mapping(SOCKET, SOCKET, "ro")
+            .with_volume_mapping(config, CONFIG_IN_CONTAINER, "ro")
+            .with_volume_mapping(servers, SERVERS_IN_CONTAINER, "ro")
+            .with_network(network)
+            .with_kwargs(healthcheck={"interval": TEST_HEALTH_INTERVAL_NS})
+            # discoproxy's own line once its listener is bound (and PID 1 is discoproxy)
+            .waiting_for(
+                LogMessageWaitStrategy("listening on ").with_startup_timeout(LISTENING_WITHIN_S)
+            )
         )
+        # Published on loopback only, at a port the engine picks: with_bind_ports takes no
+        # host address, docker-py takes (address, None).
+        sidecar.ports[PROXY_PORT] = ("127.0.0.1", None)  # type: ignore[assignment]
+        container = resources.start("sidecar", sidecar).get_wrapped_container()
         yield Sidecar(container, resources, network, published_port(container), servers)
 
 
