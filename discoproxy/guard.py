@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from discoproxy.model import IpFilterSettings, parse_networks
+from discoproxy.owners import REACTOR, owned_by
 from discoproxy.rejections import Rejection
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ def filter_refusal(settings: IpFilterSettings, ip: IpAddress) -> str | None:
     return None
 
 
+@owned_by(REACTOR)
 class Guard:
     """The proxy's guard state: global filter, per-IP counts and budgets, the bans.
 
@@ -180,6 +182,7 @@ def routed_refusal(
     return None
 
 
+@owned_by(REACTOR)
 class RateLimiter:
     """GCRA per client IP: ``count`` new connections per ``window`` seconds, with a
     burst of ``count``; state bounded to :data:`MAX_TRACKED_IPS` addresses."""

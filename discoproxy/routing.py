@@ -27,6 +27,7 @@ import anyio
 from loguru import logger
 
 from discoproxy.model import IpFilterSettings, ServerDefinition
+from discoproxy.owners import LOOP, any_thread, owned_by
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +233,7 @@ def _port_routes(routes: Sequence[Route], conflicts: list[Conflict]) -> dict[Por
 TableListener = Callable[[RoutingTable], None]
 
 
+@owned_by(LOOP)
 class Registry:
     """Keeps the latest snapshot per provider and swaps in a rebuilt table on each change."""
 
@@ -242,6 +244,7 @@ class Registry:
         self.listener_errors = 0  # table listeners that raised (discoproxy_internal_errors)
 
     @property
+    @any_thread
     def table(self) -> RoutingTable:
         return self._table
 
@@ -297,6 +300,7 @@ class Registry:
         return True
 
 
+@owned_by(LOOP)
 class SnapshotInbox:
     """Where providers publish: the newest snapshot per provider, never blocking the writer.
 

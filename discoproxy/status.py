@@ -35,6 +35,7 @@ from loguru import logger
 
 from discoproxy.model import DOMAIN_REWRITE_BACKEND, ServerDefinition
 from discoproxy.motd import Motd, render_status
+from discoproxy.owners import LOOP, any_thread, on_reactor, owned_by
 from discoproxy.protocol import minecraft
 from discoproxy.protocol.errors import NeedData, ProtocolError
 from discoproxy.proxy.addresses import proxy_v2_header
@@ -130,6 +131,7 @@ def rewritten_host(server: ServerDefinition, dialed_host: str, sent: str) -> str
     return dialed_host if rewrite == DOMAIN_REWRITE_BACKEND else rewrite
 
 
+@owned_by(LOOP)
 class StatusService:
     """The status cache and the backend pings that fill it."""
 
@@ -142,17 +144,20 @@ class StatusService:
         self._protocols: dict[str, set[int]] = {}  # per server, the protocols in _entries
         self._newest: dict[str, _Entry] = {}  # per server, its newest entry
         self._gone: frozenset[str] = frozenset()  # left at the last table change
-        self.hits = 0
+        self.hits = 0  # answered from the cache on the loop (answer)
+        self.reactor_hits = 0  # written on the reactor thread only (cached)
         self.misses = 0
         self.stale = 0
         self.backend_pings = 0
 
+    @any_thread
     def ttl(self, server: ServerDefinition) -> float:
         ttl = server.status_cache_ttl
         return self.config.status_cache_ttl if ttl is None else ttl
 
     # -- reactor thread -----------------------------------------------------------------
 
+    @on_reactor
     def cached(self, route: Route, protocol: int, domain: str) -> bytes | None:
         """A fresh answer's Status Response packet, or None (then call :meth:`answer`)."""
         entry = self._entries.get((route.qualified_id, protocol))
@@ -163,11 +168,12 @@ class StatusService:
             return None
         if server.sleeping or time.monotonic() - entry.fetched >= self.ttl(server):
             return None
-        self.hits += 1
+        self.reactor_hits += 1  # its own counter: hits is the loop's
         if entry.per_domain:
             return minecraft.encode_status_response(self._render(entry, protocol, domain))
         return entry.packet
 
+    @any_thread
     @staticmethod
     def _render(entry: _Entry, protocol: int, domain: str) -> str:
         """The entry's answer for a ping that used ``domain``."""
@@ -254,6 +260,7 @@ class StatusService:
         state = StatusState.STARTING if starting else StatusState.UNREACHABLE
         return self.synthesized(server, state, protocol, domain), state
 
+    @any_thread
     def synthesized(
         self, server: ServerDefinition | None, state: StatusState, protocol: int, domain: str
     ) -> str:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import anyio
 from loguru import logger
 
+from discoproxy.owners import LOOP, on_reactor, owned_by
 from discoproxy.routing import Registry, Route
 from discoproxy.singleflight import SingleFlight
 
@@ -59,6 +60,7 @@ class ServerControl(Protocol):
         ...
 
 
+@owned_by(LOOP)
 class Waker:
     """Starts sleeping servers on demand and stops idle ones."""
 
@@ -99,9 +101,11 @@ class Waker:
 
     # -- reactor thread -----------------------------------------------------------------
 
+    @on_reactor
     def player_joined(self, qualified_id: str) -> None:
         self.players[qualified_id] = self.players.get(qualified_id, 0) + 1
 
+    @on_reactor
     def player_left(self, qualified_id: str) -> None:
         left = self.players.get(qualified_id, 1) - 1
         if left > 0:
@@ -113,6 +117,7 @@ class Waker:
         else:  # its route left meanwhile: nothing to stop
             self.left_at.pop(qualified_id, None)
 
+    @on_reactor
     def forget_gone(self, live: Container[str]) -> None:
         """Forget when the last player left the servers whose routes are not ``live``
         (servers with players keep their count: it falls to nothing as they leave)."""

@@ -34,6 +34,7 @@ from loguru import logger
 
 from discoproxy.config import parse_bind
 from discoproxy.metrics import ProviderInfo, render
+from discoproxy.owners import LOOP, owned_by
 from discoproxy.provider import ProviderStatus
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.listener import ListenError
@@ -83,6 +84,7 @@ def _error(status: int, message: str) -> Response:
     return _json({"error": message}, status)
 
 
+@owned_by(LOOP)
 class Admin:
     """Everything the admin endpoints read, and the request router."""
 
@@ -118,7 +120,10 @@ class Admin:
 
     async def snapshot(self, connections: int = 0) -> Snapshot:
         ctx = self.ctx
-        return await ctx.reactor.run(lambda: take_snapshot(ctx, connections))
+        snap = await ctx.reactor.run(lambda: take_snapshot(ctx, connections))
+        status = ctx.status  # the loop's own counts, added here on the loop
+        snap.status = (snap.status[0] + status.hits, status.misses, status.stale)
+        return snap
 
     def provider_infos(self) -> list[ProviderInfo]:
         applied = self.inbox.applied if self.inbox is not None else {}

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from discoproxy.logwriter import writer
+from discoproxy.owners import REACTOR, owned_by
 from discoproxy.proxy.addresses import format_addr
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ _BOLD = "\x1b[1m"
 _RESET = "\x1b[0m"
 
 
+@owned_by(REACTOR)
 class AccessLog:
     """Formats and writes the close line of each connection."""
 

@@ -50,6 +50,7 @@ from discoproxy.guard import (
 )
 from discoproxy.model import DEFAULT_BACKEND_PORT
 from discoproxy.motd import legacy_fields, strip_codes
+from discoproxy.owners import REACTOR, any_thread, on_loop, owned_by
 from discoproxy.protocol import http, minecraft, tls
 from discoproxy.protocol.errors import NEED_DATA, Hint, ProtocolError
 from discoproxy.protocol.proxy_protocol import ProxyHeader, parse_proxy_header
@@ -159,6 +160,7 @@ def _socket_error(fd: int) -> str:
     return os.strerror(code) if code else "connection closed"
 
 
+@owned_by(REACTOR)
 class ClientConnection:
     """One client and its backend: runs the pipeline, owns both fds, logs the close."""
 
@@ -255,6 +257,7 @@ class ClientConnection:
         self._resolved_addresses: list[Resolved] | None = None
         self._dial_name: str | None = None
 
+    @any_thread
     def __repr__(self) -> str:
         route = self.route.qualified_id if self.route else "-"
         state = self.state.name.lower()
@@ -723,6 +726,7 @@ class ClientConnection:
         for work that runs on the loop (status pings, TLS termination)."""
         return self.proxy_addresses() if route is not None and route.send_proxy_protocol else None
 
+    @on_loop
     async def _fetch_status(self, proxied: Proxied | None) -> None:
         """On the asyncio loop: the status to answer with; back to the reactor with it."""
         route = self.route
@@ -844,6 +848,7 @@ class ClientConnection:
             if self._connect(family, host, port):
                 return
 
+    @on_loop
     async def _resolve(self, host: str, port: int, token: int) -> None:
         """Resolve a backend host name on the asyncio loop (its resolver runs in a thread
         pool); the answer goes back to the reactor thread, which owns the connection."""
@@ -1022,6 +1027,7 @@ class ClientConnection:
         self.sync_events()  # the client waits, unread
         self._dial_task = self.ctx.spawn(self, self._await_wake(route))
 
+    @on_loop
     async def _await_wake(self, route: Route) -> None:
         waker = self.ctx.waker
         ready = None

@@ -18,6 +18,7 @@ import socket
 from select import EPOLLIN
 from typing import TYPE_CHECKING
 
+from discoproxy.owners import REACTOR, owned_by
 from discoproxy.rejections import Rejection
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class ListenError(OSError):
         return f"cannot listen on {self.where}: {reason} set {self.setting}"
 
 
+@owned_by(REACTOR)
 class BaseListener:
     """A listening socket registered in the reactor."""
 

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from discoproxy.owners import REACTOR, owned_by
+
 # (family, ip, port, the name it came from)
 Resolved = tuple[socket.AddressFamily, str, int, str]
 
@@ -44,6 +46,7 @@ class CachedName(NamedTuple):
     error: str
 
 
+@owned_by(REACTOR)
 class NameCache:
     """``(host, port)`` → what resolving it gave, until it expires (on ``clock``, by
     default ``time.monotonic``)."""

@@ -28,6 +28,8 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from loguru import logger
 
+from discoproxy.owners import LOOP, any_thread, on_reactor, owned_by
+
 
 class TaskOwner(Protocol):
     """What spawned a coroutine (a connection): ended if the coroutine raises."""
@@ -41,6 +43,7 @@ class _Reactor(Protocol):
     def handler_failed(self, handler: Any, exc: Exception) -> None: ...
 
 
+@owned_by(LOOP)
 class TaskHandle:
     """A coroutine handed to the loop: ``cancel`` may be called from any thread."""
 
@@ -51,6 +54,7 @@ class TaskHandle:
         self._cancelled = False
         self._scope: anyio.CancelScope | None = None  # loop only
 
+    @any_thread
     def cancel(self) -> None:
         self._cancelled = True
         self._loop.call_soon_threadsafe(self._cancel_on_loop)
@@ -60,6 +64,7 @@ class TaskHandle:
             self._scope.cancel()
 
 
+@owned_by(LOOP)
 class LoopTasks:
     """The control plane's task group for work the data plane asks for."""
 
@@ -92,6 +97,7 @@ class LoopTasks:
         if self._scope is not None:
             self._scope.cancel()
 
+    @on_reactor
     def spawn(self, owner: TaskOwner, coro: Coroutine[Any, Any, None]) -> TaskHandle:
         """Run ``coro`` on the loop (called from the reactor thread). An exception from
         it ends ``owner`` on the reactor thread, as a failed event would."""

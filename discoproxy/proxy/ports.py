@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from discoproxy.guard import Guard, Refusal, client_ip, global_refusal, routed_refusal
+from discoproxy.owners import LOOP, REACTOR, owned_by
 from discoproxy.proxy.addresses import format_addr, literal_family, proxy_v2_header
 from discoproxy.proxy.connection import ClientConnection
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener
@@ -94,6 +95,7 @@ class UdpStats:
     drops: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
+@owned_by(REACTOR)
 class PortListener(BaseListener):
     """A TCP listening socket of port routes: each accepted connection is dialed to the
     route the table has for this port *now* (so a route that moves applies at once)."""
@@ -145,6 +147,7 @@ class _Bucket:
         self.stamp = now
 
 
+@owned_by(REACTOR)
 class UdpLimits:
     """Per client IP token buckets (one second of burst), bounded in number."""
 
@@ -188,6 +191,7 @@ class UdpLimits:
         return None
 
 
+@owned_by(REACTOR)
 class UdpSession:
     """One client address on a UDP port route and its connected backend socket."""
 
@@ -278,6 +282,7 @@ class UdpSession:
         self.listener.end(self, f"internal error: {exc!r}")
 
 
+@owned_by(REACTOR)
 class UdpListener:
     """A UDP port route's listening socket and its sessions, by client address."""
 
@@ -547,6 +552,7 @@ def _buffers(sock: socket.socket, receive: int, send: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send)
 
 
+@owned_by(LOOP)
 class PortListeners:
     """Keeps one listener per (protocol, port) of the routing table; asyncio side."""
 

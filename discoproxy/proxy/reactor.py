@@ -37,6 +37,7 @@ from typing import Any, Protocol, TypeVar
 
 from loguru import logger
 
+from discoproxy.owners import REACTOR, any_thread, owned_by
 from discoproxy.proxy.relay import PipePool
 
 # Events taken from the kernel per wake-up; epoll.poll allocates an array this long on
@@ -54,6 +55,7 @@ class Handler(Protocol):
 T = TypeVar("T")
 
 
+@owned_by(REACTOR)
 class Reactor:
     """One epoll set for every data-plane fd, served by a thread of its own."""
 
@@ -74,25 +76,30 @@ class Reactor:
 
     # -- any thread ---------------------------------------------------------------------
 
+    @any_thread
     def start(self) -> None:
         self._running = True
         self._thread.start()
 
     @property
+    @any_thread
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @any_thread
     def call(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` in the reactor thread, after every earlier call."""
         self._calls.append(fn)
         with contextlib.suppress(BlockingIOError):  # full: wake-ups are pending already
             os.write(self._wake_write, b"\0")
 
+    @any_thread
     def call_into(self, handler: Handler, fn: Callable[[], object]) -> None:
         """:meth:`call` for a function that acts on ``handler`` (a connection): if it
         raises, ``handler`` is ended through :meth:`handler_failed`, as for an event."""
         self.call(lambda: self.guarded(handler, fn))
 
+    @any_thread
     async def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in the reactor thread and await its result (from the asyncio loop)."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -111,12 +118,14 @@ class Reactor:
             self._fail_waiting()
         return await asyncio.wrap_future(future)
 
+    @any_thread
     def _fail_waiting(self) -> None:
         for future in list(self._waiting):
             self._waiting.discard(future)
             if future.set_running_or_notify_cancel():
                 future.set_exception(RuntimeError("the data plane's reactor is not running"))
 
+    @any_thread
     async def stop(self) -> None:
         """Stop the thread once the calls queued so far have run; then close everything."""
 
@@ -230,6 +239,7 @@ class Reactor:
         except Exception as cleanup:  # on_internal_error must not raise: a second bug
             logger.opt(exception=cleanup).error("internal error ending {!r}", handler)
 
+    @any_thread
     async def wait_stopped(self) -> None:
         """Return when the reactor thread ends; raise what ended it if it failed."""
         # shielded: a cancelled waiter must not cancel the future the thread completes

@@ -29,6 +29,8 @@ import os
 import socket
 from typing import Protocol
 
+from discoproxy.owners import REACTOR, owned_by
+
 # Bytes one pipe holds; one splice moves at most this much.
 PIPE_SIZE = 1 << 20
 # Free pipes kept for reuse (two fds each); in-flight pipes beyond this are closed on release.
@@ -71,6 +73,7 @@ class FlowOwner(Protocol):
 Pipe = tuple[int, int, int]  # read end, write end, capacity in bytes
 
 
+@owned_by(REACTOR)
 class PipePool:
     """Pipes for ``splice``, lent while bytes are in flight and taken back empty."""
 
@@ -120,6 +123,7 @@ class PipePool:
         self.free.clear()
 
 
+@owned_by(REACTOR)
 class Flow:
     """One direction of a forwarded connection: bytes from ``src`` to ``dst``.
 

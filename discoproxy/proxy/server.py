@@ -29,7 +29,7 @@ import itertools
 import math
 import socket
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from loguru import logger
 
 from discoproxy.config import ProxyConfig, parse_bind
 from discoproxy.guard import BanList, Guard, load_bans
+from discoproxy.owners import LOOP, on_loop, on_reactor, owned_by
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.connection import ClientConnection, ConnState
@@ -132,14 +133,17 @@ class ProxyContext:
         self.logs_info = logs_info
         self._access = AccessLog(config.log_format) if logs_info else None
 
-    def apply_config(self, config: ProxyConfig) -> None:
-        """A reloaded config (reactor thread): new connections, dials, sweeps and status
-        answers follow it; open connections keep going."""
+    @on_reactor
+    def apply_config(
+        self, config: ProxyConfig, listeners: Sequence[tuple[Listener, str]] = ()
+    ) -> None:
+        """A reloaded config (reactor thread): new connections, dials and sweeps follow
+        it; open connections keep going. ``listeners``: those of ``bind`` with the entry
+        each is now written as (the loop's bookkeeping), which picks its fallback."""
         previous = self.config
         self.config = config
         self._derive(config)
         self.guard.configure(config)
-        self.status.config = config
         if (config.udp_per_ip_packets_per_s, config.udp_per_ip_bytes_per_s) != (
             previous.udp_per_ip_packets_per_s,
             previous.udp_per_ip_bytes_per_s,
@@ -147,24 +151,28 @@ class ProxyContext:
             self.udp_limits = UdpLimits(
                 config.udp_per_ip_packets_per_s, config.udp_per_ip_bytes_per_s
             )
-        for listener in self.binds.listeners():
-            listener.fallback = config.fallbacks.get(listener.bind or "")
+        for listener, bind in listeners:
+            listener.fallback = config.fallbacks.get(bind)
         self.start_sweeps()
 
     # -- connections --------------------------------------------------------------------
 
+    @on_reactor
     def at_capacity(self) -> bool:
         return len(self.connections) >= self._max
 
+    @on_reactor
     def register(self, conn: ClientConnection) -> int:
         self.connections.add(conn)
         self.total += 1
         return next(self._ids)
 
+    @on_reactor
     def new_id(self) -> int:
         """The next connection id (a UDP session takes one too)."""
         return next(self._ids)
 
+    @on_reactor
     def unregister(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
         self.stats.closed(conn, time.monotonic())
@@ -174,6 +182,7 @@ class ProxyContext:
         if self._access is not None:
             self._access.closed(conn)
 
+    @on_reactor
     def is_trusted(self, addr: tuple[str, int] | None) -> bool:
         if self._trust_all:
             return True
@@ -184,6 +193,7 @@ class ProxyContext:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self._trusted)
 
+    @on_reactor
     def log_rejection(
         self,
         client: tuple[str, int] | None,
@@ -206,6 +216,7 @@ class ProxyContext:
         more = f" ({suppressed} more like it since the last report)" if suppressed else ""
         logger.warning("rejected {}: {}{}", format_addr(client), reason, more)
 
+    @on_loop
     def prune_stats(self, table: RoutingTable) -> None:
         """The table changed: drop the counters of routes gone from it (once unused), so
         container churn does not grow /metrics forever; the waker's player times too."""
@@ -221,12 +232,14 @@ class ProxyContext:
 
     # -- tasks (called from the reactor thread; the coroutines run on the asyncio loop) --
 
+    @on_reactor
     def spawn(self, owner: TaskOwner, coro: Coroutine[Any, Any, None]) -> TaskHandle:
         """Run ``coro`` in the control plane's task group (see ``proxy/planes.py``)."""
         return self.tasks.spawn(owner, coro)
 
     # -- shutdown (asyncio side) --------------------------------------------------------
 
+    @on_loop
     async def drain(self, grace_period: float) -> None:
         """Wait for open connections to finish, then abort whatever is left."""
         drained = anyio.Event()
@@ -256,6 +269,7 @@ class ProxyContext:
 
     # -- sweeps (reactor timers) --------------------------------------------------------
 
+    @on_reactor
     def start_sweeps(self) -> None:
         """Enforce ``handshake_timeout``, ``connect_timeout`` and ``idle_timeout``.
 
@@ -277,6 +291,7 @@ class ProxyContext:
             self._idle_limit = math.ceil(idle / tick)
             self._stop_sweeps.append(self.reactor.every(tick, self._sweep_idle))
 
+    @on_reactor
     def _sweep_deadlines(self) -> None:
         now = time.monotonic()
         handshake = self.config.handshake_timeout
@@ -287,6 +302,7 @@ class ProxyContext:
         for conn in [c for c in self.dialing if now >= c.dial_deadline]:
             guarded(conn, conn.dial_timed_out)
 
+    @on_reactor
     def _sweep_idle(self) -> None:
         """Close connections that moved no byte either way for ``idle_timeout``."""
         limit = self._idle_limit
@@ -305,19 +321,13 @@ class ProxyContext:
 class Listener(BaseListener):
     """A name-routing listening socket: accepts in batches and starts connections."""
 
-    __slots__ = ("bind", "fallback")
+    __slots__ = ("fallback",)
 
     def __init__(
-        self,
-        ctx: ProxyContext,
-        sock: socket.socket,
-        fallback: str | None,
-        label: str,
-        bind: str | None = None,
+        self, ctx: ProxyContext, sock: socket.socket, fallback: str | None, label: str
     ) -> None:
         super().__init__(ctx, sock, label)
         self.fallback = fallback  # qualified id of this listener's catch-all server
-        self.bind = bind  # as written in the config's ``bind``
 
     def on_event(self, fd: int, events: int) -> None:
         accept = self._sock._accept  # type: ignore[attr-defined]  # (fd, address), no object
@@ -374,6 +384,7 @@ def _listening_sockets(infos: list[tuple[Any, ...]]) -> list[socket.socket]:
     return socks
 
 
+@owned_by(LOOP)
 class BindListeners:
     """The listeners of the config's ``bind``, by bind string: opened at start, and
     opened or closed on a reload (connections they accepted carry on)."""
@@ -382,8 +393,9 @@ class BindListeners:
         self._ctx = ctx
         self._open: dict[str, list[Listener]] = {}
 
-    def listeners(self) -> list[Listener]:
-        return [listener for group in self._open.values() for listener in group]
+    def listeners(self) -> list[tuple[Listener, str]]:
+        """Each listener with the ``bind`` entry it is written as now."""
+        return [(listener, bind) for bind, group in self._open.items() for listener in group]
 
     @property
     def binds(self) -> list[str]:
@@ -406,7 +418,7 @@ class BindListeners:
         fallback = ctx.config.fallbacks.get(bind)
         # labelled as configured; a port picked by the kernel (":0") by the address it got
         listeners = [
-            Listener(ctx, sock, fallback, bind if port else format_addr(sock.getsockname()), bind)
+            Listener(ctx, sock, fallback, bind if port else format_addr(sock.getsockname()))
             for sock in socks
         ]
         self._open[bind] = listeners
@@ -429,10 +441,7 @@ class BindListeners:
 
     def rename(self, old: str, new: str) -> None:
         """The same listeners, now written ``new`` in the config (``fallbacks`` keys)."""
-        listeners = self._open.pop(old)
-        for listener in listeners:
-            listener.bind = new
-        self._open[new] = listeners
+        self._open[new] = self._open.pop(old)
 
     def close(self, bind: str) -> None:
         """Stop accepting on ``bind`` (in order, before any later reactor call)."""
@@ -482,7 +491,9 @@ async def reconfigure(ctx: ProxyContext, config: ProxyConfig) -> list[str]:
     closed = [bind for bind in ctx.binds.binds if bind not in wanted]
     for bind in closed:
         ctx.binds.close(bind)
-    await ctx.reactor.run(lambda: ctx.apply_config(config))
+    listeners = ctx.binds.listeners()
+    await ctx.reactor.run(lambda: ctx.apply_config(config, listeners))
+    ctx.status.config = config  # the status service is the loop's
     logger.info(
         "config reloaded: {} listeners ({} opened, {} closed){}",
         len(ctx.binds.binds),
@@ -550,8 +561,8 @@ async def run_proxy(
     ctx = context or ProxyContext(config, registry, controls)
     ctx.loop = asyncio.get_running_loop()
     ctx.reactor = Reactor()
-    ctx.start_sweeps()
-    ctx.reactor.every(UDP_SWEEP_S, lambda: sweep_udp(ctx))
+    ctx.reactor.call(ctx.start_sweeps)  # timers are the reactor's: set up on its thread
+    ctx.reactor.call(lambda: ctx.reactor.every(UDP_SWEEP_S, lambda: sweep_udp(ctx)))
     ctx.reactor.start()
     # the control plane's task group for the data plane's coroutines outlives the
     # listeners' (it is stopped after the drain, which may still need it)

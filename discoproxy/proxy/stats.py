@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from discoproxy.logwriter import writer
+from discoproxy.owners import REACTOR, owned_by
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.routing import format_port
 
@@ -116,6 +117,7 @@ class RouteStats:
         return other
 
 
+@owned_by(REACTOR)
 class DataPlaneStats:
     """Every counter of the data plane; the reactor thread is its only writer."""
 
@@ -289,7 +291,7 @@ def take_snapshot(ctx: ProxyContext, connections: int = 0) -> Snapshot:
         open_udp=open_udp,
         udp_drops=dict(udp.drops),
         udp_datagrams=(udp.datagrams_up, udp.datagrams_down),
-        status=(status.hits, status.misses, status.stale),
+        status=(status.reactor_hits, 0, 0),  # the loop's counts are added on the loop
         internal_errors=stats.internal_errors,
         log_lines_dropped=writer().dropped,
     )

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import anyio
 from loguru import logger
 
+from discoproxy.owners import LOOP, owned_by
 from discoproxy.protocol import tls
 from discoproxy.proxy.addresses import Proxied, proxy_v2_header
 
@@ -60,6 +61,7 @@ class _Loaded:
     checked: float
 
 
+@owned_by(LOOP)
 class CertStore:
     """Server-side contexts per (cert, key), reloaded when their files change."""
 

@@ -146,7 +146,7 @@ async def test_a_fresh_status_is_served_from_cache_without_the_backend() -> None
             second, _ = await status_ping(proxy, "a.example.com")
             assert plain(first) == plain(second) == "backend-A"
             assert seen.status_pings == 1
-            assert proxy.ctx.status.hits == 1
+            assert await proxy.ctx.reactor.run(lambda: proxy.ctx.status.reactor_hits) == 1
             await status_ping(proxy, "a.example.com", protocol=47)  # another protocol
             assert seen.status_pings == 2
 
