@@ -22,7 +22,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from discoproxy.motd import Motd
+from discoproxy.motd import Motd as Motd  # part of the vocabulary: ServerMotds holds it
 
 DEFAULT_BACKEND_PORT = 25565
 

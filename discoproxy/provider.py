@@ -14,7 +14,10 @@ Rules for this file:
   read of its source with its own loading code, nothing watched, nothing logged), else by
   running it until its first ``publish``. Never a second reading of a provider's source
   elsewhere: the provider alone knows where its servers are.
-- Providers import :mod:`discoproxy.model` and this module only.
+- Providers import :mod:`discoproxy.model` and this module only (tests/test_boundaries.py
+  checks it). What they need of the config — the proxy's settings they are built with,
+  :class:`ConfigError` and the server-file readers (``read_document``,
+  ``validate_document``, ``CONFIG_SUFFIXES``) — is re-exported here as part of the API.
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ import anyio
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from discoproxy.config import ConfigError, ProxyConfig, describe_validation_error
+from discoproxy.config import CONFIG_SUFFIXES as CONFIG_SUFFIXES
+from discoproxy.config import ConfigError as ConfigError
+from discoproxy.config import ProxyConfig as ProxyConfig
+from discoproxy.config import describe_validation_error
+from discoproxy.config import read_document as read_document
+from discoproxy.config import validate_document as validate_document
 from discoproxy.model import ServerDefinition
 
 ENTRY_POINT_GROUP = "discoproxy.providers"

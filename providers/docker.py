@@ -50,16 +50,15 @@ import docker.utils
 from loguru import logger
 from pydantic import Field, ValidationError, field_validator
 
-from discoproxy.config import ProxyConfig
 from discoproxy.model import (
     DEFAULT_BACKEND_PORT,
     BackendAddress,
+    Motd,
     ProxyMode,
     ServerDefinition,
     ServerMotds,
 )
-from discoproxy.motd import Motd
-from discoproxy.provider import LoadResult, ProviderSettings, Publish
+from discoproxy.provider import LoadResult, ProviderSettings, ProxyConfig, Publish
 
 PROVIDER_NAME = "docker"
 DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"

@@ -26,15 +26,17 @@ import anyio
 import watchfiles
 from loguru import logger
 
-from discoproxy.config import (
+from discoproxy.model import ServerDefinition
+from discoproxy.provider import (
     CONFIG_SUFFIXES,
     ConfigError,
+    LoadResult,
+    ProviderSettings,
     ProxyConfig,
+    Publish,
     read_document,
     validate_document,
 )
-from discoproxy.model import ServerDefinition
-from discoproxy.provider import LoadResult, ProviderSettings, Publish
 
 PROVIDER_NAME = "file"
 # watchfiles yields a batch once the directory has been quiet this long: long enough to
