@@ -19,6 +19,7 @@ from pathlib import Path
 from discoproxy.logwriter import LogWriter
 from discoproxy.protocol import minecraft
 from tests.proxy.helpers import handshake
+from tests.test_serve import connect, roundtrip
 
 # Close lines are about 150 bytes: this many fill a 64 KiB pipe several times over.
 CONNECTIONS = 1500
@@ -101,15 +102,8 @@ def _echo_backend() -> Iterator[int]:
 
 
 def _round_trip(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(payload)
-        received = b""
-        while len(received) < len(payload):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-        return received
+    with connect(port) as sock:
+        return roundtrip(sock, payload)
 
 
 def _status_ping(port: int) -> bytes:

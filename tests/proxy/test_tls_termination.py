@@ -50,11 +50,17 @@ async def upper(stream: SocketStream, info: Backend) -> None:
         await stream.send(chunk.upper())
 
 
-def talk(port: int, name: str, message: bytes) -> tuple[dict[str, object], bytes]:
-    """A TLS client (Python ssl) with SNI ``name``: the peer certificate and the answer."""
+def client_context() -> ssl.SSLContext:
+    """A TLS client context that takes the test's self-signed certificates."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def talk(port: int, name: str, message: bytes) -> tuple[dict[str, object], bytes]:
+    """A TLS client (Python ssl) with SNI ``name``: the peer certificate and the answer."""
+    context = client_context()
     with (
         socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
         context.wrap_socket(raw, server_hostname=name) as tls,
@@ -219,9 +225,7 @@ async def test_a_client_close_notify_is_answered_with_one(tmp_path: Path) -> Non
 
 def _idle_client(port: int, name: str) -> bytes:
     """Complete the handshake, send nothing, read until the proxy closes."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = client_context()
     with (
         socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
         context.wrap_socket(raw, server_hostname=name) as tls,
