@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from select import EPOLLIN
 from typing import TYPE_CHECKING
 
+import anyio
 from loguru import logger
 
 from discoproxy.guard import Guard, Refusal, client_ip, global_refusal, routed_refusal
@@ -72,6 +73,9 @@ UDP_SWEEP_S = 1.0
 # A backend address that refused (ICMP port unreachable) is passed over for new UDP
 # sessions this long, when the route has another.
 UDP_BACKEND_HOLD_OFF_S = 5.0
+# A UDP backend's name gets this long to resolve (the datagram that asked was dropped and
+# clients resend; resolv.conf's default is 5 s per try): then it counts as a failure.
+UDP_RESOLVE_TIMEOUT_S = 5.0
 # Linux's IP_PKTINFO (Python 3.11 does not export it): with a wildcard bind, which local
 # address a datagram arrived on, so the reply leaves from that address.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
@@ -535,9 +539,13 @@ async def _resolve(ctx: ProxyContext, host: str, port: int) -> None:
     resolved: tuple[Resolved, ...] = ()
     error = f"{format_addr((host, port))}: not resolved"
     try:
-        infos = await ctx.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        with anyio.fail_after(UDP_RESOLVE_TIMEOUT_S):
+            infos = await ctx.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         resolved = resolved_addresses(infos, host, port)
         error = ""
+    except TimeoutError:
+        error = f"{format_addr((host, port))}: no answer within {UDP_RESOLVE_TIMEOUT_S}s"
+        logger.warning("UDP backend {}; datagrams to it are dropped for now", error)
     except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
         error = f"{format_addr((host, port))}: {getattr(exc, 'strerror', None) or exc}"
         logger.warning("UDP backend {}; datagrams to it are dropped for now", error)

@@ -495,3 +495,25 @@ def test_udp_backend_hold_offs_that_ran_out_are_forgotten(monkeypatch: pytest.Mo
             listener.backend_failed(session, refused)  # type: ignore[arg-type]
             now[0] += ports.UDP_BACKEND_HOLD_OFF_S / 2
         assert len(listener._held_off) <= 3
+
+
+async def test_a_udp_backend_name_that_never_answers_fails_at_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from discoproxy.proxy import ports
+
+    monkeypatch.setattr(ports, "UDP_RESOLVE_TIMEOUT_S", 0.2)
+    port = free_ports(1, socket.SOCK_DGRAM)
+    route = server("u", addresses=["backend.invalid"], ports=[f"{port}:19132/udp"])
+    resolver = HeldResolver()  # never released: a resolver that hangs
+    async with running_proxy([route]) as proxy:
+        ctx = proxy.ctx
+        monkeypatch.setattr(ctx.loop, "getaddrinfo", resolver.getaddrinfo)
+        await _wait_udp(proxy, port)
+        await _flood(proxy, port, 1, "resolving backend")
+        with anyio.fail_after(5):
+            while (
+                answer := await ctx.reactor.run(lambda: ctx.names.get("backend.invalid", 19132))
+            ) is None:
+                await anyio.sleep(0.02)
+        assert answer.error.endswith("no answer within 0.2s") and not answer.addresses
