@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -28,14 +29,19 @@ IN_CI = bool(os.environ.get("CI"))
 _LISTENING = re.compile(r"listening on ([0-9a-fA-F.:\[\]]+)")
 
 
+def dependency_missing(message: str) -> NoReturn:
+    """What a test needs is not here: fail under CI (a skip there proves nothing), skip
+    elsewhere; ``message`` says what is missing and how to get it."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_program(name: str, install_hint: str) -> str:
     """Path of ``name``; fail under CI, skip elsewhere, when it is not installed."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not found: {install_hint}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        dependency_missing(f"{name} not found: {install_hint}")
     return path
 
 

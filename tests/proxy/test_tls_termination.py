@@ -16,7 +16,7 @@ from anyio.abc import SocketStream
 
 from discoproxy.proxy import tls_termination
 from tests.proxy.helpers import Backend, backend, running_proxy, server
-from tests.support import IN_CI
+from tests.support import require_program
 
 pytestmark = pytest.mark.anyio
 
@@ -24,11 +24,7 @@ pytestmark = pytest.mark.anyio
 def make_cert(
     directory: Path, name: str, serial: int = 1, san: str | None = None
 ) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        if IN_CI:
-            pytest.fail("openssl is missing: apt-get install openssl")
-        pytest.skip("openssl is missing: apt-get install openssl")
+    openssl = require_program("openssl", "apt-get install openssl")
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"
     subprocess.run(
         [
