@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -175,16 +176,30 @@ async def test_truncate_then_slow_write_is_never_published_half_written(tmp_path
 
 
 async def test_directory_removed_keeps_routes_and_recreated_reloads(tmp_path: Path) -> None:
-    async with live_proxy(tmp_path) as live:
-        path = live.write("mc.toml", server_file(25565, "mc.example.com"))
-        await live.wait_until(routed("mc.example.com", "mc@file"))
-        path.unlink()
-        live.directory.rmdir()
-        await anyio.sleep(0.5)
-        live.directory.mkdir()
-        live.write("new.toml", server_file(25565, "new.example.com"))
-        await live.wait_until(routed("new.example.com", "new@file"))
-        assert routed("mc.example.com", None)(live.registry.table)
+    logs: list[str] = []
+    sink = logger.add(lambda message: logs.append(str(message)), level="WARNING")
+    try:
+        async with backend(named(b"A")) as a, live_proxy(tmp_path) as live:
+            live.write("mc.toml", server_file(a.port, "mc.example.com"))
+            await live.wait_until(routed("mc.example.com", "mc@file"))
+            published = len(live.tables)
+            shutil.rmtree(live.directory)  # as `rm -rf`: the file goes, then the directory
+            with anyio.fail_after(LIVE_WITHIN_S):  # the provider has seen it gone
+                while not any("is missing; keeping its 1 servers" in line for line in logs):
+                    await anyio.sleep(0.01)
+            # while it is gone: the route is still published, and routes a login
+            assert routed("mc.example.com", "mc@file")(live.registry.table)
+            async with await live.connect() as stream:
+                await stream.send(handshake("mc.example.com"))
+                with anyio.fail_after(5):
+                    assert await stream.receive() == b"A"
+            assert all(routed("mc.example.com", "mc@file")(t) for t in live.tables[published:])
+            live.directory.mkdir()
+            live.write("new.toml", server_file(a.port, "new.example.com"))
+            await live.wait_until(routed("new.example.com", "new@file"))
+            assert routed("mc.example.com", None)(live.registry.table)
+    finally:
+        logger.remove(sink)
 
 
 async def test_same_stem_in_toml_and_yaml_is_reported_and_the_first_kept(tmp_path: Path) -> None:
