@@ -203,12 +203,21 @@ async def test_directory_removed_keeps_routes_and_recreated_reloads(tmp_path: Pa
 
 
 async def test_same_stem_in_toml_and_yaml_is_reported_and_the_first_kept(tmp_path: Path) -> None:
-    async with live_proxy(tmp_path) as live:
-        live.write("mc.toml", server_file(25565, "a.example.com"))
-        live.write("mc.yaml", "domains: [b.example.com]\naddresses: ['127.0.0.1:1']\n")
-        await live.wait_until(routed("a.example.com", "mc@file"))
-        await anyio.sleep(0.2)
-        assert routed("b.example.com", None)(live.registry.table)
+    logs: list[str] = []
+    sink = logger.add(lambda message: logs.append(str(message)), level="ERROR")
+    try:
+        async with live_proxy(tmp_path) as live:
+            toml = live.write("mc.toml", server_file(25565, "a.example.com"))
+            yaml = live.write("mc.yaml", "domains: [b.example.com]\naddresses: ['127.0.0.1:1']\n")
+            with anyio.fail_after(LIVE_WITHIN_S):  # both files read: the second reported
+                while not any("already used by" in line for line in logs):
+                    await anyio.sleep(0.01)
+            rejected = next(line for line in logs if "already used by" in line)
+            assert f"{yaml}: id: 'mc' is already used by {toml}" in rejected
+            await live.wait_until(routed("a.example.com", "mc@file"))
+            assert not any(routed("b.example.com", "mc@file")(t) for t in live.tables)
+    finally:
+        logger.remove(sink)
 
 
 def test_provider_table_is_validated_with_field_names(tmp_path: Path) -> None:
