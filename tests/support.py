@@ -45,6 +45,20 @@ def require_program(name: str, install_hint: str) -> str:
     return path
 
 
+class FakeClock:
+    """A monotonic clock that moves only when the test says so: pass it as ``clock=`` to
+    code that measures TTLs and idle periods, and the edges become exact."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @dataclass
 class ProxyProcess:
     """A ``discoproxy serve`` child process on loopback with its own config and servers."""

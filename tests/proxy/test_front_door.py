@@ -35,6 +35,7 @@ from tests.proxy.helpers import (
     running_proxy,
     server,
 )
+from tests.support import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -182,20 +183,31 @@ async def test_concurrent_pings_on_a_miss_share_one_backend_ping() -> None:
 
 
 async def test_a_failed_refresh_serves_the_stale_answer_then_unreachable() -> None:
-    async with running_proxy(status_stale_for=0.5, status_timeout=1) as proxy:
-        async with mc_backend() as (info, _):
-            route = server("a", "a.example.com", addresses=[info.address], status_cache_ttl=0.05)
+    clock = FakeClock()
+    async with running_proxy(status_stale_for=2, status_timeout=1) as proxy:
+        proxy.ctx.status.clock = clock  # before the first ping: every entry uses it
+        async with mc_backend() as (info, seen):
+            route = server("a", "a.example.com", addresses=[info.address], status_cache_ttl=1)
             proxy.registry.apply_snapshot("test", [route])
             await status_ping(proxy, "a.example.com")
+            clock.advance(0.5)  # inside the TTL: from the cache, the backend not asked
+            await status_ping(proxy, "a.example.com")
+            assert seen.status_pings == 1
+            assert await proxy.on_reactor(lambda ctx: ctx.status.reactor_hits) == 1
         # the backend is gone: its port refuses
-        await anyio.sleep(0.1)
+        clock.advance(0.5)  # exactly the TTL: no longer fresh, the refresh fails
         stale, _ = await status_ping(proxy, "a.example.com")
         assert plain(stale) == "backend-A"
         assert proxy.ctx.status.stale == 1
-        await anyio.sleep(0.6)
+        clock.advance(1.5)  # just inside TTL + status_stale_for: still the stale answer
+        stale, _ = await status_ping(proxy, "a.example.com")
+        assert plain(stale) == "backend-A"
+        assert proxy.ctx.status.stale == 2
+        clock.advance(0.5)  # exactly TTL + status_stale_for: unreachable
         gone, _ = await status_ping(proxy, "a.example.com")
         assert plain(gone) == "§ca is unreachable"
         assert gone["version"]["name"] == "offline"
+        assert proxy.ctx.status.stale == 2
 
 
 async def test_unreachable_and_unknown_motds_are_configurable() -> None:
