@@ -411,23 +411,23 @@ async def test_idle_servers_are_stopped_after_auto_stop_after() -> None:
     idle = awake.model_copy(update={"auto_stop_after": 10.0})
     registry.apply_snapshot("test", [idle])
     control = FakeControl(registry)
-    now = [1000.0]
-    waker = Waker(registry, {"test": control}, clock=lambda: now[0])
-    await waker.stop_idle()  # first sight: idle from now on
-    assert control.stops == 0
-    now[0] += 11
+    clock = FakeClock()
+    waker = Waker(registry, {"test": control}, clock=clock)
+
+    async def stops_after(seconds: float) -> int:
+        clock.advance(seconds)
+        await waker.stop_idle()
+        return control.stops
+
+    assert await stops_after(0) == 0  # first sight: idle from now on
+    assert await stops_after(9.5) == 0  # just short of auto_stop_after
     waker.player_joined("a@test")
-    await waker.stop_idle()
-    assert control.stops == 0  # a player is on
+    assert await stops_after(5) == 0  # past it, but a player is on
     waker.player_left("a@test")
-    now[0] += 9
-    await waker.stop_idle()
-    assert control.stops == 0  # idle since the player left, not since first sight
-    now[0] += 2
-    await waker.stop_idle()
-    assert control.stops == 1
-    await waker.stop_idle()
-    assert control.stops == 1  # not again before another full period
+    assert await stops_after(9.5) == 0  # idle counts from when the last player left
+    assert await stops_after(0.5) == 1  # exactly auto_stop_after without a player
+    assert await stops_after(9.5) == 1  # not again before another full period
+    assert await stops_after(0.5) == 2
 
 
 async def test_a_client_cycling_protocol_numbers_cannot_multiply_backend_pings() -> None:
