@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+from loguru import logger
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = bool(os.environ.get("CI"))
@@ -43,6 +44,18 @@ def require_program(name: str, install_hint: str) -> str:
     if path is None:
         dependency_missing(f"{name} not found: {install_hint}")
     return path
+
+
+@contextmanager
+def captured_logs(level: str = "INFO") -> Iterator[list[str]]:
+    """The loguru lines at ``level`` and above logged while inside, as text: wait for
+    the line that says a thing happened rather than sleeping and hoping it did."""
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level=level)
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)
 
 
 class FakeClock:
