@@ -134,9 +134,7 @@ async def test_a_terminated_connection_ends_and_leaves_the_table(tmp_path: Path)
     async with backend(upper) as a:
         async with running_proxy([tls_server("a", "a.example.com", a.address, cert, key)]) as proxy:
             await anyio.to_thread.run_sync(talk, proxy.port, "a.example.com", b"12345")
-            with anyio.fail_after(5):
-                while proxy.ctx.connections:
-                    await anyio.sleep(0.02)
+            await proxy.wait_on_reactor(lambda ctx: not ctx.connections)
 
 
 async def test_a_missing_certificate_fails_that_handshake_only(tmp_path: Path) -> None:
