@@ -154,7 +154,6 @@ class StatusService:
         self.reactor_hits = 0  # written on the reactor thread only (cached)
         self.misses = 0
         self.stale = 0
-        self.backend_pings = 0
 
     @any_thread
     def ttl(self, server: ServerDefinition) -> float:
@@ -354,7 +353,6 @@ class StatusService:
         """Ask each address in turn for its status document; raise if none answers."""
         errors = []
         for host, backend_port in route.addresses:
-            self.backend_pings += 1
             try:
                 return await self._ping_one(
                     route, host, backend_port, protocol, domain, port, client
