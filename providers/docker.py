@@ -1265,8 +1265,8 @@ def labels_markdown(prefix: str = DEFAULT_LABEL_PREFIX) -> str:
     lines = [
         "# Docker labels",
         "",
-        "<!-- Generated from providers/docker.py by `discoproxy labels --markdown`; do not",
-        "     edit by hand: run `uv run discoproxy labels --markdown > labels.md`. -->",
+        "<!-- Generated from providers/docker.py by `discoproxy labels`; do not",
+        "     edit by hand: run `uv run discoproxy labels > labels.md`. -->",
         "",
         "The Docker provider turns every labelled, running container into one server, as if",
         "it had a file in `servers_dir`: each label maps to a field of the server-file",
