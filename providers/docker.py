@@ -60,7 +60,6 @@ from discoproxy.model import (
 )
 from discoproxy.provider import LoadResult, ProviderSettings, ProxyConfig, Publish
 
-PROVIDER_NAME = "docker"
 DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"
 DEFAULT_LABEL_PREFIX = "infrarust"
 # ``available()`` decides at start whether the provider runs in ``auto`` mode: an engine
