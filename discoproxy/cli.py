@@ -557,12 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     labels = sub.add_parser(
         "labels",
         help="print the Docker label reference",
-        description="Print every Docker label discoproxy reads, generated from the model "
-        "(this is labels.md).",
+        description="Print every Docker label discoproxy reads, as Markdown generated from "
+        "the model (this is labels.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    labels.add_argument(
-        "--markdown", action="store_true", default=True, help="Markdown output (the only format)"
     )
     labels.add_argument("--prefix", default="infrarust", help="label prefix to document")
     labels.set_defaults(func=cmd_labels)

@@ -26,7 +26,7 @@ import asyncio
 import enum
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +78,7 @@ class StatusState(enum.StrEnum):
 class _Entry:
     server: ServerDefinition  # the definition it was rendered for (a new one re-renders)
     document: dict[str, Any]  # the backend's own answer
-    fetched: float  # time.monotonic()
+    fetched: float  # StatusService.clock()
     rendered: str  # document patched with the server's online MOTD, as JSON
     packet: bytes  # rendered, framed as a Status Response
     per_domain: bool  # the online MOTD names {domain}: rendered again for each ping
@@ -135,9 +135,15 @@ def rewritten_host(server: ServerDefinition, dialed_host: str, sent: str) -> str
 class StatusService:
     """The status cache and the backend pings that fill it."""
 
-    def __init__(self, config: ProxyConfig, waker: Waker | None = None) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        waker: Waker | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.waker = waker
+        self.clock = clock  # TTLs and staleness; tests pass a fake one
         self._entries: dict[tuple[str, int], _Entry] = {}
         self._inflight: SingleFlight[tuple[str, int], _Entry | None] = SingleFlight()
         self._pinging: dict[str, asyncio.Lock] = {}  # per server: its backend ping
@@ -148,7 +154,6 @@ class StatusService:
         self.reactor_hits = 0  # written on the reactor thread only (cached)
         self.misses = 0
         self.stale = 0
-        self.backend_pings = 0
 
     @any_thread
     def ttl(self, server: ServerDefinition) -> float:
@@ -166,7 +171,7 @@ class StatusService:
         server = route.server
         if entry.server is not server and entry.server != server:
             return None
-        if server.sleeping or time.monotonic() - entry.fetched >= self.ttl(server):
+        if server.sleeping or self.clock() - entry.fetched >= self.ttl(server):
             return None
         self.reactor_hits += 1  # its own counter: hits is the loop's
         if entry.per_domain:
@@ -220,7 +225,7 @@ class StatusService:
         key = (route.qualified_id, protocol)
         entry = self._entries.get(key)
         ttl = self.ttl(server)
-        now = time.monotonic()
+        now = self.clock()
         fresh_entry = entry is not None and now - entry.fetched < ttl
         if fresh_entry and entry is not None and (entry.server is server or entry.server == server):
             self.hits += 1
@@ -248,13 +253,13 @@ class StatusService:
         if (
             entry is not None
             and (entry.server is server or entry.server == server)
-            and time.monotonic() - entry.fetched < ttl + self.config.status_stale_for
+            and self.clock() - entry.fetched < ttl + self.config.status_stale_for
         ):
             self.stale += 1
             logger.bind(route=route.qualified_id).info(
                 "status of {} served stale ({:.0f}s old): its backend does not answer",
                 name,
-                time.monotonic() - entry.fetched,
+                self.clock() - entry.fetched,
             )
             return self._render(entry, protocol, domain), StatusState.STALE
         state = StatusState.STARTING if starting else StatusState.UNREACHABLE
@@ -309,7 +314,7 @@ class StatusService:
         rendered = render_online(server, document, protocol, domain)
         packet = minecraft.encode_status_response(rendered)
         per_domain = online is not None and "{domain}" in f"{online.text}{online.version_name}"
-        entry = _Entry(server, document, time.monotonic(), rendered, packet, per_domain)
+        entry = _Entry(server, document, self.clock(), rendered, packet, per_domain)
         self._store(key, entry)
         return entry
 
@@ -348,7 +353,6 @@ class StatusService:
         """Ask each address in turn for its status document; raise if none answers."""
         errors = []
         for host, backend_port in route.addresses:
-            self.backend_pings += 1
             try:
                 return await self._ping_one(
                     route, host, backend_port, protocol, domain, port, client

@@ -81,8 +81,6 @@ class Waker:
         # reactor thread, by qualified id: players on it, and when the last one left
         self.players: dict[str, int] = {}
         self.left_at: dict[str, float] = {}
-        self.starts = 0
-        self.stops = 0
 
     def is_starting(self, qualified_id: str) -> bool:
         """Started and not yet answering (either thread: it only reads)."""
@@ -158,7 +156,6 @@ class Waker:
             logger.warning("cannot start {}: provider {} cannot start servers", qid, route.provider)
             return
         logger.info("starting {} for a player (auto_start)", qid)
-        self.starts += 1
         self._idle_since[qid] = self._clock()
         try:
             await control.start_server(route.server.id)
@@ -207,7 +204,6 @@ class Waker:
                 continue
             logger.info("stopping {}: no player for {:.0f}s (auto_stop_after)", qid, now - since)
             self._idle_since[qid] = now  # not again before another full period
-            self.stops += 1
             try:
                 await self.controls[route.provider].stop_server(server.id)
             except Exception as exc:

@@ -25,7 +25,7 @@ from mcstatus._protocol.java_client import JavaClient
 from mcstatus.responses import JavaStatusResponse
 
 from integration.peers import PeerProcess, json_lines, running_peer
-from tests.support import IN_CI, ProxyProcess, require_program, running_proxy
+from tests.support import ProxyProcess, dependency_missing, require_program, running_proxy
 
 pytestmark = pytest.mark.peer
 
@@ -47,12 +47,9 @@ def require_node_peers(module: str = "minecraft-protocol") -> str:
     """``node``, with ``module`` installed in integration/node (fails under CI)."""
     node = require_program("node", "apt-get install nodejs npm")
     if not (NODE_DIR / "node_modules" / module).is_dir():
-        message = (
+        dependency_missing(
             f"{module} is missing from integration/node: run: npm ci --prefix integration/node"
         )
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
     return node
 
 

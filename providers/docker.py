@@ -60,7 +60,6 @@ from discoproxy.model import (
 )
 from discoproxy.provider import LoadResult, ProviderSettings, ProxyConfig, Publish
 
-PROVIDER_NAME = "docker"
 DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"
 DEFAULT_LABEL_PREFIX = "infrarust"
 # ``available()`` decides at start whether the provider runs in ``auto`` mode: an engine
@@ -1265,8 +1264,8 @@ def labels_markdown(prefix: str = DEFAULT_LABEL_PREFIX) -> str:
     lines = [
         "# Docker labels",
         "",
-        "<!-- Generated from providers/docker.py by `discoproxy labels --markdown`; do not",
-        "     edit by hand: run `uv run discoproxy labels --markdown > labels.md`. -->",
+        "<!-- Generated from providers/docker.py by `discoproxy labels`; do not",
+        "     edit by hand: run `uv run discoproxy labels > labels.md`. -->",
         "",
         "The Docker provider turns every labelled, running container into one server, as if",
         "it had a file in `servers_dir`: each label maps to a field of the server-file",

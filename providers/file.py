@@ -38,7 +38,6 @@ from discoproxy.provider import (
     validate_document,
 )
 
-PROVIDER_NAME = "file"
 # watchfiles yields a batch once the directory has been quiet this long: long enough to
 # group an editor's save (write temp, fsync, rename), short enough to be live in < 500 ms.
 WATCH_STEP_MS = 50

@@ -19,8 +19,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
+from loguru import logger
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = bool(os.environ.get("CI"))
@@ -28,15 +30,46 @@ IN_CI = bool(os.environ.get("CI"))
 _LISTENING = re.compile(r"listening on ([0-9a-fA-F.:\[\]]+)")
 
 
+def dependency_missing(message: str) -> NoReturn:
+    """What a test needs is not here: fail under CI (a skip there proves nothing), skip
+    elsewhere; ``message`` says what is missing and how to get it."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_program(name: str, install_hint: str) -> str:
     """Path of ``name``; fail under CI, skip elsewhere, when it is not installed."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not found: {install_hint}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        dependency_missing(f"{name} not found: {install_hint}")
     return path
+
+
+@contextmanager
+def captured_logs(level: str = "INFO") -> Iterator[list[str]]:
+    """The loguru lines at ``level`` and above logged while inside, as text: wait for
+    the line that says a thing happened rather than sleeping and hoping it did."""
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level=level)
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the test says so: pass it as ``clock=`` to
+    code that measures TTLs and idle periods, and the edges become exact."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @dataclass

@@ -15,7 +15,6 @@ class Hint(enum.Enum):
     """What the I/O side should answer before closing, so nobody parses messages."""
 
     CLOSE = "close"
-    MINECRAFT_DISCONNECT = "minecraft_disconnect"
     HTTP_400 = "http_400"
     TLS_ALERT = "tls_alert"
 

@@ -284,7 +284,6 @@ class ClientConnection:
             self.state = CLOSED
             self.reason = Rejection.MAX_CONNECTIONS
             os.close(self.cfd)
-            ctx.rejected += 1
             ctx.log_rejection(self.client_addr, self.reason, self.reason, self.listener)
             return False
         self.id = ctx.register(self)
@@ -663,7 +662,6 @@ class ClientConnection:
         """Refuse this connection: a Minecraft login reads ``text`` in a Disconnect."""
         reason = refusal.reason
         self.ctx.log_rejection(self.client_addr, reason, refusal.cause, self.listener)
-        self.ctx.rejected += 1
         if login and self.state is SNIFFING:
             self._move(ANSWERING)
             self._reply(minecraft.encode_login_disconnect(minecraft.text_component(text)))

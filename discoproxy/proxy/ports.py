@@ -90,10 +90,9 @@ _RATE_REJECTIONS = {
 
 @dataclass
 class UdpStats:
-    """Counters for UDP: sessions and datagrams, and drops by cause."""
+    """Counters for UDP: datagrams each way, and drops by cause (ended sessions are
+    counted per route, in the data plane's stats)."""
 
-    sessions_opened: int = 0
-    sessions_closed: int = 0
     datagrams_up: int = 0
     datagrams_down: int = 0
     drops: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -128,7 +127,6 @@ class PortListener(BaseListener):
                 route = ctx.registry.table.ports.get(self._key)
                 if route is None:  # removed a moment ago: new connections are refused
                     os.close(conn_fd)
-                    ctx.rejected += 1
                     ctx.stats.rejected[(label, Rejection.NO_ROUTE)] += 1
                     continue
                 conn = ClientConnection(ctx, conn_fd, (addr[0], addr[1]))
@@ -410,7 +408,6 @@ class UdpListener:
         session = UdpSession(self, client, route, sock, (host, port), header, pktinfo)
         self.sessions[client] = session
         ctx.udp_sessions += 1
-        stats.sessions_opened += 1
         ctx.reactor.register(session.fd, session, EPOLLIN)
         return session
 
@@ -439,7 +436,6 @@ class UdpListener:
             return
         ctx = self.ctx
         ctx.udp_sessions -= 1
-        self.stats.sessions_closed += 1
         route_stats = ctx.stats.route(session.route.qualified_id)
         route_stats.udp_sessions += 1
         route_stats.udp_bytes_up += session.bytes_up

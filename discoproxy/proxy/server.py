@@ -107,11 +107,8 @@ class ProxyContext:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by run_proxy
         self.reactor: Reactor = None  # type: ignore[assignment]  # set by run_proxy
         self.closing = False
-        self.total = 0
-        self.rejected = 0
         self._ids = itertools.count(1)
         self.tasks = LoopTasks()  # what the data plane asks the loop to run
-        self.rejections: collections.Counter[Rejection] = collections.Counter()  # by cause
         self._rejections_unlogged: collections.Counter[Rejection] = collections.Counter()
         self._last_rejection_log: dict[Rejection, float] = {}  # a fixed set of causes
         self.guard = Guard(config)
@@ -164,7 +161,6 @@ class ProxyContext:
     @on_reactor
     def register(self, conn: ClientConnection) -> int:
         self.connections.add(conn)
-        self.total += 1
         return next(self._ids)
 
     @on_reactor
@@ -204,7 +200,6 @@ class ProxyContext:
         """Count a rejection by ``cause`` (and by listener, for /metrics) and log
         ``reason``, at most once per ``REJECTION_LOG_INTERVAL_S`` per cause (a flood must
         not become a log flood)."""
-        self.rejections[cause] += 1
         self.stats.rejected[(listener, cause)] += 1
         now = time.monotonic()
         last = self._last_rejection_log.get(cause, -math.inf)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -11,7 +12,6 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio.abc import SocketStream
-from loguru import logger
 
 from discoproxy.config import ProxyConfig, load_config
 from discoproxy.model import ServerDefinition
@@ -28,6 +28,7 @@ from tests.proxy.helpers import (
     receive_all,
     routed,
 )
+from tests.support import captured_logs
 
 pytestmark = pytest.mark.anyio
 
@@ -108,12 +109,8 @@ async def test_edits_apply_without_cutting_open_connections(tmp_path: Path) -> N
                 assert await stream.receive() == b"new"
 
 
-async def test_a_broken_file_keeps_its_last_good_version_until_fixed(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    logs: list[str] = []
-    sink = logger.add(lambda message: logs.append(str(message)), level="INFO")
-    try:
+async def test_a_broken_file_keeps_its_last_good_version_until_fixed(tmp_path: Path) -> None:
+    with captured_logs("INFO") as logs:
         async with backend(named(b"A")) as a, live_proxy(tmp_path) as live:
             path = live.write("mc.toml", server_file(a.port, "mc.example.com"))
             await live.wait_until(routed("mc.example.com", "mc@file"))
@@ -136,8 +133,6 @@ async def test_a_broken_file_keeps_its_last_good_version_until_fixed(
             await live.wait_until(routed("fixed.example.com", "mc@file"))
             assert routed("mc.example.com", None)(live.registry.table)
             assert other.exists()
-    finally:
-        logger.remove(sink)
 
 
 async def test_write_to_temp_then_rename_publishes_only_whole_files(tmp_path: Path) -> None:
@@ -175,25 +170,40 @@ async def test_truncate_then_slow_write_is_never_published_half_written(tmp_path
 
 
 async def test_directory_removed_keeps_routes_and_recreated_reloads(tmp_path: Path) -> None:
-    async with live_proxy(tmp_path) as live:
-        path = live.write("mc.toml", server_file(25565, "mc.example.com"))
-        await live.wait_until(routed("mc.example.com", "mc@file"))
-        path.unlink()
-        live.directory.rmdir()
-        await anyio.sleep(0.5)
-        live.directory.mkdir()
-        live.write("new.toml", server_file(25565, "new.example.com"))
-        await live.wait_until(routed("new.example.com", "new@file"))
-        assert routed("mc.example.com", None)(live.registry.table)
+    with captured_logs("WARNING") as logs:
+        async with backend(named(b"A")) as a, live_proxy(tmp_path) as live:
+            live.write("mc.toml", server_file(a.port, "mc.example.com"))
+            await live.wait_until(routed("mc.example.com", "mc@file"))
+            published = len(live.tables)
+            shutil.rmtree(live.directory)  # as `rm -rf`: the file goes, then the directory
+            with anyio.fail_after(LIVE_WITHIN_S):  # the provider has seen it gone
+                while not any("is missing; keeping its 1 servers" in line for line in logs):
+                    await anyio.sleep(0.01)
+            # while it is gone: the route is still published, and routes a login
+            assert routed("mc.example.com", "mc@file")(live.registry.table)
+            async with await live.connect() as stream:
+                await stream.send(handshake("mc.example.com"))
+                with anyio.fail_after(5):
+                    assert await stream.receive() == b"A"
+            assert all(routed("mc.example.com", "mc@file")(t) for t in live.tables[published:])
+            live.directory.mkdir()
+            live.write("new.toml", server_file(a.port, "new.example.com"))
+            await live.wait_until(routed("new.example.com", "new@file"))
+            assert routed("mc.example.com", None)(live.registry.table)
 
 
 async def test_same_stem_in_toml_and_yaml_is_reported_and_the_first_kept(tmp_path: Path) -> None:
-    async with live_proxy(tmp_path) as live:
-        live.write("mc.toml", server_file(25565, "a.example.com"))
-        live.write("mc.yaml", "domains: [b.example.com]\naddresses: ['127.0.0.1:1']\n")
-        await live.wait_until(routed("a.example.com", "mc@file"))
-        await anyio.sleep(0.2)
-        assert routed("b.example.com", None)(live.registry.table)
+    with captured_logs("ERROR") as logs:
+        async with live_proxy(tmp_path) as live:
+            toml = live.write("mc.toml", server_file(25565, "a.example.com"))
+            yaml = live.write("mc.yaml", "domains: [b.example.com]\naddresses: ['127.0.0.1:1']\n")
+            with anyio.fail_after(LIVE_WITHIN_S):  # both files read: the second reported
+                while not any("already used by" in line for line in logs):
+                    await anyio.sleep(0.01)
+            rejected = next(line for line in logs if "already used by" in line)
+            assert f"{yaml}: id: 'mc' is already used by {toml}" in rejected
+            await live.wait_until(routed("a.example.com", "mc@file"))
+            assert not any(routed("b.example.com", "mc@file")(t) for t in live.tables)
 
 
 def test_provider_table_is_validated_with_field_names(tmp_path: Path) -> None:
@@ -229,12 +239,8 @@ def _files(directory: Path) -> Path:
 async def test_load_once_gives_what_run_publishes_first_with_the_errors(tmp_path: Path) -> None:
     directory = _files(tmp_path / "servers")
     provider = FileProvider("file", FileSettings(), ProxyConfig(servers_dir=directory))
-    logged: list[str] = []
-    sink = logger.add(logged.append, level="DEBUG")
-    try:
+    with captured_logs("DEBUG") as logged:
         result = await provider.load_once()
-    finally:
-        logger.remove(sink)
     assert logged == []  # reported through the result, for check to print
     assert [s.id for s in result.servers] == ["a", "c"]
     assert len(result.errors) == 2

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import SocketStream, TaskGroup
@@ -16,11 +16,13 @@ from discoproxy.config import ProxyConfig
 from discoproxy.model import ServerDefinition
 from discoproxy.protocol import minecraft
 from discoproxy.provider import Provider, supervise
+from discoproxy.proxy.connection import ClientConnection
 from discoproxy.proxy.server import ProxyContext, run_proxy
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox
 from discoproxy.wake import ServerControl
 
 Handler = Callable[[SocketStream], Awaitable[None]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,6 +39,27 @@ class RunningProxy:
 
     async def connect(self) -> SocketStream:
         return await anyio.connect_tcp(*self.address)
+
+    async def on_reactor(self, read: Callable[[ProxyContext], T]) -> T:
+        """``read(ctx)``, run on the reactor thread. The data plane's state (connections
+        and their flows, the handshaking and dialing sets, UDP listeners and sessions,
+        the guard's counts and bans, the stats) belongs to that thread: a test reading
+        it from the loop races the reactor (a set can change size mid-iteration)."""
+        ctx = self.ctx
+        return await ctx.reactor.run(lambda: read(ctx))
+
+    async def connections(self) -> list[ClientConnection]:
+        """The open connections, listed on the reactor thread (read them there too)."""
+        return await self.on_reactor(lambda ctx: list(ctx.connections))
+
+    async def wait_on_reactor(
+        self, condition: Callable[[ProxyContext], object], within_s: float = 5.0
+    ) -> None:
+        """Poll ``condition(ctx)`` on the reactor thread until it holds (its truth is
+        taken there too: a set returned as is would be read here)."""
+        with anyio.fail_after(within_s):
+            while not await self.on_reactor(lambda ctx: bool(condition(ctx))):
+                await anyio.sleep(0.01)
 
 
 @asynccontextmanager

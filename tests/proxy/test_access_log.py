@@ -6,7 +6,6 @@ import io
 import json
 import re
 
-import anyio
 import pytest
 
 from discoproxy.model import ServerDefinition
@@ -85,7 +84,5 @@ async def test_warning_level_writes_no_close_line(capfd: pytest.CaptureFixture[s
             async with await proxy.connect() as stream:
                 await stream.send(handshake("mc.example.com"))
                 await stream.receive()
-            with anyio.fail_after(5):
-                while proxy.ctx.connections:
-                    await anyio.sleep(0.01)
+            await proxy.wait_on_reactor(lambda ctx: not ctx.connections)
     assert "closed:" not in capfd.readouterr().err

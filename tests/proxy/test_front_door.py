@@ -35,6 +35,7 @@ from tests.proxy.helpers import (
     running_proxy,
     server,
 )
+from tests.support import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -182,20 +183,31 @@ async def test_concurrent_pings_on_a_miss_share_one_backend_ping() -> None:
 
 
 async def test_a_failed_refresh_serves_the_stale_answer_then_unreachable() -> None:
-    async with running_proxy(status_stale_for=0.5, status_timeout=1) as proxy:
-        async with mc_backend() as (info, _):
-            route = server("a", "a.example.com", addresses=[info.address], status_cache_ttl=0.05)
+    clock = FakeClock()
+    async with running_proxy(status_stale_for=2, status_timeout=1) as proxy:
+        proxy.ctx.status.clock = clock  # before the first ping: every entry uses it
+        async with mc_backend() as (info, seen):
+            route = server("a", "a.example.com", addresses=[info.address], status_cache_ttl=1)
             proxy.registry.apply_snapshot("test", [route])
             await status_ping(proxy, "a.example.com")
+            clock.advance(0.5)  # inside the TTL: from the cache, the backend not asked
+            await status_ping(proxy, "a.example.com")
+            assert seen.status_pings == 1
+            assert await proxy.on_reactor(lambda ctx: ctx.status.reactor_hits) == 1
         # the backend is gone: its port refuses
-        await anyio.sleep(0.1)
+        clock.advance(0.5)  # exactly the TTL: no longer fresh, the refresh fails
         stale, _ = await status_ping(proxy, "a.example.com")
         assert plain(stale) == "backend-A"
         assert proxy.ctx.status.stale == 1
-        await anyio.sleep(0.6)
+        clock.advance(1.5)  # just inside TTL + status_stale_for: still the stale answer
+        stale, _ = await status_ping(proxy, "a.example.com")
+        assert plain(stale) == "backend-A"
+        assert proxy.ctx.status.stale == 2
+        clock.advance(0.5)  # exactly TTL + status_stale_for: unreachable
         gone, _ = await status_ping(proxy, "a.example.com")
         assert plain(gone) == "§ca is unreachable"
         assert gone["version"]["name"] == "offline"
+        assert proxy.ctx.status.stale == 2
 
 
 async def test_unreachable_and_unknown_motds_are_configurable() -> None:
@@ -399,23 +411,23 @@ async def test_idle_servers_are_stopped_after_auto_stop_after() -> None:
     idle = awake.model_copy(update={"auto_stop_after": 10.0})
     registry.apply_snapshot("test", [idle])
     control = FakeControl(registry)
-    now = [1000.0]
-    waker = Waker(registry, {"test": control}, clock=lambda: now[0])
-    await waker.stop_idle()  # first sight: idle from now on
-    assert control.stops == 0
-    now[0] += 11
+    clock = FakeClock()
+    waker = Waker(registry, {"test": control}, clock=clock)
+
+    async def stops_after(seconds: float) -> int:
+        clock.advance(seconds)
+        await waker.stop_idle()
+        return control.stops
+
+    assert await stops_after(0) == 0  # first sight: idle from now on
+    assert await stops_after(9.5) == 0  # just short of auto_stop_after
     waker.player_joined("a@test")
-    await waker.stop_idle()
-    assert control.stops == 0  # a player is on
+    assert await stops_after(5) == 0  # past it, but a player is on
     waker.player_left("a@test")
-    now[0] += 9
-    await waker.stop_idle()
-    assert control.stops == 0  # idle since the player left, not since first sight
-    now[0] += 2
-    await waker.stop_idle()
-    assert control.stops == 1
-    await waker.stop_idle()
-    assert control.stops == 1  # not again before another full period
+    assert await stops_after(9.5) == 0  # idle counts from when the last player left
+    assert await stops_after(0.5) == 1  # exactly auto_stop_after without a player
+    assert await stops_after(9.5) == 1  # not again before another full period
+    assert await stops_after(0.5) == 2
 
 
 async def test_a_client_cycling_protocol_numbers_cannot_multiply_backend_pings() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -29,6 +30,7 @@ from tests.proxy.helpers import (
     running_proxy,
     server,
 )
+from tests.support import captured_logs
 
 pytestmark = pytest.mark.anyio
 
@@ -70,6 +72,18 @@ def status_ping(domain: str) -> bytes:
 PROXIED = {"receive_proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}
 
 
+async def rejected(proxy: RunningProxy, cause: str) -> int:
+    """Rejections counted for ``cause`` on every listener, as /metrics shows them."""
+    return await proxy.on_reactor(
+        lambda ctx: sum(n for (_, c), n in ctx.stats.rejected.items() if c == cause)
+    )
+
+
+async def wait_for_bans(proxy: RunningProxy, condition: Callable[[BanList], object]) -> None:
+    """Until the guard's ban list (the reactor's) satisfies ``condition``."""
+    await proxy.wait_on_reactor(lambda ctx: condition(ctx.guard.bans))
+
+
 async def test_the_global_filter_uses_the_address_from_the_proxy_header() -> None:
     async with backend(named(b"A")) as info:
         routes = [server("a", "a.example.com", addresses=[info.address])]
@@ -80,7 +94,7 @@ async def test_the_global_filter_uses_the_address_from_the_proxy_header() -> Non
             assert info.connections == 0
             allowed = await attempt(proxy, from_ip("198.51.100.9") + login("a.example.com"))
             assert allowed == b"A"
-            assert proxy.ctx.rejections["denied by ip_filter"] == 1
+            assert await rejected(proxy, "denied by ip_filter") == 1
 
 
 async def test_an_allow_list_refuses_everyone_else_and_deny_wins_inside_it() -> None:
@@ -159,9 +173,7 @@ async def test_max_connections_per_ip_counts_open_connections_of_one_address() -
             await other.send(from_ip("198.51.100.2") + login("a.example.com"))
             assert await other.receive() == b"held"
             await held.pop().aclose()
-            with anyio.fail_after(5):
-                while proxy.ctx.guard.open_per_ip.get("198.51.100.1") != 1:
-                    await anyio.sleep(0.02)
+            await proxy.wait_on_reactor(lambda ctx: ctx.guard.open_per_ip.get("198.51.100.1") == 1)
             third = await proxy.connect()
             await third.send(from_ip("198.51.100.1") + login("a.example.com"))
             assert await third.receive() == b"held"
@@ -185,8 +197,8 @@ async def test_status_pings_and_logins_spend_separate_budgets() -> None:
                 await attempt(proxy, client + status_ping("nope.example.com")) for _ in range(6)
             ]
             assert all(pings[:5]) and pings[5] == b""
-            assert proxy.ctx.rejections["rate_limit status exceeded"] == 1
-            assert proxy.ctx.rejections["rate_limit connections exceeded"] == 1
+            assert await rejected(proxy, "rate_limit status exceeded") == 1
+            assert await rejected(proxy, "rate_limit connections exceeded") == 1
 
 
 async def test_bans_by_ip_and_by_username_show_the_reason(tmp_path: Path) -> None:
@@ -206,9 +218,7 @@ async def test_bans_by_ip_and_by_username_show_the_reason(tmp_path: Path) -> Non
     async with backend(named(b"A")) as info:
         routes = [server("a", "a.example.com", addresses=[info.address])]
         async with running_proxy(routes, bans_file=str(bans_file), **PROXIED) as proxy:
-            with anyio.fail_after(5):
-                while len(proxy.ctx.guard.bans) != 2:
-                    await anyio.sleep(0.02)
+            await wait_for_bans(proxy, lambda bans: len(bans) == 2)
             by_ip = disconnect_text(
                 await attempt(proxy, from_ip("192.0.2.7") + login("a.example.com"))
             )
@@ -224,30 +234,37 @@ async def test_bans_by_ip_and_by_username_show_the_reason(tmp_path: Path) -> Non
 
 async def test_the_bans_file_is_followed_live(tmp_path: Path) -> None:
     bans_file = tmp_path / "bans.json"
-    async with backend(named(b"A")) as info:
-        routes = [server("a", "a.example.com", addresses=[info.address])]
-        async with running_proxy(routes, bans_file=str(bans_file), **PROXIED) as proxy:
-            assert (
-                await attempt(proxy, from_ip("198.51.100.1") + login("a.example.com", "Notch"))
-                == b"A"
-            )
-            save_bans(bans_file, BanList([Ban("test", time.time(), None, username="Notch")]))
-            with anyio.fail_after(5):
-                while not proxy.ctx.guard.bans.has_usernames:
-                    await anyio.sleep(0.02)
-            reply = await attempt(proxy, from_ip("198.51.100.1") + login("a.example.com", "Notch"))
-            assert "banned" in disconnect_text(reply)
-            bans_file.write_text("{ not json")  # a bad edit keeps the last good list
-            await anyio.sleep(0.5)
-            assert proxy.ctx.guard.bans.has_usernames
-            save_bans(bans_file, BanList())
-            with anyio.fail_after(5):
-                while proxy.ctx.guard.bans.has_usernames:
-                    await anyio.sleep(0.02)
-            assert (
-                await attempt(proxy, from_ip("198.51.100.1") + login("a.example.com", "Notch"))
-                == b"A"
-            )
+    with captured_logs("ERROR") as logs:
+        async with backend(named(b"A")) as info:
+            routes = [server("a", "a.example.com", addresses=[info.address])]
+            async with running_proxy(routes, bans_file=str(bans_file), **PROXIED) as proxy:
+                assert (
+                    await attempt(proxy, from_ip("198.51.100.1") + login("a.example.com", "Notch"))
+                    == b"A"
+                )
+                save_bans(bans_file, BanList([Ban("test", time.time(), None, username="Notch")]))
+                await wait_for_bans(proxy, lambda bans: bans.has_usernames)
+                reply = await attempt(
+                    proxy, from_ip("198.51.100.1") + login("a.example.com", "Notch")
+                )
+                assert "banned" in disconnect_text(reply)
+                bans_file.write_text("{ not json")  # a bad edit keeps the last good list
+                with anyio.fail_after(5):  # read and refused
+                    while not any("bans not applied" in line for line in logs):
+                        await anyio.sleep(0.02)
+                refused = next(line for line in logs if "bans not applied" in line)
+                assert f"{bans_file}: invalid JSON" in refused
+                assert await proxy.on_reactor(lambda ctx: ctx.guard.bans.has_usernames)
+                reply = await attempt(
+                    proxy, from_ip("198.51.100.1") + login("a.example.com", "Notch")
+                )
+                assert "banned" in disconnect_text(reply)
+                save_bans(bans_file, BanList())
+                await wait_for_bans(proxy, lambda bans: not bans.has_usernames)
+                assert (
+                    await attempt(proxy, from_ip("198.51.100.1") + login("a.example.com", "Notch"))
+                    == b"A"
+                )
 
 
 async def test_a_username_check_waits_for_a_login_start_sent_later(tmp_path: Path) -> None:
@@ -256,9 +273,7 @@ async def test_a_username_check_waits_for_a_login_start_sent_later(tmp_path: Pat
     async with backend(named(b"A")) as info:
         routes = [server("a", "a.example.com", addresses=[info.address])]
         async with running_proxy(routes, bans_file=str(bans_file)) as proxy:
-            with anyio.fail_after(5):
-                while not proxy.ctx.guard.bans.has_usernames:
-                    await anyio.sleep(0.02)
+            await wait_for_bans(proxy, lambda bans: bans.has_usernames)
             stream = await proxy.connect()
             async with stream:
                 await stream.send(handshake("a.example.com"))

@@ -14,6 +14,7 @@ from anyio.abc import SocketStream
 from discoproxy.protocol import minecraft, tls
 from discoproxy.protocol.proxy_protocol import ProxyHeader, encode_v2, parse_proxy_header
 from discoproxy.proxy.relay import COPY_READ_BYTES, PIPE_SIZE
+from discoproxy.proxy.server import ProxyContext
 from tests.proxy.helpers import (
     Backend,
     backend,
@@ -347,7 +348,7 @@ async def test_thousand_concurrent_connections_lose_no_byte() -> None:
                     received = bytearray()
                     while len(received) < len(prefix) + size:
                         received += await stream.receive()
-                    peak = max(peak, len(proxy.ctx.connections))
+                    peak = max(peak, await proxy.on_reactor(lambda ctx: len(ctx.connections)))
                     if peak == count:
                         all_open.set()
                     await all_open.wait()  # every connection is open at the same time
@@ -376,15 +377,18 @@ async def test_a_slow_client_stops_the_backend_from_being_read() -> None:
         servers = [server("mc", "mc.example.com", addresses=[b.address])]
         async with running_proxy(servers) as proxy, await proxy.connect() as stream:
             await stream.send(handshake("mc.example.com"))
-            with anyio.fail_after(10):
-                while True:  # the client reads nothing; wait until the proxy pushes back
-                    await anyio.sleep(0.05)
-                    (conn,) = proxy.ctx.connections
-                    if conn.down.blocked:
-                        break
+            # the client reads nothing; wait until the proxy pushes back
+            await proxy.wait_on_reactor(
+                lambda ctx: any(c.down is not None and c.down.blocked for c in ctx.connections), 10
+            )
+
+            def backend_read_and_held(ctx: ProxyContext) -> tuple[int, int]:
+                (conn,) = ctx.connections
+                return conn.bmask & EPOLLIN, conn.down.pending + len(conn.down.out or b"")
+
+            reading, held = await proxy.on_reactor(backend_read_and_held)
             # the backend is no longer read: what the proxy holds stops at one pipe
-            assert not conn.bmask & EPOLLIN
-            held = conn.down.pending + len(conn.down.out or b"")
+            assert not reading
             assert held <= max(PIPE_SIZE, COPY_READ_BYTES)
             received = 0
             with anyio.fail_after(10):
@@ -415,7 +419,7 @@ async def test_an_address_that_never_answers_times_out_and_the_next_is_tried() -
                         await stream.send(handshake("mc.example.com"))
                         with anyio.fail_after(5):
                             assert await stream.receive() == b"second"
-                    assert proxy.ctx.dialing == set()
+                    assert await proxy.on_reactor(lambda ctx: len(ctx.dialing)) == 0
         finally:
             for filler in fillers:
                 filler.close()

@@ -20,6 +20,7 @@ from discoproxy.model import PortMapping, ServerDefinition
 from discoproxy.protocol.errors import NeedData
 from discoproxy.protocol.proxy_protocol import ProxyHeader, parse_proxy_header
 from discoproxy.proxy.names import NAME_FAILURE_TTL_S, NameCache
+from discoproxy.proxy.server import ProxyContext
 from discoproxy.routing import build_table
 from tests.proxy.helpers import Backend, RunningProxy, backend, receive_all, running_proxy, server
 
@@ -250,8 +251,10 @@ async def test_udp_sessions_forward_both_ways_per_client() -> None:
                         await client.send(name + str(i).encode())
                         with anyio.fail_after(5):
                             assert await client.receive() == b"echo:" + name + str(i).encode()
-            assert proxy.ctx.udp_sessions == 2
-            assert proxy.ctx.udp_stats.datagrams_up == 6
+            counts = await proxy.on_reactor(
+                lambda ctx: (ctx.udp_sessions, ctx.udp_stats.datagrams_up)
+            )
+            assert counts == (2, 6)
 
 
 async def test_udp_sessions_expire_after_silence() -> None:
@@ -266,11 +269,9 @@ async def test_udp_sessions_expire_after_silence() -> None:
                 await client.send(b"x")
                 with anyio.fail_after(5):
                     await client.receive()
-                assert proxy.ctx.udp_sessions == 1
-                with anyio.fail_after(5):
-                    while proxy.ctx.udp_sessions:
-                        await anyio.sleep(0.05)
-                assert proxy.ctx.udp_stats.sessions_closed == 1
+                assert await proxy.on_reactor(lambda ctx: ctx.udp_sessions) == 1
+                await proxy.wait_on_reactor(lambda ctx: not ctx.udp_sessions)
+                assert await _udp_sessions_ended(proxy, "u@test") == 1
 
 
 async def test_udp_datagrams_carry_a_proxy_v2_dgram_header_each() -> None:
@@ -311,16 +312,15 @@ async def test_a_per_ip_packet_limit_drops_the_excess_and_spares_others() -> Non
             with closing(flood):
                 for i in range(200):
                     flood.sendto(b"f%d" % i, ("127.0.0.1", port))
-                with anyio.fail_after(5):
-                    while sum(proxy.ctx.udp_stats.drops.values()) < 150:
-                        await anyio.sleep(0.02)
+                await proxy.wait_on_reactor(lambda ctx: sum(ctx.udp_stats.drops.values()) >= 150)
             async with await udp_client(port) as client:
                 await client.send(b"legit")
                 with anyio.fail_after(5):
                     assert await client.receive() == b"echo:legit"
             flooded = [d for d in seen if d.startswith(b"f")]
             assert 15 <= len(flooded) <= 30  # the one-second burst, not the 200
-            assert proxy.ctx.udp_stats.drops["per-IP packet rate"] >= 170
+            drops = await proxy.on_reactor(lambda ctx: ctx.udp_stats.drops["per-IP packet rate"])
+            assert drops >= 170
 
 
 async def test_udp_max_sessions_refuses_new_clients_only() -> None:
@@ -336,19 +336,31 @@ async def test_udp_max_sessions_refuses_new_clients_only() -> None:
                 with anyio.fail_after(5):
                     assert await first.receive() == b"echo:1"
                 await second.send(b"2")
-                with anyio.fail_after(5):
-                    while not proxy.ctx.udp_stats.drops["udp_max_sessions reached"]:
-                        await anyio.sleep(0.02)
+                await proxy.wait_on_reactor(
+                    lambda ctx: ctx.udp_stats.drops["udp_max_sessions reached"]
+                )
                 await first.send(b"3")
                 with anyio.fail_after(5):
                     assert await first.receive() == b"echo:3"
 
 
 async def _wait_udp(proxy: RunningProxy, port: int) -> None:
+    """Until the UDP listener of ``port`` is open (the loop's) and serving (the reactor's)."""
     with anyio.fail_after(5):
         while ("udp", port) not in proxy.ctx.ports.open:
             await anyio.sleep(0.02)
-    await anyio.sleep(0.05)  # the reactor registers it
+    listener = proxy.ctx.ports.open[("udp", port)]
+    await proxy.wait_on_reactor(lambda ctx: listener in ctx.udp_listeners)
+
+
+async def _udp_sessions_ended(proxy: RunningProxy, route: str) -> int:
+    """UDP sessions of ``route`` that have ended, as /metrics counts them."""
+
+    def ended(ctx: ProxyContext) -> int:
+        stats = ctx.stats.routes.get(route)
+        return stats.udp_sessions if stats is not None else 0
+
+    return await proxy.on_reactor(ended)
 
 
 @asynccontextmanager
@@ -417,7 +429,7 @@ async def test_a_refusing_udp_backend_is_passed_over_for_the_next_address() -> N
                         with anyio.move_on_after(0.3):
                             assert await client.receive() == b"echo:x"
                             break
-            assert proxy.ctx.udp_stats.sessions_closed >= 1
+            assert await _udp_sessions_ended(proxy, "u@test") >= 1
 
 
 class HeldResolver:

@@ -17,6 +17,7 @@ from anyio.abc import SocketStream
 from discoproxy.proxy import relay
 from discoproxy.proxy.connection import ClientConnection
 from discoproxy.proxy.relay import COPY_READ_BYTES, Flow
+from discoproxy.proxy.server import ProxyContext
 from tests.proxy.helpers import (
     Backend,
     RunningProxy,
@@ -60,7 +61,8 @@ async def test_a_large_transfer_each_way_arrives_intact() -> None:
         async with running_proxy([server("mc", "mc.example.com", addresses=[b.address])]) as p:
             sent, received = await _echo_round_trip(p, 32 * MIB)
             assert sent == received
-            assert p.ctx.reactor.pipes.in_flight == 0  # every pipe came back
+            # every pipe came back
+            assert await p.on_reactor(lambda ctx: ctx.reactor.pipes.in_flight) == 0
 
 
 async def test_without_pipes_flows_copy_and_still_arrive_intact(
@@ -71,7 +73,7 @@ async def test_without_pipes_flows_copy_and_still_arrive_intact(
         async with running_proxy([server("mc", "mc.example.com", addresses=[b.address])]) as p:
             sent, received = await _echo_round_trip(p, 8 * MIB)
             assert sent == received
-            assert p.ctx.reactor.pipes.in_flight == 0
+            assert await p.on_reactor(lambda ctx: ctx.reactor.pipes.in_flight) == 0
 
 
 @pytest.mark.parametrize("pipes", [True, False], ids=["splice", "copy"])
@@ -112,17 +114,21 @@ async def test_a_slow_backend_stops_the_client_from_being_read(
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(push)
-                with anyio.fail_after(10):
-                    while True:  # the backend reads nothing: the proxy must push back
-                        await anyio.sleep(0.05)
-                        conns = list(proxy.ctx.connections)
-                        if conns and conns[0].up.blocked:
-                            break
-                conn = conns[0]
-                assert not conn.cmask & select.EPOLLIN  # the client is not read
-                held = conn.up.pending + len(conn.up.out or b"")
+                # the backend reads nothing: the proxy must push back
+                await proxy.wait_on_reactor(
+                    lambda ctx: any(c.up is not None and c.up.blocked for c in ctx.connections),
+                    10,
+                )
+
+                def upload(ctx: ProxyContext) -> tuple[int, int, bool]:
+                    (conn,) = ctx.connections
+                    held = conn.up.pending + len(conn.up.out or b"")
+                    return conn.cmask & select.EPOLLIN, held, conn.up.pipe is not None
+
+                reading, held, piped = await proxy.on_reactor(upload)
+                assert not reading  # the client is not read
                 assert held <= (relay.PIPE_SIZE if pipes else COPY_READ_BYTES)
-                assert (conn.up.pipe is not None) is pipes
+                assert piped is pipes
                 release.set()
                 with anyio.fail_after(10):
                     while got < 8 * MIB:  # reading resumes the flow
@@ -140,11 +146,10 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-async def _closed(conn: ClientConnection) -> str:
-    with anyio.fail_after(5):
-        while conn.state.name != "CLOSED":
-            await anyio.sleep(0.01)
-    return conn.reason
+async def _closed(proxy: RunningProxy, conn: ClientConnection) -> str:
+    """Why ``conn`` closed, once it has (its state is the reactor thread's)."""
+    await proxy.wait_on_reactor(lambda _: conn.state.name == "CLOSED")
+    return await proxy.on_reactor(lambda _: conn.reason)
 
 
 async def test_a_client_reset_mid_stream_closes_the_backend_side() -> None:
@@ -162,15 +167,12 @@ async def test_a_client_reset_mid_stream_closes_the_backend_side() -> None:
         async with running_proxy(servers) as proxy:
             raw = socket.create_connection(("127.0.0.1", proxy.port))
             raw.sendall(handshake("mc.example.com") + b"x" * 1000)
-            with anyio.fail_after(5):
-                while not proxy.ctx.connections:
-                    await anyio.sleep(0.01)
-            (conn,) = proxy.ctx.connections
-            with anyio.fail_after(5):
-                while conn.bytes_up < len(handshake("mc.example.com")) + 1000:
-                    await anyio.sleep(0.01)
+            await proxy.wait_on_reactor(lambda ctx: ctx.connections)
+            (conn,) = await proxy.connections()
+            sent = len(handshake("mc.example.com")) + 1000
+            await proxy.wait_on_reactor(lambda _: conn.bytes_up >= sent)
             _reset(raw)
-            assert (await _closed(conn)).startswith("client reset")
+            assert (await _closed(proxy, conn)).startswith("client reset")
             with anyio.fail_after(5):
                 while not backend_saw:
                     await anyio.sleep(0.01)
@@ -192,8 +194,8 @@ async def test_a_backend_reset_mid_stream_closes_the_client() -> None:
             await stream.send(handshake("mc.example.com"))
             with anyio.fail_after(5):
                 assert await stream.receive() == b"partial"
-            (conn,) = proxy.ctx.connections
-            assert (await _closed(conn)).startswith("backend reset")
+            (conn,) = await proxy.connections()
+            assert (await _closed(proxy, conn)).startswith("backend reset")
             assert await receive_all(stream) == b""
 
 
@@ -209,10 +211,10 @@ async def test_half_close_from_the_backend_keeps_the_upload_open() -> None:
         async with running_proxy(servers) as proxy, await proxy.connect() as stream:
             await stream.send(handshake("mc.example.com"))
             assert await receive_all(stream) == b"banner"  # EOF from the backend arrived
-            (conn,) = proxy.ctx.connections  # still open: the upload continues
+            (conn,) = await proxy.connections()  # still open: the upload continues
             await stream.send(b"still uploading")
             await stream.send_eof()
-            assert await _closed(conn) == "both sides closed"
+            assert await _closed(proxy, conn) == "both sides closed"
             with anyio.fail_after(5):
                 while not b.received:
                     await anyio.sleep(0.01)
@@ -246,10 +248,10 @@ async def test_a_backend_name_is_resolved_and_each_address_tried(
                 await stream.send(handshake("mc.example.com"))
                 with anyio.fail_after(5):
                     assert await stream.receive() == handshake("mc.example.com")
-                (conn,) = proxy.ctx.connections
-                assert conn.backend_addr == ("127.0.0.1", b.port)
+                (conn,) = await proxy.connections()
+                assert await proxy.on_reactor(lambda _: conn.backend_addr) == ("127.0.0.1", b.port)
             # the refusing address made it forget the name: the next connection asks again
-            assert proxy.ctx.names.get("backend.test", b.port) is None
+            assert await proxy.on_reactor(lambda ctx: ctx.names.get("backend.test", b.port)) is None
 
 
 async def test_an_unresolvable_backend_name_gives_the_player_a_disconnect() -> None:
@@ -275,7 +277,9 @@ async def test_a_bug_in_one_connection_drops_it_and_nothing_else(
                     await victim.send(handshake("mc.example.com"))
                     with anyio.fail_after(5):
                         await victim.receive()
-                    (conn,) = [c for c in proxy.ctx.connections if c.id == 2]
+                    (conn,) = await proxy.on_reactor(
+                        lambda ctx: [c for c in ctx.connections if c.id == 2]
+                    )
                     pump = Flow.pump
 
                     def broken(self: Flow) -> None:
@@ -285,7 +289,7 @@ async def test_a_bug_in_one_connection_drops_it_and_nothing_else(
 
                     monkeypatch.setattr(Flow, "pump", broken)
                     await victim.send(b"boom")
-                    assert (await _closed(conn)).startswith("internal error")
+                    assert (await _closed(proxy, conn)).startswith("internal error")
                     assert await receive_all(victim) == b""
                 await healthy.send(b"still fine")
                 with anyio.fail_after(5):
@@ -341,7 +345,8 @@ async def test_a_backend_name_is_resolved_once_for_many_connections(
                     with anyio.fail_after(5):
                         assert await stream.receive() == handshake("mc.example.com")
             assert lookups == ["backend.test"]
-            proxy.ctx.names.forget("backend.test", b.port)  # as a failed dial does
+            # as a failed dial does
+            await proxy.on_reactor(lambda ctx: ctx.names.forget("backend.test", b.port))
             async with await proxy.connect() as stream:
                 await stream.send(handshake("mc.example.com"))
                 with anyio.fail_after(5):

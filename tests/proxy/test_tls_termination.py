@@ -16,7 +16,7 @@ from anyio.abc import SocketStream
 
 from discoproxy.proxy import tls_termination
 from tests.proxy.helpers import Backend, backend, running_proxy, server
-from tests.support import IN_CI
+from tests.support import require_program
 
 pytestmark = pytest.mark.anyio
 
@@ -24,11 +24,7 @@ pytestmark = pytest.mark.anyio
 def make_cert(
     directory: Path, name: str, serial: int = 1, san: str | None = None
 ) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        if IN_CI:
-            pytest.fail("openssl is missing: apt-get install openssl")
-        pytest.skip("openssl is missing: apt-get install openssl")
+    openssl = require_program("openssl", "apt-get install openssl")
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"
     subprocess.run(
         [
@@ -138,9 +134,7 @@ async def test_a_terminated_connection_ends_and_leaves_the_table(tmp_path: Path)
     async with backend(upper) as a:
         async with running_proxy([tls_server("a", "a.example.com", a.address, cert, key)]) as proxy:
             await anyio.to_thread.run_sync(talk, proxy.port, "a.example.com", b"12345")
-            with anyio.fail_after(5):
-                while proxy.ctx.connections:
-                    await anyio.sleep(0.02)
+            await proxy.wait_on_reactor(lambda ctx: not ctx.connections)
 
 
 async def test_a_missing_certificate_fails_that_handshake_only(tmp_path: Path) -> None:
