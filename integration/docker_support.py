@@ -411,8 +411,9 @@ def engine_answers() -> bool:
 
 
 def start_dockerd(process: DockerdProcess) -> None:
-    """Start dockerd detached (as ``.ci/run`` does), appending to its log; wait for it."""
-    command = f"nohup {shlex.join(process.argv)} >>{shlex.quote(str(process.log))} 2>&1 &"
+    """Start dockerd detached in a session of its own (as ``.ci/run`` does: it outlives
+    the test run), appending to its log; wait for it."""
+    command = f"setsid nohup {shlex.join(process.argv)} >>{shlex.quote(str(process.log))} 2>&1 &"
     subprocess.run(["sh", "-c", command], check=True, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + ENGINE_RESTART_TIMEOUT_S
     while not engine_answers():
