@@ -7,7 +7,7 @@ Rules for this file (ARCHITECTURE.md draws the same picture):
   Config reloads, ban lists, port-listener starts and every read of live numbers go
   this way; nothing on the loop touches a connection, a set of them or a counter.
 - Data plane → loop: :meth:`LoopTasks.spawn` starts a coroutine (name resolution, a
-  status fetch, a wake, a TLS-terminated relay) in the control plane's task group and
+  status fetch, a wake, a TLS-terminated relay) as a task the control plane owns and
   returns a :class:`TaskHandle` the reactor may cancel. What the coroutine needs from the
   connection is computed on the reactor and passed in; its answer comes back with
   ``Reactor.call_into``.
@@ -25,7 +25,7 @@ from functools import partial
 from typing import Any, Protocol
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 from loguru import logger
 
 from discoproxy.owners import LOOP, any_thread, on_reactor, owned_by
@@ -47,12 +47,12 @@ class _Reactor(Protocol):
 class TaskHandle:
     """A coroutine handed to the loop: ``cancel`` may be called from any thread."""
 
-    __slots__ = ("_cancelled", "_loop", "_scope")
+    __slots__ = ("_cancelled", "_loop", "_task")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._cancelled = False
-        self._scope: anyio.CancelScope | None = None  # loop only
+        self._task: asyncio.Task[None] | None = None  # loop only
 
     @any_thread
     def cancel(self) -> None:
@@ -60,37 +60,48 @@ class TaskHandle:
         self._loop.call_soon_threadsafe(self._cancel_on_loop)
 
     def _cancel_on_loop(self) -> None:
-        if self._scope is not None:
-            self._scope.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 @owned_by(LOOP)
 class LoopTasks:
-    """The control plane's task group for work the data plane asks for."""
+    """The control plane's set of tasks for work the data plane asks for.
+
+    Plain asyncio tasks, held in one set that :meth:`run` cancels and awaits when it
+    ends: a task group and a cancel scope per coroutine cost more than the rest of a
+    TLS-terminated connection's Python code together (bench: scenario tlsterm), and these
+    tasks need neither — each ends its own connection, and shutdown ends them all.
+    """
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tg: TaskGroup | None = None  # loop only
+        self._tasks: set[asyncio.Task[None]] | None = None  # loop only; None: not running
         self._reactor: _Reactor | None = None
         self._scope: anyio.CancelScope | None = None
 
     async def run(
         self, reactor: _Reactor, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Own every spawned coroutine until cancelled (then cancel them all)."""
+        """Own every spawned coroutine until stopped (then cancel them all and wait)."""
         self._loop = asyncio.get_running_loop()
         self._reactor = reactor
+        tasks: set[asyncio.Task[None]] = set()
         # shielded: the proxy's own cancellation must not end these before the drain,
         # which may still need them (a dial resolving a name); stop() ends them
         with anyio.CancelScope(shield=True) as scope:
             self._scope = scope
+            self._tasks = tasks
             try:
-                async with anyio.create_task_group() as tg:
-                    self._tg = tg
-                    task_status.started()
-                    await anyio.sleep_forever()
+                task_status.started()
+                await anyio.sleep_forever()
             finally:
-                self._tg = None
+                self._tasks = None
+                for task in tasks:
+                    task.cancel()
+                if tasks:
+                    with anyio.CancelScope(shield=True):
+                        await asyncio.wait(tasks)
 
     def stop(self) -> None:
         """Cancel every spawned coroutine and end :meth:`run` (loop thread)."""
@@ -108,24 +119,22 @@ class LoopTasks:
         return handle
 
     def _start(self, handle: TaskHandle, owner: TaskOwner, coro: Coroutine[Any, Any, None]) -> None:
-        tg = self._tg
-        if handle._cancelled or tg is None:  # cancelled before it started, or shutting down
+        tasks = self._tasks
+        if handle._cancelled or tasks is None:  # cancelled before it started, or shutting down
             coro.close()
             return
-        tg.start_soon(self._run, handle, owner, coro)
+        assert self._loop is not None
+        task = self._loop.create_task(self._run(owner, coro))
+        handle._task = task
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
-    async def _run(
-        self, handle: TaskHandle, owner: TaskOwner, coro: Coroutine[Any, Any, None]
-    ) -> None:
-        with anyio.CancelScope() as scope:
-            handle._scope = scope
-            if handle._cancelled:
-                scope.cancel()
-            try:
-                await coro
-            except Exception as exc:  # a bug: it ends its connection, not the task group
-                reactor = self._reactor
-                if reactor is None:
-                    logger.opt(exception=exc).error("internal error in a loop task")
-                else:
-                    reactor.call(partial(reactor.handler_failed, owner, exc))
+    async def _run(self, owner: TaskOwner, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except Exception as exc:  # a bug: it ends its connection, not the others
+            reactor = self._reactor
+            if reactor is None:
+                logger.opt(exception=exc).error("internal error in a loop task")
+            else:
+                reactor.call(partial(reactor.handler_failed, owner, exc))
