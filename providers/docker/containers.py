@@ -1,0 +1,422 @@
+"""From the engine's container records to servers: label values, networks and the one
+backend address, plus what an event means and discoproxy's own container id. Pure: it
+takes the records (``/containers/json``, or an inspection in that shape) and does no I/O
+but reading ``/proc/self`` for the own id; no SDK."""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from discoproxy.model import (
+    DEFAULT_BACKEND_PORT,
+    BackendAddress,
+    ServerDefinition,
+)
+from providers.docker.labels import (
+    LABELS,
+    LABELS_BY_KEY,
+    SPEC_BY_FIELD,
+    LabelProblem,
+    nest,
+    parse_bool,
+    unknown_label,
+)
+from providers.docker.settings import DockerSettings
+
+ContainerRecord = Mapping[str, object]
+# Container states an auto_start container is routed in, as sleeping (a login starts it).
+SLEEPING_STATES = frozenset({"exited", "created"})
+_CONTAINER_ID_RE = re.compile(r"[0-9a-f]{64}")
+_SHORT_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerScan:
+    """What a list of containers yields: servers sorted by id, and the problems."""
+
+    servers: tuple[ServerDefinition, ...]
+    problems: tuple[LabelProblem, ...]
+
+
+def as_mapping(value: object) -> Mapping[str, object]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def as_text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def container_name(record: ContainerRecord) -> str:
+    """The container's name without the leading ``/`` (legacy link aliases skipped)."""
+    names = record.get("Names")
+    candidates = [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+    for name in candidates:
+        bare = name.removeprefix("/")
+        if bare and "/" not in bare:
+            return bare
+    return as_text(record.get("Id"))[:12] or "(unnamed)"
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """What address resolution needs besides the container itself."""
+
+    prefix: str
+    network: str | None
+    host_address: str
+    use_published_ports: bool
+    by_id: Mapping[str, ContainerRecord]
+    by_name: Mapping[str, ContainerRecord]
+    # networks of discoproxy's own container; None when not in a (bridged) container
+    own_networks: frozenset[str] | None
+    own_name: str | None
+
+
+def _networks(record: ContainerRecord) -> dict[str, str]:
+    """Network name → the container's IP on it (IPv4, else global IPv6; '' if none)."""
+    networks = as_mapping(as_mapping(record.get("NetworkSettings")).get("Networks"))
+    found = {}
+    for name, settings in networks.items():
+        info = as_mapping(settings)
+        found[name] = as_text(info.get("IPAddress")) or as_text(info.get("GlobalIPv6Address"))
+    return found
+
+
+def _network_mode(record: ContainerRecord) -> str:
+    return as_text(as_mapping(record.get("HostConfig")).get("NetworkMode")) or "default"
+
+
+def _published_address(record: ContainerRecord, port: int, ctx: _Context) -> BackendAddress | None:
+    """The host address a container's ``port``/tcp is published on, if it is."""
+    ports = record.get("Ports")
+    bindings = []
+    for item in ports if isinstance(ports, list) else []:
+        entry = as_mapping(item)
+        if entry.get("PrivatePort") == port and entry.get("Type", "tcp") == "tcp":
+            public = entry.get("PublicPort")
+            if isinstance(public, int):
+                ip = as_text(entry.get("IP"))
+                # IPv4 bindings first, then by address: deterministic across resyncs
+                bindings.append((":" in ip, ip, public))
+    if not bindings:
+        return None
+    _, ip, public = min(bindings)
+    host = ctx.host_address if ip in ("", "0.0.0.0", "::") else ip
+    return BackendAddress(host=host, port=public)
+
+
+def _choose_network(
+    name: str, networks: Mapping[str, str], label: str | None, ctx: _Context
+) -> tuple[str, str] | LabelProblem:
+    """(network, ip) to reach the container on, or why there is no single good one."""
+    label_key = f"{ctx.prefix}.docker_network"
+    listed = ", ".join(sorted(networks)) or "none"
+    if label is not None:
+        if label not in networks:
+            return LabelProblem(
+                name, label_key, f"the container is not on network {label!r}; it is on {listed}"
+            )
+        chosen = label
+    elif ctx.network is not None and ctx.network in networks:
+        chosen = ctx.network
+    elif ctx.own_networks is not None:
+        shared = sorted(set(networks) & ctx.own_networks)
+        own = f"discoproxy's container {ctx.own_name}"
+        if not shared:
+            return LabelProblem(
+                name,
+                None,
+                f"shares no network with {own} (the container is on {listed}, discoproxy on "
+                f"{', '.join(sorted(ctx.own_networks)) or 'none'}): connect them to a common "
+                f"network, or set label {label_key}",
+            )
+        if len(shared) > 1:
+            return LabelProblem(
+                name,
+                None,
+                f"is on networks {', '.join(shared)}, all shared with {own}: set label "
+                f"{label_key} to choose",
+            )
+        chosen = shared[0]
+    elif len(networks) == 1:
+        chosen = next(iter(networks))
+    elif not networks:
+        return LabelProblem(name, None, "is attached to no network: nothing to connect to")
+    else:
+        return LabelProblem(name, None, f"is on networks {listed}: set label {label_key} to choose")
+    ip = networks[chosen]
+    if not ip:
+        return LabelProblem(name, None, f"has no IP address on network {chosen!r}")
+    return chosen, ip
+
+
+def _backend(
+    record: ContainerRecord, name: str, port: int, network_label: str | None, ctx: _Context
+) -> BackendAddress | LabelProblem:
+    mode = _network_mode(record)
+    if mode == "host":
+        return BackendAddress(host=ctx.host_address, port=port)
+    if ctx.use_published_ports:
+        published = _published_address(record, port, ctx)
+        if published is None:
+            return LabelProblem(
+                name,
+                f"{ctx.prefix}.port",
+                f"container port {port}/tcp is not published (use_published_ports is on): "
+                f"publish it (docker run -p …:{port}) or turn use_published_ports off",
+            )
+        return published
+    if mode == "none":
+        return LabelProblem(name, None, "has network_mode none: nothing to connect to")
+    networks = _networks(record)
+    if mode.startswith("container:"):
+        target = mode.removeprefix("container:")
+        other = ctx.by_id.get(target) or ctx.by_name.get(target)
+        if other is None:
+            other = next((r for i, r in ctx.by_id.items() if i.startswith(target)), None)
+        if other is None:
+            return LabelProblem(
+                name, None, f"uses the network of container {target}, which is not running"
+            )
+        networks = _networks(other)
+    chosen = _choose_network(name, networks, network_label, ctx)
+    if isinstance(chosen, LabelProblem):
+        return chosen
+    return BackendAddress(host=chosen[1], port=port)
+
+
+def _server_from_container(
+    record: ContainerRecord, ctx: _Context, *, sleeping: bool = False
+) -> tuple[ServerDefinition | None, list[LabelProblem]]:
+    labels = as_mapping(record.get("Labels"))
+    dotted = ctx.prefix + "."
+    ours = {k[len(dotted) :]: v for k, v in labels.items() if k.startswith(dotted)}
+    if not ours:
+        return None, []
+    name = container_name(record)
+    problems: list[LabelProblem] = []
+    values: dict[str, object] = {}
+    for key, raw in sorted(ours.items()):
+        spec = LABELS_BY_KEY.get(key)
+        if spec is None:
+            problems.append(unknown_label(name, ctx.prefix, key))
+            continue
+        try:
+            values[key] = spec.parse(as_text(raw))
+        except ValueError as exc:
+            problems.append(LabelProblem(name, dotted + key, str(exc)))
+    enable = values.get("enable")
+    if enable is False:
+        return None, []  # excluded on purpose: its other labels do not matter
+    if "enable" not in ours and "domains" not in ours and "ports" not in ours:
+        hint = (
+            f"has {ctx.prefix}.* labels but none of {ctx.prefix}.domains, {ctx.prefix}.ports "
+            f"or {ctx.prefix}.enable=true: not routed"
+        )
+        return None, [LabelProblem(name, None, hint, dropped=False)]
+    if any(p.dropped for p in problems):
+        return None, problems
+    port = values.get("port", DEFAULT_BACKEND_PORT)
+    network = values.get("docker_network")
+    assert isinstance(port, int) and (network is None or isinstance(network, str))
+    addresses: list[BackendAddress] = []
+    if not sleeping:  # a stopped container has no address until it runs
+        address = _backend(record, name, port, network, ctx)
+        if isinstance(address, LabelProblem):
+            return None, [*problems, address]
+        addresses.append(address)
+    fields = {spec.field: values[spec.key] for spec in LABELS if spec.field and spec.key in values}
+    try:
+        server = ServerDefinition.model_validate(
+            {"id": name, "addresses": addresses, "sleeping": sleeping, **nest(fields)}
+        )
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            loc = [str(part) for part in error["loc"]]
+            spec = None
+            for end in range(len(loc), 0, -1):  # the longest path a label maps to
+                spec = SPEC_BY_FIELD.get(".".join(loc[:end]))
+                if spec is not None:
+                    break
+            # the model-level rule ("needs domains or default") is about the domains label
+            label = dotted + (spec.key if spec else "domains")
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(LabelProblem(name, label, message))
+        return None, problems
+    return server, problems
+
+
+def servers_from_containers(
+    containers: Sequence[ContainerRecord],
+    settings: DockerSettings,
+    own_container_id: str | None = None,
+) -> ContainerScan:
+    """The servers and problems of a ``/containers/json`` listing.
+
+    Running containers count, and stopped (exited or created) ones labelled
+    ``auto_start``, as sleeping servers; paused ones are not routed. ``own_container_id`` is
+    discoproxy's own container, when it runs in one: a container on several networks is
+    then reached on the one network it shares with discoproxy.
+    """
+    by_id = {as_text(r.get("Id")): r for r in containers}
+    by_name = {container_name(r): r for r in containers}
+    own = None
+    if own_container_id:
+        own = next((r for i, r in sorted(by_id.items()) if i.startswith(own_container_id)), None)
+    own_networks = None
+    if own is not None and _network_mode(own) != "host":
+        own_networks = frozenset(_networks(own))
+    ctx = _Context(
+        prefix=settings.label_prefix,
+        network=settings.network,
+        host_address=settings.host_address,
+        use_published_ports=settings.use_published_ports,
+        by_id=by_id,
+        by_name=by_name,
+        own_networks=own_networks,
+        own_name=container_name(own) if own is not None else None,
+    )
+    servers: list[ServerDefinition] = []
+    problems: list[LabelProblem] = []
+    for record in containers:
+        state = record.get("State", "running")
+        sleeping = False
+        if state != "running":
+            if state not in SLEEPING_STATES or not _wants_auto_start(record, ctx.prefix):
+                continue
+            sleeping = True
+        server, found = _server_from_container(record, ctx, sleeping=sleeping)
+        problems += found
+        if server is not None:
+            servers.append(server)
+    servers.sort(key=lambda s: s.id)
+    return ContainerScan(tuple(servers), tuple(sorted(set(problems))))
+
+
+def _wants_auto_start(record: ContainerRecord, prefix: str) -> bool:
+    value = as_mapping(record.get("Labels")).get(f"{prefix}.auto_start")
+    try:
+        return isinstance(value, str) and parse_bool(value)
+    except ValueError:
+        return False
+
+
+def is_relevant_event(event: Mapping[str, object], prefix: str) -> bool:
+    """Could this event change the routes? Container events carry the container's labels
+    as attributes, so unlabelled containers are ignored; network events name only the
+    network and the container's id, so they always count."""
+    if event.get("Type") != "container":
+        return True
+    attributes = as_mapping(as_mapping(event.get("Actor")).get("Attributes"))
+    dotted = prefix + "."
+    return any(key.startswith(dotted) for key in attributes)
+
+
+def inspection_target(event: Mapping[str, object]) -> str | None:
+    """The container to inspect after ``event``: that of a container event. Network
+    events are not followed by one: a network change alone never makes an inspection
+    outrank a listing (see :func:`same_state`), so the next listing shows it."""
+    if event.get("Type") != "container":
+        return None
+    return as_text(as_mapping(event.get("Actor")).get("ID")) or None
+
+
+def record_from_inspect(info: Mapping[str, object]) -> dict[str, object]:
+    """``/containers/{id}/json`` in the shape of a ``/containers/json`` record."""
+    config = as_mapping(info.get("Config"))
+    network = as_mapping(info.get("NetworkSettings"))
+    ports: list[dict[str, object]] = []
+    for spec, bindings in as_mapping(network.get("Ports")).items():
+        private, _, kind = spec.partition("/")
+        for binding in bindings if isinstance(bindings, list) else []:
+            host_port = as_text(as_mapping(binding).get("HostPort"))
+            if private.isdigit() and host_port.isdigit():
+                ports.append(
+                    {
+                        "IP": as_text(as_mapping(binding).get("HostIp")),
+                        "PrivatePort": int(private),
+                        "PublicPort": int(host_port),
+                        "Type": kind or "tcp",
+                    }
+                )
+    return {
+        "Id": as_text(info.get("Id")),
+        "Names": [as_text(info.get("Name"))],
+        "State": as_text(as_mapping(info.get("State")).get("Status")),
+        "Labels": dict(as_mapping(config.get("Labels"))),
+        "HostConfig": {
+            "NetworkMode": as_text(as_mapping(info.get("HostConfig")).get("NetworkMode"))
+        },
+        "Ports": ports,
+        "NetworkSettings": {"Networks": dict(as_mapping(network.get("Networks")))},
+    }
+
+
+def merge_inspected(
+    records: Sequence[ContainerRecord], inspected: Mapping[str, ContainerRecord | None]
+) -> list[ContainerRecord]:
+    """The listing with each inspected container's record replaced by its inspection
+    (in listing form; ``None``: it is gone)."""
+    merged = [r for r in records if as_text(r.get("Id")) not in inspected]
+    merged += [record for record in inspected.values() if record is not None]
+    return merged
+
+
+def same_state(listed: ContainerRecord | None, inspected: ContainerRecord | None) -> bool:
+    """Does the listing already show what the inspection saw? The listing holds running
+    and paused containers only: for it, a stopped container and a removed one look alike."""
+
+    def seen(record: ContainerRecord | None) -> tuple[object, str] | None:
+        if record is None or record.get("State") not in ("running", "paused"):
+            return None
+        return record.get("State"), container_name(record)
+
+    return seen(listed) == seen(inspected)
+
+
+# -- discoproxy's own container -----------------------------------------------------------
+
+
+def own_id_from_mountinfo(text: str) -> str | None:
+    """The container id behind ``/etc/hostname``, which Docker bind-mounts from
+    ``…/containers/<id>/hostname``. Works with cgroup v1 and v2 alike."""
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == "/etc/hostname":
+            match = _CONTAINER_ID_RE.search(fields[3])
+            if match and "/containers/" in fields[3]:
+                return match.group()
+    return None
+
+
+def own_id_from_cgroup(text: str) -> str | None:
+    """cgroup v1 paths such as ``/docker/<id>`` or ``/system.slice/docker-<id>.scope``."""
+    for line in text.splitlines():
+        path = line.rpartition(":")[2]
+        if "docker" in path:
+            match = _CONTAINER_ID_RE.search(path)
+            if match:
+                return match.group()
+    return None
+
+
+def detect_own_container_id() -> str | None:
+    """discoproxy's own container id, if it runs in a Docker container, else None."""
+    for path, parse in (
+        ("/proc/self/mountinfo", own_id_from_mountinfo),
+        ("/proc/self/cgroup", own_id_from_cgroup),
+    ):
+        with suppress(OSError):
+            found = parse(Path(path).read_text(encoding="utf-8", errors="replace"))
+            if found:
+                return found
+    # Docker's default hostname is the short id; only trusted in that exact shape.
+    hostname = socket.gethostname()
+    return hostname if _SHORT_ID_RE.match(hostname) else None

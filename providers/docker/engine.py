@@ -1,0 +1,343 @@
+"""The provider itself: the SDK's blocking calls in worker threads, the event stream
+and the resyncs, starting and stopping containers (the rules are in ``__init__``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from functools import partial
+from typing import Any, ClassVar, TypeVar
+
+import anyio
+import docker
+import docker.errors
+import docker.utils
+from loguru import logger
+
+from discoproxy.provider import LoadResult, ProviderSettings, ProxyConfig, Publish
+from providers.docker.containers import (
+    ContainerRecord,
+    ContainerScan,
+    as_text,
+    detect_own_container_id,
+    inspection_target,
+    is_relevant_event,
+    merge_inspected,
+    record_from_inspect,
+    same_state,
+    servers_from_containers,
+)
+from providers.docker.labels import LabelProblem
+from providers.docker.settings import DockerSettings
+
+# ``available()`` decides at start whether the provider runs in ``auto`` mode: an engine
+# that has not answered /version and /_ping within this is treated as absent.
+AVAILABLE_TIMEOUT_S = 3
+# One thread follows the event stream for the provider's lifetime; one more runs API
+# calls (resyncs are sequential). A private limiter keeps the long-lived thread from
+# holding a token of anyio's shared default limiter.
+WORKER_THREADS = 2
+# How long an inspection made for an event outranks the container list. The list is a
+# separate in-memory view that the engine updates after it announces some changes: right
+# after ``die`` or ``pause`` it still says "running" (5-60 ms on dockerd 20.10, measured).
+# Inspect waits for the container's lock, so it returns the settled state.
+FRESH_OVERRIDE_S = 2.0
+
+# Container actions that can change what is routable. ``die`` covers crashes and kills,
+# ``stop`` a clean stop; ``rename`` changes the server id; ``create`` adds a stopped
+# container (routed as sleeping with ``auto_start``). ``connect``/``disconnect`` are
+# network events (a container joined or left a network, which may change its address).
+CONTAINER_ACTIONS = ("create", "start", "die", "stop", "destroy", "pause", "unpause", "rename")
+NETWORK_ACTIONS = ("connect", "disconnect")
+EVENT_FILTERS: dict[str, list[str]] = {
+    "type": ["container", "network"],
+    "event": [*CONTAINER_ACTIONS, *NETWORK_ACTIONS],
+}
+
+# Seconds a container gets to stop before it is killed (auto_stop_after).
+STOP_TIMEOUT_S = 30
+
+T = TypeVar("T")
+
+
+class DockerProviderError(Exception):
+    """Root of the Docker provider's failures; the supervisor logs them and retries."""
+
+
+class EngineUnavailable(DockerProviderError):
+    """Raised when the engine cannot be reached or an API call to it fails."""
+
+
+class EventStreamEnded(DockerProviderError):
+    """Raised when the engine's event stream ends (the engine stopped or restarted)."""
+
+
+@contextmanager
+def _engine_errors(endpoint: str) -> Iterator[None]:
+    """The SDK raises ``DockerException`` and ``requests`` errors (``OSError``s); the
+    supervisor gets one type that names the endpoint."""
+    try:
+        yield
+    except (docker.errors.DockerException, OSError) as exc:
+        raise EngineUnavailable(f"Docker engine at {endpoint}: {exc}") from exc
+
+
+def _inspect(client: Any, container_id: str) -> ContainerRecord | None:
+    """The container in listing form, or None when it is gone."""
+    try:
+        info = client.inspect_container(container_id)
+    except docker.errors.NotFound:
+        return None
+    return record_from_inspect(info) if isinstance(info, Mapping) else None
+
+
+def _close_stream(events: Any) -> None:
+    # The stream may already be closed by the engine, or be an SSH channel the SDK
+    # cannot cancel; either way nothing is left to release here.
+    with suppress(docker.errors.DockerException, OSError, AttributeError, ValueError):
+        events.close()
+
+
+class DockerProvider:
+    """Publishes one server per labelled running container, resynced on every event."""
+
+    Settings: ClassVar[type[ProviderSettings]] = DockerSettings
+
+    def __init__(self, name: str, settings: DockerSettings, config: ProxyConfig) -> None:
+        self.name = name
+        self.settings = settings
+        self._log = logger.bind(provider=name)
+        self._limiter = anyio.CapacityLimiter(WORKER_THREADS)
+        self._control_limiter = anyio.CapacityLimiter(WORKER_THREADS)
+        self._unavailable = f"no Docker engine answers at {settings.endpoint}"
+        self._own_id: str | None = None
+        self._own_id_known = False
+        self._reported: frozenset[LabelProblem] = frozenset()
+        self._routed: tuple[str, ...] | None = None
+        # Touched only on the event loop's thread: the last full listing, and per
+        # container the newest inspection made for an event, with its loop time.
+        self._listing: list[ContainerRecord] | None = None
+        self._fresh: dict[str, tuple[float, ContainerRecord | None]] = {}
+
+    async def available(self) -> bool:
+        try:
+            with anyio.fail_after(AVAILABLE_TIMEOUT_S + 1):
+                client = await self._call(partial(self._connect, AVAILABLE_TIMEOUT_S))
+                try:
+                    await self._call(client.ping)
+                finally:
+                    client.close()
+        except (EngineUnavailable, TimeoutError) as exc:
+            reason = str(exc.__cause__ or exc) or f"no answer within {AVAILABLE_TIMEOUT_S}s"
+            self._unavailable = f"no Docker engine answers at {self.settings.endpoint}: {reason}"
+            return False
+        return True
+
+    def unavailable_reason(self) -> str:
+        return self._unavailable
+
+    async def load_once(self) -> LoadResult:
+        """The servers of one container listing, as the first resync of :meth:`run`
+        publishes them. Raises :class:`EngineUnavailable` when the engine does not answer."""
+        await self._detect_own_id()
+        client = await self._call(partial(self._connect, self.settings.api_timeout))
+        try:
+            listing = await self._list(client)
+        finally:
+            client.close()
+        scan = servers_from_containers(listing, self.settings, self._own_id)
+        return LoadResult(
+            scan.servers,
+            errors=tuple(f"{problem}; not routed" for problem in scan.problems if problem.dropped),
+            warnings=tuple(str(problem) for problem in scan.problems if not problem.dropped),
+            source=self.settings.endpoint,
+        )
+
+    async def _detect_own_id(self) -> None:
+        if not self._own_id_known:
+            self._own_id = await anyio.to_thread.run_sync(detect_own_container_id)
+            self._own_id_known = True
+
+    async def run(self, publish: Publish) -> None:
+        await self._detect_own_id()
+        self._listing = None  # a new connection starts from a full listing
+        self._fresh.clear()
+        client = await self._call(partial(self._connect, self.settings.api_timeout))
+        # the event thread inspects with a client of its own (same API version, no call)
+        inspector = self._connect(self.settings.api_timeout, client.api_version)
+        try:
+            events = await self._call(partial(client.events, decode=True, filters=EVENT_FILTERS))
+            try:
+                await self._follow(client, inspector, events, publish)
+            finally:
+                _close_stream(events)
+        finally:
+            inspector.close()
+            client.close()
+
+    async def _follow(
+        self, client: Any, inspector: Any, events: Iterable[Any], publish: Publish
+    ) -> None:
+        """Resync now and after every relevant event, until the stream ends (then raise)."""
+        send, receive = anyio.create_memory_object_stream[None](1)
+        why: list[BaseException] = []
+        following = True
+
+        def on_event(inspection: tuple[str, ContainerRecord | None] | None) -> None:
+            """On the loop, for each relevant event: apply the event thread's inspection
+            at once, then ask for a full resync (one already pending covers this event)."""
+            if not following:
+                return  # an abandoned event thread's last word
+            if inspection is not None:
+                container_id, record = inspection
+                self._fresh[container_id] = (anyio.current_time(), record)
+                if self._listing is not None:
+                    self._publish(self._listing, publish, prune=False)
+            with suppress(anyio.WouldBlock):
+                send.send_nowait(None)
+
+        async def pump() -> None:
+            nonlocal following
+            with send:
+                try:
+                    await anyio.to_thread.run_sync(
+                        self._pump_events,
+                        events,
+                        inspector,
+                        on_event,
+                        abandon_on_cancel=True,
+                        limiter=self._limiter,
+                    )
+                except Exception as exc:
+                    why.append(exc)
+                finally:
+                    following = False
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump)
+                await self.resync(client, publish)
+                with receive:
+                    async for _ in receive:
+                        await self.resync(client, publish)
+        except ExceptionGroup as group:
+            # pump() never raises: a lone error is a resync's, give the supervisor that one
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        raise EventStreamEnded(
+            f"event stream from {self.settings.endpoint} ended (engine stopped or restarted)"
+            + (f": {why[0]}" if why else "")
+        )
+
+    def _pump_events(
+        self,
+        events: Iterable[Any],
+        inspector: Any,
+        on_event: Callable[[tuple[str, ContainerRecord | None] | None], None],
+    ) -> None:
+        """Worker thread: read events until the stream ends or is closed. A labelled
+        container's event is followed by an inspection of it, here, so the route changes
+        without waiting for a full listing (which is slow on a busy engine)."""
+        prefix = self.settings.label_prefix
+        for event in events:
+            if not isinstance(event, Mapping) or not is_relevant_event(event, prefix):
+                continue
+            container_id = inspection_target(event)
+            inspection = None
+            if container_id is not None:
+                # on failure, the full resync this event triggers will tell
+                with suppress(docker.errors.DockerException, OSError):
+                    inspection = (container_id, _inspect(inspector, container_id))
+            try:
+                anyio.from_thread.run_sync(on_event, inspection)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
+                return  # the provider is gone (cancelled, or its loop closed)
+
+    async def start_server(self, server_id: str) -> None:
+        """Start the container ``server_id`` (a stopped ``auto_start`` server)."""
+        await self._control(server_id, "started", lambda client: client.start(server_id))
+
+    async def stop_server(self, server_id: str) -> None:
+        """Stop the container ``server_id`` (``auto_stop_after``)."""
+        await self._control(
+            server_id, "stopped", lambda client: client.stop(server_id, timeout=STOP_TIMEOUT_S)
+        )
+
+    async def _control(self, server_id: str, done: str, action: Callable[[Any], object]) -> None:
+        """Start or stop a container, in threads of its own: a stop may take
+        ``STOP_TIMEOUT_S``, and resyncs must not wait behind it."""
+
+        def call() -> None:
+            client = self._connect(self.settings.api_timeout + STOP_TIMEOUT_S)
+            try:
+                action(client)
+            finally:
+                client.close()
+
+        with _engine_errors(self.settings.endpoint):
+            await anyio.to_thread.run_sync(call, limiter=self._control_limiter)
+        self._log.info("container {} {}", server_id, done)
+
+    async def resync(self, client: Any, publish: Publish) -> ContainerScan:
+        """List containers once and publish the complete snapshot."""
+        self._listing = await self._list(client)
+        return self._publish(self._listing, publish, prune=True)
+
+    async def _list(self, client: Any) -> list[ContainerRecord]:
+        """Every container, stopped ones too (``auto_start`` servers sleep in them)."""
+        listed = await self._call(partial(client.containers, all=True))
+        return [r for r in listed if isinstance(r, Mapping)]
+
+    def _publish(
+        self, listing: list[ContainerRecord], publish: Publish, *, prune: bool
+    ) -> ContainerScan:
+        """Publish ``listing`` as corrected by recent inspections. With ``prune`` (a new
+        listing), inspections it already shows, or too old to trust, are forgotten."""
+        now = anyio.current_time()
+        by_id = {as_text(r.get("Id")): r for r in listing}
+        overrides: dict[str, ContainerRecord | None] = {}
+        for container_id, (seen_at, record) in list(self._fresh.items()):
+            if now - seen_at > FRESH_OVERRIDE_S or same_state(by_id.get(container_id), record):
+                if prune:
+                    del self._fresh[container_id]
+                continue
+            overrides[container_id] = record
+        records = merge_inspected(listing, overrides) if overrides else listing
+        scan = servers_from_containers(records, self.settings, self._own_id)
+        self._report(scan)
+        publish(scan.servers)
+        return scan
+
+    def _report(self, scan: ContainerScan) -> None:
+        for problem in sorted(set(scan.problems) - self._reported):
+            if problem.dropped:
+                self._log.error("{}; not routed", problem)
+            else:
+                self._log.warning("{}", problem)
+        self._reported = frozenset(scan.problems)
+        routed = tuple(server.id for server in scan.servers)
+        if routed != self._routed:
+            before = set(self._routed or ())
+            changes = [f"+{i}" for i in routed if i not in before]
+            changes += [f"-{i}" for i in sorted(before - set(routed))]
+            self._log.info(
+                "routed containers: {}{}", len(routed), f" ({' '.join(changes)})" if changes else ""
+            )
+            self._routed = routed
+
+    def _connect(self, timeout: int, version: str = "auto") -> Any:
+        """A low-level API client; ``version="auto"`` asks the engine (one /version call)."""
+        endpoint = self.settings.endpoint
+        tls = None
+        if endpoint.startswith(("tcp://", "https://")):
+            tls = docker.utils.kwargs_from_env().get("tls")
+        return docker.APIClient(
+            base_url=endpoint, version=version, timeout=timeout, tls=tls or False
+        )
+
+    async def _call(self, func: Callable[[], T]) -> T:
+        with _engine_errors(self.settings.endpoint):
+            return await anyio.to_thread.run_sync(
+                func, abandon_on_cancel=True, limiter=self._limiter
+            )

@@ -1,0 +1,562 @@
+"""Docker labels: one spec per label (:data:`LABELS`) drives the parser, the messages
+and the generated ``labels.md`` (:func:`labels_markdown`). Pure: no engine, no SDK."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from discoproxy.model import (
+    DEFAULT_BACKEND_PORT,
+    Motd,
+    ProxyMode,
+    ServerDefinition,
+    ServerMotds,
+)
+from providers.docker.settings import DEFAULT_LABEL_PREFIX, DockerSettings
+
+_TRUE = frozenset({"true", "1"})
+_FALSE = frozenset({"false", "0"})
+
+
+# -- labels -------------------------------------------------------------------------------
+
+
+def parse_bool(text: str) -> bool:
+    """``true``/``1``/``false``/``0`` in any case; anything else is an error."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected true, 1, false or 0, got {text!r}")
+
+
+def parse_port(text: str) -> int:
+    value = text.strip()
+    if value.isascii() and value.isdigit() and 1 <= int(value) <= 65535:
+        return int(value)
+    raise ValueError(f"expected 1-65535, got {text!r}")
+
+
+def parse_text(text: str) -> str | None:
+    """A free-form value; blank means unset."""
+    return text.strip() or None
+
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smh]?)$")
+
+
+def parse_seconds(text: str) -> float:
+    """A duration: seconds (``90``, ``2.5``) or with a unit (``90s``, ``10m``, ``1h``)."""
+    match = _DURATION_RE.match(text.strip().lower())
+    if match is None:
+        raise ValueError(f"expected a duration such as 30, 30s, 10m or 1h, got {text!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_int(text: str) -> int:
+    value = text.strip()
+    if value.isascii() and value.isdigit():
+        return int(value)
+    raise ValueError(f"expected a whole number >= 0, got {text!r}")
+
+
+def parse_network(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError("expected a Docker network name, got ''")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class LabelSpec:
+    """One label: how it parses, and what ``labels.md`` says about it."""
+
+    key: str
+    type: str
+    default: str
+    example: str
+    accepted: str
+    maps_to: str
+    description: str
+    parse: Callable[[str], object]
+    #: the ServerDefinition field the parsed value is passed to, if any; dotted for a
+    #: nested one (``motds.sleeping.text``)
+    field: str | None = None
+
+
+def _field_doc(field: str) -> str:
+    return ServerDefinition.model_fields[field].description or ""
+
+
+_MOTD_STATES = ("online", "unreachable", "starting", "sleeping")
+_MOTD_FIELDS: tuple[tuple[str, str, str, str, Callable[[str], object]], ...] = (
+    # key, type, example, accepted, parse
+    (
+        "text",
+        "string",
+        "`§aSurvival§r is up`",
+        "legacy `§` text (`\\n` for the second line) or a JSON text component",
+        lambda text: text.replace("\\n", "\n"),
+    ),
+    ("version_name", "string", "`Paper 1.21`", "any text", parse_text),
+    ("max_players", "integer", "`100`", "0 or more", parse_int),
+    ("online_players", "integer", "`0`", "0 or more", parse_int),
+    (
+        "favicon",
+        "string",
+        "`/icons/survival.png`",
+        "path (inside discoproxy's container) of a 64x64 PNG, or a `data:image/png;base64,` URI",
+        parse_text,
+    ),
+)
+
+
+def _motd_labels() -> tuple[LabelSpec, ...]:
+    specs = []
+    for state in _MOTD_STATES:
+        state_doc = ServerMotds.model_fields[state].description or ""
+        for key, kind, example, accepted, parse in _MOTD_FIELDS:
+            field_doc = Motd.model_fields[key].description or ""
+            specs.append(
+                LabelSpec(
+                    key=f"motds.{state}.{key}",
+                    type=kind,
+                    default="the global `[motds." + state + "]`" if state != "online" else "none",
+                    example=example,
+                    accepted=accepted,
+                    maps_to=f"`motds.{state}.{key}`",
+                    description=f"{state_doc} {field_doc}",
+                    parse=parse,
+                    field=f"motds.{state}.{key}",
+                )
+            )
+    return tuple(specs)
+
+
+LABELS: tuple[LabelSpec, ...] = (
+    LabelSpec(
+        key="enable",
+        type="bool",
+        default="`true` when `domains` is set",
+        example="`true`",
+        accepted="`true`, `1`, `false`, `0` (any case)",
+        maps_to="(selection only)",
+        description="Route this container. `false` excludes it whatever its other labels "
+        "say; `true` is needed only for a container without `domains` (a catch-all with "
+        "`default`).",
+        parse=parse_bool,
+    ),
+    LabelSpec(
+        key="domains",
+        type="comma-separated list",
+        default="none",
+        example="`mc.example.com,*.mc.example.com`",
+        accepted="host names, or `*.` followed by a host name (wildcard)",
+        maps_to="`domains`",
+        description=_field_doc("domains") + " Blanks around commas are ignored.",
+        parse=lambda text: text,
+        field="domains",
+    ),
+    LabelSpec(
+        key="port",
+        type="integer",
+        default=f"`{DEFAULT_BACKEND_PORT}`",
+        example="`25566`",
+        accepted="1-65535",
+        maps_to="the port of `addresses`",
+        description="The port the server listens on inside the container. With "
+        "`use_published_ports`, the container port whose published host port is used.",
+        parse=parse_port,
+    ),
+    LabelSpec(
+        key="docker_network",
+        type="string",
+        default="see *Backend address*",
+        example="`minecraft`",
+        accepted="the name of a network the container is attached to",
+        maps_to="the host of `addresses` (the container's IP on that network)",
+        description="The Docker network discoproxy reaches the container on. Needed when "
+        "the container is on several networks and the choice is not otherwise clear.",
+        parse=parse_network,
+    ),
+    LabelSpec(
+        key="proxy_mode",
+        type="string",
+        default=f"`{ProxyMode.PASSTHROUGH.value}`",
+        example=f"`{ProxyMode.PASSTHROUGH.value}`",
+        accepted=", ".join(f"`{mode.value}`" for mode in ProxyMode),
+        maps_to="`proxy_mode`",
+        description=_field_doc("proxy_mode"),
+        parse=lambda text: text,
+        field="proxy_mode",
+    ),
+    LabelSpec(
+        key="send_proxy_protocol",
+        type="bool",
+        default="`false`",
+        example="`true`",
+        accepted="`true`, `1`, `false`, `0` (any case)",
+        maps_to="`send_proxy_protocol`",
+        description=_field_doc("send_proxy_protocol"),
+        parse=parse_bool,
+        field="send_proxy_protocol",
+    ),
+    LabelSpec(
+        key="name",
+        type="string",
+        default="none",
+        example="`Survival`",
+        accepted="any text",
+        maps_to="`name`",
+        description=_field_doc("name"),
+        parse=parse_text,
+        field="name",
+    ),
+    LabelSpec(
+        key="default",
+        type="bool",
+        default="`false`",
+        example="`true`",
+        accepted="`true`, `1`, `false`, `0` (any case)",
+        maps_to="`default`",
+        description=_field_doc("default"),
+        parse=parse_bool,
+        field="default",
+    ),
+    LabelSpec(
+        key="ports",
+        type="comma-separated list",
+        default="none",
+        example="`25575/tcp,19132/udp,9000-9010:8000-8010/tcp`",
+        accepted="`PORT[-END][:TARGET[-END]]/tcp` or `/udp` (`/tcp` when left out)",
+        maps_to="`ports`",
+        description=_field_doc("ports")
+        + " The ports are opened on discoproxy's `port_routes_bind` address while the "
+        "container is routed, and closed when it goes (open connections finish).",
+        parse=lambda text: text,
+        field="ports",
+    ),
+    LabelSpec(
+        key="ip_filter.allow",
+        type="comma-separated list",
+        default="everyone not denied",
+        example="`10.0.0.0/8,2001:db8::/32`",
+        accepted="IPv4/IPv6 addresses and CIDRs",
+        maps_to="`ip_filter.allow`",
+        description="Only these client addresses (after PROXY protocol) may reach this "
+        "server; applied after the global `[ip_filter]`, which it can narrow, never widen.",
+        parse=lambda text: text,
+        field="ip_filter.allow",
+    ),
+    LabelSpec(
+        key="ip_filter.deny",
+        type="comma-separated list",
+        default="none",
+        example="`203.0.113.0/24`",
+        accepted="IPv4/IPv6 addresses and CIDRs",
+        maps_to="`ip_filter.deny`",
+        description="Client addresses refused by this server, whatever `ip_filter.allow` says.",
+        parse=lambda text: text,
+        field="ip_filter.deny",
+    ),
+    LabelSpec(
+        key="tls.cert",
+        type="path",
+        default="none",
+        example="`/certs/shop.pem`",
+        accepted="a PEM file inside discoproxy's container",
+        maps_to="`tls.cert`",
+        description="Terminate TLS for this container with this certificate chain (with "
+        "`tls.key`); TLS passes through untouched without it.",
+        parse=lambda text: text,
+        field="tls.cert",
+    ),
+    LabelSpec(
+        key="tls.key",
+        type="path",
+        default="none",
+        example="`/certs/shop.key`",
+        accepted="a PEM file inside discoproxy's container",
+        maps_to="`tls.key`",
+        description="The private key of `tls.cert`.",
+        parse=lambda text: text,
+        field="tls.key",
+    ),
+    LabelSpec(
+        key="tls.backend_tls",
+        type="bool",
+        default="none",
+        example="`true`",
+        accepted="`true`, `1`, `false`, `0` (any case)",
+        maps_to="`tls.backend_tls`",
+        description="With `tls.cert`: speak TLS to the container too (re-encrypt).",
+        parse=parse_bool,
+        field="tls.backend_tls",
+    ),
+    LabelSpec(
+        key="tls.backend_verify",
+        type="bool",
+        default="none",
+        example="`false`",
+        accepted="`true`, `1`, `false`, `0` (any case)",
+        maps_to="`tls.backend_verify`",
+        description="With `tls.backend_tls`: verify the container's certificate (default `true`).",
+        parse=parse_bool,
+        field="tls.backend_verify",
+    ),
+    LabelSpec(
+        key="tls.backend_ca",
+        type="path",
+        default="none",
+        example="`/certs/ca.pem`",
+        accepted="a PEM file inside discoproxy's container",
+        maps_to="`tls.backend_ca`",
+        description="With `tls.backend_tls`: CA bundle to verify the container's certificate.",
+        parse=lambda text: text,
+        field="tls.backend_ca",
+    ),
+    LabelSpec(
+        key="status_cache_ttl",
+        type="duration",
+        default="the global `status_cache_ttl`",
+        example="`10s`",
+        accepted="seconds (`30`, `2.5`) or with a unit: `30s`, `10m`, `1h`",
+        maps_to="`status_cache_ttl`",
+        description=_field_doc("status_cache_ttl"),
+        parse=parse_seconds,
+        field="status_cache_ttl",
+    ),
+    LabelSpec(
+        key="domain_rewrite",
+        type="string",
+        default="none",
+        example="`backend`",
+        accepted="`backend`, or a host name",
+        maps_to="`domain_rewrite`",
+        description=_field_doc("domain_rewrite"),
+        parse=parse_text,
+        field="domain_rewrite",
+    ),
+    LabelSpec(
+        key="auto_start",
+        type="bool",
+        default="`false`",
+        example="`true`",
+        accepted="`true`, `1`, `false`, `0` (any case)",
+        maps_to="`auto_start`",
+        description=_field_doc("auto_start")
+        + " A stopped (exited or created) container with this label stays routed: pings "
+        "show the `sleeping` MOTD and a login starts it.",
+        parse=parse_bool,
+        field="auto_start",
+    ),
+    LabelSpec(
+        key="auto_stop_after",
+        type="duration",
+        default="never",
+        example="`10m`",
+        accepted="seconds (`600`) or with a unit: `30s`, `10m`, `1h`",
+        maps_to="`auto_stop_after`",
+        description=_field_doc("auto_stop_after"),
+        parse=parse_seconds,
+        field="auto_stop_after",
+    ),
+    *_motd_labels(),
+)
+LABELS_BY_KEY = {spec.key: spec for spec in LABELS}
+# for messages: the MOTD labels as one pattern rather than twenty names
+_KNOWN_LABELS = ", ".join(
+    [spec.key for spec in LABELS if not spec.key.startswith("motds.")]
+    + [f"motds.{{{','.join(_MOTD_STATES)}}}.{{{','.join(f[0] for f in _MOTD_FIELDS)}}}"]
+)
+# pydantic reports errors under a field's alias (``proxyMode``) or its name; nested
+# fields under their dotted path
+SPEC_BY_FIELD = {
+    name: spec
+    for spec in LABELS
+    if spec.field is not None
+    for name in (
+        (spec.field,)
+        if "." in spec.field
+        else (spec.field, ServerDefinition.model_fields[spec.field].alias or spec.field)
+    )
+}
+
+
+def nest(values: Mapping[str, object]) -> dict[str, object]:
+    """``{"motds.sleeping.text": v}`` → ``{"motds": {"sleeping": {"text": v}}}``."""
+    nested: dict[str, object] = {}
+    for path, value in values.items():
+        *parents, leaf = path.split(".")
+        node = nested
+        for part in parents:
+            child = node.setdefault(part, {})
+            assert isinstance(child, dict)
+            node = child
+        node[leaf] = value
+    return nested
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class LabelProblem:
+    """Why a container is not routed (``dropped``), or a warning about its labels."""
+
+    container: str
+    label: str | None
+    message: str
+    dropped: bool = True
+
+    def __str__(self) -> str:
+        # container-level messages read as a sentence: "container mc-1 is on networks …"
+        if self.label is None:
+            return f"container {self.container} {self.message}"
+        return f"container {self.container}, label {self.label}: {self.message}"
+
+
+def unknown_label(name: str, prefix: str, key: str) -> LabelProblem:
+    close = difflib.get_close_matches(key, list(LABELS_BY_KEY), n=1)
+    hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
+    return LabelProblem(
+        name,
+        f"{prefix}.{key}",
+        f"unknown label, ignored{hint}; known: {_KNOWN_LABELS}",
+        dropped=False,
+    )
+
+
+# -- docs ---------------------------------------------------------------------------------
+
+
+def _settings_rows() -> list[str]:
+    rows = []
+    for key, info in DockerSettings.model_fields.items():
+        if key == "enabled":
+            continue  # the base's, documented with its own row
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        doc_default = extra.get("doc_default")
+        if isinstance(doc_default, str):
+            default = doc_default
+        elif info.default is None:
+            default = "none"
+        else:
+            value = info.default
+            shown = str(value).lower() if isinstance(value, bool) else str(value)
+            default = f"`{getattr(value, 'value', shown)}`"
+        rows.append(f"| `{key}` | {default} | {info.description or ''} |")
+    return rows
+
+
+def labels_markdown(prefix: str = DEFAULT_LABEL_PREFIX) -> str:
+    """``labels.md``: every label, its type, default, example, accepted values and field."""
+    p = prefix
+    lines = [
+        "# Docker labels",
+        "",
+        "<!-- Generated from providers/docker/labels.py by `discoproxy labels`; do not",
+        "     edit by hand: run `uv run discoproxy labels > labels.md`. -->",
+        "",
+        "The Docker provider turns every labelled, running container into one server, as if",
+        "it had a file in `servers_dir`: each label maps to a field of the server-file",
+        "format, and the server's `id` is the container name (shown as `<name>@docker` in",
+        "logs and `discoproxy routes`). Routes follow the engine's events: a container that",
+        "starts is routable at once, one that stops, dies, pauses or is removed is not. When",
+        "the engine goes away, the last routes stay until it answers again; then every",
+        "container is listed afresh.",
+        "",
+        "## Which containers are routed",
+        "",
+        f"A running container is routed when it has the label `{p}.domains` or `{p}.ports`, or",
+        f"`{p}.enable=true` (with `{p}.default=true`, for a catch-all without domains).",
+        f"`{p}.enable=false` excludes a container whatever its other labels say. Paused",
+        "containers are not routed. The prefix is the provider's `label_prefix` setting.",
+        "",
+        "A stopped container (exited, or created and never started) labelled",
+        f"`{p}.auto_start=true` stays routed as a *sleeping* server: status pings show its",
+        "`sleeping` MOTD, and a",
+        "login starts it through the Docker API (one start however many players log in at",
+        f"once). With `{p}.auto_stop_after`, discoproxy stops it again after that long",
+        "without a player. discoproxy then needs the Docker socket with write access.",
+        "",
+        "## Labels",
+        "",
+        "| label | type | default | example | accepted values | server-file field |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for spec in LABELS:
+        lines.append(
+            f"| `{p}.{spec.key}` | {spec.type} | {spec.default} | {spec.example} "
+            f"| {spec.accepted} | {spec.maps_to} |"
+        )
+    lines += [""]
+    for spec in LABELS:
+        lines.append(f"- `{p}.{spec.key}`: {spec.description}")
+    lines += [
+        "",
+        "The server's `addresses` is the single address `<host>:<port>` worked out below.",
+        "",
+        "## Backend address",
+        "",
+        f"The port is `{p}.port`. The host is chosen in this order:",
+        "",
+        "1. `network_mode: host`: the provider's `host_address` (the container shares the",
+        "   Docker host's network).",
+        "2. With `use_published_ports = true`: the host port published for `port`/tcp, at",
+        "   `host_address` (or at the binding's own IP when it is not `0.0.0.0`/`::`).",
+        "3. Otherwise the container's IP (IPv4, else global IPv6) on one network:",
+        f"   - the network named by `{p}.docker_network`; the container must be on it;",
+        "   - else the provider's `network` setting, if the container is on it;",
+        "   - else, when discoproxy itself runs in a container: the one network the two",
+        "     share (none or several shared is reported);",
+        "   - else the container's only network.",
+        "",
+        "A container on several networks with none of these choosing one is reported, never",
+        'routed on "the first" network: Docker lists networks in no particular order.',
+        "`network_mode: none` and containers without an IP are reported too;",
+        "`network_mode: container:<other>` uses the other container's networks.",
+        "",
+        "## Errors",
+        "",
+        "A bad label drops that container only; every other container is still routed.",
+        "Each problem is logged once, when it first appears, naming the container, the label,",
+        "the value and the accepted form:",
+        "",
+        "```",
+        f"container mc-1, label {p}.port: expected 1-65535, got '25565a'; not routed",
+        f"container mc-2, label {p}.send_proxy_protocol: expected true, 1, false or 0, "
+        "got 'yes'; not routed",
+        f"container mc-3 is on networks backend, frontend: set label {p}.docker_network to choose; "
+        "not routed",
+        "```",
+        "",
+        f"Unknown `{p}.*` labels are warned about (with the closest known label) and ignored.",
+        "Two containers claiming one domain are a conflict: the registry routes it to the",
+        "first qualified id in sort order and logs the conflict.",
+        "",
+        "## Provider settings",
+        "",
+        "`[providers.docker]` in the global config:",
+        "",
+        "| key | default | meaning |",
+        "| --- | --- | --- |",
+        "| `enabled` | `auto` | `auto`: on when the engine answers at `endpoint`; `true`, "
+        "`false` |",
+        *_settings_rows(),
+        "",
+        "## Example",
+        "",
+        "```yaml",
+        "services:",
+        "  survival:",
+        "    image: itzg/minecraft-server",
+        "    labels:",
+        f'      {p}.domains: "survival.example.com,*.survival.example.com"',
+        f'      {p}.send_proxy_protocol: "true"',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
