@@ -43,6 +43,21 @@ class ProxyMode(enum.StrEnum):
     PASSTHROUGH = "passthrough"
 
 
+class Balance(enum.StrEnum):
+    """Which backend of a pool a new connection dials first (the others follow, in
+    turn, if that dial fails)."""
+
+    FAILOVER = "failover"  # the first healthy address, in the order given
+    ROUND_ROBIN = "round_robin"  # in turn, by weight
+    RANDOM = "random"  # at random, by weight
+    LEAST_CONNECTIONS = "least_connections"  # fewest open connections per weight
+
+
+# strategies the issue names that need active health checks, not here yet
+UNSUPPORTED_BALANCE = frozenset({"lowest_latency", "fewest_players"})
+MAX_WEIGHT = 256
+
+
 UNSUPPORTED_PROXY_MODES = frozenset(
     {"zerocopy", "client_only", "clientonly", "offline", "server_only", "serveronly", "intercepted"}
 )
@@ -84,6 +99,9 @@ class BackendAddress(BaseModel):
 
     host: str
     port: int = DEFAULT_BACKEND_PORT
+    # relative share of new connections (round_robin, random, least_connections);
+    # 0 takes none while another backend is up (drain it)
+    weight: int = Field(default=1, ge=0, le=MAX_WEIGHT)
 
     @classmethod
     def parse(cls, value: str) -> BackendAddress:
@@ -113,6 +131,28 @@ class BackendAddress(BaseModel):
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _backend_address(item: object) -> BackendAddress:
+    """An ``addresses`` entry: 'host[:port]', or { address = 'host[:port]', weight = n }."""
+    if isinstance(item, BackendAddress):
+        return item
+    if isinstance(item, dict):
+        unknown = sorted(set(item) - {"address", "weight"})
+        if unknown or "address" not in item:
+            raise ValueError(
+                f"invalid address entry {item!r}; expected 'host[:port]' or "
+                "{ address = 'host[:port]', weight = 1 }"
+            )
+        weight = item.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
+            raise ValueError(
+                f"invalid weight {weight!r} for {item['address']!r}; expected an integer "
+                f"from 0 (no new connections) to {MAX_WEIGHT}"
+            )
+        parsed = BackendAddress.parse(str(item["address"]))
+        return BackendAddress(host=parsed.host, port=parsed.port, weight=weight)
+    return BackendAddress.parse(str(item))
 
 
 def _check_ip(host: str, original: str, *, want_v6: bool) -> None:
@@ -304,7 +344,20 @@ class ServerDefinition(BaseModel):
         "('*.example.com'); matched against the Minecraft handshake, TLS SNI or HTTP Host.",
     )
     addresses: tuple[BackendAddress, ...] = Field(
-        description="Backends as 'host[:port]' (port 25565 by default), tried in order.",
+        description="Backends as 'host[:port]' (port 25565 by default), or "
+        "{ address = 'host[:port]', weight = 3 }; the pool 'balance' chooses from.",
+    )
+    balance: Balance = Field(
+        default=Balance.FAILOVER,
+        description="Which address a new connection dials first: 'failover' (the first "
+        "healthy one, in order), 'round_robin', 'random' or 'least_connections' (by "
+        "weight); a failed dial moves on to the next healthy address.",
+    )
+    sticky_ttl: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds a client IP keeps dialing the backend it last reached "
+        "(reconnecting players land on the same replica); 0: off.",
     )
     send_proxy_protocol: bool = Field(
         default=False,
@@ -390,10 +443,23 @@ class ServerDefinition(BaseModel):
             value = [part for part in value.split(",") if part.strip()]
         if not isinstance(value, list | tuple):
             return value
-        return tuple(
-            item if isinstance(item, BackendAddress) else BackendAddress.parse(str(item))
-            for item in value
-        )
+        return tuple(_backend_address(item) for item in value)
+
+    @field_validator("balance", mode="before")
+    @classmethod
+    def _balance(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        text = value.strip().lower().replace("-", "_")
+        accepted = ", ".join(f"'{b.value}'" for b in Balance)
+        if text in UNSUPPORTED_BALANCE:
+            raise ValueError(
+                f"balance {value!r} is not supported yet (it needs active health checks); "
+                f"accepted: {accepted}"
+            )
+        if text not in Balance._value2member_map_:
+            raise ValueError(f"unknown balance {value!r}; accepted: {accepted}")
+        return Balance(text)
 
     @field_validator("proxy_mode", mode="before")
     @classmethod

@@ -42,9 +42,12 @@ class Route:
     # the server's own ip_filter, None when it sets none: the guard checks it from the
     # route itself, so a connection meets the filter of the very table that routed it
     ip_filter: IpFilterSettings | None = field(init=False, compare=False, repr=False)
+    # each address's weight, in the same order (the pool's: proxy/balance.py)
+    weights: tuple[int, ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ip_filter", self.server.ip_filter or None)
+        object.__setattr__(self, "weights", tuple(a.weight for a in self.server.addresses))
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ from discoproxy.protocol.errors import NEED_DATA, Hint, ProtocolError
 from discoproxy.protocol.proxy_protocol import ProxyHeader, parse_proxy_header
 from discoproxy.protocol.sniff import Sniffed, detect_protocol
 from discoproxy.proxy.addresses import Proxied, format_addr, literal_family, proxy_v2_header
+from discoproxy.proxy.balance import FALL
 from discoproxy.proxy.names import Resolved, resolved_addresses
 from discoproxy.proxy.relay import Flow
 from discoproxy.proxy.tls_termination import Handoff, terminate
@@ -64,6 +65,7 @@ from discoproxy.status import LEGACY_PING_PROTOCOL, StatusState, display_name, r
 
 if TYPE_CHECKING:
     from discoproxy.config import ProxyConfig
+    from discoproxy.proxy.balance import Pool
     from discoproxy.proxy.planes import TaskHandle
     from discoproxy.proxy.server import ProxyContext
     from discoproxy.proxy.stats import RouteStats
@@ -169,6 +171,7 @@ class ClientConnection:
         "_dial_errors",
         "_dial_name",
         "_dial_task",
+        "_entry",
         "_guarded",
         "_handshake",
         "_handshake_length",
@@ -181,7 +184,9 @@ class ClientConnection:
         "_name",
         "_next_address",
         "_next_state",
+        "_order",
         "_player",
+        "_pool",
         "_proxy_header",
         "_resolved_addresses",
         "_status_pending",
@@ -240,6 +245,9 @@ class ClientConnection:
         self._dial_task: TaskHandle | None = None
         self._dial_errors: list[str] | None = None
         self._next_address = 0
+        self._order: list[tuple[str, int]] | None = None  # the pool's answer, once asked
+        self._entry: tuple[str, int] | None = None  # the pool entry dialed (counted open)
+        self._pool: Pool | None = None
         self._kind: Sniffed | None = None
         self._name: str | None = None
         self._next_state = 0
@@ -577,13 +585,37 @@ class ClientConnection:
         if self.cmask >= 0:
             ctx.reactor.unregister(self.cfd)  # leaves epoll; the fd now belongs to asyncio
             self.cmask = -1
-        handoff = Handoff(self.id, self.started, bytes(self.buffer), self._proxied_for(route))
+        pool = self._pool = ctx.pools.get(route)
+        client = self.client_addr
+        order = pool.order(client[0] if client else None, time.monotonic())
+        proxied = self._proxied_for(route)
+        handoff = Handoff(self.id, self.started, bytes(self.buffer), proxied, tuple(order))
         self._dial_task = ctx.spawn(self, terminate(ctx, self, route, self.cfd, handoff))
 
-    def terminated(self, backend: tuple[str, int] | None, up: int, down: int, reason: str) -> None:
-        """The terminated relay ended (its fd is closed): account and log it."""
+    def terminated(
+        self,
+        backend: tuple[str, int] | None,
+        up: int,
+        down: int,
+        reason: str,
+        failed: tuple[tuple[str, int], ...] = (),
+    ) -> None:
+        """The terminated relay ended (its fd is closed): account and log it, and tell
+        the pool which backends failed and which one answered."""
         self._dial_task = None
         self.cfd = -1
+        pool = self._pool
+        if pool is not None:
+            for entry in failed:
+                self._entry = entry
+                pool.dialing(entry)
+                self._entry_failed()
+            if backend is not None:
+                self._entry = backend
+                pool.dialing(backend)
+                self._connected_entry(time.monotonic())
+                pool.done(backend)
+                self._entry = None
         if self.state is CLOSED:
             return
         self.backend_addr = backend
@@ -813,7 +845,13 @@ class ClientConnection:
         ``connect_timeout`` per attempt (cheaper than a timer per attempt)."""
         route = self.route
         assert route is not None
-        addresses = route.addresses
+        addresses = self._order
+        if addresses is None:
+            pool = self._pool = self.ctx.pools.get(route)
+            client = self.client_addr
+            addresses = self._order = pool.order(client[0] if client else None, time.monotonic())
+            if not addresses:
+                self._dial_error(f"every backend of {route.qualified_id} is down")
         timeout = self.ctx.config.connect_timeout
         while self.state is DIALING:
             now = time.monotonic()
@@ -826,11 +864,16 @@ class ClientConnection:
                 if self._connect(resolved_family, ip, port, name):
                     return
                 continue
+            if self._entry is not None:  # every address of the last entry failed
+                self._entry_failed()
             if self._next_address >= len(addresses):
                 self._backend_unreachable()
                 return
-            host, port = addresses[self._next_address]
+            host, port = entry = addresses[self._next_address]
             self._next_address += 1
+            self._entry = entry
+            assert self._pool is not None
+            self._pool.dialing(entry)
             family = literal_family(host)
             if family is None:
                 cached = self.ctx.names.get(host, port)
@@ -845,6 +888,35 @@ class ClientConnection:
                 return
             if self._connect(family, host, port):
                 return
+
+    def _connected_entry(self, now: float) -> None:
+        """A dial to the pool entry being dialed went through: tell the pool."""
+        entry, pool, route = self._entry, self._pool, self.route
+        if entry is None or pool is None or route is None:
+            return
+        client = self.client_addr
+        if pool.connected(entry, client[0] if client else None, now):
+            logger.bind(route=route.qualified_id).warning(
+                "backend {} of {} up again", format_addr(entry), route.qualified_id
+            )
+
+    def _entry_failed(self) -> None:
+        """The pool entry being dialed failed (each of its addresses): tell the pool."""
+        entry, pool = self._entry, self._pool
+        assert entry is not None and pool is not None
+        self._entry = None
+        pool.done(entry)
+        if pool.failed(entry, time.monotonic()):
+            route = self.route
+            assert route is not None
+            last = self._dial_errors[-1] if self._dial_errors else "failed"
+            logger.bind(route=route.qualified_id).warning(
+                "backend {} of {} down: {} dials failed in a row: {}",
+                format_addr(entry),
+                route.qualified_id,
+                FALL,
+                last,
+            )
 
     @on_loop
     async def _resolve(self, host: str, port: int, token: int) -> None:
@@ -945,7 +1017,9 @@ class ClientConnection:
         up.out = prefix[n:] if n < len(prefix) else None
         route_stats = self.route_stats
         assert route_stats is not None
-        route_stats.connect.observe(time.monotonic() - self._dial_at)
+        now = time.monotonic()
+        route_stats.connect.observe(now - self._dial_at)
+        self._connected_entry(now)
         self._start_forwarding()
 
     def _dial_error(self, error: str) -> None:
@@ -1053,7 +1127,9 @@ class ClientConnection:
             return
         self.route = route
         self.route_stats = self.ctx.stats.route(route.qualified_id)
-        self._next_address = 0  # the woken server's addresses, from the first
+        self._next_address = 0  # the woken server's addresses, from the first, all of them
+        self._pool = self.ctx.pools.get(route)
+        self._order = list(route.addresses)
         self._resolved_addresses = None
         self._dial_errors = None
         self._move(DIALING)
@@ -1165,6 +1241,9 @@ class ClientConnection:
         up, down = self.up, self.down
         up.release()
         down.release()
+        if self._entry is not None:
+            self._pool.done(self._entry)  # type: ignore[union-attr]
+            self._entry = None
         if self._player:
             self._player = False
             ctx.waker.player_left(self.route.qualified_id)  # type: ignore[union-attr]

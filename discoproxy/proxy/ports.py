@@ -202,6 +202,7 @@ class UdpSession:
         "bytes_down",
         "bytes_up",
         "client",
+        "entry",
         "fd",
         "header",
         "id",
@@ -235,6 +236,7 @@ class UdpSession:
         self.pktinfo = pktinfo
         self.started = self.last = time.monotonic()
         self.bytes_up = self.bytes_down = 0
+        self.entry = backend  # the route's address it came from (before name resolution)
 
     def send(self, data: bytes) -> None:
         try:
@@ -369,7 +371,7 @@ class UdpListener:
             stats.drops[cause] += 1
             ctx.log_rejection(client, cause, cause, self.label)
             return None
-        host, port = self._pick(route.addresses)
+        host, port = entry = self._pick(route, client[0])
         family = literal_family(host)
         if family is None:
             names = ctx.names
@@ -406,20 +408,24 @@ class UdpListener:
             local = (local_ip or self.address[0], self.address[1])
             header = proxy_v2_header((client, local), transport="udp")
         session = UdpSession(self, client, route, sock, (host, port), header, pktinfo)
+        session.entry = entry
+        ctx.pools.get(route).dialing(entry)  # open sessions count for least_connections
         self.sessions[client] = session
         ctx.udp_sessions += 1
         ctx.reactor.register(session.fd, session, EPOLLIN)
         return session
 
-    def _pick(self, addresses: tuple[tuple[str, int], ...]) -> tuple[str, int]:
-        """The first address not held off after a refusal (else the first)."""
+    def _pick(self, route: Route, client_ip: str) -> tuple[str, int]:
+        """The pool's choice (``balance``), passing over addresses held off after a
+        refusal (all held off: the pool's first)."""
+        now = time.monotonic()
+        order = self.ctx.pools.get(route).order(client_ip, now) or list(route.addresses)
         held = self._held_off
         if held:
-            now = time.monotonic()
-            for address in addresses:
+            for address in order:
                 if held.get(address, 0.0) <= now:
                     return address
-        return addresses[0]
+        return order[0]
 
     def backend_failed(self, session: UdpSession, exc: OSError) -> None:
         """The backend refused (ICMP): end the session; new ones try the next address."""
@@ -428,7 +434,7 @@ class UdpListener:
             held = self._held_off  # past hold-offs go: backends come and go with containers
             for address in [a for a, until in held.items() if until <= now]:
                 del held[address]
-            held[session.backend] = now + UDP_BACKEND_HOLD_OFF_S
+            held[session.entry] = now + UDP_BACKEND_HOLD_OFF_S
         self.end(session, f"backend error: {exc.strerror or exc}")
 
     def end(self, session: UdpSession, reason: str) -> None:
@@ -436,6 +442,7 @@ class UdpListener:
             return
         ctx = self.ctx
         ctx.udp_sessions -= 1
+        ctx.pools.get(session.route).done(session.entry)
         route_stats = ctx.stats.route(session.route.qualified_id)
         route_stats.udp_sessions += 1
         route_stats.udp_bytes_up += session.bytes_up

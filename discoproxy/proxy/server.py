@@ -43,6 +43,7 @@ from discoproxy.guard import BanList, Guard, load_bans
 from discoproxy.owners import LOOP, on_loop, on_reactor, owned_by
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.addresses import format_addr
+from discoproxy.proxy.balance import Pools
 from discoproxy.proxy.connection import ClientConnection, ConnState
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener, ListenError
 from discoproxy.proxy.names import NameCache
@@ -73,6 +74,8 @@ TERMINATING = ConnState.TERMINATING
 # Rejections (e.g. max_connections) are logged at most this often, so a flood does not
 # become a log flood; the count in between is reported with the next line.
 REJECTION_LOG_INTERVAL_S = 5.0
+# How often clients whose stickiness (sticky_ttl) ran out are forgotten.
+STICKY_SWEEP_S = 10.0
 # The bans file is re-read this long after its directory went quiet (a burst of writes
 # is one reload, at most DEBOUNCE later).
 BANS_WATCH_STEP_MS = 50
@@ -117,6 +120,7 @@ class ProxyContext:
         self._stop_sweeps: list[Callable[[], None]] = []
         self.names = NameCache()
         self.stats = DataPlaneStats()  # reactor thread; read through metrics.take_snapshot
+        self.pools = Pools()  # reactor thread: each route's balancing and backend health
         self.binds = BindListeners(self)
         self._derive(config)
 
@@ -217,10 +221,13 @@ class ProxyContext:
         container churn does not grow /metrics forever; the waker's player times too."""
 
         def prune() -> None:
-            live = {c.route.qualified_id for c in self.connections if c.route is not None}
+            used = [c.route for c in self.connections if c.route is not None]
             for listener in self.udp_listeners:
-                live.update(s.route.qualified_id for s in listener.sessions.values())
+                used.extend(s.route for s in listener.sessions.values())
+            live = {route.qualified_id for route in used}
             self.stats.prune(table, live)
+            in_table = [*table.by_id.values(), *table.ports.values()]
+            self.pools.prune({(r.qualified_id, r.addresses) for r in [*in_table, *used]})
             self.waker.forget_gone(table.by_id)
 
         self.reactor.call(prune)
@@ -280,6 +287,9 @@ class ProxyContext:
         if timeouts:
             tick = min(1.0, min(timeouts) / 4)
             self._stop_sweeps.append(self.reactor.every(tick, self._sweep_deadlines))
+        self._stop_sweeps.append(
+            self.reactor.every(STICKY_SWEEP_S, lambda: self.pools.expire_sticky(time.monotonic()))
+        )
         idle = self.config.idle_timeout
         if idle > 0:
             tick = min(1.0, idle / 4)

@@ -138,6 +138,7 @@ class Handoff:
     started: float  # time.monotonic() of accept: handshake_timeout counts from it
     prefix: bytes  # the ClientHello bytes already read
     proxied: Proxied | None  # the backend's PROXY header addresses, if it wants one
+    order: tuple[tuple[str, int], ...]  # the backends to dial, in the pool's order
 
 
 async def terminate(
@@ -152,6 +153,7 @@ async def terminate(
     client.setblocking(False)
     up = down = 0
     backend: tuple[str, int] | None = None
+    failed: list[tuple[str, int]] = []  # backends whose dial failed, for the pool
     reason = "both sides closed"
     try:
         try:
@@ -170,7 +172,7 @@ async def terminate(
                 await _handshake(loop, client, tls_obj, incoming, outgoing)
         except TimeoutError:
             raise _Ended("handshake timeout") from None
-        reader, writer, backend = await _dial(ctx, handoff, route, settings)
+        reader, writer, backend = await _dial(ctx, handoff, route, settings, failed)
         try:
             idle = ctx.config.idle_timeout
             up, down, reason = await _relay(
@@ -187,7 +189,9 @@ async def terminate(
     finally:
         client.close()
         with contextlib.suppress(RuntimeError):  # the reactor stopped: nothing to account to
-            ctx.reactor.call_into(conn, lambda: conn.terminated(backend, up, down, reason))
+            ctx.reactor.call_into(
+                conn, lambda: conn.terminated(backend, up, down, reason, tuple(failed))
+            )
 
 
 async def _handshake(
@@ -220,10 +224,11 @@ async def _dial(
     handoff: Handoff,
     route: Route,
     settings: TlsSettings,
+    failed: list[tuple[str, int]],
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[str, int]]:
-    errors = []
+    errors = [] if handoff.order else [f"every backend of {route.qualified_id} is down"]
     timeout = ctx.config.connect_timeout or None
-    for host, port in route.addresses:
+    for host, port in handoff.order:
         backend_tls = ctx.certs.backend_context(settings) if settings.backend_tls else None
         try:
             async with asyncio.timeout(timeout):
@@ -232,6 +237,7 @@ async def _dial(
                 )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             errors.append(f"{host}:{port}: {getattr(exc, 'strerror', None) or exc or 'timed out'}")
+            failed.append((host, port))
             continue
         if handoff.proxied is not None:
             writer.write(proxy_v2_header(handoff.proxied))

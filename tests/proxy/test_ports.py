@@ -503,7 +503,9 @@ def test_udp_backend_hold_offs_that_ran_out_are_forgotten(monkeypatch: pytest.Mo
         for i in range(1000):  # container churn: each backend address refuses once, then goes
             backend = (f"10.0.{i >> 8}.{i & 255}", 19132)
             route = SimpleNamespace(addresses=(backend, ("10.1.0.1", 19132)))
-            session = SimpleNamespace(route=route, backend=backend, client=("192.0.2.1", i))
+            session = SimpleNamespace(
+                route=route, backend=backend, entry=backend, client=("192.0.2.1", i)
+            )
             listener.backend_failed(session, refused)  # type: ignore[arg-type]
             now[0] += ports.UDP_BACKEND_HOLD_OFF_S / 2
         assert len(listener._held_off) <= 3

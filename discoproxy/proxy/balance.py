@@ -1,0 +1,313 @@
+"""Pools: which backend of a route a new connection dials first, and which after it.
+
+Rules for this file:
+- A :class:`Pool` is the reactor's state for one route's backends: its strategy's cursor,
+  the open connections per backend, the passive health (consecutive dial failures) and
+  the sticky table. Only the reactor thread touches it (``ProxyContext.pools``); the
+  loop never does.
+- :meth:`Pool.order` answers one connection: the backend the strategy picks, then every
+  other healthy one (HAProxy's ``redispatch``: a failed dial moves on within the same
+  client connection). Backends marked down are left out until their retry is due; then
+  exactly one connection probes one (half-open), first.
+- Costs are on the connection's path: ``round_robin`` walks a precomputed weighted
+  schedule, ``random`` bisects cumulative weights; ``least_connections`` scans the pool
+  from a rotating start (ties rotate, as HAProxy's ``leastconn``).
+- Backends are keyed by their configured ``(host, port)``: a table swap that keeps an
+  address keeps its counts, one that drops it forgets them once nothing uses it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from discoproxy.model import Balance
+from discoproxy.owners import REACTOR, owned_by
+
+if TYPE_CHECKING:
+    from discoproxy.routing import Route
+
+Address = tuple[str, int]
+
+# Consecutive failed dials that mark a backend down (no connection waits on it then).
+FALL = 3
+# First wait before a down backend is probed again; doubled per failed probe, capped.
+RETRY_FIRST_S = 2.0
+RETRY_MAX_S = 30.0
+# A weighted round-robin cycle longer than this is scaled down (weights divided).
+MAX_SCHEDULE = 4096
+# Clients remembered per sticky pool (least recently seen forgotten first).
+MAX_STICKY = 65_536
+
+
+def _schedule(weights: list[int]) -> tuple[int, ...]:
+    """One cycle of smooth weighted round robin (nginx's): indices spread, not bunched."""
+    if sum(weights) > MAX_SCHEDULE:
+        scale = sum(weights) / MAX_SCHEDULE
+        weights = [max(1, int(w / scale)) if w else 0 for w in weights]
+    divisor = math.gcd(*weights) if any(weights) else 1
+    weights = [w // divisor for w in weights]
+    total = sum(weights)
+    current = [0] * len(weights)
+    out: list[int] = []
+    for _ in range(total):
+        for i, w in enumerate(weights):
+            current[i] += w
+        best = max(range(len(weights)), key=lambda i: current[i])
+        current[best] -= total
+        out.append(best)
+    return tuple(out)
+
+
+@owned_by(REACTOR)
+class Backend:
+    """One backend of a pool: its weight, open connections and health."""
+
+    __slots__ = ("active", "address", "failures", "retry_at", "retry_s", "weight")
+
+    def __init__(self, address: Address, weight: int) -> None:
+        self.address = address
+        self.weight = weight
+        self.active = 0  # connections dialing or forwarding to it
+        self.failures = 0  # consecutive failed dials
+        self.retry_at = 0.0  # down until then (monotonic); 0: up
+        self.retry_s = RETRY_FIRST_S
+
+    @property
+    def down(self) -> bool:
+        return self.retry_at > 0
+
+
+@owned_by(REACTOR)
+class Pool:
+    """One route's backends, balanced by ``strategy``."""
+
+    __slots__ = (
+        "_cum",
+        "_cursor",
+        "_random",
+        "_schedule",
+        "backends",
+        "by_address",
+        "sticky",
+        "sticky_ttl",
+        "strategy",
+        "weights",
+    )
+
+    def __init__(
+        self,
+        addresses: Iterable[tuple[str, int, int]],
+        strategy: Balance,
+        sticky_ttl: float = 0.0,
+        old: Pool | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self.sticky_ttl = sticky_ttl
+        self.backends: list[Backend] = []
+        self.by_address: dict[Address, Backend] = {}
+        addresses_list = list(addresses)
+        for host, port, weight in addresses_list:
+            address = (host, port)
+            if address in self.by_address:
+                continue
+            kept = old.by_address.get(address) if old is not None else None
+            backend = kept if kept is not None else Backend(address, weight)
+            backend.weight = weight
+            self.backends.append(backend)
+            self.by_address[address] = backend
+        weights = [b.weight for b in self.backends]
+        self.weights = tuple(weight for _, _, weight in addresses_list)
+        self._schedule = _schedule(weights) if any(weights) else ()
+        total = 0
+        self._cum: list[int] = []
+        for w in weights:
+            total += w
+            self._cum.append(total)
+        self._cursor: int = old._cursor if old is not None else 0
+        self._random = random.Random()
+        self.sticky: OrderedDict[str, tuple[Address, float]] = (
+            old.sticky if old is not None and sticky_ttl > 0 else OrderedDict()
+        )
+
+    # -- choosing ---------------------------------------------------------------------
+
+    def order(self, client_ip: str | None, now: float) -> list[Address]:
+        """The backends to dial, in order, for one new connection (empty: all down)."""
+        backends = self.backends
+        if len(backends) == 1:  # the common case: nothing to choose
+            only = backends[0]
+            if only.down:
+                if now < only.retry_at:
+                    return []
+                self._probe(only, now)
+            return [only.address]
+        probe = None
+        up: list[int] = []
+        for i, backend in enumerate(backends):
+            if not backend.down:
+                if backend.weight:
+                    up.append(i)
+            elif probe is None and now >= backend.retry_at:
+                probe = backend
+        if not up:  # every backend down or drained (weight 0): the drained still serve
+            up = [i for i, b in enumerate(backends) if not b.down]
+        first = self._pick(up, client_ip, now) if up else -1
+        order: list[Address] = []
+        if probe is not None:
+            self._probe(probe, now)
+            order.append(probe.address)
+        if first >= 0:
+            start = up.index(first)
+            order.extend(backends[i].address for i in up[start:] + up[:start])
+        return order
+
+    def _pick(self, up: list[int], client_ip: str | None, now: float) -> int:
+        if self.sticky_ttl > 0 and client_ip is not None:
+            remembered = self.sticky.get(client_ip)
+            if remembered is not None and remembered[1] > now:
+                backend = self.by_address.get(remembered[0])
+                if backend is not None and not backend.down and backend.weight:
+                    return self.backends.index(backend)
+        strategy = self.strategy
+        if strategy is Balance.FAILOVER:
+            return up[0]
+        if strategy is Balance.ROUND_ROBIN:
+            schedule = self._schedule
+            for _ in range(len(schedule)):
+                index = schedule[self._cursor % len(schedule)]
+                self._cursor += 1
+                if not self.backends[index].down and self.backends[index].weight:
+                    return index
+            return up[0]
+        if strategy is Balance.RANDOM:
+            total = self._cum[-1]
+            if total:
+                index = bisect.bisect_right(self._cum, self._random.randrange(total))
+                if not self.backends[index].down:
+                    return index
+            return up[self._random.randrange(len(up))]
+        # least_connections: fewest open per unit of weight; ties rotate
+        count = len(up)
+        start = self._cursor % count
+        self._cursor += 1
+        best = up[start]
+        best_load = self.backends[best].active / max(self.backends[best].weight, 1)
+        for step in range(1, count):
+            index = up[(start + step) % count]
+            backend = self.backends[index]
+            load = backend.active / max(backend.weight, 1)
+            if load < best_load:
+                best, best_load = index, load
+        return best
+
+    def _probe(self, backend: Backend, now: float) -> None:
+        # one connection probes a down backend; the next waits for this one's answer
+        backend.retry_at = now + backend.retry_s
+
+    # -- what happened ----------------------------------------------------------------
+
+    def dialing(self, address: Address) -> None:
+        backend = self.by_address.get(address)
+        if backend is not None:
+            backend.active += 1
+
+    def done(self, address: Address) -> None:
+        """A connection counted by :meth:`dialing` ended (or moved to the next backend)."""
+        backend = self.by_address.get(address)
+        if backend is not None and backend.active > 0:
+            backend.active -= 1
+
+    def connected(self, address: Address, client_ip: str | None, now: float) -> bool:
+        """A dial reached ``address``; True when that brought it back up."""
+        backend = self.by_address.get(address)
+        if self.sticky_ttl > 0 and client_ip is not None:
+            sticky = self.sticky
+            sticky[client_ip] = (address, now + self.sticky_ttl)
+            sticky.move_to_end(client_ip)
+            while len(sticky) > MAX_STICKY:
+                sticky.popitem(last=False)
+        if backend is None:
+            return False
+        was_down = backend.down
+        backend.failures = 0
+        backend.retry_at = 0.0
+        backend.retry_s = RETRY_FIRST_S
+        return was_down
+
+    def failed(self, address: Address, now: float) -> bool:
+        """A dial to ``address`` failed; True when that marked it down."""
+        backend = self.by_address.get(address)
+        if backend is None:
+            return False
+        backend.failures += 1
+        if backend.down:  # a probe failed: wait longer before the next
+            backend.retry_s = min(backend.retry_s * 2, RETRY_MAX_S)
+            backend.retry_at = now + backend.retry_s
+            return False
+        if backend.failures >= FALL:
+            backend.retry_at = now + backend.retry_s
+            return True
+        return False
+
+    def expire_sticky(self, now: float) -> None:
+        """Forget clients whose stickiness ran out (called by a sweep)."""
+        sticky = self.sticky
+        while sticky:
+            _, (_, until) = next(iter(sticky.items()))
+            if until > now:
+                break
+            sticky.popitem(last=False)
+
+
+@owned_by(REACTOR)
+class Pools:
+    """Every route's :class:`Pool`, by route and backend list (a port route's pool is
+    the server's backends on that port); the reactor's, as the connections are."""
+
+    __slots__ = ("_by_key", "_latest")
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, tuple[Address, ...]], Pool] = {}
+        self._latest: dict[str, Pool] = {}  # by route id: the counts a new list keeps
+
+    def get(self, route: Route) -> Pool:
+        key = (route.qualified_id, route.addresses)
+        pool = self._by_key.get(key)
+        server = route.server
+        if pool is None or pool.strategy is not server.balance or pool.weights != route.weights:
+            old = pool or self._latest.get(route.qualified_id)
+            weights = route.weights
+            pool = Pool(
+                (
+                    (host, port, weights[i] if i < len(weights) else 1)
+                    for i, (host, port) in enumerate(route.addresses)
+                ),
+                server.balance,
+                server.sticky_ttl,
+                old,
+            )
+            self._by_key[key] = pool
+            self._latest[route.qualified_id] = pool
+        return pool
+
+    def prune(self, keep: set[tuple[str, tuple[Address, ...]]]) -> None:
+        """Forget the pools of backend lists gone from the table and from every open
+        connection (``keep``: the ones still in use)."""
+        for key in [k for k in self._by_key if k not in keep]:
+            pool = self._by_key.pop(key)
+            if self._latest.get(key[0]) is pool:
+                del self._latest[key[0]]
+
+    def expire_sticky(self, now: float) -> None:
+        for pool in self._by_key.values():
+            if pool.sticky:
+                pool.expire_sticky(now)
+
+    def __iter__(self) -> Iterator[tuple[str, Pool]]:
+        for (route_id, _), pool in self._by_key.items():
+            yield route_id, pool

@@ -1,0 +1,262 @@
+"""Pools (proxy/balance.py): strategies, weights, rotating ties, passive health with a
+half-open probe, stickiness; and the same through a running proxy with real backends."""
+
+from __future__ import annotations
+
+import collections
+import socket
+from contextlib import AsyncExitStack
+
+import anyio
+import pytest
+from pydantic import ValidationError
+
+from discoproxy.model import Balance, ServerDefinition
+from discoproxy.proxy.balance import FALL, MAX_STICKY, RETRY_FIRST_S, Pool, _schedule
+from tests.proxy.helpers import backend, named, running_proxy, server
+
+A, B, C = ("10.0.0.1", 25565), ("10.0.0.2", 25565), ("10.0.0.3", 25565)
+
+
+def pool(strategy: Balance, *weights: int, sticky_ttl: float = 0.0) -> Pool:
+    addresses = [A, B, C][: len(weights)]
+    return Pool(
+        [(h, p, w) for (h, p), w in zip(addresses, weights, strict=True)], strategy, sticky_ttl
+    )
+
+
+def firsts(p: Pool, n: int, now: float = 100.0, client: str | None = None) -> list[tuple[str, int]]:
+    return [p.order(client, now)[0] for _ in range(n)]
+
+
+# -- strategies ---------------------------------------------------------------------------
+
+
+def test_failover_takes_the_first_and_then_the_rest_in_order() -> None:
+    p = pool(Balance.FAILOVER, 1, 1, 1)
+    assert p.order(None, 0) == [A, B, C]
+    assert p.order(None, 0) == [A, B, C]
+
+
+def test_round_robin_rotates_and_every_order_holds_every_backend() -> None:
+    p = pool(Balance.ROUND_ROBIN, 1, 1, 1)
+    orders = [p.order(None, 0) for _ in range(6)]
+    assert [o[0] for o in orders] == [A, B, C, A, B, C]
+    assert all(sorted(o) == [A, B, C] for o in orders)  # redispatch: the others follow
+
+
+def test_round_robin_follows_the_weights_smoothly() -> None:
+    p = pool(Balance.ROUND_ROBIN, 3, 1, 0)
+    picks = firsts(p, 8)
+    assert collections.Counter(picks) == {A: 6, B: 2}  # weight 0 takes none while others are up
+    assert picks[:4] != [A, A, A, B]  # spread, not bunched: A B A A or A A B A
+    assert _schedule([3, 1]) in ((0, 0, 1, 0), (0, 1, 0, 0))
+
+
+def test_a_schedule_with_huge_weights_stays_bounded() -> None:
+    assert len(_schedule([256, 255, 1])) <= 4096
+    assert len(_schedule([200, 200])) == 2  # divided by their gcd
+
+
+def test_random_follows_the_weights() -> None:
+    p = pool(Balance.RANDOM, 8, 1, 1)
+    counts = collections.Counter(firsts(p, 3000))
+    assert counts[A] > counts[B] + counts[C]
+    assert counts[B] > 100 and counts[C] > 100
+
+
+def test_least_connections_picks_the_least_loaded_and_ties_rotate() -> None:
+    p = pool(Balance.LEAST_CONNECTIONS, 1, 1, 1)
+    assert set(firsts(p, 3)) == {A, B, C}  # all idle: spread, not the first every time
+    p.dialing(A)
+    p.dialing(A)
+    p.dialing(B)
+    assert firsts(p, 3) == [C, C, C]
+    p.done(A)
+    p.done(A)
+    assert firsts(p, 4).count(B) == 0  # A and C idle, B busy
+
+
+def test_least_connections_counts_per_unit_of_weight() -> None:
+    p = pool(Balance.LEAST_CONNECTIONS, 4, 1)
+    for _ in range(3):
+        p.dialing(A)
+    assert p.order(None, 0)[0] == B  # 0/1 < 3/4
+    p.dialing(B)
+    assert p.order(None, 0)[0] == A  # 3/4 < 1/1
+
+
+# -- passive health -----------------------------------------------------------------------
+
+
+def test_consecutive_failures_mark_a_backend_down_then_one_probe_is_let_through() -> None:
+    p = pool(Balance.ROUND_ROBIN, 1, 1)
+    for _ in range(FALL - 1):
+        assert not p.failed(A, 0.0)
+    assert p.failed(A, 0.0)  # the FALL-th failure in a row: down
+    assert all(p.order(None, 1.0) == [B] for _ in range(4))  # no client waits on A
+    due = RETRY_FIRST_S + 0.1
+    assert p.order(None, due) == [A, B]  # one probe, first; the other follows
+    assert p.order(None, due) == [B]  # the next client does not probe too
+    assert p.connected(A, None, due)  # the probe went through: A is up again
+    assert A in p.order(None, due) and A in p.order(None, due)
+
+
+def test_a_failed_probe_backs_off_longer() -> None:
+    p = pool(Balance.FAILOVER, 1, 1)
+    for _ in range(FALL):
+        p.failed(A, 0.0)
+    first_due = RETRY_FIRST_S + 0.1
+    assert p.order(None, first_due)[0] == A
+    p.failed(A, first_due)
+    assert p.order(None, first_due + RETRY_FIRST_S + 0.1) == [B]  # doubled: not yet
+    assert p.order(None, first_due + 2 * RETRY_FIRST_S + 0.1)[0] == A
+
+
+def test_a_success_resets_the_count() -> None:
+    p = pool(Balance.FAILOVER, 1)
+    for _ in range(FALL - 1):
+        p.failed(A, 0.0)
+    p.connected(A, None, 0.0)
+    assert not p.failed(A, 0.0)
+    assert p.order(None, 0.0) == [A]
+
+
+def test_every_backend_down_means_an_empty_order_until_a_probe_is_due() -> None:
+    p = pool(Balance.FAILOVER, 1)
+    for _ in range(FALL):
+        p.failed(A, 0.0)
+    assert p.order(None, 0.5) == []
+    assert p.order(None, RETRY_FIRST_S + 0.1) == [A]
+
+
+def test_drained_backends_serve_when_nothing_else_is_up() -> None:
+    p = pool(Balance.ROUND_ROBIN, 1, 0)
+    for _ in range(FALL):
+        p.failed(A, 0.0)
+    assert p.order(None, 0.5) == [B]
+
+
+# -- stickiness ---------------------------------------------------------------------------
+
+
+def test_sticky_clients_return_to_their_backend_until_it_expires_or_goes_down() -> None:
+    p = pool(Balance.ROUND_ROBIN, 1, 1, 1, sticky_ttl=60)
+    first = p.order("192.0.2.7", 0)[0]
+    p.connected(first, "192.0.2.7", 0)
+    assert firsts(p, 5, now=10, client="192.0.2.7") == [first] * 5
+    assert len(set(firsts(p, 3, now=10, client="192.0.2.8"))) == 3  # others still rotate
+    p.expire_sticky(61)
+    assert "192.0.2.7" not in p.sticky
+    p.connected(first, "192.0.2.7", 70)
+    for _ in range(FALL):
+        p.failed(first, 71)
+    assert p.order("192.0.2.7", 72)[0] != first
+
+
+def test_the_sticky_table_is_bounded() -> None:
+    p = pool(Balance.ROUND_ROBIN, 1, 1, sticky_ttl=60)
+    for i in range(MAX_STICKY + 10):
+        p.connected(A, f"ip{i}", 0)
+    assert len(p.sticky) == MAX_STICKY
+    assert "ip0" not in p.sticky
+
+
+def test_a_new_address_list_keeps_the_counts_of_the_addresses_it_keeps() -> None:
+    old = pool(Balance.LEAST_CONNECTIONS, 1, 1)
+    old.dialing(B)
+    new = Pool([(*B, 1), (*C, 1)], Balance.LEAST_CONNECTIONS, 0.0, old)
+    assert new.by_address[B].active == 1 and new.order(None, 0)[0] == C
+
+
+# -- the model ----------------------------------------------------------------------------
+
+
+def test_balance_weights_and_stickiness_parse_from_a_server_file() -> None:
+    s = ServerDefinition.model_validate(
+        {
+            "id": "pool",
+            "domains": ["mc.example.com"],
+            "addresses": [{"address": "10.0.0.1:25565", "weight": 3}, "10.0.0.2"],
+            "balance": "round-robin",
+            "sticky_ttl": 600,
+        }
+    )
+    assert s.balance is Balance.ROUND_ROBIN and s.sticky_ttl == 600
+    assert [(a.host, a.port, a.weight) for a in s.addresses] == [
+        ("10.0.0.1", 25565, 3),
+        ("10.0.0.2", 25565, 1),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"balance": "leastconn"}, "unknown balance 'leastconn'; accepted: 'failover'"),
+        ({"balance": "fewest_players"}, "not supported yet (it needs active health checks)"),
+        ({"addresses": [{"address": "10.0.0.1", "weight": 999}]}, "invalid weight 999"),
+        ({"addresses": [{"address": "10.0.0.1", "weight": True}]}, "invalid weight True"),
+        ({"addresses": [{"host": "10.0.0.1"}]}, "invalid address entry"),
+        ({"sticky_ttl": -1}, "greater than or equal to 0"),
+    ],
+)
+def test_bad_pool_settings_are_refused_with_the_reason(
+    fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ServerDefinition.model_validate(
+            {"id": "x", "domains": ["a.example.com"], "addresses": ["10.0.0.1"], **fields}
+        )
+
+
+# -- through the proxy --------------------------------------------------------------------
+
+
+async def _ask(port: int) -> bytes:
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(b"GET / HTTP/1.1\r\nHost: pool.example.com\r\n\r\n")
+        with anyio.fail_after(5):
+            return await stream.receive()
+
+
+@pytest.mark.anyio
+async def test_round_robin_spreads_real_connections_over_three_backends() -> None:
+    async with AsyncExitStack() as stack:
+        backends = [await stack.enter_async_context(backend(named(n))) for n in (b"a", b"b", b"c")]
+        pool_server = server(
+            "pool",
+            "pool.example.com",
+            addresses=[b.address for b in backends],
+            balance="round_robin",
+        )
+        async with running_proxy([pool_server]) as proxy:
+            answers = [await _ask(proxy.port) for _ in range(9)]
+    assert collections.Counter(answers) == {b"a": 3, b"b": 3, b"c": 3}
+
+
+@pytest.mark.anyio
+async def test_a_dead_backend_is_skipped_after_fall_failures_and_no_client_sees_it() -> None:
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    dead_address = f"127.0.0.1:{dead.getsockname()[1]}"
+    try:
+        async with backend(named(b"alive")) as alive:
+            pool_server = server(
+                "pool",
+                "pool.example.com",
+                addresses=[dead_address, alive.address],
+                balance="round_robin",
+            )
+            async with running_proxy([pool_server]) as proxy:
+                answers = [await _ask(proxy.port) for _ in range(12)]
+
+                def state(ctx: object) -> tuple[bool, int]:
+                    pools = dict(proxy.ctx.pools)
+                    b = pools["pool@test"].by_address[("127.0.0.1", dead.getsockname()[1])]
+                    return b.down, b.failures
+
+                down, failures = await proxy.on_reactor(state)
+        assert answers == [b"alive"] * 12  # redispatch: every client reached the live one
+        assert down and failures == FALL  # then it was left out: no more dials to it
+    finally:
+        dead.close()
