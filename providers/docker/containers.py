@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from discoproxy.model import (
     DEFAULT_BACKEND_PORT,
     BackendAddress,
+    Balance,
     ServerDefinition,
 )
 from providers.docker.labels import (
@@ -26,6 +27,7 @@ from providers.docker.labels import (
     LabelProblem,
     nest,
     parse_bool,
+    parse_group,
     unknown_label,
 )
 from providers.docker.settings import DockerSettings
@@ -231,6 +233,10 @@ def _server_from_container(
         address = _backend(record, name, port, network, ctx)
         if isinstance(address, LabelProblem):
             return None, [*problems, address]
+        weight = values.get("weight", 1)
+        assert isinstance(weight, int)
+        if weight != 1:
+            address = BackendAddress(host=address.host, port=address.port, weight=weight)
         addresses.append(address)
     fields = {spec.field: values[spec.key] for spec in LABELS if spec.field and spec.key in values}
     try:
@@ -285,6 +291,7 @@ def servers_from_containers(
     )
     servers: list[ServerDefinition] = []
     problems: list[LabelProblem] = []
+    groups: dict[str, list[tuple[ContainerRecord, ServerDefinition]]] = {}
     for record in containers:
         state = record.get("State", "running")
         sleeping = False
@@ -295,9 +302,81 @@ def servers_from_containers(
         server, found = _server_from_container(record, ctx, sleeping=sleeping)
         problems += found
         if server is not None:
-            servers.append(server)
+            group = None if server.auto_start else _group_of(record, ctx.prefix)
+            if group is None:
+                servers.append(server)
+            else:
+                groups.setdefault(group, []).append((record, server))
+    for group, members in sorted(groups.items()):
+        pool, found = _pool(group, members, ctx.prefix)
+        servers.append(pool)
+        problems += found
     servers.sort(key=lambda s: s.id)
     return ContainerScan(tuple(servers), tuple(sorted(set(problems))))
+
+
+# Labels each replica sets for itself; every other label of the prefix must agree.
+PER_REPLICA_LABELS = frozenset({"weight", "port", "docker_network"})
+COMPOSE_PROJECT = "com.docker.compose.project"
+COMPOSE_SERVICE = "com.docker.compose.service"
+
+
+def _group_of(record: ContainerRecord, prefix: str) -> str | None:
+    """The pool a container belongs to: its group label, else its Compose service."""
+    labels = as_mapping(record.get("Labels"))
+    explicit = labels.get(f"{prefix}.group")
+    if isinstance(explicit, str):
+        return parse_group(explicit)  # already checked by the label's own parse
+    project, service = labels.get(COMPOSE_PROJECT), labels.get(COMPOSE_SERVICE)
+    if isinstance(project, str) and isinstance(service, str) and project and service:
+        return f"{project}-{service}"[:200]
+    return None
+
+
+def _routing_labels(record: ContainerRecord, prefix: str) -> dict[str, str]:
+    dotted = prefix + "."
+    return {
+        key[len(dotted) :]: as_text(value)
+        for key, value in as_mapping(record.get("Labels")).items()
+        if key.startswith(dotted) and key[len(dotted) :] not in PER_REPLICA_LABELS
+    }
+
+
+def _pool(
+    group: str, members: list[tuple[ContainerRecord, ServerDefinition]], prefix: str
+) -> tuple[ServerDefinition, list[LabelProblem]]:
+    """One server for a group's replicas: the first (by name) sets the routing labels,
+    a replica that disagrees is reported and left out; one backend per replica."""
+    members.sort(key=lambda member: member[1].id)
+    first_record, first = members[0]
+    reference = _routing_labels(first_record, prefix)
+    kept = [first]
+    problems = []
+    for record, server in members[1:]:
+        labels = _routing_labels(record, prefix)
+        differs = sorted(
+            k for k in reference.keys() | labels.keys() if reference.get(k) != labels.get(k)
+        )
+        if differs:
+            key = differs[0]
+            here, there = labels.get(key, "(unset)"), reference.get(key, "(unset)")
+            problems.append(
+                LabelProblem(
+                    server.id,
+                    f"{prefix}.{key}",
+                    f"is {here!r} here but {there!r} on {first.id}, the first replica of "
+                    f"pool {group}: left out of the pool (replicas must agree on routing)",
+                )
+            )
+            continue
+        kept.append(server)
+    update: dict[str, object] = {
+        "id": group,
+        "addresses": tuple(address for server in kept for address in server.addresses),
+    }
+    if "balance" not in reference:
+        update["balance"] = Balance.ROUND_ROBIN  # replicas spread, not fail over
+    return first.model_copy(update=update), problems
 
 
 def _wants_auto_start(record: ContainerRecord, prefix: str) -> bool:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from discoproxy.model import (
     DEFAULT_BACKEND_PORT,
+    MAX_WEIGHT,
     Motd,
     ProxyMode,
     ServerDefinition,
@@ -63,6 +64,26 @@ def parse_int(text: str) -> int:
     if value.isascii() and value.isdigit():
         return int(value)
     raise ValueError(f"expected a whole number >= 0, got {text!r}")
+
+
+_GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def parse_group(text: str) -> str:
+    value = text.strip()
+    if not _GROUP_RE.match(value):
+        raise ValueError(
+            f"invalid group {text!r}; expected letters, digits, '.', '_' or '-' "
+            "(at most 200, starting with a letter or digit), e.g. 'survival'"
+        )
+    return value
+
+
+def parse_weight(text: str) -> int:
+    value = parse_int(text)
+    if value > MAX_WEIGHT:
+        raise ValueError(f"invalid weight {text!r}; expected an integer from 0 to {MAX_WEIGHT}")
+    return value
 
 
 def parse_network(text: str) -> str:
@@ -366,6 +387,50 @@ LABELS: tuple[LabelSpec, ...] = (
         parse=parse_seconds,
         field="auto_stop_after",
     ),
+    LabelSpec(
+        key="group",
+        type="string",
+        default="the Compose service: `<project>-<service>`",
+        example="`survival`",
+        accepted="letters, digits, `.`, `_`, `-` (at most 200)",
+        maps_to="the server `id` of the pool",
+        description="Containers with the same group are one server with one backend "
+        "each (a pool); their routing labels must agree. Without it, the replicas of one "
+        "Compose service form the pool. `auto_start` containers are never merged.",
+        parse=parse_group,
+    ),
+    LabelSpec(
+        key="balance",
+        type="string",
+        default="`round_robin` for a pool of replicas, else `failover`",
+        example="`least_connections`",
+        accepted="`failover`, `round_robin`, `random`, `least_connections`",
+        maps_to="`balance`",
+        description=_field_doc("balance"),
+        parse=parse_text,
+        field="balance",
+    ),
+    LabelSpec(
+        key="weight",
+        type="integer",
+        default="`1`",
+        example="`3`",
+        accepted="0-256 (0: no new connections while another replica is up)",
+        maps_to="the `weight` of this container's address",
+        description="This replica's share of new connections in its pool.",
+        parse=parse_weight,
+    ),
+    LabelSpec(
+        key="sticky_ttl",
+        type="duration",
+        default="`0` (off)",
+        example="`10m`",
+        accepted="seconds (`600`) or with a unit: `30s`, `10m`, `1h`",
+        maps_to="`sticky_ttl`",
+        description=_field_doc("sticky_ttl"),
+        parse=parse_seconds,
+        field="sticky_ttl",
+    ),
     *_motd_labels(),
 )
 LABELS_BY_KEY = {spec.key: spec for spec in LABELS}
@@ -481,6 +546,17 @@ def labels_markdown(prefix: str = DEFAULT_LABEL_PREFIX) -> str:
         "login starts it through the Docker API (one start however many players log in at",
         f"once). With `{p}.auto_stop_after`, discoproxy stops it again after that long",
         "without a player. discoproxy then needs the Docker socket with write access.",
+        "",
+        "## Replicas: one server, many containers",
+        "",
+        "The containers of one Compose service (`docker compose up --scale survival=3`) are",
+        "one server, `<project>-<service>`, with one backend per running container, balanced",
+        f"`round_robin` unless `{p}.balance` says otherwise; `{p}.group=<name>` pools any",
+        "containers under that name instead. A replica that starts joins the pool at once,",
+        "one that stops leaves it (its open connections finish). The replicas must agree on",
+        "every label but `weight`, `port` and `docker_network`: one that disagrees is",
+        "reported, naming the label and both values, and left out. Containers with",
+        f"`{p}.auto_start` are never pooled (each is woken on its own).",
         "",
         "## Labels",
         "",

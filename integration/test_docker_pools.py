@@ -1,0 +1,92 @@
+"""Replicas of one Compose service behind one name, against a real engine: logins spread
+over them, a replica that dies leaves the pool and new ones join it, scaling changes
+nothing but the backends.
+
+The replicas carry the labels ``docker compose up --scale`` gives them
+(``com.docker.compose.project`` and ``.service``; the project is this test's own prefix),
+and answer the forwarded handshake with their container name.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterator
+
+import anyio
+import docker
+import pytest
+
+from discoproxy.routing import RoutingTable
+from integration.docker_support import DockerResources, docker_resources
+from integration.test_docker_provider import LiveProxy, docker_proxy
+
+pytestmark = [pytest.mark.peer, pytest.mark.anyio]
+
+LOGINS = 30
+# a deadline, not a measurement: a login that waited on a dead replica would miss it
+LOGIN_WITHIN_S = 5.0
+
+
+@pytest.fixture
+def resources(engine: docker.DockerClient) -> Iterator[DockerResources]:
+    with docker_resources(engine) as created:
+        yield created
+
+
+def _labels(resources: DockerResources, domain: str) -> dict[str, str]:
+    return {
+        "com.docker.compose.project": resources.prefix,
+        "com.docker.compose.service": "survival",
+        **resources.labels(domains=domain),
+    }
+
+
+def _pool_size(live: LiveProxy, size: int) -> Callable[[RoutingTable], bool]:
+    pool_id = f"{live.resources.prefix}-survival@docker"
+
+    def check(table: RoutingTable) -> bool:
+        route = table.by_id.get(pool_id)
+        return route is not None and len(route.addresses) == size
+
+    return check
+
+
+async def _logins(live: LiveProxy, domain: str, count: int = LOGINS) -> collections.Counter[bytes]:
+    answers: collections.Counter[bytes] = collections.Counter()
+    for _ in range(count):
+        with anyio.fail_after(LOGIN_WITHIN_S):
+            answers[await live.reply(domain)] += 1
+    return answers
+
+
+async def test_logins_spread_over_three_replicas_and_follow_scaling_and_death(
+    resources: DockerResources,
+) -> None:
+    async with docker_proxy(resources) as live:
+        domain = live.domain("survival")
+        names = [resources.name(f"survival-{n}").encode() for n in (1, 2, 3)]
+        replicas = [
+            await live.docker(resources.run, f"survival-{n}", _labels(resources, domain))
+            for n in (1, 2, 3)
+        ]
+        await live.wait_until(_pool_size(live, 3))
+        assert await _logins(live, domain) == dict.fromkeys(names, LOGINS // 3)
+
+        # one replica dies: once the engine says so it is out, and no login fails
+        await live.docker(replicas[0].kill)
+        await live.wait_until(_pool_size(live, 2))
+        after = await _logins(live, domain)
+        assert after == {names[1]: LOGINS // 2, names[2]: LOGINS // 2}
+
+        # scale to 1 and back to 3: the route's id stays, its backends follow
+        await live.docker(replicas[1].stop, timeout=1)
+        await live.wait_until(_pool_size(live, 1))
+        assert await _logins(live, domain, 6) == {names[2]: 6}
+        await live.docker(replicas[0].start)
+        await live.docker(replicas[1].start)
+        await live.wait_until(_pool_size(live, 3))
+        for name in (names[0], names[1]):  # restarted: wait until each answers
+            with anyio.fail_after(10):
+                while name not in await _logins(live, domain, 3):
+                    await anyio.sleep(0.05)
+        assert set(await _logins(live, domain)) == set(names)

@@ -1,0 +1,98 @@
+"""Replicas become one pooled server: the same Compose service, or the same group label;
+their routing labels must agree; each brings its own address and weight."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from discoproxy.model import Balance
+from tests.providers.test_docker_labels import container, one, scan
+
+COMPOSE = {"com.docker.compose.project": "mc", "com.docker.compose.service": "survival"}
+
+
+def replica(n: int, extra: dict[str, str] | None = None, **kwargs: Any) -> dict[str, Any]:
+    labels = {**COMPOSE, "infrarust.domains": "survival.example.com", **(extra or {})}
+    return container(f"mc-survival-{n}", labels, {"bridge": f"172.17.0.{n + 1}"}, **kwargs)
+
+
+def test_three_replicas_of_a_compose_service_are_one_round_robin_pool() -> None:
+    servers, problems = scan(replica(3), replica(1), replica(2))
+    assert problems == []
+    (pool,) = servers
+    assert pool.id == "mc-survival"
+    assert pool.domains == ("survival.example.com",)
+    assert [str(a) for a in pool.addresses] == [
+        "172.17.0.2:25565",
+        "172.17.0.3:25565",
+        "172.17.0.4:25565",
+    ]
+    assert pool.balance is Balance.ROUND_ROBIN
+
+
+def test_one_replica_keeps_the_pool_id_so_scaling_does_not_rename_the_route() -> None:
+    assert one(replica(1)).id == "mc-survival"
+
+
+def test_an_explicit_group_label_pools_unrelated_containers() -> None:
+    labels = {"infrarust.domains": "lobby.example.com", "infrarust.group": "lobby"}
+    a = container("lobby-a", {**labels, "infrarust.weight": "3"}, {"bridge": "172.17.0.5"})
+    b = container("lobby-b", labels, {"bridge": "172.17.0.6"})
+    pool = scan(a, b)[0][0]
+    assert pool.id == "lobby"
+    assert [(str(x), x.weight) for x in pool.addresses] == [
+        ("172.17.0.5:25565", 3),
+        ("172.17.0.6:25565", 1),
+    ]
+
+
+def test_a_balance_label_overrides_the_pools_default() -> None:
+    extra = {"infrarust.balance": "least_connections", "infrarust.sticky_ttl": "10m"}
+    pool = scan(replica(1, extra), replica(2, extra))[0][0]
+    assert pool.balance is Balance.LEAST_CONNECTIONS and pool.sticky_ttl == 600
+
+
+def test_a_replica_whose_routing_labels_disagree_is_reported_and_left_out() -> None:
+    odd = replica(2, {"infrarust.send_proxy_protocol": "true"})
+    servers, problems = scan(replica(1), odd, replica(3))
+    (pool,) = servers
+    assert [str(a) for a in pool.addresses] == ["172.17.0.2:25565", "172.17.0.4:25565"]
+    assert problems == [
+        "container mc-survival-2, label infrarust.send_proxy_protocol: is 'true' here but "
+        "'(unset)' on mc-survival-1, the first replica of pool mc-survival: left out of the "
+        "pool (replicas must agree on routing)"
+    ]
+
+
+def test_per_replica_labels_may_differ() -> None:
+    a = replica(1, {"infrarust.weight": "2", "infrarust.port": "25566"})
+    b = replica(2, {"infrarust.weight": "1"})
+    pool = scan(a, b)[0][0]
+    assert [(str(x), x.weight) for x in pool.addresses] == [
+        ("172.17.0.2:25566", 2),
+        ("172.17.0.3:25565", 1),
+    ]
+
+
+def test_auto_start_containers_are_never_merged() -> None:
+    extra = {"infrarust.auto_start": "true"}
+    servers, problems = scan(replica(1, extra), replica(2, extra))
+    assert problems == []
+    assert sorted(s.id for s in servers) == ["mc-survival-1", "mc-survival-2"]
+
+
+def test_bad_pool_labels_name_the_label_and_the_accepted_values() -> None:
+    servers, problems = scan(
+        replica(1, {"infrarust.weight": "300"}),
+        container("x", {"infrarust.domains": "x.example.com", "infrarust.group": "no spaces"}),
+        container("y", {"infrarust.domains": "y.example.com", "infrarust.balance": "leastconn"}),
+    )
+    assert servers == []
+    assert problems == [
+        "container mc-survival-1, label infrarust.weight: invalid weight '300'; expected an "
+        "integer from 0 to 256",
+        "container x, label infrarust.group: invalid group 'no spaces'; expected letters, "
+        "digits, '.', '_' or '-' (at most 200, starting with a letter or digit), e.g. 'survival'",
+        "container y, label infrarust.balance: unknown balance 'leastconn'; accepted: "
+        "'failover', 'round_robin', 'random', 'least_connections'",
+    ]
