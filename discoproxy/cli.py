@@ -146,7 +146,7 @@ def table_rows(table: RoutingTable) -> list[dict[str, Any]]:
     """The table as ``/api/routes`` shapes it (without the live numbers)."""
     from discoproxy.admin.server import route_row
 
-    return [route_row(table, route) for route in table.routes]
+    return [route_row(table, route, live=False) for route in table.routes]
 
 
 def _print_table(headers: Sequence[str], lines: Sequence[Sequence[str]]) -> None:
@@ -155,6 +155,19 @@ def _print_table(headers: Sequence[str], lines: Sequence[Sequence[str]]) -> None
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         )
+
+
+def _backends_cell(row: dict[str, Any]) -> str:
+    """Each backend, with its weight when not 1 and its state when not plainly up."""
+    parts = []
+    for backend in row.get("pool") or [{"address": a} for a in row["backends"]]:
+        text = str(backend["address"])
+        if backend.get("weight", 1) != 1:
+            text += f" x{backend['weight']}"
+        if backend.get("state", "up") not in ("up", "unknown"):
+            text += f" ({backend['state']})"
+        parts.append(text)
+    return ", ".join(parts)
 
 
 def _size(count: int) -> str:
@@ -202,7 +215,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
         line = [
             row["id"],
             ", ".join(row["domains"] + (["(default)"] if row["default"] else [])) or "-",
-            ", ".join(row["backends"])
+            _backends_cell(row)
             or ("(sleeping: a login starts it)" if row["state"] == "sleeping" else "-"),
             ", ".join(row["ports"]) or "-",
             "v2" if row["send_proxy_protocol"] else "-",

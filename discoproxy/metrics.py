@@ -25,6 +25,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from discoproxy.proxy.addresses import format_addr
+
 if TYPE_CHECKING:
     from discoproxy.proxy.stats import Snapshot
     from discoproxy.routing import RoutingTable
@@ -151,6 +153,7 @@ def _families(
     yield connect
     yield duration
     yield dial_failures
+    yield from _backend_families(snap)
 
     status = CounterMetricFamily(
         "discoproxy_status_cache",
@@ -217,6 +220,34 @@ def _families(
 
 
 PROVIDER_STATES = ("starting", "running", "failed", "off", "disabled")
+
+
+def _backend_families(snap: Snapshot) -> Iterator[Metric]:
+    """Each pooled backend of the routes connections used: up, open, failed dials."""
+    up = GaugeMetricFamily(
+        "discoproxy_backend_up",
+        "1 while a backend takes new connections, 0 while marked down (failed dials)",
+        labels=["route", "backend"],
+    )
+    active = GaugeMetricFamily(
+        "discoproxy_backend_active_connections",
+        "Connections dialing or forwarding to a backend",
+        labels=["route", "backend"],
+    )
+    failed = CounterMetricFamily(
+        "discoproxy_backend_failed_dials",
+        "Dials to a backend that failed (each address of a host name that all failed: one)",
+        labels=["route", "backend"],
+    )
+    for route_id, backends in sorted(snap.backends.items()):
+        for backend in backends:
+            labels = [route_id, format_addr(backend.address)]
+            up.add_metric(labels, 0 if backend.state == "down" else 1)
+            active.add_metric(labels, backend.active)
+            failed.add_metric(labels, backend.dial_failures)
+    yield up
+    yield active
+    yield failed
 
 
 def _provider_families(providers: Sequence[ProviderInfo]) -> Iterator[Metric]:

@@ -119,6 +119,18 @@ async def test_a_live_connection_shows_in_the_api_and_metrics_then_its_totals() 
                 "default": False,
                 "ports": [],
                 "backends": [echo_backend.address],
+                "balance": "failover",
+                "pool": [
+                    {
+                        "address": echo_backend.address,
+                        "weight": 1,
+                        "state": "up",
+                        "active": 1,
+                        "failures": 0,
+                        "dial_failures": 0,
+                        "last_error": "",
+                    }
+                ],
                 "send_proxy_protocol": False,
                 "state": "running",
                 "active": 1,
@@ -147,6 +159,10 @@ async def test_a_live_connection_shows_in_the_api_and_metrics_then_its_totals() 
         )
         assert sample(metrics, "discoproxy_handshake_seconds_count", listener=listener) == 1
         assert sample(metrics, "discoproxy_backend_connect_seconds_count", route="game@test") == 1
+        pooled = {"route": "game@test", "backend": echo_backend.address}
+        assert sample(metrics, "discoproxy_backend_up", **pooled) == 1
+        assert sample(metrics, "discoproxy_backend_active_connections", **pooled) == 1
+        assert sample(metrics, "discoproxy_backend_failed_dials_total", **pooled) == 0
         assert sample(metrics, "discoproxy_routes") == 1
         assert sample(metrics, "discoproxy_process_open_fds") > 0
 

@@ -37,6 +37,7 @@ from discoproxy.metrics import ProviderInfo, render
 from discoproxy.owners import LOOP, owned_by
 from discoproxy.provider import ProviderStatus
 from discoproxy.proxy.addresses import format_addr
+from discoproxy.proxy.balance import BackendState
 from discoproxy.proxy.listener import ListenError
 from discoproxy.proxy.stats import Snapshot, take_snapshot, take_totals
 from discoproxy.status import display_name
@@ -145,7 +146,12 @@ class Admin:
         empty = {"active": 0, "connections_total": 0, "bytes_up": 0, "bytes_down": 0}
         return [
             {
-                **route_row(table, route, waker.is_starting(route.qualified_id)),
+                **route_row(
+                    table,
+                    route,
+                    waker.is_starting(route.qualified_id),
+                    snap.backends.get(route.qualified_id),
+                ),
                 **totals.get(route.qualified_id, empty),
             }
             for route in table.routes
@@ -315,10 +321,45 @@ def _int_param(query: Mapping[str, list[str]], name: str, default: int, most: in
     return int(text)
 
 
-def route_row(table: RoutingTable, route: Route, starting: bool = False) -> dict[str, Any]:
-    """One route as ``/api/routes`` (and ``routes --offline``) shows it, live numbers aside."""
+def route_row(
+    table: RoutingTable,
+    route: Route,
+    starting: bool = False,
+    backends: list[BackendState] | None = None,
+    *,
+    live: bool = True,
+) -> dict[str, Any]:
+    """One route as ``/api/routes`` (and ``routes --offline``) shows it, live numbers
+    aside. ``backends``: its pool's live state; None: no connection used it yet (every
+    backend "up", nothing known against it) or offline ("unknown")."""
     sleeping = "sleeping" if route.server.sleeping else "running"
     state = "starting" if starting else sleeping
+    pool = [
+        {
+            "address": format_addr(b.address),
+            "weight": b.weight,
+            "state": b.state,
+            "active": b.active,
+            "failures": b.failures,
+            "dial_failures": b.dial_failures,
+            "last_error": b.last_error,
+        }
+        for b in backends or ()
+    ] or [
+        {
+            "address": format_addr(address),
+            "weight": weight,
+            "state": "up" if live else "unknown",
+            "active": 0,
+            "failures": 0,
+            "dial_failures": 0,
+            "last_error": "",
+        }
+        for address, weight in zip(route.addresses, _weights(route), strict=True)
+    ]
+    if state == "running" and pool:
+        down = sum(1 for b in pool if b["state"] == "down")
+        state = "down" if down == len(pool) else ("degraded" if down else state)
     return {
         "id": route.qualified_id,
         "provider": route.provider,
@@ -327,9 +368,16 @@ def route_row(table: RoutingTable, route: Route, starting: bool = False) -> dict
         "default": table.default is route,
         "ports": [str(mapping) for mapping in route.server.ports],
         "backends": [format_addr(address) for address in route.addresses],
+        "balance": route.server.balance.value,
+        "pool": pool,
         "send_proxy_protocol": route.send_proxy_protocol,
         "state": state,
     }
+
+
+def _weights(route: Route) -> list[int]:
+    weights = route.weights
+    return [weights[i] if i < len(weights) else 1 for i in range(len(route.addresses))]
 
 
 async def serve_admin(

@@ -23,6 +23,7 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from discoproxy.model import Balance
@@ -63,11 +64,33 @@ def _schedule(weights: list[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True, slots=True)
+class BackendState:
+    """A backend of a pool at one instant: what ``/api/routes`` and ``/metrics`` show."""
+
+    address: Address
+    weight: int
+    state: str  # "up" | "down" | "draining" (weight 0)
+    active: int  # connections dialing or forwarding to it
+    failures: int  # failed dials in a row
+    dial_failures: int  # failed dials in all
+    last_error: str
+
+
 @owned_by(REACTOR)
 class Backend:
     """One backend of a pool: its weight, open connections and health."""
 
-    __slots__ = ("active", "address", "failures", "retry_at", "retry_s", "weight")
+    __slots__ = (
+        "active",
+        "address",
+        "failed_total",
+        "failures",
+        "last_error",
+        "retry_at",
+        "retry_s",
+        "weight",
+    )
 
     def __init__(self, address: Address, weight: int) -> None:
         self.address = address
@@ -76,6 +99,8 @@ class Backend:
         self.failures = 0  # consecutive failed dials
         self.retry_at = 0.0  # down until then (monotonic); 0: up
         self.retry_s = RETRY_FIRST_S
+        self.failed_total = 0  # every failed dial, for /metrics
+        self.last_error = ""  # the last failed dial's reason ("" after a success)
 
     @property
     def down(self) -> bool:
@@ -234,17 +259,20 @@ class Pool:
         if backend is None:
             return False
         was_down = backend.down
+        backend.last_error = ""
         backend.failures = 0
         backend.retry_at = 0.0
         backend.retry_s = RETRY_FIRST_S
         return was_down
 
-    def failed(self, address: Address, now: float) -> bool:
+    def failed(self, address: Address, now: float, error: str = "") -> bool:
         """A dial to ``address`` failed; True when that marked it down."""
         backend = self.by_address.get(address)
         if backend is None:
             return False
         backend.failures += 1
+        backend.failed_total += 1
+        backend.last_error = error or "failed"
         if backend.down:  # a probe failed: wait longer before the next
             backend.retry_s = min(backend.retry_s * 2, RETRY_MAX_S)
             backend.retry_at = now + backend.retry_s
@@ -253,6 +281,21 @@ class Pool:
             backend.retry_at = now + backend.retry_s
             return True
         return False
+
+    def states(self) -> list[BackendState]:
+        """Each backend as the API and /metrics show it (a copy, taken on the reactor)."""
+        return [
+            BackendState(
+                address=b.address,
+                weight=b.weight,
+                state="down" if b.down else ("draining" if b.weight == 0 else "up"),
+                active=b.active,
+                failures=b.failures,
+                dial_failures=b.failed_total,
+                last_error=b.last_error,
+            )
+            for b in self.backends
+        ]
 
     def expire_sticky(self, now: float) -> None:
         """Forget clients whose stickiness ran out (called by a sweep)."""
@@ -294,6 +337,10 @@ class Pools:
             self._by_key[key] = pool
             self._latest[route.qualified_id] = pool
         return pool
+
+    def peek(self, route: Route) -> Pool | None:
+        """The route's pool if a connection made one (no new pool: nothing to show)."""
+        return self._by_key.get((route.qualified_id, route.addresses))
 
     def prune(self, keep: set[tuple[str, tuple[Address, ...]]]) -> None:
         """Forget the pools of backend lists gone from the table and from every open

@@ -906,10 +906,10 @@ class ClientConnection:
         assert entry is not None and pool is not None
         self._entry = None
         pool.done(entry)
-        if pool.failed(entry, time.monotonic()):
+        last = self._dial_errors[-1] if self._dial_errors else "failed"
+        if pool.failed(entry, time.monotonic(), last):
             route = self.route
             assert route is not None
-            last = self._dial_errors[-1] if self._dial_errors else "failed"
             logger.bind(route=route.qualified_id).warning(
                 "backend {} of {} down: {} dials failed in a row: {}",
                 format_addr(entry),

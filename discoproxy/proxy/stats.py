@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from discoproxy.logwriter import writer
 from discoproxy.owners import REACTOR, owned_by
 from discoproxy.proxy.addresses import format_addr
+from discoproxy.proxy.balance import BackendState
 from discoproxy.routing import format_port
 
 if TYPE_CHECKING:
@@ -196,6 +197,8 @@ class Snapshot:
     table_listener_errors: int = 0  # the control plane's: routing-table listeners that raised
     log_lines_dropped: int = 0  # the log writer's queue was full (stderr stalled)
     connections: list[LiveConnection] = field(default_factory=list)
+    # each name route's pool (route id → its backends), for routes a connection used
+    backends: dict[str, list[BackendState]] = field(default_factory=dict)
 
     def route_totals(self) -> dict[str, dict[str, int]]:
         """Per route: open and total connections, bytes each way (TCP and UDP together)."""
@@ -295,6 +298,11 @@ def take_snapshot(ctx: ProxyContext, connections: int = 0) -> Snapshot:
         internal_errors=stats.internal_errors,
         log_lines_dropped=writer().dropped,
     )
+    pools = ctx.pools
+    for route in ctx.registry.table.by_id.values():  # the table: read by reference
+        pool = pools.peek(route)
+        if pool is not None:
+            snapshot.backends[route.qualified_id] = pool.states()
     if connections:
         snapshot.connections = _live(ctx, connections, now)
     return snapshot

@@ -260,3 +260,65 @@ async def test_a_dead_backend_is_skipped_after_fall_failures_and_no_client_sees_
         assert down and failures == FALL  # then it was left out: no more dials to it
     finally:
         dead.close()
+
+
+# -- what operators see -------------------------------------------------------------------
+
+
+def test_a_route_with_a_down_backend_is_degraded_and_with_all_down_is_down() -> None:
+    from discoproxy.admin.server import route_row
+    from discoproxy.routing import build_table
+
+    table = build_table(
+        {"test": [server("pool", "pool.example.com", addresses=["10.0.0.1", "10.0.0.2"])]}
+    )
+    route = table.by_id["pool@test"]
+    p = Pool([(*A, 1), (*B, 1)], Balance.FAILOVER)
+    p.failed(A, 0, "10.0.0.1:25565: Connection refused")
+    for _ in range(FALL - 1):
+        p.failed(A, 0, "10.0.0.1:25565: Connection refused")
+    row = route_row(table, route, backends=p.states())
+    assert row["state"] == "degraded"
+    assert row["pool"][0] == {
+        "address": "10.0.0.1:25565",
+        "weight": 1,
+        "state": "down",
+        "active": 0,
+        "failures": FALL,
+        "dial_failures": FALL,
+        "last_error": "10.0.0.1:25565: Connection refused",
+    }
+    for _ in range(FALL):
+        p.failed(B, 0, "timed out")
+    assert route_row(table, route, backends=p.states())["state"] == "down"
+    assert route_row(table, route)["state"] == "running"  # nothing known against it
+    offline = route_row(table, route, live=False)
+    assert [b["state"] for b in offline["pool"]] == ["unknown", "unknown"]
+
+
+def test_backend_metrics_say_which_backend_is_down() -> None:
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from discoproxy.metrics import render
+    from discoproxy.proxy.stats import Snapshot
+    from discoproxy.routing import build_table
+
+    p = Pool([(*A, 1), (*B, 2)], Balance.ROUND_ROBIN)
+    for _ in range(FALL):
+        p.failed(A, 0)
+    p.dialing(B)
+    snap = Snapshot(time.time(), {}, {}, {}, {}, {}, {}, {}, (0, 0), (0, 0, 0))
+    snap.backends = {"pool@test": p.states()}
+    text = render(snap, build_table({}), [], True).decode()
+    samples = {
+        (s.name, s.labels.get("backend")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.labels.get("route") == "pool@test"
+    }
+    assert samples[("discoproxy_backend_up", "10.0.0.1:25565")] == 0
+    assert samples[("discoproxy_backend_up", "10.0.0.2:25565")] == 1
+    assert samples[("discoproxy_backend_active_connections", "10.0.0.2:25565")] == 1
+    assert samples[("discoproxy_backend_failed_dials_total", "10.0.0.1:25565")] == FALL
