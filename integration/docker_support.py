@@ -182,6 +182,7 @@ class HostPython(DockerContainer):
         restart: bool = False,
         env: Mapping[str, str] | None = None,
         ready: str | None = None,
+        healthcheck: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(IMAGE)
         self.with_name(name).with_command([PYTHON, "-c", script])
@@ -192,6 +193,7 @@ class HostPython(DockerContainer):
             labels=dict(labels),
             network=networks[0].name if networks else DEFAULT_NETWORK,
             restart_policy={"Name": "always"} if restart else None,
+            **({"healthcheck": dict(healthcheck)} if healthcheck else {}),
         )
         if ready is not None:
             self.waiting_for(
@@ -271,6 +273,7 @@ class DockerResources:
         restart: bool = False,
         env: Mapping[str, str] | None = None,
         start: bool = True,
+        healthcheck: Mapping[str, Any] | None = None,
     ) -> Any:
         """A :class:`HostPython` container running ``script``, started (until it printed
         ``ready``; ``None``: as soon as it runs) or only created; its docker SDK container,
@@ -282,7 +285,14 @@ class DockerResources:
         name = self.name(suffix)
         ensure_image(self.client)
         container = HostPython(
-            name, script, labels, networks=networks, restart=restart, env=env, ready=ready
+            name,
+            script,
+            labels,
+            networks=networks,
+            restart=restart,
+            env=env,
+            ready=ready,
+            healthcheck=healthcheck,
         )
         self.containers[name] = container
         if start:

@@ -17,7 +17,7 @@ import docker
 import pytest
 
 from discoproxy.routing import RoutingTable
-from integration.docker_support import DockerResources, docker_resources
+from integration.docker_support import PYTHON, DockerResources, docker_resources
 from integration.test_docker_provider import LiveProxy, docker_proxy
 
 pytestmark = [pytest.mark.peer, pytest.mark.anyio]
@@ -90,3 +90,42 @@ async def test_logins_spread_over_three_replicas_and_follow_scaling_and_death(
                 while name not in await _logins(live, domain, 3):
                     await anyio.sleep(0.05)
         assert set(await _logins(live, domain)) == set(names)
+
+
+# healthy while /healthy exists in the container (the test creates and removes it)
+HEALTHCHECK = {
+    "test": [
+        "CMD",
+        PYTHON,
+        "-c",
+        "import os, sys; sys.exit(not os.path.exists('/healthy'))",
+    ],
+    "interval": 200_000_000,  # ns
+    "timeout": 2_000_000_000,
+    "retries": 1,
+}
+HEALTH_WITHIN_S = 15.0
+
+
+async def test_a_replica_takes_connections_only_while_its_healthcheck_passes(
+    resources: DockerResources,
+) -> None:
+    async with docker_proxy(resources) as live:
+        domain = live.domain("survival")
+        names = [resources.name(f"survival-{n}").encode() for n in (1, 2)]
+        await live.docker(resources.run, "survival-1", _labels(resources, domain))
+        checked = await live.docker(
+            resources.run, "survival-2", _labels(resources, domain), healthcheck=HEALTHCHECK
+        )
+        await live.wait_until(_pool_size(live, 1))  # starting: not in the pool yet
+        assert await _logins(live, domain, 6) == {names[0]: 6}
+
+        await live.docker(checked.exec_run, [PYTHON, "-c", "open('/healthy', 'w')"])
+        await live.wait_until(_pool_size(live, 2), HEALTH_WITHIN_S)  # healthy: it joins
+        assert await _logins(live, domain, 6) == {names[0]: 3, names[1]: 3}
+
+        await live.docker(
+            checked.exec_run, ["/usr/bin/python3", "-c", "import os; os.remove('/healthy')"]
+        )
+        await live.wait_until(_pool_size(live, 1), HEALTH_WITHIN_S)  # unhealthy: it leaves
+        assert await _logins(live, domain, 6) == {names[0]: 6}

@@ -37,6 +37,9 @@ ContainerRecord = Mapping[str, object]
 SLEEPING_STATES = frozenset({"exited", "created"})
 _CONTAINER_ID_RE = re.compile(r"[0-9a-f]{64}")
 _SHORT_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+_HEALTH_RE = re.compile(r"\((?:health: (starting)|(healthy|unhealthy))\)")
+# Docker HEALTHCHECK states in which a container takes no new connections.
+UNREADY_HEALTH = frozenset({"starting", "unhealthy"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +302,8 @@ def servers_from_containers(
             if state not in SLEEPING_STATES or not _wants_auto_start(record, ctx.prefix):
                 continue
             sleeping = True
+        if not sleeping and _unready(record, ctx.prefix):
+            continue  # Docker's HEALTHCHECK says not yet, or no more: no new connections
         server, found = _server_from_container(record, ctx, sleeping=sleeping)
         problems += found
         if server is not None:
@@ -316,7 +321,7 @@ def servers_from_containers(
 
 
 # Labels each replica sets for itself; every other label of the prefix must agree.
-PER_REPLICA_LABELS = frozenset({"weight", "port", "docker_network"})
+PER_REPLICA_LABELS = frozenset({"weight", "port", "docker_network", "use_healthcheck"})
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
 
@@ -379,6 +384,16 @@ def _pool(
     return first.model_copy(update=update), problems
 
 
+def _unready(record: ContainerRecord, prefix: str) -> bool:
+    if health_of(record) not in UNREADY_HEALTH:
+        return False
+    value = as_mapping(record.get("Labels")).get(f"{prefix}.use_healthcheck")
+    try:
+        return not (isinstance(value, str) and not parse_bool(value))
+    except ValueError:
+        return True  # a bad value is reported by the label's own parse; the default holds
+
+
 def _wants_auto_start(record: ContainerRecord, prefix: str) -> bool:
     value = as_mapping(record.get("Labels")).get(f"{prefix}.auto_start")
     try:
@@ -410,6 +425,7 @@ def inspection_target(event: Mapping[str, object]) -> str | None:
 def record_from_inspect(info: Mapping[str, object]) -> dict[str, object]:
     """``/containers/{id}/json`` in the shape of a ``/containers/json`` record."""
     config = as_mapping(info.get("Config"))
+    state = as_mapping(info.get("State"))
     network = as_mapping(info.get("NetworkSettings"))
     ports: list[dict[str, object]] = []
     for spec, bindings in as_mapping(network.get("Ports")).items():
@@ -428,7 +444,11 @@ def record_from_inspect(info: Mapping[str, object]) -> dict[str, object]:
     return {
         "Id": as_text(info.get("Id")),
         "Names": [as_text(info.get("Name"))],
-        "State": as_text(as_mapping(info.get("State")).get("Status")),
+        "State": as_text(state.get("Status")),
+        # the listing says it in its Status text ("Up 5 seconds (health: starting)")
+        "Status": _status_text(
+            as_text(as_mapping(as_mapping(info.get("State")).get("Health")).get("Status"))
+        ),
         "Labels": dict(as_mapping(config.get("Labels"))),
         "HostConfig": {
             "NetworkMode": as_text(as_mapping(info.get("HostConfig")).get("NetworkMode"))
@@ -452,12 +472,27 @@ def same_state(listed: ContainerRecord | None, inspected: ContainerRecord | None
     """Does the listing already show what the inspection saw? The listing holds running
     and paused containers only: for it, a stopped container and a removed one look alike."""
 
-    def seen(record: ContainerRecord | None) -> tuple[object, str] | None:
+    def seen(record: ContainerRecord | None) -> tuple[object, str, str | None] | None:
         if record is None or record.get("State") not in ("running", "paused"):
             return None
-        return record.get("State"), container_name(record)
+        return record.get("State"), container_name(record), health_of(record)
 
     return seen(listed) == seen(inspected)
+
+
+def health_of(record: ContainerRecord) -> str | None:
+    """Docker's HEALTHCHECK verdict: "starting", "healthy", "unhealthy", or None for a
+    container without one. The listing has it only in its Status text."""
+    match = _HEALTH_RE.search(as_text(record.get("Status")))
+    if match is None:
+        return None
+    return match.group(1) or match.group(2)
+
+
+def _status_text(health: str) -> str:
+    if health == "starting":
+        return "Up (health: starting)"
+    return f"Up ({health})" if health in ("healthy", "unhealthy") else "Up"
 
 
 # -- discoproxy's own container -----------------------------------------------------------

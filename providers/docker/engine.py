@@ -47,7 +47,17 @@ FRESH_OVERRIDE_S = 2.0
 # ``stop`` a clean stop; ``rename`` changes the server id; ``create`` adds a stopped
 # container (routed as sleeping with ``auto_start``). ``connect``/``disconnect`` are
 # network events (a container joined or left a network, which may change its address).
-CONTAINER_ACTIONS = ("create", "start", "die", "stop", "destroy", "pause", "unpause", "rename")
+CONTAINER_ACTIONS = (
+    "create",
+    "start",
+    "die",
+    "stop",
+    "destroy",
+    "pause",
+    "unpause",
+    "rename",
+    "health_status",  # matches "health_status: healthy" and the others (engine filter)
+)
 NETWORK_ACTIONS = ("connect", "disconnect")
 EVENT_FILTERS: dict[str, list[str]] = {
     "type": ["container", "network"],

@@ -388,6 +388,18 @@ LABELS: tuple[LabelSpec, ...] = (
         field="auto_stop_after",
     ),
     LabelSpec(
+        key="use_healthcheck",
+        type="bool",
+        default="`true`",
+        example="`false`",
+        accepted="`true`, `false`, `1`, `0`",
+        maps_to="none (this container's address)",
+        description="Follow the container's Docker `HEALTHCHECK`: while it is `starting` "
+        "or `unhealthy` the container takes no new connections (it leaves its pool, or "
+        "its route when it is alone). `false`: route it whatever its health says.",
+        parse=parse_bool,
+    ),
+    LabelSpec(
         key="group",
         type="string",
         default="the Compose service: `<project>-<service>`",

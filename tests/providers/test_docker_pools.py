@@ -96,3 +96,34 @@ def test_bad_pool_labels_name_the_label_and_the_accepted_values() -> None:
         "container y, label infrarust.balance: unknown balance 'leastconn'; accepted: "
         "'failover', 'round_robin', 'random', 'least_connections'",
     ]
+
+
+def test_a_replica_whose_healthcheck_is_starting_or_unhealthy_takes_no_new_connections() -> None:
+    healthy = {**replica(1), "Status": "Up 2 minutes (healthy)"}
+    starting = {**replica(2), "Status": "Up 3 seconds (health: starting)"}
+    unhealthy = {**replica(3), "Status": "Up 5 minutes (unhealthy)"}
+    servers, problems = scan(healthy, starting, unhealthy)
+    assert problems == []
+    assert [str(a) for a in servers[0].addresses] == ["172.17.0.2:25565"]
+    alone, _ = scan(unhealthy)
+    assert alone == []  # a lone unhealthy container is not routed until it recovers
+
+
+def test_use_healthcheck_false_routes_whatever_the_health() -> None:
+    record = {**replica(1, {"infrarust.use_healthcheck": "false"}), "Status": "Up (unhealthy)"}
+    assert [str(a) for a in one(record).addresses] == ["172.17.0.2:25565"]
+
+
+def test_an_inspection_carries_the_health_and_outranks_a_listing_that_lags() -> None:
+    from providers.docker import record_from_inspect, same_state
+
+    info = {
+        "Id": "a" * 64,
+        "Name": "/mc-1",
+        "State": {"Status": "running", "Health": {"Status": "unhealthy"}},
+        "Config": {"Labels": {}},
+    }
+    inspected = record_from_inspect(info)
+    listed = {**inspected, "Status": "Up 5 minutes (healthy)"}
+    assert not same_state(listed, inspected)
+    assert same_state({**listed, "Status": "Up 1 minute (unhealthy)"}, inspected)
