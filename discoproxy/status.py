@@ -213,8 +213,10 @@ class StatusService:
         domain: str,
         port: int,
         client: Proxied | None,
+        order: tuple[tuple[str, int], ...] | None = None,
     ) -> tuple[str, StatusState]:
-        """The status document (JSON) to show for ``route`` and why."""
+        """The status document (JSON) to show for ``route`` and why. ``order``: the
+        backends to ask, as the route's pool orders them (empty: all down, ask none)."""
         server = route.server
         name = display_name(server)
         waker = self.waker
@@ -242,8 +244,13 @@ class StatusService:
             self.hits += 1
             return render_online(server, newest.document, protocol, domain), StatusState.ONLINE
         self.misses += 1
-        fresh = await self._inflight.run(
-            key, lambda: self._refresh(key, route, protocol, domain, port, client)
+        addresses = route.addresses if order is None else order
+        fresh = (
+            await self._inflight.run(
+                key, lambda: self._refresh(key, route, protocol, domain, port, client, addresses)
+            )
+            if addresses
+            else None
         )
         if fresh is not None:
             if waker is not None:
@@ -293,6 +300,7 @@ class StatusService:
         domain: str,
         port: int,
         client: Proxied | None,
+        addresses: tuple[tuple[str, int], ...],
     ) -> _Entry | None:
         server = route.server
         qid = route.qualified_id
@@ -300,7 +308,9 @@ class StatusService:
         try:
             async with lock:  # one ping per server at a time, whatever the protocol
                 with anyio.fail_after(self.config.status_timeout):
-                    document = await self._ping_backend(route, protocol, domain, port, client)
+                    document = await self._ping_backend(
+                        route, protocol, domain, port, client, addresses
+                    )
         except (StatusError, TimeoutError) as exc:
             why = str(exc) or f"no answer within {self.config.status_timeout}s"
             logger.bind(route=route.qualified_id).info(
@@ -349,10 +359,11 @@ class StatusService:
         domain: str,
         port: int,
         client: Proxied | None,
+        addresses: tuple[tuple[str, int], ...],
     ) -> dict[str, Any]:
         """Ask each address in turn for its status document; raise if none answers."""
         errors = []
-        for host, backend_port in route.addresses:
+        for host, backend_port in addresses:
             try:
                 return await self._ping_one(
                     route, host, backend_port, protocol, domain, port, client

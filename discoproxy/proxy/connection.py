@@ -746,7 +746,7 @@ class ClientConnection:
         if self._legacy is not None:
             self._status_pending = True
             self._dial_task = self.ctx.spawn(
-                self, self._fetch_status(self._proxied_for(self.route))
+                self, self._fetch_status(self._proxied_for(self.route), self._status_order())
             )
             return
         self._answer_status_packets()
@@ -756,8 +756,19 @@ class ClientConnection:
         for work that runs on the loop (status pings, TLS termination)."""
         return self.proxy_addresses() if route is not None and route.send_proxy_protocol else None
 
+    def _status_order(self) -> tuple[tuple[str, int], ...]:
+        """The backends a status ping asks, in the pool's order (none: all down, so the
+        answer is the stale cache or the unreachable MOTD at once)."""
+        route = self.route
+        assert route is not None
+        client = self.client_addr
+        order = self.ctx.pools.get(route).order(client[0] if client else None, time.monotonic())
+        return tuple(order)
+
     @on_loop
-    async def _fetch_status(self, proxied: Proxied | None) -> None:
+    async def _fetch_status(
+        self, proxied: Proxied | None, order: tuple[tuple[str, int], ...]
+    ) -> None:
         """On the asyncio loop: the status to answer with; back to the reactor with it."""
         route = self.route
         assert route is not None
@@ -775,7 +786,7 @@ class ClientConnection:
             port = (legacy.port if legacy else None) or DEFAULT_BACKEND_PORT
         status = self.ctx.status
         try:
-            text, state = await status.answer(route, protocol, domain, port, proxied)
+            text, state = await status.answer(route, protocol, domain, port, proxied, order)
         except Exception as exc:  # a bug: this connection only
             logger.opt(exception=exc).error("internal error answering a status ping")
             reason = f"internal error: {exc!r}"
@@ -826,7 +837,7 @@ class ClientConnection:
                     continue
                 self._status_pending = True
                 self._dial_task = self.ctx.spawn(
-                    self, self._fetch_status(self._proxied_for(self.route))
+                    self, self._fetch_status(self._proxied_for(self.route), self._status_order())
                 )
                 return
             elif packet.packet_id == 0x01:
@@ -1078,7 +1089,10 @@ class ClientConnection:
             message = self._message(self.ctx.config.unreachable_message)
             self._reply(minecraft.encode_login_disconnect(minecraft.text_component(message)))
         elif self._kind is _HTTP:
-            self._reply(http.encode_response(502, "Bad Gateway", "backend unreachable\n"))
+            if self._order == []:  # every backend is down: nothing was dialed
+                self._reply(http.encode_response(503, "Service Unavailable", "no backend up\n"))
+            else:
+                self._reply(http.encode_response(502, "Bad Gateway", "backend unreachable\n"))
         self.close("backend unreachable")
 
     def _message(self, template: str) -> str:

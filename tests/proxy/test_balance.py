@@ -322,3 +322,37 @@ def test_backend_metrics_say_which_backend_is_down() -> None:
     assert samples[("discoproxy_backend_up", "10.0.0.2:25565")] == 1
     assert samples[("discoproxy_backend_active_connections", "10.0.0.2:25565")] == 1
     assert samples[("discoproxy_backend_failed_dials_total", "10.0.0.1:25565")] == FALL
+
+
+@pytest.mark.anyio
+async def test_a_route_whose_backends_are_all_down_answers_at_once() -> None:
+    from discoproxy.protocol import minecraft
+    from tests.proxy.helpers import handshake, read_string
+
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # refuses
+    address = f"127.0.0.1:{dead.getsockname()[1]}"
+    try:
+        down = server("pool", "pool.example.com", addresses=[address])
+        async with running_proxy([down]) as proxy:
+            answers = [await _ask(proxy.port) for _ in range(FALL + 1)]
+            assert all(a.startswith(b"HTTP/1.1 502") for a in answers[:FALL])
+            assert answers[FALL].startswith(b"HTTP/1.1 503")  # marked down: no dial at all
+
+            async with await anyio.connect_tcp("127.0.0.1", proxy.port) as stream:
+                await stream.send(handshake("pool.example.com", 1) + b"\x01\x00")
+                with anyio.fail_after(5):
+                    reply = await stream.receive()
+            packet = minecraft.parse_packet(bytearray(reply))
+            assert isinstance(packet, minecraft.Packet) and packet.packet_id == 0x00
+            assert "unreachable" in read_string(packet.payload).lower()
+
+            def failures(ctx: object) -> int:
+                pools = dict(proxy.ctx.pools)
+                return (
+                    pools["pool@test"].by_address[("127.0.0.1", dead.getsockname()[1])].failed_total
+                )
+
+            assert await proxy.on_reactor(failures) == FALL  # the ping dialed nothing either
+    finally:
+        dead.close()
