@@ -52,10 +52,44 @@ class Balance(enum.StrEnum):
     RANDOM = "random"  # at random, by weight
     LEAST_CONNECTIONS = "least_connections"  # fewest open connections per weight
 
+    LOWEST_LATENCY = "lowest_latency"  # the fastest health check (needs health_check)
+    FEWEST_PLAYERS = "fewest_players"  # fewest online (needs a minecraft health_check)
 
-# strategies the issue names that need active health checks, not here yet
-UNSUPPORTED_BALANCE = frozenset({"lowest_latency", "fewest_players"})
+
 MAX_WEIGHT = 256
+
+
+class CheckKind(enum.StrEnum):
+    """What an active health check does against each backend of a pool."""
+
+    TCP = "tcp"  # connect
+    MINECRAFT = "minecraft"  # handshake + status request: a real server-list ping
+    TLS = "tls"  # connect + TLS handshake (certificate not verified)
+    HTTP = "http"  # a GET whose status line must be the expected status
+
+
+class HealthCheck(BaseModel):
+    """``health_check = { type = "tcp", interval = 5, timeout = 2, rise = 2, fall = 3 }``:
+    HAProxy's ``check inter/rise/fall``. Checks run on the control plane, spread over the
+    interval; a backend goes down after ``fall`` failed checks in a row and up again
+    after ``rise`` passed ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: CheckKind = Field(description="tcp, minecraft, tls or http.")
+    interval: float = Field(default=5.0, ge=0.2, le=3600, description="Seconds between checks.")
+    timeout: float = Field(default=2.0, gt=0, le=60, description="Seconds a check may take.")
+    rise: int = Field(default=2, ge=1, le=100, description="Passed checks in a row to go up.")
+    fall: int = Field(default=3, ge=1, le=100, description="Failed checks in a row to go down.")
+    http_path: str = Field(default="/", description="Path of an http check's GET.")
+    http_status: int = Field(default=200, ge=100, le=599, description="Status it must answer.")
+
+    @field_validator("http_path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or any(c in value for c in " \r\n"):
+            raise ValueError(f"invalid http_path {value!r}; expected a path such as '/health'")
+        return value
 
 
 UNSUPPORTED_PROXY_MODES = frozenset(
@@ -353,6 +387,12 @@ class ServerDefinition(BaseModel):
         "healthy one, in order), 'round_robin', 'random' or 'least_connections' (by "
         "weight); a failed dial moves on to the next healthy address.",
     )
+    health_check: HealthCheck | None = Field(
+        default=None,
+        description="Active checks of each address: { type = 'tcp' | 'minecraft' | 'tls' | "
+        "'http', interval = 5, timeout = 2, rise = 2, fall = 3 }; a backend that fails "
+        "them takes no new connections until it passes again.",
+    )
     sticky_ttl: float = Field(
         default=0.0,
         ge=0,
@@ -452,11 +492,6 @@ class ServerDefinition(BaseModel):
             return value
         text = value.strip().lower().replace("-", "_")
         accepted = ", ".join(f"'{b.value}'" for b in Balance)
-        if text in UNSUPPORTED_BALANCE:
-            raise ValueError(
-                f"balance {value!r} is not supported yet (it needs active health checks); "
-                f"accepted: {accepted}"
-            )
         if text not in Balance._value2member_map_:
             raise ValueError(f"unknown balance {value!r}; accepted: {accepted}")
         return Balance(text)
@@ -501,6 +536,23 @@ class ServerDefinition(BaseModel):
                 "host) or a host name such as 'mc.internal'"
             )
         return text
+
+    @model_validator(mode="after")
+    def _checked_balance(self) -> ServerDefinition:
+        check = self.health_check
+        if self.balance is Balance.LOWEST_LATENCY and check is None:
+            raise ValueError(
+                "balance 'lowest_latency' needs health_check (the checks measure the "
+                "latency), e.g. health_check = { type = 'tcp' }"
+            )
+        if self.balance is Balance.FEWEST_PLAYERS and (
+            check is None or check.type is not CheckKind.MINECRAFT
+        ):
+            raise ValueError(
+                "balance 'fewest_players' needs health_check = { type = 'minecraft' } "
+                "(its status answers count the players)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _routable(self) -> ServerDefinition:

@@ -75,6 +75,9 @@ class BackendState:
     failures: int  # failed dials in a row
     dial_failures: int  # failed dials in all
     last_error: str
+    last_check: str = ""  # "ok", why the last active check failed, or "" (no checks)
+    rtt: float | None = None  # the last passed check's round trip, seconds
+    players: int | None = None  # online players at the last minecraft check
 
 
 @owned_by(REACTOR)
@@ -84,11 +87,15 @@ class Backend:
     __slots__ = (
         "active",
         "address",
+        "checked_down",
         "failed_total",
         "failures",
+        "last_check",
         "last_error",
+        "players",
         "retry_at",
         "retry_s",
+        "rtt",
         "weight",
     )
 
@@ -101,10 +108,15 @@ class Backend:
         self.retry_s = RETRY_FIRST_S
         self.failed_total = 0  # every failed dial, for /metrics
         self.last_error = ""  # the last failed dial's reason ("" after a success)
+        # active health checks (discoproxy/health.py), when the route has them
+        self.checked_down = False  # failed `fall` checks in a row (until `rise` pass)
+        self.last_check = ""  # "ok" or why the last check failed
+        self.rtt: float | None = None  # the last passed check's round trip, seconds
+        self.players: int | None = None  # online players, from a minecraft check
 
     @property
     def down(self) -> bool:
-        return self.retry_at > 0
+        return self.retry_at > 0 or self.checked_down
 
 
 @owned_by(REACTOR)
@@ -167,7 +179,7 @@ class Pool:
         if len(backends) == 1:  # the common case: nothing to choose
             only = backends[0]
             if only.down:
-                if now < only.retry_at:
+                if only.checked_down or now < only.retry_at:
                     return []
                 self._probe(only, now)
             return [only.address]
@@ -177,8 +189,8 @@ class Pool:
             if not backend.down:
                 if backend.weight:
                     up.append(i)
-            elif probe is None and now >= backend.retry_at:
-                probe = backend
+            elif probe is None and not backend.checked_down and now >= backend.retry_at:
+                probe = backend  # the checks, when there are any, decide: no probe then
         if not up:  # every backend down or drained (weight 0): the drained still serve
             up = [i for i, b in enumerate(backends) if not b.down]
         first = self._pick(up, client_ip, now) if up else -1
@@ -216,6 +228,8 @@ class Pool:
                 if not self.backends[index].down:
                     return index
             return up[self._random.randrange(len(up))]
+        if strategy is Balance.LOWEST_LATENCY or strategy is Balance.FEWEST_PLAYERS:
+            return self._lowest(up, strategy)
         # least_connections: fewest open per unit of weight; ties rotate
         count = len(up)
         start = self._cursor % count
@@ -229,6 +243,54 @@ class Pool:
             if load < best_load:
                 best, best_load = index, load
         return best
+
+    def _lowest(self, up: list[int], strategy: Balance) -> int:
+        """The fastest last check, or the fewest players (unknown: last); ties rotate."""
+        count = len(up)
+        start = self._cursor % count
+        self._cursor += 1
+        best, best_key = up[start], math.inf
+        for step in range(count):
+            index = up[(start + step) % count]
+            backend = self.backends[index]
+            value = backend.rtt if strategy is Balance.LOWEST_LATENCY else backend.players
+            key = math.inf if value is None else float(value)
+            if key < best_key:
+                best, best_key = index, key
+        return best
+
+    def checked(
+        self,
+        address: Address,
+        ok: bool,
+        rise: int,
+        fall: int,
+        streak: int,
+        detail: str,
+        rtt: float | None = None,
+        players: int | None = None,
+    ) -> bool | None:
+        """An active check's verdict (``streak``: results in a row like this one);
+        True: the backend just went up, False: just went down, None: no change."""
+        backend = self.by_address.get(address)
+        if backend is None:
+            return None
+        backend.last_check = "ok" if ok else detail
+        if ok:
+            backend.rtt = rtt
+            if players is not None:
+                backend.players = players
+            if backend.checked_down and streak >= rise:
+                backend.checked_down = False
+                backend.failures = 0
+                backend.retry_at = 0.0
+                backend.retry_s = RETRY_FIRST_S
+                return True
+            return None
+        if not backend.checked_down and streak >= fall:
+            backend.checked_down = True
+            return False
+        return None
 
     def _probe(self, backend: Backend, now: float) -> None:
         # one connection probes a down backend; the next waits for this one's answer
@@ -289,6 +351,9 @@ class Pool:
                 address=b.address,
                 weight=b.weight,
                 state="down" if b.down else ("draining" if b.weight == 0 else "up"),
+                last_check=b.last_check,
+                rtt=b.rtt,
+                players=b.players,
                 active=b.active,
                 failures=b.failures,
                 dial_failures=b.failed_total,

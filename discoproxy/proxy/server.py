@@ -40,6 +40,7 @@ from loguru import logger
 
 from discoproxy.config import ProxyConfig, parse_bind
 from discoproxy.guard import BanList, Guard, load_bans
+from discoproxy.health import HealthChecker
 from discoproxy.owners import LOOP, on_loop, on_reactor, owned_by
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.addresses import format_addr
@@ -121,6 +122,7 @@ class ProxyContext:
         self.names = NameCache()
         self.stats = DataPlaneStats()  # reactor thread; read through metrics.take_snapshot
         self.pools = Pools()  # reactor thread: each route's balancing and backend health
+        self.health = HealthChecker(self)  # loop: active checks, verdicts to the pools
         self.binds = BindListeners(self)
         self._derive(config)
 
@@ -583,6 +585,9 @@ async def run_proxy(
                 registry.add_listener(ctx.prune_stats)
                 registry.add_listener(ctx.status.table_changed)
                 registry.add_listener(ctx.waker.table_changed)
+                ctx.health.table_changed(registry.table)
+                registry.add_listener(ctx.health.table_changed)
+                tg.start_soon(ctx.health.run)
                 tg.start_soon(_watch_reactor, ctx)
                 tg.start_soon(watch_bans, ctx)
                 if ctx.waker.controls:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from discoproxy.model import (
     DEFAULT_BACKEND_PORT,
     MAX_WEIGHT,
+    HealthCheck,
     Motd,
     ProxyMode,
     ServerDefinition,
@@ -156,6 +157,41 @@ def _motd_labels() -> tuple[LabelSpec, ...]:
                     field=f"motds.{state}.{key}",
                 )
             )
+    return tuple(specs)
+
+
+_HEALTH_CHECK_FIELDS: tuple[tuple[str, str, str, str, Callable[[str], object]], ...] = (
+    ("type", "string", "`minecraft`", "`tcp`, `minecraft`, `tls`, `http`", parse_text),
+    ("interval", "duration", "`5s`", "0.2 s to 1 h: `5`, `0.5`, `2s`, `1m`", parse_seconds),
+    ("timeout", "duration", "`2s`", "more than 0, at most 60 s", parse_seconds),
+    ("rise", "integer", "`2`", "1-100", parse_int),
+    ("fall", "integer", "`3`", "1-100", parse_int),
+    ("http_path", "string", "`/health`", "a path starting with `/`", parse_text),
+    ("http_status", "integer", "`200`", "100-599", parse_int),
+)
+
+
+_CHECK_ON = " Setting it turns active checks on for every replica."
+
+
+def _health_check_labels() -> tuple[LabelSpec, ...]:
+    specs = []
+    for key, kind, example, accepted, parse in _HEALTH_CHECK_FIELDS:
+        info = HealthCheck.model_fields[key]
+        default = "required for a check" if info.is_required() else f"`{info.default}`"
+        specs.append(
+            LabelSpec(
+                key=f"health_check.{key}",
+                type=kind,
+                default=default,
+                example=example,
+                accepted=accepted,
+                maps_to=f"`health_check.{key}`",
+                description=(info.description or "") + (_CHECK_ON if key == "type" else ""),
+                parse=parse,
+                field=f"health_check.{key}",
+            )
+        )
     return tuple(specs)
 
 
@@ -416,7 +452,9 @@ LABELS: tuple[LabelSpec, ...] = (
         type="string",
         default="`round_robin` for a pool of replicas, else `failover`",
         example="`least_connections`",
-        accepted="`failover`, `round_robin`, `random`, `least_connections`",
+        accepted="`failover`, `round_robin`, `random`, `least_connections`, "
+        "`lowest_latency` (with `health_check.type`), `fewest_players` (with "
+        "`health_check.type=minecraft`)",
         maps_to="`balance`",
         description=_field_doc("balance"),
         parse=parse_text,
@@ -432,6 +470,7 @@ LABELS: tuple[LabelSpec, ...] = (
         description="This replica's share of new connections in its pool.",
         parse=parse_weight,
     ),
+    *_health_check_labels(),
     LabelSpec(
         key="sticky_ttl",
         type="duration",

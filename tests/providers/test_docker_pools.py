@@ -94,7 +94,8 @@ def test_bad_pool_labels_name_the_label_and_the_accepted_values() -> None:
         "container x, label infrarust.group: invalid group 'no spaces'; expected letters, "
         "digits, '.', '_' or '-' (at most 200, starting with a letter or digit), e.g. 'survival'",
         "container y, label infrarust.balance: unknown balance 'leastconn'; accepted: "
-        "'failover', 'round_robin', 'random', 'least_connections'",
+        "'failover', 'round_robin', 'random', 'least_connections', 'lowest_latency', "
+        "'fewest_players'",
     ]
 
 

@@ -1,0 +1,276 @@
+"""Active health checks: each backend of a route with ``health_check`` is checked every
+``interval`` on the control plane, and the verdicts reach the pools on the reactor.
+
+Rules for this file:
+- The checker is the loop's: its targets, their streaks and its schedule live here; a
+  result crosses to the data plane only through ``Reactor.call`` (``_apply`` runs there
+  and is the one place a pool hears of a check).
+- One scheduler task and a heap of due times, not a task per backend: 10,000 backends
+  cost one sleeping task and a bounded number of checks in flight
+  (``MAX_CHECKS_IN_FLIGHT``). A new target's first check is spread over its interval by
+  a hash of its address, so a table of many backends does not check them all at once.
+- Every check has a deadline (``timeout``); whatever it raises is a failed check with a
+  reason, never an error of the checker.
+- Transitions are logged once, on the reactor, where they take effect: ``backend
+  10.0.0.5:25565 of survival@docker down: 3 checks failed: connection refused``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import ssl
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+from loguru import logger
+
+from discoproxy.model import CheckKind, HealthCheck
+from discoproxy.owners import LOOP, on_reactor, owned_by
+from discoproxy.protocol import minecraft
+from discoproxy.protocol.errors import NeedData
+from discoproxy.proxy.addresses import format_addr, proxy_v2_header
+from discoproxy.status import parse_status_document
+
+if TYPE_CHECKING:
+    from discoproxy.proxy.server import ProxyContext
+    from discoproxy.routing import Route, RoutingTable
+
+# Checks running at once, whatever the number of backends.
+MAX_CHECKS_IN_FLIGHT = 64
+# The protocol a minecraft check announces (1.20.4); servers answer any.
+CHECK_PROTOCOL = 765
+# Bytes a check reads at most: a status answer with a favicon, or a status line.
+MAX_ANSWER_BYTES = 256 * 1024
+
+Key = tuple[str, tuple[tuple[str, int], ...], tuple[str, int]]  # route id, its list, one
+
+
+class CheckFailed(Exception):
+    """A check that reached the backend and got the wrong answer."""
+
+
+@dataclass(slots=True)
+class _Target:
+    route: Route
+    address: tuple[str, int]
+    check: HealthCheck
+    generation: int
+    last_ok: bool | None = None
+    streak: int = 0
+    running: bool = False
+
+
+def _spread(key: Key, interval: float) -> float:
+    """A stable offset in [0, interval) for ``key``: first checks do not bunch."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 * interval
+
+
+@owned_by(LOOP)
+class HealthChecker:
+    """Checks every backend of every route that asks for it; tells the pools."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self._targets: dict[Key, _Target] = {}
+        self._heap: list[tuple[float, int, Key]] = []
+        self._generation = 0
+        self._changed = anyio.Event()
+        self.checks = 0  # checks done, for tests and the benchmark
+
+    def table_changed(self, table: RoutingTable) -> None:
+        """Follow the table: new backends get a first check soon, gone ones none."""
+        self._generation += 1
+        generation = self._generation
+        now = time.monotonic()
+        wanted: dict[Key, _Target] = {}
+        for route in table.by_id.values():
+            check = route.server.health_check
+            if check is None or route.server.sleeping:
+                continue
+            for address in dict.fromkeys(route.addresses):
+                key = (route.qualified_id, route.addresses, address)
+                target = self._targets.get(key)
+                if target is None:
+                    target = _Target(route, address, check, generation)
+                    heapq.heappush(self._heap, (now + _spread(key, check.interval), 0, key))
+                else:
+                    target.route, target.check = route, check
+                wanted[key] = target
+        self._targets = wanted
+        if len(self._heap) > 4 * len(wanted) + 64:  # drop what gone targets left behind
+            self._heap = [item for item in self._heap if item[2] in wanted]
+            heapq.heapify(self._heap)
+        self._changed.set()
+
+    async def run(self) -> None:
+        limiter = anyio.CapacityLimiter(MAX_CHECKS_IN_FLIGHT)
+        async with anyio.create_task_group() as tg:
+            while True:
+                now = time.monotonic()
+                heap = self._heap
+                while heap and heap[0][0] <= now:
+                    _, _, key = heapq.heappop(heap)
+                    target = self._targets.get(key)
+                    if target is None or target.running:
+                        continue  # gone, or its last check is still out
+                    target.running = True
+                    tg.start_soon(self._check, key, target, limiter)
+                delay = heap[0][0] - now if heap else 3600.0
+                self._changed = anyio.Event()
+                with anyio.move_on_after(delay):
+                    await self._changed.wait()
+
+    async def _check(self, key: Key, target: _Target, limiter: anyio.CapacityLimiter) -> None:
+        check = target.check
+        started = time.monotonic()
+        players: int | None = None
+        try:
+            async with limiter:
+                started = time.monotonic()
+                with anyio.fail_after(check.timeout):
+                    players = await probe(check, target.route, *target.address)
+            ok, detail = True, "ok"
+        except TimeoutError:
+            ok, detail = False, f"no answer within {check.timeout:g}s"
+        except Exception as exc:  # any failure of a check is the backend's verdict
+            ok, detail = False, _reason(exc)
+        rtt = time.monotonic() - started
+        self.checks += 1
+        target.running = False
+        target.streak = target.streak + 1 if target.last_ok is ok else 1
+        target.last_ok = ok
+        if key in self._targets:
+            heapq.heappush(self._heap, (started + check.interval, 0, key))
+            self._changed.set()
+            apply = partial(
+                _apply,
+                self.ctx,
+                target.route,
+                target.address,
+                check,
+                ok,
+                target.streak,
+                detail,
+                rtt if ok else None,
+                players,
+            )
+            with contextlib.suppress(RuntimeError):  # the reactor stopped
+                self.ctx.reactor.call(apply)
+
+
+@on_reactor
+def _apply(
+    ctx: ProxyContext,
+    route: Route,
+    address: tuple[str, int],
+    check: HealthCheck,
+    ok: bool,
+    streak: int,
+    detail: str,
+    rtt: float | None,
+    players: int | None,
+) -> None:
+    """One check's verdict, on the reactor: the pool takes it; a transition is logged."""
+    changed = ctx.pools.get(route).checked(
+        address, ok, check.rise, check.fall, streak, detail, rtt, players
+    )
+    if changed is None:
+        return
+    log = logger.bind(route=route.qualified_id)
+    if changed:
+        log.warning(
+            "backend {} of {} up: {} checks passed",
+            format_addr(address),
+            route.qualified_id,
+            streak,
+        )
+    else:
+        log.warning(
+            "backend {} of {} down: {} checks failed: {}",
+            format_addr(address),
+            route.qualified_id,
+            streak,
+            detail,
+        )
+
+
+async def probe(check: HealthCheck, route: Route, host: str, port: int) -> int | None:
+    """One check of ``host:port``; raises when it fails. A minecraft check returns the
+    online player count its status answer gives (None if it gives none)."""
+    kind = check.type
+    name = next((d for d in route.server.domains if not d.startswith("*")), host)
+    if kind is CheckKind.TLS:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        stream: anyio.abc.ByteStream = await anyio.connect_tcp(
+            host, port, tls=True, ssl_context=context, tls_hostname=name
+        )
+        await stream.aclose()
+        return None
+    sock = await anyio.connect_tcp(host, port)
+    async with sock:
+        header = b""
+        if route.send_proxy_protocol:  # our own address as the client's, as status does
+            local = sock.extra(anyio.abc.SocketAttribute.local_address)
+            own = (str(local[0]), int(local[1]))
+            header = proxy_v2_header((own, own))
+        if kind is CheckKind.TCP:
+            return None
+        if kind is CheckKind.HTTP:
+            request = (
+                f"GET {check.http_path} HTTP/1.1\r\nHost: {name}\r\n"
+                "User-Agent: discoproxy-check\r\nConnection: close\r\n\r\n"
+            )
+            await sock.send(header + request.encode())
+            line = await _read_until(sock, b"\r\n")
+            parts = line.split(b" ", 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+                raise CheckFailed(f"not an HTTP answer: {line[:40]!r}")
+            if int(parts[1]) != check.http_status:
+                raise CheckFailed(f"HTTP {int(parts[1])}, expected {check.http_status}")
+            return None
+        handshake = minecraft.encode_handshake(
+            CHECK_PROTOCOL, name, port, minecraft.NEXT_STATE_STATUS
+        )
+        await sock.send(header + handshake + minecraft.encode_packet(0x00, b""))
+        buffer = bytearray()
+        while True:
+            packet = minecraft.parse_packet(buffer, max_bytes=MAX_ANSWER_BYTES)
+            if not isinstance(packet, NeedData):
+                break
+            buffer += await sock.receive()
+        if packet.packet_id != minecraft.STATUS_RESPONSE_PACKET_ID:
+            raise CheckFailed(f"answered packet 0x{packet.packet_id:02x}, not a status")
+        document = parse_status_document(packet.payload)
+        players = document.get("players")
+        online = players.get("online") if isinstance(players, dict) else None
+        return online if isinstance(online, int) and not isinstance(online, bool) else None
+
+
+async def _read_until(stream: anyio.abc.ByteStream, end: bytes) -> bytes:
+    buffer = b""
+    while end not in buffer:
+        if len(buffer) > MAX_ANSWER_BYTES:
+            raise CheckFailed("answer too long")
+        buffer += await stream.receive()
+    return buffer.split(end, 1)[0]
+
+
+def _reason(exc: BaseException) -> str:
+    """Readable cause: anyio's connect_tcp hides each attempt's error in its cause."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        exc = cause.exceptions[0]
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    if isinstance(exc, anyio.EndOfStream):
+        return "closed without answering"
+    return str(exc) or type(exc).__name__

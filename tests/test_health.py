@@ -1,0 +1,246 @@
+"""Active health checks (discoproxy/health.py): tcp, minecraft, tls and http checks
+against real loopback servers; rise/fall; the verdicts reach the pools; lowest_latency
+and fewest_players pick what they claim."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import SocketStream
+
+from discoproxy.health import _spread, probe
+from discoproxy.model import Balance, HealthCheck
+from discoproxy.protocol import minecraft
+from discoproxy.protocol.errors import NeedData
+from discoproxy.proxy.balance import Pool
+from discoproxy.routing import build_table
+from tests.proxy.helpers import Backend, backend, named, running_proxy, server
+
+pytestmark = pytest.mark.anyio
+
+FAST = {"interval": 0.2, "timeout": 1.0, "rise": 2, "fall": 2}
+
+
+def mc_status(online: int) -> Callable[[SocketStream, Backend], Awaitable[None]]:
+    async def handler(stream: SocketStream, info: Backend) -> None:
+        buffer = bytearray()
+        while isinstance(hs := minecraft.parse_handshake(buffer), NeedData):
+            buffer += await stream.receive()
+        del buffer[: hs.length]
+        while isinstance(minecraft.parse_packet(buffer), NeedData):
+            buffer += await stream.receive()
+        info.received.append(bytes(buffer))
+        document = {
+            "version": {"name": "x", "protocol": 765},
+            "players": {"max": 20, "online": online},
+        }
+        await stream.send(minecraft.encode_status_response(json.dumps(document)))
+
+    return handler
+
+
+async def http_answer(stream: SocketStream, info: Backend) -> None:
+    request = await stream.receive()
+    info.received.append(request)
+    status = b"200 OK" if b"GET /health " in request else b"404 Not Found"
+    await stream.send(b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\n\r\n")
+
+
+def route_for(*addresses: str, **extra: object) -> object:
+    table = build_table(
+        {"test": [server("pool", "pool.example.com", addresses=list(addresses), **extra)]}
+    )
+    return table.by_id["pool@test"]
+
+
+def refused_port() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+# -- one check ----------------------------------------------------------------------------
+
+
+async def test_a_tcp_check_passes_on_a_listener_and_fails_on_a_refusal() -> None:
+    async with backend(named(b"x")) as up:
+        route = route_for(up.address)
+        check = HealthCheck(type="tcp")
+        assert await probe(check, route, "127.0.0.1", up.port) is None  # type: ignore[arg-type]
+    closed = refused_port()
+    try:
+        with pytest.raises(OSError):
+            await probe(check, route, "127.0.0.1", closed.getsockname()[1])  # type: ignore[arg-type]
+    finally:
+        closed.close()
+
+
+async def test_a_minecraft_check_reads_the_online_players() -> None:
+    async with backend(mc_status(7)) as mc:
+        route = route_for(mc.address)
+        players = await probe(HealthCheck(type="minecraft"), route, "127.0.0.1", mc.port)  # type: ignore[arg-type]
+    assert players == 7
+
+
+async def test_an_http_check_wants_its_status() -> None:
+    async with backend(http_answer) as web:
+        route = route_for(web.address)
+        good = HealthCheck(type="http", http_path="/health")
+        await probe(good, route, "127.0.0.1", web.port)  # type: ignore[arg-type]
+        with pytest.raises(Exception, match="HTTP 404, expected 200"):
+            await probe(HealthCheck(type="http", http_path="/nope"), route, "127.0.0.1", web.port)  # type: ignore[arg-type]
+    assert web.received[0].startswith(b"GET /health HTTP/1.1\r\nHost: pool.example.com\r\n")
+
+
+async def test_a_tls_check_completes_a_handshake(tmp_path: Path) -> None:
+    from tests.proxy.test_tls_termination import make_cert  # a self-signed pair
+
+    cert, key = make_cert(tmp_path, "pool.example.com")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+
+    async def serve(stream: SocketStream) -> None:
+        from anyio.streams.tls import TLSStream
+
+        async with stream:
+            try:
+                tls = await TLSStream.wrap(stream, server_side=True, ssl_context=context)
+                await tls.aclose()
+            except Exception:
+                pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        route = route_for(f"127.0.0.1:{port}")
+        await probe(HealthCheck(type="tls"), route, "127.0.0.1", port)  # type: ignore[arg-type]
+        tg.cancel_scope.cancel()
+
+
+def test_first_checks_are_spread_over_the_interval() -> None:
+    offsets = [_spread(("r", (), ("10.0.0.1", p)), 5.0) for p in range(1000)]
+    assert all(0 <= o < 5 for o in offsets)
+    assert sum(o < 1 for o in offsets) < 300  # about a fifth in each fifth, not all at 0
+
+
+# -- the pool's side ----------------------------------------------------------------------
+
+
+def test_rise_and_fall_move_a_backend_down_and_up() -> None:
+    a, b = ("10.0.0.1", 1), ("10.0.0.2", 1)
+    pool = Pool([(*a, 1), (*b, 1)], Balance.ROUND_ROBIN)
+    assert pool.checked(a, False, 2, 3, 1, "refused") is None
+    assert pool.checked(a, False, 2, 3, 2, "refused") is None
+    assert pool.checked(a, False, 2, 3, 3, "refused") is False  # down
+    assert all(pool.order(None, 1e9) == [b] for _ in range(3))  # no probe: the checks decide
+    assert pool.checked(a, True, 2, 3, 1, "ok", 0.001) is None
+    assert pool.checked(a, True, 2, 3, 2, "ok", 0.001) is True  # up after rise
+    assert a in pool.order(None, 0)
+
+
+def test_lowest_latency_and_fewest_players_pick_what_they_claim() -> None:
+    a, b, c = ("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)
+    fast = Pool([(*a, 1), (*b, 1), (*c, 1)], Balance.LOWEST_LATENCY)
+    for address, rtt in ((a, 0.030), (b, 0.002), (c, 0.010)):
+        fast.checked(address, True, 1, 1, 1, "ok", rtt)
+    assert {fast.order(None, 0)[0] for _ in range(5)} == {b}
+    few = Pool([(*a, 1), (*b, 1), (*c, 1)], Balance.FEWEST_PLAYERS)
+    for address, players in ((a, 12), (b, 40), (c, 3)):
+        few.checked(address, True, 1, 1, 1, "ok", 0.01, players)
+    assert {few.order(None, 0)[0] for _ in range(5)} == {c}
+    tied = Pool([(*a, 1), (*b, 1)], Balance.FEWEST_PLAYERS)
+    for address in (a, b):
+        tied.checked(address, True, 1, 1, 1, "ok", 0.01, 5)
+    assert {tied.order(None, 0)[0] for _ in range(4)} == {a, b}  # ties rotate
+
+
+# -- through a running proxy --------------------------------------------------------------
+
+
+@asynccontextmanager
+async def two_backends(
+    first: Callable[..., Awaitable[None]], second: Callable[..., Awaitable[None]]
+) -> AsyncIterator[tuple[Backend, Backend]]:
+    async with backend(first) as one, backend(second) as two:
+        yield one, two
+
+
+async def _pool_state(proxy: object, address: tuple[str, int]) -> str:
+    def read(ctx: object) -> str:
+        pool = dict(proxy.ctx.pools).get("pool@test")  # type: ignore[attr-defined]
+        if pool is None:
+            return "none"
+        return "down" if pool.by_address[address].down else "up"
+
+    return await proxy.on_reactor(read)  # type: ignore[attr-defined]
+
+
+async def test_checks_mark_a_dead_backend_down_before_any_client_dials_it_and_up_again() -> None:
+    dead = refused_port()
+    dead_port = dead.getsockname()[1]
+    try:
+        async with backend(named(b"alive")) as alive:
+            pool_server = server(
+                "pool",
+                "pool.example.com",
+                addresses=[f"127.0.0.1:{dead_port}", alive.address],
+                balance="round_robin",
+                health_check={"type": "tcp", **FAST},
+            )
+            async with running_proxy([pool_server]) as proxy:
+                with anyio.fail_after(5):
+                    while await _pool_state(proxy, ("127.0.0.1", dead_port)) != "down":
+                        await anyio.sleep(0.05)
+                for _ in range(6):  # every client reaches the live one, none dials the dead
+                    async with await anyio.connect_tcp("127.0.0.1", proxy.port) as stream:
+                        await stream.send(b"GET / HTTP/1.1\r\nHost: pool.example.com\r\n\r\n")
+                        with anyio.fail_after(5):
+                            assert await stream.receive() == b"alive"
+
+                def failed_dials(ctx: object) -> int:
+                    pool = dict(proxy.ctx.pools)["pool@test"]
+                    return pool.by_address[("127.0.0.1", dead_port)].failed_total
+
+                assert await proxy.on_reactor(failed_dials) == 0
+                dead.listen()  # it comes back: rise checks later it takes connections again
+                with anyio.fail_after(5):
+                    while await _pool_state(proxy, ("127.0.0.1", dead_port)) != "up":
+                        await anyio.sleep(0.05)
+                assert proxy.ctx.health.checks >= FAST["fall"] + FAST["rise"]
+    finally:
+        dead.close()
+
+
+async def test_fewest_players_sends_logins_to_the_emptiest_server() -> None:
+    async with two_backends(mc_status(30), mc_status(2)) as (busy, quiet):
+        pool_server = server(
+            "pool",
+            "pool.example.com",
+            addresses=[busy.address, quiet.address],
+            balance="fewest_players",
+            health_check={"type": "minecraft", **FAST},
+        )
+        async with running_proxy([pool_server]) as proxy:
+
+            def players(ctx: object) -> list[int | None]:
+                pool = dict(proxy.ctx.pools).get("pool@test")
+                return [b.players for b in pool.backends] if pool else []
+
+            with anyio.fail_after(5):
+                while await proxy.on_reactor(players) != [30, 2]:
+                    await anyio.sleep(0.05)
+            routed = await proxy.on_reactor(
+                lambda ctx: [
+                    ctx.pools.get(ctx.registry.table.by_id["pool@test"]).order(None, 0)[0]
+                    for _ in range(4)
+                ]
+            )
+        assert routed == [("127.0.0.1", quiet.port)] * 4
