@@ -129,6 +129,9 @@ async def test_a_live_connection_shows_in_the_api_and_metrics_then_its_totals() 
                         "failures": 0,
                         "dial_failures": 0,
                         "last_error": "",
+                        "last_check": "",
+                        "check_rtt_ms": None,
+                        "players": None,
                     }
                 ],
                 "send_proxy_protocol": False,

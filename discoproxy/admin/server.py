@@ -343,6 +343,9 @@ def route_row(
             "failures": b.failures,
             "dial_failures": b.dial_failures,
             "last_error": b.last_error,
+            "last_check": b.last_check,
+            "check_rtt_ms": None if b.rtt is None else round(b.rtt * 1000, 3),
+            "players": b.players,
         }
         for b in backends or ()
     ] or [
@@ -354,6 +357,9 @@ def route_row(
             "failures": 0,
             "dial_failures": 0,
             "last_error": "",
+            "last_check": "",
+            "check_rtt_ms": None,
+            "players": None,
         }
         for address, weight in zip(route.addresses, _weights(route), strict=True)
     ]

@@ -292,6 +292,9 @@ def test_a_route_with_a_down_backend_is_degraded_and_with_all_down_is_down() -> 
         "failures": FALL,
         "dial_failures": FALL,
         "last_error": "10.0.0.1:25565: Connection refused",
+        "last_check": "",
+        "check_rtt_ms": None,
+        "players": None,
     }
     for _ in range(FALL):
         p.failed(B, 0, "timed out")
