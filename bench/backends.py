@@ -175,15 +175,20 @@ class McStatus(asyncio.Protocol):
 async def serve() -> None:
     loop = asyncio.get_running_loop()
     sink, reply, echo, mcstatus = _listener(), _listener(), _listener(), _listener()
+    reply2, reply3 = _listener(), _listener()  # with reply: a 3-backend pool
     threading.Thread(target=_serve_sink, args=(sink,), daemon=True).start()
     udp_echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp_echo.bind(("127.0.0.1", 0))
     threading.Thread(target=_serve_udp_echo, args=(udp_echo,), daemon=True).start()
-    await loop.create_server(Reply, sock=reply, backlog=LISTEN_BACKLOG)
+    for replies in (reply, reply2, reply3):
+        await loop.create_server(Reply, sock=replies, backlog=LISTEN_BACKLOG)
     await loop.create_server(Echo, sock=echo, backlog=LISTEN_BACKLOG)
     await loop.create_server(McStatus, sock=mcstatus, backlog=LISTEN_BACKLOG)
-    ports = [s.getsockname()[1] for s in (sink, reply, echo, mcstatus, udp_echo)]
-    print("ports sink={} reply={} echo={} mcstatus={} udp_echo={}".format(*ports), flush=True)
+    ports = [s.getsockname()[1] for s in (sink, reply, echo, mcstatus, udp_echo, reply2, reply3)]
+    print(
+        "ports sink={} reply={} echo={} mcstatus={} udp_echo={} reply2={} reply3={}".format(*ports),
+        flush=True,
+    )
     await asyncio.Event().wait()
 
 

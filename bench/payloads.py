@@ -13,6 +13,9 @@ import struct
 from discoproxy.protocol import minecraft
 
 SNI_NAME = "bench.example.com"
+# 3-backend pools (issue 16): round robin and least connections, with health checks
+POOL_RR_NAME = "pool-rr.example.com"
+POOL_LC_NAME = "pool-lc.example.com"
 BULK_NAME = "bulk.bench.example.com"
 ECHO_NAME = "echo.bench.example.com"
 STATUS_NAME = "status.bench.example.com"

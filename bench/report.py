@@ -110,6 +110,18 @@ METRICS = (
     Metric("tls_cpu_us", "TLS termination, proxy CPU µs/handshake", False),
     Metric("tls_proxy_busy", "TLS termination, proxy core used %", False, compared=False),
     Metric("tls_load_busy", "TLS termination, load core busy %", False, compared=False),
+    Metric("pool_single_cpu_us", "pool: 1 backend (SNI), proxy CPU µs/conn", False, 1.3),
+    Metric("pool_rr_cps", "pool: 3 backends round robin + checks, conn/s", True),
+    Metric(
+        "pool_rr_cpu_us", "pool: 3 backends round robin + checks, proxy CPU µs/conn", False, 1.3
+    ),
+    Metric("pool_lc_cps", "pool: 3 backends least connections + checks, conn/s", True),
+    Metric(
+        "pool_lc_cpu_us",
+        "pool: 3 backends least connections + checks, proxy CPU µs/conn",
+        False,
+        1.3,
+    ),
 )
 
 
@@ -165,10 +177,39 @@ def table(results: Results, columns: Sequence[str], idle_connections: int) -> st
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
+def _haproxy_best_cost(results: Results, key: str) -> float | None:
+    values = [
+        v
+        for name in ("haproxy-default", "haproxy-splice", "haproxy-bigbuf")
+        if (v := results.median(key, name)) is not None
+    ]
+    return min(values) if values else None
+
+
+def _pool_comparisons(results: Results) -> list[str]:
+    """Issue 16's criterion: a pool's ratio to HAProxy no worse than the single
+    backend's by more than 5 %."""
+    single = results.median("pool_single_cpu_us", DISCOPROXY)
+    single_best = _haproxy_best_cost(results, "pool_single_cpu_us")
+    if single is None or not single_best:
+        return []
+    lines = []
+    for key, what in (("pool_rr_cpu_us", "round robin"), ("pool_lc_cpu_us", "least connections")):
+        pooled, best = results.median(key, DISCOPROXY), _haproxy_best_cost(results, key)
+        if pooled is None or not best:
+            continue
+        ratio, base = pooled / best, single / single_best
+        lines.append(
+            f"pool of 3, {what}: ratio to HAProxy {ratio:.3f} vs single backend {base:.3f} "
+            f"({ratio / base:.3f}×; issue 16: ≤ 1.05), discoproxy {pooled:.1f} vs {single:.1f} µs"
+        )
+    return lines
+
+
 def own_comparisons(results: Results) -> list[str]:
     """Scenario 3 against discoproxy's own SNI figure, logging's cost, and status pings
     from cache against the backend alone and against asking the backend each time."""
-    lines = []
+    lines = _pool_comparisons(results)
     mc, sni = results.median("mc_cpu_us", DISCOPROXY), results.median("sni_cpu_us", DISCOPROXY)
     if mc is not None and sni is not None:
         lines.append(f"Minecraft status vs SNI route, discoproxy CPU per conn: {mc / sni:.2f}×")

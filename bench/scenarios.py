@@ -22,6 +22,8 @@ from bench.payloads import (
     ECHO_NAME,
     PING_CACHED_NAME,
     PING_UNCACHED_NAME,
+    POOL_LC_NAME,
+    POOL_RR_NAME,
     PROTOCOL_VERSION,
     REPLY,
     SERIAL_MARKER,
@@ -284,6 +286,17 @@ def run_sni(bench: Bench) -> None:
     """2. Connection cost, TLS: ClientHello routed by SNI, small reply, close."""
     targets = [bench.direct, bench.discoproxy, bench.discoproxy_info, *bench.haproxies]
     _connection_cost(bench, targets, "sni", client_hello(), "sni")
+
+
+def run_pool(bench: Bench) -> None:
+    """11. Pools (issue 16): SNI-routed connections to 3 backends, round robin and least
+    connections, each backend health-checked every second (HAProxy: ``balance
+    roundrobin`` / ``leastconn``, ``check inter 1s fall 2``), against the single-backend
+    SNI route measured in the same blocks (``pool_single``)."""
+    targets = [bench.discoproxy, *bench.haproxies]
+    _connection_cost(bench, targets, "pool_single", client_hello(), "sni")
+    _connection_cost(bench, targets, "pool_rr", client_hello(POOL_RR_NAME), "sni")
+    _connection_cost(bench, targets, "pool_lc", client_hello(POOL_LC_NAME), "sni")
 
 
 def run_minecraft(bench: Bench) -> None:
@@ -552,4 +565,5 @@ SCENARIOS = {
     "portbulk": run_port_bulk,
     "udp": run_udp,
     "tlsterm": run_tlsterm,
+    "pool": run_pool,
 }

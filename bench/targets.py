@@ -49,6 +49,8 @@ from bench.payloads import (
     PING_CACHED_NAME,
     PING_CACHED_TTL,
     PING_UNCACHED_NAME,
+    POOL_LC_NAME,
+    POOL_RR_NAME,
     REPLY,
     SNI_NAME,
     STATUS_NAME,
@@ -87,6 +89,8 @@ HAPROXY_CONFIG = textwrap.dedent("""\
         tcp-request inspect-delay 5s
         tcp-request content accept if {{ req_ssl_hello_type 1 }}
         use_backend reply if {{ req_ssl_sni -i {sni_name} }}
+        use_backend pool_rr if {{ req_ssl_sni -i {pool_rr_name} }}
+        use_backend pool_lc if {{ req_ssl_sni -i {pool_lc_name} }}
 
     frontend echo
         bind 127.0.0.1:{echo}
@@ -101,6 +105,18 @@ HAPROXY_CONFIG = textwrap.dedent("""\
 
     backend echo
         server echo 127.0.0.1:{echo_backend}
+
+    backend pool_rr
+        balance roundrobin
+        server r1 127.0.0.1:{reply_backend} check inter 1s fall 2
+        server r2 127.0.0.1:{reply2_backend} check inter 1s fall 2
+        server r3 127.0.0.1:{reply3_backend} check inter 1s fall 2
+
+    backend pool_lc
+        balance leastconn
+        server r1 127.0.0.1:{reply_backend} check inter 1s fall 2
+        server r2 127.0.0.1:{reply2_backend} check inter 1s fall 2
+        server r3 127.0.0.1:{reply3_backend} check inter 1s fall 2
 """)
 # TLS termination (issue 8): HAProxy completes the handshake with the certificate and
 # key in one PEM and routes the plaintext by the SNI it was given, as discoproxy does
@@ -206,6 +222,8 @@ class BackendPorts:
     echo: int
     mcstatus: int
     udp_echo: int
+    reply2: int  # with reply: the 3-backend pools
+    reply3: int
 
 
 class Target:
@@ -334,6 +352,17 @@ class Discoproxy(Target):
             (servers / f"{server_id}.toml").write_text(
                 f"domains = {json.dumps(domains)}\naddresses = {addresses}\n{extra}"
             )
+        # the 3-backend pools, checked as HAProxy's (check inter 1s fall 2)
+        pool = json.dumps([f"127.0.0.1:{port}" for port in (b.reply, b.reply2, b.reply3)])
+        check = "health_check = { type = 'tcp', interval = 1, fall = 2 }\n"
+        for server_id, name, balance in (
+            ("pool-rr", POOL_RR_NAME, "round_robin"),
+            ("pool-lc", POOL_LC_NAME, "least_connections"),
+        ):
+            (servers / f"{server_id}.toml").write_text(
+                f"domains = {json.dumps([name])}\naddresses = {pool}\n"
+                f"balance = '{balance}'\n{check}"
+            )
         if self.certificate is not None:  # TLS terminated, plaintext to the reply backend
             tls = (
                 f"tls = {{ cert = {json.dumps(str(self.certificate.cert))}, "
@@ -413,6 +442,10 @@ class HAProxy(Target):
             sni=self.ports.sni,
             echo=self.ports.echo,
             sni_name=SNI_NAME,
+            pool_rr_name=POOL_RR_NAME,
+            pool_lc_name=POOL_LC_NAME,
+            reply2_backend=self.backends.reply2,
+            reply3_backend=self.backends.reply3,
             sink_backend=self.backends.sink,
             reply_backend=self.backends.reply,
             echo_backend=self.backends.echo,

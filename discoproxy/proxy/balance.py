@@ -22,7 +22,7 @@ import bisect
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -126,8 +126,11 @@ class Pool:
     __slots__ = (
         "_cum",
         "_cursor",
+        "_down",
         "_random",
+        "_rotations",
         "_schedule",
+        "_up_all",
         "backends",
         "by_address",
         "sticky",
@@ -170,19 +173,35 @@ class Pool:
         self.sticky: OrderedDict[str, tuple[Address, float]] = (
             old.sticky if old is not None and sticky_ttl > 0 else OrderedDict()
         )
+        # the fast path, while no backend is down: the takers, and each one's order
+        self._up_all = [i for i, b in enumerate(self.backends) if b.weight]
+        addresses_in_order = [b.address for b in self.backends]
+        self._rotations = [
+            tuple(addresses_in_order[i:] + addresses_in_order[:i])
+            for i in range(len(addresses_in_order))
+        ]
+        self._down = 0
+        self._recount()
+
+    def _recount(self) -> None:
+        """Backends down now: called on each transition (rare), read on every order."""
+        self._down = sum(1 for b in self.backends if b.down)
 
     # -- choosing ---------------------------------------------------------------------
 
-    def order(self, client_ip: str | None, now: float) -> list[Address]:
+    def order(self, client_ip: str | None, now: float) -> Sequence[Address]:
         """The backends to dial, in order, for one new connection (empty: all down)."""
+        if not self._down and self._up_all and not self.sticky_ttl:
+            # all up: the pick, then the others after it, precomputed
+            return self._rotations[self._pick(self._up_all, None, now)]
         backends = self.backends
         if len(backends) == 1:  # the common case: nothing to choose
             only = backends[0]
             if only.down:
                 if only.checked_down or now < only.retry_at:
-                    return []
+                    return ()
                 self._probe(only, now)
-            return [only.address]
+            return self._rotations[0]
         probe = None
         up: list[int] = []
         for i, backend in enumerate(backends):
@@ -201,7 +220,7 @@ class Pool:
         if first >= 0:
             start = up.index(first)
             order.extend(backends[i].address for i in up[start:] + up[:start])
-        return order
+        return tuple(order)
 
     def _pick(self, up: list[int], client_ip: str | None, now: float) -> int:
         if self.sticky_ttl > 0 and client_ip is not None:
@@ -285,10 +304,12 @@ class Pool:
                 backend.failures = 0
                 backend.retry_at = 0.0
                 backend.retry_s = RETRY_FIRST_S
+                self._recount()
                 return True
             return None
         if not backend.checked_down and streak >= fall:
             backend.checked_down = True
+            self._recount()
             return False
         return None
 
@@ -320,11 +341,13 @@ class Pool:
                 sticky.popitem(last=False)
         if backend is None:
             return False
-        was_down = backend.down
+        was_down = backend.retry_at > 0
         backend.last_error = ""
         backend.failures = 0
-        backend.retry_at = 0.0
-        backend.retry_s = RETRY_FIRST_S
+        if was_down:
+            backend.retry_at = 0.0
+            backend.retry_s = RETRY_FIRST_S
+            self._recount()
         return was_down
 
     def failed(self, address: Address, now: float, error: str = "") -> bool:
@@ -341,6 +364,7 @@ class Pool:
             return False
         if backend.failures >= FALL:
             backend.retry_at = now + backend.retry_s
+            self._recount()
             return True
         return False
 
@@ -377,13 +401,26 @@ class Pools:
     """Every route's :class:`Pool`, by route and backend list (a port route's pool is
     the server's backends on that port); the reactor's, as the connections are."""
 
-    __slots__ = ("_by_key", "_latest")
+    __slots__ = ("_by_key", "_by_route", "_latest")
 
     def __init__(self) -> None:
         self._by_key: dict[tuple[str, tuple[Address, ...]], Pool] = {}
         self._latest: dict[str, Pool] = {}  # by route id: the counts a new list keeps
+        # by the Route object itself (id, and the route to check it is that one): the
+        # hot path's one dict lookup on an int; the table's routes live as long as it
+        self._by_route: dict[int, tuple[Route, Pool]] = {}
 
     def get(self, route: Route) -> Pool:
+        cached = self._by_route.get(id(route))
+        if cached is not None and cached[0] is route:
+            return cached[1]
+        pool = self._get(route)
+        if len(self._by_route) > 4 * len(self._by_key) + 1024:
+            self._by_route.clear()  # tables come and go: forget old routes' entries
+        self._by_route[id(route)] = (route, pool)
+        return pool
+
+    def _get(self, route: Route) -> Pool:
         key = (route.qualified_id, route.addresses)
         pool = self._by_key.get(key)
         server = route.server
@@ -414,6 +451,8 @@ class Pools:
             pool = self._by_key.pop(key)
             if self._latest.get(key[0]) is pool:
                 del self._latest[key[0]]
+        live = set(map(id, self._by_key.values()))
+        self._by_route = {k: v for k, v in self._by_route.items() if id(v[1]) in live}
 
     def expire_sticky(self, now: float) -> None:
         for pool in self._by_key.values():

@@ -64,6 +64,8 @@ from discoproxy.rejections import Rejection
 from discoproxy.status import LEGACY_PING_PROTOCOL, StatusState, display_name, rewritten_host
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from discoproxy.config import ProxyConfig
     from discoproxy.proxy.balance import Pool
     from discoproxy.proxy.planes import TaskHandle
@@ -245,7 +247,7 @@ class ClientConnection:
         self._dial_task: TaskHandle | None = None
         self._dial_errors: list[str] | None = None
         self._next_address = 0
-        self._order: list[tuple[str, int]] | None = None  # the pool's answer, once asked
+        self._order: Sequence[tuple[str, int]] | None = None  # the pool's answer, once asked
         self._entry: tuple[str, int] | None = None  # the pool entry dialed (counted open)
         self._pool: Pool | None = None
         self._kind: Sniffed | None = None
@@ -1089,7 +1091,7 @@ class ClientConnection:
             message = self._message(self.ctx.config.unreachable_message)
             self._reply(minecraft.encode_login_disconnect(minecraft.text_component(message)))
         elif self._kind is _HTTP:
-            if self._order == []:  # every backend is down: nothing was dialed
+            if self._order is not None and not self._order:  # all down: nothing dialed
                 self._reply(http.encode_response(503, "Service Unavailable", "no backend up\n"))
             else:
                 self._reply(http.encode_response(502, "Bad Gateway", "backend unreachable\n"))
@@ -1143,7 +1145,7 @@ class ClientConnection:
         self.route_stats = self.ctx.stats.route(route.qualified_id)
         self._next_address = 0  # the woken server's addresses, from the first, all of them
         self._pool = self.ctx.pools.get(route)
-        self._order = list(route.addresses)
+        self._order = route.addresses
         self._resolved_addresses = None
         self._dial_errors = None
         self._move(DIALING)

@@ -35,8 +35,8 @@ def firsts(p: Pool, n: int, now: float = 100.0, client: str | None = None) -> li
 
 def test_failover_takes_the_first_and_then_the_rest_in_order() -> None:
     p = pool(Balance.FAILOVER, 1, 1, 1)
-    assert p.order(None, 0) == [A, B, C]
-    assert p.order(None, 0) == [A, B, C]
+    assert list(p.order(None, 0)) == [A, B, C]
+    assert list(p.order(None, 0)) == [A, B, C]
 
 
 def test_round_robin_rotates_and_every_order_holds_every_backend() -> None:
@@ -95,10 +95,10 @@ def test_consecutive_failures_mark_a_backend_down_then_one_probe_is_let_through(
     for _ in range(FALL - 1):
         assert not p.failed(A, 0.0)
     assert p.failed(A, 0.0)  # the FALL-th failure in a row: down
-    assert all(p.order(None, 1.0) == [B] for _ in range(4))  # no client waits on A
+    assert all(list(p.order(None, 1.0)) == [B] for _ in range(4))  # no client waits on A
     due = RETRY_FIRST_S + 0.1
-    assert p.order(None, due) == [A, B]  # one probe, first; the other follows
-    assert p.order(None, due) == [B]  # the next client does not probe too
+    assert list(p.order(None, due)) == [A, B]  # one probe, first; the other follows
+    assert list(p.order(None, due)) == [B]  # the next client does not probe too
     assert p.connected(A, None, due)  # the probe went through: A is up again
     assert A in p.order(None, due) and A in p.order(None, due)
 
@@ -110,7 +110,7 @@ def test_a_failed_probe_backs_off_longer() -> None:
     first_due = RETRY_FIRST_S + 0.1
     assert p.order(None, first_due)[0] == A
     p.failed(A, first_due)
-    assert p.order(None, first_due + RETRY_FIRST_S + 0.1) == [B]  # doubled: not yet
+    assert list(p.order(None, first_due + RETRY_FIRST_S + 0.1)) == [B]  # doubled: not yet
     assert p.order(None, first_due + 2 * RETRY_FIRST_S + 0.1)[0] == A
 
 
@@ -120,22 +120,22 @@ def test_a_success_resets_the_count() -> None:
         p.failed(A, 0.0)
     p.connected(A, None, 0.0)
     assert not p.failed(A, 0.0)
-    assert p.order(None, 0.0) == [A]
+    assert list(p.order(None, 0.0)) == [A]
 
 
 def test_every_backend_down_means_an_empty_order_until_a_probe_is_due() -> None:
     p = pool(Balance.FAILOVER, 1)
     for _ in range(FALL):
         p.failed(A, 0.0)
-    assert p.order(None, 0.5) == []
-    assert p.order(None, RETRY_FIRST_S + 0.1) == [A]
+    assert list(p.order(None, 0.5)) == []
+    assert list(p.order(None, RETRY_FIRST_S + 0.1)) == [A]
 
 
 def test_drained_backends_serve_when_nothing_else_is_up() -> None:
     p = pool(Balance.ROUND_ROBIN, 1, 0)
     for _ in range(FALL):
         p.failed(A, 0.0)
-    assert p.order(None, 0.5) == [B]
+    assert list(p.order(None, 0.5)) == [B]
 
 
 # -- stickiness ---------------------------------------------------------------------------
