@@ -33,9 +33,8 @@ from loguru import logger
 from discoproxy.model import CheckKind, HealthCheck
 from discoproxy.owners import LOOP, on_reactor, owned_by
 from discoproxy.protocol import minecraft
-from discoproxy.protocol.errors import NeedData
 from discoproxy.proxy.addresses import format_addr, proxy_v2_header
-from discoproxy.status import parse_status_document
+from discoproxy.status import failure_reason, read_status_document
 
 if TYPE_CHECKING:
     from discoproxy.proxy.server import ProxyContext
@@ -241,15 +240,7 @@ async def probe(check: HealthCheck, route: Route, host: str, port: int) -> int |
             CHECK_PROTOCOL, name, port, minecraft.NEXT_STATE_STATUS
         )
         await sock.send(header + handshake + minecraft.encode_packet(0x00, b""))
-        buffer = bytearray()
-        while True:
-            packet = minecraft.parse_packet(buffer, max_bytes=MAX_ANSWER_BYTES)
-            if not isinstance(packet, NeedData):
-                break
-            buffer += await sock.receive()
-        if packet.packet_id != minecraft.STATUS_RESPONSE_PACKET_ID:
-            raise CheckFailed(f"answered packet 0x{packet.packet_id:02x}, not a status")
-        document = parse_status_document(packet.payload)
+        document = await read_status_document(sock)
         players = document.get("players")
         online = players.get("online") if isinstance(players, dict) else None
         return online if isinstance(online, int) and not isinstance(online, bool) else None
@@ -265,12 +256,6 @@ async def _read_until(stream: anyio.abc.ByteStream, end: bytes) -> bytes:
 
 
 def _reason(exc: BaseException) -> str:
-    """Readable cause: anyio's connect_tcp hides each attempt's error in its cause."""
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-        exc = cause.exceptions[0]
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
     if isinstance(exc, anyio.EndOfStream):
         return "closed without answering"
-    return str(exc) or type(exc).__name__
+    return failure_reason(exc).lower()

@@ -369,7 +369,7 @@ class StatusService:
                     route, host, backend_port, protocol, domain, port, client
                 )
             except (OSError, StatusError, ProtocolError, anyio.EndOfStream) as exc:
-                errors.append(f"{host}:{backend_port}: {_reason(exc)}")
+                errors.append(f"{host}:{backend_port}: {failure_reason(exc)}")
         raise StatusError("; ".join(errors) or "no address")
 
     async def _ping_one(
@@ -394,18 +394,24 @@ class StatusService:
             status = minecraft.NEXT_STATE_STATUS
             handshake = minecraft.encode_handshake(protocol, name, port, status)
             await stream.send(header + handshake + minecraft.encode_packet(0x00, b""))
-            buffer = bytearray()
-            while True:
-                packet = minecraft.parse_packet(buffer, max_bytes=MAX_STATUS_BYTES)
-                if not isinstance(packet, NeedData):
-                    break
-                buffer += await stream.receive(READ_BYTES)
-        if packet.packet_id != minecraft.STATUS_RESPONSE_PACKET_ID:
-            raise StatusError(f"answered packet 0x{packet.packet_id:02x}, not a status response")
-        return parse_status_document(packet.payload)
+            return await read_status_document(stream)
 
 
-def _reason(exc: BaseException) -> str:
+async def read_status_document(stream: anyio.abc.ByteReceiveStream) -> dict[str, Any]:
+    """Read a Status Response from ``stream`` (after a status request) and its JSON
+    document; ``StatusError`` for any other packet."""
+    buffer = bytearray()
+    while True:
+        packet = minecraft.parse_packet(buffer, max_bytes=MAX_STATUS_BYTES)
+        if not isinstance(packet, NeedData):
+            break
+        buffer += await stream.receive(READ_BYTES)
+    if packet.packet_id != minecraft.STATUS_RESPONSE_PACKET_ID:
+        raise StatusError(f"answered packet 0x{packet.packet_id:02x}, not a status response")
+    return parse_status_document(packet.payload)
+
+
+def failure_reason(exc: BaseException) -> str:
     """Readable cause: anyio's connect_tcp hides each attempt's error in its cause."""
     cause = exc.__cause__
     if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
