@@ -17,9 +17,11 @@ Rules for this file:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import heapq
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -30,22 +32,27 @@ import anyio
 import anyio.abc
 from loguru import logger
 
-from discoproxy.model import CheckKind, HealthCheck
+from discoproxy.model import Balance, CheckKind, HealthCheck
 from discoproxy.owners import LOOP, on_reactor, owned_by
 from discoproxy.protocol import minecraft
-from discoproxy.proxy.addresses import format_addr, proxy_v2_header
+from discoproxy.proxy.addresses import format_addr, literal_family, proxy_v2_header
 from discoproxy.status import failure_reason, read_status_document
 
 if TYPE_CHECKING:
     from discoproxy.proxy.server import ProxyContext
     from discoproxy.routing import Route, RoutingTable
 
+# The scheduler wakes at most this often: checks due within it start together.
+TICK_S = 0.01
 # Checks running at once, whatever the number of backends.
 MAX_CHECKS_IN_FLIGHT = 64
 # The protocol a minecraft check announces (1.20.4); servers answer any.
 CHECK_PROTOCOL = 765
 # Bytes a check reads at most: a status answer with a favicon, or a status line.
 MAX_ANSWER_BYTES = 256 * 1024
+
+# strategies that read every check's numbers (the others hear only of changes)
+NUMBER_STRATEGIES = frozenset({Balance.LOWEST_LATENCY, Balance.FEWEST_PLAYERS})
 
 Key = tuple[str, tuple[tuple[str, int], ...], tuple[str, int]]  # route id, its list, one
 
@@ -63,6 +70,7 @@ class _Target:
     last_ok: bool | None = None
     streak: int = 0
     running: bool = False
+    reported: str = ""  # the last detail the pool was told ("ok" or why not)
 
 
 def _spread(key: Key, interval: float) -> float:
@@ -80,7 +88,8 @@ class HealthChecker:
         self._targets: dict[Key, _Target] = {}
         self._heap: list[tuple[float, int, Key]] = []
         self._generation = 0
-        self._changed = anyio.Event()
+        self._wake: asyncio.Future[None] | None = None  # the scheduler's sleep
+        self._sleep_until = 0.0  # when the scheduler wakes next (a sooner due wakes it)
         self.checks = 0  # checks done, for tests and the benchmark
 
     def table_changed(self, table: RoutingTable) -> None:
@@ -106,62 +115,95 @@ class HealthChecker:
         if len(self._heap) > 4 * len(wanted) + 64:  # drop what gone targets left behind
             self._heap = [item for item in self._heap if item[2] in wanted]
             heapq.heapify(self._heap)
-        self._changed.set()
+        if self._wake is not None:
+            _resolve(self._wake)
 
     async def run(self) -> None:
-        limiter = anyio.CapacityLimiter(MAX_CHECKS_IN_FLIGHT)
-        async with anyio.create_task_group() as tg:
+        # plain asyncio inside: per check, an anyio task, cancel scope and limiter cost
+        # more than the check (bench/health_checks.py)
+        loop = asyncio.get_running_loop()
+        limiter = asyncio.Semaphore(MAX_CHECKS_IN_FLIGHT)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
             while True:
                 now = time.monotonic()
                 heap = self._heap
-                while heap and heap[0][0] <= now:
+                while heap and heap[0][0] <= now + TICK_S / 2:
                     _, _, key = heapq.heappop(heap)
                     target = self._targets.get(key)
                     if target is None or target.running:
                         continue  # gone, or its last check is still out
                     target.running = True
-                    tg.start_soon(self._check, key, target, limiter)
-                delay = heap[0][0] - now if heap else 3600.0
-                self._changed = anyio.Event()
-                with anyio.move_on_after(delay):
-                    await self._changed.wait()
+                    task = loop.create_task(self._check(key, target, limiter))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                # sleep until the next due check, at least TICK_S: checks due meanwhile
+                # go together (a check runs at most TICK_S late), one wake per tick
+                self._sleep_until = max(heap[0][0] if heap else now + 3600.0, now + TICK_S)
+                wake = self._wake = loop.create_future()
+                timer = loop.call_at(loop.time() + (self._sleep_until - now), _resolve, wake)
+                try:
+                    await wake
+                finally:
+                    timer.cancel()
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait(tasks)
 
-    async def _check(self, key: Key, target: _Target, limiter: anyio.CapacityLimiter) -> None:
+    async def _check(self, key: Key, target: _Target, limiter: asyncio.Semaphore) -> None:
         check = target.check
-        started = time.monotonic()
         players: int | None = None
-        try:
-            async with limiter:
-                started = time.monotonic()
-                with anyio.fail_after(check.timeout):
+        async with limiter:
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(check.timeout):
                     players = await probe(check, target.route, *target.address)
-            ok, detail = True, "ok"
-        except TimeoutError:
-            ok, detail = False, f"no answer within {check.timeout:g}s"
-        except Exception as exc:  # any failure of a check is the backend's verdict
-            ok, detail = False, _reason(exc)
-        rtt = time.monotonic() - started
+                ok, detail = True, "ok"
+            except TimeoutError:
+                ok, detail = False, f"no answer within {check.timeout:g}s"
+            except Exception as exc:  # any failure of a check is the backend's verdict
+                ok, detail = False, _reason(exc)
+            rtt = time.monotonic() - started
         self.checks += 1
         target.running = False
         target.streak = target.streak + 1 if target.last_ok is ok else 1
         target.last_ok = ok
-        if key in self._targets:
-            heapq.heappush(self._heap, (started + check.interval, 0, key))
-            self._changed.set()
-            apply = partial(
-                _apply,
-                self.ctx,
-                target.route,
-                target.address,
-                check,
-                ok,
-                target.streak,
-                detail,
-                rtt if ok else None,
-                players,
-            )
-            with contextlib.suppress(RuntimeError):  # the reactor stopped
-                self.ctx.reactor.call(apply)
+        if key not in self._targets:
+            return
+        due = started + check.interval
+        heapq.heappush(self._heap, (due, 0, key))
+        if due < self._sleep_until:
+            _resolve(self._wake)
+        # the reactor hears what can change a pool: a new verdict or reason, a streak
+        # reaching rise or fall, or the numbers lowest_latency and fewest_players use
+        wants_numbers = target.route.server.balance in NUMBER_STRATEGIES
+        if not (
+            wants_numbers or detail != target.reported or target.streak in (check.rise, check.fall)
+        ):
+            return
+        target.reported = detail
+        apply = partial(
+            _apply,
+            self.ctx,
+            target.route,
+            target.address,
+            check,
+            ok,
+            target.streak,
+            detail,
+            rtt if ok else None,
+            players,
+        )
+        with contextlib.suppress(RuntimeError):  # the reactor stopped
+            self.ctx.reactor.call(apply)
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
 
 
 @on_reactor
@@ -204,6 +246,11 @@ async def probe(check: HealthCheck, route: Route, host: str, port: int) -> int |
     """One check of ``host:port``; raises when it fails. A minecraft check returns the
     online player count its status answer gives (None if it gives none)."""
     kind = check.type
+    if kind is CheckKind.TCP and not route.send_proxy_protocol:
+        family = literal_family(host)
+        if family is not None:  # the common check at scale: a bare non-blocking connect
+            await _connect_only(family, host, port)
+            return None
     name = next((d for d in route.server.domains if not d.startswith("*")), host)
     if kind is CheckKind.TLS:
         context = ssl.create_default_context()
@@ -244,6 +291,18 @@ async def probe(check: HealthCheck, route: Route, host: str, port: int) -> int |
         players = document.get("players")
         online = players.get("online") if isinstance(players, dict) else None
         return online if isinstance(online, int) and not isinstance(online, bool) else None
+
+
+async def _connect_only(family: socket.AddressFamily, host: str, port: int) -> None:
+    """Connect and close: anyio's connect_tcp resolves even a literal in a worker thread
+    and races address families, several times the cost of the check itself."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, port))
+    finally:
+        sock.close()
 
 
 async def _read_until(stream: anyio.abc.ByteStream, end: bytes) -> bytes:
