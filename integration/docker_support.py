@@ -183,12 +183,15 @@ class HostPython(DockerContainer):
         env: Mapping[str, str] | None = None,
         ready: str | None = None,
         healthcheck: Mapping[str, Any] | None = None,
+        mounts: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(IMAGE)
         self.with_name(name).with_command([PYTHON, "-c", script])
         self.with_envs(NAME=name, **(env or {}))
         for path in HOST_MOUNTS:
             self.with_volume_mapping(path, path, "ro")
+        for host_path, container_path in (mounts or {}).items():  # read-only, as the rest
+            self.with_volume_mapping(host_path, container_path, "ro")
         self.with_kwargs(
             labels=dict(labels),
             network=networks[0].name if networks else DEFAULT_NETWORK,
@@ -274,6 +277,7 @@ class DockerResources:
         env: Mapping[str, str] | None = None,
         start: bool = True,
         healthcheck: Mapping[str, Any] | None = None,
+        mounts: Mapping[str, str] | None = None,
     ) -> Any:
         """A :class:`HostPython` container running ``script``, started (until it printed
         ``ready``; ``None``: as soon as it runs) or only created; its docker SDK container,
@@ -293,6 +297,7 @@ class DockerResources:
             env=env,
             ready=ready,
             healthcheck=healthcheck,
+            mounts=mounts,
         )
         self.containers[name] = container
         if start:

@@ -4,12 +4,15 @@ nothing but the backends.
 
 The replicas carry the labels ``docker compose up --scale`` gives them
 (``com.docker.compose.project`` and ``.service``; the project is this test's own prefix),
-and answer the forwarded handshake with their container name.
+and answer the forwarded handshake with their container name — or, in the last test,
+are real Minecraft servers (npm minecraft-protocol) that 30 real clients log in to.
 """
 
 from __future__ import annotations
 
 import collections
+import json
+import subprocess
 from collections.abc import Callable, Iterator
 
 import anyio
@@ -17,8 +20,11 @@ import docker
 import pytest
 
 from discoproxy.routing import RoutingTable
-from integration.docker_support import PYTHON, DockerResources, docker_resources
+from integration.docker_support import PYTHON, DockerResources, docker_resources, unavailable
 from integration.test_docker_provider import LiveProxy, docker_proxy
+from tests.support import REPO, require_program
+
+NODE_DIR = REPO / "integration" / "node"
 
 pytestmark = [pytest.mark.peer, pytest.mark.anyio]
 
@@ -129,3 +135,61 @@ async def test_a_replica_takes_connections_only_while_its_healthcheck_passes(
         )
         await live.wait_until(_pool_size(live, 1), HEALTH_WITHIN_S)  # unhealthy: it leaves
         assert await _logins(live, domain, 6) == {names[0]: 6}
+
+
+# a real Minecraft server (npm minecraft-protocol, integration/node/mc_server.js) in each
+# replica: the host's node and the project's node_modules, mounted read-only
+MC_VERSION = "1.20.4"
+MC_SERVER = (
+    "import os\n"
+    "os.execv('/usr/bin/node', ['node', '/node/mc_server.js', os.environ['NAME'], "
+    f"'{MC_VERSION}'])\n"
+)
+MC_READY = '"event":"listening"'
+REAL_LOGINS = 30
+
+
+def _login(node: str, port: int, domain: str, username: str) -> list[dict[str, object]]:
+    result = subprocess.run(
+        [node, "mc_client.js", str(port), domain, username, MC_VERSION],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+async def test_thirty_real_logins_spread_over_three_minecraft_replicas(
+    resources: DockerResources,
+) -> None:
+    node = require_program("node", "apt-get install nodejs npm")
+    if not (NODE_DIR / "node_modules" / "minecraft-protocol").is_dir():
+        unavailable("npm ci --prefix integration/node (minecraft-protocol)")
+    async with docker_proxy(resources) as live:
+        domain = live.domain("survival")
+        replicas = [
+            await live.docker(
+                resources.run,
+                f"survival-{n}",
+                _labels(resources, domain),
+                script=MC_SERVER,
+                ready=MC_READY,
+                env={"MC_HOST": "0.0.0.0", "MC_PORT": "25565"},
+                mounts={str(NODE_DIR): "/node"},
+            )
+            for n in (1, 2, 3)
+        ]
+        await live.wait_until(_pool_size(live, 3))
+        port = live.address[1]
+        for i in range(REAL_LOGINS):
+            events = await anyio.to_thread.run_sync(_login, node, port, domain, f"player{i}")
+            assert any(e.get("event") == "play" for e in events), events
+        logins = collections.Counter()
+        for replica in replicas:
+            logs = await live.docker(replica.logs)
+            for line in logs.decode().splitlines():
+                if line.startswith("{") and json.loads(line).get("event") == "login":
+                    logins[json.loads(line)["server"]] += 1
+        assert sorted(logins.values()) == [REAL_LOGINS // 3] * 3, logins

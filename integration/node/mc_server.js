@@ -13,8 +13,10 @@ const emit = (event, fields) => console.log(JSON.stringify({ event, server: name
 
 const server = mc.createServer({
   'online-mode': false,
-  host: '127.0.0.1',
-  port: 0,
+  // MC_HOST/MC_PORT: in a container (integration/test_docker_pools.py) it must listen
+  // where the proxy reaches it; on the host, loopback and a port the OS picks
+  host: process.env.MC_HOST || '127.0.0.1',
+  port: Number(process.env.MC_PORT || 0),
   version,
   motd: `backend-${name}`,
   hideErrors: true,
