@@ -22,7 +22,7 @@ import bisect
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -119,6 +119,21 @@ class Backend:
         return self.retry_at > 0 or self.checked_down
 
 
+def _load(backend: Backend) -> float:
+    """least_connections: open connections per unit of weight."""
+    return backend.active / max(backend.weight, 1)
+
+
+def _latency(backend: Backend) -> float:
+    """lowest_latency: the last passed check's round trip (none yet: last)."""
+    return math.inf if backend.rtt is None else backend.rtt
+
+
+def _players(backend: Backend) -> float:
+    """fewest_players: online at the last minecraft check (unknown: last)."""
+    return math.inf if backend.players is None else float(backend.players)
+
+
 @owned_by(REACTOR)
 class Pool:
     """One route's backends, balanced by ``strategy``."""
@@ -195,13 +210,6 @@ class Pool:
             # all up: the pick, then the others after it, precomputed
             return self._rotations[self._pick(self._up_all, None, now)]
         backends = self.backends
-        if len(backends) == 1:  # the common case: nothing to choose
-            only = backends[0]
-            if only.down:
-                if only.checked_down or now < only.retry_at:
-                    return ()
-                self._probe(only, now)
-            return self._rotations[0]
         probe = None
         up: list[int] = []
         for i, backend in enumerate(backends):
@@ -247,35 +255,25 @@ class Pool:
                 if not self.backends[index].down:
                     return index
             return up[self._random.randrange(len(up))]
-        if strategy is Balance.LOWEST_LATENCY or strategy is Balance.FEWEST_PLAYERS:
-            return self._lowest(up, strategy)
-        # least_connections: fewest open per unit of weight; ties rotate
-        count = len(up)
-        start = self._cursor % count
-        self._cursor += 1
-        best = up[start]
-        best_load = self.backends[best].active / max(self.backends[best].weight, 1)
-        for step in range(1, count):
-            index = up[(start + step) % count]
-            backend = self.backends[index]
-            load = backend.active / max(backend.weight, 1)
-            if load < best_load:
-                best, best_load = index, load
-        return best
+        if strategy is Balance.LOWEST_LATENCY:
+            return self._least(up, _latency)
+        if strategy is Balance.FEWEST_PLAYERS:
+            return self._least(up, _players)
+        return self._least(up, _load)  # least_connections
 
-    def _lowest(self, up: list[int], strategy: Balance) -> int:
-        """The fastest last check, or the fewest players (unknown: last); ties rotate."""
+    def _least(self, up: list[int], key: Callable[[Backend], float]) -> int:
+        """The backend of ``up`` with the lowest ``key``, scanned from a rotating start
+        so that ties rotate (as HAProxy's leastconn)."""
+        backends = self.backends
         count = len(up)
         start = self._cursor % count
         self._cursor += 1
         best, best_key = up[start], math.inf
         for step in range(count):
             index = up[(start + step) % count]
-            backend = self.backends[index]
-            value = backend.rtt if strategy is Balance.LOWEST_LATENCY else backend.players
-            key = math.inf if value is None else float(value)
-            if key < best_key:
-                best, best_key = index, key
+            value = key(backends[index])
+            if value < best_key:
+                best, best_key = index, value
         return best
 
     def checked(

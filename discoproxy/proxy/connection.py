@@ -587,11 +587,9 @@ class ClientConnection:
         if self.cmask >= 0:
             ctx.reactor.unregister(self.cfd)  # leaves epoll; the fd now belongs to asyncio
             self.cmask = -1
-        pool = self._pool = ctx.pools.get(route)
-        client = self.client_addr
-        order = pool.order(client[0] if client else None, time.monotonic())
+        order = tuple(self._pool_order(route))
         proxied = self._proxied_for(route)
-        handoff = Handoff(self.id, self.started, bytes(self.buffer), proxied, tuple(order))
+        handoff = Handoff(self.id, self.started, bytes(self.buffer), proxied, order)
         self._dial_task = ctx.spawn(self, terminate(ctx, self, route, self.cfd, handoff))
 
     def terminated(
@@ -606,18 +604,10 @@ class ClientConnection:
         the pool which backends failed and which one answered."""
         self._dial_task = None
         self.cfd = -1
-        pool = self._pool
-        if pool is not None:
-            for entry in failed:
-                self._entry = entry
-                pool.dialing(entry)
-                self._entry_failed()
-            if backend is not None:
-                self._entry = backend
-                pool.dialing(backend)
-                self._connected_entry(time.monotonic())
-                pool.done(backend)
-                self._entry = None
+        for entry in failed:
+            self._pool_failed(entry)
+        if backend is not None:
+            self._pool_connected(backend, time.monotonic())
         if self.state is CLOSED:
             return
         self.backend_addr = backend
@@ -763,9 +753,13 @@ class ClientConnection:
         answer is the stale cache or the unreachable MOTD at once)."""
         route = self.route
         assert route is not None
+        return tuple(self._pool_order(route))
+
+    def _pool_order(self, route: Route) -> Sequence[tuple[str, int]]:
+        """The route's pool (kept in ``_pool``) and its order for this client."""
+        pool = self._pool = self.ctx.pools.get(route)
         client = self.client_addr
-        order = self.ctx.pools.get(route).order(client[0] if client else None, time.monotonic())
-        return tuple(order)
+        return pool.order(client[0] if client else None, time.monotonic())
 
     @on_loop
     async def _fetch_status(
@@ -860,9 +854,7 @@ class ClientConnection:
         assert route is not None
         addresses = self._order
         if addresses is None:
-            pool = self._pool = self.ctx.pools.get(route)
-            client = self.client_addr
-            addresses = self._order = pool.order(client[0] if client else None, time.monotonic())
+            addresses = self._order = self._pool_order(route)
             if not addresses:
                 self._dial_error(f"every backend of {route.qualified_id} is down")
         timeout = self.ctx.config.connect_timeout
@@ -902,10 +894,10 @@ class ClientConnection:
             if self._connect(family, host, port):
                 return
 
-    def _connected_entry(self, now: float) -> None:
-        """A dial to the pool entry being dialed went through: tell the pool."""
-        entry, pool, route = self._entry, self._pool, self.route
-        if entry is None or pool is None or route is None:
+    def _pool_connected(self, entry: tuple[str, int], now: float) -> None:
+        """A dial to pool entry ``entry`` went through: tell the pool."""
+        pool, route = self._pool, self.route
+        if pool is None or route is None:
             return
         client = self.client_addr
         if pool.connected(entry, client[0] if client else None, now):
@@ -914,15 +906,21 @@ class ClientConnection:
             )
 
     def _entry_failed(self) -> None:
-        """The pool entry being dialed failed (each of its addresses): tell the pool."""
+        """The pool entry being dialed failed (each of its addresses): it is no longer
+        counted open, and the pool hears of the failure."""
         entry, pool = self._entry, self._pool
         assert entry is not None and pool is not None
         self._entry = None
         pool.done(entry)
+        self._pool_failed(entry)
+
+    def _pool_failed(self, entry: tuple[str, int]) -> None:
+        """A dial to pool entry ``entry`` failed: tell the pool; log when it went down."""
+        pool, route = self._pool, self.route
+        if pool is None or route is None:
+            return
         last = self._dial_errors[-1] if self._dial_errors else "failed"
         if pool.failed(entry, time.monotonic(), last):
-            route = self.route
-            assert route is not None
             logger.bind(route=route.qualified_id).warning(
                 "backend {} of {} down: {} dials failed in a row: {}",
                 format_addr(entry),
@@ -1032,7 +1030,8 @@ class ClientConnection:
         assert route_stats is not None
         now = time.monotonic()
         route_stats.connect.observe(now - self._dial_at)
-        self._connected_entry(now)
+        if self._entry is not None:
+            self._pool_connected(self._entry, now)
         self._start_forwarding()
 
     def _dial_error(self, error: str) -> None:
