@@ -66,7 +66,6 @@ class _Target:
     route: Route
     address: tuple[str, int]
     check: HealthCheck
-    generation: int
     last_ok: bool | None = None
     streak: int = 0
     running: bool = False
@@ -87,15 +86,12 @@ class HealthChecker:
         self.ctx = ctx
         self._targets: dict[Key, _Target] = {}
         self._heap: list[tuple[float, int, Key]] = []
-        self._generation = 0
         self._wake: asyncio.Future[None] | None = None  # the scheduler's sleep
         self._sleep_until = 0.0  # when the scheduler wakes next (a sooner due wakes it)
         self.checks = 0  # checks done, for tests and the benchmark
 
     def table_changed(self, table: RoutingTable) -> None:
         """Follow the table: new backends get a first check soon, gone ones none."""
-        self._generation += 1
-        generation = self._generation
         now = time.monotonic()
         wanted: dict[Key, _Target] = {}
         for route in table.by_id.values():
@@ -106,7 +102,7 @@ class HealthChecker:
                 key = (route.qualified_id, route.addresses, address)
                 target = self._targets.get(key)
                 if target is None:
-                    target = _Target(route, address, check, generation)
+                    target = _Target(route, address, check)
                     heapq.heappush(self._heap, (now + _spread(key, check.interval), 0, key))
                 else:
                     target.route, target.check = route, check

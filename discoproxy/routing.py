@@ -42,12 +42,15 @@ class Route:
     # the server's own ip_filter, None when it sets none: the guard checks it from the
     # route itself, so a connection meets the filter of the very table that routed it
     ip_filter: IpFilterSettings | None = field(init=False, compare=False, repr=False)
-    # each address's weight, in the same order (the pool's: proxy/balance.py)
+    # each address's weight, one per address in the same order (the pool's:
+    # proxy/balance.py); 1 for an address the server does not list (a test's own route)
     weights: tuple[int, ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ip_filter", self.server.ip_filter or None)
-        object.__setattr__(self, "weights", tuple(a.weight for a in self.server.addresses))
+        listed = [a.weight for a in self.server.addresses][: len(self.addresses)]
+        padded = listed + [1] * (len(self.addresses) - len(listed))
+        object.__setattr__(self, "weights", tuple(padded))
 
 
 @dataclass(frozen=True, slots=True)

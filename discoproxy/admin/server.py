@@ -361,7 +361,7 @@ def route_row(
             "check_rtt_ms": None,
             "players": None,
         }
-        for address, weight in zip(route.addresses, _weights(route), strict=True)
+        for address, weight in zip(route.addresses, route.weights, strict=True)
     ]
     if state == "running" and pool:
         down = sum(1 for b in pool if b["state"] == "down")
@@ -379,11 +379,6 @@ def route_row(
         "send_proxy_protocol": route.send_proxy_protocol,
         "state": state,
     }
-
-
-def _weights(route: Route) -> list[int]:
-    weights = route.weights
-    return [weights[i] if i < len(weights) else 1 for i in range(len(route.addresses))]
 
 
 async def serve_admin(

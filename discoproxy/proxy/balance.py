@@ -424,11 +424,10 @@ class Pools:
         server = route.server
         if pool is None or pool.strategy is not server.balance or pool.weights != route.weights:
             old = pool or self._latest.get(route.qualified_id)
-            weights = route.weights
             pool = Pool(
                 (
-                    (host, port, weights[i] if i < len(weights) else 1)
-                    for i, (host, port) in enumerate(route.addresses)
+                    (host, port, weight)
+                    for (host, port), weight in zip(route.addresses, route.weights, strict=True)
                 ),
                 server.balance,
                 server.sticky_ttl,

@@ -223,6 +223,7 @@ class UdpSession:
         backend: tuple[str, int],
         header: bytes,
         pktinfo: list[tuple[int, int, bytes]],
+        entry: tuple[str, int],
     ) -> None:
         self.listener = listener
         self.id = listener.ctx.new_id()  # shared with TCP connections: unique in the API
@@ -236,7 +237,7 @@ class UdpSession:
         self.pktinfo = pktinfo
         self.started = self.last = time.monotonic()
         self.bytes_up = self.bytes_down = 0
-        self.entry = backend  # the route's address it came from (before name resolution)
+        self.entry = entry  # the route's address it came from (before name resolution)
 
     def send(self, data: bytes) -> None:
         try:
@@ -407,8 +408,7 @@ class UdpListener:
         if route.send_proxy_protocol:
             local = (local_ip or self.address[0], self.address[1])
             header = proxy_v2_header((client, local), transport="udp")
-        session = UdpSession(self, client, route, sock, (host, port), header, pktinfo)
-        session.entry = entry
+        session = UdpSession(self, client, route, sock, (host, port), header, pktinfo, entry)
         ctx.pools.get(route).dialing(entry)  # open sessions count for least_connections
         self.sessions[client] = session
         ctx.udp_sessions += 1
