@@ -422,7 +422,12 @@ class Pools:
         key = (route.qualified_id, route.addresses)
         pool = self._by_key.get(key)
         server = route.server
-        if pool is None or pool.strategy is not server.balance or pool.weights != route.weights:
+        if (
+            pool is None
+            or pool.strategy is not server.balance
+            or pool.weights != route.weights
+            or pool.sticky_ttl != server.sticky_ttl
+        ):
             old = pool or self._latest.get(route.qualified_id)
             pool = Pool(
                 (

@@ -364,3 +364,20 @@ async def test_a_route_whose_backends_are_all_down_answers_at_once() -> None:
             assert await proxy.on_reactor(failures) == FALL  # the ping dialed nothing either
     finally:
         dead.close()
+
+
+def test_a_new_table_that_changes_a_pools_settings_gets_them() -> None:
+    from discoproxy.proxy.balance import Pools
+    from discoproxy.routing import build_table
+
+    def route(**extra: object) -> object:
+        pooled = server("pool", "pool.example.com", addresses=["10.0.0.1", "10.0.0.2"], **extra)
+        return build_table({"test": [pooled]}).by_id["pool@test"]
+
+    pools = Pools()
+    first = pools.get(route())  # type: ignore[arg-type]
+    first.dialing(A)
+    sticky = pools.get(route(sticky_ttl=60))  # type: ignore[arg-type]
+    assert sticky.sticky_ttl == 60  # a reload that only turns stickiness on is honoured
+    assert sticky.by_address[A].active == 1  # and the counts carry over
+    assert pools.get(route(balance="round_robin")).strategy is Balance.ROUND_ROBIN  # type: ignore[arg-type]
