@@ -85,7 +85,7 @@ class HealthChecker:
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         self._targets: dict[Key, _Target] = {}
-        self._heap: list[tuple[float, int, Key]] = []
+        self._heap: list[tuple[float, Key]] = []  # (due, target)
         self._wake: asyncio.Future[None] | None = None  # the scheduler's sleep
         self._sleep_until = 0.0  # when the scheduler wakes next (a sooner due wakes it)
         self.checks = 0  # checks done, for tests and the benchmark
@@ -103,13 +103,13 @@ class HealthChecker:
                 target = self._targets.get(key)
                 if target is None:
                     target = _Target(route, address, check)
-                    heapq.heappush(self._heap, (now + _spread(key, check.interval), 0, key))
+                    heapq.heappush(self._heap, (now + _spread(key, check.interval), key))
                 else:
                     target.route, target.check = route, check
                 wanted[key] = target
         self._targets = wanted
         if len(self._heap) > 4 * len(wanted) + 64:  # drop what gone targets left behind
-            self._heap = [item for item in self._heap if item[2] in wanted]
+            self._heap = [item for item in self._heap if item[1] in wanted]
             heapq.heapify(self._heap)
         if self._wake is not None:
             _resolve(self._wake)
@@ -125,7 +125,7 @@ class HealthChecker:
                 now = time.monotonic()
                 heap = self._heap
                 while heap and heap[0][0] <= now + TICK_S / 2:
-                    _, _, key = heapq.heappop(heap)
+                    _, key = heapq.heappop(heap)
                     target = self._targets.get(key)
                     if target is None or target.running:
                         continue  # gone, or its last check is still out
@@ -170,7 +170,7 @@ class HealthChecker:
         if key not in self._targets:
             return
         due = started + check.interval
-        heapq.heappush(self._heap, (due, 0, key))
+        heapq.heappush(self._heap, (due, key))
         if due < self._sleep_until:
             _resolve(self._wake)
         # the reactor hears what can change a pool: a new verdict or reason, a streak
