@@ -13,7 +13,12 @@ from collections.abc import Generator, Iterator
 import docker
 import pytest
 
-from integration.docker_support import ensure_image, require_docker
+from integration.docker_support import (
+    DockerResources,
+    docker_resources,
+    ensure_image,
+    require_docker,
+)
 from integration.peers import PeerProcess
 from tests.support import ProxyProcess
 
@@ -55,3 +60,10 @@ def engine() -> Iterator[docker.DockerClient]:
     ensure_image(client)
     yield client
     client.close()
+
+
+@pytest.fixture
+def resources(engine: docker.DockerClient) -> Iterator[DockerResources]:
+    """Containers and networks under one unique prefix, removed after the test."""
+    with docker_resources(engine) as created:
+        yield created

@@ -13,14 +13,13 @@ from __future__ import annotations
 import collections
 import json
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import anyio
-import docker
 import pytest
 
 from discoproxy.routing import RoutingTable
-from integration.docker_support import PYTHON, DockerResources, docker_resources, unavailable
+from integration.docker_support import PYTHON, DockerResources, unavailable
 from integration.test_docker_provider import LiveProxy, docker_proxy
 from tests.support import REPO, require_program
 
@@ -31,12 +30,6 @@ pytestmark = [pytest.mark.peer, pytest.mark.anyio]
 LOGINS = 30
 # a deadline, not a measurement: a login that waited on a dead replica would miss it
 LOGIN_WITHIN_S = 5.0
-
-
-@pytest.fixture
-def resources(engine: docker.DockerClient) -> Iterator[DockerResources]:
-    with docker_resources(engine) as created:
-        yield created
 
 
 def _labels(resources: DockerResources, domain: str) -> dict[str, str]:

@@ -17,7 +17,6 @@ from functools import partial
 from typing import Any
 
 import anyio
-import docker
 import pytest
 from anyio.abc import SocketStream
 from loguru import logger
@@ -27,7 +26,6 @@ from discoproxy.routing import Registry, RoutingTable
 from integration.docker_support import (
     DockerResources,
     docker_client,
-    docker_resources,
     engine_answers,
     find_dockerd,
     start_dockerd,
@@ -46,12 +44,6 @@ BACKEND_READY_S = 10.0
 REPLY_TIMEOUT_S = 5.0
 # After a dockerd restart: engine up, containers restarted, provider's backoff elapsed.
 ENGINE_BACK_WITHIN_S = 60.0
-
-
-@pytest.fixture
-def resources(engine: docker.DockerClient) -> Iterator[DockerResources]:
-    with docker_resources(engine) as created:
-        yield created
 
 
 @pytest.fixture
