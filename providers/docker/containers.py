@@ -385,21 +385,26 @@ def _pool(
 
 
 def _unready(record: ContainerRecord, prefix: str) -> bool:
-    if health_of(record) not in UNREADY_HEALTH:
-        return False
-    value = as_mapping(record.get("Labels")).get(f"{prefix}.use_healthcheck")
-    try:
-        return not (isinstance(value, str) and not parse_bool(value))
-    except ValueError:
-        return True  # a bad value is reported by the label's own parse; the default holds
+    return health_of(record) in UNREADY_HEALTH and _bool_label(
+        record, prefix, "use_healthcheck", default=True
+    )
 
 
 def _wants_auto_start(record: ContainerRecord, prefix: str) -> bool:
-    value = as_mapping(record.get("Labels")).get(f"{prefix}.auto_start")
+    return _bool_label(record, prefix, "auto_start", default=False)
+
+
+def _bool_label(record: ContainerRecord, prefix: str, key: str, *, default: bool) -> bool:
+    """A bool label read before the container's labels are parsed: ``default`` when it
+    is unset or bad (a bad value is reported when the container's labels are parsed, once
+    it is routed)."""
+    value = as_mapping(record.get("Labels")).get(f"{prefix}.{key}")
+    if not isinstance(value, str):
+        return default
     try:
-        return isinstance(value, str) and parse_bool(value)
+        return parse_bool(value)
     except ValueError:
-        return False
+        return default
 
 
 def is_relevant_event(event: Mapping[str, object], prefix: str) -> bool:
