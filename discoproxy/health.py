@@ -26,7 +26,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -36,7 +36,8 @@ from discoproxy.model import Balance, CheckKind, HealthCheck
 from discoproxy.owners import LOOP, on_reactor, owned_by
 from discoproxy.protocol import minecraft
 from discoproxy.proxy.addresses import format_addr, literal_family, proxy_v2_header
-from discoproxy.status import failure_reason, read_status_document
+from discoproxy.proxy.stats import FAST_BUCKETS, Histogram
+from discoproxy.status import failure_reason, read_status_document, rewritten_host
 
 if TYPE_CHECKING:
     from discoproxy.proxy.server import ProxyContext
@@ -89,6 +90,8 @@ class HealthChecker:
         self._wake: asyncio.Future[None] | None = None  # the scheduler's sleep
         self._sleep_until = 0.0  # when the scheduler wakes next (a sooner due wakes it)
         self.checks = 0  # checks done, for tests and the benchmark
+        # check durations by (route, "passed" | "failed"): discoproxy_health_check_seconds
+        self.durations: dict[tuple[str, str], Histogram] = {}
 
     def table_changed(self, table: RoutingTable) -> None:
         """Follow the table: new backends get a first check soon, gone ones none."""
@@ -108,6 +111,9 @@ class HealthChecker:
                     target.route, target.check = route, check
                 wanted[key] = target
         self._targets = wanted
+        if self.durations:  # routes gone take their histograms
+            live = table.by_id
+            self.durations = {k: h for k, h in self.durations.items() if k[0] in live}
         if len(self._heap) > 4 * len(wanted) + 64:  # drop what gone targets left behind
             self._heap = [item for item in self._heap if item[1] in wanted]
             heapq.heapify(self._heap)
@@ -150,13 +156,19 @@ class HealthChecker:
                     await asyncio.wait(tasks)
 
     async def _check(self, key: Key, target: _Target, limiter: asyncio.Semaphore) -> None:
-        check = target.check
-        players: int | None = None
+        check, route = target.check, target.route
+        document: dict[str, Any] | None = None
+        status = self.ctx.status
+        protocol = (
+            status.check_protocol(route, CHECK_PROTOCOL)
+            if check.type is CheckKind.MINECRAFT
+            else CHECK_PROTOCOL
+        )
         async with limiter:
             started = time.monotonic()
             try:
                 async with asyncio.timeout(check.timeout):
-                    players = await probe(check, target.route, *target.address)
+                    document = await probe(check, route, *target.address, protocol)
                 ok, detail = True, "ok"
             except TimeoutError:
                 ok, detail = False, f"no answer within {check.timeout:g}s"
@@ -164,11 +176,15 @@ class HealthChecker:
                 ok, detail = False, _reason(exc)
             rtt = time.monotonic() - started
         self.checks += 1
+        self._observe(route.qualified_id, ok, rtt)
         target.running = False
         target.streak = target.streak + 1 if target.last_ok is ok else 1
         target.last_ok = ok
         if key not in self._targets:
             return
+        if document is not None:  # a minecraft check's answer is a status answer too
+            status.offer(route, protocol, check_name(route, target.address[0]), document)
+        players = online_players(document)
         due = started + check.interval
         heapq.heappush(self._heap, (due, key))
         if due < self._sleep_until:
@@ -195,6 +211,13 @@ class HealthChecker:
         )
         with contextlib.suppress(RuntimeError):  # the reactor stopped
             self.ctx.reactor.call(apply)
+
+    def _observe(self, route_id: str, ok: bool, seconds: float) -> None:
+        key = (route_id, "passed" if ok else "failed")
+        histogram = self.durations.get(key)
+        if histogram is None:
+            histogram = self.durations[key] = Histogram(FAST_BUCKETS)
+        histogram.observe(seconds)
 
 
 def _resolve(future: asyncio.Future[None] | None) -> None:
@@ -238,16 +261,18 @@ def _apply(
         )
 
 
-async def probe(check: HealthCheck, route: Route, host: str, port: int) -> int | None:
-    """One check of ``host:port``; raises when it fails. A minecraft check returns the
-    online player count its status answer gives (None if it gives none)."""
+async def probe(
+    check: HealthCheck, route: Route, host: str, port: int, protocol: int = CHECK_PROTOCOL
+) -> dict[str, Any] | None:
+    """One check of ``host:port``; raises when it fails. A minecraft check announces
+    ``protocol`` and returns the backend's status document."""
     kind = check.type
     if kind is CheckKind.TCP and not route.send_proxy_protocol:
         family = literal_family(host)
         if family is not None:  # the common check at scale: a bare non-blocking connect
             await _connect_only(family, host, port)
             return None
-    name = next((d for d in route.server.domains if not d.startswith("*")), host)
+    name = check_name(route, host)
     if kind is CheckKind.TLS:
         context = ssl.create_default_context()
         context.check_hostname = False
@@ -279,14 +304,22 @@ async def probe(check: HealthCheck, route: Route, host: str, port: int) -> int |
             if int(parts[1]) != check.http_status:
                 raise CheckFailed(f"HTTP {int(parts[1])}, expected {check.http_status}")
             return None
-        handshake = minecraft.encode_handshake(
-            CHECK_PROTOCOL, name, port, minecraft.NEXT_STATE_STATUS
-        )
+        sent = rewritten_host(route.server, host, name)  # what a player's ping sends
+        handshake = minecraft.encode_handshake(protocol, sent, port, minecraft.NEXT_STATE_STATUS)
         await sock.send(header + handshake + minecraft.encode_packet(0x00, b""))
-        document = await read_status_document(sock)
-        players = document.get("players")
-        online = players.get("online") if isinstance(players, dict) else None
-        return online if isinstance(online, int) and not isinstance(online, bool) else None
+        return await read_status_document(sock)
+
+
+def online_players(document: dict[str, Any] | None) -> int | None:
+    """The online player count a status document gives, if it gives one."""
+    players = document.get("players") if document is not None else None
+    online = players.get("online") if isinstance(players, dict) else None
+    return online if isinstance(online, int) and not isinstance(online, bool) else None
+
+
+def check_name(route: Route, host: str) -> str:
+    """The name a check presents: the route's first exact domain, else the host."""
+    return next((d for d in route.server.domains if not d.startswith("*")), host)
 
 
 async def _connect_only(family: socket.AddressFamily, host: str, port: int) -> None:

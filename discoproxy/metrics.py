@@ -11,7 +11,7 @@ Rules for this file:
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from discoproxy.proxy.addresses import format_addr
 
 if TYPE_CHECKING:
-    from discoproxy.proxy.stats import Snapshot
+    from discoproxy.proxy.stats import Histogram, Snapshot
     from discoproxy.routing import RoutingTable
 
 
@@ -59,13 +59,28 @@ def render(
     table: RoutingTable,
     providers: Sequence[ProviderInfo],
     ready: bool,
+    checks: Mapping[tuple[str, str], Histogram] | None = None,
 ) -> bytes:
-    """The text exposition of everything, process metrics included."""
+    """The text exposition of everything, process metrics included. ``checks``: the
+    health checker's durations by (route, result), read on the loop that owns them."""
     registry = CollectorRegistry(auto_describe=False)
     ProcessCollector(namespace="discoproxy", registry=registry)
     PlatformCollector(registry=registry)
-    registry.register(_Families(list(_families(snapshot, table, providers, ready))))
+    families = list(_families(snapshot, table, providers, ready))
+    families.append(_check_family(checks or {}))
+    registry.register(_Families(families))
     return generate_latest(registry)
+
+
+def _check_family(checks: Mapping[tuple[str, str], Histogram]) -> Metric:
+    family = HistogramMetricFamily(
+        "discoproxy_health_check_seconds",
+        "Active health checks' durations, by route and result (passed or failed)",
+        labels=["route", "result"],
+    )
+    for (route_id, result), histogram in sorted(checks.items()):
+        family.add_metric([route_id, result], histogram.buckets(), histogram.total)
+    return family
 
 
 def _families(

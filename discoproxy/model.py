@@ -76,7 +76,10 @@ class HealthCheck(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: CheckKind = Field(description="tcp, minecraft, tls or http.")
+    type: CheckKind = Field(
+        description="tcp, minecraft, tls or http. A minecraft check's status answer "
+        "also refreshes the status cache."
+    )
     interval: float = Field(default=5.0, ge=0.2, le=3600, description="Seconds between checks.")
     timeout: float = Field(default=2.0, gt=0, le=60, description="Seconds a check may take.")
     rise: int = Field(default=2, ge=1, le=100, description="Passed checks in a row to go up.")

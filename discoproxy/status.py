@@ -82,6 +82,7 @@ class _Entry:
     rendered: str  # document patched with the server's online MOTD, as JSON
     packet: bytes  # rendered, framed as a Status Response
     per_domain: bool  # the online MOTD names {domain}: rendered again for each ping
+    protocol: int  # the client protocol it was asked for
 
 
 class StatusError(Exception):
@@ -320,13 +321,33 @@ class StatusService:
         finally:
             if qid in self._gone:  # its route left meanwhile: keep nothing for it
                 self._pinging.pop(qid, None)
+        entry = self._entry(server, document, protocol, domain)
+        self._store(key, entry)
+        return entry
+
+    def _entry(
+        self, server: ServerDefinition, document: dict[str, Any], protocol: int, domain: str
+    ) -> _Entry:
         online = server.motds.online
         rendered = render_online(server, document, protocol, domain)
         packet = minecraft.encode_status_response(rendered)
         per_domain = online is not None and "{domain}" in f"{online.text}{online.version_name}"
-        entry = _Entry(server, document, self.clock(), rendered, packet, per_domain)
-        self._store(key, entry)
-        return entry
+        return _Entry(server, document, self.clock(), rendered, packet, per_domain, protocol)
+
+    def check_protocol(self, route: Route, default: int) -> int:
+        """The protocol a minecraft health check of ``route`` should announce: that of
+        the newest answer its players asked for, so the check refreshes what they see."""
+        newest = self._newest.get(route.qualified_id)
+        return default if newest is None else newest.protocol
+
+    def offer(self, route: Route, protocol: int, domain: str, document: dict[str, Any]) -> None:
+        """A minecraft health check's answer for ``route`` (asked with ``protocol`` and
+        ``domain``): it becomes the cached answer for that protocol, so while checks run
+        more often than the cache's TTL, pings never wait for the backend."""
+        if route.server.sleeping:
+            return
+        entry = self._entry(route.server, document, protocol, domain)
+        self._store((route.qualified_id, protocol), entry)
 
     def _store(self, key: tuple[str, int], entry: _Entry) -> None:
         entries = self._entries

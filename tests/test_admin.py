@@ -27,6 +27,7 @@ from tests.proxy.helpers import (
     backend,
     echo,
     handshake,
+    named,
     receive_all,
     running_proxy,
     server,
@@ -441,3 +442,26 @@ async def test_history_and_the_connections_api_count_the_same_open_connections()
             sample = api.admin.history[-1]
             listed = await api.json("/api/connections")
             assert sample["active"] == listed["total"] == len(listed["connections"]) == 1
+
+
+async def test_health_check_durations_are_a_histogram_by_route_and_result() -> None:
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))
+    dead = f"127.0.0.1:{refused.getsockname()[1]}"
+    check = {"type": "tcp", "interval": 0.2, "timeout": 1.0}
+    try:
+        async with backend(named(b"x")) as alive:
+            routes = [
+                server("pool", "p.example.com", addresses=[alive.address, dead], health_check=check)
+            ]
+            async with running_proxy(routes) as proxy, admin_for(proxy) as api:
+                with anyio.fail_after(5):
+                    while proxy.ctx.health.checks < 4:
+                        await anyio.sleep(0.05)
+                metrics = await api.metrics()
+    finally:
+        refused.close()
+    name = "discoproxy_health_check_seconds_count"
+    passed = sample(metrics, name, route="pool@test", result="passed")
+    failed = sample(metrics, name, route="pool@test", result="failed")
+    assert passed >= 1 and failed >= 1

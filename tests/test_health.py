@@ -15,7 +15,7 @@ import anyio
 import pytest
 from anyio.abc import SocketStream
 
-from discoproxy.health import _spread, probe
+from discoproxy.health import _spread, online_players, probe
 from discoproxy.model import Balance, HealthCheck
 from discoproxy.protocol import minecraft
 from discoproxy.protocol.errors import NeedData
@@ -33,10 +33,9 @@ def mc_status(online: int) -> Callable[[SocketStream, Backend], Awaitable[None]]
         buffer = bytearray()
         while isinstance(hs := minecraft.parse_handshake(buffer), NeedData):
             buffer += await stream.receive()
-        del buffer[: hs.length]
-        while isinstance(minecraft.parse_packet(buffer), NeedData):
+        while isinstance(minecraft.parse_packet(buffer[hs.length :]), NeedData):
             buffer += await stream.receive()
-        info.received.append(bytes(buffer))
+        info.received.append(bytes(buffer))  # the handshake and the status request
         document = {
             "version": {"name": "x", "protocol": 765},
             "players": {"max": 20, "online": online},
@@ -84,9 +83,13 @@ async def test_a_tcp_check_passes_on_a_listener_and_fails_on_a_refusal() -> None
 
 async def test_a_minecraft_check_reads_the_online_players() -> None:
     async with backend(mc_status(7)) as mc:
-        route = route_for(mc.address)
-        players = await probe(HealthCheck(type="minecraft"), route, "127.0.0.1", mc.port)  # type: ignore[arg-type]
-    assert players == 7
+        route = route_for(mc.address, domain_rewrite="inner.example.com")
+        document = await probe(HealthCheck(type="minecraft"), route, "127.0.0.1", mc.port, 767)  # type: ignore[arg-type]
+    assert online_players(document) == 7
+    # the check asks as a player's ping would: the protocol asked for, the rewritten host
+    sent = minecraft.parse_handshake(bytearray(mc.received[0]))
+    assert isinstance(sent, minecraft.Handshake)
+    assert (sent.protocol_version, sent.server_address) == (767, "inner.example.com")
 
 
 async def test_an_http_check_wants_its_status() -> None:
@@ -244,3 +247,32 @@ async def test_fewest_players_sends_logins_to_the_emptiest_server() -> None:
                 ]
             )
         assert routed == [("127.0.0.1", quiet.port)] * 4
+
+
+async def test_minecraft_checks_feed_the_status_cache_so_pings_never_wait() -> None:
+    async with backend(mc_status(5)) as mc:
+        pinged = server(
+            "pool",
+            "pool.example.com",
+            addresses=[mc.address],
+            status_cache_ttl=30,
+            health_check={"type": "minecraft", **FAST},
+        )
+        async with running_proxy([pinged]) as proxy:
+            with anyio.fail_after(5):
+                while proxy.ctx.health.checks < 1:
+                    await anyio.sleep(0.02)
+            stream = await proxy.connect()
+            async with stream:
+                hello = minecraft.encode_handshake(765, "pool.example.com", 25565, 1)
+                await stream.send(hello + minecraft.encode_packet(0x00, b""))
+                buffer = bytearray()
+                with anyio.fail_after(5):
+                    while isinstance(packet := minecraft.parse_packet(buffer), NeedData):
+                        buffer += await stream.receive()
+            document = json.loads(packet.payload[1:])  # one-byte string length
+            assert document["players"]["online"] == 5
+            # the ping was answered from what the check stored, on the reactor
+            assert await proxy.ctx.reactor.run(lambda: proxy.ctx.status.reactor_hits) == 1
+            assert proxy.ctx.status.misses == 0
+            assert len(mc.received) == proxy.ctx.health.checks  # only checks reached it

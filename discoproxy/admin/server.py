@@ -209,7 +209,9 @@ class Admin:
         if path == "/metrics":
             snap = await self.snapshot()
             snap.table_listener_errors = self.registry.listener_errors
-            body = render(snap, self.registry.table, self.provider_infos(), self.is_ready)
+            table, providers = self.registry.table, self.provider_infos()
+            checks = self.ctx.health.durations  # the loop's, read on the loop
+            body = render(snap, table, providers, self.is_ready, checks)
             return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
         if path == "/api/routes":
             snap = await self.snapshot()
