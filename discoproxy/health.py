@@ -24,6 +24,7 @@ import heapq
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -97,10 +98,7 @@ class HealthChecker:
         """Follow the table: new backends get a first check soon, gone ones none."""
         now = time.monotonic()
         wanted: dict[Key, _Target] = {}
-        for route in table.by_id.values():
-            check = route.server.health_check
-            if check is None or route.server.sleeping:
-                continue
+        for route, check in _checked_routes(table):
             for address in dict.fromkeys(route.addresses):
                 key = (route.qualified_id, route.addresses, address)
                 target = self._targets.get(key)
@@ -218,6 +216,28 @@ class HealthChecker:
         if histogram is None:
             histogram = self.durations[key] = Histogram(FAST_BUCKETS)
         histogram.observe(seconds)
+
+
+def _checked_routes(table: RoutingTable) -> Iterator[tuple[Route, HealthCheck]]:
+    """Each pool to check and how. A TCP port route to another port than the server's
+    own is a pool of its own (proxy/balance.py keys pools by their addresses), checked by
+    a tcp connect with the same timings: the server's minecraft, tls or http check speaks
+    its main protocol, not whatever that port serves (RCON, a map's web page). UDP port
+    routes have passive health only."""
+    for route in table.by_id.values():
+        check = route.server.health_check
+        if check is not None and not route.server.sleeping:
+            yield route, check
+    for (protocol, _), port_route in table.ports.items():
+        check = port_route.server.health_check
+        if check is None or port_route.server.sleeping or protocol != "tcp":
+            continue
+        main = table.by_id.get(port_route.qualified_id)
+        if main is not None and main.addresses == port_route.addresses:
+            continue  # the server's own port: the same pool, checked above
+        if check.type is not CheckKind.TCP:
+            check = check.model_copy(update={"type": CheckKind.TCP})
+        yield port_route, check
 
 
 def _resolve(future: asyncio.Future[None] | None) -> None:

@@ -276,3 +276,55 @@ async def test_minecraft_checks_feed_the_status_cache_so_pings_never_wait() -> N
             assert await proxy.ctx.reactor.run(lambda: proxy.ctx.status.reactor_hits) == 1
             assert proxy.ctx.status.misses == 0
             assert len(mc.received) == proxy.ctx.health.checks  # only checks reached it
+
+
+def test_port_routes_to_other_ports_are_checked_by_tcp_connect_as_pools_of_their_own() -> None:
+    from discoproxy.health import HealthChecker
+
+    defined = server(
+        "mc",
+        "mc.example.com",
+        addresses=["10.0.0.1:25565", "10.0.0.2:25565"],
+        ports=["25565/tcp", "25575/tcp", "19132/udp"],
+        health_check={"type": "minecraft", **FAST},
+    )
+    table = build_table({"test": [defined]})
+    checker = HealthChecker(object())  # type: ignore[arg-type]
+    checker.table_changed(table)
+    checked = {(key[2], target.check.type.value) for key, target in checker._targets.items()}
+    assert checked == {
+        (("10.0.0.1", 25565), "minecraft"),  # the server's pool, and its own port's route
+        (("10.0.0.2", 25565), "minecraft"),
+        (("10.0.0.1", 25575), "tcp"),  # RCON: its own pool, a connect
+        (("10.0.0.2", 25575), "tcp"),
+    }  # the UDP port: passive health only
+    rcon = table.ports[("tcp", 25575)]
+    assert {key[1] for key in checker._targets if key[2][1] == 25575} == {rcon.addresses}
+
+
+async def test_a_dead_port_route_backend_is_marked_down_in_its_own_pool() -> None:
+    async with backend(mc_status(1)) as mc, backend(named(b"rcon")) as rcon:
+        free = refused_port()  # a free port for the proxy's port route
+        listen_port = free.getsockname()[1]
+        free.close()
+        # 127.0.0.2 listens on neither port: down in both pools
+        defined = server(
+            "mc",
+            "mc.example.com",
+            addresses=[mc.address, f"127.0.0.2:{mc.port}"],
+            ports=[f"{listen_port}:{rcon.port}/tcp"],
+            balance="round_robin",
+            health_check={"type": "minecraft", **FAST},
+        )
+        async with running_proxy([defined]) as proxy:
+
+            def states(ctx: object) -> dict[tuple[str, int], bool]:
+                port_route = proxy.registry.table.ports[("tcp", listen_port)]
+                pool = proxy.ctx.pools.get(port_route)
+                return {b.address: b.down for b in pool.backends}
+
+            want = {("127.0.0.1", rcon.port): False, ("127.0.0.2", rcon.port): True}
+            with anyio.fail_after(5):
+                while await proxy.on_reactor(states) != want:
+                    await anyio.sleep(0.05)
+            assert rcon.received == []  # a tcp connect: nothing sent to RCON
