@@ -592,22 +592,24 @@ class ClientConnection:
         handoff = Handoff(self.id, self.started, bytes(self.buffer), proxied, order)
         self._dial_task = ctx.spawn(self, terminate(ctx, self, route, self.cfd, handoff))
 
-    def terminated(
-        self,
-        backend: tuple[str, int] | None,
-        up: int,
-        down: int,
-        reason: str,
-        failed: tuple[tuple[str, int], ...] = (),
+    def tls_dialed(
+        self, backend: tuple[str, int] | None, failed: tuple[tuple[str, int], ...]
     ) -> None:
-        """The terminated relay ended (its fd is closed): account and log it, and tell
-        the pool which backends failed and which one answered."""
-        self._dial_task = None
-        self.cfd = -1
+        """The terminated connection's dials are done: the pool hears at once which
+        backends failed, and the one that answered counts this connection open (for
+        least_connections) until it closes, as a passthrough connection does."""
         for entry in failed:
             self._pool_failed(entry)
-        if backend is not None:
-            self._pool_connected(backend, time.monotonic())
+        if backend is None or self.state is CLOSED or self._pool is None:
+            return
+        self._pool.dialing(backend)
+        self._entry = backend  # close() counts it done
+        self._pool_connected(backend, time.monotonic())
+
+    def terminated(self, backend: tuple[str, int] | None, up: int, down: int, reason: str) -> None:
+        """The terminated relay ended (its fd is closed): account and log it."""
+        self._dial_task = None
+        self.cfd = -1
         if self.state is CLOSED:
             return
         self.backend_addr = backend

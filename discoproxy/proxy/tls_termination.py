@@ -145,7 +145,8 @@ async def terminate(
     ctx: ProxyContext, conn: ClientConnection, route: Route, fd: int, handoff: Handoff
 ) -> None:
     """Run a terminated connection to its end, then hand it back to the reactor to be
-    closed and logged (``conn.terminated``, the only use of ``conn`` here)."""
+    closed and logged. ``conn`` is only used through ``call_into``: ``tls_dialed`` once
+    the backend dials are done, ``terminated`` at the end."""
     settings = route.server.tls
     assert settings is not None
     loop = asyncio.get_running_loop()
@@ -172,7 +173,12 @@ async def terminate(
                 await _handshake(loop, client, tls_obj, incoming, outgoing)
         except TimeoutError:
             raise _Ended("handshake timeout") from None
-        reader, writer, backend = await _dial(ctx, handoff, route, settings, failed)
+        try:
+            reader, writer, backend = await _dial(ctx, handoff, route, settings, failed)
+        finally:  # the pool hears of the dials now, not when the session ends
+            with contextlib.suppress(RuntimeError):
+                dialed, failures = backend, tuple(failed)
+                ctx.reactor.call_into(conn, lambda: conn.tls_dialed(dialed, failures))
         try:
             idle = ctx.config.idle_timeout
             up, down, reason = await _relay(
@@ -189,9 +195,7 @@ async def terminate(
     finally:
         client.close()
         with contextlib.suppress(RuntimeError):  # the reactor stopped: nothing to account to
-            ctx.reactor.call_into(
-                conn, lambda: conn.terminated(backend, up, down, reason, tuple(failed))
-            )
+            ctx.reactor.call_into(conn, lambda: conn.terminated(backend, up, down, reason))
 
 
 async def _handshake(

@@ -242,3 +242,61 @@ async def test_a_terminated_connection_that_moves_nothing_is_closed_at_idle_time
             with anyio.fail_after(5):
                 while await proxy.ctx.reactor.run(lambda: len(proxy.ctx.connections)):
                     await anyio.sleep(0.01)
+
+
+async def test_a_terminated_connection_counts_open_on_its_backend_and_reports_dials_at_once(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    cert, key = make_cert(tmp_path, "a.example.com")
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))
+    dead = ("127.0.0.1", refused.getsockname()[1])
+    opened, release = threading.Event(), threading.Event()
+
+    def hold() -> bytes:
+        context = client_context()
+        with (
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="a.example.com") as tls,
+        ):
+            tls.sendall(b"held")
+            answer = tls.recv(1024)
+            opened.set()
+            release.wait(10)
+        return answer
+
+    try:
+        async with backend(upper) as a:
+            defined = server(
+                "a",
+                "a.example.com",
+                addresses=[f"{dead[0]}:{dead[1]}", a.address],  # failover: the dead one first
+                tls={"cert": str(cert), "key": str(key)},
+            )
+            async with running_proxy([defined]) as proxy:
+
+                def pool_numbers(ctx: object) -> dict[tuple[str, int], tuple[int, int]]:
+                    pool = dict(proxy.ctx.pools)["a@test"]
+                    return {b.address: (b.active, b.failed_total) for b in pool.backends}
+
+                answers: list[bytes] = []
+
+                async def client() -> None:
+                    answers.append(await anyio.to_thread.run_sync(hold))
+
+                alive = ("127.0.0.1", a.port)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(client)
+                    with anyio.fail_after(5):
+                        while not opened.is_set():
+                            await anyio.sleep(0.02)
+                    # while the session is open: counted on its backend, the failed dial known
+                    assert await proxy.on_reactor(pool_numbers) == {dead: (0, 1), alive: (1, 0)}
+                    release.set()
+                await proxy.wait_on_reactor(lambda ctx: not ctx.connections)
+                assert await proxy.on_reactor(pool_numbers) == {dead: (0, 1), alive: (0, 0)}
+                assert answers == [b"HELD"]
+    finally:
+        refused.close()
