@@ -72,6 +72,11 @@ class _Target:
     streak: int = 0
     running: bool = False
     reported: str = ""  # the last detail the pool was told ("ok" or why not)
+    # the last check's result, for /api/routes (the pool hears of it only on a change,
+    # unless its strategy reads the numbers): "ok" or why not, round trip, players
+    detail: str = ""
+    rtt: float | None = None
+    players: int | None = None
 
 
 def _spread(key: Key, interval: float) -> float:
@@ -183,6 +188,10 @@ class HealthChecker:
         if document is not None:  # a minecraft check's answer is a status answer too
             status.offer(route, protocol, check_name(route, target.address[0]), document)
         players = online_players(document)
+        target.detail = detail
+        if ok:
+            target.rtt = rtt
+            target.players = target.players if players is None else players
         due = started + check.interval
         heapq.heappush(self._heap, (due, key))
         if due < self._sleep_until:
@@ -209,6 +218,15 @@ class HealthChecker:
         )
         with contextlib.suppress(RuntimeError):  # the reactor stopped
             self.ctx.reactor.call(apply)
+
+    def latest(self, route: Route) -> dict[tuple[str, int], tuple[str, float | None, int | None]]:
+        """The last check of each backend of ``route``'s pool: (detail, rtt, players)."""
+        out = {}
+        for address in route.addresses:
+            target = self._targets.get((route.qualified_id, route.addresses, address))
+            if target is not None and target.detail:
+                out[address] = (target.detail, target.rtt, target.players)
+        return out
 
     def _observe(self, route_id: str, ok: bool, seconds: float) -> None:
         key = (route_id, "passed" if ok else "failed")

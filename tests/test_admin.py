@@ -465,3 +465,22 @@ async def test_health_check_durations_are_a_histogram_by_route_and_result() -> N
     passed = sample(metrics, name, route="pool@test", result="passed")
     failed = sample(metrics, name, route="pool@test", result="failed")
     assert passed >= 1 and failed >= 1
+
+
+async def test_api_routes_show_each_backends_newest_check_not_the_first() -> None:
+    check = {"type": "tcp", "interval": 0.2, "timeout": 1.0}
+    async with backend(named(b"x")) as alive:
+        routes = [server("pool", "p.example.com", addresses=[alive.address], health_check=check)]
+        async with running_proxy(routes) as proxy, admin_for(proxy) as api:
+            with anyio.fail_after(5):
+                while proxy.ctx.health.checks < 3:
+                    await anyio.sleep(0.05)
+            (target,) = proxy.ctx.health._targets.values()
+            before = target.rtt
+            rows = (await api.json("/api/routes"))["routes"]
+            after = target.rtt  # a check may end while the API answers
+    (entry,) = rows[0]["pool"]
+    assert entry["last_check"] == "ok"
+    assert before is not None and after is not None
+    # the newest round trip, though the pool (round_robin) was told only of the first
+    assert entry["check_rtt_ms"] in (round(before * 1000, 3), round(after * 1000, 3))

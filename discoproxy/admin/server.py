@@ -18,6 +18,7 @@ Rules for this file:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hmac
 import json
 import time
@@ -150,12 +151,29 @@ class Admin:
                     table,
                     route,
                     waker.is_starting(route.qualified_id),
-                    snap.backends.get(route.qualified_id),
+                    self._with_checks(route, snap.backends.get(route.qualified_id)),
                 ),
                 **totals.get(route.qualified_id, empty),
             }
             for route in table.routes
         ]
+
+    def _with_checks(
+        self, route: Route, backends: list[BackendState] | None
+    ) -> list[BackendState] | None:
+        """The pool's backends with the health checker's newest results: the pool hears
+        of a check only when it changes something, the checker keeps every one."""
+        latest = self.ctx.health.latest(route) if route.server.health_check else {}
+        if not backends or not latest:
+            return backends
+        out = []
+        for b in backends:
+            found = latest.get(b.address)
+            if found is not None:
+                detail, rtt, players = found
+                b = dataclasses.replace(b, last_check=detail, rtt=rtt, players=players)
+            out.append(b)
+        return out
 
     async def sample_history(self) -> None:
         """Append the totals every ``HISTORY_INTERVAL_S`` (the dashboard's charts)."""
