@@ -444,3 +444,56 @@ async def test_a_login_arriving_while_the_woken_server_binds_is_held_too(
     hello = f"hello from {resources.name('late')}"
     assert replies["waker"] == hello
     assert replies["late"] == hello
+
+
+async def test_a_pool_of_auto_start_replicas_sleeps_wakes_and_stops_as_one(
+    resources: DockerResources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(discoproxy.wake, "AUTO_STOP_CHECK_S", AUTO_STOP_CHECK_S)
+    async with wake_proxy(resources, auto_start_wait=0) as live:
+        domain = live.domain("pool")
+        group = f"{resources.prefix}-lobby"
+        # long enough for the woken pool to be logged into before it is idle again
+        labels = wake_labels(resources, domain, group=group, auto_stop_after="5s")
+        replicas = [
+            await live.docker(run_backend, resources, f"lobby-{n}", labels, bind_delay=0)
+            for n in (1, 2)
+        ]
+        qualified = f"{group}@docker"
+
+        def pooled(running: int) -> Callable[[RoutingTable], bool]:
+            def check(table: RoutingTable) -> bool:
+                route = table.lookup_host(domain)
+                return (
+                    route is not None
+                    and route.qualified_id == qualified
+                    and len(route.addresses) == running
+                    and route.server.sleeping is (running == 0)
+                )
+
+            return check
+
+        await live.wait_until(pooled(2))  # one route, a backend per running replica
+        # idle: auto_stop_after stops every replica, and the pool sleeps as one server
+        for container in replicas:
+            await live.wait_for_state(container, "exited", STOPPED_WITHIN_S)
+        assert live.stops == [group]
+        await live.wait_until(pooled(0))
+        assert "Wakey is sleeping" in (await live.status(domain)).text
+        # one login starts them all
+        text = await live.login(domain)
+        assert text == "Server Wakey is starting, try again in a few seconds"
+        for container in replicas:
+            await live.wait_for_state(container, "running", RUNNING_WITHIN_S)
+        assert live.starts == [group]
+        await live.wait_until(pooled(2))
+        with anyio.fail_after(BACKEND_ANSWERS_WITHIN_S):
+            while "backend-" not in (await live.status(domain)).text:
+                await anyio.sleep(PING_INTERVAL_S)
+        # round_robin over both, once the second has bound too (until then a login that
+        # picked it is redispatched to the first)
+        everyone = {f"hello from {resources.name(f'lobby-{n}')}" for n in (1, 2)}
+        greeted: set[str] = set()
+        with anyio.fail_after(BACKEND_ANSWERS_WITHIN_S):
+            while greeted != everyone:
+                greeted.add(await live.login(domain))

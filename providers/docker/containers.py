@@ -9,7 +9,7 @@ import re
 import socket
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -48,6 +48,8 @@ class ContainerScan:
 
     servers: tuple[ServerDefinition, ...]
     problems: tuple[LabelProblem, ...]
+    # a pool's id → its replicas' container names (auto_start starts and stops them all)
+    members: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def as_mapping(value: object) -> Mapping[str, object]:
@@ -307,17 +309,20 @@ def servers_from_containers(
         server, found = _server_from_container(record, ctx, sleeping=sleeping)
         problems += found
         if server is not None:
-            group = None if server.auto_start else _group_of(record, ctx.prefix)
+            group = _group_of(record, ctx.prefix)
             if group is None:
                 servers.append(server)
             else:
                 groups.setdefault(group, []).append((record, server))
-    for group, members in sorted(groups.items()):
-        pool, found = _pool(group, members, ctx.prefix)
+    members: dict[str, tuple[str, ...]] = {}
+    for group, grouped in sorted(groups.items()):
+        pool, kept, found = _pool(group, grouped, ctx.prefix)
         servers.append(pool)
         problems += found
+        if pool.auto_start:
+            members[group] = kept
     servers.sort(key=lambda s: s.id)
-    return ContainerScan(tuple(servers), tuple(sorted(set(problems))))
+    return ContainerScan(tuple(servers), tuple(sorted(set(problems))), members)
 
 
 # Labels each replica sets for itself; every other label of the prefix must agree.
@@ -349,9 +354,11 @@ def _routing_labels(record: ContainerRecord, prefix: str) -> dict[str, str]:
 
 def _pool(
     group: str, members: list[tuple[ContainerRecord, ServerDefinition]], prefix: str
-) -> tuple[ServerDefinition, list[LabelProblem]]:
-    """One server for a group's replicas: the first (by name) sets the routing labels,
-    a replica that disagrees is reported and left out; one backend per replica."""
+) -> tuple[ServerDefinition, tuple[str, ...], list[LabelProblem]]:
+    """One server for a group's replicas, the names of the replicas kept, and the
+    problems: the first (by name) sets the routing labels, a replica that disagrees is
+    reported and left out; one backend per running replica. An ``auto_start`` pool with
+    no replica running sleeps: a login starts them all (``DockerProvider.start_server``)."""
     members.sort(key=lambda member: member[1].id)
     first_record, first = members[0]
     reference = _routing_labels(first_record, prefix)
@@ -375,13 +382,16 @@ def _pool(
             )
             continue
         kept.append(server)
+    running = [server for server in kept if not server.sleeping]
     update: dict[str, object] = {
         "id": group,
-        "addresses": tuple(address for server in kept for address in server.addresses),
+        "addresses": tuple(address for server in running for address in server.addresses),
+        "sleeping": not running,  # only stopped auto_start replicas: the pool sleeps
     }
     if "balance" not in reference:
         update["balance"] = Balance.ROUND_ROBIN  # replicas spread, not fail over
-    return first.model_copy(update=update), problems
+    names = tuple(server.id for server in kept)
+    return first.model_copy(update=update), names, problems
 
 
 def _unready(record: ContainerRecord, prefix: str) -> bool:

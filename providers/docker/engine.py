@@ -127,6 +127,8 @@ class DockerProvider:
         # Touched only on the event loop's thread: the last full listing, and per
         # container the newest inspection made for an event, with its loop time.
         self._listing: list[ContainerRecord] | None = None
+        # the last scan's auto_start pools → their replicas (start_server starts them all)
+        self._members: Mapping[str, tuple[str, ...]] = {}
         self._fresh: dict[str, tuple[float, ContainerRecord | None]] = {}
 
     async def available(self) -> bool:
@@ -265,29 +267,47 @@ class DockerProvider:
                 return  # the provider is gone (cancelled, or its loop closed)
 
     async def start_server(self, server_id: str) -> None:
-        """Start the container ``server_id`` (a stopped ``auto_start`` server)."""
-        await self._control(server_id, "started", lambda client: client.start(server_id))
+        """Start the container ``server_id`` (a stopped ``auto_start`` server), or every
+        replica of the pool ``server_id``, as ``docker compose start`` would."""
+        await self._control(server_id, "started", lambda client, name: client.start(name))
 
     async def stop_server(self, server_id: str) -> None:
-        """Stop the container ``server_id`` (``auto_stop_after``)."""
+        """Stop the container ``server_id``, or every replica of that pool
+        (``auto_stop_after``)."""
         await self._control(
-            server_id, "stopped", lambda client: client.stop(server_id, timeout=STOP_TIMEOUT_S)
+            server_id,
+            "stopped",
+            lambda client, name: client.stop(name, timeout=STOP_TIMEOUT_S),
         )
 
-    async def _control(self, server_id: str, done: str, action: Callable[[Any], object]) -> None:
-        """Start or stop a container, in threads of its own: a stop may take
+    async def _control(
+        self, server_id: str, done: str, action: Callable[[Any, str], object]
+    ) -> None:
+        """Start or stop a container (each replica of a pool: one that fails does not
+        keep the others from it), in threads of its own: a stop may take
         ``STOP_TIMEOUT_S``, and resyncs must not wait behind it."""
+        names = self._members.get(server_id, (server_id,))
 
         def call() -> None:
             client = self._connect(self.settings.api_timeout + STOP_TIMEOUT_S)
+            failure: Exception | None = None
             try:
-                action(client)
+                for name in names:
+                    try:
+                        action(client, name)
+                    except Exception as exc:  # the first is raised once all were tried
+                        failure = failure or exc
             finally:
                 client.close()
+            if failure is not None:
+                raise failure
 
         with _engine_errors(self.settings.endpoint):
             await anyio.to_thread.run_sync(call, limiter=self._control_limiter)
-        self._log.info("container {} {}", server_id, done)
+        if names == (server_id,):
+            self._log.info("container {} {}", server_id, done)
+        else:
+            self._log.info("pool {} {}: {}", server_id, done, ", ".join(names))
 
     async def resync(self, client: Any, publish: Publish) -> ContainerScan:
         """List containers once and publish the complete snapshot."""
@@ -316,6 +336,7 @@ class DockerProvider:
         records = merge_inspected(listing, overrides) if overrides else listing
         scan = servers_from_containers(records, self.settings, self._own_id)
         self._report(scan)
+        self._members = scan.members
         publish(scan.servers)
         return scan
 

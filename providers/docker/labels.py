@@ -444,7 +444,8 @@ LABELS: tuple[LabelSpec, ...] = (
         maps_to="the server `id` of the pool",
         description="Containers with the same group are one server with one backend "
         "each (a pool); their routing labels must agree. Without it, the replicas of one "
-        "Compose service form the pool. `auto_start` containers are never merged.",
+        "Compose service form the pool. An `auto_start` pool sleeps while no replica "
+        "runs; a login starts them all.",
         parse=parse_group,
     ),
     LabelSpec(
@@ -605,9 +606,11 @@ def labels_markdown(prefix: str = DEFAULT_LABEL_PREFIX) -> str:
         f"`round_robin` unless `{p}.balance` says otherwise; `{p}.group=<name>` pools any",
         "containers under that name instead. A replica that starts joins the pool at once,",
         "one that stops leaves it (its open connections finish). The replicas must agree on",
-        "every label but `weight`, `port` and `docker_network`: one that disagrees is",
-        "reported, naming the label and both values, and left out. Containers with",
-        f"`{p}.auto_start` are never pooled (each is woken on its own).",
+        "every label but `weight`, `port`, `docker_network` and `use_healthcheck`: one that",
+        "disagrees is reported, naming the label and both values, and left out. A pool of",
+        f"`{p}.auto_start` replicas routes to those running; while none runs it sleeps, a",
+        "login starts every replica (as `docker compose start` would) and `auto_stop_after`",
+        "stops them all.",
         "",
         "## Labels",
         "",

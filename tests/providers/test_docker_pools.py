@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from discoproxy.model import Balance
+from providers.docker.containers import servers_from_containers
+from providers.docker.settings import DockerSettings
 from tests.providers.test_docker_labels import container, one, scan
 
 COMPOSE = {"com.docker.compose.project": "mc", "com.docker.compose.service": "survival"}
@@ -13,7 +17,8 @@ COMPOSE = {"com.docker.compose.project": "mc", "com.docker.compose.service": "su
 
 def replica(n: int, extra: dict[str, str] | None = None, **kwargs: Any) -> dict[str, Any]:
     labels = {**COMPOSE, "infrarust.domains": "survival.example.com", **(extra or {})}
-    return container(f"mc-survival-{n}", labels, {"bridge": f"172.17.0.{n + 1}"}, **kwargs)
+    kwargs.setdefault("networks", {"bridge": f"172.17.0.{n + 1}"})
+    return container(f"mc-survival-{n}", labels, **kwargs)
 
 
 def test_three_replicas_of_a_compose_service_are_one_round_robin_pool() -> None:
@@ -74,11 +79,73 @@ def test_per_replica_labels_may_differ() -> None:
     ]
 
 
-def test_auto_start_containers_are_never_merged() -> None:
-    extra = {"infrarust.auto_start": "true"}
-    servers, problems = scan(replica(1, extra), replica(2, extra))
+WAKE = {"infrarust.auto_start": "true"}
+
+
+def test_auto_start_replicas_all_stopped_are_one_sleeping_pool() -> None:
+    records = [replica(n, WAKE, state="exited", networks={"bridge": ""}) for n in (1, 2, 3)]
+    result = servers_from_containers(records, DockerSettings())
+    assert [str(p) for p in result.problems] == []
+    (pool,) = result.servers
+    assert (pool.id, pool.sleeping, pool.addresses) == ("mc-survival", True, ())
+    # a login wakes the pool: the provider starts every replica it was built from
+    assert result.members == {"mc-survival": ("mc-survival-1", "mc-survival-2", "mc-survival-3")}
+
+
+def test_an_auto_start_pool_routes_to_its_running_replicas_only() -> None:
+    stopped = replica(2, WAKE, state="exited", networks={"bridge": ""})
+    servers, problems = scan(replica(1, WAKE), stopped, replica(3, WAKE))
     assert problems == []
-    assert sorted(s.id for s in servers) == ["mc-survival-1", "mc-survival-2"]
+    (pool,) = servers
+    assert not pool.sleeping and pool.auto_start
+    assert [str(a) for a in pool.addresses] == ["172.17.0.2:25565", "172.17.0.4:25565"]
+
+
+def test_a_replica_that_alone_says_auto_start_is_left_out_of_the_pool() -> None:
+    servers, problems = scan(replica(1), replica(2, WAKE))
+    assert [s.id for s in servers] == ["mc-survival"]
+    assert problems == [
+        "container mc-survival-2, label infrarust.auto_start: is 'true' here but '(unset)' on "
+        "mc-survival-1, the first replica of pool mc-survival: left out of the pool (replicas "
+        "must agree on routing)"
+    ]
+
+
+@pytest.mark.anyio
+async def test_starting_a_pool_starts_each_replica_and_tries_them_all() -> None:
+    from discoproxy.config import ProxyConfig
+    from providers.docker.engine import DockerProvider
+
+    calls: list[tuple[str, str]] = []
+
+    class Client:
+        def start(self, name: str) -> None:
+            calls.append(("start", name))
+            if name == "mc-survival-2":
+                raise OSError("no such container")
+
+        def stop(self, name: str, timeout: float) -> None:
+            calls.append(("stop", name))
+
+        def close(self) -> None:
+            pass
+
+    provider = DockerProvider("docker", DockerSettings(), ProxyConfig())
+    provider._connect = lambda timeout: Client()  # type: ignore[method-assign]
+    provider._members = {"mc-survival": ("mc-survival-1", "mc-survival-2", "mc-survival-3")}
+    with pytest.raises(Exception, match="no such container"):
+        await provider.start_server("mc-survival")
+    await provider.stop_server("mc-survival")
+    await provider.start_server("lone")  # not a pool: the container of that name
+    assert calls == [
+        ("start", "mc-survival-1"),
+        ("start", "mc-survival-2"),
+        ("start", "mc-survival-3"),
+        ("stop", "mc-survival-1"),
+        ("stop", "mc-survival-2"),
+        ("stop", "mc-survival-3"),
+        ("start", "lone"),
+    ]
 
 
 def test_bad_pool_labels_name_the_label_and_the_accepted_values() -> None:
