@@ -9,9 +9,13 @@ Rules for this file:
   other healthy one (HAProxy's ``redispatch``: a failed dial moves on within the same
   client connection). Backends marked down are left out until their retry is due; then
   exactly one connection probes one (half-open), first.
-- Costs are on the connection's path: ``round_robin`` walks a precomputed weighted
-  schedule, ``random`` bisects cumulative weights; ``least_connections`` scans the pool
-  from a rotating start (ties rotate, as HAProxy's ``leastconn``).
+- Costs are on the connection's path and flat in pool size while no backend is down:
+  ``round_robin`` walks a precomputed weighted schedule, ``random`` bisects cumulative
+  weights, ``least_connections`` takes the top of a heap keyed by (load, last touched)
+  that each pick, dial and close re-keys in O(log n) (ties rotate, as HAProxy's
+  ``leastconn``: a backend just used goes behind its equals), and ``lowest_latency`` /
+  ``fewest_players`` rotate over the best set, recomputed only when a check changes a
+  number. With backends down, one scan of the pool builds the order.
 - Backends are keyed by their configured ``(host, port)``: a table swap that keeps an
   address keeps its counts, one that drops it forgets them once nothing uses it.
 """
@@ -19,6 +23,7 @@ Rules for this file:
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 import random
 from collections import OrderedDict
@@ -90,12 +95,15 @@ class Backend:
         "checked_down",
         "failed_total",
         "failures",
+        "index",
         "last_check",
         "last_error",
+        "owner",
         "players",
         "retry_at",
         "retry_s",
         "rtt",
+        "seq",
         "weight",
     )
 
@@ -113,6 +121,12 @@ class Backend:
         self.last_check = ""  # "ok" or why the last check failed
         self.rtt: float | None = None  # the last passed check's round trip, seconds
         self.players: int | None = None  # online players, from a minecraft check
+        # the newest pool that holds it (a table swap that keeps the address shares the
+        # backend with the old pool; the old one's connections still count here), its
+        # place there, and its least_connections heap key's tie-breaker
+        self.owner: Pool | None = None
+        self.index = 0
+        self.seq = 0
 
     @property
     def down(self) -> bool:
@@ -139,12 +153,15 @@ class Pool:
     """One route's backends, balanced by ``strategy``."""
 
     __slots__ = (
+        "_best",
         "_cum",
         "_cursor",
         "_down",
+        "_heap",
         "_random",
         "_rotations",
         "_schedule",
+        "_seq",
         "_up_all",
         "backends",
         "by_address",
@@ -195,12 +212,55 @@ class Pool:
             tuple(addresses_in_order[i:] + addresses_in_order[:i])
             for i in range(len(addresses_in_order))
         ]
+        for index, backend in enumerate(self.backends):
+            backend.owner, backend.index = self, index
+        # least_connections: (load, seq, backend) entries, one valid per backend (its
+        # seq), stale ones dropped when they reach the top or at a compaction
+        self._heap: list[tuple[float, int, Backend]] = []
+        self._seq = 0
+        self._best: list[int] | None = None  # lowest_latency / fewest_players: the best
         self._down = 0
         self._recount()
 
     def _recount(self) -> None:
         """Backends down now: called on each transition (rare), read on every order."""
         self._down = sum(1 for b in self.backends if b.down)
+        self._best = None
+        if self.strategy is Balance.LEAST_CONNECTIONS:
+            self._rebuild_heap()
+
+    def _rebuild_heap(self) -> None:
+        heap = []
+        for backend in self.backends:
+            if backend.weight and backend.owner is self:
+                self._seq += 1
+                backend.seq = self._seq
+                heap.append((backend.active / backend.weight, self._seq, backend))
+        heapq.heapify(heap)
+        self._heap = heap
+
+    def _rekey(self, backend: Backend) -> None:
+        """least_connections: ``backend``'s load changed, or it was just picked; it goes
+        behind the backends of equal load."""
+        if not backend.weight:
+            return
+        self._seq += 1
+        backend.seq = self._seq
+        heap = self._heap
+        heapq.heappush(heap, (backend.active / backend.weight, self._seq, backend))
+        if len(heap) > 2 * len(self.backends) + 64:
+            self._rebuild_heap()
+
+    def _least_loaded(self) -> int:
+        """The top of the heap: least load, and among equals the longest untouched."""
+        heap = self._heap
+        while heap:
+            _, seq, backend = heap[0]
+            if backend.seq == seq and backend.owner is self:
+                self._rekey(backend)  # picked: behind its equals (ties rotate)
+                return backend.index
+            heapq.heappop(heap)
+        return self._least(self._up_all, _load)  # backends taken over by a newer pool
 
     # -- choosing ---------------------------------------------------------------------
 
@@ -255,11 +315,19 @@ class Pool:
                 if not self.backends[index].down:
                     return index
             return up[self._random.randrange(len(up))]
-        if strategy is Balance.LOWEST_LATENCY:
-            return self._least(up, _latency)
-        if strategy is Balance.FEWEST_PLAYERS:
-            return self._least(up, _players)
-        return self._least(up, _load)  # least_connections
+        fast = up is self._up_all  # no backend down: the structures kept for it
+        if strategy is Balance.LEAST_CONNECTIONS:
+            return self._least_loaded() if fast else self._least(up, _load)
+        key = _latency if strategy is Balance.LOWEST_LATENCY else _players
+        if not fast:
+            return self._least(up, key)
+        best = self._best
+        if best is None:  # a check changed a number, or a backend went up or down
+            values = [key(self.backends[i]) for i in up]
+            low = min(values)
+            best = self._best = [i for i, v in zip(up, values, strict=True) if v == low]
+        self._cursor += 1
+        return best[self._cursor % len(best)]
 
     def _least(self, up: list[int], key: Callable[[Backend], float]) -> int:
         """The backend of ``up`` with the lowest ``key``, scanned from a rotating start
@@ -294,6 +362,8 @@ class Pool:
             return None
         backend.last_check = "ok" if ok else detail
         if ok:
+            if rtt != backend.rtt or (players is not None and players != backend.players):
+                self._best = None  # lowest_latency / fewest_players: rank again
             backend.rtt = rtt
             if players is not None:
                 backend.players = players
@@ -321,12 +391,18 @@ class Pool:
         backend = self.by_address.get(address)
         if backend is not None:
             backend.active += 1
+            owner = backend.owner  # this pool, or the newer one that took it over
+            if owner is not None and owner.strategy is Balance.LEAST_CONNECTIONS:
+                owner._rekey(backend)
 
     def done(self, address: Address) -> None:
         """A connection counted by :meth:`dialing` ended (or moved to the next backend)."""
         backend = self.by_address.get(address)
         if backend is not None and backend.active > 0:
             backend.active -= 1
+            owner = backend.owner
+            if owner is not None and owner.strategy is Balance.LEAST_CONNECTIONS:
+                owner._rekey(backend)
 
     def connected(self, address: Address, client_ip: str | None, now: float) -> bool:
         """A dial reached ``address``; True when that brought it back up."""

@@ -10,6 +10,8 @@ from contextlib import AsyncExitStack
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from discoproxy.model import Balance, ServerDefinition
@@ -76,6 +78,55 @@ def test_least_connections_picks_the_least_loaded_and_ties_rotate() -> None:
     p.done(A)
     p.done(A)
     assert firsts(p, 4).count(B) == 0  # A and C idle, B busy
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    weights=st.lists(st.integers(0, 5), min_size=1, max_size=12),
+    steps=st.lists(st.tuples(st.sampled_from(["pick", "close"]), st.integers(0, 11)), max_size=80),
+)
+def test_least_connections_always_picks_a_least_loaded_backend(
+    weights: list[int], steps: list[tuple[str, int]]
+) -> None:
+    """The heap agrees with a scan of the pool, whatever the picks and closes."""
+    addresses = [(f"10.0.1.{i}", 25565) for i in range(len(weights))]
+    p = Pool(
+        [(h, port, w) for (h, port), w in zip(addresses, weights, strict=True)],
+        Balance.LEAST_CONNECTIONS,
+    )
+    open_on: list[tuple[str, int]] = []
+    for action, n in steps:
+        if action == "pick":
+            first = p.order(None, 0)[0]
+            takers = [b for b in p.backends if b.weight] or p.backends
+            lowest = min(b.active / max(b.weight, 1) for b in takers)
+            chosen = p.by_address[first]
+            assert chosen in takers and chosen.active / max(chosen.weight, 1) == lowest
+            p.dialing(first)
+            open_on.append(first)
+        elif open_on:
+            p.done(open_on.pop(n % len(open_on)))
+
+
+def test_least_connections_hears_of_closes_counted_by_the_pool_a_reload_replaced() -> None:
+    old = pool(Balance.LEAST_CONNECTIONS, 1, 1)
+    for _ in range(5):
+        old.dialing(A)  # long sessions on A, opened before the reload
+    new = Pool([(*A, 1), (*B, 1)], Balance.LEAST_CONNECTIONS, old=old)  # keeps A's counts
+    assert firsts(new, 2) == [B, B]
+    for _ in range(5):
+        old.done(A)  # they end through the pool they were opened with
+    new.dialing(B)
+    assert new.order(None, 0)[0] == A  # the new pool saw A empty out
+
+
+def test_lowest_latency_ties_rotate_and_a_new_number_ranks_again() -> None:
+    p = pool(Balance.LOWEST_LATENCY, 1, 1, 1)
+    for address in (A, B, C):
+        p.checked(address, True, 1, 1, 1, "ok", rtt=0.002)
+    assert set(firsts(p, 3)) == {A, B, C}
+    p.checked(B, True, 1, 1, 1, "ok", rtt=0.001)
+    assert firsts(p, 3) == [B, B, B]
 
 
 def test_least_connections_counts_per_unit_of_weight() -> None:
