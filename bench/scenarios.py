@@ -245,40 +245,59 @@ def _connection_cost(
 ) -> None:
     """Proxy CPU per connection and connections/s; each repetition interleaves the
     targets in ``CONNECTION_BLOCKS`` blocks (see :func:`run_latency` for why)."""
+    _connection_costs(bench, targets, [(metric, payload)], port_of)
+
+
+def _connection_costs(
+    bench: Bench, targets: list[Target], kinds: list[tuple[str, bytes]], port_of: str
+) -> None:
+    """:func:`_connection_cost` for several kinds of connection (metric, payload) at
+    once: each block runs every kind on every target, so kinds compared with each other
+    (a pool against a single backend) see the same machine."""
     settings, results = bench.settings, bench.results
     for target in targets:
         port = getattr(target.ports, port_of)
-        loadgen.connect_loop(
-            port, payload, len(REPLY), WARMUP_CONNECTIONS, settings.concurrency, CONNECT_TIMEOUT_S
-        )
+        for _, payload in kinds:
+            loadgen.connect_loop(
+                port,
+                payload,
+                len(REPLY),
+                WARMUP_CONNECTIONS,
+                settings.concurrency,
+                CONNECT_TIMEOUT_S,
+            )
     block = max(1, settings.connections // CONNECTION_BLOCKS)
+    keys = [(metric, t.name) for metric, _ in kinds for t in targets]
     for _ in range(settings.runs):
-        used = dict.fromkeys((t.name for t in targets), 0.0)
-        busy: dict[str, list[float]] = {t.name: [] for t in targets}
-        ok = dict.fromkeys((t.name for t in targets), 0)
-        seconds = dict.fromkeys((t.name for t in targets), 0.0)
+        used = dict.fromkeys(keys, 0.0)
+        busy: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
+        ok = dict.fromkeys(keys, 0)
+        seconds = dict.fromkeys(keys, 0.0)
         for _ in range(CONNECTION_BLOCKS):
-            for target in targets:
-                port = getattr(target.ports, port_of)
-                meter = Meter(target, bench.cores)
-                result = loadgen.connect_loop(
-                    port, payload, len(REPLY), block, settings.concurrency, CONNECT_TIMEOUT_S
-                )
-                cpu, load = meter.stop()
-                if result.failed:
-                    results.notes.append(f"{metric}: {target.name}: {result.failed} failed")
-                ok[target.name] += result.ok
-                seconds[target.name] += result.seconds
-                used[target.name] += cpu or 0.0
-                if load is not None:
-                    busy[target.name].append(load)
-        for target in targets:
-            name = target.name
-            results.add(f"{metric}_cps", name, ok[name] / seconds[name])
-            per_conn = used[name] / max(ok[name], 1) * 1e6
-            results.add(f"{metric}_cpu_us", name, per_conn if target.pid is not None else None)
+            for metric, payload in kinds:
+                for target in targets:
+                    key = (metric, target.name)
+                    port = getattr(target.ports, port_of)
+                    meter = Meter(target, bench.cores)
+                    result = loadgen.connect_loop(
+                        port, payload, len(REPLY), block, settings.concurrency, CONNECT_TIMEOUT_S
+                    )
+                    cpu, load = meter.stop()
+                    if result.failed:
+                        results.notes.append(f"{metric}: {target.name}: {result.failed} failed")
+                    ok[key] += result.ok
+                    seconds[key] += result.seconds
+                    used[key] += cpu or 0.0
+                    if load is not None:
+                        busy[key].append(load)
+        for key in keys:
+            metric, name = key
+            proxied = next(t for t in targets if t.name == name).pid is not None
+            results.add(f"{metric}_cps", name, ok[key] / seconds[key])
+            per_conn = used[key] / max(ok[key], 1) * 1e6
+            results.add(f"{metric}_cpu_us", name, per_conn if proxied else None)
             results.add(
-                f"{metric}_load_busy", name, statistics.mean(busy[name]) if busy[name] else None
+                f"{metric}_load_busy", name, statistics.mean(busy[key]) if busy[key] else None
             )
 
 
@@ -294,9 +313,12 @@ def run_pool(bench: Bench) -> None:
     roundrobin`` / ``leastconn``, ``check inter 1s fall 2``), against the single-backend
     SNI route measured in the same blocks (``pool_single``)."""
     targets = [bench.discoproxy, *bench.haproxies]
-    _connection_cost(bench, targets, "pool_single", client_hello(), "sni")
-    _connection_cost(bench, targets, "pool_rr", client_hello(POOL_RR_NAME), "sni")
-    _connection_cost(bench, targets, "pool_lc", client_hello(POOL_LC_NAME), "sni")
+    kinds = [
+        ("pool_single", client_hello()),
+        ("pool_rr", client_hello(POOL_RR_NAME)),
+        ("pool_lc", client_hello(POOL_LC_NAME)),
+    ]
+    _connection_costs(bench, targets, kinds, "sni")  # in the same blocks: comparable
 
 
 def run_minecraft(bench: Bench) -> None:

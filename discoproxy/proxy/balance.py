@@ -157,7 +157,9 @@ class Pool:
         "_cum",
         "_cursor",
         "_down",
+        "_fast_pick",
         "_heap",
+        "_heap_max",
         "_random",
         "_rotations",
         "_schedule",
@@ -212,12 +214,21 @@ class Pool:
             tuple(addresses_in_order[i:] + addresses_in_order[:i])
             for i in range(len(addresses_in_order))
         ]
-        for index, backend in enumerate(self.backends):
-            backend.owner, backend.index = self, index
         # least_connections: (load, seq, backend) entries, one valid per backend (its
-        # seq), stale ones dropped when they reach the top or at a compaction
+        # seq), stale ones dropped when they reach the top or at a compaction; the
+        # backends' dials and closes re-key them here, whichever pool counted them
+        least = strategy is Balance.LEAST_CONNECTIONS
+        for index, backend in enumerate(self.backends):
+            backend.owner, backend.index = (self if least else None), index
         self._heap: list[tuple[float, int, Backend]] = []
+        self._heap_max = 2 * len(self.backends) + 64
         self._seq = 0
+        # the pick while every backend is up (order's fast path), one per strategy
+        self._fast_pick: Callable[[], int] = {
+            Balance.FAILOVER: self._first,
+            Balance.ROUND_ROBIN: self._next_scheduled,
+            Balance.LEAST_CONNECTIONS: self._least_loaded,
+        }.get(strategy, self._pick_all_up)
         self._best: list[int] | None = None  # lowest_latency / fewest_players: the best
         self._down = 0
         self._recount()
@@ -228,6 +239,19 @@ class Pool:
         self._best = None
         if self.strategy is Balance.LEAST_CONNECTIONS:
             self._rebuild_heap()
+
+    def _first(self) -> int:
+        return self._up_all[0]
+
+    def _next_scheduled(self) -> int:
+        """round_robin, every backend up: the schedule's next (weight 0 is not in it)."""
+        cursor = self._cursor
+        self._cursor = cursor + 1
+        schedule = self._schedule
+        return schedule[cursor % len(schedule)]
+
+    def _pick_all_up(self) -> int:
+        return self._pick(self._up_all, None, 0.0)
 
     def _rebuild_heap(self) -> None:
         heap = []
@@ -240,24 +264,24 @@ class Pool:
         self._heap = heap
 
     def _rekey(self, backend: Backend) -> None:
-        """least_connections: ``backend``'s load changed, or it was just picked; it goes
-        behind the backends of equal load."""
-        if not backend.weight:
-            return
-        self._seq += 1
-        backend.seq = self._seq
-        heap = self._heap
-        heapq.heappush(heap, (backend.active / backend.weight, self._seq, backend))
-        if len(heap) > 2 * len(self.backends) + 64:
-            self._rebuild_heap()
+        """least_connections: ``backend``'s load changed; it goes behind the backends of
+        equal load (a dial or a close touches it: ties rotate, as in HAProxy)."""
+        weight = backend.weight
+        if weight:
+            seq = self._seq = self._seq + 1
+            backend.seq = seq
+            heap = self._heap
+            heapq.heappush(heap, (backend.active / weight, seq, backend))
+            if len(heap) > self._heap_max:
+                self._rebuild_heap()
 
     def _least_loaded(self) -> int:
         """The top of the heap: least load, and among equals the longest untouched."""
         heap = self._heap
         while heap:
-            _, seq, backend = heap[0]
-            if backend.seq == seq and backend.owner is self:
-                self._rekey(backend)  # picked: behind its equals (ties rotate)
+            entry = heap[0]
+            backend = entry[2]
+            if backend.seq == entry[1] and backend.owner is self:
                 return backend.index
             heapq.heappop(heap)
         return self._least(self._up_all, _load)  # backends taken over by a newer pool
@@ -268,7 +292,7 @@ class Pool:
         """The backends to dial, in order, for one new connection (empty: all down)."""
         if not self._down and self._up_all and not self.sticky_ttl:
             # all up: the pick, then the others after it, precomputed
-            return self._rotations[self._pick(self._up_all, None, now)]
+            return self._rotations[self._fast_pick()]
         backends = self.backends
         probe = None
         up: list[int] = []
@@ -391,8 +415,8 @@ class Pool:
         backend = self.by_address.get(address)
         if backend is not None:
             backend.active += 1
-            owner = backend.owner  # this pool, or the newer one that took it over
-            if owner is not None and owner.strategy is Balance.LEAST_CONNECTIONS:
+            owner = backend.owner  # least_connections: this pool or the newer one
+            if owner is not None:
                 owner._rekey(backend)
 
     def done(self, address: Address) -> None:
@@ -401,7 +425,7 @@ class Pool:
         if backend is not None and backend.active > 0:
             backend.active -= 1
             owner = backend.owner
-            if owner is not None and owner.strategy is Balance.LEAST_CONNECTIONS:
+            if owner is not None:
                 owner._rekey(backend)
 
     def connected(self, address: Address, client_ip: str | None, now: float) -> bool:
