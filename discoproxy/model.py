@@ -129,6 +129,19 @@ def _parse_port(text: str, original: str) -> int:
     return port
 
 
+class HeldBack(BaseModel):
+    """A replica a provider keeps out of the pool for now, and why (the API shows it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str  # host:port, as the replica would be dialed
+    health: str  # the Docker HEALTHCHECK status: "starting" or "unhealthy"
+
+
+# Fields only a provider sets (a server file that sets one is refused).
+PROVIDER_SET_FIELDS = ("sleeping", "held_back")
+
+
 class BackendAddress(BaseModel):
     """One backend endpoint: ``host[:port]``, ``[v6]:port`` or a bare IPv6 literal."""
 
@@ -463,6 +476,11 @@ class ServerDefinition(BaseModel):
         default=False,
         description="Set by the provider: the server is stopped and waits for auto_start "
         "(it then has no address).",
+    )
+    held_back: tuple[HeldBack, ...] = Field(
+        default=(),
+        description="Set by the provider: replicas of the pool that take no connection "
+        "(a Docker HEALTHCHECK starting or unhealthy); shown by the API, never dialed.",
     )
 
     @field_validator("domains", mode="before")

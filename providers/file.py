@@ -26,7 +26,7 @@ import anyio
 import watchfiles
 from loguru import logger
 
-from discoproxy.model import ServerDefinition
+from discoproxy.model import PROVIDER_SET_FIELDS, ServerDefinition
 from discoproxy.provider import (
     CONFIG_SUFFIXES,
     ConfigError,
@@ -62,6 +62,13 @@ def load_server_file(path: Path) -> ServerDefinition:
     """Parse and validate one server file; raises :class:`ConfigError` naming the file."""
     data = read_document(path)
     data.setdefault("id", path.stem)
+    for key in PROVIDER_SET_FIELDS:
+        if key in data:
+            raise ConfigError(
+                f"{path}: {key}: set by the provider that follows the server (Docker), "
+                "not by a server file; remove it",
+                str(path),
+            )
     return validate_document(ServerDefinition, data, path)
 
 

@@ -484,3 +484,32 @@ async def test_api_routes_show_each_backends_newest_check_not_the_first() -> Non
     assert before is not None and after is not None
     # the newest round trip, though the pool (round_robin) was told only of the first
     assert entry["check_rtt_ms"] in (round(before * 1000, 3), round(after * 1000, 3))
+
+
+async def test_a_backend_that_leaves_with_open_connections_shows_as_draining() -> None:
+    async with backend(echo) as a, backend(echo) as b:
+
+        def game(*addresses: str) -> object:
+            return server(
+                "game", "game.example.com", addresses=list(addresses), balance="round_robin"
+            )
+
+        async with running_proxy([game(a.address, b.address)]) as proxy, admin_for(proxy) as api:
+            clients = []
+            for _ in range(2):  # round robin: one on each
+                client = await proxy.connect()
+                await client.send(handshake("game.example.com"))
+                with anyio.fail_after(5):
+                    assert await client.receive()
+                clients.append(client)
+
+            async def pool() -> dict[str, tuple[str, int]]:
+                (row,) = (await api.json("/api/routes"))["routes"]
+                return {p["address"]: (p["state"], p["active"]) for p in row["pool"]}
+
+            proxy.registry.apply_snapshot("test", [game(a.address)])  # b's replica stopped
+            assert await pool() == {a.address: ("up", 1), b.address: ("draining", 1)}
+            for client in clients:
+                await client.aclose()
+            await proxy.wait_on_reactor(lambda ctx: not ctx.connections)
+            assert await pool() == {a.address: ("up", 0)}  # drained: gone

@@ -383,9 +383,26 @@ def route_row(
         }
         for address, weight in zip(route.addresses, route.weights, strict=True)
     ]
+    for held in route.server.held_back:  # replicas the provider keeps out for now
+        pool.append(
+            {
+                "address": held.address,
+                "weight": 0,
+                "state": "starting" if held.health == "starting" else "down",
+                "active": 0,
+                "failures": 0,
+                "dial_failures": 0,
+                "last_error": "",
+                "last_check": f"Docker HEALTHCHECK: {held.health}",
+                "check_rtt_ms": None,
+                "players": None,
+            }
+        )
     if state == "running" and pool:
+        # draining and starting backends take no new connection: they do not count
         down = sum(1 for b in pool if b["state"] == "down")
-        state = "down" if down == len(pool) else ("degraded" if down else state)
+        up = sum(1 for b in pool if b["state"] == "up")
+        state = "down" if down and not up else ("degraded" if down else state)
     return {
         "id": route.qualified_id,
         "provider": route.provider,

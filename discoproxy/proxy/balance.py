@@ -23,6 +23,7 @@ Rules for this file:
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import math
 import random
@@ -75,7 +76,9 @@ class BackendState:
 
     address: Address
     weight: int
-    state: str  # "up" | "down" | "draining" (weight 0)
+    # "up" | "down" | "draining" (weight 0, or gone from the route with connections
+    # still open); the API adds "starting" for replicas a provider holds back
+    state: str
     active: int  # connections dialing or forwarding to it
     failures: int  # failed dials in a row
     dial_failures: int  # failed dials in all
@@ -466,6 +469,14 @@ class Pool:
             return True
         return False
 
+    def leaving(self, newer: Pool) -> list[BackendState]:
+        """This older pool's backends that ``newer`` dropped but connections still use."""
+        return [
+            dataclasses.replace(state, state="draining")
+            for state in self.states()
+            if state.active and state.address not in newer.by_address
+        ]
+
     def states(self) -> list[BackendState]:
         """Each backend as the API and /metrics show it (a copy, taken on the reactor)."""
         return [
@@ -560,6 +571,10 @@ class Pools:
         for pool in self._by_key.values():
             if pool.sticky:
                 pool.expire_sticky(now)
+
+    def keyed(self) -> list[tuple[tuple[str, tuple[Address, ...]], Pool]]:
+        """Every pool with its key (route id, the backend list it was made for)."""
+        return list(self._by_key.items())
 
     def __iter__(self) -> Iterator[tuple[str, Pool]]:
         for (route_id, _), pool in self._by_key.items():

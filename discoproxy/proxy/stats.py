@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from discoproxy.logwriter import writer
 from discoproxy.owners import REACTOR, owned_by
 from discoproxy.proxy.addresses import format_addr
-from discoproxy.proxy.balance import BackendState
+from discoproxy.proxy.balance import BackendState, Pool
 from discoproxy.routing import format_port
 
 if TYPE_CHECKING:
@@ -299,10 +299,34 @@ def take_snapshot(ctx: ProxyContext, connections: int = 0) -> Snapshot:
         log_lines_dropped=writer().dropped,
     )
     pools = ctx.pools
-    for route in ctx.registry.table.by_id.values():  # the table: read by reference
+    by_id = ctx.registry.table.by_id  # the table: read by reference
+    current: dict[str, Pool] = {}
+    for route in by_id.values():
         pool = pools.peek(route)
         if pool is not None:
+            current[route.qualified_id] = pool
             snapshot.backends[route.qualified_id] = pool.states()
+    # backends that left their route (a replica stopped) while connections to them
+    # still run: "draining" until the last one ends
+    # the backend lists the table routes to (a server's own, its port routes'): a pool
+    # of one of them is current, not a leftover
+    in_table = {(r.qualified_id, r.addresses) for r in by_id.values()}
+    in_table.update((r.qualified_id, r.addresses) for r in ctx.registry.table.ports.values())
+    for key, pool in pools.keyed():  # a copy: pools.get below may add one
+        route_id = key[0]
+        routed = by_id.get(route_id)
+        newest = current.get(route_id)
+        if routed is None or pool is newest or key in in_table:
+            continue
+        if newest is None:
+            newest = current[route_id] = pools.get(routed)
+            snapshot.backends[route_id] = newest.states()
+        listed = snapshot.backends[route_id]
+        shown = {b.address for b in listed}
+        for state in pool.leaving(newest):
+            if state.address not in shown:
+                shown.add(state.address)
+                listed.append(state)
     if connections:
         snapshot.connections = _live(ctx, connections, now)
     return snapshot

@@ -18,6 +18,7 @@ from discoproxy.model import (
     DEFAULT_BACKEND_PORT,
     BackendAddress,
     Balance,
+    HeldBack,
     ServerDefinition,
 )
 from providers.docker.labels import (
@@ -297,6 +298,7 @@ def servers_from_containers(
     servers: list[ServerDefinition] = []
     problems: list[LabelProblem] = []
     groups: dict[str, list[tuple[ContainerRecord, ServerDefinition]]] = {}
+    held: dict[str, list[HeldBack]] = {}  # per pool: replicas its HEALTHCHECK holds back
     for record in containers:
         state = record.get("State", "running")
         sleeping = False
@@ -304,19 +306,28 @@ def servers_from_containers(
             if state not in SLEEPING_STATES or not _wants_auto_start(record, ctx.prefix):
                 continue
             sleeping = True
-        if not sleeping and _unready(record, ctx.prefix):
+        unready = not sleeping and _unready(record, ctx.prefix)
+        if unready and _group_of(record, ctx.prefix) is None:
             continue  # Docker's HEALTHCHECK says not yet, or no more: no new connections
         server, found = _server_from_container(record, ctx, sleeping=sleeping)
         problems += found
-        if server is not None:
-            group = _group_of(record, ctx.prefix)
-            if group is None:
-                servers.append(server)
-            else:
-                groups.setdefault(group, []).append((record, server))
+        if server is None:
+            continue
+        group = _group_of(record, ctx.prefix)
+        if group is None:
+            servers.append(server)
+        elif unready:  # a pool's replica: shown (starting, or down), never dialed
+            health = health_of(record) or "starting"
+            held.setdefault(group, []).extend(
+                HeldBack(address=str(address), health=health) for address in server.addresses
+            )
+        else:
+            groups.setdefault(group, []).append((record, server))
     members: dict[str, tuple[str, ...]] = {}
     for group, grouped in sorted(groups.items()):
         pool, kept, found = _pool(group, grouped, ctx.prefix)
+        if group in held:
+            pool = pool.model_copy(update={"held_back": tuple(held[group])})
         servers.append(pool)
         problems += found
         if pool.auto_start:

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
+from discoproxy.admin.server import route_row
 from discoproxy.model import Balance
+from discoproxy.routing import build_table
 from providers.docker.containers import servers_from_containers
 from providers.docker.settings import DockerSettings
 from tests.providers.test_docker_labels import container, one, scan
@@ -173,6 +175,19 @@ def test_a_replica_whose_healthcheck_is_starting_or_unhealthy_takes_no_new_conne
     servers, problems = scan(healthy, starting, unhealthy)
     assert problems == []
     assert [str(a) for a in servers[0].addresses] == ["172.17.0.2:25565"]
+    # held back, not forgotten: the API shows them (starting, down), nothing dials them
+    assert [(h.address, h.health) for h in servers[0].held_back] == [
+        ("172.17.0.3:25565", "starting"),
+        ("172.17.0.4:25565", "unhealthy"),
+    ]
+    table = build_table({"docker": servers})
+    rows = route_row(table, table.by_id["mc-survival@docker"])
+    assert [(b["address"], b["state"]) for b in rows["pool"]] == [
+        ("172.17.0.2:25565", "up"),
+        ("172.17.0.3:25565", "starting"),
+        ("172.17.0.4:25565", "down"),
+    ]
+    assert rows["state"] == "degraded"
     alone, _ = scan(unhealthy)
     assert alone == []  # a lone unhealthy container is not routed until it recovers
 

@@ -279,3 +279,19 @@ async def test_load_once_reads_the_configured_directory_not_servers_dir(tmp_path
         warnings=(f"servers_dir {tmp_path / 'servers'} does not exist; serve waits for it",),
         source=f"servers_dir {tmp_path / 'servers'}",
     )
+
+
+@pytest.mark.parametrize(
+    "line", ["sleeping = true", 'held_back = [{ address = "10.0.0.1", health = "starting" }]']
+)
+def test_fields_only_a_provider_sets_are_refused_in_a_server_file(
+    tmp_path: Path, line: str
+) -> None:
+    from discoproxy.config import ConfigError
+    from providers.file import load_server_file
+
+    path = tmp_path / "game.toml"
+    path.write_text(f'domains = ["game.example.com"]\naddresses = ["10.0.0.1"]\n{line}\n')
+    key = line.split(" ", 1)[0]
+    with pytest.raises(ConfigError, match=f"{key}: set by the provider"):
+        load_server_file(path)
