@@ -61,6 +61,7 @@ if TYPE_CHECKING:
         DockerProviderError,
         EngineUnavailable,
         EventStreamEnded,
+        SwarmProvider,
     )
     from providers.docker.labels import (
         LABELS,
@@ -79,7 +80,9 @@ if TYPE_CHECKING:
         DEFAULT_ENDPOINT,
         DEFAULT_LABEL_PREFIX,
         DockerSettings,
+        SwarmSettings,
     )
+    from providers.docker.swarm import servers_from_services
 
 # name → the module of this package that defines it
 _HOMES = {
@@ -114,6 +117,9 @@ _HOMES = {
     "DockerProviderError": "engine",
     "EngineUnavailable": "engine",
     "EventStreamEnded": "engine",
+    "SwarmProvider": "engine",
+    "SwarmSettings": "settings",
+    "servers_from_services": "swarm",
 }
 
 __all__ = [
@@ -131,6 +137,8 @@ __all__ = [
     "EventStreamEnded",
     "LabelProblem",
     "LabelSpec",
+    "SwarmProvider",
+    "SwarmSettings",
     "container_name",
     "detect_own_container_id",
     "inspection_target",
@@ -148,6 +156,7 @@ __all__ = [
     "record_from_inspect",
     "same_state",
     "servers_from_containers",
+    "servers_from_services",
 ]
 
 

@@ -28,7 +28,8 @@ from providers.docker.containers import (
     servers_from_containers,
 )
 from providers.docker.labels import LabelProblem
-from providers.docker.settings import DockerSettings
+from providers.docker.settings import DockerSettings, SwarmSettings
+from providers.docker.swarm import ServiceRecord, TaskRecord, servers_from_services
 
 # ``available()`` decides at start whether the provider runs in ``auto`` mode: an engine
 # that has not answered /version and /_ping within this is treated as absent.
@@ -112,6 +113,7 @@ class DockerProvider:
     """Publishes one server per labelled running container, resynced on every event."""
 
     Settings: ClassVar[type[ProviderSettings]] = DockerSettings
+    ROUTED: ClassVar[str] = "containers"  # what the routed-servers log line counts
 
     def __init__(self, name: str, settings: DockerSettings, config: ProxyConfig) -> None:
         self.name = name
@@ -353,7 +355,10 @@ class DockerProvider:
             changes = [f"+{i}" for i in routed if i not in before]
             changes += [f"-{i}" for i in sorted(before - set(routed))]
             self._log.info(
-                "routed containers: {}{}", len(routed), f" ({' '.join(changes)})" if changes else ""
+                "routed {}: {}{}",
+                self.ROUTED,
+                len(routed),
+                f" ({' '.join(changes)})" if changes else "",
             )
             self._routed = routed
 
@@ -372,3 +377,90 @@ class DockerProvider:
             return await anyio.to_thread.run_sync(
                 func, abandon_on_cancel=True, limiter=self._limiter
             )
+
+
+class SwarmProvider(DockerProvider):
+    """Publishes one pooled server per labelled Swarm service, a backend per running
+    task (any node), from a listing of services and tasks every ``poll_interval``: the
+    engine raises no event here for a task on another node. Talks to a manager."""
+
+    Settings: ClassVar[type[ProviderSettings]] = SwarmSettings
+    ROUTED: ClassVar[str] = "services"
+
+    def __init__(self, name: str, settings: SwarmSettings, config: ProxyConfig) -> None:
+        super().__init__(name, settings, config)
+        self.poll_interval = settings.poll_interval
+        self._published: tuple[object, ...] | None = None
+
+    async def available(self) -> bool:
+        if not await super().available():
+            return False
+        try:
+            with anyio.fail_after(AVAILABLE_TIMEOUT_S + 1):
+                client = await self._call(partial(self._connect, AVAILABLE_TIMEOUT_S))
+                try:
+                    info = await self._call(client.info)
+                finally:
+                    client.close()
+        except (EngineUnavailable, TimeoutError):
+            return False
+        swarm = info.get("Swarm") if isinstance(info, Mapping) else None
+        swarm = swarm if isinstance(swarm, Mapping) else {}
+        if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
+            self._unavailable = (
+                f"the Docker engine at {self.settings.endpoint} is not a manager of an "
+                f"active swarm (node state {swarm.get('LocalNodeState') or 'unknown'})"
+            )
+            return False
+        return True
+
+    async def load_once(self) -> LoadResult:
+        client = await self._call(partial(self._connect, self.settings.api_timeout))
+        try:
+            services, tasks = await self._list_swarm(client)
+        finally:
+            client.close()
+        assert isinstance(self.settings, SwarmSettings)
+        scan = servers_from_services(services, tasks, self.settings)
+        return LoadResult(
+            scan.servers,
+            errors=tuple(f"{problem}; not routed" for problem in scan.problems if problem.dropped),
+            warnings=tuple(str(problem) for problem in scan.problems if not problem.dropped),
+            source=self.settings.endpoint,
+        )
+
+    async def run(self, publish: Publish) -> None:
+        """List and publish every ``poll_interval`` until the engine fails (then raise:
+        the supervisor retries, and the next run starts with a full publish)."""
+        self._published = None
+        client = await self._call(partial(self._connect, self.settings.api_timeout))
+        try:
+            while True:
+                await self.resync(client, publish)
+                await anyio.sleep(self.poll_interval)
+        finally:
+            client.close()
+
+    async def resync(self, client: Any, publish: Publish) -> ContainerScan:
+        services, tasks = await self._list_swarm(client)
+        assert isinstance(self.settings, SwarmSettings)
+        scan = servers_from_services(services, tasks, self.settings)
+        self._report(scan)
+        if scan.servers != self._published:  # an unchanged swarm rebuilds no table
+            self._published = scan.servers
+            publish(scan.servers)
+        return scan
+
+    async def _list_swarm(self, client: Any) -> tuple[list[ServiceRecord], list[TaskRecord]]:
+        services = await self._call(client.services)
+        tasks = await self._call(partial(client.tasks, filters={"desired-state": "running"}))
+        return (
+            [s for s in services if isinstance(s, Mapping)],
+            [t for t in tasks if isinstance(t, Mapping)],
+        )
+
+    async def start_server(self, server_id: str) -> None:
+        raise DockerProviderError(f"{server_id}: waking a Swarm service is not supported yet")
+
+    async def stop_server(self, server_id: str) -> None:
+        raise DockerProviderError(f"{server_id}: stopping a Swarm service is not supported yet")

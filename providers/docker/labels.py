@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from discoproxy.model import (
@@ -17,7 +17,7 @@ from discoproxy.model import (
     ServerDefinition,
     ServerMotds,
 )
-from providers.docker.settings import DEFAULT_LABEL_PREFIX, DockerSettings
+from providers.docker.settings import DEFAULT_LABEL_PREFIX, DockerSettings, SwarmSettings
 
 _TRUE = frozenset({"true", "1"})
 _FALSE = frozenset({"false", "0"})
@@ -527,12 +527,13 @@ class LabelProblem:
     label: str | None
     message: str
     dropped: bool = True
+    kind: str = "container"  # or "service" (the Swarm provider)
 
     def __str__(self) -> str:
         # container-level messages read as a sentence: "container mc-1 is on networks …"
         if self.label is None:
-            return f"container {self.container} {self.message}"
-        return f"container {self.container}, label {self.label}: {self.message}"
+            return f"{self.kind} {self.container} {self.message}"
+        return f"{self.kind} {self.container}, label {self.label}: {self.message}"
 
 
 def unknown_label(name: str, prefix: str, key: str) -> LabelProblem:
@@ -549,10 +550,12 @@ def unknown_label(name: str, prefix: str, key: str) -> LabelProblem:
 # -- docs ---------------------------------------------------------------------------------
 
 
-def _settings_rows() -> list[str]:
+def _settings_rows(
+    model: type[DockerSettings] = DockerSettings, skip: Collection[str] = ()
+) -> list[str]:
     rows = []
-    for key, info in DockerSettings.model_fields.items():
-        if key == "enabled":
+    for key, info in model.model_fields.items():
+        if key == "enabled" or key in skip:
             continue  # the base's, documented with its own row
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         doc_default = extra.get("doc_default")
@@ -611,6 +614,28 @@ def labels_markdown(prefix: str = DEFAULT_LABEL_PREFIX) -> str:
         f"`{p}.auto_start` replicas routes to those running; while none runs it sleeps, a",
         "login starts every replica (as `docker compose start` would) and `auto_stop_after`",
         "stops them all.",
+        "",
+        "## Swarm services",
+        "",
+        "The Swarm provider (`[providers.swarm]`, pointed at a manager) reads the same labels",
+        "from *services* (`deploy.labels` in a stack file; a task's container labels are the",
+        "Docker provider's business). Each labelled service is one pooled server named after",
+        "the service, with one backend per running task on any node, global or replicated,",
+        "reached by the task's own IP on the service's network (chosen as for containers:",
+        f"`{p}.docker_network`, the provider's `network`, the one network shared with",
+        "discoproxy, or the service's only non-ingress network). Never the service's virtual",
+        "IP: without IPVS in the kernel the VIP routes nowhere, and published ports go",
+        "through the routing mesh, so `use_published_ports = true` is refused. Services and",
+        "tasks are listed every `poll_interval` (a manager raises no event for a task that",
+        "starts on another node): a task that starts or stops anywhere is routed within that,",
+        "plus one listing.",
+        "",
+        f"Waking services is not built yet: a service labelled `{p}.auto_start` or",
+        f"`{p}.auto_stop_after` is reported and not routed. Problems name the service:",
+        "",
+        "```",
+        f"service mc_survival, label {p}.port: expected 1-65535, got 'x'; not routed",
+        "```",
         "",
         "## Labels",
         "",
@@ -676,6 +701,14 @@ def labels_markdown(prefix: str = DEFAULT_LABEL_PREFIX) -> str:
         "| `enabled` | `auto` | `auto`: on when the engine answers at `endpoint`; `true`, "
         "`false` |",
         *_settings_rows(),
+        "",
+        "`[providers.swarm]` takes the same keys (`enabled = auto`: on when the engine at",
+        "`endpoint` is a manager of an active swarm; `use_published_ports` must stay false),",
+        "and:",
+        "",
+        "| key | default | meaning |",
+        "| --- | --- | --- |",
+        *_settings_rows(SwarmSettings, skip=DockerSettings.model_fields),
         "",
         "## Example",
         "",

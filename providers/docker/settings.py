@@ -72,3 +72,28 @@ class DockerSettings(ProviderSettings):
             return str(ipaddress.ip_address(host))
         except ValueError:
             return BackendAddress.parse(host).host
+
+
+class SwarmSettings(DockerSettings):
+    """``[providers.swarm]``: a Swarm manager's services; ``enabled = "auto"`` is on when
+    the engine answers and is a manager of an active swarm."""
+
+    poll_interval: float = Field(
+        default=1.0,
+        ge=0.2,
+        le=60,
+        description="Seconds between two listings of the swarm's services and tasks (tasks "
+        "on other nodes raise no event here): a task that starts or stops anywhere is "
+        "routed within this, plus one listing.",
+    )
+
+    @field_validator("use_published_ports")
+    @classmethod
+    def _no_published_ports(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "use_published_ports = true cannot work for Swarm services: their published "
+                "ports go through the routing mesh's VIP; tasks are reached on their own IP "
+                "on the service's network (set `network`)"
+            )
+        return value

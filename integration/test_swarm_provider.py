@@ -1,0 +1,164 @@
+"""The Swarm provider against a real swarm: this engine made a one-node swarm manager for
+the test (left again afterwards), an attachable overlay network, labelled services of the
+host's Python (the empty test image with the host's /usr and /lib mounted read-only).
+
+Services become pooled routes with a backend per running task on its overlay IP, scaling
+is followed within the poll interval, a bad label is reported naming the service. (The
+two-node swarm and traffic through the overlay, which needs discoproxy in a container on
+it, are issue 17's next steps.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import docker
+import docker.errors
+import docker.types
+import pytest
+
+from discoproxy.config import ProxyConfig
+from discoproxy.provider import supervise
+from discoproxy.routing import Registry, RoutingTable, SnapshotInbox
+from integration.docker_support import HOST_MOUNTS, IMAGE, PYTHON, unique_prefix
+from providers.docker import SwarmProvider, SwarmSettings
+
+pytestmark = [pytest.mark.peer, pytest.mark.anyio]
+
+POOL = "10.123.0.0/17"  # the swarm's address pool: private, not the 10.0.0.0/8 default
+POLL_S = 0.5
+# A task scaled up or down is routed within one poll plus one listing: the deadline
+# allows for the engine scheduling and starting the task (seconds on a loaded machine).
+FOLLOWED_WITHIN_S = 30.0
+SCRIPT = (
+    "import os, signal, time; "
+    "signal.signal(signal.SIGTERM, lambda *_: os._exit(0)); time.sleep(3600)"
+)
+
+
+@pytest.fixture
+def swarm(engine: docker.DockerClient) -> Iterator[docker.DockerClient]:
+    """This engine as a one-node swarm manager; left afterwards unless it was one."""
+    state = engine.info().get("Swarm", {}).get("LocalNodeState")
+    joined_here = state != "active"
+    if joined_here:
+        engine.swarm.init(advertise_addr="127.0.0.1", default_addr_pool=[POOL], subnet_size=24)
+    try:
+        yield engine
+    finally:
+        if joined_here:
+            engine.swarm.leave(force=True)
+
+
+@pytest.fixture
+def overlay(swarm: docker.DockerClient) -> Iterator[tuple[str, Any]]:
+    prefix = unique_prefix("dps")
+    network = swarm.networks.create(f"{prefix}-games", driver="overlay", attachable=True)
+    services: list[Any] = []
+    try:
+        yield prefix, (network, services)
+    finally:
+        for service in services:
+            with contextlib.suppress(docker.errors.NotFound):
+                service.remove()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the network goes once its tasks are gone
+            try:
+                network.remove()
+                break
+            except docker.errors.APIError:
+                time.sleep(0.5)
+
+
+def create_service(
+    client: docker.DockerClient, network: Any, name: str, labels: dict[str, str], replicas: int
+) -> Any:
+    mounts = [
+        docker.types.Mount(target=path, source=path, type="bind", read_only=True)
+        for path in HOST_MOUNTS
+    ]
+    return client.services.create(
+        IMAGE,
+        command=[PYTHON, "-c", SCRIPT],
+        name=name,
+        labels=labels,
+        networks=[network.name],
+        mounts=mounts,
+        mode=docker.types.ServiceMode("replicated", replicas=replicas),
+        stop_grace_period=1_000_000_000,  # 1 s, in ns
+    )
+
+
+def scale(service: Any, replicas: int) -> None:
+    service.reload()  # an update names the spec version it changes
+    service.scale(replicas)
+
+
+def task_ips(client: docker.DockerClient, service: Any, network: str) -> set[str]:
+    ips = set()
+    for task in service.tasks(filters={"desired-state": "running"}):
+        if task.get("Status", {}).get("State") != "running":
+            continue
+        for attachment in task.get("NetworksAttachments") or ():
+            if attachment["Network"]["Spec"]["Name"] == network:
+                ips.add(attachment["Addresses"][0].split("/")[0])
+    return ips
+
+
+async def test_services_are_pooled_routes_of_their_tasks_and_scaling_is_followed(
+    swarm: docker.DockerClient, overlay: tuple[str, Any]
+) -> None:
+    prefix, (network, services) = overlay
+    domain = f"lobby.{prefix}.test"
+    labels = {f"{prefix}.domains": domain, f"{prefix}.port": "25577"}
+    lobby = create_service(swarm, network, f"{prefix}-lobby", labels, replicas=2)
+    services.append(lobby)
+    bad = {f"{prefix}.domains": f"bad.{prefix}.test", f"{prefix}.balance": "leastconn"}
+    services.append(create_service(swarm, network, f"{prefix}-bad", bad, replicas=1))
+
+    settings = SwarmSettings(label_prefix=prefix, poll_interval=POLL_S)
+    provider = SwarmProvider("swarm", settings, ProxyConfig())
+    assert await provider.available()
+    registry = Registry()
+    inbox = SnapshotInbox()
+    tables: list[RoutingTable] = []
+    registry.add_listener(tables.append)
+
+    def addresses() -> set[str]:
+        route = registry.table.lookup_host(domain)
+        return {host for host, _ in route.addresses} if route else set()
+
+    async def follow(replicas: int) -> float:
+        """Scale to ``replicas`` (None: as created); seconds until the route shows them."""
+        started = time.monotonic()
+        with anyio.fail_after(FOLLOWED_WITHIN_S):
+            while True:
+                expected = await anyio.to_thread.run_sync(task_ips, swarm, lobby, network.name)
+                if len(expected) == replicas and addresses() == expected:
+                    return time.monotonic() - started
+                await anyio.sleep(0.05)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(inbox.run, registry)
+        tg.start_soon(supervise, provider.name, provider, inbox.publisher(provider.name))
+        await follow(2)
+        route = registry.table.lookup_host(domain)
+        assert route is not None and route.qualified_id == f"{prefix}-lobby@swarm"
+        subnet = ipaddress.ip_network(POOL)
+        assert all(ipaddress.ip_address(h) in subnet for h, _ in route.addresses)
+        assert {port for _, port in route.addresses} == {25577}
+        assert registry.table.lookup_host(f"bad.{prefix}.test") is None  # reported, not routed
+        await anyio.to_thread.run_sync(scale, lobby, 3)
+        await follow(3)
+        await anyio.to_thread.run_sync(scale, lobby, 1)
+        await follow(1)
+        tg.cancel_scope.cancel()
+    problems = [str(p) for p in provider._reported]
+    assert any(p.startswith(f"service {prefix}-bad, label {prefix}.balance: ") for p in problems), (
+        problems
+    )

@@ -1,0 +1,136 @@
+"""Swarm services to servers: each labelled service is one pooled server, each of its
+running tasks one backend, reached by the task's IP on the service's overlay network.
+Pure: it takes the engine's ``/services`` and ``/tasks`` records and does no I/O.
+
+Rules for this file:
+- A service's labels are its own (``deploy.labels`` in a stack file), read with the same
+  specs as container labels (:data:`~providers.docker.labels.LABELS`); problems name the
+  service. Its running tasks are turned into container-shaped records (one per task,
+  named after the service, in the service's pool) and go through
+  :func:`~providers.docker.containers.servers_from_containers`: one set of rules for
+  labels, networks, pools and replicas, whatever the engine object.
+- A task is reached on its own IP, never the service VIP (without IPVS in the kernel the
+  VIP routes nowhere); the ``ingress`` network is never used (its addresses live in the
+  routing mesh's sandbox, not on a network discoproxy can join).
+- Global and replicated services alike: every task that runs (and is meant to) is a
+  backend, on whichever node.
+- Waking a service scaled to zero is not built yet: ``auto_start`` and
+  ``auto_stop_after`` on a service are refused (the service is not routed, and the
+  problem says why), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from providers.docker.containers import (
+    ContainerRecord,
+    ContainerScan,
+    as_mapping,
+    as_text,
+    servers_from_containers,
+)
+from providers.docker.labels import LabelProblem
+from providers.docker.settings import DockerSettings
+
+ServiceRecord = Mapping[str, object]
+TaskRecord = Mapping[str, object]
+
+# Labels a service may not carry yet, and why (see the module's rules).
+UNSUPPORTED_SERVICE_LABELS = {
+    "auto_start": "waking a Swarm service scaled to 0 is not supported yet; remove it",
+    "auto_stop_after": "scaling a Swarm service to 0 when idle is not supported yet; remove it",
+}
+
+
+def service_name(service: ServiceRecord) -> str:
+    return as_text(as_mapping(service.get("Spec")).get("Name")) or as_text(service.get("ID"))
+
+
+def service_labels(service: ServiceRecord) -> Mapping[str, object]:
+    return as_mapping(as_mapping(service.get("Spec")).get("Labels"))
+
+
+def task_networks(task: TaskRecord) -> dict[str, str]:
+    """Network name → the task's address on it (no prefix length), ingress left out."""
+    found: dict[str, str] = {}
+    attachments = task.get("NetworksAttachments")
+    for item in attachments if isinstance(attachments, list) else []:
+        attachment = as_mapping(item)
+        network = as_mapping(attachment.get("Network"))
+        spec = as_mapping(network.get("Spec"))
+        if spec.get("Ingress") is True or as_text(spec.get("Name")) == "ingress":
+            continue
+        addresses = attachment.get("Addresses")
+        first = (
+            next((a for a in addresses if isinstance(a, str)), "")
+            if isinstance(addresses, list)
+            else ""
+        )
+        name = as_text(spec.get("Name")) or as_text(network.get("ID"))
+        if name:
+            found[name] = first.split("/", 1)[0]
+    return found
+
+
+def task_is_running(task: TaskRecord) -> bool:
+    state = as_text(as_mapping(task.get("Status")).get("State"))
+    return state == "running" and as_text(task.get("DesiredState")) == "running"
+
+
+def records_from_services(
+    services: Sequence[ServiceRecord], tasks: Sequence[TaskRecord], prefix: str
+) -> tuple[list[ContainerRecord], list[LabelProblem]]:
+    """One container-shaped record per running task of a labelled service, and the
+    problems of services refused before that."""
+    by_service: dict[str, list[TaskRecord]] = {}
+    for task in tasks:
+        if task_is_running(task):
+            by_service.setdefault(as_text(task.get("ServiceID")), []).append(task)
+    records: list[ContainerRecord] = []
+    problems: list[LabelProblem] = []
+    dotted = prefix + "."
+    for service in services:
+        labels = service_labels(service)
+        if not any(isinstance(k, str) and k.startswith(dotted) for k in labels):
+            continue
+        name = service_name(service)
+        refused = [k for k in UNSUPPORTED_SERVICE_LABELS if dotted + k in labels]
+        if refused:
+            problems += [
+                LabelProblem(name, dotted + k, UNSUPPORTED_SERVICE_LABELS[k], kind="service")
+                for k in refused
+            ]
+            continue
+        pooled = {**labels}
+        pooled.setdefault(dotted + "group", name)  # the service is the pool
+        for task in sorted(
+            by_service.get(as_text(service.get("ID")), ()), key=lambda t: as_text(t.get("ID"))
+        ):
+            networks = task_networks(task)
+            records.append(
+                {
+                    "Id": as_text(task.get("ID")),
+                    "Names": [f"/{name}"],
+                    "Labels": pooled,
+                    "State": "running",
+                    "Status": "Up",
+                    "HostConfig": {"NetworkMode": "default"},
+                    "NetworkSettings": {
+                        "Networks": {net: {"IPAddress": ip} for net, ip in networks.items()}
+                    },
+                }
+            )
+    return records, problems
+
+
+def servers_from_services(
+    services: Sequence[ServiceRecord], tasks: Sequence[TaskRecord], settings: DockerSettings
+) -> ContainerScan:
+    """The servers and problems of a swarm's services and tasks."""
+    records, refused = records_from_services(services, tasks, settings.label_prefix)
+    scan = servers_from_containers(records, settings)
+    problems = {dataclasses.replace(p, kind="service") for p in scan.problems}
+    problems.update(refused)
+    return ContainerScan(scan.servers, tuple(sorted(problems)), {})

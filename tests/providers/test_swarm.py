@@ -1,0 +1,107 @@
+"""Swarm services → servers (providers/docker/swarm.py), from records shaped as the
+engine's /services and /tasks answers: one pooled server per labelled service, a backend
+per running task on its overlay IP, ingress never, problems naming the service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from discoproxy.model import Balance
+from providers.docker.settings import SwarmSettings
+from providers.docker.swarm import servers_from_services
+
+
+def service(name: str, labels: dict[str, str], sid: str | None = None) -> dict[str, Any]:
+    return {"ID": sid or f"svc-{name}", "Spec": {"Name": name, "Labels": labels}}
+
+
+def task(
+    service_id: str,
+    tid: str,
+    networks: dict[str, str],
+    state: str = "running",
+    desired: str = "running",
+) -> dict[str, Any]:
+    attachments = [
+        {
+            "Network": {"ID": f"net-{net}", "Spec": {"Name": net, "Ingress": net == "ingress"}},
+            "Addresses": [f"{ip}/24"],
+        }
+        for net, ip in networks.items()
+    ]
+    return {
+        "ID": tid,
+        "ServiceID": service_id,
+        "Status": {"State": state},
+        "DesiredState": desired,
+        "NetworksAttachments": attachments,
+    }
+
+
+def scan(services: list[dict[str, Any]], tasks: list[dict[str, Any]], **settings: Any) -> Any:
+    return servers_from_services(services, tasks, SwarmSettings(**settings))
+
+
+LOBBY = {"infrarust.domains": "lobby.example.com", "infrarust.port": "25577"}
+
+
+def test_each_running_task_is_a_backend_of_the_services_pool_on_its_overlay_ip() -> None:
+    tasks = [
+        task("svc-lobby", "t2", {"ingress": "10.255.0.7", "games": "10.20.0.5"}),
+        task("svc-lobby", "t1", {"ingress": "10.255.0.6", "games": "10.20.0.4"}),
+        task("svc-lobby", "t3", {"games": "10.20.0.6"}, state="starting"),  # not yet
+        task("svc-lobby", "t4", {"games": "10.20.0.9"}, desired="shutdown"),  # going away
+    ]
+    result = scan([service("lobby", LOBBY)], tasks)
+    assert result.problems == ()
+    (pool,) = result.servers
+    assert pool.id == "lobby" and pool.domains == ("lobby.example.com",)
+    assert [str(a) for a in pool.addresses] == ["10.20.0.4:25577", "10.20.0.5:25577"]
+    assert pool.balance is Balance.ROUND_ROBIN  # replicas spread
+
+
+def test_services_without_our_labels_are_not_routed_and_unrelated_tasks_ignored() -> None:
+    services = [service("db", {"com.example.role": "db"}), service("lobby", LOBBY)]
+    tasks = [task("svc-db", "d1", {"games": "10.20.0.8"})]
+    result = scan(services, tasks)
+    # a labelled service with no running task has no backend: not routed
+    assert result.servers == ()
+    assert [str(p) for p in result.problems] == []
+
+
+def test_a_service_on_two_overlays_needs_the_network_setting_or_label() -> None:
+    tasks = [task("svc-lobby", "t1", {"games": "10.20.0.4", "other": "10.30.0.4"})]
+    result = scan([service("lobby", LOBBY)], tasks)
+    assert result.servers == ()
+    (problem,) = result.problems
+    assert str(problem).startswith("service lobby ")
+    assert "games" in str(problem) and "other" in str(problem)
+    chosen = scan([service("lobby", LOBBY)], tasks, network="other")
+    assert [str(a) for a in chosen.servers[0].addresses] == ["10.30.0.4:25577"]
+
+
+def test_a_bad_service_label_names_the_service_and_the_label() -> None:
+    labels = {**LOBBY, "infrarust.balance": "leastconn"}
+    result = scan([service("lobby", labels)], [task("svc-lobby", "t1", {"games": "10.20.0.4"})])
+    assert result.servers == ()
+    (problem,) = result.problems
+    assert str(problem).startswith("service lobby, label infrarust.balance: ")
+    assert "round_robin" in str(problem)  # the accepted values
+
+
+@pytest.mark.parametrize("key", ["auto_start", "auto_stop_after"])
+def test_wake_labels_on_a_service_are_refused_not_ignored(key: str) -> None:
+    labels = {**LOBBY, f"infrarust.{key}": "true" if key == "auto_start" else "10m"}
+    result = scan([service("lobby", labels)], [task("svc-lobby", "t1", {"games": "10.20.0.4"})])
+    assert result.servers == ()
+    (problem,) = result.problems
+    assert str(problem).startswith(f"service lobby, label infrarust.{key}: ")
+    assert "not supported yet" in str(problem) and problem.dropped
+
+
+def test_published_ports_are_refused_for_swarm() -> None:
+    with pytest.raises(ValidationError, match="routing mesh"):
+        SwarmSettings(use_published_ports=True)
