@@ -3,9 +3,10 @@ the test (left again afterwards), an attachable overlay network, labelled servic
 host's Python (the empty test image with the host's /usr and /lib mounted read-only).
 
 Services become pooled routes with a backend per running task on its overlay IP, scaling
-is followed within the poll interval, a bad label is reported naming the service. (The
-two-node swarm and traffic through the overlay, which needs discoproxy in a container on
-it, are issue 17's next steps.)
+is followed within the poll interval, service events (create, remove) route at once, an
+``auto_start`` service scaled to 0 sleeps and is scaled up and down by the provider, a
+bad label is reported naming the service. (The two-node swarm, with discoproxy in a
+container on the overlay and a real client, is the next step.)
 """
 
 from __future__ import annotations
@@ -162,3 +163,69 @@ async def test_services_are_pooled_routes_of_their_tasks_and_scaling_is_followed
     assert any(p.startswith(f"service {prefix}-bad, label {prefix}.balance: ") for p in problems), (
         problems
     )
+
+
+async def test_service_events_route_at_once_and_an_auto_start_service_sleeps_and_wakes(
+    swarm: docker.DockerClient, overlay: tuple[str, Any]
+) -> None:
+    """With a poll far longer than the deadlines, only the manager's service events can
+    route a new service in time; a login's start scales the sleeping service to one
+    replica, auto_stop's stop scales it back to zero."""
+    prefix, (network, services) = overlay
+    settings = SwarmSettings(label_prefix=prefix, poll_interval=60)
+    provider = SwarmProvider("swarm", settings, ProxyConfig())
+    registry = Registry()
+    inbox = SnapshotInbox()
+
+    async def until(check: Any, what: str) -> None:
+        deadline = time.monotonic() + FOLLOWED_WITHIN_S
+        while not check():
+            if time.monotonic() > deadline:
+                pytest.fail(f"not {what} within {FOLLOWED_WITHIN_S}s")
+            await anyio.sleep(0.05)
+
+    def route(domain: str) -> Any:
+        return registry.table.lookup_host(domain)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(inbox.run, registry)
+        tg.start_soon(supervise, provider.name, provider, inbox.publisher(provider.name))
+        await until(lambda: provider._published is not None, "listed")
+        lobby_domain = f"lobby.{prefix}.test"
+        labels = {f"{prefix}.domains": lobby_domain, f"{prefix}.port": "25577"}
+        services.append(
+            await anyio.to_thread.run_sync(
+                create_service, swarm, network, f"{prefix}-lobby", labels, 1
+            )
+        )
+        await until(lambda: bool(route(lobby_domain) and route(lobby_domain).addresses), "created")
+
+        domain = f"sleepy.{prefix}.test"
+        wakes = {
+            f"{prefix}.domains": domain,
+            f"{prefix}.port": "25577",
+            f"{prefix}.auto_start": "true",
+            f"{prefix}.auto_stop_after": "30s",
+        }
+        sleepy = await anyio.to_thread.run_sync(
+            create_service, swarm, network, f"{prefix}-sleepy", wakes, 0
+        )
+        services.append(sleepy)
+        await until(lambda: bool(route(domain) and route(domain).server.sleeping), "sleeping")
+        assert route(domain).addresses == ()
+        await provider.start_server(f"{prefix}-sleepy")
+        await until(lambda: bool(route(domain) and route(domain).addresses), "woken")
+        assert not route(domain).server.sleeping
+        (task_ip,) = await anyio.to_thread.run_sync(task_ips, swarm, sleepy, network.name)
+        assert {h for h, _ in route(domain).addresses} == {task_ip}
+        await provider.start_server(f"{prefix}-sleepy")  # already up: left as it is
+        sleepy.reload()
+        assert sleepy.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == 1
+        await provider.stop_server(f"{prefix}-sleepy")
+        await until(lambda: bool(route(domain) and route(domain).server.sleeping), "stopped")
+        sleepy.reload()
+        assert sleepy.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == 0
+
+        await anyio.to_thread.run_sync(services.pop(0).remove)  # lobby: a remove event
+        await until(lambda: route(lobby_domain) is None, "removed")
+        tg.cancel_scope.cancel()

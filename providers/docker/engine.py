@@ -3,6 +3,7 @@ and the resyncs, starting and stopping containers (the rules are in ``__init__``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from functools import partial
@@ -18,6 +19,7 @@ from discoproxy.provider import LoadResult, ProviderSettings, ProxyConfig, Publi
 from providers.docker.containers import (
     ContainerRecord,
     ContainerScan,
+    as_mapping,
     as_text,
     detect_own_container_id,
     inspection_target,
@@ -379,10 +381,21 @@ class DockerProvider:
             )
 
 
+# What a manager's event stream says about a swarm: services created, updated (scaled,
+# relabelled) or removed, and nodes joining, leaving or drained. Tasks raise no event
+# (their containers' events stay on their own node): those are found by the poll.
+SWARM_EVENT_FILTERS: dict[str, list[str]] = {"type": ["service", "node"]}
+# After a service or node event, list this often for this long: the tasks it creates or
+# stops change state over the next seconds, sooner than the next poll would see them.
+SWARM_EVENT_LIST_EVERY_S = 0.25
+SWARM_EVENT_FOLLOW_FOR_S = 10.0
+
+
 class SwarmProvider(DockerProvider):
     """Publishes one pooled server per labelled Swarm service, a backend per running
-    task (any node), from a listing of services and tasks every ``poll_interval``: the
-    engine raises no event here for a task on another node. Talks to a manager."""
+    task (any node), from a listing of services and tasks after every service or node
+    event and every ``poll_interval`` (a manager raises no event for a task on another
+    node). Wakes ``auto_start`` services by scaling them. Talks to a manager."""
 
     Settings: ClassVar[type[ProviderSettings]] = SwarmSettings
     ROUTED: ClassVar[str] = "services"
@@ -430,22 +443,76 @@ class SwarmProvider(DockerProvider):
         )
 
     async def run(self, publish: Publish) -> None:
-        """List and publish every ``poll_interval`` until the engine fails (then raise:
+        """List and publish after every service or node event and every
+        ``poll_interval``, until the event stream ends or a listing fails (then raise:
         the supervisor retries, and the next run starts with a full publish)."""
         self._published = None
         client = await self._call(partial(self._connect, self.settings.api_timeout))
         try:
-            while True:
-                await self.resync(client, publish)
-                await anyio.sleep(self.poll_interval)
+            events = await self._call(
+                partial(client.events, decode=True, filters=SWARM_EVENT_FILTERS)
+            )
+            try:
+                await self._poll(client, events, publish)
+            finally:
+                _close_stream(events)
         finally:
             client.close()
+
+    async def _poll(self, client: Any, events: Iterable[Any], publish: Publish) -> None:
+        send, receive = anyio.create_memory_object_stream[None](1)
+        why: list[BaseException] = []
+
+        def on_event() -> None:
+            with suppress(anyio.WouldBlock, anyio.ClosedResourceError):
+                send.send_nowait(None)
+
+        def pump_events() -> None:
+            """Worker thread: one wake-up per event, until the stream ends or closes."""
+            for _ in events:
+                try:
+                    anyio.from_thread.run_sync(on_event)
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
+                    return  # the provider is gone (cancelled, or its loop closed)
+
+        async def pump() -> None:
+            with send:
+                try:
+                    await anyio.to_thread.run_sync(
+                        pump_events, abandon_on_cancel=True, limiter=self._limiter
+                    )
+                except Exception as exc:
+                    why.append(exc)
+
+        fast_until = -math.inf  # list often until then: an event's tasks are moving
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump)
+            with receive:
+                while True:
+                    await self.resync(client, publish)
+                    fast = anyio.current_time() < fast_until
+                    with anyio.move_on_after(
+                        min(SWARM_EVENT_LIST_EVERY_S, self.poll_interval)
+                        if fast
+                        else self.poll_interval
+                    ):
+                        try:
+                            await receive.receive()
+                        except anyio.EndOfStream:
+                            break
+                        fast_until = anyio.current_time() + SWARM_EVENT_FOLLOW_FOR_S
+            tg.cancel_scope.cancel()
+        raise EventStreamEnded(
+            f"event stream from {self.settings.endpoint} ended (engine stopped or restarted)"
+            + (f": {why[0]}" if why else "")
+        )
 
     async def resync(self, client: Any, publish: Publish) -> ContainerScan:
         services, tasks = await self._list_swarm(client)
         assert isinstance(self.settings, SwarmSettings)
         scan = servers_from_services(services, tasks, self.settings)
         self._report(scan)
+        self._members = scan.members
         if scan.servers != self._published:  # an unchanged swarm rebuilds no table
             self._published = scan.servers
             publish(scan.servers)
@@ -460,7 +527,66 @@ class SwarmProvider(DockerProvider):
         )
 
     async def start_server(self, server_id: str) -> None:
-        raise DockerProviderError(f"{server_id}: waking a Swarm service is not supported yet")
+        """Scale the sleeping service ``server_id`` (each service of that pool) to one
+        replica; one already scaled up (its task still starting) is left as it is."""
+        await self._scale(server_id, up=True)
 
     async def stop_server(self, server_id: str) -> None:
-        raise DockerProviderError(f"{server_id}: stopping a Swarm service is not supported yet")
+        """Scale the service ``server_id`` (each service of that pool) to 0 replicas
+        (``auto_stop_after``)."""
+        await self._scale(server_id, up=False)
+
+    async def _scale(self, server_id: str, *, up: bool) -> None:
+        names = self._members.get(server_id, (server_id,))
+
+        def call() -> None:
+            client = self._connect(self.settings.api_timeout)
+            failure: Exception | None = None
+            try:
+                for name in names:
+                    try:
+                        scale_service(client, name, up=up)
+                    except Exception as exc:  # the first is raised once all were tried
+                        failure = failure or exc
+            finally:
+                client.close()
+            if failure is not None:
+                raise failure
+
+        with _engine_errors(self.settings.endpoint):
+            await anyio.to_thread.run_sync(call, limiter=self._control_limiter)
+        self._log.info(
+            "service {} scaled to {}{}",
+            server_id,
+            "1" if up else "0",
+            f": {', '.join(names)}" if names != (server_id,) else "",
+        )
+
+
+# An update made between our read of a service's version and our write ("update out
+# of sequence") is retried with the newer version this many times.
+SCALE_ATTEMPTS = 3
+
+
+def scale_service(client: Any, name: str, *, up: bool) -> None:
+    """Worker thread: scale the replicated service ``name`` to 1 (when at 0) or to 0."""
+    for attempt in range(SCALE_ATTEMPTS):
+        spec = client.inspect_service(name)
+        mode = as_mapping(as_mapping(spec.get("Spec")).get("Mode"))
+        if "Replicated" not in mode:
+            raise DockerProviderError(f"service {name} is not replicated: it cannot be scaled")
+        replicas = as_mapping(mode.get("Replicated")).get("Replicas", 1)
+        wanted = (max(1, replicas) if isinstance(replicas, int) else 1) if up else 0
+        if replicas == wanted:
+            return
+        try:  # the rest of the spec as it is (fetch_current_spec)
+            client.update_service(
+                name,
+                version=as_mapping(spec.get("Version")).get("Index"),
+                mode={"Replicated": {"Replicas": wanted}},
+                fetch_current_spec=True,
+            )
+            return
+        except docker.errors.APIError as exc:
+            if "out of sequence" not in str(exc) or attempt == SCALE_ATTEMPTS - 1:
+                raise

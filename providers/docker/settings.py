@@ -82,9 +82,9 @@ class SwarmSettings(DockerSettings):
         default=1.0,
         ge=0.2,
         le=60,
-        description="Seconds between two listings of the swarm's services and tasks (tasks "
-        "on other nodes raise no event here): a task that starts or stops anywhere is "
-        "routed within this, plus one listing.",
+        description="Seconds between two listings of the swarm's services and tasks when "
+        "no service or node event comes (tasks on other nodes raise none here): a task that "
+        "starts or stops anywhere is routed within this, plus one listing.",
     )
 
     @field_validator("use_published_ports")

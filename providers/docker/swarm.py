@@ -14,9 +14,10 @@ Rules for this file:
   routing mesh's sandbox, not on a network discoproxy can join).
 - Global and replicated services alike: every task that runs (and is meant to) is a
   backend, on whichever node.
-- Waking a service scaled to zero is not built yet: ``auto_start`` and
-  ``auto_stop_after`` on a service are refused (the service is not routed, and the
-  problem says why), never silently ignored.
+- Waking: a replicated service labelled ``auto_start`` with no task running is one
+  stopped record (the service itself), so its pool sleeps; a login scales it to one
+  replica (``SwarmProvider.start_server``) and ``auto_stop_after`` back to zero. A global
+  service cannot be scaled, so ``auto_start`` on one is refused, never ignored.
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ from providers.docker.settings import DockerSettings
 ServiceRecord = Mapping[str, object]
 TaskRecord = Mapping[str, object]
 
-# Labels a service may not carry yet, and why (see the module's rules).
-UNSUPPORTED_SERVICE_LABELS = {
-    "auto_start": "waking a Swarm service scaled to 0 is not supported yet; remove it",
-    "auto_stop_after": "scaling a Swarm service to 0 when idle is not supported yet; remove it",
+# Labels a global service may not carry, and why (see the module's rules).
+GLOBAL_SERVICE_REFUSES = {
+    "auto_start": "a global service runs one task per node and cannot be scaled to 0 and "
+    "back; use a replicated service (deploy.mode: replicated) or remove it",
+    "auto_stop_after": "a global service runs one task per node and cannot be scaled to 0; "
+    "use a replicated service (deploy.mode: replicated) or remove it",
 }
 
 
@@ -50,6 +53,10 @@ def service_name(service: ServiceRecord) -> str:
 
 def service_labels(service: ServiceRecord) -> Mapping[str, object]:
     return as_mapping(as_mapping(service.get("Spec")).get("Labels"))
+
+
+def is_global(service: ServiceRecord) -> bool:
+    return "Global" in as_mapping(as_mapping(service.get("Spec")).get("Mode"))
 
 
 def task_networks(task: TaskRecord) -> dict[str, str]:
@@ -96,18 +103,19 @@ def records_from_services(
         if not any(isinstance(k, str) and k.startswith(dotted) for k in labels):
             continue
         name = service_name(service)
-        refused = [k for k in UNSUPPORTED_SERVICE_LABELS if dotted + k in labels]
-        if refused:
+        refused = [k for k in GLOBAL_SERVICE_REFUSES if dotted + k in labels]
+        if refused and is_global(service):
             problems += [
-                LabelProblem(name, dotted + k, UNSUPPORTED_SERVICE_LABELS[k], kind="service")
+                LabelProblem(name, dotted + k, GLOBAL_SERVICE_REFUSES[k], kind="service")
                 for k in refused
             ]
             continue
         pooled = {**labels}
         pooled.setdefault(dotted + "group", name)  # the service is the pool
-        for task in sorted(
+        running = sorted(
             by_service.get(as_text(service.get("ID")), ()), key=lambda t: as_text(t.get("ID"))
-        ):
+        )
+        for task in running:
             networks = task_networks(task)
             records.append(
                 {
@@ -122,6 +130,18 @@ def records_from_services(
                     },
                 }
             )
+        if not running:  # asleep (auto_start: a login scales it up) or not routed
+            records.append(
+                {
+                    "Id": as_text(service.get("ID")),
+                    "Names": [f"/{name}"],
+                    "Labels": pooled,
+                    "State": "exited",
+                    "Status": "Exited",
+                    "HostConfig": {"NetworkMode": "default"},
+                    "NetworkSettings": {"Networks": {}},
+                }
+            )
     return records, problems
 
 
@@ -133,4 +153,5 @@ def servers_from_services(
     scan = servers_from_containers(records, settings)
     problems = {dataclasses.replace(p, kind="service") for p in scan.problems}
     problems.update(refused)
-    return ContainerScan(scan.servers, tuple(sorted(problems)), {})
+    # an auto_start pool → the services a login scales up (their records' names)
+    return ContainerScan(scan.servers, tuple(sorted(problems)), scan.members)

@@ -14,8 +14,12 @@ from providers.docker.settings import SwarmSettings
 from providers.docker.swarm import servers_from_services
 
 
-def service(name: str, labels: dict[str, str], sid: str | None = None) -> dict[str, Any]:
-    return {"ID": sid or f"svc-{name}", "Spec": {"Name": name, "Labels": labels}}
+def service(
+    name: str, labels: dict[str, str], sid: str | None = None, replicas: int | None = 1
+) -> dict[str, Any]:
+    """A replicated service (``replicas=None``: a global one)."""
+    mode = {"Global": {}} if replicas is None else {"Replicated": {"Replicas": replicas}}
+    return {"ID": sid or f"svc-{name}", "Spec": {"Name": name, "Labels": labels, "Mode": mode}}
 
 
 def task(
@@ -92,14 +96,35 @@ def test_a_bad_service_label_names_the_service_and_the_label() -> None:
     assert "round_robin" in str(problem)  # the accepted values
 
 
+WAKES = {**LOBBY, "infrarust.auto_start": "true", "infrarust.auto_stop_after": "10m"}
+
+
+def test_an_auto_start_service_without_a_running_task_sleeps_and_its_pool_names_it() -> None:
+    result = scan([service("lobby", WAKES, replicas=0)], [])
+    (pool,) = result.servers
+    assert pool.id == "lobby" and pool.sleeping and pool.addresses == ()
+    assert pool.auto_stop_after == 600
+    assert result.members == {"lobby": ("lobby",)}  # what start_server scales up
+    awake = scan([service("lobby", WAKES)], [task("svc-lobby", "t1", {"games": "10.20.0.4"})])
+    (pool,) = awake.servers
+    assert not pool.sleeping and [str(a) for a in pool.addresses] == ["10.20.0.4:25577"]
+
+
+def test_a_service_without_auto_start_and_no_task_is_not_routed() -> None:
+    assert scan([service("lobby", LOBBY, replicas=0)], []).servers == ()
+
+
 @pytest.mark.parametrize("key", ["auto_start", "auto_stop_after"])
-def test_wake_labels_on_a_service_are_refused_not_ignored(key: str) -> None:
+def test_wake_labels_on_a_global_service_are_refused_not_ignored(key: str) -> None:
     labels = {**LOBBY, f"infrarust.{key}": "true" if key == "auto_start" else "10m"}
-    result = scan([service("lobby", labels)], [task("svc-lobby", "t1", {"games": "10.20.0.4"})])
+    tasks = [task("svc-lobby", "t1", {"games": "10.20.0.4"})]
+    result = scan([service("lobby", labels, replicas=None)], tasks)
     assert result.servers == ()
     (problem,) = result.problems
     assert str(problem).startswith(f"service lobby, label infrarust.{key}: ")
-    assert "not supported yet" in str(problem) and problem.dropped
+    assert "global service" in str(problem) and problem.dropped
+    # the same labels on a replicated service are honoured
+    assert scan([service("lobby", labels)], tasks).servers[0].domains == ("lobby.example.com",)
 
 
 def test_published_ports_are_refused_for_swarm() -> None:
