@@ -5,8 +5,8 @@ host's Python (the empty test image with the host's /usr and /lib mounted read-o
 Services become pooled routes with a backend per running task on its overlay IP, scaling
 is followed within the poll interval, service events (create, remove) route at once, an
 ``auto_start`` service scaled to 0 sleeps and is scaled up and down by the provider, a
-bad label is reported naming the service. (The two-node swarm, with discoproxy in a
-container on the overlay and a real client, is the next step.)
+bad label is reported naming the service. The two-node swarm, with discoproxy in a
+container on the overlay and a real client, is ``test_swarm_two_nodes.py``.
 """
 
 from __future__ import annotations

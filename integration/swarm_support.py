@@ -1,0 +1,228 @@
+"""A real two-node Docker Swarm on one machine: this host's engine as the manager, a second
+``dockerd`` in a network namespace as the worker (the recipe in ``../shared/DESIGN.md``).
+
+Rules for this file:
+- The worker runs in a network namespace of its own, joined to the host by a veth pair
+  with a private /24 (host side ``.1``, the namespace ``.2``). It is started with
+  ``nsenter --net=`` (``ip netns exec`` remounts /sys, and dockerd then fails with
+  "Devices cgroup isn't mounted"), with its own data root, exec root, socket and pid
+  file, and no bridge or iptables of its own.
+- The swarm takes a private address pool of its own (:data:`ADDRESS_POOL`), not the
+  10.0.0.0/8 default. Both nodes report this machine's hostname: tasks are placed by node
+  id or role, never by hostname. No registry: images are copied into the worker with
+  ``docker save | load`` and services are created without resolving images.
+- Everything is undone in ``finally``, also when a test fails: the swarm left on both
+  engines, the worker stopped by its pid file, the namespace (and with it the veth pair)
+  deleted, the worker's directories removed. What a run killed before its ``finally``
+  left behind (its pid is in every name) is swept by the next run.
+- Needs root, ``ip``, ``nsenter`` and ``dockerd``; a host engine already in a swarm that
+  is not ours is never touched. Anything missing fails under ``CI=true`` and skips
+  elsewhere (:func:`~integration.docker_support.unavailable`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import docker.errors
+
+from integration.docker_support import unavailable
+from tests.support import require_program
+
+# The swarm's address pool (overlay subnets are /24s of it), and the /16 the veth pairs
+# take their /24 from: private, and apart from the one-node swarm test's 10.123.0.0/17.
+ADDRESS_POOL = "10.126.0.0/16"
+VETH_RANGE = "10.124"
+NAME_PREFIX = "dpw"
+WORKER_READY_WITHIN_S = 60.0
+NODE_READY_WITHIN_S = 60.0
+WORKER_STOP_WITHIN_S = 30.0
+COMMAND_TIMEOUT_S = 60.0
+
+
+@dataclass
+class TwoNodes:
+    manager: docker.DockerClient
+    worker: docker.DockerClient
+    manager_id: str  # node ids: both nodes share one hostname
+    worker_id: str
+    manager_address: str  # on the veth pair: where the worker reaches the manager
+
+
+def run(args: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        list(args), capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def _paths(namespace: str) -> dict[str, Path]:
+    return {
+        "data": Path(f"/var/lib/docker-{namespace}"),
+        "exec": Path(f"/run/docker-{namespace}"),
+        "socket": Path(f"/run/docker-{namespace}.sock"),
+        "pid": Path(f"/run/docker-{namespace}.pid"),
+        "log": Path(f"/tmp/dockerd-{namespace}.log"),
+    }
+
+
+def _stop_worker(namespace: str) -> None:
+    """Stop the worker engine of ``namespace`` (if it runs), delete the namespace and the
+    worker's directories. Idempotent."""
+    paths = _paths(namespace)
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        pid = int(paths["pid"].read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_STOP_WITHIN_S
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)  # ProcessLookupError once it is gone
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+    run(["ip", "netns", "delete", namespace], check=False)
+    # its containers' mounts go with the engine; what stays is plain files
+    for key in ("data", "exec"):
+        shutil.rmtree(paths[key], ignore_errors=True)
+    for key in ("socket", "pid"):
+        paths[key].unlink(missing_ok=True)
+
+
+def sweep_leftovers() -> None:
+    """Remove what killed runs left: namespaces whose creating process is gone."""
+    netns = Path("/run/netns")
+    for entry in sorted(netns.iterdir()) if netns.is_dir() else ():
+        parts = entry.name.split("-")
+        if parts[0] != NAME_PREFIX or len(parts) != 3 or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            _stop_worker(entry.name)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
+def _wait_engine(socket: Path, log: Path) -> docker.DockerClient:
+    deadline = time.monotonic() + WORKER_READY_WITHIN_S
+    while True:
+        try:
+            client = docker.DockerClient(base_url=f"unix://{socket}", timeout=30)
+            client.ping()
+            return client
+        except (docker.errors.DockerException, OSError):
+            if time.monotonic() > deadline:
+                tail = log.read_text()[-3000:] if log.exists() else "(no log)"
+                raise AssertionError(f"the worker engine did not answer:\n{tail}") from None
+            time.sleep(0.2)
+
+
+def copy_image(source: docker.DockerClient, target: docker.DockerClient, image: str) -> None:
+    """``docker save | docker load`` between two engines (there is no registry)."""
+    data = b"".join(source.images.get(image).save(named=True))
+    target.images.load(data)
+
+
+def _wait_nodes_ready(manager: docker.DockerClient, count: int) -> None:
+    deadline = time.monotonic() + NODE_READY_WITHIN_S
+    while True:
+        nodes = manager.nodes.list()
+        ready = [n for n in nodes if n.attrs.get("Status", {}).get("State") == "ready"]
+        if len(ready) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"swarm nodes not ready: {[n.attrs['Status'] for n in nodes]}")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def two_node_swarm(manager: docker.DockerClient, images: Sequence[str]) -> Iterator[TwoNodes]:
+    """The host engine as a swarm manager and a new worker engine in a namespace, with
+    ``images`` copied into the worker; all of it undone afterwards."""
+    if os.geteuid() != 0:
+        unavailable("a two-node swarm needs root (network namespaces, a second dockerd)")
+    for program, package in (
+        ("ip", "iproute2"),
+        ("nsenter", "util-linux"),
+        ("dockerd", "docker.io"),
+    ):
+        require_program(program, f"apt-get install {package}")
+    sweep_leftovers()
+    state = manager.info().get("Swarm", {})
+    if state.get("LocalNodeState") not in ("inactive", None):
+        unavailable(
+            "the Docker engine is already part of a swarm "
+            f"({state.get('LocalNodeState')}); the two-node test makes its own"
+        )
+    token = secrets.token_hex(2)
+    namespace = f"{NAME_PREFIX}-{os.getpid()}-{token}"
+    host_if, ns_if = f"dph{token}{os.getpid() % 1000:03d}", f"dpn{token}{os.getpid() % 1000:03d}"
+    octet = secrets.randbelow(250) + 2
+    host_ip, ns_ip = f"{VETH_RANGE}.{octet}.1", f"{VETH_RANGE}.{octet}.2"
+    paths = _paths(namespace)
+    worker: docker.DockerClient | None = None
+    initialised = False
+    try:
+        run(["ip", "netns", "add", namespace])
+        run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if])
+        run(["ip", "link", "set", ns_if, "netns", namespace])
+        run(["ip", "addr", "add", f"{host_ip}/24", "dev", host_if])
+        run(["ip", "link", "set", host_if, "up"])
+        inside = ["nsenter", f"--net=/run/netns/{namespace}"]
+        run([*inside, "ip", "addr", "add", f"{ns_ip}/24", "dev", ns_if])
+        run([*inside, "ip", "link", "set", ns_if, "up"])
+        run([*inside, "ip", "link", "set", "lo", "up"])
+        with paths["log"].open("w") as log:
+            subprocess.Popen(
+                [
+                    *inside,
+                    "dockerd",
+                    "--data-root",
+                    str(paths["data"]),
+                    "--exec-root",
+                    str(paths["exec"]),
+                    "-H",
+                    f"unix://{paths['socket']}",
+                    "--pidfile",
+                    str(paths["pid"]),
+                    "--bridge=none",
+                    "--iptables=false",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        worker = _wait_engine(paths["socket"], paths["log"])
+        for image in images:
+            copy_image(manager, worker, image)
+        initialised = True  # from here on, leaving is ours to do
+        manager.swarm.init(advertise_addr=host_ip, default_addr_pool=[ADDRESS_POOL], subnet_size=24)
+        manager.swarm.reload()
+        worker_token = manager.swarm.attrs["JoinTokens"]["Worker"]
+        worker.swarm.join(
+            remote_addrs=[f"{host_ip}:2377"], join_token=worker_token, advertise_addr=ns_ip
+        )
+        _wait_nodes_ready(manager, 2)
+        manager_id = manager.info()["Swarm"]["NodeID"]
+        worker_id = worker.info()["Swarm"]["NodeID"]
+        yield TwoNodes(manager, worker, manager_id, worker_id, host_ip)
+    finally:
+        if worker is not None:
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                worker.swarm.leave(force=True)
+            worker.close()
+        if initialised:
+            with contextlib.suppress(docker.errors.DockerException):
+                manager.swarm.leave(force=True)
+        _stop_worker(namespace)
+        run(["ip", "link", "delete", host_if], check=False)  # gone with the namespace, mostly
