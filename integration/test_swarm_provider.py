@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
+import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,10 +27,22 @@ import docker.types
 import pytest
 
 from discoproxy.config import ProxyConfig
+from discoproxy.protocol import minecraft
 from discoproxy.provider import supervise
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox
-from integration.docker_support import HOST_MOUNTS, IMAGE, PYTHON, unique_prefix
+from integration.docker_support import (
+    BACKEND_SCRIPT,
+    HOST_MOUNTS,
+    IMAGE,
+    PYTHON,
+    build_sidecar_image,
+    ensure_image,
+    unique_prefix,
+)
+from integration.peers import free_port
 from providers.docker import SwarmProvider, SwarmSettings
+from tests.proxy.helpers import handshake
+from tests.support import REPO, require_program
 
 pytestmark = [pytest.mark.peer, pytest.mark.anyio]
 
@@ -229,3 +244,88 @@ async def test_service_events_route_at_once_and_an_auto_start_service_sleeps_and
         await anyio.to_thread.run_sync(services.pop(0).remove)  # lobby: a remove event
         await until(lambda: route(lobby_domain) is None, "removed")
         tg.cancel_scope.cancel()
+
+
+STACK_FILE = REPO / "stack.example.yml"
+STACK_CI_FILE = REPO / "integration" / "stack.ci.yml"
+STACK_TIMEOUT_S = 120.0
+STACK_ROUTED_WITHIN_S = 90.0  # the sidecar's task starts, lists, the backends start
+
+
+def first_reply(port: int, domain: str) -> bytes:
+    """The first bytes a login (handshake + Login Start) for ``domain`` is answered with
+    through 127.0.0.1:``port`` (b'' when none)."""
+    login_start = minecraft.encode_packet(0x00, minecraft.encode_string("Steve"))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(handshake(domain) + login_start)
+            return conn.recv(65536)
+    except OSError:
+        return b""
+
+
+def test_stack_example_deploys_and_routes_its_services_and_wakes_the_sleeping_one(
+    swarm: docker.DockerClient,
+) -> None:
+    """``stack.example.yml`` as written, plus ``integration/stack.ci.yml`` for what cannot
+    work offline (images, the published port), deployed with ``docker stack deploy``:
+    discoproxy's task on the manager routes survival to its two tasks, and a login for
+    the creative service (scaled to 0, auto_start) scales it to 1 and reaches it."""
+    docker_cli = require_program("docker", "apt-get install docker.io")
+    ensure_image(swarm)
+    stack = unique_prefix("dps")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PROXY_PORT": str(port),
+        "DPT_SIDECAR_IMAGE": build_sidecar_image(swarm),
+        "DPT_BACKEND_IMAGE": IMAGE,
+        "DPT_BACKEND_SCRIPT": BACKEND_SCRIPT,
+    }
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [docker_cli, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=STACK_TIMEOUT_S,
+            check=False,
+        )
+
+    def logs() -> str:
+        return cli("service", "logs", "--tail", "40", f"{stack}_discoproxy").stdout
+
+    try:
+        deployed = cli(
+            "stack",
+            "deploy",
+            "--resolve-image",
+            "never",
+            "-c",
+            str(STACK_FILE),
+            "-c",
+            str(STACK_CI_FILE),
+            stack,
+        )
+        assert deployed.returncode == 0, deployed.stderr
+        for domain, name in (
+            ("survival.example.com", b"survival"),
+            ("play.example.com", b"survival"),
+            ("eu.creative.example.com", b"creative"),  # asleep: this login wakes it
+        ):
+            deadline = time.monotonic() + STACK_ROUTED_WITHIN_S
+            while (reply := first_reply(port, domain)) != name:
+                assert time.monotonic() < deadline, (
+                    f"{domain} answered {reply!r}, not {name!r}\n{logs()}"
+                )
+                time.sleep(0.5)
+        creative = swarm.services.get(f"{stack}_creative")
+        assert creative.attrs["Spec"]["Mode"]["Replicated"]["Replicas"] == 1
+        survival = swarm.services.get(f"{stack}_survival")
+        assert len(task_ips(swarm, survival, f"{stack}_minecraft")) == 2
+    finally:
+        cli("stack", "rm", stack)
+        deadline = time.monotonic() + 60  # stack rm returns before its network is gone
+        while time.monotonic() < deadline and swarm.networks.list(names=[f"{stack}_minecraft"]):
+            time.sleep(0.5)
