@@ -6,13 +6,15 @@ The swarm is ``integration/swarm_support.py``'s (the host's engine as the manage
 second engine in a network namespace as the worker; needs root). One labelled service is
 scaled up one replica at a time to ``--max-replicas`` and back down to one, ``--cycles``
 times; its tasks spread over both nodes. Then, at two replicas, each task's container is
-killed on its own node's engine, as a crash would, ``--cycles`` times: the swarm replaces
-it without any service update. For a task that starts, the latency is the first table
-swap that routes its IP minus the task's own ``running`` timestamp (reported by its
-node's agent; same machine, same clock); for one that stops, the swap that drops it minus
-the moment the scale-down was accepted or the container killed. The Swarm provider runs
-in this process at ``--poll`` (default: the provider's own). Prints p50/p99/max per kind
-and node. Everything it made is removed, also when interrupted. No assertion: numbers only.
+killed on its own node's engine, as a crash would, ``--cycles`` times: the swarm
+replaces it without any service or node event (an unlabelled global service keeps a
+task on each node's network, so no node event either), so the poll alone finds it. For
+a task that starts, the latency is the first table swap that routes its IP minus the
+task's own ``running`` timestamp (reported by its node's agent; same machine, same
+clock); for one that stops, the swap that drops it minus the moment the scale-down was
+accepted or the container killed. The Swarm provider runs in this process at ``--poll``
+(default: the provider's own). Prints p50/p99/max per kind and node. Everything it made
+is removed, also when interrupted. No assertion: numbers only.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def scale(service: Any, replicas: int) -> float:
     return time.time()
 
 
-def create(manager: docker.DockerClient, prefix: str) -> tuple[Any, Any, str]:
+def create(manager: docker.DockerClient, prefix: str) -> tuple[list[Any], Any, str]:
     network = manager.networks.create(f"{prefix}-net", driver="overlay", attachable=True)
     domain = f"bench.{prefix}.test"
     mounts = [
@@ -91,12 +93,25 @@ def create(manager: docker.DockerClient, prefix: str) -> tuple[Any, Any, str]:
         mode=docker.types.ServiceMode("replicated", replicas=1),
         stop_grace_period=1_000_000_000,
     )
-    return service, network, domain
+    # An unlabelled global service on the same network keeps a task on every node, as
+    # other services usually do: without it, a node's last task on the network leaving
+    # or arriving raises a node event, and the crashes below would not be poll-bound.
+    anchor = manager.services.create(
+        IMAGE,
+        command=[PYTHON, "-c", SCRIPT],
+        name=f"{prefix}-anchor",
+        networks=[network.name],
+        mounts=mounts,
+        mode=docker.types.ServiceMode("global"),
+        stop_grace_period=1_000_000_000,
+    )
+    return [service, anchor], network, domain
 
 
-def remove(service: Any, network: Any) -> None:
-    with contextlib.suppress(docker.errors.DockerException):
-        service.remove()
+def remove(services: list[Any], network: Any) -> None:
+    for service in services:
+        with contextlib.suppress(docker.errors.DockerException):
+            service.remove()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # the network goes once its tasks are gone
         try:
@@ -228,11 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     manager = docker.from_env(timeout=60)
     ensure_image(manager)
     with two_node_swarm(manager, [IMAGE]) as nodes:
-        service, network, domain = create(manager, unique_prefix("dpb"))
+        services, network, domain = create(manager, unique_prefix("dpb"))
         try:
-            results = anyio.run(measure, nodes, service, network.name, domain, args)
+            results = anyio.run(measure, nodes, services[0], network.name, domain, args)
         finally:
-            remove(service, network)
+            remove(services, network)
     report(results, args.poll)
     return 0
 
