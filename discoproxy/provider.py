@@ -112,6 +112,10 @@ class Provider(Protocol):
         """Publish snapshots until cancelled; raise on failure (the supervisor retries)."""
         ...
 
+    # Optional: a classmethod ``instances(name, settings) -> list[(name, settings)]`` for a
+    # provider whose one table describes several sources (the Docker provider's
+    # ``engines``): each is instantiated, supervised and named on its own.
+
 
 @dataclass(frozen=True, slots=True)
 class LoadResult:
@@ -205,7 +209,11 @@ def load_providers(
                     known_keys=list(cls.Settings.model_fields),
                 )
             ) from exc
-        loaded.append((cls(name, settings, config), settings.enabled))
+        instances = getattr(cls, "instances", None)
+        for instance, instance_settings in (
+            instances(name, settings) if callable(instances) else [(name, settings)]
+        ):
+            loaded.append((cls(instance, instance_settings, config), instance_settings.enabled))
     return loaded
 
 

@@ -1,5 +1,7 @@
-"""A real two-node Docker Swarm on one machine: this host's engine as the manager, a second
-``dockerd`` in a network namespace as the worker (the recipe in ``../shared/DESIGN.md``).
+"""A second Docker engine on this machine, in a network namespace of its own
+(:func:`namespaced_engine`: several engines for one proxy), and a real two-node Docker
+Swarm made of it and this host's engine (:func:`two_node_swarm`: the host's engine as the
+manager, the namespaced one as the worker; the recipe in ``../shared/DESIGN.md``).
 
 Rules for this file:
 - The worker runs in a network namespace of its own, joined to the host by a veth pair
@@ -29,7 +31,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,33 +147,41 @@ def _wait_nodes_ready(manager: docker.DockerClient, count: int) -> None:
         time.sleep(0.2)
 
 
-@contextlib.contextmanager
-def two_node_swarm(manager: docker.DockerClient, images: Sequence[str]) -> Iterator[TwoNodes]:
-    """The host engine as a swarm manager and a new worker engine in a namespace, with
-    ``images`` copied into the worker; all of it undone afterwards."""
+@dataclass
+class NamespacedEngine:
+    client: docker.DockerClient  # over its unix socket
+    host_ip: str  # the host's end of the veth pair
+    ip: str  # the engine's namespace's end: where its host-network containers listen
+    socket: Path
+
+
+def require_namespaces() -> None:
     if os.geteuid() != 0:
-        unavailable("a two-node swarm needs root (network namespaces, a second dockerd)")
+        unavailable("a second Docker engine needs root (a network namespace, a dockerd)")
     for program, package in (
         ("ip", "iproute2"),
         ("nsenter", "util-linux"),
         ("dockerd", "docker.io"),
     ):
         require_program(program, f"apt-get install {package}")
+
+
+@contextlib.contextmanager
+def namespaced_engine(
+    extra_args: Callable[[str], Sequence[str]] | None = None,
+) -> Iterator[NamespacedEngine]:
+    """A new Docker engine in a network namespace of its own, joined to the host by a
+    veth pair; ``extra_args(its ip)`` go to its dockerd (another ``-H``, TLS, made for
+    that address). Undone afterwards."""
+    require_namespaces()
     sweep_leftovers()
-    state = manager.info().get("Swarm", {})
-    if state.get("LocalNodeState") not in ("inactive", None):
-        unavailable(
-            "the Docker engine is already part of a swarm "
-            f"({state.get('LocalNodeState')}); the two-node test makes its own"
-        )
     token = secrets.token_hex(2)
     namespace = f"{NAME_PREFIX}-{os.getpid()}-{token}"
     host_if, ns_if = f"dph{token}{os.getpid() % 1000:03d}", f"dpn{token}{os.getpid() % 1000:03d}"
     octet = secrets.randbelow(250) + 2
     host_ip, ns_ip = f"{VETH_RANGE}.{octet}.1", f"{VETH_RANGE}.{octet}.2"
     paths = _paths(namespace)
-    worker: docker.DockerClient | None = None
-    initialised = False
+    client: docker.DockerClient | None = None
     try:
         run(["ip", "netns", "add", namespace])
         run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if])
@@ -182,47 +192,82 @@ def two_node_swarm(manager: docker.DockerClient, images: Sequence[str]) -> Itera
         run([*inside, "ip", "addr", "add", f"{ns_ip}/24", "dev", ns_if])
         run([*inside, "ip", "link", "set", ns_if, "up"])
         run([*inside, "ip", "link", "set", "lo", "up"])
+        args = [
+            *inside,
+            "dockerd",
+            "--data-root",
+            str(paths["data"]),
+            "--exec-root",
+            str(paths["exec"]),
+            "-H",
+            f"unix://{paths['socket']}",
+            "--pidfile",
+            str(paths["pid"]),
+            "--bridge=none",
+            "--iptables=false",
+            *(extra_args(ns_ip) if extra_args else ()),
+        ]
         with paths["log"].open("w") as log:
-            subprocess.Popen(
-                [
-                    *inside,
-                    "dockerd",
-                    "--data-root",
-                    str(paths["data"]),
-                    "--exec-root",
-                    str(paths["exec"]),
-                    "-H",
-                    f"unix://{paths['socket']}",
-                    "--pidfile",
-                    str(paths["pid"]),
-                    "--bridge=none",
-                    "--iptables=false",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        worker = _wait_engine(paths["socket"], paths["log"])
-        for image in images:
-            copy_image(manager, worker, image)
-        initialised = True  # from here on, leaving is ours to do
-        manager.swarm.init(advertise_addr=host_ip, default_addr_pool=[ADDRESS_POOL], subnet_size=24)
-        manager.swarm.reload()
-        worker_token = manager.swarm.attrs["JoinTokens"]["Worker"]
-        worker.swarm.join(
-            remote_addrs=[f"{host_ip}:2377"], join_token=worker_token, advertise_addr=ns_ip
-        )
-        _wait_nodes_ready(manager, 2)
-        manager_id = manager.info()["Swarm"]["NodeID"]
-        worker_id = worker.info()["Swarm"]["NodeID"]
-        yield TwoNodes(manager, worker, manager_id, worker_id, host_ip)
+            subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        client = _wait_engine(paths["socket"], paths["log"])
+        yield NamespacedEngine(client, host_ip, ns_ip, paths["socket"])
     finally:
-        if worker is not None:
-            with contextlib.suppress(docker.errors.DockerException, OSError):
-                worker.swarm.leave(force=True)
-            worker.close()
-        if initialised:
-            with contextlib.suppress(docker.errors.DockerException):
-                manager.swarm.leave(force=True)
+        if client is not None:
+            client.close()
         _stop_worker(namespace)
         run(["ip", "link", "delete", host_if], check=False)  # gone with the namespace, mostly
+
+
+def stop_engine(engine: NamespacedEngine) -> None:
+    """Stop the engine now (its namespace stays until the context ends)."""
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        pid = int(_paths_of_socket(engine.socket)["pid"].read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_STOP_WITHIN_S
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.2)
+
+
+def _paths_of_socket(socket: Path) -> dict[str, Path]:
+    return _paths(socket.name.removeprefix("docker-").removesuffix(".sock"))
+
+
+@contextlib.contextmanager
+def two_node_swarm(manager: docker.DockerClient, images: Sequence[str]) -> Iterator[TwoNodes]:
+    """The host engine as a swarm manager and a new worker engine in a namespace, with
+    ``images`` copied into the worker; all of it undone afterwards."""
+    require_namespaces()
+    state = manager.info().get("Swarm", {})
+    if state.get("LocalNodeState") not in ("inactive", None):
+        unavailable(
+            "the Docker engine is already part of a swarm "
+            f"({state.get('LocalNodeState')}); the two-node test makes its own"
+        )
+    with namespaced_engine() as engine:
+        worker = engine.client
+        initialised = False
+        try:
+            for image in images:
+                copy_image(manager, worker, image)
+            initialised = True  # from here on, leaving is ours to do
+            manager.swarm.init(
+                advertise_addr=engine.host_ip, default_addr_pool=[ADDRESS_POOL], subnet_size=24
+            )
+            manager.swarm.reload()
+            worker_token = manager.swarm.attrs["JoinTokens"]["Worker"]
+            worker.swarm.join(
+                remote_addrs=[f"{engine.host_ip}:2377"],
+                join_token=worker_token,
+                advertise_addr=engine.ip,
+            )
+            _wait_nodes_ready(manager, 2)
+            manager_id = manager.info()["Swarm"]["NodeID"]
+            worker_id = worker.info()["Swarm"]["NodeID"]
+            yield TwoNodes(manager, worker, manager_id, worker_id, engine.host_ip)
+        finally:
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                worker.swarm.leave(force=True)
+            if initialised:
+                with contextlib.suppress(docker.errors.DockerException):
+                    manager.swarm.leave(force=True)

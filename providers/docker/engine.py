@@ -12,6 +12,7 @@ from typing import Any, ClassVar, TypeVar
 import anyio
 import docker
 import docker.errors
+import docker.tls
 import docker.utils
 from loguru import logger
 
@@ -111,6 +112,21 @@ def _close_stream(events: Any) -> None:
         events.close()
 
 
+class DirectAPIClient(docker.APIClient):
+    """The SDK's client, reaching the engine directly and with exactly the TLS
+    configured: requests would otherwise send a tcp:// engine through HTTP(S)_PROXY and
+    let REQUESTS_CA_BUNDLE replace ``tls_ca`` (its environment wins over a session's CA),
+    from the first call on (``version="auto"`` asks the engine in the constructor)."""
+
+    @property
+    def trust_env(self) -> bool:
+        return False
+
+    @trust_env.setter
+    def trust_env(self, value: bool) -> None:
+        pass  # requests.Session sets True in its constructor
+
+
 class DockerProvider:
     """Publishes one server per labelled running container, resynced on every event."""
 
@@ -134,6 +150,15 @@ class DockerProvider:
         # the last scan's auto_start pools → their replicas (start_server starts them all)
         self._members: Mapping[str, tuple[str, ...]] = {}
         self._fresh: dict[str, tuple[float, ContainerRecord | None]] = {}
+
+    @classmethod
+    def instances(cls, name: str, settings: ProviderSettings) -> list[tuple[str, ProviderSettings]]:
+        """One provider per engine of ``engines`` (``docker.<engine>``), else this one."""
+        assert isinstance(settings, DockerSettings)
+        return [
+            (name if engine is None else f"{name}.{engine}", engine_settings)
+            for engine, engine_settings in settings.per_engine()
+        ]
 
     async def available(self) -> bool:
         try:
@@ -367,10 +392,19 @@ class DockerProvider:
     def _connect(self, timeout: int, version: str = "auto") -> Any:
         """A low-level API client; ``version="auto"`` asks the engine (one /version call)."""
         endpoint = self.settings.endpoint
-        tls = None
-        if endpoint.startswith(("tcp://", "https://")):
+        tls: Any = None
+        settings = self.settings
+        if settings.tls_ca or settings.tls_cert:
+            tls = docker.tls.TLSConfig(
+                client_cert=(str(settings.tls_cert), str(settings.tls_key))
+                if settings.tls_cert
+                else None,
+                ca_cert=str(settings.tls_ca) if settings.tls_ca else None,
+                verify=settings.tls_verify,
+            )
+        elif endpoint.startswith(("tcp://", "https://")):
             tls = docker.utils.kwargs_from_env().get("tls")
-        return docker.APIClient(
+        return DirectAPIClient(
             base_url=endpoint, version=version, timeout=timeout, tls=tls or False
         )
 

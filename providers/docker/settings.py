@@ -5,8 +5,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from pathlib import Path
+from typing import Any, Self
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from discoproxy.model import BackendAddress
 from discoproxy.provider import ProviderSettings
@@ -14,6 +16,58 @@ from discoproxy.provider import ProviderSettings
 DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"
 DEFAULT_LABEL_PREFIX = "infrarust"
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_-])?$")
+_ENGINE_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,30}[a-z0-9])?$")
+TLS_KEYS = ("tls_ca", "tls_cert", "tls_key")
+# What an engine of ``engines`` may set for itself; the rest is the table's.
+ENGINE_OVERRIDES = ("label_prefix", "network", "host_address", "use_published_ports")
+
+
+def _check_tls(owner: str, endpoint: str, values: dict[str, Any]) -> None:
+    """TLS files go with a ``tcp://`` endpoint, a client certificate with its key."""
+    given = [key for key in TLS_KEYS if values.get(key) is not None]
+    if given and not endpoint.startswith(("tcp://", "https://")):
+        raise ValueError(f"{owner}{given[0]}: TLS needs a tcp:// endpoint, not {endpoint!r}")
+    if (values.get("tls_cert") is None) != (values.get("tls_key") is None):
+        raise ValueError(
+            f"{owner}tls_cert and tls_key: give both (the client certificate and its key)"
+        )
+    for key in given:
+        path = Path(values[key])
+        if not path.is_file():
+            raise ValueError(f"{owner}{key}: no file at {str(path)!r}")
+
+
+class EngineSettings(BaseModel):
+    """One engine of ``[[providers.docker.engines]]``: its own endpoint and TLS, and the
+    settings it overrides; its routes are those of provider ``docker.<name>``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Short name: routes are `<id>@docker.<name>`.")
+    endpoint: str
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_verify: bool = True
+    label_prefix: str | None = None
+    network: str | None = None
+    host_address: str | None = None
+    use_published_ports: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _ENGINE_NAME_RE.match(value):
+            raise ValueError(
+                f"invalid engine name {value!r}; expected 1-32 lowercase letters, digits, "
+                "'-' or '_', e.g. 'eu-1'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _tls(self) -> Self:
+        _check_tls("", self.endpoint, self.__dict__)
+        return self
 
 
 def _default_endpoint() -> str:
@@ -53,6 +107,72 @@ class DockerSettings(ProviderSettings):
         ge=1,
         description="Seconds for each API call (listing, version); the event stream has none.",
     )
+    tls_ca: Path | None = Field(
+        default=None,
+        description="For a `tcp://` endpoint: the CA certificate (PEM) the engine's "
+        "certificate must chain to. Without any `tls_*` key, TLS comes from "
+        "`DOCKER_TLS_VERIFY`/`DOCKER_CERT_PATH`, as for the docker CLI.",
+    )
+    tls_cert: Path | None = Field(
+        default=None, description="For a `tcp://` endpoint: the client certificate (PEM)."
+    )
+    tls_key: Path | None = Field(
+        default=None, description="For a `tcp://` endpoint: the client certificate's key (PEM)."
+    )
+    tls_verify: bool = Field(
+        default=True,
+        description="Check the engine's certificate against `tls_ca` (or the system CAs) "
+        "and its host name.",
+    )
+    engines: tuple[EngineSettings, ...] = Field(
+        default=(),
+        description="Several engines at once (`[[providers.docker.engines]]`, each with "
+        "`name`, `endpoint`, optional `tls_*` and its own `label_prefix`, `network`, "
+        "`host_address`, `use_published_ports`): each is followed on its own, as provider "
+        "`docker.<name>`, so one engine down leaves the others' routes alone. Replaces "
+        "`endpoint`.",
+        json_schema_extra={"doc_default": "none"},
+    )
+
+    @model_validator(mode="after")
+    def _engines(self) -> Self:
+        _check_tls("", self.endpoint, self.__dict__)
+        if not self.engines:
+            return self
+        explicit = sorted({"endpoint", *TLS_KEYS, "tls_verify"} & self.model_fields_set)
+        if explicit:
+            raise ValueError(
+                f"{explicit[0]}: set it on each of `engines` instead (with `engines`, "
+                "the table's own endpoint is not used)"
+            )
+        names = [engine.name for engine in self.engines]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"engines: the name {twice[0]!r} is used twice; names must differ")
+        return self
+
+    def per_engine(self) -> list[tuple[str | None, Self]]:
+        """``(engine name, its settings)`` for each engine; ``[(None, self)]`` without
+        ``engines``."""
+        if not self.engines:
+            return [(None, self)]
+        found: list[tuple[str | None, Self]] = []
+        for engine in self.engines:
+            update: dict[str, Any] = {
+                "endpoint": engine.endpoint,
+                "tls_ca": engine.tls_ca,
+                "tls_cert": engine.tls_cert,
+                "tls_key": engine.tls_key,
+                "tls_verify": engine.tls_verify,
+                "engines": (),
+            }
+            for key in ENGINE_OVERRIDES:
+                value = getattr(engine, key)
+                if value is not None:
+                    update[key] = value
+            merged = {**self.model_dump(exclude={"engines"}), **update}
+            found.append((engine.name, type(self).model_validate(merged)))
+        return found
 
     @field_validator("label_prefix")
     @classmethod
@@ -86,6 +206,17 @@ class SwarmSettings(DockerSettings):
         "no service or node event comes (tasks on other nodes raise none here): a task that "
         "starts or stops anywhere is routed within this, plus one listing.",
     )
+
+    @field_validator("engines")
+    @classmethod
+    def _no_engines(cls, value: tuple[EngineSettings, ...]) -> tuple[EngineSettings, ...]:
+        if value:
+            raise ValueError(
+                "several engines are not supported for Swarm: a swarm is read from one "
+                "manager; set `endpoint` to it (and a [providers.docker] engine list for "
+                "standalone engines)"
+            )
+        return value
 
     @field_validator("use_published_ports")
     @classmethod
