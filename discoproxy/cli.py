@@ -26,7 +26,15 @@ from loguru import logger
 
 from discoproxy.admin.client import AdminUnreachable, admin_token, admin_url, fetch, fetch_json
 from discoproxy.config import ConfigError, ProxyConfig, load_config
-from discoproxy.guard import Ban, BanList, check_username, load_bans, parse_duration, save_bans
+from discoproxy.guard import (
+    Ban,
+    BanList,
+    bans_locked,
+    check_username,
+    load_bans,
+    parse_duration,
+    save_bans,
+)
 from discoproxy.logwriter import writer
 from discoproxy.model import ServerDefinition
 from discoproxy.provider import (
@@ -617,13 +625,18 @@ def cmd_ban_add(args: argparse.Namespace) -> int:
         path = _bans_path(args)
         network, username = _ban_target(args.target)
         expires = time.time() + parse_duration(args.duration) if args.duration else None
-        bans = load_bans(path)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    kept = [b for b in bans.bans if not _same_target(b, network, username)]
-    ban = Ban(args.reason, time.time(), expires, network=network, username=username)
-    save_bans(path, BanList([*kept, ban]))
+    with bans_locked(path):  # another instance's `ban` on a shared file waits its turn
+        try:
+            bans = load_bans(path)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        kept = [b for b in bans.bans if not _same_target(b, network, username)]
+        ban = Ban(args.reason, time.time(), expires, network=network, username=username)
+        save_bans(path, BanList([*kept, ban]))
     until = f" until {_when(expires)}" if expires is not None else ""
     print(f"banned {ban.target}{until} ({path})")
     return EXIT_OK
@@ -633,15 +646,20 @@ def cmd_ban_remove(args: argparse.Namespace) -> int:
     try:
         path = _bans_path(args)
         network, username = _ban_target(args.target)
-        bans = load_bans(path)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    kept = [b for b in bans.bans if not _same_target(b, network, username)]
-    if len(kept) == len(bans.bans):
-        print(f"error: no ban on {args.target} in {path}", file=sys.stderr)
-        return EXIT_CONFIG
-    save_bans(path, BanList(kept))
+    with bans_locked(path):
+        try:
+            bans = load_bans(path)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        kept = [b for b in bans.bans if not _same_target(b, network, username)]
+        if len(kept) == len(bans.bans):
+            print(f"error: no ban on {args.target} in {path}", file=sys.stderr)
+            return EXIT_CONFIG
+        save_bans(path, BanList(kept))
     print(f"unbanned {args.target} ({path})")
     return EXIT_OK
 

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import collections
 import datetime
+import fcntl
 import ipaddress
 import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -353,6 +355,20 @@ def load_bans(path: Path) -> BanList:
     if not isinstance(entries, list):
         raise ValueError(f'{path}: expected {{"version": 1, "bans": [...]}}')
     return BanList([Ban.from_json(e, f"{path}: bans[{i}]") for i, e in enumerate(entries)])
+
+
+@contextmanager
+def bans_locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for a read-modify-write of the bans file: instances sharing
+    it (one path on a shared volume) may run ``discoproxy ban`` at once, and neither may
+    lose the other's ban. The lock is a file beside it, ``.<name>.lock``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def save_bans(path: Path, bans: BanList) -> None:

@@ -38,7 +38,14 @@ from discoproxy.owners import LOOP, on_reactor, owned_by
 from discoproxy.protocol import minecraft
 from discoproxy.proxy.addresses import format_addr, literal_family, proxy_v2_header
 from discoproxy.proxy.stats import FAST_BUCKETS, Histogram
-from discoproxy.status import failure_reason, read_status_document, rewritten_host
+from discoproxy.status import (
+    CHECK_PROTOCOL,
+    check_name,
+    failure_reason,
+    online_players,
+    read_status_document,
+    rewritten_host,
+)
 
 if TYPE_CHECKING:
     from discoproxy.proxy.server import ProxyContext
@@ -48,8 +55,6 @@ if TYPE_CHECKING:
 TICK_S = 0.01
 # Checks running at once, whatever the number of backends.
 MAX_CHECKS_IN_FLIGHT = 64
-# The protocol a minecraft check announces (1.20.4); servers answer any.
-CHECK_PROTOCOL = 765
 # Bytes a check reads at most: a status answer with a favicon, or a status line.
 MAX_ANSWER_BYTES = 256 * 1024
 
@@ -346,18 +351,6 @@ async def probe(
         handshake = minecraft.encode_handshake(protocol, sent, port, minecraft.NEXT_STATE_STATUS)
         await sock.send(header + handshake + minecraft.encode_packet(0x00, b""))
         return await read_status_document(sock)
-
-
-def online_players(document: dict[str, Any] | None) -> int | None:
-    """The online player count a status document gives, if it gives one."""
-    players = document.get("players") if document is not None else None
-    online = players.get("online") if isinstance(players, dict) else None
-    return online if isinstance(online, int) and not isinstance(online, bool) else None
-
-
-def check_name(route: Route, host: str) -> str:
-    """The name a check presents: the route's first exact domain, else the host."""
-    return next((d for d in route.server.domains if not d.startswith("*")), host)
 
 
 async def _connect_only(family: socket.AddressFamily, host: str, port: int) -> None:

@@ -47,6 +47,9 @@ if TYPE_CHECKING:
     from discoproxy.routing import Route, RoutingTable
     from discoproxy.wake import Waker
 
+# The protocol a minecraft health check (and auto_stop's count) announces (1.20.4);
+# servers answer any.
+CHECK_PROTOCOL = 765
 # The protocol announced when pinging a backend for a pre-1.7 (legacy) client: 1.8's,
 # which every server since answers (mcstatus uses it by default).
 LEGACY_PING_PROTOCOL = 47
@@ -334,6 +337,25 @@ class StatusService:
         per_domain = online is not None and "{domain}" in f"{online.text}{online.version_name}"
         return _Entry(server, document, self.clock(), rendered, packet, per_domain, protocol)
 
+    async def online_players(self, route: Route) -> int | None:
+        """Players on ``route``'s backends by their own status answers, asked now (not
+        the cache) and summed over a pool's backends: the players of every discoproxy
+        instance in front of them. None when no backend answered."""
+        total: int | None = None
+        protocol = self.check_protocol(route, CHECK_PROTOCOL)
+        for host, port in route.addresses:
+            try:
+                with anyio.fail_after(self.config.status_timeout):
+                    document = await self._ping_one(
+                        route, host, port, protocol, check_name(route, host), port, None
+                    )
+            except (OSError, TimeoutError, StatusError, ProtocolError, anyio.EndOfStream):
+                continue
+            online = online_players(document)
+            if online is not None:
+                total = (total or 0) + online
+        return total
+
     def check_protocol(self, route: Route, default: int) -> int:
         """The protocol a minecraft health check of ``route`` should announce: that of
         the newest answer its players asked for, so the check refreshes what they see."""
@@ -416,6 +438,18 @@ class StatusService:
             handshake = minecraft.encode_handshake(protocol, name, port, status)
             await stream.send(header + handshake + minecraft.encode_packet(0x00, b""))
             return await read_status_document(stream)
+
+
+def online_players(document: dict[str, Any] | None) -> int | None:
+    """The online player count a status document gives, if it gives one."""
+    players = document.get("players") if document is not None else None
+    online = players.get("online") if isinstance(players, dict) else None
+    return online if isinstance(online, int) and not isinstance(online, bool) else None
+
+
+def check_name(route: Route, host: str) -> str:
+    """The name a check presents: the route's first exact domain, else the host."""
+    return next((d for d in route.server.domains if not d.startswith("*")), host)
 
 
 async def read_status_document(stream: anyio.abc.ByteReceiveStream) -> dict[str, Any]:

@@ -13,6 +13,9 @@ Rules for this file:
   the only writer of ``players`` (a server without players has no entry) and ``left_at``,
   and writes nothing else here; the loop reads them (a login that reached a server ends
   its ``starting``), and keeps its own times (first seen, started, stopped) apart.
+- Idle means idle everywhere: before ``auto_stop_after`` stops a server, its backends
+  are asked for their own online count (status answers, :attr:`Waker.backend_players`),
+  so players who reach it through another discoproxy instance keep it running.
 - Per-server state follows the routing table: a route that leaves is forgotten, on the
   loop by :meth:`Waker.table_changed` (a registry listener) and on the reactor thread by
   :meth:`Waker.forget_gone`, so container churn does not grow the maps.
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anyio
@@ -81,6 +84,9 @@ class Waker:
         # reactor thread, by qualified id: players on it, and when the last one left
         self.players: dict[str, int] = {}
         self.left_at: dict[str, float] = {}
+        # Players on a route's backends by their own count (set by the proxy to the
+        # status service's): those of other discoproxy instances count as much as ours.
+        self.backend_players: Callable[[Route], Awaitable[int | None]] | None = None
 
     def is_starting(self, qualified_id: str) -> bool:
         """Started and not yet answering (either thread: it only reads)."""
@@ -202,6 +208,18 @@ class Waker:
             since = max(self._idle_since.setdefault(qid, now), self.left_at.get(qid, -math.inf))
             if now - since < after:
                 continue
+            if self.backend_players is not None and route.addresses:
+                online = await self.backend_players(route)
+                if online:  # players who came through another instance
+                    logger.info(
+                        "not stopping {}: no player here for {:.0f}s, but its backend "
+                        "counts {} online (through other instances?)",
+                        qid,
+                        now - since,
+                        online,
+                    )
+                    self._idle_since[qid] = now  # looked at again after another period
+                    continue
             logger.info("stopping {}: no player for {:.0f}s (auto_stop_after)", qid, now - since)
             self._idle_since[qid] = now  # not again before another full period
             try:

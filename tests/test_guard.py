@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,6 +27,7 @@ from discoproxy.guard import (
     save_bans,
 )
 from discoproxy.model import IpFilterSettings
+from discoproxy.proxy import server as proxy_server
 
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -163,3 +167,41 @@ def test_durations(text: str, seconds: float) -> None:
 def test_a_bad_duration_says_what_is_accepted() -> None:
     with pytest.raises(ValueError, match=r"expected e\.g\. 90, 30m, 12h or 7d"):
         parse_duration("soon")
+
+
+def test_ban_commands_on_one_shared_file_at_once_lose_no_ban(tmp_path: Path) -> None:
+    """Instances sharing the bans file run ``discoproxy ban add`` at the same moment:
+    each read-modify-write holds the file's lock, so every ban lands."""
+    config = tmp_path / "discoproxy.toml"
+    bans = tmp_path / "bans.json"
+    config.write_text(f'bans_file = "{bans}"\n')
+    names = [f"griefer{i}" for i in range(8)]
+    commands = [
+        subprocess.Popen(
+            [sys.executable, "-m", "discoproxy", "ban", "add", name, "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+        )
+        for name in names
+    ]
+    assert [command.wait(60) for command in commands] == [0] * len(names)
+    assert sorted(b.username or "" for b in guard.load_bans(bans).bans) == sorted(names)
+
+
+@pytest.mark.anyio
+async def test_the_bans_file_is_polled_as_well_as_watched(tmp_path: Path) -> None:
+    """A write on a network filesystem from another host raises no inotify event here:
+    the stat poll alone picks it up (inode, mtime or size changed)."""
+    path = tmp_path / "bans.json"
+    guard.save_bans(path, guard.BanList())
+    loads: list[bool] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(proxy_server._poll_bans, path, loads.append)
+        await anyio.sleep(proxy_server.BANS_POLL_S * 2)
+        assert loads == []  # nothing changed: nothing re-read
+        ban = guard.Ban("grief", time.time(), None, username="Griefer")
+        guard.save_bans(path, guard.BanList([ban]))
+        with anyio.fail_after(proxy_server.BANS_POLL_S * 4):
+            while not loads:
+                await anyio.sleep(0.02)
+        assert loads == [False]
+        tg.cancel_scope.cancel()

@@ -82,6 +82,8 @@ STICKY_SWEEP_S = 10.0
 BANS_WATCH_STEP_MS = 50
 BANS_WATCH_DEBOUNCE_MS = 400
 BANS_WATCH_TIMEOUT_MS = 500
+# The bans file is also stat'ed this often (shared between instances: see _poll_bans).
+BANS_POLL_S = 0.5
 
 
 class ProxyContext:
@@ -97,6 +99,7 @@ class ProxyContext:
         self.registry = registry
         self.waker = Waker(registry, controls or {})
         self.status = StatusService(config, self.waker)
+        self.waker.backend_players = self.status.online_players
         self.ports = PortListeners(self)
         self.certs = CertStore()
         # UDP port routes (reactor thread)
@@ -534,6 +537,34 @@ async def watch_bans(ctx: ProxyContext) -> None:
     if not path.parent.is_dir():
         logger.info("bans: {} does not exist; not watched", path.parent)
         return
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_poll_bans, path, load)
+        await _notified_bans(path, load)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+async def _poll_bans(path: Path, load: Callable[[bool], None]) -> None:
+    """Re-read the bans file when its inode, mtime or size changed: a file shared between
+    instances on a network filesystem raises no inotify event for another host's
+    write, and a ban made through one instance must refuse at the others within 1 s."""
+    seen = _stamp(path)
+    while True:
+        await anyio.sleep(BANS_POLL_S)
+        stamp = await anyio.to_thread.run_sync(_stamp, path)
+        if stamp != seen:
+            seen = stamp
+            load(False)
+
+
+async def _notified_bans(path: Path, load: Callable[[bool], None]) -> None:
+    """Re-read the bans file on inotify events (a local write: within ~0.1 s)."""
     async for changes in watchfiles.awatch(
         path.parent,
         watch_filter=lambda _change, changed: Path(changed).name == path.name,
@@ -545,7 +576,7 @@ async def watch_bans(ctx: ProxyContext) -> None:
         yield_on_timeout=True,
     ):
         if any(Path(changed).name == path.name for _, changed in changes):
-            load(first=False)
+            load(False)
 
 
 async def _watch_reactor(ctx: ProxyContext) -> None:

@@ -19,6 +19,7 @@ import anyio
 import pytest
 from anyio.abc import SocketStream
 
+from discoproxy.config import ProxyConfig
 from discoproxy.protocol import minecraft
 from discoproxy.protocol.errors import NeedData
 from discoproxy.protocol.proxy_protocol import ProxyHeader, parse_proxy_header
@@ -48,6 +49,7 @@ class McBackend:
     headers: list[ProxyHeader] = field(default_factory=list)
     status_pings: int = 0
     description: str = "backend-A"
+    online: int = 3  # the players its status answers count
     open_now: int = 0
     most_open: int = 0
 
@@ -88,7 +90,7 @@ def minecraft_backend(seen: McBackend) -> Callable[[SocketStream, Backend], Awai
                 seen.status_pings += 1
                 document = {
                     "version": {"name": "Paper 1.20.4", "protocol": hs.protocol_version},
-                    "players": {"max": 20, "online": 3, "sample": []},
+                    "players": {"max": 20, "online": seen.online, "sample": []},
                     "description": {"text": seen.description},
                 }
                 await stream.send(minecraft.encode_status_response(json.dumps(document)))
@@ -428,6 +430,36 @@ async def test_idle_servers_are_stopped_after_auto_stop_after() -> None:
     assert await stops_after(0.5) == 1  # exactly auto_stop_after without a player
     assert await stops_after(9.5) == 1  # not again before another full period
     assert await stops_after(0.5) == 2
+
+
+async def test_auto_stop_keeps_a_server_whose_backend_counts_players_of_other_instances() -> None:
+    """Several discoproxy instances in front of one server: this one has had no player
+    for auto_stop_after, but the backend's own status answer counts players (who came
+    through another instance), so it is not stopped until that count is 0 too."""
+    async with mc_backend() as (info, seen):
+        registry = Registry()
+        idle = server(
+            "a", "a.example.com", addresses=[info.address], auto_start=True, auto_stop_after=10.0
+        )
+        registry.apply_snapshot("test", [idle])
+        control = FakeControl(registry)
+        clock = FakeClock()
+        waker = Waker(registry, {"test": control}, clock=clock)
+        waker.backend_players = StatusService(ProxyConfig(), waker).online_players
+
+        async def stops_after(seconds: float) -> int:
+            clock.advance(seconds)
+            await waker.stop_idle()
+            return control.stops
+
+        assert await stops_after(0) == 0
+        assert await stops_after(10) == 0  # idle here, but 3 online at the backend
+        pings = seen.status_pings
+        assert pings >= 1
+        seen.online = 0
+        assert await stops_after(9.5) == 0  # asked again only after another period
+        assert seen.status_pings == pings
+        assert await stops_after(0.5) == 1  # nobody anywhere: stopped
 
 
 async def test_a_client_cycling_protocol_numbers_cannot_multiply_backend_pings() -> None:
