@@ -126,14 +126,14 @@ async def _offline_snapshots(
     return snapshots, lines
 
 
-def _load_table(providers: list[tuple[Provider, Enabled]]) -> tuple[RoutingTable, bool]:
-    """The table every enabled provider would give now, its report printed to stderr;
-    True when some provider or item had an error."""
+def _load_table(providers: list[tuple[Provider, Enabled]]) -> tuple[RoutingTable, list[str]]:
+    """The table every enabled provider would give now, and its report (printed to
+    stderr): an ``error:`` line for each provider or item that failed."""
     configure_logging("ERROR", "text")  # providers without load_once() run and may log
     snapshots, lines = anyio.run(_offline_snapshots, providers)
     for line in lines:
         print(line, file=sys.stderr)
-    return build_table(snapshots), any(line.startswith("error:") for line in lines)
+    return build_table(snapshots), lines
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -142,12 +142,23 @@ def cmd_check(args: argparse.Namespace) -> int:
         providers = load_providers(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        print("config NOT ok: the config itself does not load", file=sys.stderr)
         return EXIT_CONFIG
-    table, failed = _load_table(providers)
+    table, reports = _load_table(providers)
+    failed = any(line.startswith("error:") for line in reports)
     for conflict in table.conflicts:
         print(f"warning: route conflict: {conflict}", file=sys.stderr)
-    print(f"config ok: {len(config.bind)} listeners, {len(table)} servers", file=sys.stderr)
-    return EXIT_CONFIG if failed else EXIT_OK
+    counts = f"{len(config.bind)} listeners, {len(table)} servers"
+    if failed:  # the last line is the verdict, and says what the exit code says
+        errors = sum(1 for line in reports if line.startswith("error:"))
+        print(
+            f"config NOT ok: {errors} error{'s' if errors != 1 else ''} above; "
+            f"{counts} would be routed without them",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    print(f"config ok: {counts}", file=sys.stderr)
+    return EXIT_OK
 
 
 def table_rows(table: RoutingTable) -> list[dict[str, Any]]:

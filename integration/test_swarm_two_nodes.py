@@ -11,7 +11,8 @@ log tells which node a login reached.
 
 The service's task starts on the worker (reached across the overlay by its task IP), is
 moved to the manager, scaled to two replicas spread over both nodes, and the worker is
-drained while clients keep logging in: with a replica left, no login fails.
+drained while clients keep logging in: with a replica left, no login fails. A global
+service is one pool of a task per node, and logins reach both.
 """
 
 from __future__ import annotations
@@ -147,7 +148,11 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
                     time.sleep(0.5)
 
 
-def create_minecraft_service(swarm: Swarm, constraints: list[str]) -> Any:
+def create_minecraft_service(
+    swarm: Swarm, constraints: list[str], name: str = "survival", mode: Any = None
+) -> Any:
+    """A labelled Minecraft server service for ``<name>.<prefix>.test`` (replicated, one
+    replica, unless ``mode`` says otherwise)."""
     mounts = [
         docker.types.Mount(target=path, source=path, type="bind", read_only=True)
         for path in HOST_MOUNTS
@@ -155,27 +160,28 @@ def create_minecraft_service(swarm: Swarm, constraints: list[str]) -> Any:
     mounts.append(
         docker.types.Mount(target="/node", source=str(NODE_DIR), type="bind", read_only=True)
     )
-    labels = {f"{swarm.prefix}.domains": swarm.domain, f"{swarm.prefix}.port": "25565"}
+    domain = f"{name}.{swarm.prefix}.test"
+    labels = {f"{swarm.prefix}.domains": domain, f"{swarm.prefix}.port": "25565"}
     service = swarm.nodes.manager.services.create(
         IMAGE,
         command=[PYTHON, "-c", MC_SERVER],
-        name=f"{swarm.prefix}-survival",
+        name=f"{swarm.prefix}-{name}",
         labels=labels,
         env=["NAME={{.Node.ID}}", "MC_HOST=0.0.0.0", "MC_PORT=25565"],
         networks=[swarm.network.name],
         mounts=mounts,
         constraints=constraints,
-        mode=docker.types.ServiceMode("replicated", replicas=1),
+        mode=mode or docker.types.ServiceMode("replicated", replicas=1),
         stop_grace_period=1_000_000_000,  # 1 s, in ns
     )
     swarm.services.append(service)
     return service
 
 
-def login(swarm: Swarm, username: str) -> bool:
+def login(swarm: Swarm, username: str, domain: str | None = None) -> bool:
     """A real client's login through discoproxy; True when it reached the play state."""
     result = subprocess.run(
-        ["node", "mc_client.js", str(swarm.port), swarm.domain, username, MC_VERSION],
+        ["node", "mc_client.js", str(swarm.port), domain or swarm.domain, username, MC_VERSION],
         cwd=NODE_DIR,
         capture_output=True,
         text=True,
@@ -186,10 +192,10 @@ def login(swarm: Swarm, username: str) -> bool:
     return any(event.get("event") == "play" for event in events)
 
 
-def logins_by_node(swarm: Swarm) -> dict[str, set[str]]:
-    """Node id → usernames the survival servers on it saw log in (from both engines)."""
+def logins_by_node(swarm: Swarm, service: str = "survival") -> dict[str, set[str]]:
+    """Node id → usernames the servers of ``service`` on it saw log in (both engines)."""
     seen: dict[str, set[str]] = collections.defaultdict(set)
-    name = f"{swarm.prefix}-survival"
+    name = f"{swarm.prefix}-{service}"
     for engine in (swarm.nodes.manager, swarm.nodes.worker):
         for container in engine.containers.list(
             all=True, filters={"label": f"com.docker.swarm.service.name={name}"}
@@ -276,3 +282,22 @@ def test_a_real_client_reaches_a_task_on_the_worker_and_follows_it_across_nodes(
         settle(swarm, service, {nodes.manager_id: 2}, "drained")
     finally:
         set_availability(nodes.manager, nodes.worker_id, "active")
+
+
+def test_a_global_service_is_a_pool_of_one_task_per_node(swarm: Swarm) -> None:
+    nodes = swarm.nodes
+    lobby = create_minecraft_service(swarm, [], "lobby", docker.types.ServiceMode("global"))
+    domain = f"lobby.{swarm.prefix}.test"
+    deadline = time.monotonic() + SETTLED_WITHIN_S
+    while running_nodes(lobby) != collections.Counter({nodes.manager_id: 1, nodes.worker_id: 1}):
+        assert time.monotonic() < deadline, dict(running_nodes(lobby))
+        time.sleep(0.5)
+    reached: set[str] = set()
+    for i in range(40):  # round robin over both tasks, once both are routed
+        if login(swarm, f"lobby{i}", domain):
+            seen = logins_by_node(swarm, "lobby")
+            reached = {node for node, names in seen.items() if names}
+            if reached == {nodes.manager_id, nodes.worker_id}:
+                break
+        assert time.monotonic() < deadline, f"{reached}\n{sidecar_logs(swarm.sidecar)}"
+    assert reached == {nodes.manager_id, nodes.worker_id}

@@ -73,7 +73,10 @@ def test_check_explains_why_proxy_protocol_needs_trusted_proxies(
     config.write_text(f'servers_dir = "{tmp_path}"\nreceive_proxy_protocol = true\n')
     code, _, err = run(["check", "--config", str(config)], capsys)
     assert code == 1
-    assert err == f"error: {config}: {PROXY_PROTOCOL_NEEDS_TRUSTED_PROXIES}\n"
+    assert err == (
+        f"error: {config}: {PROXY_PROTOCOL_NEEDS_TRUSTED_PROXIES}\n"
+        "config NOT ok: the config itself does not load\n"
+    )
 
 
 def test_routes_prints_the_table(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -142,6 +145,21 @@ def test_check_reports_errors_in_the_file_providers_directory(
     assert code == 1
     assert ids == []
     assert f"error: {elsewhere / 'bad.toml'}:2: addresses:" in report
+    # the last line is the verdict, and it agrees with the exit code
+    last = report.strip().splitlines()[-1]
+    assert (
+        last == "config NOT ok: 1 error above; 1 listeners, 0 servers would be routed without them"
+    )
+
+
+def test_check_ends_with_a_verdict_when_the_config_itself_is_bad(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "discoproxy.toml"
+    config.write_text("max_connections = -3\n")
+    code, _, report = run(["check", "--config", str(config)], capsys)
+    assert code == 1 and "max_connections" in report
+    assert report.strip().splitlines()[-1].startswith("config NOT ok")
 
 
 def test_check_and_routes_offline_skip_a_disabled_file_provider(
