@@ -395,6 +395,142 @@ def _check_ping_host_data(data_length: int) -> None:
         )
 
 
+# -- pre-1.7 logins -------------------------------------------------------------------
+
+LEGACY_LOGIN_PACKET_ID = 0x02
+# Vanilla names are at most 16 characters; a little room for servers that allow more.
+MAX_LEGACY_USERNAME_UNITS = 32
+# 1.2.5 and older send "username;host:port" as one string.
+MAX_LEGACY_PRE_1_3_UNITS = MAX_LEGACY_USERNAME_UNITS + 1 + MAX_LEGACY_HOST_UNITS + 6
+
+
+class LegacyLogin(NamedTuple):
+    """A parsed pre-1.7 login handshake (packet ``0x02``, see :func:`parse_legacy_login`)."""
+
+    protocol_version: int
+    """1.3-1.6: the protocol byte (39 for 1.3.1 … 78 for 1.6.4); 0 for 1.2.5 and older."""
+    username: str
+    host: str
+    """Normalised with :func:`normalize_host`, the name routes match against."""
+    raw_host: str
+    """The host exactly as sent."""
+    port: int
+    length: int
+    """Bytes consumed."""
+
+
+def is_legacy_login(buf: Buffer) -> bool:
+    """``0x02`` first: a pre-1.7 login. No modern handshake starts so (a packet of
+    length 2 is too short to be one)."""
+    return len(buf) > 0 and buf[0] == LEGACY_LOGIN_PACKET_ID
+
+
+def _legacy_string(buf: Buffer, pos: int, cap: int, what: str) -> tuple[str, int] | NeedData:
+    """A string16 (unsigned short length in UTF-16 units, then UTF-16BE) at ``pos``."""
+    if len(buf) < pos + 2:
+        return NEED_DATA
+    (units,) = _U16.unpack_from(buf, pos)
+    if units > cap:
+        raise HandshakeTooLarge(f"legacy login {what} of {units} UTF-16 units exceeds cap {cap}")
+    end = pos + 2 + 2 * units
+    if len(buf) < end:
+        return NEED_DATA
+    try:
+        return bytes(buf[pos + 2 : end]).decode("utf-16-be"), end
+    except UnicodeDecodeError as exc:
+        raise MalformedHandshake(
+            f"legacy login {what} is not valid UTF-16BE: {exc.reason} at byte {pos + 2 + exc.start}"
+        ) from None
+
+
+def parse_legacy_login(buf: Buffer) -> LegacyLogin | NeedData:
+    """Parse a pre-1.7 login handshake that :func:`is_legacy_login` accepts.
+
+    1.3-1.6: ``02``, protocol byte, username and host as string16 (unsigned short
+    length in UTF-16 units, UTF-16BE), int32 port. 1.2.5 and older: ``02`` and one
+    string16 ``username;host:port``; told apart by the byte after ``02``, a protocol
+    number (39-78) there and the high byte of a short length (0) here.
+    """
+    if not buf:
+        return NEED_DATA
+    if not is_legacy_login(buf):
+        raise MalformedHandshake(f"byte {buf[0]:02x} does not start a legacy login (02)")
+    if len(buf) < 2:
+        return NEED_DATA
+    if buf[1] == 0:  # 1.2.5 and older
+        text = _legacy_string(buf, 1, MAX_LEGACY_PRE_1_3_UNITS, "handshake")
+        if isinstance(text, NeedData):
+            return NEED_DATA
+        combined, end = text
+        username, sep, address = combined.partition(";")
+        raw_host, colon, port_text = address.rpartition(":")
+        if not sep or not colon or not port_text.isdigit() or not 0 <= int(port_text) <= 0xFFFF:
+            raise MalformedHandshake(
+                f"legacy login {combined!r} is not 'username;host:port' (1.2.5 and older)"
+            )
+        port = int(port_text)
+        protocol_version = 0
+    else:
+        protocol_version = buf[1]
+        name = _legacy_string(buf, 2, MAX_LEGACY_USERNAME_UNITS, "username")
+        if isinstance(name, NeedData):
+            return NEED_DATA
+        username, pos = name
+        host = _legacy_string(buf, pos, MAX_LEGACY_HOST_UNITS, "host")
+        if isinstance(host, NeedData):
+            return NEED_DATA
+        raw_host, pos = host
+        end = pos + _I32.size
+        if len(buf) < end:
+            return NEED_DATA
+        (port,) = _I32.unpack_from(buf, pos)
+        if not 0 <= port <= 0xFFFF:
+            raise MalformedHandshake(f"legacy login port {port} outside 0-65535")
+    if not username:
+        raise MalformedHandshake("legacy login without a username")
+    return LegacyLogin(protocol_version, username, normalize_host(raw_host), raw_host, port, end)
+
+
+def _encode_string16(value: str, cap: int, what: str) -> bytes:
+    try:
+        data = value.encode("utf-16-be")
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"legacy {what} is not encodable: {exc.reason}") from None
+    if len(data) // 2 > cap:
+        raise LocalProtocolError(
+            f"legacy {what} of {len(data) // 2} UTF-16 units exceeds cap {cap}"
+        )
+    return _U16.pack(len(data) // 2) + data
+
+
+def encode_legacy_login(protocol_version: int, username: str, host: str, port: int) -> bytes:
+    """Build the login handshake a pre-1.7 client sends (``protocol_version`` 0: the
+    1.2.5 form); :func:`parse_legacy_login` reads it back."""
+    if not 0 <= port <= 0xFFFF:
+        raise LocalProtocolError(f"legacy login port {port} outside 0-65535")
+    if protocol_version == 0:
+        combined = f"{username};{host}:{port}"
+        return bytes((LEGACY_LOGIN_PACKET_ID,)) + _encode_string16(
+            combined, MAX_LEGACY_PRE_1_3_UNITS, "handshake"
+        )
+    if not 1 <= protocol_version <= 255:
+        raise LocalProtocolError(f"legacy login protocol {protocol_version} outside 1-255")
+    return (
+        bytes((LEGACY_LOGIN_PACKET_ID, protocol_version))
+        + _encode_string16(username, MAX_LEGACY_USERNAME_UNITS, "username")
+        + _encode_string16(host, MAX_LEGACY_HOST_UNITS, "host")
+        + _I32.pack(port)
+    )
+
+
+def encode_legacy_disconnect(text: str) -> bytes:
+    """A pre-1.7 Disconnect/Kick (``0xFF``, string16 reason): what a 1.2-1.6 client
+    shows when its login is refused."""
+    data = text.encode("utf-16-be", "surrogatepass")
+    units = min(len(data) // 2, MAX_LEGACY_KICK_UNITS)
+    return bytes((_LEGACY_KICK,)) + _U16.pack(units) + data[: 2 * units]
+
+
 def encode_legacy_ping_1_6(host: str, port: int, protocol_version: int = 74) -> bytes:
     """Build the ping a 1.6 client sends; :func:`parse_legacy_ping` reads it back."""
     if not 0 <= port <= 0xFFFF:

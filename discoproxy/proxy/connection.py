@@ -120,6 +120,7 @@ WAKING = ConnState.WAKING
 TERMINATING = ConnState.TERMINATING
 _MINECRAFT = Sniffed.MINECRAFT
 _MINECRAFT_LEGACY = Sniffed.MINECRAFT_LEGACY
+_MINECRAFT_LEGACY_LOGIN = Sniffed.MINECRAFT_LEGACY_LOGIN
 _TLS = Sniffed.TLS
 _HTTP = Sniffed.HTTP
 
@@ -182,6 +183,7 @@ class ClientConnection:
         "_ip_key",
         "_kind",
         "_legacy",
+        "_legacy_login",
         "_legacy_wait",
         "_name",
         "_next_address",
@@ -256,6 +258,7 @@ class ClientConnection:
         self._handshake_length = 0
         self._handshake: minecraft.Handshake | None = None
         self._legacy: minecraft.LegacyPing | None = None
+        self._legacy_login: minecraft.LegacyLogin | None = None  # a 1.2-1.6 login
         self._legacy_wait = 0  # 1: a 1.6 ping is incomplete, 2: waited enough for it
         self._status_pending = False
         self._held = False  # held once for a woken server (auto_start_wait)
@@ -519,6 +522,12 @@ class ClientConnection:
                 ping = minecraft.LegacyPing("1.4", None, None, None, None, len(buffer))
             self._legacy = ping
             name = ping.host
+        elif kind is _MINECRAFT_LEGACY_LOGIN:
+            legacy_login = minecraft.parse_legacy_login(buffer)
+            if legacy_login is NEED_DATA:
+                return
+            self._legacy_login = legacy_login
+            name = legacy_login.host
         elif kind is _TLS:
             hello = tls.parse_client_hello(buffer)
             if hello is NEED_DATA:
@@ -558,6 +567,9 @@ class ClientConnection:
                 return
         elif kind is _MINECRAFT_LEGACY:
             self._answer_status(0)
+            return
+        elif kind is _MINECRAFT_LEGACY_LOGIN and route.server.sleeping:
+            self._wake()
             return
         elif kind is _TLS and route.server.tls is not None:
             self._terminate(route)
@@ -649,7 +661,9 @@ class ClientConnection:
         Start). False: refused, or waiting for more bytes."""
         guard = self.ctx.guard
         config = self.ctx.config
-        login = kind is _MINECRAFT and self._next_state != minecraft.NEXT_STATE_STATUS
+        login = (
+            kind is _MINECRAFT and self._next_state != minecraft.NEXT_STATE_STATUS
+        ) or kind is _MINECRAFT_LEGACY_LOGIN
         if not self._guarded:
             self._guarded = True
             ip = self._ip
@@ -674,10 +688,14 @@ class ClientConnection:
                     self._refused(refusal, login, text)
                     return False
         if login and guard.bans.has_usernames:
-            start = minecraft.parse_login_start(self.buffer[self._handshake_length :])
-            if start is NEED_DATA:
-                return False
-            ban = guard.bans.user_ban(start.username)
+            if self._legacy_login is not None:  # the username is in the handshake
+                username = self._legacy_login.username
+            else:
+                start = minecraft.parse_login_start(self.buffer[self._handshake_length :])
+                if start is NEED_DATA:
+                    return False
+                username = start.username
+            ban = guard.bans.user_ban(username)
             if ban is not None:
                 refusal = Refusal(Rejection.BANNED, f"banned ({ban.target})", ban)
                 self._refused(refusal, login, _ban_text(config, ban))
@@ -690,8 +708,14 @@ class ClientConnection:
         self.ctx.log_rejection(self.client_addr, reason, refusal.cause, self.listener)
         if login and self.state is SNIFFING:
             self._move(ANSWERING)
-            self._reply(minecraft.encode_login_disconnect(minecraft.text_component(text)))
+            self._reply(self._login_disconnect(text))
         self.close(f"refused: {reason}")
+
+    def _login_disconnect(self, text: str) -> bytes:
+        """The Disconnect a refused or unanswered login reads, in its client's format."""
+        if self._legacy_login is not None:
+            return minecraft.encode_legacy_disconnect(text)
+        return minecraft.encode_login_disconnect(minecraft.text_component(text))
 
     # -- answers when nothing routes ----------------------------------------------------
 
@@ -717,6 +741,8 @@ class ClientConnection:
                 self._answer_status_packets()
                 return
             self._reply(minecraft.encode_login_disconnect(minecraft.text_component(text)))
+        elif kind is _MINECRAFT_LEGACY_LOGIN:
+            self._reply(minecraft.encode_legacy_disconnect(text))
         elif kind is _MINECRAFT_LEGACY:
             status = self.ctx.status.synthesized(None, StatusState.UNKNOWN, -1, name or "")
             self._reply(_legacy_answer(self._legacy, status))
@@ -985,7 +1011,9 @@ class ClientConnection:
         up = self.up
         route = self.route
         assert route is not None
-        rewrite = self._handshake is not None and route.server.domain_rewrite is not None
+        rewrite = route.server.domain_rewrite is not None and (
+            self._handshake is not None or self._legacy_login is not None
+        )
         if up.out is None or rewrite:  # what the backend must see first
             header = self._proxy_header_for_backend() if route.send_proxy_protocol else b""
             prefix = self._rewritten_prefix(name or ip) if rewrite else self.buffer
@@ -998,7 +1026,15 @@ class ClientConnection:
         follows the host in the address (Forge's ``\0FML…``, forwarding data) is kept."""
         handshake = self._handshake
         route = self.route
-        assert handshake is not None and route is not None
+        assert route is not None
+        legacy = self._legacy_login
+        if legacy is not None:  # a 1.2-1.6 login: the same packet with the new host
+            host = rewritten_host(route.server, dialed_host, legacy.host)
+            rebuilt = minecraft.encode_legacy_login(
+                legacy.protocol_version, legacy.username, host, legacy.port
+            )
+            return rebuilt + bytes(self.buffer[legacy.length :])
+        assert handshake is not None
         raw = handshake.raw_address
         cut = raw.find("\0")
         suffix = raw[cut:] if cut >= 0 else ""
@@ -1088,9 +1124,9 @@ class ClientConnection:
         )
         self.up.out = None
         self._move(ANSWERING)
-        if self._kind is _MINECRAFT and self._next_state != 1:
+        if (self._kind is _MINECRAFT and self._next_state != 1) or self._legacy_login:
             message = self._message(self.ctx.config.unreachable_message)
-            self._reply(minecraft.encode_login_disconnect(minecraft.text_component(message)))
+            self._reply(self._login_disconnect(message))
         elif self._kind is _HTTP:
             if self._order is not None and not self._order:  # all down: nothing dialed
                 self._reply(http.encode_response(503, "Service Unavailable", "no backend up\n"))
@@ -1155,12 +1191,12 @@ class ClientConnection:
     def _starting_disconnect(self) -> None:
         self._move(ANSWERING)
         message = self._message(self.ctx.config.starting_message)
-        self._reply(minecraft.encode_login_disconnect(minecraft.text_component(message)))
+        self._reply(self._login_disconnect(message))
         self.close("server starting")
 
     def _start_forwarding(self) -> None:
         self.state = FORWARDING  # only ever called while DIALING: always allowed
-        if self._kind is _MINECRAFT:  # a player: counted for auto_stop_after
+        if self._kind is _MINECRAFT or self._legacy_login:  # a player: for auto_stop_after
             route = self.route
             waker = self.ctx.waker
             if waker is not None and route is not None and route.server.auto_start:
