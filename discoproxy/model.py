@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -215,6 +215,7 @@ def _check_ip(host: str, original: str, *, want_v6: bool) -> None:
 
 
 DOMAIN_REWRITE_BACKEND = "backend"
+_FROM_BACKEND = "from_backend"  # Infrarust's spelling: the first address's host
 # Ports one mapping may open: each is a listening socket (an fd, a reactor entry).
 MAX_PORTS_PER_MAPPING = 1024
 _PORT_MAPPING_RE = re.compile(r"^(\d+)(?:-(\d+))?(?::(\d+)(?:-(\d+))?)?(?:/(tcp|udp))?$")
@@ -443,7 +444,9 @@ class ServerDefinition(BaseModel):
     domain_rewrite: str | None = Field(
         default=None,
         description="Name the backend sees in the Minecraft handshake instead of the "
-        "player's: 'backend' for the host of the address dialed, or an explicit host name.",
+        "player's: 'backend' for the host of the address dialed, 'from_backend' for the "
+        "host of the first address (Infrarust's), or an explicit host name (also as "
+        "Infrarust's `{ explicit = \"mc.local\" }`); 'none' (the default) keeps it.",
     )
     auto_start: bool = Field(
         default=False,
@@ -546,17 +549,38 @@ class ServerDefinition(BaseModel):
     @field_validator("domain_rewrite", mode="before")
     @classmethod
     def _domain_rewrite(cls, value: Any) -> Any:
+        accepted = (
+            "expected 'backend' (the dialed address's host), 'from_backend' (the first "
+            "address's host, as Infrarust), 'none', a host name such as 'mc.internal', or "
+            "{ explicit = 'mc.internal' }"
+        )
+        if isinstance(value, Mapping):  # Infrarust's inline table: { explicit = "…" }
+            if set(value) != {"explicit"} or not isinstance(value["explicit"], str):
+                raise ValueError(f"invalid domain_rewrite {dict(value)!r}; {accepted}")
+            value = value["explicit"]
+            if value.strip().lower() in ("none", "false", DOMAIN_REWRITE_BACKEND, _FROM_BACKEND):
+                raise ValueError(
+                    f"invalid domain_rewrite {{ explicit = {value!r} }}: an explicit host "
+                    f"name is expected there; {accepted}"
+                )
         if value is None or not isinstance(value, str):
             return value
         text = value.strip().lower().rstrip(".")
         if not text or text in ("none", "false"):
             return None
-        if text != DOMAIN_REWRITE_BACKEND and not _HOSTNAME_RE.match(text):
-            raise ValueError(
-                f"invalid domain_rewrite {value!r}; expected 'backend' (the dialed address's "
-                "host) or a host name such as 'mc.internal'"
-            )
+        if text not in (DOMAIN_REWRITE_BACKEND, _FROM_BACKEND) and not _HOSTNAME_RE.match(text):
+            raise ValueError(f"invalid domain_rewrite {value!r}; {accepted}")
         return text
+
+    @model_validator(mode="after")
+    def _from_backend(self) -> ServerDefinition:
+        """Infrarust's ``from_backend``: the host of the first entry of ``addresses``."""
+        if self.domain_rewrite != _FROM_BACKEND:
+            return self
+        if not self.addresses:
+            raise ValueError("domain_rewrite 'from_backend' needs addresses (it uses the first)")
+        object.__setattr__(self, "domain_rewrite", self.addresses[0].host.lower())
+        return self
 
     @model_validator(mode="after")
     def _checked_balance(self) -> ServerDefinition:
