@@ -132,7 +132,7 @@ def test_domain_rewrite_is_backend_or_a_host_name(raw: str, expected: str | None
 
 
 def test_a_bad_domain_rewrite_says_what_is_accepted() -> None:
-    with pytest.raises(ValidationError, match=r"expected 'backend'.*or a host name"):
+    with pytest.raises(ValidationError, match=r"expected 'backend'.*'from_backend'.*a host name"):
         make(domain_rewrite="a b")
 
 
