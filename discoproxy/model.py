@@ -36,8 +36,9 @@ _MAX_DOMAIN_LENGTH = 253  # RFC 1035 §2.3.4, in text form without the trailing 
 class ProxyMode(enum.StrEnum):
     """How a connection is carried to its backend.
 
-    Only ``passthrough`` exists today; Infrarust's other modes are recognised so that
-    their files fail with a clear "not supported yet" instead of a generic error.
+    Only ``passthrough`` exists: Infrarust's ``zero_copy`` and ``server_only`` forward
+    bytes too and load as it; ``client_only`` and ``offline`` are refused with the reason
+    (``providers/infrarust.py``).
     """
 
     PASSTHROUGH = "passthrough"
@@ -447,6 +448,11 @@ class ServerDefinition(BaseModel):
         "player's: 'backend' for the host of the address dialed, 'from_backend' for the "
         "host of the first address (Infrarust's), or an explicit host name (also as "
         "Infrarust's `{ explicit = \"mc.local\" }`); 'none' (the default) keeps it.",
+    )
+    unreachable_message: str | None = Field(
+        default=None,
+        description="What a player logging in reads when no backend of this server "
+        "answers; default: the global `unreachable_message` ({server}, {domain} filled in).",
     )
     auto_start: bool = Field(
         default=False,

@@ -37,6 +37,7 @@ from discoproxy.provider import (
     read_document,
     validate_document,
 )
+from providers.infrarust import translate_server
 
 # watchfiles yields a batch once the directory has been quiet this long: long enough to
 # group an editor's save (write temp, fsync, rename), short enough to be live in < 500 ms.
@@ -60,6 +61,13 @@ def is_server_file(path: Path) -> bool:
 
 def load_server_file(path: Path) -> ServerDefinition:
     """Parse and validate one server file; raises :class:`ConfigError` naming the file."""
+    return load_server_file_warned(path)[0]
+
+
+def load_server_file_warned(path: Path) -> tuple[ServerDefinition, list[str]]:
+    """Parse and validate one server file, Infrarust's keys translated
+    (:mod:`providers.infrarust`): the server and the warnings, each naming the file and
+    the key; raises :class:`ConfigError` naming the file."""
     data = read_document(path)
     data.setdefault("id", path.stem)
     for key in PROVIDER_SET_FIELDS:
@@ -69,7 +77,12 @@ def load_server_file(path: Path) -> ServerDefinition:
                 "not by a server file; remove it",
                 str(path),
             )
-    return validate_document(ServerDefinition, data, path)
+    try:
+        warnings = translate_server(data)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}", str(path)) from None
+    server = validate_document(ServerDefinition, data, path)
+    return server, [f"{path}: {warning}" for warning in warnings]
 
 
 def unique_by_id(
@@ -138,15 +151,17 @@ class FileProvider:
             return LoadResult((), warnings=(warning,), source=self._where)
         loaded: list[tuple[Path, ServerDefinition]] = []
         errors: list[str] = []
+        warnings: list[str] = []
         for path in sorted(self._server_files()):
-            result = await self._read_settled(path)
+            result, warned = await self._read_settled(path)
             if isinstance(result, ConfigError):
                 errors.append(str(result))
             elif result is not None:
                 loaded.append((path, result))
+                warnings += warned
         servers, duplicates = unique_by_id(loaded)
         errors += (str(error) for error in duplicates)
-        return LoadResult(tuple(servers), tuple(errors), source=self._where)
+        return LoadResult(tuple(servers), tuple(errors), tuple(warnings), source=self._where)
 
     async def run(self, publish: Publish) -> None:
         announced_missing = False
@@ -203,27 +218,31 @@ class FileProvider:
             self._log.error("server file rejected: {}", error)
         return servers
 
-    async def _read_settled(self, path: Path) -> ServerDefinition | ConfigError | None:
-        """``path`` read once its size and mtime hold still: its server, why it is
-        rejected, or ``None`` when it is gone."""
+    async def _read_settled(
+        self, path: Path
+    ) -> tuple[ServerDefinition | ConfigError | None, list[str]]:
+        """``path`` read once its size and mtime hold still: its server (and the
+        warnings it loaded with), why it is rejected, or ``None`` when it is gone."""
         give_up = anyio.current_time() + STABLE_WAIT_MAX_S
         while True:
             before = _stat_key(path)
             if before is None:
-                return None
+                return None, []
             age = time.time() - before[1] / 1e9
             if age < QUIET_S and anyio.current_time() < give_up:
                 await anyio.sleep(QUIET_S - max(age, 0.0))
                 continue
+            warnings: list[str] = []
             try:
-                result: ServerDefinition | ConfigError = load_server_file(path)
+                result: ServerDefinition | ConfigError
+                result, warnings = load_server_file_warned(path)
             except ConfigError as exc:
                 result = exc
             if _stat_key(path) == before or anyio.current_time() >= give_up:
-                return result
+                return result, warnings
 
     async def _reload_one(self, path: Path) -> None:
-        result = await self._read_settled(path)
+        result, warnings = await self._read_settled(path)
         if result is None:
             if self._good.pop(path, None) is not None:
                 self._log.info("server file removed: {}", path)
@@ -242,6 +261,8 @@ class FileProvider:
         self._good[path] = result
         if previous != result:
             self._log.info("server file {}: {}", "changed" if previous else "loaded", path)
+            for warning in warnings:  # once per version of the file
+                self._log.warning("server file: {}", warning)
 
 
 def _force_polling() -> bool | None:

@@ -1125,8 +1125,11 @@ class ClientConnection:
         self.up.out = None
         self._move(ANSWERING)
         if (self._kind is _MINECRAFT and self._next_state != 1) or self._legacy_login:
-            message = self._message(self.ctx.config.unreachable_message)
-            self._reply(self._login_disconnect(message))
+            server = self.route.server if self.route is not None else None
+            template = (
+                server and server.unreachable_message
+            ) or self.ctx.config.unreachable_message
+            self._reply(self._login_disconnect(self._message(template)))
         elif self._kind is _HTTP:
             if self._order is not None and not self._order:  # all down: nothing dialed
                 self._reply(http.encode_response(503, "Service Unavailable", "no backend up\n"))
