@@ -21,6 +21,7 @@ from discoproxy.model import (
     HeldBack,
     ServerDefinition,
 )
+from providers.docker import mc_router
 from providers.docker.labels import (
     LABELS,
     LABELS_BY_KEY,
@@ -299,7 +300,13 @@ def servers_from_containers(
     problems: list[LabelProblem] = []
     groups: dict[str, list[tuple[ContainerRecord, ServerDefinition]]] = {}
     held: dict[str, list[HeldBack]] = {}  # per pool: replicas its HEALTHCHECK holds back
-    for record in containers:
+    for listed in containers:
+        # mc-router's labels read as ours (providers/docker/mc_router.py)
+        translated, found = mc_router.translate(listed, container_name(listed), ctx.prefix)
+        problems += found
+        if translated is None:
+            continue
+        record = translated
         state = record.get("State", "running")
         sleeping = False
         if state != "running":
@@ -436,7 +443,7 @@ def is_relevant_event(event: Mapping[str, object], prefix: str) -> bool:
         return True
     attributes = as_mapping(as_mapping(event.get("Actor")).get("Attributes"))
     dotted = prefix + "."
-    return any(key.startswith(dotted) for key in attributes)
+    return any(key.startswith((dotted, mc_router.PREFIX)) for key in attributes)
 
 
 def inspection_target(event: Mapping[str, object]) -> str | None:

@@ -571,6 +571,27 @@ def _settings_rows(
     return rows
 
 
+def _mc_router_section(p: str) -> list[str]:
+    # imported here: mc_router builds on this module's LabelProblem and parsers
+    from providers.docker import mc_router
+
+    return [
+        "## Coming from mc-router",
+        "",
+        "Containers labelled for itzg/mc-router are routed as mc-router routes them, next",
+        f"to `{p}.*` ones: each `mc-router.*` label reads as the discoproxy label below. A",
+        "container without `mc-router.host` is not routed (as in mc-router, even with",
+        f"`mc-router.default`); one with both `mc-router.*` and `{p}.*` labels is reported",
+        "and not routed. mc-router's global flags (`-auto-scale-up` for every container,",
+        "its idle time) are not read: label each container.",
+        "",
+        "| mc-router label | discoproxy |",
+        "| --- | --- |",
+        *mc_router.migration_rows(p),
+        "",
+    ]
+
+
 def labels_markdown(prefix: str = DEFAULT_LABEL_PREFIX) -> str:
     """``labels.md``: every label, its type, default, example, accepted values and field."""
     p = prefix
@@ -640,6 +661,7 @@ def labels_markdown(prefix: str = DEFAULT_LABEL_PREFIX) -> str:
         f"service mc_survival, label {p}.port: expected 1-65535, got 'x'; not routed",
         "```",
         "",
+        *_mc_router_section(p),
         "## Labels",
         "",
         "| label | type | default | example | accepted values | server-file field |",

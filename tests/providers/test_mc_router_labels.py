@@ -1,0 +1,96 @@
+"""itzg/mc-router's container labels (its documented ``mc-router.host``, ``.port``,
+``.default``, ``.network``, ``.auto-scale-up``, ``.auto-scale-down``,
+``.auto-scale-asleep-motd``), routed as mc-router routes them, next to ``infrarust.*``
+containers. Records are shaped as the engine's /containers/json answers."""
+
+from __future__ import annotations
+
+from providers.docker import is_relevant_event
+from tests.providers.test_docker_labels import container, one, problem_of, scan
+
+
+def test_host_and_port_route_each_host_to_the_container() -> None:
+    server = one(
+        container(
+            "vanilla",
+            {"mc-router.host": " mc.example.com , other.example.com", "mc-router.port": "25566"},
+        )
+    )
+    assert server.id == "vanilla"
+    assert server.domains == ("mc.example.com", "other.example.com")
+    assert [str(a) for a in server.addresses] == ["172.17.0.2:25566"]
+
+
+def test_the_default_port_is_25565_and_default_makes_a_catch_all_too() -> None:
+    server = one(
+        container("lobby", {"mc-router.host": "lobby.example.com", "mc-router.default": "T"})
+    )
+    assert server.default and server.domains == ("lobby.example.com",)
+    assert [str(a) for a in server.addresses] == ["172.17.0.2:25565"]
+
+
+def test_default_without_a_host_is_not_routed_as_in_mc_router() -> None:
+    assert scan(container("lobby", {"mc-router.default": "true"})) == ([], [])
+
+
+def test_network_picks_the_network_on_a_container_with_several() -> None:
+    record = container(
+        "mc",
+        {"mc-router.host": "mc.example.com", "mc-router.network": "games"},
+        networks={"games": "10.1.0.5", "db": "10.2.0.5"},
+    )
+    assert [str(a) for a in one(record).addresses] == ["10.1.0.5:25565"]
+
+
+def test_auto_scale_labels_wake_and_stop_a_stopped_container() -> None:
+    labels = {
+        "mc-router.host": "mc.example.com",
+        "mc-router.auto-scale-up": "true",
+        "mc-router.auto-scale-down": "1",
+        "mc-router.auto-scale-asleep-motd": "Asleep: join to wake it",
+    }
+    server = one(container("mc", labels, state="exited"))
+    assert server.sleeping and server.auto_start
+    assert server.auto_stop_after == 600  # mc-router's default idle time, 10m
+    assert server.motds.sleeping is not None
+    assert server.motds.sleeping.text == "Asleep: join to wake it"
+    # without auto-scale-up, a stopped container is not routed, as in mc-router
+    assert scan(container("mc", {"mc-router.host": "mc.example.com"}, state="exited")) == ([], [])
+
+
+def test_bad_values_name_the_container_and_the_mc_router_label() -> None:
+    message = problem_of(
+        container("mc", {"mc-router.host": "mc.example.com", "mc-router.auto-scale-up": "yes"})
+    )
+    assert message.startswith("container mc, label mc-router.auto-scale-up: expected one of 1")
+    port = problem_of(container("mc", {"mc-router.host": "mc.example.com", "mc-router.port": "x"}))
+    assert port.startswith("container mc, label mc-router.port: expected 1-65535")
+
+
+def test_both_label_sets_on_one_container_are_refused() -> None:
+    labels = {"mc-router.host": "a.example.com", "infrarust.domains": "b.example.com"}
+    assert "use one set" in problem_of(container("mc", labels))
+
+
+def test_mc_router_and_infrarust_containers_route_side_by_side() -> None:
+    servers, problems = scan(
+        container("a", {"mc-router.host": "a.example.com"}),
+        container("b", {"infrarust.domains": "b.example.com"}, networks={"bridge": "172.17.0.3"}),
+    )
+    assert problems == []
+    assert {s.id: s.domains for s in servers} == {
+        "a": ("a.example.com",),
+        "b": ("b.example.com",),
+    }
+
+
+def test_an_unknown_mc_router_label_is_warned_not_fatal() -> None:
+    servers, problems = scan(
+        container("a", {"mc-router.host": "a.example.com", "mc-router.hots": "x"})
+    )
+    assert len(servers) == 1 and "unknown mc-router label" in problems[0]
+
+
+def test_events_of_mc_router_containers_resync() -> None:
+    event = {"Type": "container", "Actor": {"Attributes": {"mc-router.host": "a.example.com"}}}
+    assert is_relevant_event(event, "infrarust")
