@@ -337,3 +337,18 @@ async def test_routes_come_back_by_resync_after_dockerd_restarts(
         ip = survivor.attrs["NetworkSettings"]["Networks"]["bridge"]["IPAddress"]
         route = live.registry.table.lookup_host(domain)
         assert route is not None and route.addresses == ((ip, 25565),)
+
+
+async def test_a_container_labelled_for_mc_router_routes_next_to_ours(
+    resources: DockerResources,
+) -> None:
+    """mc-router's own labels on a real container (providers/docker/mc_router.py): it
+    is routed by its mc-router.host, beside a container with this run's labels."""
+    async with docker_proxy(resources) as live:
+        theirs, ours = live.domain("vanilla"), live.domain("survival")
+        await live.docker(resources.run, "vanilla", {"mc-router.host": f"{theirs},x.{theirs}"})
+        await live.docker(resources.run, "survival", resources.labels(domains=ours))
+        await live.wait_until(routed(theirs, live.qualified("vanilla")))
+        await live.wait_until(routed(f"x.{theirs}", live.qualified("vanilla")))
+        await live.wait_for_backend(theirs, "vanilla")
+        await live.wait_for_backend(ours, "survival")
