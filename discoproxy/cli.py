@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import yaml
 from anyio.abc import TaskGroup
 from loguru import logger
 
@@ -616,7 +617,54 @@ def build_parser() -> argparse.ArgumentParser:
     ban_list = ban_sub.add_parser("list", parents=[common], help="print the bans in force")
     ban_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ban_list.set_defaults(func=cmd_ban_list)
+
+    importer = sub.add_parser(
+        "import",
+        help="write discoproxy's config from a peer's (gate: Gate Lite's config.yml)",
+        description="Read a peer's config and write the equivalent discoproxy config "
+        "(OUT/discoproxy.yaml) and server files (OUT/servers/*.yaml), printing every key "
+        "that could not be carried over and why. Existing files are not overwritten "
+        "without --force.",
+    )
+    importer.add_argument("kind", choices=["gate"], help="the peer's format")
+    importer.add_argument("source", type=Path, help="its config file")
+    importer.add_argument("--out", type=Path, required=True, help="directory to write into")
+    importer.add_argument("--force", action="store_true", help="overwrite existing files")
+    importer.set_defaults(func=cmd_import)
     return parser
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from discoproxy.importers import import_gate_lite
+
+    out: Path = args.out
+    servers_dir = out / "servers"
+    try:
+        document = yaml.safe_load(args.source.read_text(encoding="utf-8"))
+        imported = import_gate_lite(
+            document if isinstance(document, dict) else {}, str(servers_dir)
+        )
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        print(f"error: {args.source}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    targets = {out / "discoproxy.yaml": imported.config}
+    targets |= {servers_dir / f"{stem}.yaml": doc for stem, doc in imported.servers.items()}
+    existing = sorted(str(p) for p in targets if p.exists())
+    if existing and not args.force:
+        print(f"error: {existing[0]} exists; pass --force to overwrite", file=sys.stderr)
+        return EXIT_CONFIG
+    servers_dir.mkdir(parents=True, exist_ok=True)
+    for path, doc in targets.items():
+        path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+        print(f"wrote {path}")
+    for note in imported.not_carried:
+        print(f"not carried: {note}", file=sys.stderr)
+    print(
+        f"imported {len(imported.servers)} routes; {len(imported.not_carried)} keys not "
+        f"carried over; run: discoproxy serve --config {out / 'discoproxy.yaml'}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
 
 
 def _bans_path(args: argparse.Namespace) -> Path:
