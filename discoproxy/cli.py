@@ -15,6 +15,7 @@ import resource
 import signal
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -620,13 +621,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     importer = sub.add_parser(
         "import",
-        help="write discoproxy's config from a peer's (gate: Gate Lite's config.yml)",
+        help="write discoproxy's config from a peer's (Gate Lite, Infrarust)",
         description="Read a peer's config and write the equivalent discoproxy config "
         "(OUT/discoproxy.yaml) and server files (OUT/servers/*.yaml), printing every key "
         "that could not be carried over and why. Existing files are not overwritten "
         "without --force.",
     )
-    importer.add_argument("kind", choices=["gate"], help="the peer's format")
+    importer.add_argument(
+        "kind", choices=["gate", "infrarust"], help="gate: config.yml; infrarust: infrarust.toml"
+    )
     importer.add_argument("source", type=Path, help="its config file")
     importer.add_argument("--out", type=Path, required=True, help="directory to write into")
     importer.add_argument("--force", action="store_true", help="overwrite existing files")
@@ -635,16 +638,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from discoproxy.importers import import_gate_lite
+    from discoproxy.importers import import_gate_lite, import_infrarust
 
     out: Path = args.out
     servers_dir = out / "servers"
     try:
-        document = yaml.safe_load(args.source.read_text(encoding="utf-8"))
-        imported = import_gate_lite(
-            document if isinstance(document, dict) else {}, str(servers_dir)
-        )
-    except (OSError, yaml.YAMLError, ValueError) as exc:
+        text = args.source.read_text(encoding="utf-8")
+        if args.kind == "infrarust":
+            imported = import_infrarust(tomllib.loads(text))
+        else:
+            document = yaml.safe_load(text)
+            imported = import_gate_lite(
+                document if isinstance(document, dict) else {}, str(servers_dir)
+            )
+    except (OSError, yaml.YAMLError, tomllib.TOMLDecodeError, ValueError) as exc:
         print(f"error: {args.source}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     targets = {out / "discoproxy.yaml": imported.config}

@@ -39,15 +39,22 @@ class Imported:
     not_carried: list[str] = field(default_factory=list)
 
 
+_DURATION_PART = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
 def _duration_s(value: Any, where: str) -> float:
-    """Gate's durations: ``10s``, ``1m``, ``500ms``, or a number of seconds."""
+    """Gate's and Infrarust's durations: ``10s``, ``1m``, ``500ms``, ``2m30s``, or a
+    number of seconds."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
-    match = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(value))
-    if not match:
-        raise ValueError(f"{where}: expected a duration such as 10s or 1m, got {value!r}")
-    number, unit = float(match[1]), match[2] or "s"
-    return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    text = str(value).replace(" ", "")
+    if re.fullmatch(r"-?\d+(?:\.\d+)?", text):
+        return float(text)
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"{where}: expected a duration such as 10s, 1m or 2m30s, got {value!r}")
+    return sum(float(number) * _UNIT_S[unit] for number, unit in parts)
 
 
 def _as_list(value: Any) -> list[str]:
@@ -180,3 +187,127 @@ def _gate_route(
         not_carried.append(f"{where}.{key}: not known to this import")
     stem = _SLUG.sub("-", (domains[0] if domains else "default").lower()).strip("-")
     return stem or "route", server
+
+
+# infrarust.toml keys with nothing to carry, and why (the others are handled below).
+_INFRARUST_NOT_CARRIED = {
+    "worker_threads": "one reactor thread per process here (see issue 20, workers)",
+    "connect_max_attempts": "every address of a pool is tried, each within connect_timeout",
+    "active_health": "set health_check per server (tcp, minecraft, tls, http)",
+    "plugins_dir": "discoproxy has no WASM plugins",
+    "announce_proxy_commands": "discoproxy adds no commands (it forwards bytes)",
+    "so_reuseport": "not needed by one process",
+    "keepalive": "the OS's TCP keepalive defaults apply",
+    "telemetry": "scrape /metrics (Prometheus) on the admin listener instead",
+    "events": "plugin event timeouts; no plugins here",
+    "auth": "client_only mode is not supported (the backend authenticates)",
+    "web": "set [admin] listen and token; its API differs",
+    "permissions": "no proxy commands, so no permissions",
+    "plugin_messaging": "no plugin messaging in passthrough",
+}
+
+
+def import_infrarust(document: Mapping[str, Any]) -> Imported:
+    """Infrarust's ``infrarust.toml`` as discoproxy's global config. Its server files
+    load as they are (``servers_dir`` is kept), so only the global keys are mapped."""
+    imported = Imported()
+    notes = imported.not_carried
+    out: dict[str, Any] = {}
+    if "bind" in document:
+        out["bind"] = [str(document["bind"])]
+    if "servers_dir" in document:
+        out["servers_dir"] = str(document["servers_dir"])
+    if "max_connections" in document:
+        out["max_connections"] = int(document["max_connections"])
+        if out["max_connections"]:
+            notes.append(
+                "max_connections: carried, but past it discoproxy closes new connections "
+                "at once where Infrarust leaves them waiting in the backlog"
+            )
+    if "connect_timeout" in document:
+        out["connect_timeout"] = _duration_s(document["connect_timeout"], "connect_timeout")
+    if document.get("receive_proxy_protocol"):
+        notes.append(
+            "receive_proxy_protocol = true: set it together with trusted_proxies (your load "
+            "balancer's addresses): discoproxy reads PROXY headers only from those"
+        )
+    behaviour = document.get("unknown_domain_behavior")
+    if behaviour not in (None, "default_motd"):
+        notes.append(
+            f"unknown_domain_behavior = {behaviour}: discoproxy always answers an unknown "
+            "name (unknown_server_message, motds.unknown_domain); it does not drop silently"
+        )
+    rate = document.get("rate_limit")
+    if isinstance(rate, Mapping) and rate.get("enabled"):
+        window = _duration_s(rate.get("window", "10s"), "rate_limit.window")
+        out["rate_limit"] = {
+            "connections": int(rate.get("max_connections", 3)),
+            "status": int(rate.get("status_max", 300)),
+            "window": window,
+        }
+        status_window = _duration_s(rate.get("status_window", "10s"), "rate_limit.status_window")
+        if status_window != window:
+            notes.append(
+                f"rate_limit.status_window ({status_window:g}s): one window for both budgets "
+                f"here; rate_limit.window ({window:g}s) is used"
+            )
+    cache = document.get("status_cache")
+    if isinstance(cache, Mapping):
+        if "ttl" in cache:
+            out["status_cache_ttl"] = _duration_s(cache["ttl"], "status_cache.ttl")
+        if "max_entries" in cache:
+            notes.append("status_cache.max_entries: the cache's bound is fixed here")
+    ban = document.get("ban")
+    if isinstance(ban, Mapping):
+        if ban.get("provider", "builtin") != "builtin":
+            notes.append(f"ban.provider = {ban['provider']}: only the bans file is supported")
+        if "file" in ban:
+            notes.append(
+                f"ban.file ({ban['file']}): Infrarust's bans file format differs; re-add "
+                "its bans with discoproxy ban add (bans_file is discoproxy's own)"
+            )
+    ip_filter = document.get("ip_filter")
+    if isinstance(ip_filter, Mapping):
+        out["ip_filter"] = {
+            "allow": list(ip_filter.get("whitelist", [])),
+            "deny": list(ip_filter.get("blacklist", [])),  # blacklist wins, as ours
+        }
+    docker = document.get("docker")
+    if isinstance(docker, Mapping):
+        table: dict[str, Any] = {"enabled": True}
+        if "endpoint" in docker:
+            table["endpoint"] = str(docker["endpoint"])
+        if "network" in docker:
+            table["network"] = str(docker["network"])
+        out["providers"] = {"docker": table}
+        for key in sorted(set(docker) - {"endpoint", "network"}):
+            notes.append(f"docker.{key}: discoproxy follows the event stream and resyncs itself")
+    motd = document.get("default_motd")
+    if isinstance(motd, Mapping):
+        online = motd.get("online")
+        motds: dict[str, Any] = {}
+        if isinstance(online, Mapping):
+            motds["unknown_domain"] = dict(online)
+        if isinstance(motd.get("unreachable"), Mapping):
+            motds["unreachable"] = dict(motd["unreachable"])
+        if motds:
+            out["motds"] = motds
+        for state in sorted(set(motd) - {"online", "unreachable"}):
+            notes.append(f"default_motd.{state}: not used for unknown names (as in Infrarust)")
+    forwarding = document.get("forwarding")
+    if isinstance(forwarding, Mapping) and forwarding.get("mode", "none") != "none":
+        notes.append(
+            f"forwarding.mode = {forwarding['mode']}: the proxy does not take part in the "
+            "login, so the backend would reject every player; not carried"
+        )
+    handled = {
+        "bind", "servers_dir", "max_connections", "connect_timeout", "receive_proxy_protocol",
+        "unknown_domain_behavior", "rate_limit", "status_cache", "ban", "ip_filter", "docker",
+        "default_motd", "forwarding",
+    }  # fmt: skip
+    for key in sorted(set(document) - handled):
+        reason = _INFRARUST_NOT_CARRIED.get(key, "not known to this import")
+        notes.append(f"{key}: {reason}")
+    ProxyConfig.model_validate(out)  # what is written loads
+    imported.config = out
+    return imported
