@@ -36,6 +36,7 @@ from .minecraft import (
 from .tls import CONTENT_TYPE_HANDSHAKE, is_tls
 
 _LEGACY_PING = 0xFE
+_LEGACY_LOGIN_PROTOCOLS = (39, 78)  # 1.3.1 … 1.6.4
 
 
 class Sniffed(enum.Enum):
@@ -69,7 +70,12 @@ def detect_protocol(buf: Buffer) -> Sniffed | NeedData:
     if buf[0] == _LEGACY_PING and is_legacy_ping(buf):
         return _MINECRAFT_LEGACY
     if buf[0] == LEGACY_LOGIN_PACKET_ID:
-        return _MINECRAFT_LEGACY_LOGIN
+        if size < 2:
+            return NEED_DATA
+        # 1.2.5 and older: a string16's high length byte (0); 1.3.1-1.6.4: protocol 39-78.
+        # Anything else after 02 is some other protocol (the default route may take it).
+        if buf[1] == 0 or _LEGACY_LOGIN_PROTOCOLS[0] <= buf[1] <= _LEGACY_LOGIN_PROTOCOLS[1]:
+            return _MINECRAFT_LEGACY_LOGIN
     tls = is_tls(buf)
     if isinstance(tls, NeedData):
         return NEED_DATA

@@ -73,7 +73,10 @@ def test_the_host_is_normalised_for_routing_and_kept_as_sent() -> None:
 
 def test_sniffing_tells_a_legacy_login_from_everything_else() -> None:
     assert detect_protocol(WIRE_1_6) is Sniffed.MINECRAFT_LEGACY_LOGIN
-    assert detect_protocol(WIRE_1_2[:1]) is Sniffed.MINECRAFT_LEGACY_LOGIN
+    assert detect_protocol(WIRE_1_2) is Sniffed.MINECRAFT_LEGACY_LOGIN
+    assert detect_protocol(WIRE_1_2[:1]) is NEED_DATA
+    # 02 followed by no protocol of those versions: some other protocol, not refused here
+    assert detect_protocol(b"\x02\xc8\x00\x01") is not Sniffed.MINECRAFT_LEGACY_LOGIN
     assert is_legacy_login(WIRE_1_6) and not is_legacy_login(b"\x10\x00")
 
 
