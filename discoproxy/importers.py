@@ -31,6 +31,35 @@ GATE_STRATEGIES = {
 }
 _SLUG = re.compile(r"[^a-z0-9]+")
 
+# Gate Lite's route keys and what the import makes of each: the importer handles exactly
+# these (any other key is reported) and the README's table is generated from them.
+GATE_ROUTE_KEYS: tuple[tuple[str, str], ...] = (
+    ("host", "`domains` (a string or a list; `*` makes the default route)"),
+    ("backend", "`addresses` (a string or a list)"),
+    ("strategy", "`balance`: sequential → failover, random, round-robin, least-connections, "
+     "lowest-latency (with a tcp health_check); several backends default to random"),
+    ("proxyProtocol", "`send_proxy_protocol`"),
+    ("modifyVirtualHost", '`domain_rewrite = "backend"`'),
+    ("cachePingTTL", "`status_cache_ttl` (-1, no caching, is 0)"),
+    ("fallback", "the `unreachable` MOTD (motd, version, players, favicon)"),
+    ("blacklist", "`ip_filter.deny`"),
+    ("tcpShieldRealIP", "not carried (reported): use TCPShield's PROXY protocol and "
+     "trusted_proxies"),
+    ("max-connections", "not carried (reported): max_connections and max_connections_per_ip "
+     "are global"),
+)  # fmt: skip
+GATE_README_START = "<!-- gate-lite-route-keys: generated from discoproxy/importers.py -->"
+GATE_README_END = "<!-- /gate-lite-route-keys -->"
+
+
+def gate_markdown() -> str:
+    """The README's table of Gate Lite route keys: ``python -m discoproxy.importers``."""
+    rows = [f"| `{key}` | {what} |" for key, what in GATE_ROUTE_KEYS]
+    return "\n".join(
+        [GATE_README_START, "| Gate Lite route key | discoproxy |", "| --- | --- |", *rows,
+         "| any other key | reported, not carried |", GATE_README_END]
+    )  # fmt: skip
+
 
 @dataclass
 class Imported:
@@ -179,10 +208,7 @@ def _gate_route(
             f"{where}.max-connections = {route['max-connections']}: per-route connection "
             "caps are not supported; max_connections (global) and max_connections_per_ip"
         )
-    known = {
-        "host", "backend", "strategy", "proxyProtocol", "modifyVirtualHost", "cachePingTTL",
-        "fallback", "blacklist", "tcpShieldRealIP", "max-connections",
-    }  # fmt: skip
+    known = {key for key, _ in GATE_ROUTE_KEYS}
     for key in sorted(set(route) - known):
         not_carried.append(f"{where}.{key}: not known to this import")
     stem = _SLUG.sub("-", (domains[0] if domains else "default").lower()).strip("-")
@@ -311,3 +337,7 @@ def import_infrarust(document: Mapping[str, Any]) -> Imported:
     ProxyConfig.model_validate(out)  # what is written loads
     imported.config = out
     return imported
+
+
+if __name__ == "__main__":
+    print(gate_markdown())

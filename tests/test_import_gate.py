@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from discoproxy.importers import gate_markdown
 from tests.test_cli import run
 
 GATE = """\
@@ -123,3 +124,10 @@ def test_what_is_not_a_gate_lite_config_says_why(
     source.write_text(text)
     code, _, err = run(["import", "gate", str(source), "--out", str(tmp_path / "o")], capsys)
     assert code == 1 and message in err, err
+
+
+def test_the_readme_table_is_the_importers_own() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert gate_markdown() in readme, (
+        "README's Gate Lite table is stale: paste `uv run python -m discoproxy.importers`"
+    )
