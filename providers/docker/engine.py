@@ -32,7 +32,7 @@ from providers.docker.containers import (
 )
 from providers.docker.labels import LabelProblem
 from providers.docker.settings import DockerSettings, SwarmSettings
-from providers.docker.swarm import ServiceRecord, TaskRecord, servers_from_services
+from providers.docker.swarm import servers_from_services
 
 # ``available()`` decides at start whether the provider runs in ``auto`` mode: an engine
 # that has not answered /version and /_ping within this is treated as absent.
@@ -103,6 +103,16 @@ def _inspect(client: Any, container_id: str) -> ContainerRecord | None:
     except docker.errors.NotFound:
         return None
     return record_from_inspect(info) if isinstance(info, Mapping) else None
+
+
+def _load_result(scan: ContainerScan, source: str) -> LoadResult:
+    """A scan as ``load_once`` reports it: dropped problems are errors, others warnings."""
+    return LoadResult(
+        scan.servers,
+        errors=tuple(f"{problem}; not routed" for problem in scan.problems if problem.dropped),
+        warnings=tuple(str(problem) for problem in scan.problems if not problem.dropped),
+        source=source,
+    )
 
 
 def _close_stream(events: Any) -> None:
@@ -186,12 +196,8 @@ class DockerProvider:
             listing = await self._list(client)
         finally:
             client.close()
-        scan = servers_from_containers(listing, self.settings, self._own_id)
-        return LoadResult(
-            scan.servers,
-            errors=tuple(f"{problem}; not routed" for problem in scan.problems if problem.dropped),
-            warnings=tuple(str(problem) for problem in scan.problems if not problem.dropped),
-            source=self.settings.endpoint,
+        return _load_result(
+            servers_from_containers(listing, self.settings, self._own_id), self.settings.endpoint
         )
 
     async def _detect_own_id(self) -> None:
@@ -298,27 +304,37 @@ class DockerProvider:
     async def start_server(self, server_id: str) -> None:
         """Start the container ``server_id`` (a stopped ``auto_start`` server), or every
         replica of the pool ``server_id``, as ``docker compose start`` would."""
-        await self._control(server_id, "started", lambda client, name: client.start(name))
+        names = await self._control(server_id, lambda client, name: client.start(name))
+        self._log_controlled(server_id, "started", names)
 
     async def stop_server(self, server_id: str) -> None:
         """Stop the container ``server_id``, or every replica of that pool
         (``auto_stop_after``)."""
-        await self._control(
-            server_id,
-            "stopped",
-            lambda client, name: client.stop(name, timeout=STOP_TIMEOUT_S),
+        names = await self._control(
+            server_id, lambda client, name: client.stop(name, timeout=STOP_TIMEOUT_S)
         )
+        self._log_controlled(server_id, "stopped", names)
+
+    def _log_controlled(self, server_id: str, done: str, names: tuple[str, ...]) -> None:
+        if names == (server_id,):
+            self._log.info("container {} {}", server_id, done)
+        else:
+            self._log.info("pool {} {}: {}", server_id, done, ", ".join(names))
 
     async def _control(
-        self, server_id: str, done: str, action: Callable[[Any, str], object]
-    ) -> None:
-        """Start or stop a container (each replica of a pool: one that fails does not
-        keep the others from it), in threads of its own: a stop may take
-        ``STOP_TIMEOUT_S``, and resyncs must not wait behind it."""
+        self,
+        server_id: str,
+        action: Callable[[Any, str], object],
+        extra_timeout_s: int = STOP_TIMEOUT_S,
+    ) -> tuple[str, ...]:
+        """Run ``action`` on each engine object of ``server_id`` (each replica of a pool,
+        each service of a Swarm pool: one that fails does not keep the others from it)
+        in threads of its own, since a stop may take ``STOP_TIMEOUT_S`` and resyncs must
+        not wait behind it; the names acted on."""
         names = self._members.get(server_id, (server_id,))
 
         def call() -> None:
-            client = self._connect(self.settings.api_timeout + STOP_TIMEOUT_S)
+            client = self._connect(self.settings.api_timeout + extra_timeout_s)
             failure: Exception | None = None
             try:
                 for name in names:
@@ -333,10 +349,7 @@ class DockerProvider:
 
         with _engine_errors(self.settings.endpoint):
             await anyio.to_thread.run_sync(call, limiter=self._control_limiter)
-        if names == (server_id,):
-            self._log.info("container {} {}", server_id, done)
-        else:
-            self._log.info("pool {} {}: {}", server_id, done, ", ".join(names))
+        return names
 
     async def resync(self, client: Any, publish: Publish) -> ContainerScan:
         """List containers once and publish the complete snapshot."""
@@ -464,17 +477,9 @@ class SwarmProvider(DockerProvider):
     async def load_once(self) -> LoadResult:
         client = await self._call(partial(self._connect, self.settings.api_timeout))
         try:
-            services, tasks = await self._list_swarm(client)
+            return _load_result(await self._scan_swarm(client), self.settings.endpoint)
         finally:
             client.close()
-        assert isinstance(self.settings, SwarmSettings)
-        scan = servers_from_services(services, tasks, self.settings)
-        return LoadResult(
-            scan.servers,
-            errors=tuple(f"{problem}; not routed" for problem in scan.problems if problem.dropped),
-            warnings=tuple(str(problem) for problem in scan.problems if not problem.dropped),
-            source=self.settings.endpoint,
-        )
 
     async def run(self, publish: Publish) -> None:
         """List and publish after every service or node event and every
@@ -542,9 +547,7 @@ class SwarmProvider(DockerProvider):
         )
 
     async def resync(self, client: Any, publish: Publish) -> ContainerScan:
-        services, tasks = await self._list_swarm(client)
-        assert isinstance(self.settings, SwarmSettings)
-        scan = servers_from_services(services, tasks, self.settings)
+        scan = await self._scan_swarm(client)
         self._report(scan)
         self._members = scan.members
         if scan.servers != self._published:  # an unchanged swarm rebuilds no table
@@ -552,12 +555,15 @@ class SwarmProvider(DockerProvider):
             publish(scan.servers)
         return scan
 
-    async def _list_swarm(self, client: Any) -> tuple[list[ServiceRecord], list[TaskRecord]]:
+    async def _scan_swarm(self, client: Any) -> ContainerScan:
+        """One listing of the swarm's services and running tasks, as servers."""
         services = await self._call(client.services)
         tasks = await self._call(partial(client.tasks, filters={"desired-state": "running"}))
-        return (
+        assert isinstance(self.settings, SwarmSettings)
+        return servers_from_services(
             [s for s in services if isinstance(s, Mapping)],
             [t for t in tasks if isinstance(t, Mapping)],
+            self.settings,
         )
 
     async def start_server(self, server_id: str) -> None:
@@ -571,24 +577,9 @@ class SwarmProvider(DockerProvider):
         await self._scale(server_id, up=False)
 
     async def _scale(self, server_id: str, *, up: bool) -> None:
-        names = self._members.get(server_id, (server_id,))
-
-        def call() -> None:
-            client = self._connect(self.settings.api_timeout)
-            failure: Exception | None = None
-            try:
-                for name in names:
-                    try:
-                        scale_service(client, name, up=up)
-                    except Exception as exc:  # the first is raised once all were tried
-                        failure = failure or exc
-            finally:
-                client.close()
-            if failure is not None:
-                raise failure
-
-        with _engine_errors(self.settings.endpoint):
-            await anyio.to_thread.run_sync(call, limiter=self._control_limiter)
+        names = await self._control(
+            server_id, lambda client, name: scale_service(client, name, up=up), 0
+        )
         self._log.info(
             "service {} scaled to {}{}",
             server_id,
