@@ -694,15 +694,9 @@ def cmd_ban_add(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    with bans_locked(path):  # another instance's `ban` on a shared file waits its turn
-        try:
-            bans = load_bans(path)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        kept = [b for b in bans.bans if not _same_target(b, network, username)]
-        ban = Ban(args.reason, time.time(), expires, network=network, username=username)
-        save_bans(path, BanList([*kept, ban]))
+    ban = Ban(args.reason, time.time(), expires, network=network, username=username)
+    if _edit_bans(path, lambda kept, _removed: [*kept, ban], network, username):
+        return EXIT_CONFIG
     until = f" until {_when(expires)}" if expires is not None else ""
     print(f"banned {ban.target}{until} ({path})")
     return EXIT_OK
@@ -715,19 +709,40 @@ def cmd_ban_remove(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+    def unban(kept: list[Ban], removed: int) -> list[Ban] | None:
+        if not removed:
+            print(f"error: no ban on {args.target} in {path}", file=sys.stderr)
+            return None
+        return kept
+
+    if _edit_bans(path, unban, network, username):
+        return EXIT_CONFIG
+    print(f"unbanned {args.target} ({path})")
+    return EXIT_OK
+
+
+def _edit_bans(
+    path: Path,
+    change: Callable[[list[Ban], int], list[Ban] | None],
+    network: Any,
+    username: str | None,
+) -> bool:
+    """Read-modify-write the bans file under its lock (instances sharing it may run
+    ``ban`` at once): ``change(the bans on other targets, how many were on this one)``
+    gives the new list, or None to write nothing. True when it failed (said why)."""
     with bans_locked(path):
         try:
             bans = load_bans(path)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
+            return True
         kept = [b for b in bans.bans if not _same_target(b, network, username)]
-        if len(kept) == len(bans.bans):
-            print(f"error: no ban on {args.target} in {path}", file=sys.stderr)
-            return EXIT_CONFIG
-        save_bans(path, BanList(kept))
-    print(f"unbanned {args.target} ({path})")
-    return EXIT_OK
+        new = change(kept, len(bans.bans) - len(kept))
+        if new is None:
+            return True
+        save_bans(path, BanList(new))
+    return False
 
 
 def cmd_ban_list(args: argparse.Namespace) -> int:

@@ -115,34 +115,31 @@ def records_from_services(
         running = sorted(
             by_service.get(as_text(service.get("ID")), ()), key=lambda t: as_text(t.get("ID"))
         )
-        for task in running:
-            networks = task_networks(task)
-            records.append(
-                {
-                    "Id": as_text(task.get("ID")),
-                    "Names": [f"/{name}"],
-                    "Labels": pooled,
-                    "State": "running",
-                    "Status": "Up",
-                    "HostConfig": {"NetworkMode": "default"},
-                    "NetworkSettings": {
-                        "Networks": {net: {"IPAddress": ip} for net, ip in networks.items()}
-                    },
-                }
-            )
+        records += [
+            _record(as_text(task.get("ID")), name, pooled, task_networks(task)) for task in running
+        ]
         if not running:  # asleep (auto_start: a login scales it up) or not routed
-            records.append(
-                {
-                    "Id": as_text(service.get("ID")),
-                    "Names": [f"/{name}"],
-                    "Labels": pooled,
-                    "State": "exited",
-                    "Status": "Exited",
-                    "HostConfig": {"NetworkMode": "default"},
-                    "NetworkSettings": {"Networks": {}},
-                }
-            )
+            records.append(_record(as_text(service.get("ID")), name, pooled, None))
     return records, problems
+
+
+def _record(
+    record_id: str, name: str, labels: Mapping[str, object], networks: Mapping[str, str] | None
+) -> ContainerRecord:
+    """A container-shaped record: a running task (its networks), or with ``networks``
+    None the service itself, stopped (no task runs)."""
+    running = networks is not None
+    return {
+        "Id": record_id,
+        "Names": [f"/{name}"],
+        "Labels": labels,
+        "State": "running" if running else "exited",
+        "Status": "Up" if running else "Exited",
+        "HostConfig": {"NetworkMode": "default"},
+        "NetworkSettings": {
+            "Networks": {net: {"IPAddress": ip} for net, ip in (networks or {}).items()}
+        },
+    }
 
 
 def servers_from_services(
