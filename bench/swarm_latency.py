@@ -37,7 +37,13 @@ from bench.docker_latency import percentile
 from discoproxy.config import ProxyConfig
 from discoproxy.provider import supervise
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox
-from integration.docker_support import HOST_MOUNTS, IMAGE, PYTHON, ensure_image, unique_prefix
+from integration.docker_support import (
+    IMAGE,
+    PYTHON,
+    ensure_image,
+    service_mounts,
+    unique_prefix,
+)
 from integration.swarm_support import TwoNodes, two_node_swarm
 from providers.docker import SwarmProvider, SwarmSettings
 from providers.docker.engine import SWARM_EVENT_FOLLOW_FOR_S
@@ -80,9 +86,7 @@ def scale(service: Any, replicas: int) -> float:
 def create(manager: docker.DockerClient, prefix: str) -> tuple[list[Any], Any, str]:
     network = manager.networks.create(f"{prefix}-net", driver="overlay", attachable=True)
     domain = f"bench.{prefix}.test"
-    mounts = [
-        docker.types.Mount(target=p, source=p, type="bind", read_only=True) for p in HOST_MOUNTS
-    ]
+    mounts = service_mounts()
     service = manager.services.create(
         IMAGE,
         command=[PYTHON, "-c", SCRIPT],

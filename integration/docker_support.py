@@ -43,6 +43,7 @@ from typing import Any, NoReturn, Self, TypeVar
 
 import docker
 import docker.errors
+import docker.types
 import pytest
 from testcontainers.core.config import testcontainers_config
 from testcontainers.core.container import DockerContainer
@@ -154,6 +155,16 @@ def ensure_image(client: docker.DockerClient) -> str:
         client.api.import_image_from_data(empty.getvalue(), repository=repository, tag=tag)
         client.images.get(IMAGE)
     return IMAGE
+
+
+def service_mounts(extra: Mapping[str, str] | None = None) -> list[docker.types.Mount]:
+    """The bind mounts a Swarm service of :data:`IMAGE` needs to run the host's Python
+    (:data:`HOST_MOUNTS`), plus ``extra`` host path → container path, all read-only."""
+    paths = {**{path: path for path in HOST_MOUNTS}, **(extra or {})}
+    return [
+        docker.types.Mount(target=target, source=source, type="bind", read_only=True)
+        for source, target in paths.items()
+    ]
 
 
 def unique_prefix(kind: str = "dpt") -> str:

@@ -14,7 +14,6 @@ there afterwards is routed. ``discoproxy check`` names a wrong CA as such.
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import textwrap
@@ -36,7 +35,7 @@ from integration.docker_support import (
     require_docker,
 )
 from integration.swarm_support import namespaced_engine, stop_engine
-from tests.proxy.helpers import handshake
+from integration.test_image import first_reply
 from tests.support import REPO, require_program, running_proxy
 
 pytestmark = pytest.mark.peer
@@ -44,7 +43,6 @@ pytestmark = pytest.mark.peer
 TLS_PORT = 2376
 BACKEND_PORT = 25565
 ROUTED_WITHIN_S = 30.0
-REPLY_TIMEOUT_S = 5.0
 
 
 def openssl(*args: str) -> None:
@@ -80,15 +78,6 @@ def issue(directory: Path, ca: tuple[Path, Path], name: str, extensions: str) ->
         "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext_file),
     )  # fmt: skip
     return cert, key
-
-
-def first_reply(address: tuple[str, int], domain: str) -> bytes:
-    try:
-        with socket.create_connection(address, timeout=REPLY_TIMEOUT_S) as conn:
-            conn.sendall(handshake(domain))
-            return conn.recv(65536)
-    except OSError:
-        return b""
 
 
 def wait_reply(address: tuple[str, int], domain: str, expected: bytes, logs: Sequence[str]) -> None:

@@ -32,11 +32,11 @@ from discoproxy.provider import supervise
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox
 from integration.docker_support import (
     BACKEND_SCRIPT,
-    HOST_MOUNTS,
     IMAGE,
     PYTHON,
     build_sidecar_image,
     ensure_image,
+    service_mounts,
     unique_prefix,
 )
 from integration.peers import free_port
@@ -94,17 +94,13 @@ def overlay(swarm: docker.DockerClient) -> Iterator[tuple[str, Any]]:
 def create_service(
     client: docker.DockerClient, network: Any, name: str, labels: dict[str, str], replicas: int
 ) -> Any:
-    mounts = [
-        docker.types.Mount(target=path, source=path, type="bind", read_only=True)
-        for path in HOST_MOUNTS
-    ]
     return client.services.create(
         IMAGE,
         command=[PYTHON, "-c", SCRIPT],
         name=name,
         labels=labels,
         networks=[network.name],
-        mounts=mounts,
+        mounts=service_mounts(),
         mode=docker.types.ServiceMode("replicated", replicas=replicas),
         stop_grace_period=1_000_000_000,  # 1 s, in ns
     )

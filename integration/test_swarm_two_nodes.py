@@ -32,12 +32,12 @@ import docker.types
 import pytest
 
 from integration.docker_support import (
-    HOST_MOUNTS,
     IMAGE,
     PYTHON,
     build_sidecar_image,
     ensure_image,
     require_docker,
+    service_mounts,
     unavailable,
     unique_prefix,
 )
@@ -153,13 +153,6 @@ def create_minecraft_service(
 ) -> Any:
     """A labelled Minecraft server service for ``<name>.<prefix>.test`` (replicated, one
     replica, unless ``mode`` says otherwise)."""
-    mounts = [
-        docker.types.Mount(target=path, source=path, type="bind", read_only=True)
-        for path in HOST_MOUNTS
-    ]
-    mounts.append(
-        docker.types.Mount(target="/node", source=str(NODE_DIR), type="bind", read_only=True)
-    )
     domain = f"{name}.{swarm.prefix}.test"
     labels = {f"{swarm.prefix}.domains": domain, f"{swarm.prefix}.port": "25565"}
     service = swarm.nodes.manager.services.create(
@@ -169,7 +162,7 @@ def create_minecraft_service(
         labels=labels,
         env=["NAME={{.Node.ID}}", "MC_HOST=0.0.0.0", "MC_PORT=25565"],
         networks=[swarm.network.name],
-        mounts=mounts,
+        mounts=service_mounts({str(NODE_DIR): "/node"}),
         constraints=constraints,
         mode=mode or docker.types.ServiceMode("replicated", replicas=1),
         stop_grace_period=1_000_000_000,  # 1 s, in ns

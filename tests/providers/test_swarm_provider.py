@@ -5,8 +5,6 @@ and waking scales a replicated service (retrying an update out of sequence)."""
 
 from __future__ import annotations
 
-import queue
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +17,11 @@ from discoproxy.model import ServerDefinition
 from discoproxy.provider import supervise
 from providers.docker import EventStreamEnded, SwarmProvider, SwarmSettings
 from providers.docker.engine import scale_service
+from tests.providers.test_docker_events import ScriptedStream
 
 pytestmark = pytest.mark.anyio
 
 WITHIN_S = 5.0
-_END = object()
 LABELS = {"infrarust.domains": "lobby.example.com"}
 
 
@@ -45,31 +43,19 @@ def task(tid: str, ip: str) -> dict[str, Any]:
     }
 
 
-class Stream:
-    def __init__(self) -> None:
-        self.queue: queue.Queue[object] = queue.Queue()
-
-    def __iter__(self) -> Iterator[object]:
-        while (item := self.queue.get()) is not _END:
-            yield item
-
-    def close(self) -> None:
-        self.queue.put(_END)
-
-
 @dataclass
 class Manager:
     services_: list[dict[str, Any]] = field(default_factory=lambda: [service()])
     tasks_: list[dict[str, Any]] = field(default_factory=list)
-    streams: list[Stream] = field(default_factory=list)
+    streams: list[ScriptedStream] = field(default_factory=list)
     listings: int = 0
     updates: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
     out_of_sequence: int = 0  # updates to refuse as a concurrent change would
     ended: bool = False  # streams end at once (a manager going away)
     api_version: str = "1.41"
 
-    def events(self, **_: Any) -> Stream:
-        self.streams.append(Stream())
+    def events(self, **_: Any) -> ScriptedStream:
+        self.streams.append(ScriptedStream())
         if self.ended:
             self.streams[-1].close()
         return self.streams[-1]

@@ -18,7 +18,8 @@ from anyio.abc import SocketStream
 
 from discoproxy.guard import Ban, BanList, save_bans
 from discoproxy.protocol import minecraft
-from tests.proxy.helpers import Backend, RunningProxy, backend, receive_all, running_proxy, server
+from tests.proxy.helpers import Backend, backend, running_proxy, server
+from tests.proxy.test_guard_pipeline import attempt
 
 pytestmark = pytest.mark.anyio
 
@@ -41,16 +42,6 @@ def legacy_server(
         await stream.send(ENCRYPTION_REQUEST)
 
     return handler
-
-
-async def attempt(proxy: RunningProxy, payload: bytes) -> bytes:
-    stream = await proxy.connect()
-    async with stream:
-        await stream.send(payload)
-        try:
-            return await receive_all(stream, limit=5)
-        except anyio.BrokenResourceError:
-            return b""
 
 
 def kick_text(reply: bytes) -> str:
