@@ -8,7 +8,14 @@ import re
 from pathlib import Path
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from discoproxy.model import BackendAddress
 from discoproxy.provider import ProviderSettings
@@ -149,6 +156,15 @@ class DockerSettings(ProviderSettings):
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise ValueError(f"engines: the name {twice[0]!r} is used twice; names must differ")
+        for index, engine in enumerate(self.engines):  # its overrides, checked here too
+            try:
+                self._for_engine(engine)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise ValueError(
+                    f"engines.{index} ({engine.name}): {where}: {first['msg']}"
+                ) from None
         return self
 
     def per_engine(self) -> list[tuple[str | None, Self]]:
@@ -156,23 +172,23 @@ class DockerSettings(ProviderSettings):
         ``engines``."""
         if not self.engines:
             return [(None, self)]
-        found: list[tuple[str | None, Self]] = []
-        for engine in self.engines:
-            update: dict[str, Any] = {
-                "endpoint": engine.endpoint,
-                "tls_ca": engine.tls_ca,
-                "tls_cert": engine.tls_cert,
-                "tls_key": engine.tls_key,
-                "tls_verify": engine.tls_verify,
-                "engines": (),
-            }
-            for key in ENGINE_OVERRIDES:
-                value = getattr(engine, key)
-                if value is not None:
-                    update[key] = value
-            merged = {**self.model_dump(exclude={"engines"}), **update}
-            found.append((engine.name, type(self).model_validate(merged)))
-        return found
+        return [(engine.name, self._for_engine(engine)) for engine in self.engines]
+
+    def _for_engine(self, engine: EngineSettings) -> Self:
+        """This table with ``engine``'s endpoint, TLS and overrides, validated."""
+        update: dict[str, Any] = {
+            "endpoint": engine.endpoint,
+            "tls_ca": engine.tls_ca,
+            "tls_cert": engine.tls_cert,
+            "tls_key": engine.tls_key,
+            "tls_verify": engine.tls_verify,
+            "engines": (),
+        }
+        for key in ENGINE_OVERRIDES:
+            value = getattr(engine, key)
+            if value is not None:
+                update[key] = value
+        return type(self).model_validate({**self.model_dump(exclude={"engines"}), **update})
 
     @field_validator("label_prefix")
     @classmethod

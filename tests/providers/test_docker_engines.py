@@ -107,6 +107,9 @@ def test_engine_problems_name_the_engine_and_the_key(pems: dict[str, str]) -> No
     )
     assert "invalid engine name 'EU 1'" in refused({"name": "EU 1", "endpoint": "tcp://h:2376"})
     assert "engines.0" in refused({"name": "a"})  # no endpoint: names where
+    # an engine's own overrides are checked as the table's are, naming the engine
+    bad_prefix = refused({"name": "eu", "endpoint": "tcp://h:2376", "label_prefix": "bad."})
+    assert "engines.0 (eu): label_prefix" in bad_prefix and "invalid label prefix" in bad_prefix
     two = ProxyConfig(
         providers={
             "docker": {
