@@ -43,8 +43,8 @@ GATE_ROUTE_KEYS: tuple[tuple[str, str], ...] = (
     ("cachePingTTL", "`status_cache_ttl` (-1, no caching, is 0)"),
     ("fallback", "the `unreachable` MOTD (motd, version, players, favicon)"),
     ("blacklist", "`ip_filter.deny`"),
-    ("tcpShieldRealIP", "not carried (reported): use TCPShield's PROXY protocol and "
-     "trusted_proxies"),
+    ("tcpShieldRealIP", "`tcpshield_real_ip` (the backend reads the player's address from "
+     "the handshake)"),
     ("max-connections", "not carried (reported): max_connections and max_connections_per_ip "
      "are global"),
 )  # fmt: skip
@@ -199,10 +199,7 @@ def _gate_route(
     if blacklist:
         server["ip_filter"] = {"deny": _as_list(blacklist)}
     if route.get("tcpShieldRealIP"):
-        not_carried.append(
-            f"{where}.tcpShieldRealIP: TCPShield's real-IP handshake is not read; put "
-            "TCPShield's addresses in trusted_proxies and use its PROXY protocol instead"
-        )
+        server["tcpshield_real_ip"] = True
     if route.get("max-connections"):
         not_carried.append(
             f"{where}.max-connections = {route['max-connections']}: per-route connection "

@@ -449,6 +449,14 @@ class ServerDefinition(BaseModel):
         "host of the first address (Infrarust's), or an explicit host name (also as "
         "Infrarust's `{ explicit = \"mc.local\" }`); 'none' (the default) keeps it.",
     )
+    tcpshield_real_ip: bool = Field(
+        default=False,
+        description="Tell the backend the player's address in TCPShield's real-IP format "
+        "(Gate Lite's `tcpShieldRealIP`): the handshake's host becomes "
+        "'host///ip:port///unix-time' (1.7+ logins and pings). Real-IP data a client "
+        "sent itself is replaced; data from a trusted_proxies peer (TCPShield, signed) is "
+        "passed on as sent.",
+    )
     unreachable_message: str | None = Field(
         default=None,
         description="What a player logging in reads when no backend of this server "

@@ -76,6 +76,8 @@ def test_a_gate_lite_config_imports_into_files_that_load(
     assert play["ip_filter"] == {"deny": ["203.0.113.0/24"]}
     assert play["motds"]["unreachable"]["text"] == "Play is offline.\nCome back later!"
     assert play["motds"]["unreachable"]["max_players"] == 100
+    assert servers["02-example-org"]["tcpshield_real_ip"] is True
+    assert "tcpShieldRealIP" not in stderr  # carried
     lobby = servers["03-lobby-example-org"]
     assert lobby["domain_rewrite"] == "backend" and lobby["status_cache_ttl"] == 60.0
     assert lobby["balance"] == "random"  # Gate's default over several backends
@@ -83,7 +85,7 @@ def test_a_gate_lite_config_imports_into_files_that_load(
         servers["04-default"]["default"] is True and servers["04-default"]["status_cache_ttl"] == 0
     )
     for key in (
-        "tcpShieldRealIP", "max-connections", "config.proxyProtocol", "config.readTimeout",
+        "max-connections", "config.proxyProtocol", "config.readTimeout",
         "config.quota", "config.debug", "connect:", "api:",
     ):  # fmt: skip
         assert key in stderr, (key, stderr)

@@ -53,6 +53,7 @@ from .minecraft import parse_packet as parse_packet
 from .minecraft import read_varint as read_varint
 from .minecraft import status_json as status_json
 from .minecraft import text_component as text_component
+from .names import minecraft_host as minecraft_host
 from .names import normalize_host as normalize_host
 from .names import strip_port as strip_port
 from .proxy_protocol import MAX_PROXY_HEADER_BYTES as MAX_PROXY_HEADER_BYTES

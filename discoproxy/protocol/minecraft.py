@@ -33,6 +33,8 @@ from .errors import (
     MalformedHandshake,
     NeedData,
 )
+from .names import TCPSHIELD_SEPARATOR as TCPSHIELD_SEPARATOR
+from .names import minecraft_host as minecraft_host
 from .names import normalize_host as normalize_host
 
 # A VarInt carries a signed 32-bit int in 7-bit groups: ceil(32 / 7) = 5 bytes.
@@ -100,7 +102,7 @@ class Handshake(NamedTuple):  # built per connection: 3× cheaper than a frozen 
 
     protocol_version: int
     server_address: str
-    """Normalised with :func:`normalize_host`: the name routes match against."""
+    """Normalised with :func:`minecraft_host`: the name routes match against."""
     raw_address: str
     """The address exactly as sent, FML/BungeeCord suffixes included."""
     server_port: int
@@ -217,7 +219,7 @@ def parse_handshake(buf: Buffer) -> Handshake | NeedData:
         )
     return Handshake(
         protocol_version=protocol_version,
-        server_address=normalize_host(raw_address),
+        server_address=minecraft_host(raw_address),
         raw_address=raw_address,
         server_port=server_port,
         next_state=next_state,
@@ -294,7 +296,7 @@ class LegacyPing(NamedTuple):  # built per connection: 3× cheaper than a frozen
     protocol_version: int | None
     """1.6 only: the protocol byte of the ``MC|PingHost`` message (73 for 1.6.1)."""
     host: str | None
-    """1.6 only: normalised with :func:`normalize_host`, the name routes match against."""
+    """1.6 only: normalised with :func:`minecraft_host`, the name routes match against."""
     raw_host: str | None
     """1.6 only: the host exactly as sent."""
     port: int | None
@@ -375,7 +377,7 @@ def parse_legacy_ping(buf: Buffer) -> LegacyPing | NeedData:
     return LegacyPing(
         kind="1.6",
         protocol_version=protocol_version,
-        host=normalize_host(raw_host),
+        host=minecraft_host(raw_host),
         raw_host=raw_host,
         port=port,
         length=end,
@@ -411,7 +413,7 @@ class LegacyLogin(NamedTuple):
     """1.3-1.6: the protocol byte (39 for 1.3.1 … 78 for 1.6.4); 0 for 1.2.5 and older."""
     username: str
     host: str
-    """Normalised with :func:`normalize_host`, the name routes match against."""
+    """Normalised with :func:`minecraft_host`, the name routes match against."""
     raw_host: str
     """The host exactly as sent."""
     port: int
@@ -488,7 +490,7 @@ def parse_legacy_login(buf: Buffer) -> LegacyLogin | NeedData:
             raise MalformedHandshake(f"legacy login port {port} outside 0-65535")
     if not username:
         raise MalformedHandshake("legacy login without a username")
-    return LegacyLogin(protocol_version, username, normalize_host(raw_host), raw_host, port, end)
+    return LegacyLogin(protocol_version, username, minecraft_host(raw_host), raw_host, port, end)
 
 
 def _encode_string16(value: str, cap: int, what: str) -> bytes:

@@ -5,14 +5,17 @@ Rules for this file:
 1. A route's ``domains`` match whatever name the sniffer found (Minecraft handshake
    address, TLS SNI, HTTP Host), so every sniffer normalises through
    :func:`normalize_host` and nothing else: cut at the first NUL, drop one trailing
-   dot, lower-case.
+   dot, lower-case. A Minecraft address is first cut at TCPShield's ``///`` too
+   (:func:`minecraft_host`): ``/`` is never part of a host name.
 2. Pure string functions; nothing here knows which protocol the name came from.
 
 References: Forge's ``\\0FML\\0`` / ``\\0FML2\\0`` / ``\\0FML3\\0`` handshake markers and
 BungeeCord's ``host\\0ip\\0uuid\\0properties`` IP forwarding both append to the address
 after a NUL (https://minecraft.wiki/w/Java_Edition_protocol); a fully-qualified name's
 trailing dot (RFC 1034 §3.1) names the same host; RFC 3986 §3.2.2 (``host``) and
-RFC 9110 §7.2 (``Host = uri-host [ ":" port ]``) for :func:`strip_port`.
+RFC 9110 §7.2 (``Host = uri-host [ ":" port ]``) for :func:`strip_port`. TCPShield's
+real-IP handshake writes ``host///ip:port///timestamp///signature`` into the address
+(its plugin's docs; Gate Lite's ``ClearVirtualHost`` cuts at ``///`` the same way).
 """
 
 from __future__ import annotations
@@ -33,6 +36,19 @@ def normalize_host(name: str) -> str:
     if name.endswith("."):
         name = name[:-1]
     return name.lower()
+
+
+TCPSHIELD_SEPARATOR = "///"
+
+
+def minecraft_host(address: str) -> str:
+    """The name a Minecraft handshake address routes by: :func:`normalize_host` of the
+    part before TCPShield's ``///`` real-IP data.
+
+    ``"Play.Example.com///1.2.3.4:5555///1700000000///c2ln"`` gives ``"play.example.com"``.
+    """
+    cut = address.find(TCPSHIELD_SEPARATOR)
+    return normalize_host(address if cut < 0 else address[:cut])
 
 
 def strip_port(host: str) -> str:

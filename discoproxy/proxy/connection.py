@@ -1011,7 +1011,8 @@ class ClientConnection:
         up = self.up
         route = self.route
         assert route is not None
-        rewrite = route.server.domain_rewrite is not None and (
+        server = route.server
+        rewrite = (server.domain_rewrite is not None or server.tcpshield_real_ip) and (
             self._handshake is not None or self._legacy_login is not None
         )
         if up.out is None or rewrite:  # what the backend must see first
@@ -1022,14 +1023,16 @@ class ClientConnection:
         return True
 
     def _rewritten_prefix(self, dialed_host: str) -> bytes:
-        """The prefix with the handshake's host replaced (``domain_rewrite``); what
-        follows the host in the address (Forge's ``\0FML…``, forwarding data) is kept."""
+        """The prefix with the handshake's address rebuilt: the host replaced
+        (``domain_rewrite``), TCPShield's real-IP data written (``tcpshield_real_ip``);
+        what follows after a NUL (Forge's ``\0FML…``, forwarding data) is kept."""
         handshake = self._handshake
         route = self.route
         assert route is not None
+        server = route.server
         legacy = self._legacy_login
         if legacy is not None:  # a 1.2-1.6 login: the same packet with the new host
-            host = rewritten_host(route.server, dialed_host, legacy.host)
+            host = rewritten_host(server, dialed_host, legacy.host)
             rebuilt = minecraft.encode_legacy_login(
                 legacy.protocol_version, legacy.username, host, legacy.port
             )
@@ -1037,12 +1040,34 @@ class ClientConnection:
         assert handshake is not None
         raw = handshake.raw_address
         cut = raw.find("\0")
-        suffix = raw[cut:] if cut >= 0 else ""
-        host = rewritten_host(route.server, dialed_host, handshake.server_address)
+        head, suffix = (raw[:cut], raw[cut:]) if cut >= 0 else (raw, "")
+        shield_at = head.find(minecraft.TCPSHIELD_SEPARATOR)
+        host, shield = (head[:shield_at], head[shield_at:]) if shield_at >= 0 else (head, "")
+        if server.domain_rewrite is not None:
+            host = rewritten_host(server, dialed_host, handshake.server_address)
+        if server.tcpshield_real_ip and not (shield and self._peer_trusted()):
+            shield = self._tcpshield_data()
         rebuilt = minecraft.encode_handshake(
-            handshake.protocol_version, host + suffix, handshake.server_port, handshake.next_state
+            handshake.protocol_version,
+            host + shield + suffix,
+            handshake.server_port,
+            handshake.next_state,
         )
         return rebuilt + bytes(self.buffer[handshake.length :])
+
+    def _peer_trusted(self) -> bool:
+        """Whether the TCP peer is one of trusted_proxies (its PROXY header was read, or
+        its address is listed): what it wrote about the client may be passed on."""
+        return self._proxy_header is not None or self.ctx.is_trusted(self.client_addr)
+
+    def _tcpshield_data(self) -> str:
+        """TCPShield's real-IP part, ``///ip:port///unix-time``, for the client as this
+        connection knows it (after a trusted PROXY header); IPv6 in brackets."""
+        client = self.client_addr
+        if client is None:  # a UNIX-socket peer: no address to tell
+            return ""
+        sep = minecraft.TCPSHIELD_SEPARATOR
+        return f"{sep}{format_addr(client)}{sep}{int(time.time())}"
 
     def _backend_writable(self) -> None:
         """Connecting: write the prefix. It goes through once the connection is up."""

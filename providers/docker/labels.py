@@ -400,6 +400,17 @@ LABELS: tuple[LabelSpec, ...] = (
         field="domain_rewrite",
     ),
     LabelSpec(
+        key="tcpshield_real_ip",
+        type="bool",
+        default="`false`",
+        example="`true`",
+        accepted="`true`, `1`, `false`, `0` (any case)",
+        maps_to="`tcpshield_real_ip`",
+        description=_field_doc("tcpshield_real_ip"),
+        parse=parse_bool,
+        field="tcpshield_real_ip",
+    ),
+    LabelSpec(
         key="auto_start",
         type="bool",
         default="`false`",

@@ -35,6 +35,7 @@ from discoproxy.protocol import (
     encode_string,
     encode_varint,
     is_legacy_ping,
+    minecraft_host,
     normalize_host,
     parse_handshake,
     parse_legacy_ping,
@@ -150,6 +151,8 @@ def test_vanilla_login_handshake() -> None:
         ("MC.Example.COM", "mc.example.com"),
         ("mc.example.com.", "mc.example.com"),
         ("Mc.Example.Com.\0FML3\0", "mc.example.com"),
+        ("Mc.Example.com///203.0.113.7:5555///1700000000///c2ln", "mc.example.com"),  # TCPShield
+        ("mc.example.com///203.0.113.7:5555///1700000000\0FML3\0", "mc.example.com"),
     ],
 )
 def test_fml_markers_trailing_dot_and_case_are_normalised(sent: str, routed: str) -> None:
@@ -254,7 +257,8 @@ def test_handshake_round_trips(version: int, address: str, port: int, state: int
         port,
         state,
     )
-    assert hs.server_address == normalize_host(address)
+    assert hs.server_address == minecraft_host(address)
+    assert "///" not in hs.server_address and "\0" not in hs.server_address
     assert hs.length == len(wire)
 
 

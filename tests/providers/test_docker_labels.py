@@ -229,7 +229,7 @@ def test_an_unknown_label_is_a_warning_with_the_closest_known_label() -> None:
             "unknown label, ignored (did you mean infrarust.send_proxy_protocol?); known: "
             "enable, domains, port, docker_network, proxy_mode, send_proxy_protocol, name, "
             "default, ports, ip_filter.allow, ip_filter.deny, tls.cert, tls.key, tls.backend_tls, "
-            "tls.backend_verify, tls.backend_ca, status_cache_ttl, domain_rewrite, "
+            "tls.backend_verify, tls.backend_ca, status_cache_ttl, domain_rewrite, tcpshield_real_ip, "
             "auto_start, auto_stop_after, use_healthcheck, group, balance, weight, "
             "health_check.type, health_check.interval, health_check.timeout, health_check.rise, "
             "health_check.fall, health_check.http_path, health_check.http_status, sticky_ttl, "
