@@ -72,7 +72,7 @@ _DURATION_PART = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def _duration_s(value: Any, where: str) -> float:
+def peer_duration_s(value: Any, where: str) -> float:
     """Gate's and Infrarust's durations: ``10s``, ``1m``, ``500ms``, ``2m30s``, or a
     number of seconds."""
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -111,7 +111,7 @@ def import_gate_lite(document: Mapping[str, Any], servers_dir: str) -> Imported:
     if "bind" in config:
         out["bind"] = [str(config["bind"])]
     if "connectionTimeout" in config:
-        out["connect_timeout"] = _duration_s(
+        out["connect_timeout"] = peer_duration_s(
             config["connectionTimeout"], "config.connectionTimeout"
         )
     if config.get("proxyProtocol"):
@@ -173,7 +173,7 @@ def _gate_route(
     if route.get("modifyVirtualHost"):
         server["domain_rewrite"] = "backend"
     if "cachePingTTL" in route:
-        ttl = _duration_s(route["cachePingTTL"], f"{where}.cachePingTTL")
+        ttl = peer_duration_s(route["cachePingTTL"], f"{where}.cachePingTTL")
         server["status_cache_ttl"] = max(ttl, 0.0)  # -1 (no caching) is 0 here
     fallback = route.get("fallback")
     if isinstance(fallback, Mapping):
@@ -248,7 +248,7 @@ def import_infrarust(document: Mapping[str, Any]) -> Imported:
                 "at once where Infrarust leaves them waiting in the backlog"
             )
     if "connect_timeout" in document:
-        out["connect_timeout"] = _duration_s(document["connect_timeout"], "connect_timeout")
+        out["connect_timeout"] = peer_duration_s(document["connect_timeout"], "connect_timeout")
     if document.get("receive_proxy_protocol"):
         notes.append(
             "receive_proxy_protocol = true: set it together with trusted_proxies (your load "
@@ -262,13 +262,15 @@ def import_infrarust(document: Mapping[str, Any]) -> Imported:
         )
     rate = document.get("rate_limit")
     if isinstance(rate, Mapping) and rate.get("enabled"):
-        window = _duration_s(rate.get("window", "10s"), "rate_limit.window")
+        window = peer_duration_s(rate.get("window", "10s"), "rate_limit.window")
         out["rate_limit"] = {
             "connections": int(rate.get("max_connections", 3)),
             "status": int(rate.get("status_max", 300)),
             "window": window,
         }
-        status_window = _duration_s(rate.get("status_window", "10s"), "rate_limit.status_window")
+        status_window = peer_duration_s(
+            rate.get("status_window", "10s"), "rate_limit.status_window"
+        )
         if status_window != window:
             notes.append(
                 f"rate_limit.status_window ({status_window:g}s): one window for both budgets "
@@ -277,7 +279,7 @@ def import_infrarust(document: Mapping[str, Any]) -> Imported:
     cache = document.get("status_cache")
     if isinstance(cache, Mapping):
         if "ttl" in cache:
-            out["status_cache_ttl"] = _duration_s(cache["ttl"], "status_cache.ttl")
+            out["status_cache_ttl"] = peer_duration_s(cache["ttl"], "status_cache.ttl")
         if "max_entries" in cache:
             notes.append("status_cache.max_entries: the cache's bound is fixed here")
     ban = document.get("ban")

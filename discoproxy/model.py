@@ -449,6 +449,13 @@ class ServerDefinition(BaseModel):
         "host of the first address (Infrarust's), or an explicit host name (also as "
         "Infrarust's `{ explicit = \"mc.local\" }`); 'none' (the default) keeps it.",
     )
+    connect_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="Seconds a dial to one of its addresses may take before the next is "
+        "tried; default: the global connect_timeout (Infrarust's `timeouts.connect`).",
+    )
     tcpshield_real_ip: bool = Field(
         default=False,
         description="Tell the backend the player's address in TCPShield's real-IP format "

@@ -885,7 +885,7 @@ class ClientConnection:
             addresses = self._order = self._pool_order(route)
             if not addresses:
                 self._dial_error(f"every backend of {route.qualified_id} is down")
-        timeout = self.ctx.config.connect_timeout
+        timeout = route.server.connect_timeout or self.ctx.config.connect_timeout
         while self.state is DIALING:
             now = time.monotonic()
             if not self._dial_at:
@@ -1121,7 +1121,9 @@ class ClientConnection:
         """The current dial attempt passed ``connect_timeout``: abandon it, try the next."""
         if self.state is not DIALING:
             return
-        timeout = self.ctx.config.connect_timeout
+        route = self.route
+        assert route is not None
+        timeout = route.server.connect_timeout or self.ctx.config.connect_timeout
         task = self._dial_task
         if task is not None:
             self._dial_task = None

@@ -282,16 +282,16 @@ class ProxyContext:
 
         One sweep at a quarter of the shorter timeout (at most 1 s) replaces a timer per
         connection (a heap push and a cancel on every accept and dial); a deadline fires
-        at most 25% late.
+        at most 25% late (a server's own ``connect_timeout`` at most one tick late).
         """
         for stop in self._stop_sweeps:  # a reload: the timeouts may have changed
             stop()
         self._stop_sweeps.clear()
         handshake = self.config.handshake_timeout
         timeouts = [t for t in (handshake, self.config.connect_timeout) if t > 0]
-        if timeouts:
-            tick = min(1.0, min(timeouts) / 4)
-            self._stop_sweeps.append(self.reactor.every(tick, self._sweep_deadlines))
+        # always swept: a server's own connect_timeout holds with the global one off
+        tick = min(1.0, min(timeouts) / 4) if timeouts else 1.0
+        self._stop_sweeps.append(self.reactor.every(tick, self._sweep_deadlines))
         self._stop_sweeps.append(
             self.reactor.every(STICKY_SWEEP_S, lambda: self.pools.expire_sticky(time.monotonic()))
         )

@@ -231,7 +231,7 @@ async def _dial(
     failed: list[tuple[str, int]],
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[str, int]]:
     errors = [] if handoff.order else [f"every backend of {route.qualified_id} is down"]
-    timeout = ctx.config.connect_timeout or None
+    timeout = route.server.connect_timeout or ctx.config.connect_timeout or None
     for host, port in handoff.order:
         backend_tls = ctx.certs.backend_context(settings) if settings.backend_tls else None
         try:

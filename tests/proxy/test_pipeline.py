@@ -396,7 +396,13 @@ async def test_a_slow_client_stops_the_backend_from_being_read() -> None:
                     received += len(await stream.receive())
 
 
-async def test_an_address_that_never_answers_times_out_and_the_next_is_tried() -> None:
+@pytest.mark.parametrize(
+    ("global_timeout", "server_timeout"),
+    [(0.5, None), (60.0, 0.5), (0.0, 0.5)],  # the server's own (Infrarust's timeouts.connect)
+)
+async def test_an_address_that_never_answers_times_out_and_the_next_is_tried(
+    global_timeout: float, server_timeout: float | None
+) -> None:
     # A loopback listener that never accepts, its backlog filled: further SYNs are
     # dropped, so a dial to it hangs until connect_timeout.
     with socket.socket() as stuck:
@@ -411,10 +417,10 @@ async def test_an_address_that_never_answers_times_out_and_the_next_is_tried() -
         try:
             async with backend(named(b"second")) as second:
                 stuck_address = f"127.0.0.1:{stuck.getsockname()[1]}"
-                servers = [
-                    server("mc", "mc.example.com", addresses=[stuck_address, second.address])
-                ]
-                async with running_proxy(servers, connect_timeout=0.5) as proxy:
+                addresses = [stuck_address, second.address]
+                extra = {"connect_timeout": server_timeout} if server_timeout else {}
+                servers = [server("mc", "mc.example.com", addresses=addresses, **extra)]
+                async with running_proxy(servers, connect_timeout=global_timeout) as proxy:
                     async with await proxy.connect() as stream:
                         await stream.send(handshake("mc.example.com"))
                         with anyio.fail_after(5):
