@@ -59,8 +59,11 @@ BYTE_COUNT = struct.Struct("!Q")
 
 
 def login_handshake(name: str) -> bytes:
-    """A Minecraft handshake asking to log in to ``name``: routes, then forwards."""
-    return minecraft.encode_handshake(PROTOCOL_VERSION, name, 25565, LOGIN)
+    """A Minecraft handshake asking to log in to ``name``, and its Login Start (as every
+    client sends them together): routes, then forwards."""
+    return minecraft.encode_handshake(
+        PROTOCOL_VERSION, name, 25565, LOGIN
+    ) + minecraft.encode_login_start("bench")
 
 
 def status_request(name: str, protocol: int = PROTOCOL_VERSION) -> bytes:

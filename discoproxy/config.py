@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from discoproxy.model import IpFilterSettings
+from discoproxy.model import IpFilterSettings, PlayerLists
 from discoproxy.motd import Motd
 
 DEFAULT_PORT = 25565
@@ -235,6 +235,23 @@ class ProxyConfig(BaseModel):
     not_allowed_message: str = Field(
         default="You may not join this server from your address",
         description="Disconnect text for a login a server's ip_filter refuses.",
+    )
+    players: PlayerLists = Field(
+        default_factory=PlayerLists,
+        description="Global allow/deny lists of usernames or offline UUIDs, checked at every "
+        "Minecraft Login Start: deny refuses, a non-empty allow refuses every other player.",
+    )
+    player_not_allowed_message: str = Field(
+        default="You are not allowed to join {server}",
+        description="Disconnect text for a login the [players] lists refuse ({server}).",
+    )
+    server_full_message: str = Field(
+        default="{server} is full ({max_players} players)",
+        description="Disconnect text for a login past a server's max_players.",
+    )
+    wake_not_allowed_message: str = Field(
+        default="{server} is asleep, and you may not wake it",
+        description="Disconnect text for a login to a sleeping server its wake.allow omits.",
     )
     servers_dir: Path = Field(
         default=Path("servers"), description="Directory of server files (*.toml, *.yaml)."

@@ -20,6 +20,7 @@ from typing import Any
 
 from discoproxy.config import ProxyConfig
 from discoproxy.model import ServerDefinition
+from discoproxy.model import peer_duration_s as peer_duration_s
 
 # Gate Lite's strategy names → ours.
 GATE_STRATEGIES = {
@@ -66,24 +67,6 @@ class Imported:
     config: dict[str, Any] = field(default_factory=dict)
     servers: dict[str, dict[str, Any]] = field(default_factory=dict)  # file stem → document
     not_carried: list[str] = field(default_factory=list)
-
-
-_DURATION_PART = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def peer_duration_s(value: Any, where: str) -> float:
-    """Gate's and Infrarust's durations: ``10s``, ``1m``, ``500ms``, ``2m30s``, or a
-    number of seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    text = str(value).replace(" ", "")
-    if re.fullmatch(r"-?\d+(?:\.\d+)?", text):
-        return float(text)
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"{where}: expected a duration such as 10s, 1m or 2m30s, got {value!r}")
-    return sum(float(number) * _UNIT_S[unit] for number, unit in parts)
 
 
 def _as_list(value: Any) -> list[str]:

@@ -124,6 +124,15 @@ def _families(
         byte_counts.add_metric([route_id, "down"], item["bytes_down"])
     yield totals
     yield byte_counts
+    players = GaugeMetricFamily(
+        "discoproxy_players_online",
+        "Minecraft logins admitted and still open, by route (no username label)",
+        labels=["route"],
+    )
+    for route_id, stats in sorted(snap.routes.items()):
+        if stats.players or route_id in table.by_id:
+            players.add_metric([route_id], stats.players)
+    yield players
     udp_by_route = snap.open_udp
 
     rejected = CounterMetricFamily(

@@ -13,8 +13,10 @@ Rules for this file:
 from __future__ import annotations
 
 import enum
+import hashlib
 import ipaddress
 import re
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -330,6 +332,114 @@ class IpFilterSettings(BaseModel):
         return bool(self.allow or self.deny)
 
 
+_DURATION_PART = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def peer_duration_s(value: Any, where: str) -> float:
+    """Gate's and Infrarust's durations: ``10s``, ``1m``, ``500ms``, ``2m30s``, or a
+    number of seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).replace(" ", "")
+    if re.fullmatch(r"-?\d+(?:\.\d+)?", text):
+        return float(text)
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"{where}: expected a duration such as 10s, 1m or 2m30s, got {value!r}")
+    return sum(float(number) * _UNIT_S[unit] for number, unit in parts)
+
+
+_USERNAME_RE = re.compile(r"^[A-Za-z0-9_]{1,16}$")
+
+
+def offline_uuid(username: str) -> uuid.UUID:
+    """The UUID an offline-mode server gives *username*: Java's
+    ``UUID.nameUUIDFromBytes("OfflinePlayer:" + name)`` (MD5, version 3)."""
+    digest = hashlib.md5(f"OfflinePlayer:{username}".encode(), usedforsecurity=False).digest()
+    return uuid.UUID(bytes=digest, version=3)
+
+
+class PlayerList(BaseModel):
+    """Players by username (any case) or UUID (with or without dashes; the offline-mode
+    UUID of a name is what a login is matched by)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    names: frozenset[str] = frozenset()  # lower-cased
+    uuids: frozenset[uuid.UUID] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_entries(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple | set | frozenset):
+            return value
+        names: set[str] = set()
+        uuids: set[uuid.UUID] = set()
+        for entry in value:
+            text = str(entry).strip()
+            if _USERNAME_RE.match(text):
+                names.add(text.lower())
+                continue
+            try:
+                uuids.add(uuid.UUID(text))
+            except ValueError:
+                raise ValueError(
+                    f"{text!r} is neither a username (1-16 letters, digits or _) nor a UUID "
+                    "(e.g. 069a79f4-44e9-4726-a5be-fca90e38aaf5)"
+                ) from None
+        return {"names": frozenset(names), "uuids": frozenset(uuids)}
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.uuids)
+
+    def __contains__(self, username: object) -> bool:
+        if not isinstance(username, str):
+            return False
+        return username.lower() in self.names or (
+            bool(self.uuids) and offline_uuid(username) in self.uuids
+        )
+
+    def entries(self) -> list[str]:
+        return sorted(self.names) + sorted(str(u) for u in self.uuids)
+
+
+class PlayerLists(BaseModel):
+    """Who may log in, by username: ``deny`` refuses, and a non-empty ``allow`` refuses
+    every player not on it (deny wins), as ``ip_filter`` does for addresses."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allow: PlayerList = Field(
+        default_factory=PlayerList,
+        description="Usernames or offline UUIDs allowed to log in; empty: everyone not denied.",
+    )
+    deny: PlayerList = Field(
+        default_factory=PlayerList,
+        description="Usernames or offline UUIDs refused, whatever 'allow' says.",
+    )
+
+    def __bool__(self) -> bool:
+        return bool(self.allow or self.deny)
+
+    def refuses(self, username: str) -> bool:
+        return username in self.deny or (bool(self.allow) and username not in self.allow)
+
+
+class WakeSettings(BaseModel):
+    """Who may start a sleeping server (``auto_start``) by logging in."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allow: PlayerList = Field(
+        default_factory=PlayerList,
+        description="Usernames or offline UUIDs whose login wakes the server; empty: anyone "
+        "allowed to log in. Others read `wake_not_allowed_message` and it stays asleep.",
+    )
+
+
 class TlsSettings(BaseModel):
     """TLS termination for a server: discoproxy completes the handshake with this
     certificate (chosen by SNI: the server's domains) and forwards plaintext, or TLS
@@ -490,6 +600,22 @@ class ServerDefinition(BaseModel):
         description="Per-server allow/deny CIDRs, applied after the global [ip_filter]: "
         "it can narrow who reaches this server, never widen it.",
     )
+    players: PlayerLists = Field(
+        default_factory=PlayerLists,
+        description="Per-server allow/deny lists of usernames or offline UUIDs, checked at "
+        "Login Start after the global [players]: it can narrow who logs in, never widen it.",
+    )
+    wake: WakeSettings = Field(
+        default_factory=WakeSettings,
+        description="{ allow = [...] }: who may wake this server while it sleeps (auto_start).",
+    )
+    max_players: int = Field(
+        default=0,
+        ge=0,
+        description="Players logged in at once through this proxy; a login past it reads "
+        "`server_full_message`. 0: no limit. Also the server list's maximum unless "
+        "motds.online sets one.",
+    )
     ports: tuple[PortMapping, ...] = Field(
         default=(),
         description="Ports forwarded as they are, without reading a name: "
@@ -601,6 +727,16 @@ class ServerDefinition(BaseModel):
         if not self.addresses:
             raise ValueError("domain_rewrite 'from_backend' needs addresses (it uses the first)")
         object.__setattr__(self, "domain_rewrite", self.addresses[0].host.lower())
+        return self
+
+    @model_validator(mode="after")
+    def _max_players_shown(self) -> ServerDefinition:
+        """``max_players`` is the server list's maximum too, unless motds.online sets one."""
+        online = self.motds.online
+        if not self.max_players or (online is not None and online.max_players is not None):
+            return self
+        shown = (online or Motd()).model_copy(update={"max_players": self.max_players})
+        object.__setattr__(self, "motds", self.motds.model_copy(update={"online": shown}))
         return self
 
     @model_validator(mode="after")

@@ -176,7 +176,12 @@ def traffic(sock: socket.socket) -> Iterator[list[Exception]]:
 
 def test_dashboard_shows_routes_and_a_live_connection(dashboard: Dashboard) -> None:
     with socket.create_connection(("127.0.0.1", dashboard.proxy.port), timeout=5) as sock:
-        exchange(sock, minecraft.encode_handshake(765, DOMAIN, 25565, 2) + b"x" * 1000)
+        exchange(
+            sock,
+            minecraft.encode_handshake(765, DOMAIN, 25565, 2)
+            + minecraft.encode_login_start("tester")
+            + b"x" * 1000,
+        )
         client = f"127.0.0.1:{sock.getsockname()[1]}"
         with traffic(sock) as errors:
             result = run_check(
@@ -185,7 +190,7 @@ def test_dashboard_shows_routes_and_a_live_connection(dashboard: Dashboard) -> N
                     "url": f"{dashboard.admin}/?token={TOKEN}",
                     "screenshot": str(ARTIFACTS / "dashboard.png"),
                     "routes": [[DOMAIN, dashboard.backend]],
-                    "connections": [[client, dashboard.backend]],
+                    "connections": [[client, "tester", dashboard.backend]],  # its player
                     "timeout_ms": PAGE_TIMEOUT_MS,
                     # three refreshes, 4 s of history: the screenshot's charts have lines
                     "min_updates": 3,

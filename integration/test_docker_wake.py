@@ -192,8 +192,7 @@ class WakeProxy(LiveProxy):
         """The text of the Login Disconnect a login for ``domain`` gets (from discoproxy
         or from the backend), read until the connection closes."""
         async with await anyio.connect_tcp(*self.address) as stream:
-            login_start = minecraft.encode_packet(0x00, minecraft.encode_string("Steve"))
-            await stream.send(handshake(domain, next_state=2) + login_start)
+            await stream.send(handshake(domain, next_state=2, username="Steve"))
             reply = await receive_all(stream, REPLY_TIMEOUT_S + HELD_LOGIN_WAIT_S)
         packet = minecraft.parse_packet(reply)
         assert packet is not NEED_DATA, f"no complete packet in the reply: {reply!r}"

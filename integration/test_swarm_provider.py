@@ -27,7 +27,6 @@ import docker.types
 import pytest
 
 from discoproxy.config import ProxyConfig
-from discoproxy.protocol import minecraft
 from discoproxy.provider import supervise
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox
 from integration.docker_support import (
@@ -251,10 +250,9 @@ STACK_ROUTED_WITHIN_S = 90.0  # the sidecar's task starts, lists, the backends s
 def first_reply(port: int, domain: str) -> bytes:
     """The first bytes a login (handshake + Login Start) for ``domain`` is answered with
     through 127.0.0.1:``port`` (b'' when none)."""
-    login_start = minecraft.encode_packet(0x00, minecraft.encode_string("Steve"))
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-            conn.sendall(handshake(domain) + login_start)
+            conn.sendall(handshake(domain, username="Steve"))
             return conn.recv(65536)
     except OSError:
         return b""

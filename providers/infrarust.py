@@ -21,7 +21,7 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from discoproxy.importers import peer_duration_s
+from discoproxy.model import peer_duration_s
 
 Document = MutableMapping[str, Any]
 
@@ -110,15 +110,7 @@ def _forwarding_mode(data: Document, value: Any) -> str | None:
 def _max_players(data: Document, value: Any) -> str | None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"max_players: expected a whole number >= 0, got {value!r}")
-    if value:  # shown as the server list's maximum unless motd.online sets its own
-        motds = data.setdefault("motds", {})
-        online = motds.setdefault("online", {})
-        if isinstance(online, dict):
-            online.setdefault("max_players", value)
-        return (
-            f"max_players = {value}: shown as the server list's maximum; the backend's "
-            "own max-players setting is what turns players away"
-        )
+    data["max_players"] = value  # ours: the same cap, also the server list's maximum
     return None
 
 
@@ -256,11 +248,25 @@ def _filters(data: Document, value: Any) -> str | None:
         if isinstance(ip_filter, dict):
             ip_filter = {k: v for k, v in ip_filter.items() if k != "enabled"}
         _ip_filter(data, ip_filter)
+    lists: dict[str, list[Any]] = {"allow": [], "deny": []}
+    for key in ("name_filter", "id_filter"):  # both are our players lists
+        player_filter = on.pop(key, None)
+        if player_filter is None:
+            continue
+        if not isinstance(player_filter, dict):
+            raise ValueError(f"filters.{key}: expected a table (whitelist, blacklist)")
+        unknown = sorted(set(player_filter) - {"enabled", "whitelist", "blacklist"})
+        if unknown:
+            raise ValueError(f"filters.{key}.{unknown[0]}: unknown; expected whitelist, blacklist")
+        lists["allow"] += player_filter.get("whitelist") or []
+        lists["deny"] += player_filter.get("blacklist") or []
+    if lists["allow"] or lists["deny"]:
+        if "players" in data:
+            raise ValueError("filters.name_filter/id_filter: with players; keep one")
+        data["players"] = {k: v for k, v in lists.items() if v}
     why = {
         "rate_limiter": "per-server rate limits are not supported; the global [rate_limit] "
         "(per client IP) applies to every server",
-        "id_filter": "UUID lists are not supported yet; ban with `discoproxy ban add`",
-        "name_filter": "username lists are not supported yet; ban with `discoproxy ban add`",
         "ban": "discoproxy keeps one bans file for every server (bans_file, "
         "`discoproxy ban add`), not one per server",
     }
@@ -304,8 +310,9 @@ V1_KEYS: tuple[KeyRule, ...] = (
     ),
     KeyRule(
         "filters",
-        "`ip_filter` as below; `rate_limiter`, `id_filter`, `name_filter`, `ban` refused "
-        "(naming the global setting) unless `enabled: false`",
+        "`ip_filter` as above; `name_filter` and `id_filter` → `players` (whitelist → "
+        "allow, blacklist → deny: names or UUIDs); `rate_limiter`, `ban` refused (naming the "
+        "global setting) unless `enabled: false`",
         _filters,
     ),
     KeyRule(
@@ -333,7 +340,11 @@ SERVER_KEYS: tuple[KeyRule, ...] = (
         _proxy_mode,
     ),
     KeyRule("forwarding_mode", "`none` accepted; any other refused", _forwarding_mode),
-    KeyRule("max_players", "the server list's maximum (warned)", _max_players),
+    KeyRule(
+        "max_players",
+        "the same: logins past it are refused (0: no limit); also the server list's maximum",
+        _max_players,
+    ),
     KeyRule("disconnect_message", "`unreachable_message` of the server", _disconnect_message),
     KeyRule("network", "warned: no server switching", _network),
     KeyRule("limbo_handlers", "warned: no limbo", _limbo_handlers),

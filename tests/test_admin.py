@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from discoproxy.admin.client import fetch
 from discoproxy.admin.server import Admin, Reload, serve_admin
+from discoproxy.model import offline_uuid
 from discoproxy.provider import ProviderStatus
 from discoproxy.routing import SnapshotInbox
 from tests.proxy.helpers import (
@@ -151,6 +152,8 @@ async def test_a_live_connection_shows_in_the_api_and_metrics_then_its_totals() 
         assert live[0]["state"] == "forwarding"
         assert live[0]["protocol"] == "tcp"
         assert live[0]["bytes_down"] == len(echoed)
+        assert live[0]["player"] == "tester"  # from its Login Start
+        assert live[0]["uuid"] == str(offline_uuid("tester"))
 
         metrics = await api.metrics()
         assert (
@@ -158,6 +161,7 @@ async def test_a_live_connection_shows_in_the_api_and_metrics_then_its_totals() 
             == 1
         )
         assert sample(metrics, "discoproxy_connections_accepted_total", listener=listener) == 1
+        assert sample(metrics, "discoproxy_players_online", route="game@test") == 1
         assert sample(metrics, "discoproxy_bytes_total", route="game@test", direction="up") == len(
             echoed
         )

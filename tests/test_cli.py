@@ -261,7 +261,10 @@ def test_routes_connections_and_health_read_a_running_instance(
         with running_proxy(tmp_path, servers) as proxy:
             admin = proxy.admin_url()
             with socket.create_connection(proxy.address) as client:
-                client.sendall(minecraft.encode_handshake(765, "game.example.com", 25565, 2))
+                client.sendall(
+                    minecraft.encode_handshake(765, "game.example.com", 25565, 2)
+                    + minecraft.encode_login_start("tester")
+                )
                 accepted, _ = listener.accept()
                 with accepted:
                     accepted.recv(100)

@@ -29,7 +29,9 @@ def free_port() -> int:
 def joined(port: int) -> socket.socket:
     """A connection routed to the echo server (its handshake echoed back)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    handshake = minecraft.encode_handshake(765, "mc.example.com", port, 2)
+    handshake = minecraft.encode_handshake(
+        765, "mc.example.com", port, 2
+    ) + minecraft.encode_login_start("tester")
     assert roundtrip(sock, handshake) == handshake
     return sock
 
@@ -68,7 +70,10 @@ def test_sighup_opens_and_closes_listeners_and_applies_settings(tmp_path: Path) 
             proxy.wait_for_line(r"0 opened, 0 closed", RELOAD_TIMEOUT_S)
             refused = socket.create_connection(("127.0.0.1", new_port), timeout=5)
             with refused:
-                refused.sendall(minecraft.encode_handshake(765, "mc.example.com", new_port, 2))
+                refused.sendall(
+                    minecraft.encode_handshake(765, "mc.example.com", new_port, 2)
+                    + minecraft.encode_login_start("tester")
+                )
                 # denied: closed without a reply (a reset: its handshake was unread)
                 with suppress(ConnectionResetError):
                     assert refused.recv(100) == b""

@@ -126,7 +126,10 @@ def server_file(name: str, port: int) -> dict[str, str]:
 def login(port: int, name: str = "mc", timeout: float = TIMEOUT_S) -> socket.socket:
     """A client whose Minecraft login handshake routes it to ``name``.example.com."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    sock.sendall(minecraft.encode_handshake(PROTOCOL, f"{name}.example.com", 25565, 2))
+    sock.sendall(
+        minecraft.encode_handshake(PROTOCOL, f"{name}.example.com", 25565, 2)
+        + minecraft.encode_login_start("tester")
+    )
     return sock
 
 
@@ -143,7 +146,9 @@ def read_exactly(sock: socket.socket, size: int) -> bytes:
 def echo_login(port: int, name: str = "mc", timeout: float = TIMEOUT_S) -> socket.socket:
     """A login through the proxy to an echo backend, checked by one round trip."""
     sock = login(port, name, timeout)
-    hello = minecraft.encode_handshake(PROTOCOL, f"{name}.example.com", 25565, 2)
+    hello = minecraft.encode_handshake(
+        PROTOCOL, f"{name}.example.com", 25565, 2
+    ) + minecraft.encode_login_start("tester")
     assert read_exactly(sock, len(hello)) == hello
     assert roundtrip(sock, b"hello") == b"hello"
     return sock
@@ -412,7 +417,9 @@ def test_a_misbehaving_backend_costs_its_connection_only(tmp_path: Path) -> None
 
             # dies mid-stream: what it sent arrives, then the client sees the close
             with login(proxy.port, "dying") as sock:
-                hello = minecraft.encode_handshake(PROTOCOL, "dying.example.com", 25565, 2)
+                hello = minecraft.encode_handshake(
+                    PROTOCOL, "dying.example.com", 25565, 2
+                ) + minecraft.encode_login_start("tester")
                 assert read_exactly(sock, len(b"partial answer")) == b"partial answer"
                 assert closed_by_peer(sock, TIMEOUT_S)
             assert dying.accepted == 1

@@ -66,7 +66,9 @@ def roundtrip(sock: socket.socket, data: bytes) -> bytes:
 def test_close_line_tells_what_happened(tmp_path: Path) -> None:
     with echo_server() as port, running_proxy(tmp_path, mc_server(port)) as proxy:
         sock = connect(proxy.port)
-        hello = minecraft.encode_handshake(765, "mc.example.com", 25565, 2)
+        hello = minecraft.encode_handshake(
+            765, "mc.example.com", 25565, 2
+        ) + minecraft.encode_login_start("tester")
         assert roundtrip(sock, hello + b"x" * 100) == hello + b"x" * 100
         client_port = sock.getsockname()[1]
         sock.close()
@@ -84,7 +86,9 @@ def test_json_log_format_carries_the_fields(tmp_path: Path) -> None:
         running_proxy(tmp_path, mc_server(port), config='log_format = "json"\n') as proxy,
     ):
         sock = connect(proxy.port)
-        hello = minecraft.encode_handshake(765, "mc.example.com", 25565, 2)
+        hello = minecraft.encode_handshake(
+            765, "mc.example.com", 25565, 2
+        ) + minecraft.encode_login_start("tester")
         roundtrip(sock, hello)
         sock.close()
         line = proxy.wait_for_line(r'"conn #1 closed')
@@ -100,7 +104,9 @@ def test_sigterm_stops_accepting_and_lets_open_connections_finish(tmp_path: Path
         running_proxy(tmp_path, mc_server(port), config="shutdown_timeout = 10\n") as proxy,
     ):
         sock = connect(proxy.port)
-        hello = minecraft.encode_handshake(765, "mc.example.com", 25565, 2)
+        hello = minecraft.encode_handshake(
+            765, "mc.example.com", 25565, 2
+        ) + minecraft.encode_login_start("tester")
         assert roundtrip(sock, hello) == hello
         proxy.process.send_signal(signal.SIGTERM)
         proxy.wait_for_line("SIGTERM received")
@@ -118,7 +124,9 @@ def test_shutdown_timeout_aborts_connections_left_open(tmp_path: Path) -> None:
         running_proxy(tmp_path, mc_server(port), config="shutdown_timeout = 0.5\n") as proxy,
     ):
         sock = connect(proxy.port)
-        hello = minecraft.encode_handshake(765, "mc.example.com", 25565, 2)
+        hello = minecraft.encode_handshake(
+            765, "mc.example.com", 25565, 2
+        ) + minecraft.encode_login_start("tester")
         roundtrip(sock, hello)
         proxy.process.send_signal(signal.SIGTERM)
         assert proxy.process.wait(10) == 0

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from discoproxy.logwriter import writer
+from discoproxy.model import offline_uuid
 from discoproxy.owners import REACTOR, owned_by
 from discoproxy.proxy.addresses import format_addr
 
@@ -67,9 +68,11 @@ class AccessLog:
         route = conn.route.qualified_id if conn.route else "-"
         duration = time.monotonic() - conn.started
         up, down = conn.bytes_up, conn.bytes_down
+        player = conn.player
+        who = f"player={player} uuid={offline_uuid(player)} " if player is not None else ""
         message = (
             f"conn #{conn.id} closed: client={client} route={route} backend={backend} "
-            f"up={up}B down={down}B duration={duration:.3f}s reason={conn.reason}"
+            f"{who}up={up}B down={down}B duration={duration:.3f}s reason={conn.reason}"
         )
         stamp = self._time(now)
         if self._colour:
@@ -87,6 +90,9 @@ class AccessLog:
                 "duration_s": round(duration, 6),
                 "reason": conn.reason,
             }
+            if player is not None:
+                extra["player"] = player
+                extra["uuid"] = str(offline_uuid(player))
             moment = datetime.fromtimestamp(now).astimezone()
             record = {
                 "extra": extra,

@@ -190,6 +190,7 @@ class ClientConnection:
         "_next_state",
         "_order",
         "_player",
+        "_players_in",
         "_pool",
         "_proxy_header",
         "_resolved_addresses",
@@ -210,6 +211,7 @@ class ClientConnection:
         "idle_ticks",
         "lingering",
         "listener",
+        "player",
         "prefix_bytes",
         "reason",
         "route",
@@ -266,6 +268,8 @@ class ClientConnection:
         self._ip_key: str | None = None  # counted in max_connections_per_ip
         self._guarded = False  # bans, rate budget and server filter checked
         self._player = False
+        self._players_in: RouteStats | None = None  # the stats its login is counted in
+        self.player: str | None = None  # a Minecraft login's username, from Login Start
         self._proxy_header: ProxyHeader | None = None
         self._resolved_addresses: list[Resolved] | None = None
         self._dial_name: str | None = None
@@ -548,29 +552,44 @@ class ClientConnection:
         else:  # the listener's catch-all comes before the global default
             route = table.lookup_host(name) if name else None
             route = route or table.by_id.get(self.fallback) or table.default
+        login = (
+            kind is _MINECRAFT and self._next_state != minecraft.NEXT_STATE_STATUS
+        ) or kind is _MINECRAFT_LEGACY_LOGIN
+        if (
+            login
+            and self.player is None
+            and (route is not None or self.ctx.guard.bans.has_usernames)
+        ):
+            # who logs in: bans, players lists, the API, the close line
+            if self._legacy_login is not None:  # the username is in the handshake
+                self.player = self._legacy_login.username
+            else:
+                start = minecraft.parse_login_start(buffer[self._handshake_length :])
+                if start is NEED_DATA:
+                    return  # Login Start follows the handshake at once; wait for it
+                self.player = start.username
         guarded = not self.ctx.guard.idle or (route is not None and route.ip_filter is not None)
         if guarded and not self._guard_checks(kind, route):
-            return  # refused, or waiting for the Login Start of a username check
+            return  # refused
         if route is None:
             self._answer_unknown(kind, name)
             return
         self.route = route
         stats = self.ctx.stats
-        self.route_stats = stats.route(route.qualified_id)
+        route_stats = self.route_stats = stats.route(route.qualified_id)
         stats.routed(self.listener, time.monotonic() - self.started)
-        if kind is _MINECRAFT:
-            if self._next_state == minecraft.NEXT_STATE_STATUS:
-                self._answer_status(self._handshake_length)
+        if kind is _MINECRAFT_LEGACY:
+            self._answer_status(0)
+            return
+        if kind is _MINECRAFT and not login:
+            self._answer_status(self._handshake_length)
+            return
+        if login:
+            if not self._admit_player(route, route_stats):
                 return
             if route.server.sleeping:
                 self._wake()
                 return
-        elif kind is _MINECRAFT_LEGACY:
-            self._answer_status(0)
-            return
-        elif kind is _MINECRAFT_LEGACY_LOGIN and route.server.sleeping:
-            self._wake()
-            return
         elif kind is _TLS and route.server.tls is not None:
             self._terminate(route)
             return
@@ -687,19 +706,38 @@ class ClientConnection:
                         text = config.not_allowed_message
                     self._refused(refusal, login, text)
                     return False
-        if login and guard.bans.has_usernames:
-            if self._legacy_login is not None:  # the username is in the handshake
-                username = self._legacy_login.username
-            else:
-                start = minecraft.parse_login_start(self.buffer[self._handshake_length :])
-                if start is NEED_DATA:
-                    return False
-                username = start.username
+        username = self.player  # read by _sniff for every login
+        if username is not None and guard.bans.has_usernames:
             ban = guard.bans.user_ban(username)
             if ban is not None:
                 refusal = Refusal(Rejection.BANNED, f"banned ({ban.target})", ban)
                 self._refused(refusal, login, _ban_text(config, ban))
                 return False
+        return True
+
+    def _admit_player(self, route: Route, route_stats: RouteStats) -> bool:
+        """A login to *route* (its username read): the global and the server's
+        ``players`` lists, ``wake.allow`` while it sleeps, then ``max_players``; counted
+        in its route's ``players`` until it closes. False: refused with a Disconnect."""
+        username = self.player
+        assert username is not None
+        config = self.ctx.config
+        server = route.server
+        refusal: Refusal | None = None
+        if config.players.refuses(username) or server.players.refuses(username):
+            text = config.player_not_allowed_message
+            refusal = Refusal(Rejection.PLAYER_NOT_ALLOWED, f"player {username} not allowed")
+        elif server.sleeping and server.wake.allow and username not in server.wake.allow:
+            text = config.wake_not_allowed_message
+            refusal = Refusal(Rejection.WAKE_NOT_ALLOWED, f"player {username} may not wake it")
+        elif server.max_players and route_stats.players >= server.max_players:
+            text = config.server_full_message.replace("{max_players}", str(server.max_players))
+            refusal = Refusal(Rejection.SERVER_FULL, f"full ({server.max_players} players)")
+        if refusal is not None:
+            self._refused(refusal, True, self._message(text))
+            return False
+        route_stats.players += 1
+        self._players_in = route_stats
         return True
 
     def _refused(self, refusal: Refusal, login: bool = False, text: str = "") -> None:
@@ -1330,6 +1368,10 @@ class ClientConnection:
         if self._player:
             self._player = False
             ctx.waker.player_left(self.route.qualified_id)  # type: ignore[union-attr]
+        players_in = self._players_in
+        if players_in is not None:
+            self._players_in = None
+            players_in.players -= 1
         if self._ip_key is not None:
             ctx.guard.closed(self._ip_key)
             self._ip_key = None

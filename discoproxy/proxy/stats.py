@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from discoproxy.logwriter import writer
+from discoproxy.model import offline_uuid
 from discoproxy.owners import REACTOR, owned_by
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.balance import BackendState, Pool
@@ -93,6 +94,7 @@ class RouteStats:
         "connect",
         "dial_failures",
         "duration",
+        "players",
         "udp_bytes_down",
         "udp_bytes_up",
         "udp_sessions",
@@ -103,6 +105,7 @@ class RouteStats:
         self.bytes_up = 0
         self.bytes_down = 0
         self.dial_failures = 0
+        self.players = 0  # open Minecraft logins (a gauge: +1 admitted, -1 closed)
         self.duration = Histogram(DURATION_BUCKETS)
         self.connect = Histogram(FAST_BUCKETS)
         self.udp_sessions = 0
@@ -173,6 +176,8 @@ class LiveConnection:
     age_s: float
     bytes_up: int
     bytes_down: int
+    player: str | None = None  # a Minecraft login's username
+    uuid: str | None = None  # its offline-mode UUID
 
 
 OpenTcp = dict[tuple[str, str], list[int]]  # (listener, route) → [open, bytes up, down]
@@ -349,6 +354,8 @@ def _live(ctx: ProxyContext, limit: int, now: float) -> list[LiveConnection]:
                 age_s=round(now - conn.started, 3),
                 bytes_up=conn.prefix_bytes + conn.up.count if has_flows else conn.prefix_bytes,
                 bytes_down=conn.down.count if has_flows else 0,
+                player=conn.player,
+                uuid=str(offline_uuid(conn.player)) if conn.player is not None else None,
             )
         )
     for listener in ctx.udp_listeners:

@@ -228,7 +228,8 @@ def test_an_unknown_label_is_a_warning_with_the_closest_known_label() -> None:
             "infrarust.send_proxy_protcol",
             "unknown label, ignored (did you mean infrarust.send_proxy_protocol?); known: "
             "enable, domains, port, docker_network, proxy_mode, send_proxy_protocol, name, "
-            "default, ports, ip_filter.allow, ip_filter.deny, tls.cert, tls.key, tls.backend_tls, "
+            "default, ports, ip_filter.allow, ip_filter.deny, players.allow, players.deny, "
+            "wake.allow, max_players, tls.cert, tls.key, tls.backend_tls, "
             "tls.backend_verify, tls.backend_ca, status_cache_ttl, domain_rewrite, "
             "tcpshield_real_ip, "
             "auto_start, auto_stop_after, use_healthcheck, group, balance, weight, "
@@ -641,3 +642,28 @@ def test_ip_filter_labels_nest_into_the_server_filter() -> None:
         "container mc-1, label infrarust.ip_filter.deny: invalid address or CIDR '10.0.0.300'; "
         "expected e.g. '203.0.113.0/24', '2001:db8::/32' or '198.51.100.7'"
     ]
+
+
+def test_player_labels_are_the_servers_lists_and_cap() -> None:
+    labels = {
+        "infrarust.domains": "mc.example.com",
+        "infrarust.players.allow": "Steve, Alex",
+        "infrarust.players.deny": "Griefer",
+        "infrarust.wake.allow": "Steve",
+        "infrarust.max_players": "20",
+    }
+    result = servers_from_containers([container("mc-1", labels)], DockerSettings())
+    (server,) = result.servers
+    assert result.problems == ()
+    assert server.players.refuses("Bob") and not server.players.refuses("alex")
+    assert server.players.refuses("griefer") and "steve" in server.wake.allow
+    assert server.max_players == 20
+
+
+def test_a_bad_player_label_names_the_container_the_label_and_the_accepted_values() -> None:
+    labels = {"infrarust.domains": "mc.example.com", "infrarust.players.deny": "not a name!"}
+    result = servers_from_containers([container("mc-1", labels)], DockerSettings())
+    assert result.servers == ()
+    (problem,) = result.problems
+    assert problem.container == "mc-1" and problem.label == "infrarust.players.deny"
+    assert "neither a username" in problem.message

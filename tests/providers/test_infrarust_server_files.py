@@ -83,7 +83,8 @@ def test_the_documented_full_example_loads_with_infrarusts_meaning(tmp_path: Pat
     assert motds.sleeping.text.startswith("Survival - connect")
     assert motds.unreachable.text == "Survival - unreachable"
     joined = "\n".join(warnings)
-    for key in ("network", "limbo_handlers", "timeouts", "max_players", "motd.crashed"):
+    assert server.max_players == 80  # type: ignore[attr-defined]
+    for key in ("network", "limbo_handlers", "timeouts", "motd.crashed"):
         assert key in joined, (key, warnings)
     assert all(w.startswith(str(tmp_path / "survival.toml")) for w in warnings)
 
@@ -184,6 +185,13 @@ filters:
     enabled: true
     whitelist: ["192.168.0.0/16"]
     blacklist: ["192.168.7.7"]
+  name_filter:
+    enabled: true
+    whitelist: ["Steve", "Alex"]
+    blacklist: ["griefer_1"]
+  id_filter:
+    enabled: true
+    blacklist: ["069a79f4-44e9-4726-a5be-fca90e38aaf5"]
   rate_limiter:
     enabled: false
     requests_per_minute: 600
@@ -212,6 +220,9 @@ def test_a_v1_yaml_file_loads_with_infrarusts_meaning(tmp_path: Path) -> None:
     ip_filter = server.ip_filter  # type: ignore[attr-defined]
     assert ip_filter.allow == (ipaddress.ip_network("192.168.0.0/16"),)
     assert ip_filter.deny == (ipaddress.ip_network("192.168.7.7/32"),)
+    players = server.players  # type: ignore[attr-defined]
+    assert "steve" in players.allow and "Alex" in players.allow and "griefer_1" in players.deny
+    assert players.deny.uuids and players.refuses("Griefer_1") and players.refuses("Bob")
     motds = server.motds  # type: ignore[attr-defined]
     assert motds.online.text == "Hub - welcome" and motds.online.protocol_version == 765
     assert motds.sleeping.text == "Hub is asleep - connect to wake it"  # v1's offline
@@ -281,8 +292,8 @@ def test_v1_proxy_protocol_version_1_is_warned(tmp_path: Path) -> None:
         ("filters: {rate_limiter: {requests_per_minute: 600, burst_size: 10}}",
          "filters.rate_limiter: per-server rate limits are not supported"),
         ("filters: {rate_limiter: {requestLimit: 10, windowLength: 1s}}", "[rate_limit]"),
-        ("filters: {id_filter: {enabled: true, whitelist: [uuid1]}}", "filters.id_filter"),
-        ("filters: {name_filter: {whitelist: [player1]}}", "filters.name_filter"),
+        ("filters: {id_filter: {enabled: true, whitelist: ['not-a-uuid']}}", "neither a username"),
+        ("filters: {name_filter: {whitelist: [player1], size: 3}}", "name_filter.size: unknown"),
         ("filters: {ban: {enabled: true, storage_type: file, file_path: bans.json}}",
          "one bans file"),
         ("proxy_protocol_version: 3", "expected 1 or 2"),

@@ -129,8 +129,15 @@ def server(sid: str, *domains: str, addresses: Sequence[str], **extra: Any) -> S
     )
 
 
-def handshake(domain: str, next_state: int = 2, port: int = 25565) -> bytes:
-    return minecraft.encode_handshake(765, domain, port, next_state)
+def handshake(
+    domain: str, next_state: int = 2, port: int = 25565, username: str | None = "tester"
+) -> bytes:
+    """A client's first bytes: the handshake, and for a login (state 2 or 3) its Login
+    Start right behind it, as every client sends them (``username=None``: handshake only)."""
+    packet = minecraft.encode_handshake(765, domain, port, next_state)
+    if next_state != minecraft.NEXT_STATE_STATUS and username is not None:
+        packet += minecraft.encode_login_start(username)
+    return packet
 
 
 def client_hello(server_name: str) -> bytes:

@@ -24,6 +24,7 @@ def _closed_connection() -> ClientConnection:
     conn.prefix_bytes = 20
     conn.started = 0.0
     conn.reason = "both sides closed"
+    conn.player = None
 
     class _Flow:
         count = 0
@@ -38,6 +39,20 @@ LINE = re.compile(
     r"client=\[2001:db8::7\]:40000 route=mc@file backend=10\.0\.0\.5:25565 "
     r"up=120B down=300B duration=\d+\.\d{3}s reason=both sides closed\n$"
 )
+
+
+def test_a_login_names_its_player_and_offline_uuid() -> None:
+    stream = io.StringIO()
+    conn = _closed_connection()
+    conn.player = "Notch"
+    AccessLog("text", stream.write).closed(conn)
+    assert "backend=10.0.0.5:25565 player=Notch uuid=b50ad385-829d-3141-a216-7e7d7539ba7f up=" in (
+        stream.getvalue()
+    )
+    stream = io.StringIO()
+    AccessLog("json", stream.write).closed(conn)
+    extra = json.loads(stream.getvalue())["record"]["extra"]
+    assert (extra["player"], extra["uuid"]) == ("Notch", "b50ad385-829d-3141-a216-7e7d7539ba7f")
 
 
 def test_text_line_has_loguru_layout_and_every_field() -> None:

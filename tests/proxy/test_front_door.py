@@ -288,7 +288,9 @@ async def test_domain_rewrite_is_what_the_backend_sees_forge_suffix_kept(
             assert await login(proxy, "a.example.com") == f"login for {expected}"
             stream = await proxy.connect()
             async with stream:
-                forge = minecraft.encode_handshake(765, "a.example.com\0FML3\0", 25565, 2)
+                forge = minecraft.encode_handshake(
+                    765, "a.example.com\0FML3\0", 25565, 2
+                ) + minecraft.encode_login_start("tester")
                 await stream.send(forge)
                 reply = await receive_all(stream)
             packet = minecraft.parse_packet(reply)

@@ -52,7 +52,7 @@ async def attempt(proxy: RunningProxy, payload: bytes) -> bytes:
 
 
 def login(domain: str, username: str = "tester") -> bytes:
-    return handshake(domain) + minecraft.encode_login_start(username)
+    return handshake(domain, username=username)
 
 
 def disconnect_text(reply: bytes) -> str:
@@ -276,7 +276,7 @@ async def test_a_username_check_waits_for_a_login_start_sent_later(tmp_path: Pat
             await wait_for_bans(proxy, lambda bans: bans.has_usernames)
             stream = await proxy.connect()
             async with stream:
-                await stream.send(handshake("a.example.com"))
+                await stream.send(handshake("a.example.com", username=None))
                 await anyio.sleep(0.2)
                 await stream.send(minecraft.encode_login_start("Steve"))
                 with anyio.fail_after(5):
