@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import ipaddress
 import json
 import os
 import resource
@@ -30,12 +29,10 @@ from discoproxy.admin.client import AdminUnreachable, admin_token, admin_url, fe
 from discoproxy.config import ConfigError, ProxyConfig, load_config
 from discoproxy.guard import (
     Ban,
-    BanList,
-    bans_locked,
-    check_username,
+    ban_target,
+    edit_bans,
     load_bans,
     parse_duration,
-    save_bans,
 )
 from discoproxy.logwriter import writer
 from discoproxy.model import ServerDefinition
@@ -608,7 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ban_sub = ban.add_subparsers(dest="ban_command", required=True, metavar="ACTION")
     ban_add = ban_sub.add_parser(
-        "add", parents=[common], help="ban an address, a network or a username"
+        "add",
+        parents=[common, admin],
+        help="ban an address, a network or a username",
+        description="Ban through the running instance's admin API when it takes writes "
+        "(token, admin.read_only = false): it writes bans_file and ends the open "
+        "connections the ban matches at once, and says how many. Otherwise the file is "
+        "written here and the instance applies it within a second.",
     )
     ban_add.add_argument("target", help="IP, CIDR (203.0.113.0/24) or Minecraft username")
     ban_add.add_argument("--reason", default="", help="shown to the banned player")
@@ -620,6 +623,18 @@ def build_parser() -> argparse.ArgumentParser:
     ban_list = ban_sub.add_parser("list", parents=[common], help="print the bans in force")
     ban_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ban_list.set_defaults(func=cmd_ban_list)
+
+    kick = sub.add_parser(
+        "kick",
+        parents=[common, admin],
+        help="end a player's connections, or one connection",
+        description="End the open connections of a player (by username, any case) or the "
+        "connection with this id (as `connections` lists it), through the admin API of the "
+        "running instance (it needs admin.token and admin.read_only = false). Exit 1 when "
+        "nothing matched.",
+    )
+    kick.add_argument("target", help="a Minecraft username or a connection id")
+    kick.set_defaults(func=cmd_kick)
 
     importer = sub.add_parser(
         "import",
@@ -680,71 +695,86 @@ def _bans_path(args: argparse.Namespace) -> Path:
     return _load(args).bans_file
 
 
-def _ban_target(text: str) -> tuple[Any, str | None]:
-    """(network, None) for an address or CIDR, (None, username) otherwise."""
-    try:
-        return ipaddress.ip_network(text.strip(), strict=False), None
-    except ValueError:
-        return None, check_username(text.strip(), "target")
-
-
 def cmd_ban_add(args: argparse.Namespace) -> int:
+    """Ban through the running instance when its admin API takes writes (it writes the
+    file and ends the open connections the ban matches, and says how many); else write
+    the file here, which the instance follows within a second."""
     try:
-        path = _bans_path(args)
-        network, username = _ban_target(args.target)
-        expires = time.time() + parse_duration(args.duration) if args.duration else None
+        config = _load(args)
+        path = config.bans_file
+        network, username = ban_target(args.target)
+        duration = parse_duration(args.duration) if args.duration else None
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    request = {"target": args.target, "reason": args.reason, "duration": duration}
+    try:
+        url = admin_url(config, args.admin)
+        answer = fetch_json(url, "/api/bans", admin_token(config, args.token), "POST", request)
+    except AdminUnreachable as exc:
+        asked = (
+            f"the running instance was not asked ({exc}); it ends what matches when it "
+            "reads the file"
+        )
+    else:
+        expires = answer["expires"]
+        until = f" until {_when(expires)}" if expires is not None else ""
+        print(
+            f"banned {answer['target']}{until} ({path}); ended {answer['ended']} open connections"
+        )
+        return EXIT_OK
+    expires = time.time() + duration if duration is not None else None
     ban = Ban(args.reason, time.time(), expires, network=network, username=username)
-    if _edit_bans(path, lambda kept, _removed: [*kept, ban], network, username):
+    try:
+        edit_bans(path, lambda kept, _removed: [*kept, ban], network, username)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     until = f" until {_when(expires)}" if expires is not None else ""
-    print(f"banned {ban.target}{until} ({path})")
+    print(f"banned {ban.target}{until} ({path}); {asked}")
     return EXIT_OK
 
 
 def cmd_ban_remove(args: argparse.Namespace) -> int:
     try:
         path = _bans_path(args)
-        network, username = _ban_target(args.target)
+        network, username = ban_target(args.target)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
-    def unban(kept: list[Ban], removed: int) -> list[Ban] | None:
+    def unban(kept: list[Ban], removed: int) -> list[Ban]:
         if not removed:
-            print(f"error: no ban on {args.target} in {path}", file=sys.stderr)
-            return None
+            raise ValueError(f"no ban on {args.target} in {path}")
         return kept
 
-    if _edit_bans(path, unban, network, username):
+    try:
+        edit_bans(path, unban, network, username)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"unbanned {args.target} ({path})")
     return EXIT_OK
 
 
-def _edit_bans(
-    path: Path,
-    change: Callable[[list[Ban], int], list[Ban] | None],
-    network: Any,
-    username: str | None,
-) -> bool:
-    """Read-modify-write the bans file under its lock (instances sharing it may run
-    ``ban`` at once): ``change(the bans on other targets, how many were on this one)``
-    gives the new list, or None to write nothing. True when it failed (said why)."""
-    with bans_locked(path):
-        try:
-            bans = load_bans(path)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return True
-        kept = [b for b in bans.bans if not _same_target(b, network, username)]
-        new = change(kept, len(bans.bans) - len(kept))
-        if new is None:
-            return True
-        save_bans(path, BanList(new))
-    return False
+def cmd_kick(args: argparse.Namespace) -> int:
+    """End a player's open connections (by username) or one connection (by its id)
+    through the admin API of the running instance."""
+    try:
+        config = _load(args)
+        url = admin_url(config, args.admin)
+        answer = fetch_json(
+            url, "/api/kick", admin_token(config, args.token), "POST", {"target": args.target}
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AdminUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    ended = int(answer["ended"])
+    print(f"kicked {args.target}: ended {ended} open connections")
+    return EXIT_OK if ended else EXIT_UNHEALTHY
 
 
 def cmd_ban_list(args: argparse.Namespace) -> int:
@@ -766,12 +796,6 @@ def cmd_ban_list(args: argparse.Namespace) -> int:
         until = _when(ban.expires) if ban.expires is not None else "forever"
         print(f"{ban.target:<32}  until {until:<20}  {ban.reason}")
     return EXIT_OK
-
-
-def _same_target(ban: Ban, network: Any, username: str | None) -> bool:
-    if username is not None:
-        return ban.username is not None and ban.username.lower() == username.lower()
-    return bool(ban.network == network)
 
 
 def _when(stamp: float) -> str:

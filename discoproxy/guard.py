@@ -36,7 +36,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,6 +369,39 @@ def bans_locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def ban_target(text: str) -> tuple[IpNetwork | None, str | None]:
+    """(network, None) for an address or CIDR, (None, username) otherwise; ValueError
+    for neither."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False), None
+    except ValueError:
+        return None, check_username(text.strip(), "target")
+
+
+def same_target(ban: Ban, network: IpNetwork | None, username: str | None) -> bool:
+    if username is not None:
+        return ban.username is not None and ban.username.lower() == username.lower()
+    return bool(ban.network == network)
+
+
+def edit_bans(
+    path: Path,
+    change: Callable[[list[Ban], int], list[Ban]],
+    network: IpNetwork | None,
+    username: str | None,
+) -> BanList:
+    """Read-modify-write the bans file under its lock (instances sharing it may edit it
+    at once, and neither may lose the other's ban): ``change(the bans on other targets,
+    how many were on this one)`` gives the new list, or raises ValueError to write
+    nothing. The list written; ValueError for a file that does not load."""
+    with bans_locked(path):
+        bans = load_bans(path)
+        kept = [b for b in bans.bans if not same_target(b, network, username)]
+        written = BanList(change(kept, len(bans.bans) - len(kept)))
+        save_bans(path, written)
+    return written
 
 
 def save_bans(path: Path, bans: BanList) -> None:

@@ -36,10 +36,15 @@ def admin_token(config: ProxyConfig, override: str | None = None) -> str:
     return override or os.environ.get("DISCOPROXY_ADMIN_TOKEN") or config.admin.bearer_token()
 
 
-def fetch(url: str, path: str, token: str = "") -> tuple[int, bytes]:
-    """GET ``url + path``: (status, body). Raises :class:`AdminUnreachable` when nothing
-    answers."""
-    request = urllib.request.Request(url + path)
+def fetch(
+    url: str, path: str, token: str = "", method: str = "GET", body: Any = None
+) -> tuple[int, bytes]:
+    """``method url + path`` (``body``, when given, sent as JSON): (status, body). Raises
+    :class:`AdminUnreachable` when nothing answers."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url + path, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -52,12 +57,19 @@ def fetch(url: str, path: str, token: str = "") -> tuple[int, bytes]:
         raise AdminUnreachable(f"no admin API at {url}: {reason}") from exc
 
 
-def fetch_json(url: str, path: str, token: str = "") -> Any:
-    status, body = fetch(url, path, token)
+def fetch_json(url: str, path: str, token: str = "", method: str = "GET", body: Any = None) -> Any:
+    """The JSON answer of a 200; :class:`AdminUnreachable` with the API's own error text
+    otherwise (401 says which token to give)."""
+    status, raw = fetch(url, path, token, method, body)
+    body = raw
     if status == 401:
         raise AdminUnreachable(
             f"{url}{path}: 401, the admin API wants a token (--token or $DISCOPROXY_ADMIN_TOKEN)"
         )
     if status != 200:
-        raise AdminUnreachable(f"{url}{path}: HTTP {status}: {body[:200].decode(errors='replace')}")
+        try:
+            message = json.loads(body)["error"]
+        except (ValueError, KeyError, TypeError):
+            message = body[:200].decode(errors="replace")
+        raise AdminUnreachable(f"{url}{path}: HTTP {status}: {message}")
     return json.loads(body)

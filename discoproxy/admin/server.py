@@ -10,7 +10,8 @@ Rules for this file:
 - With ``admin.token`` set, every endpoint but ``/healthz``, ``/readyz`` and the
   dashboard page itself (static; its API calls carry the token) wants
   ``Authorization: Bearer <token>``. Writes (``POST /api/reload``) also need
-  ``admin.read_only = false``.
+  ``admin.read_only = false``; the players' writes (``POST /api/bans``, ``/api/kick``)
+  and the ``api`` provider's (``/api/servers``) need a token set as well.
 - ``/healthz``: the process and its data plane are alive. ``/readyz``: listening, with
   every provider's first routes applied, and not shutting down.
 """
@@ -29,11 +30,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
+import anyio.to_thread
 import h11
 from anyio.abc import SocketStream, TaskStatus
 from loguru import logger
 
 from discoproxy.config import parse_bind
+from discoproxy.guard import Ban, ban_target, edit_bans
 from discoproxy.metrics import ProviderInfo, render
 from discoproxy.owners import LOOP, owned_by
 from discoproxy.provider import ProviderStatus
@@ -194,7 +197,59 @@ class Admin:
             given.strip().encode(), self.token.encode()
         )
 
-    async def respond(self, method: str, target: str, headers: Mapping[str, str]) -> Response:
+    def _write_refusal(self, method: str) -> Response | None:
+        """Why a write is refused: it takes POST/PUT/DELETE, a token and read_only = false."""
+        if method not in ("POST", "PUT", "DELETE"):
+            return _error(405, f"{method} not allowed here; this endpoint is written to")
+        if not self.token:
+            return _error(403, "writes need admin.token set (a bearer token)")
+        if self.read_only:
+            return _error(403, "the admin API is read-only (admin.read_only = true)")
+        return None
+
+    async def _ban(self, body: bytes) -> Response:
+        """``POST /api/bans {"target", "reason", "duration"}``: write the bans file (under
+        its lock, as ``discoproxy ban add``) and apply it at once, ending what it matches."""
+        try:
+            request = json.loads(body or b"{}")
+            target = str(request["target"])
+            network, username = ban_target(target)
+            duration = request.get("duration")
+            if duration is not None and (not isinstance(duration, int | float) or duration <= 0):
+                raise ValueError(f"duration: expected seconds > 0 or null, got {duration!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, f"expected {{'target': IP, CIDR or username, 'reason', "
+                          f"'duration': seconds}}: {exc}")  # fmt: skip
+        now = time.time()
+        expires = now + duration if duration is not None else None
+        ban = Ban(str(request.get("reason") or ""), now, expires, network, username)
+        path = self.ctx.config.bans_file.absolute()
+        try:
+            written = await anyio.to_thread.run_sync(
+                edit_bans, path, lambda kept, _removed: [*kept, ban], network, username
+            )
+        except (OSError, ValueError) as exc:
+            return _error(409, f"bans not written: {exc}")
+        ctx = self.ctx
+        ended = await ctx.reactor.run(lambda: ctx.apply_bans(written))
+        logger.info("ban {} added through the admin API; ended {} connections", ban.target, ended)
+        return _json({"target": ban.target, "expires": expires, "ended": ended})
+
+    async def _kick(self, body: bytes) -> Response:
+        try:
+            target = str(json.loads(body or b"{}")["target"]).strip()
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, f"expected {{'target': a username or a connection id}}: {exc}")
+        if not target:
+            return _error(400, "target: empty")
+        ctx = self.ctx
+        ended = await ctx.reactor.run(lambda: ctx.kick(target))
+        logger.info("kick {} through the admin API: ended {} connections", target, ended)
+        return _json({"target": target, "ended": ended})
+
+    async def respond(
+        self, method: str, target: str, headers: Mapping[str, str], body: bytes = b""
+    ) -> Response:
         url = urlsplit(target)
         path = url.path.rstrip("/") or "/"
         query = parse_qs(url.query)
@@ -210,6 +265,11 @@ class Admin:
             if self.read_only or self.reload is None:
                 return _error(403, "the admin API is read-only (admin.read_only = true)")
             return _json({"result": await self.reload()})
+        if path in ("/api/bans", "/api/kick"):
+            refusal = self._write_refusal(method)
+            if refusal is not None:
+                return refusal
+            return await (self._ban(body) if path == "/api/bans" else self._kick(body))
         if method not in ("GET", "HEAD"):
             return _error(405, f"{method} not allowed; the API is read with GET")
         if path == "/healthz":
@@ -262,16 +322,17 @@ class Admin:
             response: Response | None = None
             with anyio.move_on_after(REQUEST_TIMEOUT_S):
                 try:
-                    request = await _read_request(conn, stream)
-                    if request is None:
+                    received = await _read_request(conn, stream)
+                    if received is None:
                         return
+                    request, body = received
                     headers = {
                         name.decode("latin-1").lower(): value.decode("latin-1")
                         for name, value in request.headers
                     }
                     method = request.method.decode("ascii", "replace")
                     target = request.target.decode("ascii", "replace")
-                    response = await self.respond(method, target, headers)
+                    response = await self.respond(method, target, headers, body)
                     if method == "HEAD":
                         response.body, length = b"", len(response.body)
                     else:
@@ -288,9 +349,11 @@ class Admin:
                 await _send(conn, stream, response, length)
 
 
-async def _read_request(conn: h11.Connection, stream: SocketStream) -> h11.Request | None:
+async def _read_request(
+    conn: h11.Connection, stream: SocketStream
+) -> tuple[h11.Request, bytes] | None:
     request: h11.Request | None = None
-    body = 0
+    body = bytearray()
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -303,11 +366,11 @@ async def _read_request(conn: h11.Connection, stream: SocketStream) -> h11.Reque
         if isinstance(event, h11.Request):
             request = event
         elif isinstance(event, h11.Data):
-            body += len(event.data)
-            if body > MAX_BODY_BYTES:
+            body += event.data
+            if len(body) > MAX_BODY_BYTES:
                 raise h11.RemoteProtocolError("request body too large", 413)
         elif isinstance(event, h11.EndOfMessage):
-            return request
+            return (request, bytes(body)) if request is not None else None
         elif isinstance(event, h11.ConnectionClosed):
             return None
 

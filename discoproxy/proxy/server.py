@@ -39,7 +39,7 @@ from anyio.abc import TaskStatus
 from loguru import logger
 
 from discoproxy.config import ProxyConfig, parse_bind
-from discoproxy.guard import BanList, Guard, load_bans
+from discoproxy.guard import BanList, Guard, client_ip, load_bans
 from discoproxy.health import HealthChecker
 from discoproxy.owners import LOOP, on_loop, on_reactor, owned_by
 from discoproxy.proxy.access_log import AccessLog
@@ -176,6 +176,56 @@ class ProxyContext:
     def new_id(self) -> int:
         """The next connection id (a UDP session takes one too)."""
         return next(self._ids)
+
+    @on_reactor
+    def apply_bans(self, bans: BanList) -> int:
+        """Swap in *bans* and end the open connections and UDP sessions they match (by
+        the client's real address, or a login's username) at once: how many it ended."""
+        self.guard.set_bans(bans)
+        if not len(bans):
+            return 0
+        now = time.time()
+        ended = 0
+        for conn in list(self.connections):
+            addr = conn.client_addr
+            ip = client_ip(addr[0]) if addr is not None else None
+            ban = bans.ip_ban(ip, now) if ip is not None else None
+            if ban is None and conn.player is not None:
+                ban = bans.user_ban(conn.player, now)
+            if ban is not None and conn.state is not ConnState.CLOSED:
+                conn.close(f"banned ({ban.target}) while connected")
+                ended += 1
+        for listener in self.udp_listeners:
+            for session in list(listener.sessions.values()):
+                ip = client_ip(session.client[0])
+                ban = bans.ip_ban(ip, now) if ip is not None else None
+                if ban is not None:
+                    listener.end(session, f"banned ({ban.target}) while connected")
+                    ended += 1
+        if ended:
+            logger.info("bans: ended {} open connections they match", ended)
+        return ended
+
+    @on_reactor
+    def kick(self, target: str) -> int:
+        """End the open connections of player *target* (any case), or the one whose id it
+        is: how many it ended."""
+        by_id = int(target) if target.isdigit() else None
+        name = target.lower()
+        matched = [
+            c
+            for c in self.connections
+            if c.id == by_id or (c.player is not None and c.player.lower() == name)
+        ]
+        for conn in matched:
+            conn.close("kicked through the admin API")
+        ended = len(matched)
+        for listener in self.udp_listeners if by_id is not None else ():
+            session = next((s for s in listener.sessions.values() if s.id == by_id), None)
+            if session is not None:
+                listener.end(session, "kicked through the admin API")
+                ended += 1
+        return ended
 
     @on_reactor
     def unregister(self, conn: ClientConnection) -> None:
@@ -529,7 +579,7 @@ async def watch_bans(ctx: ProxyContext) -> None:
             return
         if first or bans.bans != current.bans:
             current = bans
-            ctx.reactor.call(lambda: ctx.guard.set_bans(bans))
+            ctx.reactor.call(lambda: ctx.apply_bans(bans))
             if bans or not first:
                 logger.info("bans: {} from {}", len(bans), path)
 
