@@ -18,6 +18,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -112,6 +113,74 @@ class GlobalMotds(BaseModel):
         default = cls.model_fields[info.field_name].default
         assert isinstance(default, Motd)
         return {**default.model_dump(exclude_none=True), **value}
+
+
+WEBHOOK_EVENTS = (
+    "player_connected",
+    "player_disconnected",
+    "route_added",
+    "route_removed",
+    "backend_down",
+    "backend_up",
+    "server_woken",
+    "server_stopped",
+)
+
+
+class WebhookSettings(BaseModel):
+    """One receiver of events: each is POSTed to ``url`` as JSON, in order, off the data
+    plane (a bounded queue; retries with backoff; dropped and counted when it stays down)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(description="http:// or https:// address the events are POSTed to.")
+    events: tuple[str, ...] = Field(
+        default=WEBHOOK_EVENTS,
+        description=f"Which events it receives; default all: {', '.join(WEBHOOK_EVENTS)}.",
+    )
+    secret: str | None = Field(
+        default=None,
+        description="Signs each body: header X-Discoproxy-Signature: sha256=<hex HMAC-SHA256 "
+        "of the body with this secret>.",
+    )
+    timeout: float = Field(
+        default=5.0, gt=0, le=60, description="Seconds one delivery attempt may take."
+    )
+    retries: int = Field(
+        default=4, ge=0, le=20, description="Attempts after the first (backoff 0.5 s, doubling)."
+    )
+    queue: int = Field(
+        default=1000, ge=1, le=100_000, description="Events waiting at most; more are dropped."
+    )
+    name: str | None = Field(
+        default=None, description="Its label in metrics and logs; default: the URL's host:port."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value
+
+    @field_validator("events", mode="before")
+    @classmethod
+    def _events(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        for event in value if isinstance(value, list | tuple) else ():
+            if event not in WEBHOOK_EVENTS:
+                raise ValueError(f"unknown event {event!r}; accepted: {', '.join(WEBHOOK_EVENTS)}")
+        return value
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        parts = urlsplit(self.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"{parts.hostname}:{port}"
 
 
 class AdminSettings(BaseModel):
@@ -334,6 +403,11 @@ class ProxyConfig(BaseModel):
     admin: AdminSettings = Field(
         default_factory=AdminSettings,
         description="[admin] listen, token, token_file, read_only: metrics, API, dashboard.",
+    )
+    webhooks: tuple[WebhookSettings, ...] = Field(
+        default=(),
+        description="[[webhooks]] url, events, secret, timeout, retries, queue, name: "
+        "receivers of player, route, backend and wake events (needs a restart to change).",
     )
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

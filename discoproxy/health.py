@@ -287,21 +287,21 @@ def _apply(
     if changed is None:
         return
     log = logger.bind(route=route.qualified_id)
+    backend = format_addr(address)
     if changed:
-        log.warning(
-            "backend {} of {} up: {} checks passed",
-            format_addr(address),
-            route.qualified_id,
-            streak,
-        )
+        log.warning("backend {} of {} up: {} checks passed", backend, route.qualified_id, streak)
+        reason = f"{streak} checks passed"
     else:
         log.warning(
             "backend {} of {} down: {} checks failed: {}",
-            format_addr(address),
+            backend,
             route.qualified_id,
             streak,
             detail,
         )
+        reason = f"{streak} checks failed: {detail}"
+    event = {"route": route.qualified_id, "backend": backend, "reason": reason}
+    ctx.events.put("backend_up" if changed else "backend_down", event)
 
 
 async def probe(

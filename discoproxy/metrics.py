@@ -30,6 +30,7 @@ from discoproxy.proxy.addresses import format_addr
 if TYPE_CHECKING:
     from discoproxy.proxy.stats import Histogram, Snapshot
     from discoproxy.routing import RoutingTable
+    from discoproxy.webhooks import HookStats
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ def render(
     providers: Sequence[ProviderInfo],
     ready: bool,
     checks: Mapping[tuple[str, str], Histogram] | None = None,
+    webhooks: Mapping[str, HookStats] | None = None,
+    events_dropped: int = 0,
 ) -> bytes:
     """The text exposition of everything, process metrics included. ``checks``: the
     health checker's durations by (route, result), read on the loop that owns them."""
@@ -68,8 +71,28 @@ def render(
     PlatformCollector(registry=registry)
     families = list(_families(snapshot, table, providers, ready))
     families.append(_check_family(checks or {}))
+    families.extend(_webhook_families(webhooks or {}, events_dropped))
     registry.register(_Families(families))
     return generate_latest(registry)
+
+
+def _webhook_families(hooks: Mapping[str, HookStats], events_dropped: int) -> Iterator[Metric]:
+    """Each webhook receiver's deliveries (the loop's counts, read on the loop)."""
+    helps = {
+        "delivered": "Events a webhook receiver accepted (2xx/3xx)",
+        "failures": "Delivery attempts that failed (error, timeout, 4xx/5xx), retries included",
+        "dropped": "Events never delivered: its queue was full, or every attempt failed",
+    }
+    for name, text in helps.items():
+        family = CounterMetricFamily(f"discoproxy_webhook_{name}", text, labels=["webhook"])
+        for label, stats in sorted(hooks.items()):
+            family.add_metric([label], getattr(stats, "failed" if name == "failures" else name))
+        yield family
+    yield CounterMetricFamily(
+        "discoproxy_events_dropped",
+        "Events the data plane could not queue for the webhooks (its outbox was full)",
+        value=events_dropped,
+    )
 
 
 def _check_family(checks: Mapping[tuple[str, str], Histogram]) -> Metric:

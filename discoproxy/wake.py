@@ -36,6 +36,7 @@ from discoproxy.routing import Registry, Route
 from discoproxy.singleflight import SingleFlight
 
 if TYPE_CHECKING:
+    from discoproxy.proxy.planes import EventOutbox
     from discoproxy.routing import RoutingTable
 
 # How long a started server shows as "starting" at most if it never answers.
@@ -87,6 +88,7 @@ class Waker:
         # Players on a route's backends by their own count (set by the proxy to the
         # status service's): those of other discoproxy instances count as much as ours.
         self.backend_players: Callable[[Route], Awaitable[int | None]] | None = None
+        self.events: EventOutbox | None = None  # server_woken / server_stopped (webhooks)
 
     def is_starting(self, qualified_id: str) -> bool:
         """Started and not yet answering (either thread: it only reads)."""
@@ -168,6 +170,9 @@ class Waker:
         except Exception as exc:
             self._starting.pop(qid, None)
             logger.error("cannot start {}: {}", qid, exc)
+            return
+        if self.events is not None:
+            self.events.put("server_woken", {"route": qid, "server": route.server.id})
 
     async def wait_ready(self, qualified_id: str, wait: float) -> Route | None:
         """The route once its server runs and accepts connections, or None after
@@ -226,3 +231,9 @@ class Waker:
                 await self.controls[route.provider].stop_server(server.id)
             except Exception as exc:
                 logger.error("cannot stop {}: {}", qid, exc)
+                continue
+            if self.events is not None:
+                idle = round(now - since, 1)
+                self.events.put(
+                    "server_stopped", {"route": qid, "server": server.id, "idle_s": idle}
+                )

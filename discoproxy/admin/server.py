@@ -289,7 +289,9 @@ class Admin:
             snap.table_listener_errors = self.registry.listener_errors
             table, providers = self.registry.table, self.provider_infos()
             checks = self.ctx.health.durations  # the loop's, read on the loop
-            body = render(snap, table, providers, self.is_ready, checks)
+            hooks = self.ctx.webhooks.stats if self.ctx.webhooks is not None else None
+            dropped = self.ctx.events.dropped
+            body = render(snap, table, providers, self.is_ready, checks, hooks, dropped)
             return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
         if path == "/api/routes":
             snap = await self.snapshot()

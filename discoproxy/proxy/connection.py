@@ -48,7 +48,7 @@ from discoproxy.guard import (
     global_refusal,
     routed_refusal,
 )
-from discoproxy.model import DEFAULT_BACKEND_PORT
+from discoproxy.model import DEFAULT_BACKEND_PORT, offline_uuid
 from discoproxy.motd import legacy_fields, strip_codes
 from discoproxy.owners import REACTOR, any_thread, on_loop, owned_by
 from discoproxy.protocol import http, minecraft, tls
@@ -170,6 +170,7 @@ class ClientConnection:
     """One client and its backend: runs the pipeline, owns both fds, logs the close."""
 
     __slots__ = (
+        "_announced",
         "_dial_at",
         "_dial_errors",
         "_dial_name",
@@ -269,6 +270,7 @@ class ClientConnection:
         self._guarded = False  # bans, rate budget and server filter checked
         self._player = False
         self._players_in: RouteStats | None = None  # the stats its login is counted in
+        self._announced = False  # player_connected went out (player_disconnected will)
         self.player: str | None = None  # a Minecraft login's username, from Login Start
         self._proxy_header: ProxyHeader | None = None
         self._resolved_addresses: list[Resolved] | None = None
@@ -970,6 +972,10 @@ class ClientConnection:
             logger.bind(route=route.qualified_id).warning(
                 "backend {} of {} up again", format_addr(entry), route.qualified_id
             )
+            self.ctx.events.put(
+                "backend_up",
+                {"route": route.qualified_id, "backend": format_addr(entry), "reason": "dialed"},
+            )
 
     def _entry_failed(self) -> None:
         """The pool entry being dialed failed (each of its addresses): it is no longer
@@ -993,6 +999,14 @@ class ClientConnection:
                 route.qualified_id,
                 FALL,
                 last,
+            )
+            self.ctx.events.put(
+                "backend_down",
+                {
+                    "route": route.qualified_id,
+                    "backend": format_addr(entry),
+                    "reason": f"{FALL} dials failed in a row: {last}",
+                },
             )
 
     @on_loop
@@ -1092,6 +1106,20 @@ class ClientConnection:
             handshake.next_state,
         )
         return rebuilt + bytes(self.buffer[handshake.length :])
+
+    def _player_event(self) -> dict[str, Any]:
+        """What a webhook hears of this player's connection (README "Webhooks")."""
+        player = self.player
+        assert player is not None
+        route = self.route
+        return {
+            "conn": self.id,
+            "player": player,
+            "uuid": str(offline_uuid(player)),
+            "client": format_addr(self.client_addr),
+            "route": route.qualified_id if route is not None else None,
+            "backend": format_addr(self.backend_addr) if self.backend_addr else None,
+        }
 
     def _peer_trusted(self) -> bool:
         """Whether the TCP peer is one of trusted_proxies (its PROXY header was read, or
@@ -1264,6 +1292,9 @@ class ClientConnection:
 
     def _start_forwarding(self) -> None:
         self.state = FORWARDING  # only ever called while DIALING: always allowed
+        if self.player is not None and "player_connected" in self.ctx.events.wanted:
+            self._announced = True
+            self.ctx.events.put("player_connected", self._player_event())
         if self._kind is _MINECRAFT or self._legacy_login:  # a player: for auto_stop_after
             route = self.route
             waker = self.ctx.waker
@@ -1372,6 +1403,16 @@ class ClientConnection:
         if players_in is not None:
             self._players_in = None
             players_in.players -= 1
+        if self._announced:
+            self._announced = False
+            event = self._player_event()
+            event.update(
+                bytes_up=self.bytes_up,
+                bytes_down=self.bytes_down,
+                duration_s=round(time.monotonic() - self.started, 3),
+                reason=reason,
+            )
+            ctx.events.put("player_disconnected", event)
         if self._ip_key is not None:
             ctx.guard.closed(self._ip_key)
             self._ip_key = None

@@ -11,6 +11,10 @@ Rules for this file (ARCHITECTURE.md draws the same picture):
   returns a :class:`TaskHandle` the reactor may cancel. What the coroutine needs from the
   connection is computed on the reactor and passed in; its answer comes back with
   ``Reactor.call_into``.
+- Data plane → webhooks: :meth:`EventOutbox.put` queues an event (a player connected, a
+  backend went down) with a deque append: no syscall, no task, bounded (dropped and
+  counted when full); the loop drains it (``discoproxy.webhooks``). Events the config
+  asks for no receiver of are not even queued (``wanted``, swapped by reference).
 - Read across without a call, because they are immutable values swapped by reference by
   their one writer: the routing table (``Registry.table``, written on the loop), the
   config (``ProxyContext.config``, written on the reactor by ``apply_config``), a ban list
@@ -20,6 +24,8 @@ Rules for this file (ARCHITECTURE.md draws the same picture):
 from __future__ import annotations
 
 import asyncio
+import collections
+import time
 from collections.abc import Coroutine
 from functools import partial
 from typing import Any, Protocol
@@ -138,3 +144,36 @@ class LoopTasks:
                 logger.opt(exception=exc).error("internal error in a loop task")
             else:
                 reactor.call(partial(reactor.handler_failed, owner, exc))
+
+
+# Events waiting for the loop at most: a stalled loop costs dropped events, never memory.
+OUTBOX_LIMIT = 10_000
+
+
+class EventOutbox:
+    """Events for the webhooks, put from any thread (the reactor's player and backend
+    events, the loop's route and wake events) and drained on the loop. A deque's append
+    and popleft are atomic: the reactor pays one append per event, nothing else."""
+
+    def __init__(self, limit: int = OUTBOX_LIMIT) -> None:
+        self._events: collections.deque[tuple[str, float, dict[str, Any]]] = collections.deque()
+        self._limit = limit
+        self.wanted: frozenset[str] = frozenset()  # set on the loop, read by reference
+        self.dropped = 0  # events the full outbox turned away (reactor's count)
+
+    @any_thread
+    def put(self, event: str, data: dict[str, Any]) -> None:
+        if event not in self.wanted:
+            return
+        if len(self._events) >= self._limit:
+            self.dropped += 1
+            return
+        self._events.append((event, time.time(), data))
+
+    def drain(self) -> list[tuple[str, float, dict[str, Any]]]:
+        """Everything queued, oldest first (loop thread)."""
+        events = self._events
+        out = []
+        while events:
+            out.append(events.popleft())
+        return out

@@ -48,7 +48,7 @@ from discoproxy.proxy.balance import Pools
 from discoproxy.proxy.connection import ClientConnection, ConnState
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener, ListenError
 from discoproxy.proxy.names import NameCache
-from discoproxy.proxy.planes import LoopTasks, TaskHandle, TaskOwner
+from discoproxy.proxy.planes import EventOutbox, LoopTasks, TaskHandle, TaskOwner
 from discoproxy.proxy.ports import (
     UDP_SWEEP_S,
     PortListeners,
@@ -64,6 +64,7 @@ from discoproxy.rejections import Rejection
 from discoproxy.routing import Registry, RoutingTable
 from discoproxy.status import StatusService
 from discoproxy.wake import ServerControl, Waker
+from discoproxy.webhooks import Webhooks
 
 # A burst of connections must not be refused by the kernel while the loop is busy;
 # 4096 matches common somaxconn defaults on current kernels.
@@ -97,7 +98,10 @@ class ProxyContext:
     ) -> None:
         self.config = config
         self.registry = registry
+        self.events = EventOutbox()  # for the webhooks: put on any thread, drained on the loop
+        self.webhooks: Webhooks | None = None  # the loop's, when [[webhooks]] are set
         self.waker = Waker(registry, controls or {})
+        self.waker.events = self.events
         self.status = StatusService(config, self.waker)
         self.waker.backend_players = self.status.online_players
         self.ports = PortListeners(self)
@@ -518,7 +522,7 @@ class BindListeners:
 
 
 # Keys a reload cannot apply to a running process: they name what was set up at start.
-RESTART_ONLY = ("admin", "providers", "servers_dir", "bans_file", "log_format")
+RESTART_ONLY = ("admin", "providers", "servers_dir", "bans_file", "log_format", "webhooks")
 
 
 async def reconfigure(ctx: ProxyContext, config: ProxyConfig) -> list[str]:
@@ -671,6 +675,9 @@ async def run_proxy(
                 tg.start_soon(ctx.health.run)
                 tg.start_soon(_watch_reactor, ctx)
                 tg.start_soon(watch_bans, ctx)
+                if config.webhooks:
+                    ctx.webhooks = Webhooks(config.webhooks, ctx.events, registry)
+                    await tg.start(ctx.webhooks.run)
                 if ctx.waker.controls:
                     tg.start_soon(ctx.waker.run)
                 task_status.started(bound)
