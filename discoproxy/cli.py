@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup
 from loguru import logger
 
 from discoproxy.admin.client import AdminUnreachable, admin_token, admin_url, fetch, fetch_json
-from discoproxy.config import ConfigError, ProxyConfig, load_config
+from discoproxy.config import ConfigError, ProxyConfig, load_config, read_document
 from discoproxy.guard import (
     Ban,
     ban_target,
@@ -40,6 +40,7 @@ from discoproxy.provider import (
     Enabled,
     Provider,
     ProviderStatus,
+    ServerStore,
     load_providers,
     snapshot_once,
     supervise,
@@ -395,6 +396,15 @@ async def _serve(
                     providers=statuses,
                     inbox=inbox,
                     reload=reload,
+                    store=next(
+                        (
+                            provider
+                            for provider, _ in providers
+                            if isinstance(provider, ServerStore)
+                            and provider.name in inbox.publishing
+                        ),
+                        None,
+                    ),
                 )
                 await tg.start(serve_admin, admin, config.admin.listen)
                 admin.ready = not waited.cancelled_caught
@@ -624,6 +634,27 @@ def build_parser() -> argparse.ArgumentParser:
     ban_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ban_list.set_defaults(func=cmd_ban_list)
 
+    server_cmd = sub.add_parser(
+        "server",
+        help="store or delete servers through the admin API (the api provider)",
+        description="Store, delete or list the api provider's servers through the running "
+        "instance's admin API (admin.token and admin.read_only = false). A stored server is "
+        "validated exactly as a server file, persisted in [providers.api] state_file, and "
+        "routed at once as ID@api.",
+    )
+    server_sub = server_cmd.add_subparsers(dest="server_command", required=True, metavar="ACTION")
+    server_put = server_sub.add_parser(
+        "put", parents=[common, admin], help="store a server file's server (TOML, YAML, JSON)"
+    )
+    server_put.add_argument("file", help="a server file; its stem is the id unless --id")
+    server_put.add_argument("--id", help="the server id (default: the file's id or stem)")
+    server_put.set_defaults(func=cmd_server_put)
+    server_delete = server_sub.add_parser("delete", parents=[common, admin], help="delete one")
+    server_delete.add_argument("id", help="the server id")
+    server_delete.set_defaults(func=cmd_server_delete)
+    server_list = server_sub.add_parser("list", parents=[common, admin], help="print them as JSON")
+    server_list.set_defaults(func=cmd_server_list)
+
     kick = sub.add_parser(
         "kick",
         parents=[common, admin],
@@ -754,6 +785,62 @@ def cmd_ban_remove(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"unbanned {args.target} ({path})")
+    return EXIT_OK
+
+
+def _admin_call(args: argparse.Namespace, path: str, method: str = "GET", body: Any = None) -> Any:
+    config = _load(args)
+    return fetch_json(
+        admin_url(config, args.admin), path, admin_token(config, args.token), method, body
+    )
+
+
+def cmd_server_put(args: argparse.Namespace) -> int:
+    """Store a server file's server through the admin API (the api provider)."""
+    path = Path(args.file)
+    try:
+        if path.suffix.lower() == ".json":
+            document = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            document = read_document(path)
+        server_id = args.id or str(document.get("id") or path.stem)
+        answer = _admin_call(args, f"/api/servers/{server_id}", "PUT", document)
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AdminUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    for warning in answer.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+    domains = ", ".join(answer["domains"]) or "no domains"
+    print(f"stored {answer['id']}@api ({domains})")
+    return EXIT_OK
+
+
+def cmd_server_delete(args: argparse.Namespace) -> int:
+    try:
+        _admin_call(args, f"/api/servers/{args.id}", "DELETE")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AdminUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    print(f"deleted {args.id}@api")
+    return EXIT_OK
+
+
+def cmd_server_list(args: argparse.Namespace) -> int:
+    try:
+        answer = _admin_call(args, "/api/servers")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AdminUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    print(json.dumps(answer["servers"], indent=2))
     return EXIT_OK
 
 

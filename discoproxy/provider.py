@@ -117,6 +117,28 @@ class Provider(Protocol):
     # ``engines``): each is instantiated, supervised and named on its own.
 
 
+@runtime_checkable
+class ServerStore(Protocol):
+    """A provider whose servers are written through the admin API (``/api/servers``):
+    the ``api`` provider. The admin listener holds it by this protocol only."""
+
+    async def put_server(
+        self, server_id: str, document: dict[str, Any]
+    ) -> tuple[ServerDefinition, list[str]]:
+        """Validate *document* as a server file, persist it, publish; the server and the
+        warnings. Raises :class:`ConfigError` (the server file's message) and changes
+        nothing."""
+        ...
+
+    async def delete_server(self, server_id: str) -> bool:
+        """Forget *server_id* (persisted, published); False when it was not there."""
+        ...
+
+    def server_documents(self) -> dict[str, dict[str, Any]]:
+        """Each stored server's document, as it was put."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class LoadResult:
     """A provider's servers read once, for ``check`` and ``routes --offline``.

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import anyio
 import watchfiles
@@ -70,6 +70,13 @@ def load_server_file_warned(path: Path) -> tuple[ServerDefinition, list[str]]:
     the key; raises :class:`ConfigError` naming the file."""
     data = read_document(path)
     data.setdefault("id", path.stem)
+    return validate_server(data, path)
+
+
+def validate_server(data: dict[str, Any], path: Path) -> tuple[ServerDefinition, list[str]]:
+    """A server document as a server file's (also the ``api`` provider's JSON): the
+    provider's own fields refused, Infrarust's keys translated, validated; the server and
+    the warnings, each naming *path* and the key; raises :class:`ConfigError`."""
     for key in PROVIDER_SET_FIELDS:
         if key in data:
             raise ConfigError(

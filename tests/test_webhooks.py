@@ -214,7 +214,7 @@ async def test_backend_down_and_server_woken_reach_the_receiver() -> None:
             (down,) = [body for _, body in hook.requests if body["event"] == "backend_down"]
             assert down["route"] == "a@test" and down["backend"] == dead
             assert "dials failed in a row" in down["reason"]
-        async with waking_proxy(info.address, webhooks=[{"url": hook.url}]) as (proxy, control):
+        async with waking_proxy(info.address, webhooks=[{"url": hook.url}]) as (proxy, _control):
             stream = await proxy.connect()
             async with stream:
                 await stream.send(handshake("a.example.com", username="Steve"))

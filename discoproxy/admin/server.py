@@ -39,7 +39,7 @@ from discoproxy.config import parse_bind
 from discoproxy.guard import Ban, ban_target, edit_bans
 from discoproxy.metrics import ProviderInfo, render
 from discoproxy.owners import LOOP, owned_by
-from discoproxy.provider import ProviderStatus
+from discoproxy.provider import ConfigError, ProviderStatus, ServerStore
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.balance import BackendState
 from discoproxy.proxy.listener import ListenError
@@ -103,8 +103,10 @@ class Admin:
         providers: Mapping[str, ProviderStatus] | None = None,
         inbox: SnapshotInbox | None = None,
         reload: Reload | None = None,
+        store: ServerStore | None = None,
     ) -> None:
         self.ctx = ctx
+        self.store = store  # the api provider, when it runs
         self.registry = registry
         self.token = token
         self.read_only = read_only
@@ -247,6 +249,42 @@ class Admin:
         logger.info("kick {} through the admin API: ended {} connections", target, ended)
         return _json({"target": target, "ended": ended})
 
+    async def _servers(self, method: str, server_id: str, body: bytes) -> Response:
+        """``/api/servers``: GET lists the api provider's servers; ``PUT``/``DELETE
+        /api/servers/{id}`` write them (a token and read_only = false)."""
+        store = self.store
+        if store is None:
+            return _error(404, "the api provider is off ([providers.api] enabled)")
+        if method in ("GET", "HEAD") and not server_id:
+            documents = store.server_documents()
+            return _json(
+                {"servers": [{"id": k, "server": v} for k, v in sorted(documents.items())]}
+            )
+        refusal = self._write_refusal(method)
+        if refusal is not None:
+            return refusal
+        if not server_id:
+            return _error(405, "PUT or DELETE /api/servers/{id}")
+        if method == "DELETE":
+            if not await store.delete_server(server_id):
+                return _error(404, f"no api server {server_id!r}")
+            return _json({"deleted": server_id})
+        if method != "PUT":
+            return _error(405, "use PUT to store a server, DELETE to remove it")
+        try:
+            document = json.loads(body or b"")
+        except ValueError as exc:
+            return _error(400, f"api servers/{server_id}: the body is not JSON: {exc}")
+        if not isinstance(document, dict):
+            return _error(
+                400, f"api servers/{server_id}: expected a JSON object (a server file's keys)"
+            )
+        try:
+            server, warnings = await store.put_server(server_id, document)
+        except ConfigError as exc:
+            return _error(400, str(exc))
+        return _json({"id": server.id, "domains": list(server.domains), "warnings": warnings})
+
     async def respond(
         self, method: str, target: str, headers: Mapping[str, str], body: bytes = b""
     ) -> Response:
@@ -265,6 +303,8 @@ class Admin:
             if self.read_only or self.reload is None:
                 return _error(403, "the admin API is read-only (admin.read_only = true)")
             return _json({"result": await self.reload()})
+        if path == "/api/servers" or path.startswith("/api/servers/"):
+            return await self._servers(method, path[len("/api/servers/") :], body)
         if path in ("/api/bans", "/api/kick"):
             refusal = self._write_refusal(method)
             if refusal is not None:

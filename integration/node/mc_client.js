@@ -1,17 +1,19 @@
 'use strict'
 // An offline-mode Minecraft client (npm minecraft-protocol) for discoproxy's integration
-// tests: `node mc_client.js <port> <handshake host> <username> <version>`. It connects to
+// tests: `node mc_client.js <port> <handshake host> <username> <version> [hold]`. It connects to
 // 127.0.0.1:<port> but announces <handshake host> (fakeHost), as a player would through a
 // DNS name pointing at the proxy. Prints JSON lines on stdout and exits:
 //   {"event":"connect","port":51234}      TCP connected, from 127.0.0.1:<port>
 //   {"event":"play"}                      reached the play state (login packet received)
 //   {"event":"disconnect","reason":"…"}   kicked during login or play
 //   {"event":"end","reason":"…"}          the connection ended
-// It gives up after TIMEOUT_MS so a stalled proxy cannot hang the test run.
+// It gives up after TIMEOUT_MS so a stalled proxy cannot hang the test run. With `hold` it
+// stays in play (answering keep-alives) until the server ends it, for up to HOLD_MS.
 const mc = require('minecraft-protocol')
 
-const TIMEOUT_MS = 10000
-const [port, fakeHost, username, version] = process.argv.slice(2)
+const [port, fakeHost, username, version, mode] = process.argv.slice(2)
+const hold = mode === 'hold'
+const TIMEOUT_MS = hold ? 60000 : 10000
 const emit = (event, fields) => console.log(JSON.stringify({ event, ...fields }))
 const text = (reason) => (typeof reason === 'string' ? reason : JSON.stringify(reason))
 
@@ -28,7 +30,7 @@ const client = mc.createClient({
 client.on('connect', () => emit('connect', { port: client.socket.localPort }))
 client.on('login', () => {
   emit('play', { state: client.state })
-  client.end('test done')
+  if (!hold) client.end('test done')
 })
 client.on('disconnect', (packet) => emit('disconnect', { reason: text(packet.reason) }))
 client.on('kick_disconnect', (packet) => emit('disconnect', { reason: text(packet.reason) }))
