@@ -283,6 +283,9 @@ def test_routes_connections_and_health_read_a_running_instance(
 
                     code, out, _ = run(["connections", "--admin", admin], capsys)
                     assert out.splitlines()[-1] == "1 open"
+                    header, row = out.splitlines()[:2]
+                    assert header.split()[2:4] == ["CLIENT", "PLAYER"]
+                    assert row.split()[3] == "tester"  # its Login Start's name
 
             code, out, _ = run(["health", "--admin", admin], capsys)
             assert code == 0

@@ -23,6 +23,7 @@ from discoproxy.config import ProxyConfig
 from discoproxy.protocol import minecraft
 from discoproxy.protocol.errors import NeedData
 from discoproxy.protocol.proxy_protocol import ProxyHeader, parse_proxy_header
+from discoproxy.proxy.planes import EventOutbox
 from discoproxy.routing import Registry
 from discoproxy.status import StatusService, StatusState
 from discoproxy.wake import Waker
@@ -417,6 +418,8 @@ async def test_idle_servers_are_stopped_after_auto_stop_after() -> None:
     control = FakeControl(registry)
     clock = FakeClock()
     waker = Waker(registry, {"test": control}, clock=clock)
+    waker.events = events = EventOutbox()
+    events.wanted = frozenset({"server_stopped"})
 
     async def stops_after(seconds: float) -> int:
         clock.advance(seconds)
@@ -430,6 +433,8 @@ async def test_idle_servers_are_stopped_after_auto_stop_after() -> None:
     waker.player_left("a@test")
     assert await stops_after(9.5) == 0  # idle counts from when the last player left
     assert await stops_after(0.5) == 1  # exactly auto_stop_after without a player
+    ((event, _, data),) = events.drain()  # the webhooks hear of it
+    assert event == "server_stopped" and data == {"route": "a@test", "server": "a", "idle_s": 10.0}
     assert await stops_after(9.5) == 1  # not again before another full period
     assert await stops_after(0.5) == 2
 
