@@ -662,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="End the open connections of a player (by username, any case) or the "
         "connection with this id (as `connections` lists it), through the admin API of the "
         "running instance (it needs admin.token and admin.read_only = false). Exit 1 when "
-        "nothing matched.",
+        "nothing matched, 2 when the API did not answer or refused.",
     )
     kick.add_argument("target", help="a Minecraft username or a connection id")
     kick.set_defaults(func=cmd_kick)
@@ -809,8 +809,8 @@ def cmd_server_put(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except AdminUnreachable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNHEALTHY
+        print(f"error: {exc}", file=sys.stderr)  # 400: the server does not load, as a file
+        return EXIT_CONFIG if exc.status == 400 else EXIT_UNREACHABLE
     for warning in answer.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     domains = ", ".join(answer["domains"]) or "no domains"
@@ -826,7 +826,7 @@ def cmd_server_delete(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     except AdminUnreachable as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNHEALTHY
+        return EXIT_UNREACHABLE
     print(f"deleted {args.id}@api")
     return EXIT_OK
 
@@ -839,7 +839,7 @@ def cmd_server_list(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     except AdminUnreachable as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNHEALTHY
+        return EXIT_UNREACHABLE
     print(json.dumps(answer["servers"], indent=2))
     return EXIT_OK
 
@@ -858,10 +858,10 @@ def cmd_kick(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     except AdminUnreachable as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNHEALTHY
+        return EXIT_UNREACHABLE
     ended = int(answer["ended"])
     print(f"kicked {args.target}: ended {ended} open connections")
-    return EXIT_OK if ended else EXIT_UNHEALTHY
+    return EXIT_OK if ended else EXIT_CONFIG  # 1: nothing matched
 
 
 def cmd_ban_list(args: argparse.Namespace) -> int:

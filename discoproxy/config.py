@@ -162,6 +162,10 @@ class WebhookSettings(BaseModel):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        try:
+            parts.port  # noqa: B018 (urlsplit checks the port only when asked)
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: {exc}") from None
         return value
 
     @field_validator("events", mode="before")

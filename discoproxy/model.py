@@ -570,9 +570,9 @@ class ServerDefinition(BaseModel):
         default=False,
         description="Tell the backend the player's address in TCPShield's real-IP format "
         "(Gate Lite's `tcpShieldRealIP`): the handshake's host becomes "
-        "'host///ip:port///unix-time' (1.7+ logins and pings). Real-IP data a client "
-        "sent itself is replaced; data from a trusted_proxies peer (TCPShield, signed) is "
-        "passed on as sent.",
+        "'host///ip:port///unix-time' (1.7+ logins and pings), for backends that read that "
+        "format unsigned. Real-IP data from a trusted_proxies peer connecting directly "
+        "(TCPShield, signed) is passed on as sent; anyone else's is replaced.",
     )
     unreachable_message: str | None = Field(
         default=None,

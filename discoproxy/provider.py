@@ -117,6 +117,10 @@ class Provider(Protocol):
     # ``engines``): each is instantiated, supervised and named on its own.
 
 
+class StoreUnavailable(Exception):
+    """A :class:`ServerStore` cannot take writes now (its state is not loaded): try again."""
+
+
 @runtime_checkable
 class ServerStore(Protocol):
     """A provider whose servers are written through the admin API (``/api/servers``):
@@ -126,8 +130,8 @@ class ServerStore(Protocol):
         self, server_id: str, document: dict[str, Any]
     ) -> tuple[ServerDefinition, list[str]]:
         """Validate *document* as a server file, persist it, publish; the server and the
-        warnings. Raises :class:`ConfigError` (the server file's message) and changes
-        nothing."""
+        warnings. Raises :class:`ConfigError` (the server file's message) or
+        :class:`StoreUnavailable`, and changes nothing."""
         ...
 
     async def delete_server(self, server_id: str) -> bool:

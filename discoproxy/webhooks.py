@@ -175,6 +175,9 @@ class Webhooks:
             return f"timed out after {settings.timeout:g}s"
         except (OSError, anyio.BrokenResourceError, anyio.EndOfStream, h11.ProtocolError) as exc:
             return f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a bug or an odd answer: one failed attempt, not a dead sender
+            logger.opt(exception=exc).error("webhook {}: delivery failed", settings.label)
+            return f"{type(exc).__name__}: {exc}"
         return None if status < 400 else f"HTTP {status}"
 
 

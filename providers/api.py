@@ -8,8 +8,10 @@ Rules for this file:
   one is refused with that message and changes nothing.
 - The state file (``[providers.api] state_file``) is the truth: written atomically
   (temp file in the same directory, fsync, rename) before the new snapshot is published,
-  read at start. A document in it that no longer validates (an upgrade changed the
-  schema) is reported naming the file and the id, and left out; the others load.
+  read at start (writes wait for that reading: until then they are refused, changing
+  nothing). A document in it that no longer validates (an upgrade changed the schema) is
+  reported naming the file and the id and not routed, but kept in the file until it is
+  put again or deleted; the others load.
 - ``auto``: on when the admin API takes writes (``admin.token`` and ``read_only =
   false``) or the state file exists (its servers stay routed).
 - Writes are one at a time (a lock): two PUTs never lose each other's server.
@@ -35,6 +37,7 @@ from discoproxy.provider import (
     ProviderSettings,
     ProxyConfig,
     Publish,
+    StoreUnavailable,
 )
 from providers.file import validate_server
 
@@ -70,7 +73,9 @@ class ApiProvider:
         has_token = bool(admin.token or admin.token_file)
         self._writable = bool(admin.listen) and has_token and not admin.read_only
         self._documents: dict[str, dict[str, Any]] = {}
+        self._invalid: dict[str, Any] = {}  # stored documents that no longer validate: kept
         self._servers: dict[str, ServerDefinition] = {}
+        self._loaded = False  # writes wait for the state file's first reading
         self._publish: Publish | None = None
         self._lock = anyio.Lock()
         self._log = logger.bind(provider=name)
@@ -89,11 +94,12 @@ class ApiProvider:
 
     def _read_state(
         self,
-    ) -> tuple[dict[str, dict[str, Any]], dict[str, ServerDefinition], list[str]]:
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, ServerDefinition], dict[str, Any], list[str]]:
+        """(valid documents, their servers, invalid documents, errors) of the state file."""
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return {}, {}, []
+            return {}, {}, {}, []
         try:
             state = json.loads(text)
             documents = state["servers"]
@@ -103,28 +109,40 @@ class ApiProvider:
             raise ConfigError(f"{self.path}: not an api state file: {exc}", str(self.path)) from exc
         servers: dict[str, ServerDefinition] = {}
         kept: dict[str, dict[str, Any]] = {}
+        invalid: dict[str, Any] = {}
         errors: list[str] = []
         for server_id, document in documents.items():
             try:
+                if not isinstance(document, dict):
+                    raise ConfigError(f"{self._where(server_id)}: expected an object", "api")
                 server, _ = validate_server({**document, "id": server_id}, self._where(server_id))
             except ConfigError as exc:
                 errors.append(str(exc))
+                invalid[server_id] = document  # written back as it was, until replaced
                 continue
             servers[server_id] = server
             kept[server_id] = document
-        return kept, servers, errors
+        return kept, servers, invalid, errors
 
     async def load_once(self) -> LoadResult:
-        _, servers, errors = self._read_state()
+        _, servers, _, errors = self._read_state()
         return LoadResult(tuple(servers.values()), tuple(errors), source=str(self.path))
 
     async def run(self, publish: Publish) -> None:
-        self._documents, self._servers, errors = self._read_state()
+        async with self._lock:
+            self._documents, self._servers, self._invalid, errors = self._read_state()
+            self._loaded = True
         for error in errors:
-            self._log.error("api server not loaded: {}", error)
+            self._log.error("api server not routed (kept in the file): {}", error)
         self._publish = publish
         publish(list(self._servers.values()))
         await anyio.sleep_forever()
+
+    def _ready(self) -> None:
+        if not self._loaded:
+            raise StoreUnavailable(
+                f"{self.path} is not loaded (see the provider's error); nothing was changed"
+            )
 
     def server_documents(self) -> dict[str, dict[str, Any]]:
         return dict(self._documents)
@@ -145,9 +163,11 @@ class ApiProvider:
             {**json.loads(json.dumps(stored)), "id": server_id}, Path(f"api servers/{server_id}")
         )
         async with self._lock:
+            self._ready()
             documents = {**self._documents, server_id: stored}
-            await anyio.to_thread.run_sync(self._write, documents)
-            self._documents = documents
+            invalid = {k: v for k, v in self._invalid.items() if k != server_id}
+            await anyio.to_thread.run_sync(self._write, {**invalid, **documents})
+            self._documents, self._invalid = documents, invalid
             self._servers = {**self._servers, server_id: server}
             self._published()
         self._log.info("api server {} put: {}", server_id, ", ".join(server.domains) or "-")
@@ -155,11 +175,13 @@ class ApiProvider:
 
     async def delete_server(self, server_id: str) -> bool:
         async with self._lock:
-            if server_id not in self._documents:
+            self._ready()
+            if server_id not in self._documents and server_id not in self._invalid:
                 return False
             documents = {k: v for k, v in self._documents.items() if k != server_id}
-            await anyio.to_thread.run_sync(self._write, documents)
-            self._documents = documents
+            invalid = {k: v for k, v in self._invalid.items() if k != server_id}
+            await anyio.to_thread.run_sync(self._write, {**invalid, **documents})
+            self._documents, self._invalid = documents, invalid
             self._servers = {k: v for k, v in self._servers.items() if k != server_id}
             self._published()
         self._log.info("api server {} deleted", server_id)
@@ -169,7 +191,7 @@ class ApiProvider:
         if self._publish is not None:
             self._publish(list(self._servers.values()))
 
-    def _write(self, documents: dict[str, dict[str, Any]]) -> None:
+    def _write(self, documents: dict[str, Any]) -> None:
         """Atomically: a temp file beside it, fsync, rename."""
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -249,7 +249,7 @@ def _filters(data: Document, value: Any) -> str | None:
             ip_filter = {k: v for k, v in ip_filter.items() if k != "enabled"}
         _ip_filter(data, ip_filter)
     lists: dict[str, list[Any]] = {"allow": [], "deny": []}
-    for key in ("name_filter", "id_filter"):  # both are our players lists
+    for key in ("name_filter",):  # our players lists
         player_filter = on.pop(key, None)
         if player_filter is None:
             continue
@@ -267,6 +267,9 @@ def _filters(data: Document, value: Any) -> str | None:
     why = {
         "rate_limiter": "per-server rate limits are not supported; the global [rate_limit] "
         "(per client IP) applies to every server",
+        "id_filter": "Infrarust matches the account's UUID, which only a proxy taking part "
+        "in the login knows (discoproxy's players lists match the offline UUID a name "
+        "gives); list the names in name_filter (or players) instead",
         "ban": "discoproxy keeps one bans file for every server (bans_file, "
         "`discoproxy ban add`), not one per server",
     }
@@ -310,9 +313,9 @@ V1_KEYS: tuple[KeyRule, ...] = (
     ),
     KeyRule(
         "filters",
-        "`ip_filter` as above; `name_filter` and `id_filter` → `players` (whitelist → "
-        "allow, blacklist → deny: names or UUIDs); `rate_limiter`, `ban` refused (naming the "
-        "global setting) unless `enabled: false`",
+        "`ip_filter` as above; `name_filter` → `players` (whitelist → allow, blacklist → "
+        "deny); `id_filter` (account UUIDs), `rate_limiter`, `ban` refused (naming why and "
+        "the setting to use) unless `enabled: false`",
         _filters,
     ),
     KeyRule(

@@ -89,3 +89,40 @@ def test_writes_are_refused_when_the_api_is_read_only(tmp_path: Path) -> None:
     with running_proxy(tmp_path, config=readonly) as proxy:
         done = cli("server", "put", str(server_file), admin=proxy.admin_url(), config=config)
         assert done.returncode != 0 and "read-only" in done.stderr, done.stderr
+
+
+def test_a_stored_document_that_no_longer_loads_is_kept_until_replaced(tmp_path: Path) -> None:
+    """Not routed and reported, but a PUT of another server does not delete it."""
+    import anyio
+
+    from discoproxy.config import ProxyConfig
+    from providers.api import ApiProvider, ApiSettings
+
+    state = tmp_path / "api-servers.json"
+    state.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "servers": {
+                    "good": {"domains": ["good.example.com"], "addresses": ["a:1"]},
+                    "old": {"domains": ["old.example.com"], "addresses": ["a:1"], "gone": 1},
+                },
+            }
+        )
+    )
+    config = ProxyConfig.model_validate({"admin": {"token": TOKEN, "read_only": False}})
+    provider = ApiProvider("api", ApiSettings(state_file=state), config)
+    published: list[list[str]] = []
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(provider.run, lambda servers: published.append([s.id for s in servers]))
+            with anyio.fail_after(5):
+                while not published:
+                    await anyio.sleep(0.01)
+            await provider.put_server("new", {"domains": ["new.example.com"], "addresses": ["b:1"]})
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert published == [["good"], ["good", "new"]]
+    assert sorted(json.loads(state.read_text())["servers"]) == ["good", "new", "old"]

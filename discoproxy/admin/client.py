@@ -15,7 +15,12 @@ TIMEOUT_S = 5.0
 
 
 class AdminUnreachable(Exception):
-    """The admin API did not answer, or answered with an error; the message says which."""
+    """The admin API did not answer, or answered with an error; the message says which,
+    and ``status`` the HTTP status of an answer (None when nothing answered)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def admin_url(config: ProxyConfig, override: str | None = None) -> str:
@@ -64,12 +69,13 @@ def fetch_json(url: str, path: str, token: str = "", method: str = "GET", body: 
     body = raw
     if status == 401:
         raise AdminUnreachable(
-            f"{url}{path}: 401, the admin API wants a token (--token or $DISCOPROXY_ADMIN_TOKEN)"
+            f"{url}{path}: 401, the admin API wants a token (--token or $DISCOPROXY_ADMIN_TOKEN)",
+            status,
         )
     if status != 200:
         try:
             message = json.loads(body)["error"]
         except (ValueError, KeyError, TypeError):
             message = body[:200].decode(errors="replace")
-        raise AdminUnreachable(f"{url}{path}: HTTP {status}: {message}")
+        raise AdminUnreachable(f"{url}{path}: HTTP {status}: {message}", status)
     return json.loads(body)

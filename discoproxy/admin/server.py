@@ -39,7 +39,7 @@ from discoproxy.config import parse_bind
 from discoproxy.guard import Ban, ban_target, edit_bans
 from discoproxy.metrics import ProviderInfo, render
 from discoproxy.owners import LOOP, owned_by
-from discoproxy.provider import ConfigError, ProviderStatus, ServerStore
+from discoproxy.provider import ConfigError, ProviderStatus, ServerStore, StoreUnavailable
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.balance import BackendState
 from discoproxy.proxy.listener import ListenError
@@ -255,8 +255,12 @@ class Admin:
         store = self.store
         if store is None:
             return _error(404, "the api provider is off ([providers.api] enabled)")
-        if method in ("GET", "HEAD") and not server_id:
+        if method in ("GET", "HEAD"):
             documents = store.server_documents()
+            if server_id:
+                if server_id not in documents:
+                    return _error(404, f"no api server {server_id!r}")
+                return _json({"id": server_id, "server": documents[server_id]})
             return _json(
                 {"servers": [{"id": k, "server": v} for k, v in sorted(documents.items())]}
             )
@@ -266,7 +270,11 @@ class Admin:
         if not server_id:
             return _error(405, "PUT or DELETE /api/servers/{id}")
         if method == "DELETE":
-            if not await store.delete_server(server_id):
+            try:
+                deleted = await store.delete_server(server_id)
+            except StoreUnavailable as exc:
+                return _error(503, str(exc))
+            if not deleted:
                 return _error(404, f"no api server {server_id!r}")
             return _json({"deleted": server_id})
         if method != "PUT":
@@ -283,6 +291,8 @@ class Admin:
             server, warnings = await store.put_server(server_id, document)
         except ConfigError as exc:
             return _error(400, str(exc))
+        except StoreUnavailable as exc:
+            return _error(503, str(exc))
         return _json({"id": server.id, "domains": list(server.domains), "warnings": warnings})
 
     async def respond(

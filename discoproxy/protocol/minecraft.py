@@ -683,9 +683,10 @@ def encode_legacy_beta_kick(motd: str, online: int, max_players: int) -> bytes:
 
 
 LOGIN_START_PACKET_ID = 0x00
-# Login Start's name is String(16); a modded client may send a little more, a peer may not
-# make us wait for more than this before we give up on it.
-MAX_LOGIN_START_BYTES = 512
+# Login Start's name is String(16), but 1.19-1.19.2 (protocols 759, 760) follow it with the
+# player's signing key: a timestamp, a 294-byte public key and a 512-byte Mojang signature
+# (845 bytes in all). A peer may not make us wait for more than this before we give up.
+MAX_LOGIN_START_BYTES = 2048
 MAX_USERNAME_CHARS = 16
 
 
@@ -712,6 +713,9 @@ def parse_login_start(buf: Buffer) -> LoginStart | NeedData:
         raise MalformedHandshake(
             f"username of {len(name)} characters, expected 1-{MAX_USERNAME_CHARS}"
         )
+    if not name.isprintable() or any(c.isspace() for c in name):
+        # it goes into log lines, the API and webhooks: no line breaks, no controls
+        raise MalformedHandshake(f"username {name!r} has spaces or control characters")
     return LoginStart(username=name, length=packet.length)
 
 

@@ -407,6 +407,14 @@ class ClientConnection:
         if self._ip_key is not None:
             ctx.guard.closed(self._ip_key)
             self._ip_key = None
+        players_in = self._players_in  # the counts close() keeps: never leaked
+        if players_in is not None:
+            self._players_in = None
+            players_in.players -= 1
+        if self._player and self.route is not None:
+            self._player = False
+            with contextlib.suppress(Exception):
+                ctx.waker.player_left(self.route.qualified_id)
         for fd, owned in ((self.cfd, not handed_off), (self.bfd, True)):
             if fd >= 0:
                 ctx.reactor.forget(fd)
@@ -1064,9 +1072,16 @@ class ClientConnection:
         route = self.route
         assert route is not None
         server = route.server
-        rewrite = (server.domain_rewrite is not None or server.tcpshield_real_ip) and (
-            self._handshake is not None or self._legacy_login is not None
-        )
+        handshake = self._handshake
+        rewrite = (
+            server.domain_rewrite is not None
+            or server.tcpshield_real_ip
+            or (  # TCPShield data the client may have written itself: never passed on
+                handshake is not None
+                and minecraft.TCPSHIELD_SEPARATOR in handshake.raw_address
+                and not self._shield_trusted()
+            )
+        ) and (handshake is not None or self._legacy_login is not None)
         if up.out is None or rewrite:  # what the backend must see first
             header = self._proxy_header_for_backend() if route.send_proxy_protocol else b""
             prefix = self._rewritten_prefix(name or ip) if rewrite else self.buffer
@@ -1097,7 +1112,9 @@ class ClientConnection:
         host, shield = (head[:shield_at], head[shield_at:]) if shield_at >= 0 else (head, "")
         if server.domain_rewrite is not None:
             host = rewritten_host(server, dialed_host, handshake.server_address)
-        if server.tcpshield_real_ip and not (shield and self._peer_trusted()):
+        if shield and not self._shield_trusted():
+            shield = ""  # the client's own words: it could name any address
+        if server.tcpshield_real_ip and not shield:
             shield = self._tcpshield_data()
         rebuilt = minecraft.encode_handshake(
             handshake.protocol_version,
@@ -1121,10 +1138,11 @@ class ClientConnection:
             "backend": format_addr(self.backend_addr) if self.backend_addr else None,
         }
 
-    def _peer_trusted(self) -> bool:
-        """Whether the TCP peer is one of trusted_proxies (its PROXY header was read, or
-        its address is listed): what it wrote about the client may be passed on."""
-        return self._proxy_header is not None or self.ctx.is_trusted(self.client_addr)
+    def _shield_trusted(self) -> bool:
+        """Whether TCPShield real-IP data in the handshake may reach the backend: only when
+        the TCP peer itself is one of trusted_proxies (TCPShield connecting directly).
+        Behind a PROXY header the handshake's bytes are the client's own."""
+        return self._proxy_header is None and self.ctx.is_trusted(self.client_addr)
 
     def _tcpshield_data(self) -> str:
         """TCPShield's real-IP part, ``///ip:port///unix-time``, for the client as this
@@ -1292,9 +1310,11 @@ class ClientConnection:
 
     def _start_forwarding(self) -> None:
         self.state = FORWARDING  # only ever called while DIALING: always allowed
-        if self.player is not None and "player_connected" in self.ctx.events.wanted:
-            self._announced = True
-            self.ctx.events.put("player_connected", self._player_event())
+        if self.player is not None:
+            wanted = self.ctx.events.wanted
+            if "player_connected" in wanted or "player_disconnected" in wanted:
+                self._announced = True
+                self.ctx.events.put("player_connected", self._player_event())
         if self._kind is _MINECRAFT or self._legacy_login:  # a player: for auto_stop_after
             route = self.route
             waker = self.ctx.waker
@@ -1338,8 +1358,11 @@ class ClientConnection:
 
     def handshake_timed_out(self) -> None:
         if self.state in _PRE_ROUTING and not self.lingering:
+            waited = "no complete handshake"
+            if self._handshake is not None and self._next_state != minecraft.NEXT_STATE_STATUS:
+                waited = "no Login Start after the login handshake"
             self._fail(
-                f"no complete handshake within {self.ctx.config.handshake_timeout}s "
+                f"{waited} within {self.ctx.config.handshake_timeout}s "
                 f"({len(self.buffer)} bytes received)",
                 Hint.CLOSE,
                 reason=Rejection.HANDSHAKE_TIMEOUT,

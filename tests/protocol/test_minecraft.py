@@ -789,12 +789,22 @@ def test_mcstatus_reads_our_legacy_kick_with_a_colour_code() -> None:
 
 
 UUID_BYTES = bytes(range(16))
+# 1.19-1.19.2 with a signing key: has-sig-data, expiry (Long), public key (VarInt-prefixed,
+# 294 bytes), signature (VarInt-prefixed, 512 bytes)
+SIGNED_1_19 = (
+    b"\x01"
+    + struct.pack(">q", 1_700_000_000_000)
+    + encode_varint(294)
+    + bytes(294)
+    + encode_varint(512)
+    + bytes(512)
+)
 
 
 @pytest.mark.parametrize(
     "extra",
-    [b"", UUID_BYTES, b"\x01" + UUID_BYTES, b"\x00\x00"],
-    ids=["1.7-1.18", "1.20.2+ uuid", "1.19.1 has-uuid", "1.19 no-signature"],
+    [b"", UUID_BYTES, b"\x01" + UUID_BYTES, b"\x00\x00", SIGNED_1_19],
+    ids=["1.7-1.18", "1.20.2+ uuid", "1.19.1 has-uuid", "1.19 no-signature", "1.19 signed"],
 )
 def test_login_start_gives_the_username_whatever_follows_it(extra: bytes) -> None:
     packet = encode_login_start("Notch_42", extra)
@@ -811,6 +821,8 @@ def test_login_start_gives_the_username_whatever_follows_it(extra: bytes) -> Non
         (encode_packet(0x00, encode_string("x" * 17)), "username of 17 characters"),
         (encode_packet(0x00, b"\x05ab"), "username length 5"),
         (encode_varint(4096) + b"\x00", "exceeds cap"),
+        (encode_packet(0x00, encode_string("evil\nINFO x")), "spaces or control characters"),
+        (encode_packet(0x00, encode_string("a b")), "spaces or control characters"),
     ],
 )
 def test_bad_login_starts_say_why(packet: bytes, message: str) -> None:

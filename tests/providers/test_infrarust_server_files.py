@@ -190,7 +190,7 @@ filters:
     whitelist: ["Steve", "Alex"]
     blacklist: ["griefer_1"]
   id_filter:
-    enabled: true
+    enabled: false
     blacklist: ["069a79f4-44e9-4726-a5be-fca90e38aaf5"]
   rate_limiter:
     enabled: false
@@ -222,7 +222,7 @@ def test_a_v1_yaml_file_loads_with_infrarusts_meaning(tmp_path: Path) -> None:
     assert ip_filter.deny == (ipaddress.ip_network("192.168.7.7/32"),)
     players = server.players  # type: ignore[attr-defined]
     assert "steve" in players.allow and "Alex" in players.allow and "griefer_1" in players.deny
-    assert players.deny.uuids and players.refuses("Griefer_1") and players.refuses("Bob")
+    assert players.refuses("Griefer_1") and players.refuses("Bob")
     motds = server.motds  # type: ignore[attr-defined]
     assert motds.online.text == "Hub - welcome" and motds.online.protocol_version == 765
     assert motds.sleeping.text == "Hub is asleep - connect to wake it"  # v1's offline
@@ -292,7 +292,9 @@ def test_v1_proxy_protocol_version_1_is_warned(tmp_path: Path) -> None:
         ("filters: {rate_limiter: {requests_per_minute: 600, burst_size: 10}}",
          "filters.rate_limiter: per-server rate limits are not supported"),
         ("filters: {rate_limiter: {requestLimit: 10, windowLength: 1s}}", "[rate_limit]"),
-        ("filters: {id_filter: {enabled: true, whitelist: ['not-a-uuid']}}", "neither a username"),
+        ("filters: {id_filter: {enabled: true, whitelist: ['069a79f4-44e9-4726-a5be-fca"
+         "90e38aaf5']}}",
+         "filters.id_filter: Infrarust matches the account's UUID"),
         ("filters: {name_filter: {whitelist: [player1], size: 3}}", "name_filter.size: unknown"),
         ("filters: {ban: {enabled: true, storage_type: file, file_path: bans.json}}",
          "one bans file"),

@@ -12,6 +12,7 @@ import pytest
 from anyio.abc import SocketAttribute, SocketStream
 
 from discoproxy.protocol import minecraft
+from discoproxy.proxy.addresses import proxy_v2_header
 from tests.proxy.helpers import (
     Backend,
     backend,
@@ -26,7 +27,12 @@ pytestmark = pytest.mark.anyio
 FORGED = "play.example.com///6.6.6.6:1234///1700000000///c2lnbmF0dXJl"
 
 
-async def seen(address: str, proxy_settings: dict[str, Any] | None = None, **extra: Any) -> str:
+async def seen(
+    address: str,
+    proxy_settings: dict[str, Any] | None = None,
+    prefix: bytes = b"",
+    **extra: Any,
+) -> str:
     """The handshake address a backend sees when a client sends *address*; ``{port}`` in
     the answer stands for the client's own port."""
     addresses: list[str] = []
@@ -45,7 +51,7 @@ async def seen(address: str, proxy_settings: dict[str, Any] | None = None, **ext
             stream = await proxy.connect()
             async with stream:
                 port = stream.extra(SocketAttribute.local_address)[1]
-                await stream.send(handshake(address))
+                await stream.send(prefix + handshake(address))
                 assert await receive_all(stream) == b"ok"
     (got,) = addresses
     return got.replace(f":{port}///", ":{port}///")
@@ -55,8 +61,16 @@ def shield_time(address: str) -> int:
     return int(address.split("///")[2].split("\0")[0])
 
 
-async def test_a_tcpshield_handshake_routes_by_its_host_and_is_forwarded_as_sent() -> None:
-    assert await seen(FORGED) == FORGED
+async def test_a_tcpshield_handshake_routes_by_its_host_and_a_clients_own_data_is_dropped() -> None:
+    assert await seen(FORGED) == "play.example.com"  # from an untrusted peer: stripped
+
+
+async def test_behind_a_proxy_header_the_handshakes_data_is_the_clients_and_is_replaced() -> None:
+    trusted = {"receive_proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}
+    header = proxy_v2_header((("203.0.113.9", 4444), ("127.0.0.1", 25565)))
+    got = await seen(FORGED, trusted, prefix=header, tcpshield_real_ip=True)
+    assert got.startswith("play.example.com///203.0.113.9:4444///"), got
+    assert await seen(FORGED, trusted, prefix=header) == "play.example.com"
 
 
 async def test_the_backend_is_told_the_players_address() -> None:
