@@ -788,11 +788,21 @@ def cmd_ban_remove(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _admin_call(args: argparse.Namespace, path: str, method: str = "GET", body: Any = None) -> Any:
-    config = _load(args)
-    return fetch_json(
-        admin_url(config, args.admin), path, admin_token(config, args.token), method, body
-    )
+def _ask(args: argparse.Namespace, path: str, method: str = "GET", body: Any = None) -> Any:
+    """The running instance's admin API answer; None after printing why not (the exit
+    code in ``args.exit``: 1 for a bad config or a refused document, 2 when the API did
+    not answer or refused the request)."""
+    try:
+        config = _load(args)
+        token = admin_token(config, args.token)
+        return fetch_json(admin_url(config, args.admin), path, token, method, body)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        args.exit = EXIT_CONFIG
+    except AdminUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)  # 400: the server does not load, as a file
+        args.exit = EXIT_CONFIG if exc.status == 400 else EXIT_UNREACHABLE
+    return None
 
 
 def cmd_server_put(args: argparse.Namespace) -> int:
@@ -803,14 +813,13 @@ def cmd_server_put(args: argparse.Namespace) -> int:
             document = json.loads(path.read_text(encoding="utf-8"))
         else:
             document = read_document(path)
-        server_id = args.id or str(document.get("id") or path.stem)
-        answer = _admin_call(args, f"/api/servers/{server_id}", "PUT", document)
     except (ConfigError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except AdminUnreachable as exc:
-        print(f"error: {exc}", file=sys.stderr)  # 400: the server does not load, as a file
-        return EXIT_CONFIG if exc.status == 400 else EXIT_UNREACHABLE
+    server_id = args.id or str(document.get("id") or path.stem)
+    answer = _ask(args, f"/api/servers/{server_id}", "PUT", document)
+    if answer is None:
+        return int(args.exit)
     for warning in answer.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     domains = ", ".join(answer["domains"]) or "no domains"
@@ -819,27 +828,16 @@ def cmd_server_put(args: argparse.Namespace) -> int:
 
 
 def cmd_server_delete(args: argparse.Namespace) -> int:
-    try:
-        _admin_call(args, f"/api/servers/{args.id}", "DELETE")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except AdminUnreachable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    if _ask(args, f"/api/servers/{args.id}", "DELETE") is None:
+        return int(args.exit)
     print(f"deleted {args.id}@api")
     return EXIT_OK
 
 
 def cmd_server_list(args: argparse.Namespace) -> int:
-    try:
-        answer = _admin_call(args, "/api/servers")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except AdminUnreachable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    answer = _ask(args, "/api/servers")
+    if answer is None:
+        return int(args.exit)
     print(json.dumps(answer["servers"], indent=2))
     return EXIT_OK
 
@@ -847,18 +845,9 @@ def cmd_server_list(args: argparse.Namespace) -> int:
 def cmd_kick(args: argparse.Namespace) -> int:
     """End a player's open connections (by username) or one connection (by its id)
     through the admin API of the running instance."""
-    try:
-        config = _load(args)
-        url = admin_url(config, args.admin)
-        answer = fetch_json(
-            url, "/api/kick", admin_token(config, args.token), "POST", {"target": args.target}
-        )
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except AdminUnreachable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    answer = _ask(args, "/api/kick", "POST", {"target": args.target})
+    if answer is None:
+        return int(args.exit)
     ended = int(answer["ended"])
     print(f"kicked {args.target}: ended {ended} open connections")
     return EXIT_OK if ended else EXIT_CONFIG  # 1: nothing matched

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
+import tempfile
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -484,6 +486,22 @@ class ProxyConfig(BaseModel):
     @property
     def bind_addresses(self) -> tuple[tuple[str, int], ...]:
         return tuple(parse_bind(item) for item in self.bind)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace *path* with *text* so a reader sees the old file or the new one, never half
+    of one: a temp file in the same directory, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
 
 
 def read_document(path: Path) -> dict[str, Any]:

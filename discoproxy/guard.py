@@ -33,8 +33,6 @@ import datetime
 import fcntl
 import ipaddress
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from discoproxy.config import write_atomically
 from discoproxy.model import IpFilterSettings, parse_networks
 from discoproxy.owners import REACTOR, owned_by
 from discoproxy.rejections import Rejection
@@ -412,18 +411,7 @@ def save_bans(path: Path, bans: BanList) -> None:
         "version": BANS_FILE_VERSION,
         "bans": [ban.to_json() for ban in bans.bans if ban.active(now)],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            json.dump(document, file, indent=2)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, json.dumps(document, indent=2) + "\n")
 
 
 def parse_duration(text: str) -> float:

@@ -16,8 +16,9 @@ Rules for this file:
   elsewhere: the provider alone knows where its servers are.
 - Providers import :mod:`discoproxy.model` and this module only (tests/test_boundaries.py
   checks it). What they need of the config — the proxy's settings they are built with,
-  :class:`ConfigError` and the server-file readers (``read_document``,
-  ``validate_document``, ``CONFIG_SUFFIXES``) — is re-exported here as part of the API.
+  :class:`ConfigError`, the server-file readers (``read_document``,
+  ``validate_document``, ``CONFIG_SUFFIXES``) and ``write_atomically`` — is re-exported
+  here as part of the API.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from discoproxy.config import ProxyConfig as ProxyConfig
 from discoproxy.config import describe_validation_error
 from discoproxy.config import read_document as read_document
 from discoproxy.config import validate_document as validate_document
+from discoproxy.config import write_atomically as write_atomically
 from discoproxy.model import ServerDefinition
 
 ENTRY_POINT_GROUP = "discoproxy.providers"

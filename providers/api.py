@@ -20,9 +20,7 @@ Rules for this file:
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,6 +36,7 @@ from discoproxy.provider import (
     ProxyConfig,
     Publish,
     StoreUnavailable,
+    write_atomically,
 )
 from providers.file import validate_server
 
@@ -192,17 +191,5 @@ class ApiProvider:
             self._publish(list(self._servers.values()))
 
     def _write(self, documents: dict[str, Any]) -> None:
-        """Atomically: a temp file beside it, fsync, rename."""
-        path = self.path
-        path.parent.mkdir(parents=True, exist_ok=True)
         body = json.dumps({"version": STATE_VERSION, "servers": documents}, indent=2) + "\n"
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                out.write(body)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        write_atomically(self.path, body)

@@ -5,7 +5,6 @@ player's connections or one connection by id. Writes need a token and read_only 
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import time
@@ -18,22 +17,18 @@ import pytest
 from discoproxy.admin.client import fetch
 from discoproxy.cli import main as cli_main
 from discoproxy.guard import Ban, BanList, load_bans, save_bans
-from tests.proxy.helpers import backend, handshake, running_proxy, server
+from tests.proxy.helpers import (
+    backend,
+    handshake,
+    keep_open,
+    running_proxy,
+    server,
+    until_closed,
+)
 from tests.test_admin import admin_for
 
 pytestmark = pytest.mark.anyio
 TOKEN = "s3cret"
-
-
-async def until_closed(stream: Any) -> None:
-    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-        while True:
-            await stream.receive()
-
-
-async def keep(stream: Any, info: Any) -> None:
-    await stream.send(b"in")
-    await until_closed(stream)
 
 
 async def ended(stream: Any) -> bool:
@@ -53,7 +48,7 @@ async def test_a_ban_through_the_api_ends_the_players_session_and_says_so(
     tmp_path: Path,
 ) -> None:
     bans_file = tmp_path / "bans.json"
-    async with backend(keep) as info:
+    async with backend(keep_open) as info:
         routes = [server("a", "a.example.com", addresses=[info.address])]
         async with running_proxy(routes, bans_file=str(bans_file)) as proxy:
             async with admin_for(proxy, token=TOKEN, read_only=False) as api:
@@ -83,7 +78,7 @@ async def _ended_quickly(stream: Any) -> bool:
 
 async def test_a_ban_written_to_the_file_ends_matching_addresses(tmp_path: Path) -> None:
     bans_file = tmp_path / "bans.json"
-    async with backend(keep) as info:
+    async with backend(keep_open) as info:
         routes = [server("a", "a.example.com", addresses=[info.address])]
         async with running_proxy(routes, bans_file=str(bans_file)) as proxy:
             stream = await proxy.connect()
@@ -96,7 +91,7 @@ async def test_a_ban_written_to_the_file_ends_matching_addresses(tmp_path: Path)
 
 
 async def test_kick_by_name_and_by_connection_id() -> None:
-    async with backend(keep) as info:
+    async with backend(keep_open) as info:
         routes = [server("a", "a.example.com", addresses=[info.address])]
         async with running_proxy(routes) as proxy:
             async with admin_for(proxy, token=TOKEN, read_only=False) as api:
@@ -157,7 +152,7 @@ async def test_the_cli_bans_and_kicks_through_the_running_instance(
     bans_file = tmp_path / "bans.json"
     config = tmp_path / "discoproxy.toml"
     config.write_text(f'bans_file = "{bans_file}"\n')
-    async with backend(keep) as info:
+    async with backend(keep_open) as info:
         routes = [server("a", "a.example.com", addresses=[info.address])]
         async with running_proxy(routes, bans_file=str(bans_file)) as proxy:
             async with admin_for(proxy, token=TOKEN, read_only=False) as api:

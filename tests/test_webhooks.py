@@ -20,7 +20,14 @@ from anyio.abc import SocketStream
 
 from discoproxy.config import ProxyConfig
 from discoproxy.webhooks import BACKOFF_S
-from tests.proxy.helpers import backend, handshake, running_proxy, server
+from tests.proxy.helpers import (
+    backend,
+    handshake,
+    keep_open,
+    running_proxy,
+    server,
+    until_closed,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -84,19 +91,8 @@ async def wait_for(condition: Callable[[], bool], within: float = 10) -> None:
             await anyio.sleep(0.02)
 
 
-async def until_closed(stream: Any) -> None:
-    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-        while True:
-            await stream.receive()
-
-
-async def keep(stream: Any, info: Any) -> None:
-    await stream.send(b"in")
-    await until_closed(stream)
-
-
 async def test_a_players_session_and_the_routes_reach_the_receiver_in_order_signed() -> None:
-    async with receiver() as hook, backend(keep) as info:
+    async with receiver() as hook, backend(keep_open) as info:
         hooks = [{"url": hook.url, "secret": "k3y"}]
         routes = [server("a", "a.example.com", addresses=[info.address])]
         async with running_proxy(routes, webhooks=hooks) as proxy:
@@ -131,7 +127,7 @@ async def test_a_players_session_and_the_routes_reach_the_receiver_in_order_sign
 
 
 async def test_events_a_receiver_did_not_ask_for_are_not_sent() -> None:
-    async with receiver() as hook, backend(keep) as info:
+    async with receiver() as hook, backend(keep_open) as info:
         hooks = [{"url": hook.url, "events": ["route_added"]}]
         routes = [server("a", "a.example.com", addresses=[info.address])]
         async with running_proxy(routes, webhooks=hooks) as proxy:
@@ -158,7 +154,7 @@ async def test_a_down_receiver_costs_the_data_plane_nothing_and_drops_are_counte
     async with receiver() as hook:
         dead = hook.port
     hooks = [{"url": f"http://127.0.0.1:{dead}/hook", "retries": 1, "queue": 3}]
-    async with backend(keep) as info:
+    async with backend(keep_open) as info:
         routes = [server("a", "a.example.com", addresses=[info.address])]
         async with running_proxy(routes, webhooks=hooks) as proxy:
             for n in range(12):  # players keep getting in while every delivery fails
@@ -200,7 +196,7 @@ def test_webhook_settings_are_checked() -> None:
 async def test_backend_down_and_server_woken_reach_the_receiver() -> None:
     from tests.proxy.test_front_door import waking_proxy
 
-    async with receiver() as hook, backend(keep) as info:
+    async with receiver() as hook, backend(keep_open) as info:
         async with running_proxy([], webhooks=[{"url": hook.url}]) as proxy:
             dead = "127.0.0.1:9"  # refuses: passive checks mark it down after FALL dials
             routes = [server("a", "a.example.com", addresses=[dead, info.address])]

@@ -206,3 +206,31 @@ def routed(domain: str, qualified_id: str | None) -> Callable[[RoutingTable], bo
         return (route.qualified_id if route else None) == qualified_id
 
     return check
+
+
+async def until_closed(stream: Any) -> None:
+    """Read until the other side (through the proxy) closes."""
+    with suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+        while True:
+            await stream.receive()
+
+
+async def keep_open(stream: Any, info: Any) -> None:
+    """A backend that says ``in`` and holds the connection until the client goes."""
+    await stream.send(b"in")
+    await until_closed(stream)
+
+
+def record_handshakes(addresses: list[str], reply: bytes = b"ok") -> Any:
+    """A backend handler that keeps the address of each Minecraft handshake it receives
+    (what the backend sees after rewrites) and answers ``reply``."""
+
+    async def record(stream: Any, info: Backend) -> None:
+        buffer = b""
+        while (hs := minecraft.parse_handshake(buffer)) is minecraft.NEED_DATA:
+            buffer += await stream.receive()
+        assert isinstance(hs, minecraft.Handshake)
+        addresses.append(hs.raw_address)
+        await stream.send(reply)
+
+    return record

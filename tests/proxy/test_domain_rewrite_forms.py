@@ -8,12 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from anyio.abc import SocketStream
 
 from discoproxy.config import ConfigError
-from discoproxy.protocol import minecraft
 from providers.file import load_server_file
-from tests.proxy.helpers import Backend, backend, handshake, receive_all, running_proxy
+from tests.proxy.helpers import (
+    backend,
+    handshake,
+    receive_all,
+    record_handshakes,
+    running_proxy,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -21,16 +25,7 @@ pytestmark = pytest.mark.anyio
 async def seen_host(tmp_path: Path, rewrite: str, host: str = "127.0.0.1") -> str:
     """The handshake host a backend sees for a login to play.example.com."""
     hosts: list[str] = []
-
-    async def record(stream: SocketStream, info: Backend) -> None:
-        buffer = b""
-        while (hs := minecraft.parse_handshake(buffer)) is minecraft.NEED_DATA:
-            buffer += await stream.receive()
-        assert isinstance(hs, minecraft.Handshake)
-        hosts.append(hs.raw_address)
-        await stream.send(b"ok")
-
-    async with backend(record) as info:
+    async with backend(record_handshakes(hosts)) as info:
         path = tmp_path / "play.toml"
         rewrite_line = f"domain_rewrite = {rewrite}\n" if rewrite else ""
         path.write_text(

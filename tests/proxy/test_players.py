@@ -5,7 +5,6 @@ texts."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import anyio
@@ -14,7 +13,13 @@ import pytest
 from discoproxy.model import offline_uuid
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.stats import take_snapshot
-from tests.proxy.helpers import backend, handshake, running_proxy, server
+from tests.proxy.helpers import (
+    backend,
+    handshake,
+    keep_open,
+    running_proxy,
+    server,
+)
 from tests.proxy.test_guard_pipeline import attempt, disconnect_text, login, rejected, status_ping
 
 pytestmark = pytest.mark.anyio
@@ -25,21 +30,10 @@ def test_the_offline_uuid_is_the_one_servers_compute() -> None:
     assert str(offline_uuid("Notch")) == "b50ad385-829d-3141-a216-7e7d7539ba7f"
 
 
-async def until_closed(stream: Any) -> None:
-    """Read until the client side (through the proxy) closes."""
-    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-        while True:
-            await stream.receive()
-
-
 async def test_a_login_shows_its_player_in_the_api_the_gauge_and_the_close_line() -> None:
     lines: list[str] = []
 
-    async def keep(stream: Any, info: Any) -> None:
-        await stream.send(b"welcome")
-        await until_closed(stream)
-
-    async with backend(keep) as info:
+    async with backend(keep_open) as info:
         routes = [server("a", "a.example.com", addresses=[info.address])]
         async with running_proxy(routes) as proxy:
             log = AccessLog("text", lines.append)
@@ -47,7 +41,7 @@ async def test_a_login_shows_its_player_in_the_api_the_gauge_and_the_close_line(
             stream = await proxy.connect()
             async with stream:
                 await stream.send(handshake("a.example.com", username="Notch"))
-                assert await stream.receive() == b"welcome"
+                assert await stream.receive() == b"in"
                 snap = await proxy.on_reactor(lambda ctx: take_snapshot(ctx, 10))
                 (live,) = snap.connections
                 assert live.player == "Notch"
@@ -92,11 +86,7 @@ async def test_players_lists_refuse_at_login_start_with_their_text(
 
 
 async def test_max_players_refuses_the_login_past_it_until_one_leaves() -> None:
-    async def keep(stream: Any, info: Any) -> None:
-        await stream.send(b"in")
-        await until_closed(stream)
-
-    async with backend(keep) as info:
+    async with backend(keep_open) as info:
         routes = [server("a", "a.example.com", addresses=[info.address], max_players=1)]
         async with running_proxy(routes, server_full_message="{server} full: {max_players}") as p:
             first = await p.connect()

@@ -9,15 +9,14 @@ import time
 from typing import Any
 
 import pytest
-from anyio.abc import SocketAttribute, SocketStream
+from anyio.abc import SocketAttribute
 
-from discoproxy.protocol import minecraft
 from discoproxy.proxy.addresses import proxy_v2_header
 from tests.proxy.helpers import (
-    Backend,
     backend,
     handshake,
     receive_all,
+    record_handshakes,
     running_proxy,
     server,
 )
@@ -36,16 +35,7 @@ async def seen(
     """The handshake address a backend sees when a client sends *address*; ``{port}`` in
     the answer stands for the client's own port."""
     addresses: list[str] = []
-
-    async def record(stream: SocketStream, info: Backend) -> None:
-        buffer = b""
-        while (hs := minecraft.parse_handshake(buffer)) is minecraft.NEED_DATA:
-            buffer += await stream.receive()
-        assert isinstance(hs, minecraft.Handshake)
-        addresses.append(hs.raw_address)
-        await stream.send(b"ok")
-
-    async with backend(record) as info:
+    async with backend(record_handshakes(addresses)) as info:
         routes = [server("play", "play.example.com", addresses=[info.address], **extra)]
         async with running_proxy(routes, **(proxy_settings or {})) as proxy:
             stream = await proxy.connect()
