@@ -1,0 +1,86 @@
+"""Steering client addresses across a SO_REUSEPORT group (issue 20's building block): the
+kernel, running our classic BPF program, hands every connection and datagram of one
+client IP to the same socket, the one :func:`steer_index` names, and spreads different
+IPs over the group. Loopback only: 127.0.0.0/8 gives many source addresses."""
+
+from __future__ import annotations
+
+import collections
+import select
+import socket
+
+import pytest
+
+from discoproxy.proxy.steering import attach, program, steer_index
+
+
+def group(kind: int, family: int, host: str, size: int) -> list[socket.socket]:
+    socks: list[socket.socket] = []
+    for _ in range(size):
+        sock = socket.socket(family, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, socks[0].getsockname()[1] if socks else 0))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(64)
+        socks.append(sock)
+    attach(socks[0], size)
+    return socks
+
+
+def landed(socks: list[socket.socket]) -> int:
+    ready, _, _ = select.select(socks, [], [], 5)
+    (sock,) = ready
+    if sock.type == socket.SOCK_STREAM:
+        conn, _ = sock.accept()
+        conn.close()
+    else:
+        sock.recvfrom(64)
+    return socks.index(sock)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_DGRAM], ids=["tcp", "udp"])
+def test_each_client_ip_always_reaches_the_socket_steer_index_names(kind: int, size: int) -> None:
+    socks = group(kind, socket.AF_INET, "127.0.0.1", size)
+    port = socks[0].getsockname()[1]
+    seen: dict[str, set[int]] = collections.defaultdict(set)
+    try:
+        for n in range(2, 26):
+            source = f"127.0.0.{n}"
+            for _ in range(3):  # new source ports each time: the address alone decides
+                with socket.socket(socket.AF_INET, kind) as client:
+                    client.bind((source, 0))
+                    if kind == socket.SOCK_STREAM:
+                        client.connect(("127.0.0.1", port))
+                    else:
+                        client.sendto(b"x", ("127.0.0.1", port))
+                    seen[source].add(landed(socks))
+    finally:
+        for sock in socks:
+            sock.close()
+    assert {ip: sorted(i) for ip, i in seen.items()} == {ip: [steer_index(ip, size)] for ip in seen}
+    assert len(set().union(*seen.values())) == size  # every socket gets clients
+
+
+def test_ipv6_sockets_have_their_own_program() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    try:
+        socks = group(socket.SOCK_STREAM, socket.AF_INET6, "::1", 3)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    try:
+        for _ in range(3):
+            with socket.create_connection(("::1", socks[0].getsockname()[1])):
+                assert landed(socks) == steer_index("::1", 3)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_mapped_addresses_count_as_ipv4_and_bad_sizes_are_refused() -> None:
+    assert steer_index("::ffff:192.0.2.7", 4) == steer_index("192.0.2.7", 4)
+    with pytest.raises(ValueError, match="workers: expected 1 or more"):
+        program(socket.AF_INET, 0)
