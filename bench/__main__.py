@@ -4,6 +4,7 @@ same run (issues 4, 6 and 8).
     uv run python -m bench                          # full run, under 10 minutes
     uv run python -m bench --quick                  # fewer repetitions, smaller sizes, ~2 min
     uv run --with matplotlib python -m bench        # also draw the PNG chart
+    uv run python -m bench soak --minutes 30        # everything at once: leaks, failures
 
 The load generator and the backends run on one core, the proxy under test on another;
 every proxy is started once and measured in turn, repetition after repetition. Prints a
@@ -254,4 +255,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["soak"]:  # python -m bench soak --minutes N: bench/soak.py
+        from bench.soak import main as soak
+
+        sys.exit(soak(sys.argv[2:]))
     main()

@@ -1,0 +1,347 @@
+"""Soak: everything at once for a long while, then did anything leak, break or corrupt?
+
+    uv run python -m bench soak --minutes 30     # the real one (not in CI)
+    uv run python -m bench soak --minutes 2      # what CI runs (integration/test_soak.py)
+
+One ``discoproxy serve`` (the bench's own target: bench/targets.py) with the bench
+backends, driven by bounded load loops that each stop at the deadline: Minecraft logins
+(handshake + Login Start, then bytes echoed back and compared) and status pings (cached
+and uncached), TLS routed by SNI and TLS terminated here, HTTP routed by Host, UDP
+datagrams through a port route, and bulk transfers checked by SHA-256 — while a server
+file is written and removed every second (churn) and the proxy gets a SIGHUP every 10 s.
+
+Every minute (every 10 s when the run is short) it samples the proxy's RSS and open fds
+from /proc and prints them; at the end, their slope after warm-up (the first third),
+connections served and failed by cause, and bytes verified. It passes (exit 0) when
+nothing failed or came back corrupted and RSS and fds are flat after warm-up (their
+slope times the minutes measured within ``RSS_GROWTH_MAX_KIB`` and ``FD_GROWTH_MAX``,
+what in-flight connections explain: over 30 minutes that is about 200 KiB and 1.2 fds a
+minute), else exit 1 with the reasons. Container churn and a killed worker (issue 20)
+are not part of it yet: the first needs Docker images, the second ``workers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import os
+import random
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.loadgen import status_ping, tls_check
+from bench.payloads import (
+    ECHO_NAME,
+    PING_CACHED_NAME,
+    PING_UNCACHED_NAME,
+    REPLY,
+    SNI_NAME,
+    TLS_NAME,
+    TLS_REQUEST,
+    client_hello,
+    status_request,
+)
+from bench.targets import Discoproxy, make_certificate
+from discoproxy.protocol import minecraft
+
+HTTP_NAME = "http.soak.example.com"
+CHURN_NAME = "churn.soak.example.com"
+# Flat after warm-up: the slope times the minutes measured (the growth it stands for)
+# within what in-flight connections explain. About ten loops each hold a connection or
+# two (two fds each through the proxy), and the allocator keeps a few MiB in play.
+FD_GROWTH_MAX = 24
+RSS_GROWTH_MAX_KIB = 4096.0
+SOCKET_TIMEOUT_S = 10.0
+BULK_BYTES = 1 << 20
+PAUSE_S = 0.005  # between one loop's connections: a steady load, not a flood
+
+
+@dataclass
+class Tally:
+    served: collections.Counter[str] = field(default_factory=collections.Counter)
+    failed: collections.Counter[str] = field(default_factory=collections.Counter)
+    verified_bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def ok(self, kind: str, verified: int = 0) -> None:
+        with self.lock:
+            self.served[kind] += 1
+            self.verified_bytes += verified
+
+    def fail(self, kind: str, exc: BaseException) -> None:
+        with self.lock:
+            self.failed[f"{kind}: {type(exc).__name__}: {str(exc)[:80]}"] += 1
+
+
+def _exchange(port: int, data: bytes, expect: int) -> bytes:
+    """Send ``data``, read ``expect`` bytes back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as sock:
+        sock.sendall(data)
+        got = bytearray()
+        while len(got) < expect:
+            chunk = sock.recv(min(65536, expect - len(got)))
+            if not chunk:
+                break
+            got += chunk
+        return bytes(got)
+
+
+def _login(port: int) -> int:
+    """A Minecraft login to the echo backend: the same bytes must come back."""
+    name = f"p{random.randrange(10_000)}"
+    hello = minecraft.encode_handshake(765, ECHO_NAME, 25565, 2)
+    hello += minecraft.encode_login_start(name) + os.urandom(200)
+    if _exchange(port, hello, len(hello)) != hello:
+        raise RuntimeError("login bytes came back changed")
+    return len(hello)
+
+
+def _sni(port: int) -> int:
+    if _exchange(port, client_hello(SNI_NAME), len(REPLY)) != REPLY:
+        raise RuntimeError("SNI reply differs")
+    return len(REPLY)
+
+
+def _http(port: int) -> int:
+    request = f"GET /{random.randrange(10**6)} HTTP/1.1\r\nHost: {HTTP_NAME}\r\n\r\n".encode()
+    if _exchange(port, request, len(request)) != request:
+        raise RuntimeError("HTTP request came back changed")
+    return len(request)
+
+
+def _bulk(port: int) -> int:
+    """1 MiB through the echo route, compared by SHA-256."""
+    payload = os.urandom(BULK_BYTES)
+    prefix = minecraft.encode_handshake(765, ECHO_NAME, 25565, 2)
+    prefix += minecraft.encode_login_start("bulk")
+    sent = prefix + payload
+    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as sock:
+        reader_digest = hashlib.sha256()
+        received = 0
+
+        def read() -> None:
+            nonlocal received
+            while received < len(sent):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reader_digest.update(chunk)
+                received += len(chunk)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        sock.sendall(sent)
+        reader.join(SOCKET_TIMEOUT_S * 3)
+    if received != len(sent) or reader_digest.digest() != hashlib.sha256(sent).digest():
+        raise RuntimeError(f"bulk: {received} of {len(sent)} bytes, or their checksum differs")
+    return len(payload)
+
+
+UDP_CLIENTS = 8  # client sockets taken in turn: 8 sessions, as 8 players would keep
+
+
+def _udp_factory(port: int) -> Callable[[int], int]:
+    clients = []
+    for _ in range(UDP_CLIENTS):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.settimeout(2)
+        sock.connect(("127.0.0.1", port))
+        clients.append(sock)
+    turn = iter(range(1 << 62))
+
+    def udp(_: int) -> int:
+        sock = clients[next(turn) % UDP_CLIENTS]
+        payload = os.urandom(64)
+        sock.send(payload)
+        while (got := sock.recv(256)) != payload:  # a late answer to a timed-out one
+            if len(got) != len(payload):
+                raise RuntimeError("UDP datagram came back changed")
+        return len(payload)
+
+    return udp
+
+
+def _ping_factory(name: str) -> Callable[[int], int]:
+    request = status_request(name)
+
+    def ping(port: int) -> int:
+        status_ping(port, request)
+        return 0
+
+    return ping
+
+
+def _loop(kind: str, work: Callable[[int], int], port: int, until: float, tally: Tally) -> None:
+    while time.monotonic() < until:
+        try:
+            tally.ok(kind, work(port))
+        except (OSError, RuntimeError, ValueError) as exc:
+            tally.fail(kind, exc)
+        time.sleep(PAUSE_S)
+
+
+def _churn(servers: Path, backend: int, until: float, tally: Tally) -> None:
+    """A server file written and removed every second: the file provider's churn."""
+    path = servers / "churn.toml"
+    while time.monotonic() < until:
+        path.write_text(f'domains = ["{CHURN_NAME}"]\naddresses = ["127.0.0.1:{backend}"]\n')
+        time.sleep(0.5)
+        path.unlink(missing_ok=True)
+        time.sleep(0.5)
+        tally.ok("churn")
+
+
+def _sighup(pid: int, until: float, tally: Tally) -> None:
+    while time.monotonic() < until:
+        time.sleep(10)
+        if time.monotonic() < until:
+            os.kill(pid, signal.SIGHUP)
+            tally.ok("sighup")
+
+
+def _sample(pid: int) -> tuple[float, int]:
+    """(RSS KiB, open fds) of ``pid`` from /proc."""
+    rss = 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = float(line.split()[1])
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope (per minute) of (seconds, value) points."""
+    if len(points) < 2:
+        return 0.0
+    xs = [x / 60 for x, _ in points]
+    ys = [y for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+
+
+def run(minutes: float) -> int:
+    from bench.__main__ import start_backends  # the bench's own wiring
+
+    duration = minutes * 60
+    every = 60.0 if minutes >= 5 else 10.0
+    tally = Tally()
+    with tempfile.TemporaryDirectory(prefix="discoproxy-soak-") as tmp:
+        workdir = Path(tmp)
+        backends, ports = start_backends(workdir, None)
+        try:
+            made = make_certificate(workdir)
+            certificate = None if isinstance(made, str) else made
+            proxy = Discoproxy(ports, workdir, None, "WARNING", certificate)
+            servers = proxy.workdir / "servers"
+            (servers / "http.toml").write_text(
+                f'domains = ["{HTTP_NAME}"]\naddresses = ["127.0.0.1:{ports.echo}"]\n'
+            )
+            proxy.start()
+            try:
+                return _drive(proxy, ports.echo, servers, duration, every, tally, certificate)
+            finally:
+                proxy.stop()
+        finally:
+            backends.stop()
+
+
+def _drive(
+    proxy: Discoproxy,
+    echo_port: int,
+    servers: Path,
+    duration: float,
+    every: float,
+    tally: Tally,
+    certificate: object,
+) -> int:
+    pid = proxy.pid
+    assert pid is not None
+    port = proxy.ports.sni
+    until = time.monotonic() + duration
+    loops: list[tuple[str, Callable[[int], int], int]] = [
+        ("login", lambda p: _login(p), port),
+        ("sni", lambda p: _sni(p), port),
+        ("http", lambda p: _http(p), port),
+        ("bulk", lambda p: _bulk(p), port),
+        ("ping cached", _ping_factory(PING_CACHED_NAME), port),
+        ("ping uncached", _ping_factory(PING_UNCACHED_NAME), port),
+    ]
+    if proxy.ports.udp is not None:
+        loops.append(("udp", _udp_factory(proxy.ports.udp), 0))
+    if certificate is not None:
+        cafile = certificate.cert  # type: ignore[attr-defined]
+        loops.append(
+            (
+                "tls terminated",
+                lambda p: len(tls_check(p, cafile, TLS_NAME, TLS_REQUEST, REPLY)),
+                port,
+            )
+        )
+    threads = [
+        threading.Thread(target=_loop, args=(kind, work, p, until, tally), daemon=True)
+        for kind, work, p in loops
+    ]
+    threads.append(threading.Thread(target=_churn, args=(servers, echo_port, until, tally)))
+    threads.append(threading.Thread(target=_sighup, args=(pid, until, tally)))
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    samples: list[tuple[float, float, int]] = []
+    print(f"soak: {duration / 60:g} min, proxy pid {pid}; sampling every {every:g} s")
+    print("| t (s) | RSS (MiB) | fds | served | failed |")
+    print("| --- | --- | --- | --- | --- |")
+    while time.monotonic() < until:
+        time.sleep(min(every, max(0.0, until - time.monotonic())))
+        proxy.child.check_alive()  # type: ignore[union-attr]
+        rss, fds = _sample(pid)
+        at = time.monotonic() - started
+        samples.append((at, rss, fds))
+        served, failed = sum(tally.served.values()), sum(tally.failed.values())
+        print(f"| {at:.0f} | {rss / 1024:.1f} | {fds} | {served} | {failed} |", flush=True)
+    for thread in threads:
+        thread.join(SOCKET_TIMEOUT_S * 4)
+    warm = [s for s in samples if s[0] >= duration / 3]
+    rss_slope = _slope([(t, r) for t, r, _ in warm])
+    fd_slope = _slope([(t, f) for t, _, f in warm])
+    print(f"\nafter warm-up: RSS {rss_slope:+.1f} KiB/min, fds {fd_slope:+.2f}/min")
+    print(f"bytes verified: {tally.verified_bytes:,}")
+    for kind, count in sorted(tally.served.items()):
+        print(f"served {kind}: {count}")
+    for cause, count in sorted(tally.failed.items()):
+        print(f"failed {cause}: {count}")
+    problems = []
+    if tally.failed:
+        problems.append(f"{sum(tally.failed.values())} failures (above)")
+    measured = (warm[-1][0] - warm[0][0]) / 60 if len(warm) > 1 else 0.0
+    if rss_slope * measured > RSS_GROWTH_MAX_KIB:
+        problems.append(
+            f"RSS grows {rss_slope:.0f} KiB/min over {measured:.1f} min "
+            f"(at most {RSS_GROWTH_MAX_KIB:g} KiB in all)"
+        )
+    if fd_slope * measured > FD_GROWTH_MAX:
+        problems.append(
+            f"fds grow {fd_slope:.2f}/min over {measured:.1f} min (at most {FD_GROWTH_MAX} in all)"
+        )
+    if not all(tally.served[kind] for kind, _, _ in loops):
+        problems.append("a load loop served nothing")
+    print("PASS" if not problems else "FAIL: " + "; ".join(problems))
+    return 0 if not problems else 1
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench soak", description=__doc__)
+    parser.add_argument("--minutes", type=float, default=30.0, help="how long (default 30)")
+    args = parser.parse_args(argv)
+    return run(args.minutes)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
