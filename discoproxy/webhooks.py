@@ -60,15 +60,15 @@ class _Receiver:
     def __init__(self, settings: WebhookSettings) -> None:
         self.settings = settings
         self.events = frozenset(settings.events)
-        self.queue: collections.deque[bytes] = collections.deque()
+        self.queue: collections.deque[tuple[str, bytes]] = collections.deque()  # (event, body)
         self.ready = anyio.Event()
         self.stats = HookStats()
 
-    def offer(self, body: bytes) -> None:
+    def offer(self, event: str, body: bytes) -> None:
         if len(self.queue) >= self.settings.queue:
             self.stats.dropped += 1
             return
-        self.queue.append(body)
+        self.queue.append((event, body))
         self.ready.set()
 
 
@@ -134,7 +134,7 @@ class Webhooks:
             for receiver in self.receivers:
                 if event in receiver.events:
                     body = body or body_of(event, stamp, data)
-                    receiver.offer(body)
+                    receiver.offer(event, body)
 
     async def _send_all(self, receiver: _Receiver) -> None:
         settings = receiver.settings
@@ -143,10 +143,10 @@ class Webhooks:
                 receiver.ready = anyio.Event()
                 await receiver.ready.wait()
                 continue
-            body = receiver.queue.popleft()
+            event, body = receiver.queue.popleft()
             delay = BACKOFF_S
             for attempt in range(settings.retries + 1):
-                error = await self._deliver(settings, body)
+                error = await self._deliver(settings, event, body)
                 if error is None:
                     receiver.stats.delivered += 1
                     break
@@ -157,7 +157,7 @@ class Webhooks:
                     "webhook {}: {} ({}){}",
                     settings.label,
                     error,
-                    json.loads(body)["event"],
+                    event,
                     "; event dropped" if final else f"; retrying in {delay:g}s",
                 )
                 if final:
@@ -166,11 +166,11 @@ class Webhooks:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
 
-    async def _deliver(self, settings: WebhookSettings, body: bytes) -> str | None:
+    async def _deliver(self, settings: WebhookSettings, event: str, body: bytes) -> str | None:
         """One POST: None when delivered (2xx or 3xx), else why not."""
         try:
             with anyio.fail_after(settings.timeout):
-                status = await post(settings, body)
+                status = await post(settings, event, body)
         except TimeoutError:
             return f"timed out after {settings.timeout:g}s"
         except (OSError, anyio.BrokenResourceError, anyio.EndOfStream, h11.ProtocolError) as exc:
@@ -181,14 +181,13 @@ class Webhooks:
         return None if status < 400 else f"HTTP {status}"
 
 
-async def post(settings: WebhookSettings, body: bytes) -> int:
-    """POST *body* to the receiver; its status code."""
+async def post(settings: WebhookSettings, event: str, body: bytes) -> int:
+    """POST *body* (an *event*'s) to the receiver; its status code."""
     url = urlsplit(settings.url)
     https = url.scheme == "https"
     host = url.hostname or ""
     port = url.port or (443 if https else 80)
     target = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    event = json.loads(body)["event"]
     headers = [
         ("host", url.netloc),
         ("content-type", "application/json"),
@@ -211,15 +210,15 @@ async def post(settings: WebhookSettings, body: bytes) -> int:
         await stream.send(conn.send(h11.EndOfMessage()))
         received = 0
         while True:
-            event_ = conn.next_event()
-            if event_ is h11.NEED_DATA:
+            incoming = conn.next_event()
+            if incoming is h11.NEED_DATA:
                 data = await stream.receive(65536)
                 received += len(data)
                 if received > MAX_RESPONSE_BYTES:
                     raise h11.RemoteProtocolError("response too large")
                 conn.receive_data(data)
                 continue
-            if isinstance(event_, h11.Response):
-                return int(event_.status_code)
-            if isinstance(event_, h11.ConnectionClosed):
+            if isinstance(incoming, h11.Response):
+                return int(incoming.status_code)
+            if isinstance(incoming, h11.ConnectionClosed):
                 raise anyio.EndOfStream

@@ -404,17 +404,8 @@ class ClientConnection:
             if flow is not None and flow.pipe is not None:
                 with contextlib.suppress(Exception):
                     flow.release()
-        if self._ip_key is not None:
-            ctx.guard.closed(self._ip_key)
-            self._ip_key = None
-        players_in = self._players_in  # the counts close() keeps: never leaked
-        if players_in is not None:
-            self._players_in = None
-            players_in.players -= 1
-        if self._player and self.route is not None:
-            self._player = False
-            with contextlib.suppress(Exception):
-                ctx.waker.player_left(self.route.qualified_id)
+        with contextlib.suppress(Exception):  # the counts close() keeps: never leaked
+            self._release_counts()
         for fd, owned in ((self.cfd, not handed_off), (self.bfd, True)):
             if fd >= 0:
                 ctx.reactor.forget(fd)
@@ -423,6 +414,21 @@ class ClientConnection:
                         os.close(fd)
         self.cfd = self.bfd = -1
         ctx.connections.discard(self)
+
+    def _release_counts(self) -> None:
+        """Leave what this connection is counted in: its IP's open connections, its
+        route's players, the waker's players (each once)."""
+        ctx = self.ctx
+        if self._ip_key is not None:
+            ctx.guard.closed(self._ip_key)
+            self._ip_key = None
+        players_in = self._players_in
+        if players_in is not None:
+            self._players_in = None
+            players_in.players -= 1
+        if self._player and self.route is not None:
+            self._player = False
+            ctx.waker.player_left(self.route.qualified_id)
 
     def sync_events(self) -> None:
         """Register what each fd must be watched for, from the state of both flows."""
@@ -781,16 +787,14 @@ class ClientConnection:
     def _answer_unknown(self, kind: Sniffed, name: str | None) -> None:
         text = self._unknown_text(name)
         reason = f"unknown server {name!r}" if name else "no server name and no default route"
-        if kind is _MINECRAFT:
-            if self._next_state == 1:
-                self.buffer = self.buffer[self._handshake_length :]
-                self.reason = reason
-                self._move(ANSWERING)
-                self._answer_status_packets()
-                return
-            self._reply(minecraft.encode_login_disconnect(minecraft.text_component(text)))
-        elif kind is _MINECRAFT_LEGACY_LOGIN:
-            self._reply(minecraft.encode_legacy_disconnect(text))
+        if kind is _MINECRAFT and self._next_state == 1:
+            self.buffer = self.buffer[self._handshake_length :]
+            self.reason = reason
+            self._move(ANSWERING)
+            self._answer_status_packets()
+            return
+        if kind is _MINECRAFT or kind is _MINECRAFT_LEGACY_LOGIN:  # a login: its Disconnect
+            self._reply(self._login_disconnect(text))
         elif kind is _MINECRAFT_LEGACY:
             status = self.ctx.status.synthesized(None, StatusState.UNKNOWN, -1, name or "")
             self._reply(_legacy_answer(self._legacy, status))
@@ -1315,7 +1319,7 @@ class ClientConnection:
             if "player_connected" in wanted or "player_disconnected" in wanted:
                 self._announced = True
                 self.ctx.events.put("player_connected", self._player_event())
-        if self._kind is _MINECRAFT or self._legacy_login:  # a player: for auto_stop_after
+        if self.player is not None:  # a forwarded login: counted for auto_stop_after
             route = self.route
             waker = self.ctx.waker
             if waker is not None and route is not None and route.server.auto_start:
@@ -1419,13 +1423,7 @@ class ClientConnection:
         if self._entry is not None:
             self._pool.done(self._entry)  # type: ignore[union-attr]
             self._entry = None
-        if self._player:
-            self._player = False
-            ctx.waker.player_left(self.route.qualified_id)  # type: ignore[union-attr]
-        players_in = self._players_in
-        if players_in is not None:
-            self._players_in = None
-            players_in.players -= 1
+        self._release_counts()
         if self._announced:
             self._announced = False
             event = self._player_event()
@@ -1436,9 +1434,6 @@ class ClientConnection:
                 reason=reason,
             )
             ctx.events.put("player_disconnected", event)
-        if self._ip_key is not None:
-            ctx.guard.closed(self._ip_key)
-            self._ip_key = None
         # break the conn <-> flow cycles: refcounting frees the connection now, not
         # the cyclic GC later (fewer collections, memory reused at once)
         up.conn = down.conn = None  # type: ignore[assignment]

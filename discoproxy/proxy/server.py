@@ -39,7 +39,7 @@ from anyio.abc import TaskStatus
 from loguru import logger
 
 from discoproxy.config import ProxyConfig, parse_bind
-from discoproxy.guard import BanList, Guard, client_ip, load_bans
+from discoproxy.guard import Ban, BanList, Guard, client_ip, load_bans
 from discoproxy.health import HealthChecker
 from discoproxy.owners import LOOP, on_loop, on_reactor, owned_by
 from discoproxy.proxy.access_log import AccessLog
@@ -190,10 +190,13 @@ class ProxyContext:
             return 0
         now = time.time()
         ended = 0
-        for conn in list(self.connections):
-            addr = conn.client_addr
+
+        def address_ban(addr: tuple[str, int] | None) -> Ban | None:
             ip = client_ip(addr[0]) if addr is not None else None
-            ban = bans.ip_ban(ip, now) if ip is not None else None
+            return bans.ip_ban(ip, now) if ip is not None else None
+
+        for conn in list(self.connections):
+            ban = address_ban(conn.client_addr)
             if ban is None and conn.player is not None:
                 ban = bans.user_ban(conn.player, now)
             if ban is not None and conn.state is not ConnState.CLOSED:
@@ -201,8 +204,7 @@ class ProxyContext:
                 ended += 1
         for listener in self.udp_listeners:
             for session in list(listener.sessions.values()):
-                ip = client_ip(session.client[0])
-                ban = bans.ip_ban(ip, now) if ip is not None else None
+                ban = address_ban(session.client)
                 if ban is not None:
                     listener.end(session, f"banned ({ban.target}) while connected")
                     ended += 1
