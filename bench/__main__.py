@@ -5,6 +5,7 @@ same run (issues 4, 6 and 8).
     uv run python -m bench --quick                  # fewer repetitions, smaller sizes, ~2 min
     uv run --with matplotlib python -m bench        # also draw the PNG chart
     uv run python -m bench soak --minutes 30        # everything at once: leaks, failures
+    uv run python -m bench workers                  # workers = 1/2 vs HAProxy nbthread 1/2
 
 The load generator and the backends run on one core, the proxy under test on another;
 every proxy is started once and measured in turn, repetition after repetition. Prints a
@@ -255,6 +256,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["workers"]:  # python -m bench workers: bench/workers.py
+        from bench.workers import main as workers
+
+        sys.exit(workers(sys.argv[2:]))
     if sys.argv[1:2] == ["soak"]:  # python -m bench soak --minutes N: bench/soak.py
         from bench.soak import main as soak
 

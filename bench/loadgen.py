@@ -62,9 +62,14 @@ def _blocking_with_deadline(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
 
 
-def _stream(port: int, prefix: bytes, size: int, source: int, errors: list[str]) -> None:
+def _stream(
+    port: int, prefix: bytes, size: int, source: int, errors: list[str], local: str | None = None
+) -> None:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as sock:
+        address = (local, 0) if local is not None else None
+        with socket.create_connection(
+            ("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S, source_address=address
+        ) as sock:
             _blocking_with_deadline(sock)
             sock.sendall(prefix)
             sent = 0
@@ -87,16 +92,27 @@ def _stream(port: int, prefix: bytes, size: int, source: int, errors: list[str])
         errors.append(f"stream: {exc}")
 
 
-def bulk(port: int, prefix: bytes, total_bytes: int, streams: int, source: Path) -> float:
-    """Send ``total_bytes`` split over ``streams`` connections; seconds until all counted."""
+def bulk(
+    port: int,
+    prefix: bytes,
+    total_bytes: int,
+    streams: int,
+    source: Path,
+    sources: Sequence[str] = (),
+) -> float:
+    """Send ``total_bytes`` split over ``streams`` connections; seconds until all counted.
+    ``sources``: loopback addresses the streams come from, in turn (workers = N steers
+    each client IP to one worker)."""
     errors: list[str] = []
     fd = os.open(source, os.O_RDONLY)
     try:
         threads = [
             threading.Thread(
-                target=_stream, args=(port, prefix, total_bytes // streams, fd, errors)
+                target=_stream,
+                args=(port, prefix, total_bytes // streams, fd, errors),
+                kwargs={"local": sources[n % len(sources)] if sources else None},
             )
-            for _ in range(streams)
+            for n in range(streams)
         ]
         started = time.perf_counter()
         for thread in threads:
@@ -154,6 +170,7 @@ async def _run_probes(
     deadline_s: float,
     tls: ssl.SSLContext | None = None,
     server_name: str | None = None,
+    sources: Sequence[str] = (),
 ) -> ConnectResult:
     """``total`` connections, ``concurrency`` at a time, each one probe; a probe sets its
     future to whether its exchange succeeded when its connection is lost. With ``tls``
@@ -163,8 +180,9 @@ async def _run_probes(
     remaining = total
     ok = failed = 0
 
-    async def worker() -> None:
+    async def worker(n: int) -> None:
         nonlocal remaining, ok, failed
+        local = (sources[n % len(sources)], 0) if sources else None
         while remaining > 0:
             remaining -= 1
             done: asyncio.Future[bool] = loop.create_future()
@@ -176,6 +194,7 @@ async def _run_probes(
                     port,
                     ssl=tls,
                     server_hostname=server_name,
+                    local_addr=local,
                 )
                 success = await done
             except (OSError, ssl.SSLError):
@@ -187,16 +206,30 @@ async def _run_probes(
 
     started = time.perf_counter()
     async with asyncio.timeout(deadline_s):
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(n) for n in range(concurrency)))
     return ConnectResult(time.perf_counter() - started, ok, failed)
 
 
 def connect_loop(
-    port: int, payload: bytes, expected: int, total: int, concurrency: int, timeout: float
+    port: int,
+    payload: bytes,
+    expected: int,
+    total: int,
+    concurrency: int,
+    timeout: float,
+    sources: Sequence[str] = (),
 ) -> ConnectResult:
-    """``total`` connections, ``concurrency`` at a time: connect, send, read reply, close."""
+    """``total`` connections, ``concurrency`` at a time: connect, send, read reply, close
+    (from ``sources`` in turn, one per concurrent client, when given)."""
     return uvloop.run(
-        _run_probes(port, lambda done: _Probe(payload, expected, done), total, concurrency, timeout)
+        _run_probes(
+            port,
+            lambda done: _Probe(payload, expected, done),
+            total,
+            concurrency,
+            timeout,
+            sources=sources,
+        )
     )
 
 

@@ -353,6 +353,7 @@ async def _serve(
     (or ``POST /api/reload``) reloads the global config with ``load``."""
     from discoproxy.admin.server import Admin, serve_admin
     from discoproxy.proxy.server import ProxyContext, reconfigure, run_proxy
+    from discoproxy.proxy.workers import worker_count
 
     registry = Registry()
     inbox = SnapshotInbox()
@@ -371,7 +372,8 @@ async def _serve(
                 if provider.name in inbox.publishing and isinstance(provider, ServerControl)
             }
             ctx = ProxyContext(config, registry, controls)
-            await tg.start(partial(run_proxy, config, registry, context=ctx))
+            workers = worker_count(config)
+            await tg.start(partial(run_proxy, config, registry, context=ctx, workers=workers))
             reloading = anyio.Lock()
 
             async def reload() -> str:

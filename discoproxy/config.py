@@ -374,6 +374,13 @@ class ProxyConfig(BaseModel):
     status_timeout: Seconds = Field(
         default=3.0, description="How long a status ping to a backend may take."
     )
+    workers: int = Field(
+        default=0,
+        ge=0,
+        description="Data-plane processes accepting on the same listeners, each client IP "
+        "always on the same one (per-IP limits hold); 0: one per CPU this process may run "
+        "on; 1: one process, no workers. Takes effect at the next start.",
+    )
     port_routes_bind: str = Field(
         default="0.0.0.0",
         description="IP address the listeners of servers' port routes ('ports') bind; "

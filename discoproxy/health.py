@@ -26,7 +26,6 @@ import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -209,9 +208,7 @@ class HealthChecker:
         ):
             return
         target.reported = detail
-        apply = partial(
-            _apply,
-            self.ctx,
+        verdict = (
             target.route,
             target.address,
             check,
@@ -222,7 +219,7 @@ class HealthChecker:
             players,
         )
         with contextlib.suppress(RuntimeError):  # the reactor stopped
-            self.ctx.reactor.call(apply)
+            self.ctx.planes.call(_apply, *verdict)  # every worker's pools, with workers
 
     def latest(self, route: Route) -> dict[tuple[str, int], tuple[str, float | None, int | None]]:
         """The last check of each backend of ``route``'s pool: (detail, rtt, players)."""
@@ -284,7 +281,7 @@ def _apply(
     changed = ctx.pools.get(route).checked(
         address, ok, check.rise, check.fall, streak, detail, rtt, players
     )
-    if changed is None:
+    if changed is None or not ctx.speaks_for_all:  # workers: worker 0 logs it, once
         return
     log = logger.bind(route=route.qualified_id)
     backend = format_addr(address)

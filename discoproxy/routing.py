@@ -285,13 +285,19 @@ class Registry:
         for conflict in table.conflicts:
             if previous.get(conflict.name) != conflict:
                 logger.warning("route conflict: {}", conflict)
-        self._table = table
         logger.info(
             "routing table updated by {}: {} routes ({})",
             ", ".join(sorted(changed)),
             len(table),
             ", ".join(f"{len(servers)} from {name}" for name, servers in sorted(changed.items())),
         )
+        self.install(table)
+        return True
+
+    def install(self, table: RoutingTable) -> None:
+        """Swap in ``table`` built elsewhere (a worker's copy of the control plane's),
+        then call the listeners as :meth:`apply_snapshots` does."""
+        self._table = table
         for listener in self._listeners:
             try:
                 listener(table)
@@ -303,7 +309,6 @@ class Registry:
                     getattr(listener, "__qualname__", repr(listener)),
                     exc,
                 )
-        return True
 
 
 @owned_by(LOOP)

@@ -276,6 +276,35 @@ class StatusService:
         state = StatusState.STARTING if starting else StatusState.UNREACHABLE
         return self.synthesized(server, state, protocol, domain), state
 
+    async def shared_document(
+        self,
+        route: Route,
+        protocol: int,
+        domain: str,
+        port: int,
+        client: Proxied | None,
+        addresses: tuple[tuple[str, int], ...],
+    ) -> dict[str, Any]:
+        """A worker's cache miss (workers = N): this cache's answer while fresh, else one
+        ping for every worker that asks meanwhile (the same single flight). Raises
+        :class:`StatusError` when the backend does not answer."""
+        key = (route.qualified_id, protocol)
+        entry = self._entries.get(key)
+        server = route.server
+        fresh_for = self.ttl(server)
+        if (
+            entry is not None
+            and entry.server == server
+            and self.clock() - entry.fetched < fresh_for
+        ):
+            return entry.document
+        fresh = await self._inflight.run(
+            key, lambda: self._refresh(key, route, protocol, domain, port, client, addresses)
+        )
+        if fresh is None:
+            raise StatusError("the backend did not answer (see the control plane's log)")
+        return fresh.document
+
     @any_thread
     def synthesized(
         self, server: ServerDefinition | None, state: StatusState, protocol: int, domain: str

@@ -254,7 +254,8 @@ def test_out_of_fds_backs_off_without_spinning_and_recovers(tmp_path: Path) -> N
     raise_nofile()
     routed = free_port()
     # held connections stay in the handshake phase for the whole test
-    config = 'handshake_timeout = 60\nport_routes_bind = "127.0.0.1"\n'
+    # one process (workers = 1): the fd limit set below is the pid's, who accepts
+    config = 'workers = 1\nhandshake_timeout = 60\nport_routes_bind = "127.0.0.1"\n'
     held: list[socket.socket] = []
     with Backend() as backend:
         servers = {

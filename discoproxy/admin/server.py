@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import hmac
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
@@ -43,7 +44,7 @@ from discoproxy.provider import ConfigError, ProviderStatus, ServerStore, StoreU
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.balance import BackendState
 from discoproxy.proxy.listener import ListenError
-from discoproxy.proxy.stats import Snapshot, take_snapshot, take_totals
+from discoproxy.proxy.stats import Snapshot
 from discoproxy.status import display_name
 
 if TYPE_CHECKING:
@@ -123,14 +124,11 @@ class Admin:
 
     @property
     def is_ready(self) -> bool:
-        return self.ready and not self.ctx.closing and self.ctx.reactor.alive
+        return self.ready and not self.ctx.closing and self.ctx.planes.alive
 
     async def snapshot(self, connections: int = 0) -> Snapshot:
-        ctx = self.ctx
-        snap = await ctx.reactor.run(lambda: take_snapshot(ctx, connections))
-        status = ctx.status  # the loop's own counts, added here on the loop
-        snap.status = (snap.status[0] + status.hits, status.misses, status.stale)
-        return snap
+        """The data plane's numbers: the one reactor's, or the sum over the workers."""
+        return await self.ctx.planes.snapshot(connections)
 
     def provider_infos(self) -> list[ProviderInfo]:
         applied = self.inbox.applied if self.inbox is not None else {}
@@ -184,8 +182,8 @@ class Admin:
         """Append the totals every ``HISTORY_INTERVAL_S`` (the dashboard's charts)."""
         ctx = self.ctx
         while True:
-            if ctx.reactor.alive and not ctx.closing:
-                totals = await ctx.reactor.run(lambda: take_totals(ctx))
+            if ctx.planes.alive and not ctx.closing:
+                totals = await ctx.planes.totals()
                 self.history.append({"t": round(time.time(), 3), **totals})
             await anyio.sleep(HISTORY_INTERVAL_S)
 
@@ -233,7 +231,7 @@ class Admin:
         except (OSError, ValueError) as exc:
             return _error(409, f"bans not written: {exc}")
         ctx = self.ctx
-        ended = await ctx.reactor.run(lambda: ctx.apply_bans(written))
+        ended = await ctx.planes.apply_bans(written)
         logger.info("ban {} added through the admin API; ended {} connections", ban.target, ended)
         return _json({"target": ban.target, "expires": expires, "ended": ended})
 
@@ -245,7 +243,7 @@ class Admin:
         if not target:
             return _error(400, "target: empty")
         ctx = self.ctx
-        ended = await ctx.reactor.run(lambda: ctx.kick(target))
+        ended = await ctx.planes.kick(target)
         logger.info("kick {} through the admin API: ended {} connections", target, ended)
         return _json({"target": target, "ended": ended})
 
@@ -323,7 +321,7 @@ class Admin:
         if method not in ("GET", "HEAD"):
             return _error(405, f"{method} not allowed; the API is read with GET")
         if path == "/healthz":
-            alive = self.ctx.reactor.alive
+            alive = self.ctx.planes.alive
             return Response(
                 200 if alive else 503, b"ok\n" if alive else b"data plane stopped\n", "text/plain"
             )
@@ -357,6 +355,14 @@ class Admin:
             return _json(
                 {"connections": listed[:limit], "total": total, "truncated": len(listed) > limit}
             )
+        if path == "/api/workers":
+            workers = self.ctx.workers
+            if workers is None:
+                alive = self.ctx.planes.alive
+                listed = [{"index": 0, "pid": os.getpid(), "ready": alive, "restarts": 0}]
+            else:
+                listed = workers.states()
+            return _json({"workers": listed})
         if path == "/api/providers":
             return _json({"providers": [asdict(info) for info in self.provider_infos()]})
         if path == "/api/history":

@@ -43,6 +43,7 @@ class AccessLog:
         log_format: str,
         write: Callable[[str], None] | None = None,
         colour: bool | None = None,
+        worker: int | None = None,
     ) -> None:
         """``write`` takes each line (the log writer's non-blocking ``put`` by default)."""
         out = writer()
@@ -51,6 +52,8 @@ class AccessLog:
         if colour is None:
             colour = write is None and out.isatty()
         self._colour = not self._json and colour
+        self._worker = f"worker={worker} " if worker is not None else ""
+        self._worker_no = worker
         self._second = -1
         self._stamp = ""  # "YYYY-MM-DD HH:MM:SS" of self._second, local time
 
@@ -72,7 +75,8 @@ class AccessLog:
         who = f"player={player} uuid={offline_uuid(player)} " if player is not None else ""
         message = (
             f"conn #{conn.id} closed: client={client} route={route} backend={backend} "
-            f"{who}up={up}B down={down}B duration={duration:.3f}s reason={conn.reason}"
+            f"{who}up={up}B down={down}B duration={duration:.3f}s {self._worker}"
+            f"reason={conn.reason}"
         )
         stamp = self._time(now)
         if self._colour:
@@ -90,6 +94,8 @@ class AccessLog:
                 "duration_s": round(duration, 6),
                 "reason": conn.reason,
             }
+            if self._worker_no is not None:
+                extra["worker"] = self._worker_no
             if player is not None:
                 extra["player"] = player
                 extra["uuid"] = str(offline_uuid(player))

@@ -58,6 +58,7 @@ from discoproxy.rejections import Rejection
 from discoproxy.routing import PortKey, RoutingTable, format_port
 
 if TYPE_CHECKING:
+    from discoproxy.config import ProxyConfig
     from discoproxy.proxy.server import ProxyContext
     from discoproxy.routing import Route
 
@@ -563,6 +564,31 @@ def _buffers(sock: socket.socket, receive: int, send: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send)
 
 
+def port_socket(config: ProxyConfig, key: PortKey) -> socket.socket:
+    """A port route's socket, options set, not bound yet."""
+    protocol, _ = key
+    host = config.port_routes_bind
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if protocol == "tcp":
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            _buffers(sock, config.recv_buffer_size, config.send_buffer_size)
+            if host in _WILDCARDS:  # learn each datagram's local address (replies)
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 @owned_by(LOOP)
 class PortListeners:
     """Keeps one listener per (protocol, port) of the routing table; asyncio side."""
@@ -572,6 +598,8 @@ class PortListeners:
         self.open: dict[PortKey, PortListener | UdpListener] = {}
         self._retired: dict[PortKey, UdpListener] = {}  # may still carry sessions
         self._failed: dict[PortKey, str] = {}  # port → why it could not be bound (logged)
+        # a worker's: sockets the control plane opened, taken by the next sync
+        self.inherited: dict[PortKey, socket.socket] | None = None
 
     def sync(self, table: RoutingTable) -> None:
         """Open the ports ``table`` claims and close the others."""
@@ -588,11 +616,18 @@ class PortListeners:
             logger.info("port {} closed: no route claims it", format_port(key))
         for key in sorted(wanted - set(self.open)):
             retired = self._retired.pop(key, None)
+            if retired is not None and self.inherited is not None and key in self.inherited:
+                # a worker's port came back with a new socket from the control plane:
+                # the retired one's sessions end (its group is not the one steered now)
+                self.ctx.reactor.call(retired.close)
+                retired = None
             if retired is not None:
                 self.open[key] = retired
                 self.ctx.reactor.call(retired.revive)
                 logger.info("port {} open for {}", format_port(key), table.ports[key].qualified_id)
                 continue
+            if self.inherited is not None and key not in self.inherited:
+                continue  # the control plane could not open it and logged why
             try:
                 listener = self._bind(key)
             except OSError as exc:
@@ -622,26 +657,26 @@ class PortListeners:
             return PortListener(self.ctx, sock, key)
         return UdpListener(self.ctx, sock, key, lambda: self._socket(key))
 
+    def inherit(self, key: PortKey, sock: socket.socket) -> None:
+        """A worker: the control plane opened ``key``'s socket for it (before the table
+        that claims it). A retired UDP listener of the same port is replaced."""
+        assert self.inherited is not None
+        sock.setblocking(False)
+        stale = self.inherited.pop(key, None)
+        if stale is not None:
+            stale.close()
+        self.inherited[key] = sock
+
     def _socket(self, key: PortKey) -> socket.socket:
-        protocol, port = key
-        host = self.ctx.config.port_routes_bind
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
-        sock = socket.socket(family, kind)
+        if self.inherited is not None:
+            sock = self.inherited.pop(key, None)
+            if sock is None:  # the control plane could not bind it, and said so
+                raise OSError(errno.EADDRNOTAVAIL, "not opened by the control plane")
+            return sock
+        sock = port_socket(self.ctx.config, key)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            if protocol == "tcp":
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            else:
-                _buffers(sock, self.ctx.config.recv_buffer_size, self.ctx.config.send_buffer_size)
-                if host in _WILDCARDS:  # learn each datagram's local address (replies)
-                    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
-            sock.bind((host, port))
-            if protocol == "tcp":
+            sock.bind((self.ctx.config.port_routes_bind, key[1]))
+            if key[0] == "tcp":
                 sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
         except OSError:

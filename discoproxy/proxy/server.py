@@ -31,7 +31,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import watchfiles
@@ -41,7 +41,7 @@ from loguru import logger
 from discoproxy.config import ProxyConfig, parse_bind
 from discoproxy.guard import Ban, BanList, Guard, client_ip, load_bans
 from discoproxy.health import HealthChecker
-from discoproxy.owners import LOOP, on_loop, on_reactor, owned_by
+from discoproxy.owners import LOOP, any_thread, on_loop, on_reactor, owned_by
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.balance import Pools
@@ -58,13 +58,16 @@ from discoproxy.proxy.ports import (
     sweep_udp,
 )
 from discoproxy.proxy.reactor import Reactor
-from discoproxy.proxy.stats import DataPlaneStats
+from discoproxy.proxy.stats import DataPlaneStats, Snapshot, take_snapshot, take_totals
 from discoproxy.proxy.tls_termination import CertStore
 from discoproxy.rejections import Rejection
 from discoproxy.routing import Registry, RoutingTable
 from discoproxy.status import StatusService
 from discoproxy.wake import ServerControl, Waker
 from discoproxy.webhooks import Webhooks
+
+if TYPE_CHECKING:
+    from discoproxy.proxy.workers import WorkerSet
 
 # A burst of connections must not be refused by the kernel while the loop is busy;
 # 4096 matches common somaxconn defaults on current kernels.
@@ -87,6 +90,66 @@ BANS_WATCH_TIMEOUT_MS = 500
 BANS_POLL_S = 0.5
 
 
+class DataPlanes(Protocol):
+    """What the control plane asks of the data plane(s): the one reactor of this process
+    (:class:`LocalPlanes`), or every worker of ``workers = N`` (``workers.WorkerSet``)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    async def snapshot(self, connections: int = 0) -> Snapshot: ...
+
+    async def totals(self) -> dict[str, int]: ...
+
+    async def apply_bans(self, bans: BanList) -> int: ...
+
+    def post_bans(self, bans: BanList) -> None: ...
+
+    async def kick(self, target: str) -> int: ...
+
+    def call(self, fn: Callable[..., object], *args: Any) -> None:
+        """``fn(ctx, *args)`` on each data plane's reactor, each with its own context."""
+
+
+@owned_by(LOOP)
+class LocalPlanes:
+    """This process's own reactor, through ``Reactor.call`` / ``Reactor.run``."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self._ctx = ctx
+
+    @property
+    def alive(self) -> bool:
+        return self._ctx.reactor is not None and self._ctx.reactor.alive
+
+    async def snapshot(self, connections: int = 0) -> Snapshot:
+        ctx = self._ctx
+        snap = await ctx.reactor.run(lambda: take_snapshot(ctx, connections))
+        status = ctx.status  # the loop's own counts, added here on the loop
+        snap.status = (snap.status[0] + status.hits, status.misses, status.stale)
+        return snap
+
+    async def totals(self) -> dict[str, int]:
+        ctx = self._ctx
+        return await ctx.reactor.run(lambda: take_totals(ctx))
+
+    async def apply_bans(self, bans: BanList) -> int:
+        ctx = self._ctx
+        return await ctx.reactor.run(lambda: ctx.apply_bans(bans))
+
+    def post_bans(self, bans: BanList) -> None:
+        ctx = self._ctx
+        ctx.reactor.call(lambda: ctx.apply_bans(bans))
+
+    async def kick(self, target: str) -> int:
+        ctx = self._ctx
+        return await ctx.reactor.run(lambda: ctx.kick(target))
+
+    def call(self, fn: Callable[..., object], *args: Any) -> None:
+        ctx = self._ctx
+        ctx.reactor.call(lambda: fn(ctx, *args))
+
+
 class ProxyContext:
     """What every connection shares: config, the registry, and the set of live connections."""
 
@@ -95,8 +158,13 @@ class ProxyContext:
         config: ProxyConfig,
         registry: Registry,
         controls: Mapping[str, ServerControl] | None = None,
+        worker: int | None = None,
     ) -> None:
         self.config = config
+        # this data plane's index when it is one of workers = N (None: the only one)
+        self.worker = worker
+        self.workers: WorkerSet | None = None  # the control plane's, when workers > 1
+        self.planes: DataPlanes = LocalPlanes(self)
         self.registry = registry
         self.events = EventOutbox()  # for the webhooks: put on any thread, drained on the loop
         self.webhooks: Webhooks | None = None  # the loop's, when [[webhooks]] are set
@@ -141,7 +209,7 @@ class ProxyContext:
         self._max = config.max_connections or math.inf
         logs_info = logger.level(config.log_level).no <= logger.level("INFO").no
         self.logs_info = logs_info
-        self._access = AccessLog(config.log_format) if logs_info else None
+        self._access = AccessLog(config.log_format, worker=self.worker) if logs_info else None
 
     @on_reactor
     def apply_config(
@@ -175,6 +243,17 @@ class ProxyContext:
     def register(self, conn: ClientConnection) -> int:
         self.connections.add(conn)
         return next(self._ids)
+
+    @property
+    @any_thread
+    def speaks_for_all(self) -> bool:
+        """Whether this data plane logs and reports what every one of them hears alike
+        (a health verdict): the only one, or worker 0 of several."""
+        return not self.worker
+
+    def number_ids(self, first: int, step: int) -> None:
+        """Connection ids from ``first`` in steps of ``step`` (workers: unique over all)."""
+        self._ids = itertools.count(first, step)
 
     @on_reactor
     def new_id(self) -> int:
@@ -423,6 +502,23 @@ class Listener(BaseListener):
                 ctx.stats.accepted[label] += accepted
 
 
+def listening_socket(family: int, type_: int, proto: int) -> socket.socket:
+    """A name-routing listener's socket, options set, not bound yet."""
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # accepted sockets inherit it: one setsockopt per listener, not per connection
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # every protocol routed by name speaks first: accept when its bytes are there
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _listening_sockets(infos: list[tuple[Any, ...]]) -> list[socket.socket]:
     socks: list[socket.socket] = []
     seen: set[tuple[Any, ...]] = set()
@@ -431,15 +527,8 @@ def _listening_sockets(infos: list[tuple[Any, ...]]) -> list[socket.socket]:
             if (family, sockaddr) in seen:
                 continue
             seen.add((family, sockaddr))
-            sock = socket.socket(family, type_, proto)
+            sock = listening_socket(family, type_, proto)
             socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            # accepted sockets inherit it: one setsockopt per listener, not per connection
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # every protocol routed by name speaks first: accept when its bytes are there
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
             sock.bind(sockaddr)
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
@@ -494,6 +583,13 @@ class BindListeners:
         logger.info("listening on {}", ", ".join(format_addr(addr) for addr in bound))
         return bound
 
+    def adopt(self, bind: str, label: str, sock: socket.socket) -> None:
+        """A worker: accept on ``sock``, opened by the control plane for ``bind``."""
+        sock.setblocking(False)
+        listener = Listener(self._ctx, sock, self._ctx.config.fallbacks.get(bind), label)
+        self._open.setdefault(bind, []).append(listener)
+        self._ctx.reactor.call(listener.start)
+
     def find(self, bind: str) -> str | None:
         """The open bind that ``bind`` names, however it is spelt: ``:25565`` is
         ``0.0.0.0:25565``, and ``127.0.0.1:41234`` is a ``127.0.0.1:0`` that got that port."""
@@ -524,7 +620,15 @@ class BindListeners:
 
 
 # Keys a reload cannot apply to a running process: they name what was set up at start.
-RESTART_ONLY = ("admin", "providers", "servers_dir", "bans_file", "log_format", "webhooks")
+RESTART_ONLY = (
+    "admin",
+    "providers",
+    "servers_dir",
+    "bans_file",
+    "log_format",
+    "webhooks",
+    "workers",
+)
 
 
 async def reconfigure(ctx: ProxyContext, config: ProxyConfig) -> list[str]:
@@ -542,27 +646,32 @@ async def reconfigure(ctx: ProxyContext, config: ProxyConfig) -> list[str]:
     config = config.model_copy(update=kept)  # ctx.config says what is in force
     wanted = list(dict.fromkeys(config.bind))
     opened = 0
+    binds: BindListeners | WorkerSet = ctx.workers or ctx.binds
     for bind in wanted:
-        existing = ctx.binds.find(bind)
+        existing = binds.find(bind)
         if existing is not None:
             if existing != bind:
-                ctx.binds.rename(existing, bind)
+                binds.rename(existing, bind)
         else:
             try:
-                await ctx.binds.open(bind)
+                await binds.open(bind)
                 opened += 1
             except OSError as exc:
                 problems.append(str(exc))
                 logger.error("config reload: {}", exc)
-    closed = [bind for bind in ctx.binds.binds if bind not in wanted]
+    closed = [bind for bind in binds.binds if bind not in wanted]
     for bind in closed:
-        ctx.binds.close(bind)
-    listeners = ctx.binds.listeners()
-    await ctx.reactor.run(lambda: ctx.apply_config(config, listeners))
+        binds.close(bind)
+    if ctx.workers is not None:
+        ctx.workers.configure(config)  # each worker applies it to its own listeners
+        ctx.config = config  # nothing on the control plane's reactor reads it
+    else:
+        listeners = ctx.binds.listeners()
+        await ctx.reactor.run(lambda: ctx.apply_config(config, listeners))
     ctx.status.config = config  # the status service is the loop's
     logger.info(
         "config reloaded: {} listeners ({} opened, {} closed){}",
-        len(ctx.binds.binds),
+        len(binds.binds),
         opened,
         len(closed),
         f"; {len(problems)} not applied" if problems else "",
@@ -585,7 +694,7 @@ async def watch_bans(ctx: ProxyContext) -> None:
             return
         if first or bans.bans != current.bans:
             current = bans
-            ctx.reactor.call(lambda: ctx.apply_bans(bans))
+            ctx.planes.post_bans(bans)
             if bans or not first:
                 logger.info("bans: {} from {}", len(bans), path)
 
@@ -649,10 +758,18 @@ async def run_proxy(
     *,
     context: ProxyContext | None = None,
     controls: Mapping[str, ServerControl] | None = None,
+    workers: int = 1,
     task_status: TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run every listener until cancelled, then drain connections gracefully."""
+    """Run every listener until cancelled, then drain connections gracefully. With
+    ``workers`` > 1 the listeners are worker processes' (``workers.py``) and this
+    process is their control plane."""
     ctx = context or ProxyContext(config, registry, controls)
+    if workers > 1:
+        from discoproxy.proxy.workers import WorkerSet
+
+        ctx.workers = WorkerSet(ctx, workers)
+        ctx.planes = ctx.workers
     ctx.loop = asyncio.get_running_loop()
     ctx.reactor = Reactor()
     ctx.reactor.call(ctx.start_sweeps)  # timers are the reactor's: set up on its thread
@@ -665,11 +782,16 @@ async def run_proxy(
         try:
             async with anyio.create_task_group() as tg:
                 bound: list[tuple[str, int]] = []
+                binds: BindListeners | WorkerSet = ctx.workers or ctx.binds
                 for bind in dict.fromkeys(config.bind):
-                    bound += await ctx.binds.open(bind)
-                ctx.ports.sync(registry.table)
-                registry.add_listener(ctx.ports.sync)
-                registry.add_listener(ctx.prune_stats)
+                    bound += await binds.open(bind)
+                if ctx.workers is not None:
+                    ctx.workers.table_changed(registry.table)
+                    registry.add_listener(ctx.workers.table_changed)
+                else:
+                    ctx.ports.sync(registry.table)
+                    registry.add_listener(ctx.ports.sync)
+                    registry.add_listener(ctx.prune_stats)
                 registry.add_listener(ctx.status.table_changed)
                 registry.add_listener(ctx.waker.table_changed)
                 ctx.health.table_changed(registry.table)
@@ -680,13 +802,17 @@ async def run_proxy(
                 if config.webhooks:
                     ctx.webhooks = Webhooks(config.webhooks, ctx.events, registry)
                     await tg.start(ctx.webhooks.run)
-                if ctx.waker.controls:
+                if ctx.workers is not None:
+                    await tg.start(ctx.workers.run)  # the wakes and stops are theirs
+                elif ctx.waker.controls:
                     tg.start_soon(ctx.waker.run)
                 task_status.started(bound)
                 await anyio.sleep_forever()
         finally:
             ctx.closing = True
-            if ctx.reactor.alive:  # a dead reactor's own failure is what run_proxy raises
+            if ctx.workers is not None:
+                ctx.workers.close_all()  # each worker drained as it stopped
+            elif ctx.reactor.alive:  # a dead reactor's own failure is what run_proxy raises
                 ctx.binds.close_all()  # in order, before the drain's calls
                 ctx.ports.close_all()
             with anyio.CancelScope(shield=True):

@@ -178,6 +178,7 @@ class LiveConnection:
     bytes_down: int
     player: str | None = None  # a Minecraft login's username
     uuid: str | None = None  # its offline-mode UUID
+    worker: int | None = None  # which worker's (workers = N)
 
 
 OpenTcp = dict[tuple[str, str], list[int]]  # (listener, route) → [open, bytes up, down]
@@ -356,6 +357,7 @@ def _live(ctx: ProxyContext, limit: int, now: float) -> list[LiveConnection]:
                 bytes_down=conn.down.count if has_flows else 0,
                 player=conn.player,
                 uuid=str(offline_uuid(conn.player)) if conn.player is not None else None,
+                worker=ctx.worker,
             )
         )
     for listener in ctx.udp_listeners:
@@ -374,6 +376,7 @@ def _live(ctx: ProxyContext, limit: int, now: float) -> list[LiveConnection]:
                     age_s=round(now - session.started, 3),
                     bytes_up=session.bytes_up,
                     bytes_down=session.bytes_down,
+                    worker=ctx.worker,
                 )
             )
     return live

@@ -14,13 +14,13 @@ import pytest
 from discoproxy.proxy.steering import attach, program, steer_index
 
 
-def group(kind: int, family: int, host: str, size: int) -> list[socket.socket]:
+def group(kind: int, family: int, host: str, size: int, v6only: bool = True) -> list[socket.socket]:
     socks: list[socket.socket] = []
     for _ in range(size):
         sock = socket.socket(family, kind)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
         sock.bind((host, socks[0].getsockname()[1] if socks else 0))
         if kind == socket.SOCK_STREAM:
             sock.listen(64)
@@ -64,7 +64,7 @@ def test_each_client_ip_always_reaches_the_socket_steer_index_names(kind: int, s
     assert len(set().union(*seen.values())) == size  # every socket gets clients
 
 
-def test_ipv6_sockets_have_their_own_program() -> None:
+def test_ipv6_sources_are_steered_too() -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this host")
     try:
@@ -83,4 +83,30 @@ def test_ipv6_sockets_have_their_own_program() -> None:
 def test_mapped_addresses_count_as_ipv4_and_bad_sizes_are_refused() -> None:
     assert steer_index("::ffff:192.0.2.7", 4) == steer_index("192.0.2.7", 4)
     with pytest.raises(ValueError, match="workers: expected 1 or more"):
-        program(socket.AF_INET, 0)
+        program(0)
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_DGRAM], ids=["tcp", "udp"])
+def test_a_dual_stack_socket_steers_its_ipv4_clients_by_their_ipv4_address(kind: int) -> None:
+    """Port routes listen on "::" without IPV6_V6ONLY when configured so: an IPv4 packet
+    reaches an IPv6 socket, and the program reads it as IPv4 (the version nibble)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    try:
+        socks = group(kind, socket.AF_INET6, "::", 3, v6only=False)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 here: {exc}")
+    port = socks[0].getsockname()[1]
+    try:
+        for n in range(2, 14):
+            source = f"127.0.0.{n}"
+            with socket.socket(socket.AF_INET, kind) as client:
+                client.bind((source, 0))
+                if kind == socket.SOCK_STREAM:
+                    client.connect(("127.0.0.1", port))
+                else:
+                    client.sendto(b"x", ("127.0.0.1", port))
+                assert landed(socks) == steer_index(source, 3), source
+    finally:
+        for sock in socks:
+            sock.close()

@@ -1,0 +1,254 @@
+"""One worker process of ``workers = N`` (``python -m discoproxy.proxy.worker FD``): a data
+plane (its reactor, its connections, its guard and pools, its loop for name resolution,
+TLS termination and status answers) fed by the control plane over the channel on FD.
+
+Rules for this file:
+- Everything it routes by comes from the control plane (``workers.py``): sockets,
+  config, table, bans; it reads no file and asks no Docker. A status miss asks the
+  control plane's cache (one backend ping for all workers), a wake asks the control
+  plane's provider, webhook events go to the control plane's outbox.
+- It stops when told (SIGTERM: drain within ``shutdown_timeout``, as one process does)
+  or when the control plane is gone (end of file on the channel: the same drain). SIGHUP
+  is the control plane's: it reloads and sends the new config here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import anyio
+from loguru import logger
+
+from discoproxy.guard import BanList
+from discoproxy.proxy.channel import Channel, ChannelError
+from discoproxy.proxy.ports import UDP_SWEEP_S, sweep_udp
+from discoproxy.proxy.reactor import Reactor
+from discoproxy.proxy.server import ProxyContext
+from discoproxy.proxy.stats import take_snapshot, take_totals
+from discoproxy.proxy.workers import WorkerInit
+from discoproxy.routing import Registry, Route, RoutingTable
+from discoproxy.status import StatusError, StatusService
+
+# Webhook events are handed to the control plane this often (a batch per interval).
+EVENTS_FORWARD_S = 0.1
+UVLOOP = importlib.util.find_spec("uvloop") is not None
+
+
+class RemoteControl:
+    """A provider's start/stop, asked of the control plane (which holds the provider)."""
+
+    def __init__(self, channel: Channel, provider: str) -> None:
+        self._channel = channel
+        self._provider = provider
+
+    async def start_server(self, server_id: str) -> None:
+        await self._ask("start", server_id)
+
+    async def stop_server(self, server_id: str) -> None:
+        await self._ask("stop", server_id)
+
+    async def _ask(self, action: str, server_id: str) -> None:
+        try:
+            await self._channel.request("control", (self._provider, action, server_id))
+        except ChannelError as exc:
+            raise RuntimeError(str(exc)) from exc
+
+
+class SharedStatus(StatusService):
+    """A worker's status cache: a miss asks the control plane, whose cache (and single
+    flight) means one backend ping per server for every worker together."""
+
+    channel: Channel
+
+    async def _ping_backend(
+        self,
+        route: Route,
+        protocol: int,
+        domain: str,
+        port: int,
+        client: Any,
+        addresses: tuple[tuple[str, int], ...],
+    ) -> dict[str, Any]:
+        try:
+            document: dict[str, Any] = await self.channel.request(
+                "status", (route, protocol, domain, port, client, addresses)
+            )
+        except ChannelError as exc:
+            raise StatusError(str(exc).removeprefix("StatusError: ")) from exc
+        return document
+
+
+class Worker:
+    """The worker's side of the channel: applies what the control plane sends."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.channel = Channel(sock, self.handle)
+        self.ctx: ProxyContext | None = None
+        self.stop = anyio.Event()
+        self.ready = False
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def handle(self, kind: str, payload: Any, fds: list[int]) -> Any:
+        if kind == "init":
+            return await self._init(payload, fds)
+        ctx = self.ctx
+        if ctx is None:
+            for fd in fds:
+                os.close(fd)
+            raise RuntimeError(f"{kind} before init")
+        if kind == "bind":
+            self._adopt(payload, fds)
+        elif kind == "unbind":
+            ctx.binds.close(payload)
+        elif kind == "rename":
+            ctx.binds.rename(*payload)
+        elif kind == "port":
+            (fd,) = fds
+            ctx.ports.inherit(payload, socket.socket(fileno=fd))
+        elif kind == "table":
+            table: RoutingTable = payload
+            ctx.registry.install(table)
+            if not self.ready:  # the first table: serving now
+                self.ready = True
+                await self.channel.send("ready", os.getpid())
+        elif kind == "config":
+            config = payload
+            ctx.status.config = config
+            listeners = ctx.binds.listeners()
+            await ctx.reactor.run(lambda: ctx.apply_config(config, listeners))
+        elif kind == "bans":
+            bans: BanList = payload
+            return await ctx.reactor.run(lambda: ctx.apply_bans(bans))
+        elif kind == "kick":
+            target: str = payload
+            return await ctx.reactor.run(lambda: ctx.kick(target))
+        elif kind == "call":
+            fn, args = payload
+            ctx.reactor.call(lambda: fn(ctx, *args))
+        elif kind == "snapshot":
+            connections: int = payload
+            snap = await ctx.reactor.run(lambda: take_snapshot(ctx, connections))
+            status = ctx.status
+            snap.status = (snap.status[0] + status.hits, status.misses, status.stale)
+            return snap
+        elif kind == "totals":
+            return await ctx.reactor.run(lambda: take_totals(ctx))
+        else:
+            raise ValueError(f"unknown message {kind}")
+        return None
+
+    async def _init(self, init: WorkerInit, fds: list[int]) -> None:
+        """Build the data plane: context, reactor, the loop's task set, listeners."""
+        from discoproxy.cli import configure_logging
+
+        configure_logging(init.log_level, init.log_format)
+        registry = Registry()
+        ctx = ProxyContext(
+            init.config,
+            registry,
+            {name: RemoteControl(self.channel, name) for name in init.controls},
+            worker=init.index,
+        )
+        status = SharedStatus(init.config, ctx.waker)
+        status.channel = self.channel
+        ctx.status = status
+        ctx.waker.backend_players = status.online_players
+        ctx.events.wanted = init.events
+        # ids unique over the workers and over restarts: index + 1 + count * k
+        ctx.number_ids(init.generation * 1_000_000_000 * init.count + init.index + 1, init.count)
+        ctx.ports.inherited = {}
+        ctx.loop = asyncio.get_running_loop()
+        ctx.reactor = Reactor()
+        ctx.reactor.call(ctx.start_sweeps)
+        ctx.reactor.call(lambda: ctx.reactor.every(UDP_SWEEP_S, lambda: sweep_udp(ctx)))
+        ctx.reactor.start()
+        tg = self._tg
+        assert tg is not None
+        await tg.start(ctx.tasks.run, ctx.reactor)
+        registry.add_listener(ctx.ports.sync)
+        registry.add_listener(ctx.prune_stats)
+        registry.add_listener(ctx.status.table_changed)
+        registry.add_listener(ctx.waker.table_changed)
+        self.ctx = ctx
+        self._adopt(list(init.binds), fds)
+        if ctx.waker.controls:
+            tg.start_soon(ctx.waker.run)
+        tg.start_soon(self._forward_events, ctx)
+        tg.start_soon(self._watch_reactor, ctx)
+
+    def _adopt(self, binds: list[tuple[str, str]], fds: list[int]) -> None:
+        assert self.ctx is not None
+        for (bind, label), fd in zip(binds, fds, strict=True):
+            self.ctx.binds.adopt(bind, label, socket.socket(fileno=fd))
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._channel_then_stop)
+            # held to the end: a SIGTERM during the drain (the control plane's, after it
+            # hung up) must not end the process before its connections do
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                tg.start_soon(self._stop_on, signals)
+                await self.stop.wait()
+                await self._drain()
+            tg.cancel_scope.cancel()
+
+    async def _drain(self) -> None:
+        ctx = self.ctx
+        if ctx is None:
+            return
+        ctx.closing = True
+        ctx.binds.close_all()
+        ctx.ports.close_all()
+        with anyio.CancelScope(shield=True):
+            try:
+                await ctx.drain(ctx.config.shutdown_timeout)
+            finally:
+                ctx.tasks.stop()
+                await ctx.reactor.stop()
+                await self._forward_events(ctx, once=True)
+
+    async def _stop_on(self, signals: Any) -> None:
+        async for _ in signals:  # the first starts the drain; later ones change nothing
+            self.stop.set()
+
+    async def _channel_then_stop(self) -> None:
+        await self.channel.run()
+        self.stop.set()  # the control plane is gone: drain and exit
+
+    async def _watch_reactor(self, ctx: ProxyContext) -> None:
+        await ctx.reactor.wait_stopped()
+        if not ctx.closing:
+            logger.error("worker {}: the reactor thread stopped unexpectedly", ctx.worker)
+            os._exit(70)  # the control plane starts a new worker
+
+    async def _forward_events(self, ctx: ProxyContext, once: bool = False) -> None:
+        while True:
+            events = ctx.events.drain()
+            if events and not self.channel.closed:
+                try:
+                    await self.channel.send("events", events)
+                except ChannelError:
+                    return
+            if once:
+                return
+            await anyio.sleep(EVENTS_FORWARD_S)
+
+
+def main(argv: list[str]) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the control plane reloads, then tells us
+    sock = socket.socket(fileno=int(argv[1]))
+    worker = Worker(sock)
+    anyio.run(worker.run, backend="asyncio", backend_options={"use_uvloop": UVLOOP})
+    if worker.ctx is None:
+        sys.exit(1)  # the control plane hung up before it said what to serve
+
+
+if __name__ == "__main__":
+    main(sys.argv)

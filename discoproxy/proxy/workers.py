@@ -1,0 +1,634 @@
+"""``workers = N``: N data planes, each a reactor in its own process, fed by this one
+control plane (the process that runs the providers, the registry, the admin listener,
+status refreshes, health checks and wakes).
+
+Rules for this file:
+- The control plane opens every listening socket itself, ``SO_REUSEPORT``, N to an
+  address (one per worker, in worker order), attaches the steering program
+  (``steering.py``: every connection and datagram of one client IP reaches the same
+  worker, so per-IP limits, budgets and UDP sessions stay whole in one worker) and
+  keeps its copies open: a worker that dies leaves its socket in the group, so the
+  group's order and every client's worker stay as they were, and connections that
+  arrive meanwhile wait in that socket's backlog for the replacement.
+- A worker gets its sockets, the config, the routing table and the ban list as
+  immutable values over its :class:`~discoproxy.proxy.channel.Channel`, in order (one
+  outbox per worker). It never talks to Docker or reads a file; what it needs from the
+  control plane it asks: a status answer (one backend ping per server for all workers,
+  through the control plane's cache), a server start or stop (the providers), and it
+  hands its webhook events over.
+- Reads of live numbers ask every worker and sum (:func:`merge_snapshots`); bans and
+  kicks reach every worker; a worker that dies is logged and started again (with a
+  back-off when it keeps dying), and ``/readyz`` says not ready until it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import Process, TaskStatus
+from loguru import logger
+
+from discoproxy.config import ProxyConfig, parse_bind
+from discoproxy.guard import BanList
+from discoproxy.owners import LOOP, owned_by
+from discoproxy.proxy import steering
+from discoproxy.proxy.addresses import format_addr
+from discoproxy.proxy.balance import BackendState
+from discoproxy.proxy.channel import Channel, ChannelError, socket_pair
+from discoproxy.proxy.listener import ListenError
+from discoproxy.proxy.stats import Histogram, RouteStats, Snapshot
+from discoproxy.routing import PortKey, RoutingTable, format_port
+
+if TYPE_CHECKING:
+    from discoproxy.proxy.server import ProxyContext
+
+# A worker that dies is started again after this long, doubling while it keeps dying
+# within RESTART_WINDOW_S of its start, up to RESTART_BACKOFF_MAX_S.
+RESTART_BACKOFF_S = 0.2
+RESTART_BACKOFF_MAX_S = 10.0
+RESTART_WINDOW_S = 30.0
+# A worker has this long to take its sockets and say it is ready.
+WORKER_START_TIMEOUT_S = 30.0
+# A read of live numbers (metrics, API) waits this long for each worker's answer.
+WORKER_ANSWER_TIMEOUT_S = 5.0
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity, as a container's cpuset sets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_count(config: ProxyConfig) -> int:
+    return config.workers or cpu_count()
+
+
+@dataclass(frozen=True)
+class WorkerInit:
+    """What a new worker gets first (its bind sockets ride along as fds, in order)."""
+
+    index: int
+    count: int
+    generation: int  # how many times this index was started before: keeps ids unique
+    config: ProxyConfig
+    binds: tuple[tuple[str, str], ...]  # (bind entry, listener label) per fd
+    controls: tuple[str, ...]  # providers that start and stop servers (asked of us)
+    events: frozenset[str]  # the webhook events wanted
+    log_level: str
+    log_format: str
+
+
+@dataclass
+class _BindGroup:
+    bind: str
+    label: str
+    address: tuple[str, int]
+    sockets: list[socket.socket]
+
+
+@dataclass
+class _Worker:
+    index: int
+    generation: int = 0
+    process: Process | None = None
+    channel: Channel | None = None
+    outbox: asyncio.Queue[tuple[str, Any, list[int]]] = field(default_factory=asyncio.Queue)
+    ready: bool = False
+    started: float = 0.0
+    restarts: int = 0
+    announced: anyio.Event = field(default_factory=anyio.Event)  # set at its first "ready"
+
+
+def _reuseport_socket(family: int, kind: int) -> socket.socket:
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
+def open_group(
+    make: Callable[[], socket.socket], address: tuple[str, int], count: int, listen: bool
+) -> list[socket.socket]:
+    """``count`` sockets from ``make`` bound to ``address`` as one SO_REUSEPORT group
+    (a port 0 becomes the port the first one got), steered by client IP."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = make()
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            bound = (address[0], socks[0].getsockname()[1] if len(socks) > 1 else address[1])
+            sock.bind(bound)
+            if listen:
+                from discoproxy.proxy.server import LISTEN_BACKLOG
+
+                sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        if count > 1:
+            steering.attach(socks[0], count)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+@owned_by(LOOP)
+class WorkerSet:
+    """The worker processes and the socket groups they accept on (the loop's)."""
+
+    def __init__(self, ctx: ProxyContext, count: int) -> None:
+        self.ctx = ctx
+        self.count = count
+        self.workers = [_Worker(i) for i in range(count)]
+        self._binds: dict[str, list[_BindGroup]] = {}
+        self._ports: dict[PortKey, list[socket.socket]] = {}
+        self._port_failed: dict[PortKey, str] = {}
+        self._stopping = False
+        self.bans = BanList()  # the list in force, for a worker that (re)starts
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """Every worker runs and said it is ready (``/readyz``, ``/healthz``)."""
+        return all(w.ready and w.channel is not None for w in self.workers)
+
+    def states(self) -> list[dict[str, Any]]:
+        """Each worker: index, pid, ready, restarts (``/api/workers``)."""
+        return [
+            {
+                "index": w.index,
+                "pid": w.process.pid if w.process is not None else None,
+                "ready": w.ready,
+                "restarts": w.restarts,
+            }
+            for w in self.workers
+        ]
+
+    # -- listening sockets -------------------------------------------------------------
+
+    async def open(self, bind: str) -> list[tuple[str, int]]:
+        """Listen on ``bind`` with a group per address; each worker gets its socket."""
+        from discoproxy.proxy.server import listening_socket
+
+        host, port = parse_bind(bind)
+        family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
+        where = format_addr((host, port))
+        groups: list[_BindGroup] = []
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host or None, port, family=family, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            seen: set[tuple[Any, ...]] = set()
+            for family_, type_, proto, _, sockaddr in infos:
+                if (family_, sockaddr) in seen:
+                    continue
+                seen.add((family_, sockaddr))
+                socks = open_group(
+                    partial(listening_socket, family_, type_, proto),
+                    (str(sockaddr[0]), int(sockaddr[1])),
+                    self.count,
+                    listen=True,
+                )
+                address = socks[0].getsockname()[:2]
+                label = bind if port else format_addr(address)
+                groups.append(_BindGroup(bind, label, address, socks))
+        except OSError as exc:
+            for group in groups:
+                for sock in group.sockets:
+                    sock.close()
+            setting = 'bind = ["host:port"] (or serve --bind host:port) to listen elsewhere'
+            raise ListenError(where, port, setting, exc) from exc
+        self._binds[bind] = groups
+        for worker in self.workers:
+            self._post(worker, "bind", *self._bind_payload(groups, worker.index))
+        bound = [group.address for group in groups]
+        logger.info(
+            "listening on {} ({} workers)", ", ".join(format_addr(a) for a in bound), self.count
+        )
+        return bound
+
+    @staticmethod
+    def _bind_payload(
+        groups: Sequence[_BindGroup], index: int
+    ) -> tuple[list[tuple[str, str]], list[int]]:
+        return [(g.bind, g.label) for g in groups], [g.sockets[index].fileno() for g in groups]
+
+    def find(self, bind: str) -> str | None:
+        wanted = parse_bind(bind)
+        for key, groups in self._binds.items():
+            if parse_bind(key) == wanted or (
+                wanted[1] and any(group.address == wanted for group in groups)
+            ):
+                return key
+        return None
+
+    @property
+    def binds(self) -> list[str]:
+        return list(self._binds)
+
+    def rename(self, old: str, new: str) -> None:
+        groups = self._binds.pop(old)
+        self._binds[new] = [replace(g, bind=new) for g in groups]
+        self._post_all("rename", (old, new))
+
+    def close(self, bind: str) -> None:
+        groups = self._binds.pop(bind, [])
+        self._post_all("unbind", bind)
+        for group in groups:
+            for sock in group.sockets:
+                sock.close()
+        if groups:
+            where = ", ".join(format_addr(group.address) for group in groups)
+            logger.info("stopped listening on {}", where)
+
+    def close_all(self) -> None:
+        """Shutdown: the control plane's copies of every listening socket."""
+        self._stopping = True
+        for groups in self._binds.values():
+            for group in groups:
+                for sock in group.sockets:
+                    sock.close()
+        self._binds.clear()
+        for socks in self._ports.values():
+            for sock in socks:
+                sock.close()
+        self._ports.clear()
+
+    def table_changed(self, table: RoutingTable) -> None:
+        """A registry listener: open the port groups ``table`` claims, then hand every
+        worker the table (after the sockets, in order), then close the ports gone."""
+        if self._stopping:
+            return
+        wanted = set(table.ports)
+        for key in sorted(wanted - set(self._ports)):
+            try:
+                self._ports[key] = self._open_port(key)
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                if self._port_failed.get(key) != why:
+                    logger.error(
+                        "cannot listen on {} for {}: {}; the other routes still apply",
+                        format_port(key),
+                        table.ports[key].qualified_id,
+                        why,
+                    )
+                self._port_failed[key] = why
+                continue
+            self._port_failed.pop(key, None)
+            for worker in self.workers:
+                self._post(worker, "port", key, [self._ports[key][worker.index].fileno()])
+        self._post_all("table", table)
+        for key in sorted(set(self._ports) - wanted):
+            for sock in self._ports.pop(key):
+                sock.close()
+        for key in set(self._port_failed) - wanted:
+            del self._port_failed[key]
+
+    def _open_port(self, key: PortKey) -> list[socket.socket]:
+        from discoproxy.proxy.ports import port_socket
+
+        host = self.ctx.config.port_routes_bind
+        return open_group(
+            lambda: port_socket(self.ctx.config, key), (host, key[1]), self.count, key[0] == "tcp"
+        )
+
+    # -- fan-out -----------------------------------------------------------------------
+
+    def _post(
+        self, worker: _Worker, kind: str, payload: Any = None, fds: Sequence[int] = ()
+    ) -> None:
+        """Queue a one-way message for ``worker`` (its fds duplicated now: the sockets
+        may close before the sender gets to it). A worker not running gets everything
+        again when it starts."""
+        if worker.channel is None:
+            return
+        worker.outbox.put_nowait((kind, payload, [os.dup(fd) for fd in fds]))
+
+    def _post_all(self, kind: str, payload: Any = None) -> None:
+        for worker in self.workers:
+            self._post(worker, kind, payload)
+
+    def configure(self, config: ProxyConfig) -> None:
+        self._post_all("config", config)
+
+    def post_bans(self, bans: BanList) -> None:
+        self.bans = bans  # what a worker started later gets
+        self._post_all("bans", bans)
+
+    def call(self, fn: Callable[..., object], *args: Any) -> None:
+        """``fn(ctx, *args)`` on every worker's reactor (``fn`` a module-level function)."""
+        self._post_all("call", (fn, args))
+
+    async def ask(self, kind: str, payload: Any = None) -> list[Any]:
+        """Every running worker's answer to ``kind`` (a worker that does not answer in
+        time, or is being restarted, is left out)."""
+        answers: list[Any] = [None] * self.count
+
+        async def one(worker: _Worker) -> None:
+            channel = worker.channel
+            if channel is None or not worker.ready:
+                return
+            with contextlib.suppress(ChannelError, TimeoutError):
+                with anyio.fail_after(WORKER_ANSWER_TIMEOUT_S):
+                    answers[worker.index] = await channel.request(kind, payload)
+
+        async with anyio.create_task_group() as tg:
+            for worker in self.workers:
+                tg.start_soon(one, worker)
+        return [a for a in answers if a is not None]
+
+    async def snapshot(self, connections: int = 0) -> Snapshot:
+        return merge_snapshots(await self.ask("snapshot", connections), connections)
+
+    async def totals(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for totals in await self.ask("totals"):
+            for key, value in totals.items():
+                out[key] = out.get(key, 0) + value
+        return out
+
+    async def apply_bans(self, bans: BanList) -> int:
+        self.bans = bans
+        return sum(await self.ask("bans", bans))
+
+    async def kick(self, target: str) -> int:
+        return sum(await self.ask("kick", target))
+
+    # -- the workers' requests ---------------------------------------------------------
+
+    async def _handle(self, worker: _Worker, kind: str, payload: Any, fds: list[int]) -> Any:
+        for fd in fds:
+            os.close(fd)
+        ctx = self.ctx
+        if kind == "ready":
+            worker.ready = True
+            worker.announced.set()
+            logger.info("worker {} ready (pid {})", worker.index, payload)
+            return None
+        if kind == "status":
+            return await ctx.status.shared_document(*payload)
+        if kind == "control":
+            provider, action, server_id = payload
+            control = ctx.waker.controls.get(provider)
+            if control is None:
+                raise LookupError(f"provider {provider} cannot start or stop servers")
+            if action == "start":
+                await control.start_server(server_id)
+            else:
+                await control.stop_server(server_id)
+            return None
+        if kind == "events":
+            for event, _when, data in payload:
+                ctx.events.put(event, data)
+            return None
+        raise ValueError(f"unknown request from worker {worker.index}: {kind}")
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start every worker, wait until each is ready, then keep them running until
+        cancelled (then drain them: each finishes its connections, as one process does)."""
+        try:
+            async with anyio.create_task_group() as tg:
+                started = [anyio.Event() for _ in self.workers]
+                for worker in self.workers:
+                    tg.start_soon(self._keep, worker, started[worker.index])
+                with anyio.fail_after(WORKER_START_TIMEOUT_S):
+                    for event in started:
+                        await event.wait()
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            self._stopping = True
+
+    def _init_messages(self, worker: _Worker) -> list[tuple[str, Any, list[int]]]:
+        ctx = self.ctx
+        groups = [g for groups in self._binds.values() for g in groups]
+        binds, fds = self._bind_payload(groups, worker.index)
+        init = WorkerInit(
+            worker.index,
+            self.count,
+            worker.generation,
+            ctx.config,
+            tuple(binds),
+            tuple(ctx.waker.controls),
+            ctx.events.wanted,
+            ctx.config.log_level,
+            ctx.config.log_format,
+        )
+        out: list[tuple[str, Any, list[int]]] = [("init", init, [os.dup(fd) for fd in fds])]
+        for key, socks in self._ports.items():
+            out.append(("port", key, [os.dup(socks[worker.index].fileno())]))
+        out.append(("table", ctx.registry.table, []))
+        out.append(("bans", self.bans, []))
+        return out
+
+    async def _keep(self, worker: _Worker, first: anyio.Event) -> None:
+        backoff = RESTART_BACKOFF_S
+        while True:
+            code = await self._run_once(worker, first)
+            if self._stopping:
+                return
+            lived = time.monotonic() - worker.started
+            logger.error(
+                "worker {} (pid {}) exited with {}; starting it again{}",
+                worker.index,
+                worker.process.pid if worker.process is not None else "-",
+                _exit_text(code),
+                f" in {backoff:g}s" if lived < RESTART_WINDOW_S else "",
+            )
+            if lived < RESTART_WINDOW_S:
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, RESTART_BACKOFF_MAX_S)
+            else:
+                backoff = RESTART_BACKOFF_S
+            worker.generation += 1
+            worker.restarts += 1
+
+    async def _run_once(self, worker: _Worker, first: anyio.Event) -> int | None:
+        ours, theirs = socket_pair()
+        command = [sys.executable, "-m", "discoproxy.proxy.worker", str(theirs.fileno())]
+        worker.ready = False
+        worker.outbox = asyncio.Queue()
+        worker.announced = first
+        try:
+            process = await anyio.open_process(
+                command, stdin=None, stdout=None, stderr=None, pass_fds=(theirs.fileno(),)
+            )
+        finally:
+            theirs.close()
+        worker.process = process
+        worker.started = time.monotonic()
+        channel = Channel(ours, lambda kind, payload, fds: self._handle(worker, kind, payload, fds))
+        worker.channel = channel
+        for message in self._init_messages(worker):
+            worker.outbox.put_nowait(message)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(channel.run)
+                tg.start_soon(self._send, worker, channel)
+                code = await process.wait()
+                tg.cancel_scope.cancel()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._stop(worker, process, channel)
+            raise
+        finally:
+            worker.channel = None
+            worker.ready = False
+            channel.close()
+        return code
+
+    async def _send(self, worker: _Worker, channel: Channel) -> None:
+        while True:
+            kind, payload, fds = await worker.outbox.get()
+            try:
+                await channel.send(kind, payload, fds)
+            except ChannelError:
+                return
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    async def _stop(self, worker: _Worker, process: Process, channel: Channel) -> None:
+        """Shutdown: the worker drains (``shutdown_timeout``) and exits; one that does
+        not is killed."""
+        grace = self.ctx.config.shutdown_timeout
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        with anyio.move_on_after(grace + 5):
+            await process.wait()
+        logger.debug("worker {} stopped: {}", worker.index, _exit_text(process.returncode))
+        if process.returncode is None:
+            logger.warning("worker {} did not stop in time: killed", worker.index)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"status {code}"
+
+
+# -- summing the workers' numbers --------------------------------------------------------
+
+
+def _add_histogram(into: Histogram, other: Histogram) -> None:
+    into.counts = [a + b for a, b in zip(into.counts, other.counts, strict=True)]
+    into.count += other.count
+    into.total += other.total
+
+
+def _add_route(into: RouteStats, other: RouteStats) -> None:
+    for name in RouteStats.__slots__:
+        value = getattr(other, name)
+        if isinstance(value, Histogram):
+            _add_histogram(getattr(into, name), value)
+        else:
+            setattr(into, name, getattr(into, name) + value)
+
+
+def _add_backends(into: list[BackendState], other: list[BackendState]) -> list[BackendState]:
+    by_address = {b.address: b for b in into}
+    for b in other:
+        have = by_address.get(b.address)
+        if have is None:
+            by_address[b.address] = b
+            continue
+        by_address[b.address] = replace(
+            have,
+            state="up" if "up" in (have.state, b.state) else have.state,
+            active=have.active + b.active,
+            failures=max(have.failures, b.failures),
+            dial_failures=have.dial_failures + b.dial_failures,
+            last_error=have.last_error or b.last_error,
+        )
+    return list(by_address.values())
+
+
+def _add_counts(into: dict[Any, int], other: Mapping[Any, int]) -> None:
+    for key, value in other.items():
+        into[key] = into.get(key, 0) + value
+
+
+def _add_lists(into: dict[Any, list[int]], other: Mapping[Any, list[int]]) -> None:
+    for key, item in other.items():
+        have = into.get(key)
+        if have is None:
+            into[key] = list(item)
+        else:
+            for n, value in enumerate(item):
+                have[n] += value
+
+
+def merge_snapshots(snaps: Sequence[Snapshot], connections: int = 0) -> Snapshot:
+    """The sum over workers: counters add up, open connections are listed together
+    (oldest first, at most ``connections``), a backend is up if any worker has it up."""
+    merged = Snapshot(
+        taken=time.time(),
+        routes={},
+        accepted={},
+        rejected={},
+        handshake={},
+        open_tcp={},
+        open_udp={},
+        udp_drops={},
+        udp_datagrams=(0, 0),
+        status=(0, 0, 0),
+    )
+    for snap in snaps:
+        for route_id, stats in snap.routes.items():
+            have = merged.routes.get(route_id)
+            if have is None:
+                merged.routes[route_id] = stats
+            else:
+                _add_route(have, stats)
+        _add_counts(merged.accepted, snap.accepted)
+        _add_counts(merged.rejected, snap.rejected)
+        _add_counts(merged.udp_drops, snap.udp_drops)
+        for name, histogram in snap.handshake.items():
+            if name in merged.handshake:
+                _add_histogram(merged.handshake[name], histogram)
+            else:
+                merged.handshake[name] = histogram
+        _add_lists(merged.open_tcp, snap.open_tcp)
+        _add_lists(merged.open_udp, snap.open_udp)
+        merged.udp_datagrams = (
+            merged.udp_datagrams[0] + snap.udp_datagrams[0],
+            merged.udp_datagrams[1] + snap.udp_datagrams[1],
+        )
+        merged.status = (
+            merged.status[0] + snap.status[0],
+            merged.status[1] + snap.status[1],
+            merged.status[2] + snap.status[2],
+        )
+        merged.internal_errors += snap.internal_errors
+        merged.log_lines_dropped += snap.log_lines_dropped
+        merged.connections.extend(snap.connections)
+        for route_id, backends in snap.backends.items():
+            have_backends = merged.backends.get(route_id)
+            merged.backends[route_id] = (
+                list(backends) if have_backends is None else _add_backends(have_backends, backends)
+            )
+    merged.connections.sort(key=lambda c: -c.age_s)
+    del merged.connections[connections:]
+    return merged

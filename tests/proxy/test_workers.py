@@ -1,0 +1,274 @@
+"""``workers = 2`` end to end: a real ``discoproxy serve`` with two worker processes behind
+one control plane, clients from many loopback addresses (127.0.0.0/8), so both workers
+get some. Limits per client IP hold across workers (steering keeps an IP on one worker),
+a killed worker is replaced while the other's connections carry on, a table swap reaches
+both, the numbers are summed, the status cache is shared."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import socketserver
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from discoproxy.protocol import minecraft
+from discoproxy.proxy.steering import steer_index
+from tests.support import ProxyProcess, running_proxy
+
+WORKERS = 2
+# loopback sources, with the worker each is steered to
+SOURCES = [f"127.0.0.{n}" for n in range(2, 14)]
+ON = {w: [ip for ip in SOURCES if steer_index(ip, WORKERS) == w] for w in range(WORKERS)}
+HELLO = minecraft.encode_handshake(765, "mc.example.com", 25565, 2) + minecraft.encode_login_start(
+    "tester"
+)
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+class _Status(socketserver.BaseRequestHandler):
+    """A Minecraft server's status answer, counting the pings it gets."""
+
+    pings = 0
+
+    def handle(self) -> None:
+        buffer = bytearray()
+        while isinstance(hs := minecraft.parse_handshake(buffer), minecraft.NeedData):
+            chunk = self.request.recv(4096)
+            if not chunk:
+                return
+            buffer += chunk
+        del buffer[: hs.length]
+        while True:
+            while isinstance(packet := minecraft.parse_packet(buffer), minecraft.NeedData):
+                chunk = self.request.recv(4096)
+                if not chunk:
+                    return
+                buffer += chunk
+            del buffer[: packet.length]
+            if packet.packet_id == 0:
+                type(self).pings += 1
+                document = {
+                    "version": {"name": "test", "protocol": hs.protocol_version},
+                    "players": {"max": 20, "online": 3, "sample": []},
+                    "description": {"text": "shared"},
+                }
+                self.request.sendall(minecraft.encode_status_response(json.dumps(document)))
+            else:
+                self.request.sendall(minecraft.encode_pong(packet.payload))
+                return
+
+
+@contextmanager
+def serving(handler: type[socketserver.BaseRequestHandler]) -> Iterator[int]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def mc(port: int, extra: str = "") -> dict[str, str]:
+    return {"mc.toml": f'domains = ["mc.example.com"]\naddresses = ["127.0.0.1:{port}"]\n{extra}'}
+
+
+def dial(proxy: ProxyProcess, source: str) -> socket.socket:
+    sock = socket.socket()
+    sock.settimeout(5)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", proxy.port))
+    return sock
+
+
+def echoes(sock: socket.socket, data: bytes = HELLO) -> bool:
+    """Whether ``data`` comes back as sent (the backend's echo), not a refusal."""
+    sock.sendall(data)
+    got = b""
+    try:
+        while len(got) < len(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    except OSError:
+        return False
+    return got == data
+
+
+def api(proxy: ProxyProcess, path: str) -> Any:
+    with urllib.request.urlopen(proxy.admin_url() + path, timeout=5) as answer:
+        return json.load(answer)
+
+
+def ready(proxy: ProxyProcess) -> bool:
+    try:
+        with urllib.request.urlopen(proxy.admin_url() + "/readyz", timeout=5) as answer:
+            return bool(answer.status == 200)
+    except urllib.error.HTTPError:
+        return False
+
+
+def wait_until(check: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_both_workers_serve_and_the_numbers_are_summed(tmp_path: Path) -> None:
+    assert ON[0] and ON[1], "the sources must reach both workers"
+    with serving(_Echo) as port, running_proxy(tmp_path, mc(port), "workers = 2\n") as proxy:
+        proxy.wait_for_line("worker 1 ready")
+        held = [dial(proxy, ip) for ip in SOURCES]
+        assert all(echoes(sock) for sock in held)
+        listed = api(proxy, "/api/connections")
+        assert listed["total"] == len(SOURCES)
+        by_ip = {c["client"].rsplit(":", 1)[0]: c["worker"] for c in listed["connections"]}
+        assert by_ip == {ip: steer_index(ip, WORKERS) for ip in SOURCES}
+        for sock in held:
+            sock.close()
+        proxy.wait_for_line(rf"conn #\d+ closed: client={ON[1][0]}:.* worker=1 reason=")
+        proxy.wait_for_line(rf"conn #\d+ closed: client={ON[0][0]}:.* worker=0 reason=")
+        wait_until(lambda: api(proxy, "/api/routes")["routes"][0]["connections_total"] == 12)
+        (route,) = api(proxy, "/api/routes")["routes"]
+        assert route["active"] == 0
+        assert route["bytes_up"] == route["bytes_down"] == len(SOURCES) * len(HELLO)
+        with urllib.request.urlopen(proxy.admin_url() + "/metrics", timeout=5) as answer:
+            metrics = answer.read().decode()
+        accepted = f'discoproxy_connections_accepted_total{{listener="127.0.0.1:{proxy.port}"}}'
+        assert f"{accepted} 12.0" in metrics, metrics
+        workers = api(proxy, "/api/workers")["workers"]
+        assert [w["index"] for w in workers] == [0, 1]
+        assert all(w["ready"] and w["pid"] for w in workers)
+        assert len({w["pid"] for w in workers} | {proxy.process.pid}) == 3
+
+
+def test_max_connections_per_ip_holds_across_workers(tmp_path: Path) -> None:
+    config = "workers = 2\nmax_connections_per_ip = 2\n"
+    with serving(_Echo) as port, running_proxy(tmp_path, mc(port), config) as proxy:
+        proxy.wait_for_line("worker 1 ready")
+        sources = [ON[0][0], ON[0][1], ON[1][0], ON[1][1]]
+        held = []
+        for ip in sources:
+            first, second, third = (dial(proxy, ip) for _ in range(3))
+            assert echoes(first) and echoes(second), ip
+            assert not echoes(third), f"{ip}: a third connection got through"
+            third.close()
+            held += [first, second]
+        listed = api(proxy, "/api/connections")["connections"]
+        assert {c["worker"] for c in listed} == {0, 1}
+        assert len(listed) == 2 * len(sources)
+        for sock in held:
+            sock.close()
+
+
+def test_the_rate_budget_holds_across_workers(tmp_path: Path) -> None:
+    config = "workers = 2\n[rate_limit]\nconnections = 3\nwindow = 60\n"
+    with serving(_Echo) as port, running_proxy(tmp_path, mc(port), config) as proxy:
+        proxy.wait_for_line("worker 1 ready")
+        for ip in (ON[0][0], ON[1][0]):
+            results = []
+            for _ in range(5):
+                with dial(proxy, ip) as sock:
+                    results.append(echoes(sock))
+            assert results == [True, True, True, False, False], ip
+
+
+def test_a_killed_worker_is_replaced_and_the_other_keeps_its_connections(tmp_path: Path) -> None:
+    with serving(_Echo) as port, running_proxy(tmp_path, mc(port), "workers = 2\n") as proxy:
+        proxy.wait_for_line("worker 1 ready")
+        survivor = dial(proxy, ON[0][0])
+        doomed = dial(proxy, ON[1][0])
+        assert echoes(survivor) and echoes(doomed)
+        pids = {w["index"]: w["pid"] for w in api(proxy, "/api/workers")["workers"]}
+        os.kill(pids[1], signal.SIGKILL)
+        proxy.wait_for_line(r"worker 1 \(pid \d+\) exited with signal SIGKILL; starting it again")
+        assert doomed.recv(100) == b""  # its connections ended with it
+        doomed.close()
+        assert echoes(survivor, b"still here")  # the other worker's did not
+        wait_until(lambda: ready(proxy))
+        workers = api(proxy, "/api/workers")["workers"]
+        assert workers[1]["restarts"] == 1 and workers[1]["pid"] != pids[1]
+        assert workers[0]["pid"] == pids[0]
+        with dial(proxy, ON[1][0]) as again:  # the same client reaches the new worker
+            assert echoes(again)
+        assert echoes(survivor, b"and still")
+        survivor.close()
+
+
+def test_a_table_swap_reaches_every_worker(tmp_path: Path) -> None:
+    with serving(_Echo) as port, running_proxy(tmp_path, mc(port), "workers = 2\n") as proxy:
+        proxy.wait_for_line("worker 1 ready")
+        for ip in (ON[0][0], ON[1][0]):
+            with dial(proxy, ip) as sock:
+                assert echoes(sock)
+        (tmp_path / "servers" / "mc.toml").unlink()
+        wait_until(lambda: not api(proxy, "/api/routes")["routes"])
+        time.sleep(0.2)  # the workers' copies follow the control plane's, in order
+        for ip in (ON[0][0], ON[1][0]):
+            with dial(proxy, ip) as sock:
+                assert not echoes(sock), f"{ip}: routed to a removed server"
+
+
+def test_status_pings_from_both_workers_cost_one_backend_ping(tmp_path: Path) -> None:
+    _Status.pings = 0
+    with serving(_Status) as port, running_proxy(tmp_path, mc(port), "workers = 2\n") as proxy:
+        proxy.wait_for_line("worker 1 ready")
+        for ip in [*ON[0][:2], *ON[1][:2]]:
+            with dial(proxy, ip) as sock:
+                hello = minecraft.encode_handshake(765, "mc.example.com", 25565, 1)
+                ping = minecraft.encode_packet(0x01, b"12345678")
+                sock.sendall(hello + minecraft.encode_packet(0x00, b"") + ping)
+                reply = b""
+                while chunk := sock.recv(65536):
+                    reply += chunk
+                assert b"shared" in reply, reply
+        assert _Status.pings == 1
+
+
+def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
+    with serving(_Echo) as port, running_proxy(tmp_path, mc(port), "workers = 2\n") as proxy:
+        proxy.wait_for_line("worker 1 ready")
+        config = tmp_path / "discoproxy.toml"
+        config.write_text(config.read_text() + "max_connections_per_ip = 1\n")
+        proxy.process.send_signal(signal.SIGHUP)
+        proxy.wait_for_line("config reloaded")
+        time.sleep(0.3)
+        for ip in (ON[0][0], ON[1][0]):
+            first, second = dial(proxy, ip), dial(proxy, ip)
+            assert echoes(first) and not echoes(second), ip
+            first.close()
+            second.close()
+
+
+def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
+    with serving(_Echo) as port, running_proxy(tmp_path, mc(port), "workers = 2\n") as proxy:
+        proxy.wait_for_line("worker 1 ready")
+        held = [dial(proxy, ON[0][0]), dial(proxy, ON[1][0])]
+        assert all(echoes(sock) for sock in held)
+        proxy.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        drained = [echoes(sock, b"draining") for sock in held]
+        assert drained == [True, True], proxy.output()
+        for sock in held:
+            sock.close()
+        assert proxy.process.wait(15) == 0
+        proxy.wait_for_line("stopped$")
+        assert "starting it again" not in proxy.output()  # a drain is not a crash
