@@ -16,8 +16,14 @@ connections served and failed by cause, and bytes verified. It passes (exit 0) w
 nothing failed or came back corrupted and RSS and fds are flat after warm-up (their
 slope times the minutes measured within ``RSS_GROWTH_MAX_KIB`` and ``FD_GROWTH_MAX``,
 what in-flight connections explain: over 30 minutes that is about 200 KiB and 1.2 fds a
-minute), else exit 1 with the reasons. Container churn and a killed worker (issue 20)
-are not part of it yet: the first needs Docker images, the second ``workers``.
+minute), else exit 1 with the reasons.
+
+The proxy runs ``workers = 2`` (issue 20): the numbers above are per process (the
+control plane and each worker) and summed, and halfway through one worker is killed
+(SIGKILL). The connections it had fail, and so may the new ones its clients open
+before its replacement accepts: failures within ``KILL_WINDOW_S`` of the kill are
+counted apart, as explained by it; the run then checks that the worker came back.
+Container churn (issue 20 names it) is not part of it: it needs Docker images.
 """
 
 from __future__ import annotations
@@ -62,13 +68,19 @@ RSS_GROWTH_MAX_KIB = 4096.0
 SOCKET_TIMEOUT_S = 10.0
 BULK_BYTES = 1 << 20
 PAUSE_S = 0.005  # between one loop's connections: a steady load, not a flood
+WORKERS = 2
+# failures this soon after the worker was killed are its (a restart takes ~0.5 s, and a
+# connection in flight then may wait out a socket timeout)
+KILL_WINDOW_S = SOCKET_TIMEOUT_S + 2
 
 
 @dataclass
 class Tally:
     served: collections.Counter[str] = field(default_factory=collections.Counter)
     failed: collections.Counter[str] = field(default_factory=collections.Counter)
+    explained: collections.Counter[str] = field(default_factory=collections.Counter)
     verified_bytes: int = 0
+    killed_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def ok(self, kind: str, verified: int = 0) -> None:
@@ -78,7 +90,12 @@ class Tally:
 
     def fail(self, kind: str, exc: BaseException) -> None:
         with self.lock:
-            self.failed[f"{kind}: {type(exc).__name__}: {str(exc)[:80]}"] += 1
+            cause = f"{kind}: {type(exc).__name__}: {str(exc)[:80]}"
+            killed = self.killed_at
+            if killed is not None and time.monotonic() - killed < KILL_WINDOW_S:
+                self.explained[cause] += 1
+            else:
+                self.failed[cause] += 1
 
 
 def _exchange(port: int, data: bytes, expect: int) -> bytes:
@@ -207,6 +224,39 @@ def _sighup(pid: int, until: float, tally: Tally) -> None:
             tally.ok("sighup")
 
 
+def _children(pid: int) -> list[int]:
+    """The control plane's child processes: its workers."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+def _kill_worker(pid: int, at: float, tally: Tally) -> None:
+    """SIGKILL the last worker at ``at`` (monotonic), once."""
+    time.sleep(max(0.0, at - time.monotonic()))
+    workers = _children(pid)
+    if not workers:
+        tally.failed["kill worker: no worker process found"] += 1
+        return
+    with tally.lock:
+        tally.killed_at = time.monotonic()
+    os.kill(workers[-1], signal.SIGKILL)
+    print(f"killed worker pid {workers[-1]}", flush=True)
+
+
+def _sample_all(pid: int) -> list[tuple[int, float, int]]:
+    """(pid, RSS KiB, open fds) of the control plane and each worker."""
+    out = []
+    for each in [pid, *_children(pid)]:
+        try:
+            out.append((each, *_sample(each)))
+        except OSError:  # a worker that just died
+            continue
+    return out
+
+
 def _sample(pid: int) -> tuple[float, int]:
     """(RSS KiB, open fds) of ``pid`` from /proc."""
     rss = 0.0
@@ -240,6 +290,8 @@ def run(minutes: float) -> int:
             made = make_certificate(workdir)
             certificate = None if isinstance(made, str) else made
             proxy = Discoproxy(ports, workdir, None, "WARNING", certificate)
+            config = proxy.workdir / "discoproxy.toml"
+            config.write_text(f"workers = {WORKERS}\n" + config.read_text())
             servers = proxy.workdir / "servers"
             (servers / "http.toml").write_text(
                 f'domains = ["{HTTP_NAME}"]\naddresses = ["127.0.0.1:{ports.echo}"]\n'
@@ -292,20 +344,23 @@ def _drive(
     threads.append(threading.Thread(target=_churn, args=(servers, echo_port, until, tally)))
     threads.append(threading.Thread(target=_sighup, args=(pid, until, tally)))
     started = time.monotonic()
+    threads.append(threading.Thread(target=_kill_worker, args=(pid, started + duration / 2, tally)))
     for thread in threads:
         thread.start()
     samples: list[tuple[float, float, int]] = []
     print(f"soak: {duration / 60:g} min, proxy pid {pid}; sampling every {every:g} s")
-    print("| t (s) | RSS (MiB) | fds | served | failed |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| t (s) | RSS (MiB) | fds | per process: pid RSS (MiB)/fds | served | failed |")
+    print("| --- | --- | --- | --- | --- | --- |")
     while time.monotonic() < until:
         time.sleep(min(every, max(0.0, until - time.monotonic())))
         proxy.child.check_alive()  # type: ignore[union-attr]
-        rss, fds = _sample(pid)
+        each = _sample_all(pid)
+        rss, fds = sum(e[1] for e in each), sum(e[2] for e in each)
         at = time.monotonic() - started
         samples.append((at, rss, fds))
         served, failed = sum(tally.served.values()), sum(tally.failed.values())
-        print(f"| {at:.0f} | {rss / 1024:.1f} | {fds} | {served} | {failed} |", flush=True)
+        per = ", ".join(f"{p} {r / 1024:.1f}/{f}" for p, r, f in each)
+        print(f"| {at:.0f} | {rss / 1024:.1f} | {fds} | {per} | {served} | {failed} |", flush=True)
     for thread in threads:
         thread.join(SOCKET_TIMEOUT_S * 4)
     warm = [s for s in samples if s[0] >= duration / 3]
@@ -317,7 +372,14 @@ def _drive(
         print(f"served {kind}: {count}")
     for cause, count in sorted(tally.failed.items()):
         print(f"failed {cause}: {count}")
+    for cause, count in sorted(tally.explained.items()):
+        print(f"failed while the killed worker was replaced (explained) {cause}: {count}")
     problems = []
+    workers_now = _children(pid)
+    if len(workers_now) != WORKERS:
+        problems.append(f"{len(workers_now)} workers at the end, expected {WORKERS}")
+    if tally.killed_at is None:
+        problems.append("no worker was killed")
     if tally.failed:
         problems.append(f"{sum(tally.failed.values())} failures (above)")
     measured = (warm[-1][0] - warm[0][0]) / 60 if len(warm) > 1 else 0.0

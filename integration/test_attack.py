@@ -99,7 +99,9 @@ LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} [A-Z]+ +\S")
 # KiB per connection over the ~30,000+ attack connections would exceed it.
 RSS_GROWTH_LIMIT_KIB = 32 * 1024
 
+# workers = 1: the RSS, CPU and fds measured are the pid's, so the data plane must be in it
 CONFIG = f"""\
+workers = 1
 handshake_timeout = {HANDSHAKE_TIMEOUT_S}
 max_connections = {MAX_CONNECTIONS}
 receive_proxy_protocol = true

@@ -43,6 +43,11 @@ _LAST = b"\x00"
 Handler = Callable[[str, Any, list[int]], Awaitable[Any]]
 
 
+def one_way(kind: str, payload: Any = None) -> bytes:
+    """A one-way message, encoded."""
+    return pickle.dumps((kind, 0, payload), pickle.HIGHEST_PROTOCOL)
+
+
 class ChannelError(Exception):
     """The other side could not do what was asked (its error's text), or is gone."""
 
@@ -75,7 +80,12 @@ class Channel:
         return self._closed
 
     async def send(self, kind: str, payload: Any = None, fds: Sequence[int] = ()) -> None:
-        await self._write(pickle.dumps((kind, 0, payload), pickle.HIGHEST_PROTOCOL), fds)
+        await self._write(one_way(kind, payload), fds)
+
+    async def send_encoded(self, message: bytes, fds: Sequence[int] = ()) -> None:
+        """A one-way message :func:`one_way` encoded: one table pickled once for every
+        worker, not once per worker."""
+        await self._write(message, fds)
 
     async def request(self, kind: str, payload: Any = None, fds: Sequence[int] = ()) -> Any:
         if self._closed:

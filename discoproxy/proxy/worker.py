@@ -93,6 +93,7 @@ class Worker:
         self.stop = anyio.Event()
         self.ready = False
         self._tg: anyio.abc.TaskGroup | None = None
+        self._first_binds: tuple[list[tuple[str, str]], list[int]] = ([], [])
 
     async def handle(self, kind: str, payload: Any, fds: list[int]) -> Any:
         if kind == "init":
@@ -102,7 +103,10 @@ class Worker:
             for fd in fds:
                 os.close(fd)
             raise RuntimeError(f"{kind} before init")
-        if kind == "bind":
+        if kind == "bind" and not self.ready:  # with the first table, in order
+            self._first_binds[0].extend(payload)
+            self._first_binds[1].extend(fds)
+        elif kind == "bind":
             self._adopt(payload, fds)
         elif kind == "unbind":
             ctx.binds.close(payload)
@@ -115,6 +119,7 @@ class Worker:
             table: RoutingTable = payload
             ctx.registry.install(table)
             if not self.ready:  # the first table: serving now
+                self._adopt(*self._first_binds)
                 self.ready = True
                 await self.channel.send("ready", os.getpid())
         elif kind == "config":
@@ -176,7 +181,8 @@ class Worker:
         registry.add_listener(ctx.status.table_changed)
         registry.add_listener(ctx.waker.table_changed)
         self.ctx = ctx
-        self._adopt(list(init.binds), fds)
+        # accepted from once the first table is in: until then they wait in the backlog
+        self._first_binds = (list(init.binds), fds)
         if ctx.waker.controls:
             tg.start_soon(ctx.waker.run)
         tg.start_soon(self._forward_events, ctx)

@@ -45,7 +45,7 @@ from discoproxy.owners import LOOP, owned_by
 from discoproxy.proxy import steering
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.balance import BackendState
-from discoproxy.proxy.channel import Channel, ChannelError, socket_pair
+from discoproxy.proxy.channel import Channel, ChannelError, one_way, socket_pair
 from discoproxy.proxy.listener import ListenError
 from discoproxy.proxy.stats import Histogram, RouteStats, Snapshot
 from discoproxy.routing import PortKey, RoutingTable, format_port
@@ -105,7 +105,8 @@ class _Worker:
     generation: int = 0
     process: Process | None = None
     channel: Channel | None = None
-    outbox: asyncio.Queue[tuple[str, Any, list[int]]] = field(default_factory=asyncio.Queue)
+    # one-way messages, encoded, with the fds they carry (ours to close once sent)
+    outbox: asyncio.Queue[tuple[bytes, list[int]]] = field(default_factory=asyncio.Queue)
     ready: bool = False
     started: float = 0.0
     restarts: int = 0
@@ -317,11 +318,15 @@ class WorkerSet:
         again when it starts."""
         if worker.channel is None:
             return
-        worker.outbox.put_nowait((kind, payload, [os.dup(fd) for fd in fds]))
+        worker.outbox.put_nowait((one_way(kind, payload), [os.dup(fd) for fd in fds]))
 
     def _post_all(self, kind: str, payload: Any = None) -> None:
+        """The same message to every worker, encoded once (a table of 10,000 routes
+        costs its pickling once per swap, whatever N is)."""
+        message = one_way(kind, payload)
         for worker in self.workers:
-            self._post(worker, kind, payload)
+            if worker.channel is not None:
+                worker.outbox.put_nowait((message, []))
 
     def configure(self, config: ProxyConfig) -> None:
         self._post_all("config", config)
@@ -416,7 +421,7 @@ class WorkerSet:
         finally:
             self._stopping = True
 
-    def _init_messages(self, worker: _Worker) -> list[tuple[str, Any, list[int]]]:
+    def _init_messages(self, worker: _Worker) -> list[tuple[bytes, list[int]]]:
         ctx = self.ctx
         groups = [g for groups in self._binds.values() for g in groups]
         binds, fds = self._bind_payload(groups, worker.index)
@@ -431,11 +436,11 @@ class WorkerSet:
             ctx.config.log_level,
             ctx.config.log_format,
         )
-        out: list[tuple[str, Any, list[int]]] = [("init", init, [os.dup(fd) for fd in fds])]
+        out = [(one_way("init", init), [os.dup(fd) for fd in fds])]
         for key, socks in self._ports.items():
-            out.append(("port", key, [os.dup(socks[worker.index].fileno())]))
-        out.append(("table", ctx.registry.table, []))
-        out.append(("bans", self.bans, []))
+            out.append((one_way("port", key), [os.dup(socks[worker.index].fileno())]))
+        out.append((one_way("table", ctx.registry.table), []))
+        out.append((one_way("bans", self.bans), []))
         return out
 
     async def _keep(self, worker: _Worker, first: anyio.Event) -> None:
@@ -496,9 +501,9 @@ class WorkerSet:
 
     async def _send(self, worker: _Worker, channel: Channel) -> None:
         while True:
-            kind, payload, fds = await worker.outbox.get()
+            message, fds = await worker.outbox.get()
             try:
-                await channel.send(kind, payload, fds)
+                await channel.send_encoded(message, fds)
             except ChannelError:
                 return
             finally:
