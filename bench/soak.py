@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.loadgen import status_ping, tls_check
 from bench.payloads import (
@@ -68,7 +69,7 @@ RSS_GROWTH_MAX_KIB = 4096.0
 SOCKET_TIMEOUT_S = 10.0
 BULK_BYTES = 1 << 20
 PAUSE_S = 0.005  # between one loop's connections: a steady load, not a flood
-WORKERS = 2
+WORKERS = int(os.environ.get("SOAK_WORKERS", "2"))
 # failures this soon after the worker was killed are its (a restart takes ~0.5 s, and a
 # connection in flight then may wait out a socket timeout)
 KILL_WINDOW_S = SOCKET_TIMEOUT_S + 2
@@ -167,9 +168,10 @@ UDP_CLIENTS = 8  # client sockets taken in turn: 8 sessions, as 8 players would 
 
 def _udp_factory(port: int) -> Callable[[int], int]:
     clients = []
-    for _ in range(UDP_CLIENTS):
+    for n in range(UDP_CLIENTS):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.settimeout(2)
+        sock.bind((SOURCES[n % len(SOURCES)], 0))  # sessions on every worker
         sock.connect(("127.0.0.1", port))
         clients.append(sock)
     turn = iter(range(1 << 62))
@@ -196,7 +198,24 @@ def _ping_factory(name: str) -> Callable[[int], int]:
     return ping
 
 
+# Client addresses, taken in turn by each connection (workers = N steers a client IP to
+# one worker: from 127.0.0.1 alone one worker would serve everything).
+SOURCES = tuple(f"127.0.0.{n}" for n in range(2, 10))
+_turn = threading.local()
+_create_connection = socket.create_connection
+
+
+def _from_sources(address: Any, timeout: Any = None, source_address: Any = None, **kw: Any) -> Any:
+    """``socket.create_connection`` from the next of ``SOURCES`` (this process only)."""
+    if source_address is None and address[0] == "127.0.0.1":
+        n = getattr(_turn, "n", 0)
+        _turn.n = n + 1
+        source_address = (SOURCES[n % len(SOURCES)], 0)
+    return _create_connection(address, timeout, source_address, **kw)
+
+
 def _loop(kind: str, work: Callable[[int], int], port: int, until: float, tally: Tally) -> None:
+    _turn.n = hash(kind) % len(SOURCES)  # loops start on different addresses
     while time.monotonic() < until:
         try:
             tally.ok(kind, work(port))
@@ -266,6 +285,37 @@ def _sample(pid: int) -> tuple[float, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _growth(per_pid: dict[int, list[tuple[float, float, int]]]) -> list[str]:
+    """Each process's RSS and fd slopes after its own warm-up (the first third of the
+    time it was sampled: a worker started halfway warms up then); what grows too much."""
+    problems = []
+    print()
+    for pid, samples in per_pid.items():
+        first, last = samples[0][0], samples[-1][0]
+        warm = [s for s in samples if s[0] >= first + (last - first) / 3]
+        if len(warm) < 3:
+            print(f"pid {pid}: {len(samples)} samples, too few to judge its slope")
+            continue
+        rss_slope = _slope([(t, r) for t, r, _ in warm])
+        fd_slope = _slope([(t, f) for t, _, f in warm])
+        measured = (warm[-1][0] - warm[0][0]) / 60
+        print(
+            f"pid {pid} after warm-up: RSS {rss_slope:+.1f} KiB/min, fds {fd_slope:+.2f}/min "
+            f"over {measured:.1f} min"
+        )
+        if rss_slope * measured > RSS_GROWTH_MAX_KIB:
+            problems.append(
+                f"pid {pid}: RSS grows {rss_slope:.0f} KiB/min over {measured:.1f} min "
+                f"(at most {RSS_GROWTH_MAX_KIB:g} KiB in all)"
+            )
+        if fd_slope * measured > FD_GROWTH_MAX:
+            problems.append(
+                f"pid {pid}: fds grow {fd_slope:.2f}/min over {measured:.1f} min "
+                f"(at most {FD_GROWTH_MAX} in all)"
+            )
+    return problems
+
+
 def _slope(points: list[tuple[float, float]]) -> float:
     """Least-squares slope (per minute) of (seconds, value) points."""
     if len(points) < 2:
@@ -280,6 +330,7 @@ def _slope(points: list[tuple[float, float]]) -> float:
 def run(minutes: float) -> int:
     from bench.__main__ import start_backends  # the bench's own wiring
 
+    socket.create_connection = _from_sources
     duration = minutes * 60
     every = 60.0 if minutes >= 5 else 10.0
     tally = Tally()
@@ -348,6 +399,7 @@ def _drive(
     for thread in threads:
         thread.start()
     samples: list[tuple[float, float, int]] = []
+    per_pid: dict[int, list[tuple[float, float, int]]] = collections.defaultdict(list)
     print(f"soak: {duration / 60:g} min, proxy pid {pid}; sampling every {every:g} s")
     print("| t (s) | RSS (MiB) | fds | per process: pid RSS (MiB)/fds | served | failed |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -358,15 +410,14 @@ def _drive(
         rss, fds = sum(e[1] for e in each), sum(e[2] for e in each)
         at = time.monotonic() - started
         samples.append((at, rss, fds))
+        for p, r, f in each:
+            per_pid[p].append((at, r, f))
         served, failed = sum(tally.served.values()), sum(tally.failed.values())
         per = ", ".join(f"{p} {r / 1024:.1f}/{f}" for p, r, f in each)
         print(f"| {at:.0f} | {rss / 1024:.1f} | {fds} | {per} | {served} | {failed} |", flush=True)
     for thread in threads:
         thread.join(SOCKET_TIMEOUT_S * 4)
-    warm = [s for s in samples if s[0] >= duration / 3]
-    rss_slope = _slope([(t, r) for t, r, _ in warm])
-    fd_slope = _slope([(t, f) for t, _, f in warm])
-    print(f"\nafter warm-up: RSS {rss_slope:+.1f} KiB/min, fds {fd_slope:+.2f}/min")
+    growth = _growth(per_pid)
     print(f"bytes verified: {tally.verified_bytes:,}")
     for kind, count in sorted(tally.served.items()):
         print(f"served {kind}: {count}")
@@ -382,16 +433,7 @@ def _drive(
         problems.append("no worker was killed")
     if tally.failed:
         problems.append(f"{sum(tally.failed.values())} failures (above)")
-    measured = (warm[-1][0] - warm[0][0]) / 60 if len(warm) > 1 else 0.0
-    if rss_slope * measured > RSS_GROWTH_MAX_KIB:
-        problems.append(
-            f"RSS grows {rss_slope:.0f} KiB/min over {measured:.1f} min "
-            f"(at most {RSS_GROWTH_MAX_KIB:g} KiB in all)"
-        )
-    if fd_slope * measured > FD_GROWTH_MAX:
-        problems.append(
-            f"fds grow {fd_slope:.2f}/min over {measured:.1f} min (at most {FD_GROWTH_MAX} in all)"
-        )
+    problems.extend(growth)
     if not all(tally.served[kind] for kind, _, _ in loops):
         problems.append("a load loop served nothing")
     print("PASS" if not problems else "FAIL: " + "; ".join(problems))

@@ -268,6 +268,7 @@ def cmd_connections(args: argparse.Namespace) -> int:
         return EXIT_OK
     headers = [
         "ID",
+        "WORKER",
         "PROTO",
         "CLIENT",
         "PLAYER",
@@ -282,6 +283,7 @@ def cmd_connections(args: argparse.Namespace) -> int:
     lines = [
         [
             str(c["id"]) if c["id"] else "-",
+            str(c["worker"]) if c.get("worker") is not None else "-",
             c["protocol"],
             c["client"],
             c.get("player") or "-",

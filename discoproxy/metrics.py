@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import generate_latest
@@ -63,6 +63,7 @@ def render(
     checks: Mapping[tuple[str, str], Histogram] | None = None,
     webhooks: Mapping[str, HookStats] | None = None,
     events_dropped: int = 0,
+    workers: Sequence[Mapping[str, Any]] = (),
 ) -> bytes:
     """The text exposition of everything, process metrics included. ``checks``: the
     health checker's durations by (route, result), read on the loop that owns them."""
@@ -72,6 +73,8 @@ def render(
     families = list(_families(snapshot, table, providers, ready))
     families.append(_check_family(checks or {}))
     families.extend(_webhook_families(webhooks or {}, events_dropped))
+    if workers:
+        families.extend(_worker_families(workers))
     registry.register(_Families(families))
     return generate_latest(registry)
 
@@ -93,6 +96,31 @@ def _webhook_families(hooks: Mapping[str, HookStats], events_dropped: int) -> It
         "Events the data plane could not queue for the webhooks (its outbox was full)",
         value=events_dropped,
     )
+
+
+def _worker_families(workers: Sequence[Mapping[str, Any]]) -> Iterator[Metric]:
+    """``workers = N``: each worker process (the process_* metrics are the control
+    plane's own)."""
+    up = GaugeMetricFamily(
+        "discoproxy_worker_up", "1 while the worker runs and serves", labels=["worker"]
+    )
+    restarts = CounterMetricFamily(
+        "discoproxy_worker_restarts", "Times the worker was started again", labels=["worker"]
+    )
+    memory = GaugeMetricFamily(
+        "discoproxy_worker_resident_memory_bytes", "The worker's RSS", labels=["worker"]
+    )
+    cpu = CounterMetricFamily(
+        "discoproxy_worker_cpu_seconds", "The worker's user and system CPU", labels=["worker"]
+    )
+    for worker in workers:
+        label = [str(worker["index"])]
+        up.add_metric(label, 1 if worker["ready"] else 0)
+        restarts.add_metric(label, worker["restarts"])
+        if worker.get("rss_bytes") is not None:
+            memory.add_metric(label, worker["rss_bytes"])
+            cpu.add_metric(label, worker["cpu_s"])
+    yield from (up, restarts, memory, cpu)
 
 
 def _check_family(checks: Mapping[tuple[str, str], Histogram]) -> Metric:

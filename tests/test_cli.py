@@ -284,8 +284,10 @@ def test_routes_connections_and_health_read_a_running_instance(
                     code, out, _ = run(["connections", "--admin", admin], capsys)
                     assert out.splitlines()[-1] == "1 open"
                     header, row = out.splitlines()[:2]
-                    assert header.split()[2:4] == ["CLIENT", "PLAYER"]
-                    assert row.split()[3] == "tester"  # its Login Start's name
+                    assert header.split()[:5] == ["ID", "WORKER", "PROTO", "CLIENT", "PLAYER"]
+                    worker = conn["worker"]  # workers = 0: one per CPU; one process: None
+                    assert row.split()[1] == ("-" if worker is None else str(worker))
+                    assert row.split()[4] == "tester"  # its Login Start's name
 
             code, out, _ = run(["health", "--admin", admin], capsys)
             assert code == 0

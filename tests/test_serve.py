@@ -10,7 +10,6 @@ import socket
 import socketserver
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -21,7 +20,7 @@ import pytest
 from discoproxy.cli import EXIT_START
 from discoproxy.protocol import minecraft
 from discoproxy.proxy.listener import ListenError
-from tests.support import running_proxy, write_servers
+from tests.support import running_proxy, serving, write_servers
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -32,15 +31,8 @@ class _Echo(socketserver.BaseRequestHandler):
 
 @contextmanager
 def echo_server() -> Iterator[int]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_Echo) as port:
+        yield port
 
 
 def mc_server(port: int) -> dict[str, str]:

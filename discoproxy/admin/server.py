@@ -124,7 +124,7 @@ class Admin:
 
     @property
     def is_ready(self) -> bool:
-        return self.ready and not self.ctx.closing and self.ctx.planes.alive
+        return self.ready and not self.ctx.closing and self.ctx.planes.ready
 
     async def snapshot(self, connections: int = 0) -> Snapshot:
         """The data plane's numbers: the one reactor's, or the sum over the workers."""
@@ -339,7 +339,8 @@ class Admin:
             checks = self.ctx.health.durations  # the loop's, read on the loop
             hooks = self.ctx.webhooks.stats if self.ctx.webhooks is not None else None
             dropped = self.ctx.events.dropped
-            body = render(snap, table, providers, self.is_ready, checks, hooks, dropped)
+            states = self.ctx.workers.states() if self.ctx.workers is not None else ()
+            body = render(snap, table, providers, self.is_ready, checks, hooks, dropped, states)
             return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
         if path == "/api/routes":
             snap = await self.snapshot()

@@ -95,7 +95,12 @@ class DataPlanes(Protocol):
     (:class:`LocalPlanes`), or every worker of ``workers = N`` (``workers.WorkerSet``)."""
 
     @property
-    def alive(self) -> bool: ...
+    def alive(self) -> bool:
+        """Serving, or about to again (``/healthz``)."""
+
+    @property
+    def ready(self) -> bool:
+        """Every data plane serving now (``/readyz``)."""
 
     async def snapshot(self, connections: int = 0) -> Snapshot: ...
 
@@ -121,6 +126,10 @@ class LocalPlanes:
     @property
     def alive(self) -> bool:
         return self._ctx.reactor is not None and self._ctx.reactor.alive
+
+    @property
+    def ready(self) -> bool:
+        return self.alive
 
     async def snapshot(self, connections: int = 0) -> Snapshot:
         ctx = self._ctx

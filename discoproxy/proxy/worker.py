@@ -32,7 +32,7 @@ from discoproxy.proxy.reactor import Reactor
 from discoproxy.proxy.server import ProxyContext
 from discoproxy.proxy.stats import take_snapshot, take_totals
 from discoproxy.proxy.workers import WorkerInit
-from discoproxy.routing import Registry, Route, RoutingTable
+from discoproxy.routing import Registry, Route, RoutingTable, share_servers
 from discoproxy.status import StatusError, StatusService
 
 # Webhook events are handed to the control plane this often (a batch per interval).
@@ -116,7 +116,7 @@ class Worker:
             (fd,) = fds
             ctx.ports.inherit(payload, socket.socket(fileno=fd))
         elif kind == "table":
-            table: RoutingTable = payload
+            table: RoutingTable = share_servers(payload, ctx.registry.table)
             ctx.registry.install(table)
             if not self.ready:  # the first table: serving now
                 self._adopt(*self._first_binds)

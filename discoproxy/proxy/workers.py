@@ -159,26 +159,40 @@ class WorkerSet:
         self._ports: dict[PortKey, list[socket.socket]] = {}
         self._port_failed: dict[PortKey, str] = {}
         self._stopping = False
+        self._running = False
         self.bans = BanList()  # the list in force, for a worker that (re)starts
 
     # -- state -------------------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
-        """Every worker runs and said it is ready (``/readyz``, ``/healthz``)."""
+        """The workers are kept running (``/healthz``): one being replaced still counts,
+        so an orchestrator does not restart the whole proxy for it."""
+        return self._running and not self._stopping
+
+    @property
+    def ready(self) -> bool:
+        """Every worker runs and said it is ready (``/readyz``)."""
         return all(w.ready and w.channel is not None for w in self.workers)
 
     def states(self) -> list[dict[str, Any]]:
-        """Each worker: index, pid, ready, restarts (``/api/workers``)."""
-        return [
-            {
-                "index": w.index,
-                "pid": w.process.pid if w.process is not None else None,
-                "ready": w.ready,
-                "restarts": w.restarts,
-            }
-            for w in self.workers
-        ]
+        """Each worker: index, pid, ready, restarts, RSS and CPU (``/api/workers``,
+        ``/metrics``), read from /proc."""
+        out = []
+        for w in self.workers:
+            pid = w.process.pid if w.process is not None and w.channel is not None else None
+            rss, cpu = _process_usage(pid) if pid is not None else (None, None)
+            out.append(
+                {
+                    "index": w.index,
+                    "pid": pid,
+                    "ready": w.ready,
+                    "restarts": w.restarts,
+                    "rss_bytes": rss,
+                    "cpu_s": cpu,
+                }
+            )
+        return out
 
     # -- listening sockets -------------------------------------------------------------
 
@@ -416,6 +430,7 @@ class WorkerSet:
                 with anyio.fail_after(WORKER_START_TIMEOUT_S):
                     for event in started:
                         await event.wait()
+                self._running = True
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
@@ -525,6 +540,22 @@ class WorkerSet:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _process_usage(pid: int) -> tuple[int | None, float | None]:
+    """(RSS bytes, user + system CPU seconds) of ``pid``, or Nones if it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            rss = int(statm.read().split()[1]) * _PAGE
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return rss, (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return None, None
 
 
 def _exit_text(code: int | None) -> str:

@@ -29,6 +29,16 @@ def group(kind: int, family: int, host: str, size: int, v6only: bool = True) -> 
     return socks
 
 
+def reach(kind: int, source: str, port: int) -> None:
+    """One connection (or datagram) from ``source`` to 127.0.0.1:``port``."""
+    with socket.socket(socket.AF_INET, kind) as client:
+        client.bind((source, 0))
+        if kind == socket.SOCK_STREAM:
+            client.connect(("127.0.0.1", port))
+        else:
+            client.sendto(b"x", ("127.0.0.1", port))
+
+
 def landed(socks: list[socket.socket]) -> int:
     ready, _, _ = select.select(socks, [], [], 5)
     (sock,) = ready
@@ -50,13 +60,8 @@ def test_each_client_ip_always_reaches_the_socket_steer_index_names(kind: int, s
         for n in range(2, 26):
             source = f"127.0.0.{n}"
             for _ in range(3):  # new source ports each time: the address alone decides
-                with socket.socket(socket.AF_INET, kind) as client:
-                    client.bind((source, 0))
-                    if kind == socket.SOCK_STREAM:
-                        client.connect(("127.0.0.1", port))
-                    else:
-                        client.sendto(b"x", ("127.0.0.1", port))
-                    seen[source].add(landed(socks))
+                reach(kind, source, port)
+                seen[source].add(landed(socks))
     finally:
         for sock in socks:
             sock.close()
@@ -100,13 +105,8 @@ def test_a_dual_stack_socket_steers_its_ipv4_clients_by_their_ipv4_address(kind:
     try:
         for n in range(2, 14):
             source = f"127.0.0.{n}"
-            with socket.socket(socket.AF_INET, kind) as client:
-                client.bind((source, 0))
-                if kind == socket.SOCK_STREAM:
-                    client.connect(("127.0.0.1", port))
-                else:
-                    client.sendto(b"x", ("127.0.0.1", port))
-                assert landed(socks) == steer_index(source, 3), source
+            reach(kind, source, port)
+            assert landed(socks) == steer_index(source, 3), source
     finally:
         for sock in socks:
             sock.close()

@@ -15,14 +15,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from discoproxy.protocol import minecraft
 from discoproxy.proxy.steering import steer_index
-from tests.support import ProxyProcess, running_proxy
+from tests.support import ProxyProcess, running_proxy, serving
 
 WORKERS = 2
 # loopback sources, with the worker each is steered to
@@ -72,19 +70,6 @@ class _Status(socketserver.BaseRequestHandler):
                 return
 
 
-@contextmanager
-def serving(handler: type[socketserver.BaseRequestHandler]) -> Iterator[int]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def mc(port: int, extra: str = "") -> dict[str, str]:
     return {"mc.toml": f'domains = ["mc.example.com"]\naddresses = ["127.0.0.1:{port}"]\n{extra}'}
 
@@ -125,6 +110,14 @@ def ready(proxy: ProxyProcess) -> bool:
         return False
 
 
+def health(proxy: ProxyProcess) -> bool:
+    try:
+        with urllib.request.urlopen(proxy.admin_url() + "/healthz", timeout=5) as answer:
+            return bool(answer.status == 200)
+    except urllib.error.HTTPError:
+        return False
+
+
 def wait_until(check: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -154,6 +147,10 @@ def test_both_workers_serve_and_the_numbers_are_summed(tmp_path: Path) -> None:
             metrics = answer.read().decode()
         accepted = f'discoproxy_connections_accepted_total{{listener="127.0.0.1:{proxy.port}"}}'
         assert f"{accepted} 12.0" in metrics, metrics
+        assert 'discoproxy_worker_up{worker="0"} 1.0' in metrics
+        assert 'discoproxy_worker_up{worker="1"} 1.0' in metrics
+        assert 'discoproxy_worker_restarts_total{worker="1"} 0.0' in metrics
+        assert 'discoproxy_worker_resident_memory_bytes{worker="1"}' in metrics
         workers = api(proxy, "/api/workers")["workers"]
         assert [w["index"] for w in workers] == [0, 1]
         assert all(w["ready"] and w["pid"] for w in workers)
@@ -199,6 +196,11 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_its_connections(tmp_pat
         assert echoes(survivor) and echoes(doomed)
         pids = {w["index"]: w["pid"] for w in api(proxy, "/api/workers")["workers"]}
         os.kill(pids[1], signal.SIGKILL)
+        seen = set()  # /readyz and /healthz while it is replaced (a back-off, then a start)
+        while proxy.output().count("worker 1 ready") < 2:
+            seen.add((ready(proxy), health(proxy)))
+            time.sleep(0.02)
+        assert (False, True) in seen, seen  # not ready, yet healthy: no reason to restart all
         proxy.wait_for_line(r"worker 1 \(pid \d+\) exited with signal SIGKILL; starting it again")
         assert doomed.recv(100) == b""  # its connections ended with it
         doomed.close()
@@ -272,3 +274,56 @@ def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
         assert proxy.process.wait(15) == 0
         proxy.wait_for_line("stopped$")
         assert "starting it again" not in proxy.output()  # a drain is not a crash
+
+
+class _UdpEcho(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        sock.sendto(data, self.client_address)
+
+
+def test_udp_sessions_stay_on_the_worker_their_client_ip_is_steered_to(tmp_path: Path) -> None:
+    server = socketserver.ThreadingUDPServer(("127.0.0.1", 0), _UdpEcho)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        listen = probe.getsockname()[1]
+    backend = server.server_address[1]
+    servers = {"udp.toml": f'addresses = ["127.0.0.1"]\nports = ["{listen}:{backend}/udp"]\n'}
+    config = 'workers = 2\nport_routes_bind = "127.0.0.1"\n'
+    try:
+        with running_proxy(tmp_path, servers, config) as proxy:
+            proxy.wait_for_line("worker 1 ready")
+            clients = []
+            for ip in [ON[0][0], ON[1][0], ON[0][1], ON[1][1]]:
+                client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                client.settimeout(0.2)
+                client.bind((ip, 0))
+                clients.append(client)
+                deadline = time.monotonic() + 10
+                while True:  # the port route opens a moment after the start
+                    client.sendto(b"hello", ("127.0.0.1", listen))
+                    try:
+                        if client.recv(64) == b"hello":
+                            break
+                    except OSError:
+                        pass
+                    assert time.monotonic() < deadline, proxy.output()
+                for _ in range(5):  # the same session, the same worker, every datagram
+                    client.sendto(b"again", ("127.0.0.1", listen))
+                    assert client.recv(64) == b"again"
+            sessions = [
+                c for c in api(proxy, "/api/connections")["connections"] if c["protocol"] == "udp"
+            ]
+            by_client = {c["client"]: c["worker"] for c in sessions}
+            expected = {
+                "{}:{}".format(*c.getsockname()): steer_index(c.getsockname()[0], WORKERS)
+                for c in clients
+            }
+            assert by_client == expected
+            for client in clients:
+                client.close()
+    finally:
+        server.shutdown()
+        server.server_close()
