@@ -53,23 +53,6 @@ class Route:
         object.__setattr__(self, "weights", tuple(padded))
 
 
-def share_servers(table: RoutingTable, previous: RoutingTable) -> RoutingTable:
-    """A table that came from another process (a worker's copy, unpickled): each route
-    whose server equals the one ``previous`` had for that id takes that very object, as
-    a table built here does (providers hand the same objects on). Caches that compare
-    by identity first (pools, status entries) keep hitting, and every swap does not keep
-    a new copy of every server alive. Done before the table is seen by anyone."""
-    known = {route.qualified_id: route.server for route in previous.routes}
-    known.update((route.qualified_id, route.server) for route in previous.ports.values())
-    for route in (*table.routes, *table.ports.values()):
-        old = known.get(route.qualified_id)
-        if old is not None and old is not route.server and old == route.server:
-            object.__setattr__(route, "server", old)
-            object.__setattr__(route, "ip_filter", old.ip_filter or None)
-        known.setdefault(route.qualified_id, route.server)
-    return table
-
-
 @dataclass(frozen=True, slots=True)
 class Conflict:
     """Several servers claimed one name; ``winner`` got it, ``losers`` did not."""

@@ -6,7 +6,7 @@ from types import FrameType
 from typing import Any
 
 from discoproxy.model import ServerDefinition
-from discoproxy.routing import Registry, RoutingTable, build_table, share_servers
+from discoproxy.routing import Registry, RoutingTable, build_table
 
 
 def server(sid: str, *domains: str, default: bool = False) -> ServerDefinition:
@@ -200,21 +200,3 @@ def test_domains_of_costs_the_same_with_ten_or_a_thousand_routes() -> None:
     assert _opcodes_run(lambda: small.domains_of(route_small)) == _opcodes_run(
         lambda: large.domains_of(route_large)
     )
-
-
-def test_a_table_from_another_process_shares_the_servers_that_did_not_change() -> None:
-    """A worker unpickles every table the control plane sends: equal servers must be the
-    previous table's objects (identity caches hit, old copies are freed), changed ones
-    the new ones."""
-    import pickle
-
-    kept, changed = server("kept", "kept.example.com"), server("moved", "moved.example.com")
-    first = pickle.loads(pickle.dumps(build_table({"file": (kept, changed)})))
-    moved = changed.model_copy(update={"domains": ("elsewhere.example.com",)})
-    second = pickle.loads(pickle.dumps(build_table({"file": (kept, moved)})))
-    assert second.by_id["kept@file"].server is not first.by_id["kept@file"].server
-    shared = share_servers(second, first)
-    assert shared.by_id["kept@file"].server is first.by_id["kept@file"].server
-    assert shared.by_id["moved@file"].server is not first.by_id["moved@file"].server
-    assert shared.by_id["moved@file"].server == moved
-    assert shared.lookup_host("elsewhere.example.com") is shared.by_id["moved@file"]

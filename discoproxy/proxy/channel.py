@@ -25,15 +25,20 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import io
 import itertools
 import pickle
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from discoproxy.model import ServerDefinition
 from discoproxy.owners import LOOP, owned_by
+
+if TYPE_CHECKING:
+    from discoproxy.routing import RoutingTable
 
 CHUNK = 60_000  # bytes of message per packet (the default unix buffer holds ~200 KB)
 MAX_FDS = 64  # per message: one listener's sockets, with room to spare
@@ -94,7 +99,14 @@ class Channel:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[ident] = future
         try:
-            await self._write(pickle.dumps((kind, ident, payload), pickle.HIGHEST_PROTOCOL), fds)
+            try:
+                await self._write(
+                    pickle.dumps((kind, ident, payload), pickle.HIGHEST_PROTOCOL), fds
+                )
+            except ChannelError:
+                if future.done():  # failed by the close: the write's error is the one raised
+                    future.exception()
+                raise
             return await future
         finally:
             self._waiting.pop(ident, None)
@@ -221,3 +233,71 @@ class Channel:
         for task in self._tasks:
             task.cancel()
         self._close()
+
+
+# -- routing tables: each server crosses once -------------------------------------------
+#
+# Pickling a 10,000-route table costs ~0.3 s and unpickling it ~0.6 s, nearly all of it
+# the servers' pydantic models, and a swap (a container started) changes one or two of
+# them. So a table crosses as a skeleton whose servers are references (pickle's
+# persistent ids): each server is sent once, numbered, and the worker keeps what the
+# current table uses. Unchanged servers keep their identity on the worker, as they do
+# in a table built in the control plane (identity caches in pools and the status cache).
+
+
+@owned_by(LOOP)
+class TableEncoder:
+    """The control plane's side: numbers every server it has sent."""
+
+    def __init__(self) -> None:
+        self._numbers = itertools.count(1)
+        # id(server) → (number, the server: held, so its id stays its own)
+        self._sent: dict[int, tuple[int, ServerDefinition]] = {}
+
+    def encode(self, table: RoutingTable) -> tuple[bytes, list[tuple[int, ServerDefinition]]]:
+        """The table's skeleton and the servers no worker has been sent yet."""
+        sent = self._sent
+        new: list[tuple[int, ServerDefinition]] = []
+        used: dict[int, tuple[int, ServerDefinition]] = {}
+        numbers = self._numbers
+
+        class _Pickler(pickle.Pickler):
+            def persistent_id(self, obj: Any) -> int | None:
+                if type(obj) is not ServerDefinition:
+                    return None
+                entry = sent.get(id(obj))
+                if entry is None:
+                    entry = (next(numbers), obj)
+                    new.append(entry)
+                used[id(obj)] = entry
+                return entry[0]
+
+        out = io.BytesIO()
+        _Pickler(out, pickle.HIGHEST_PROTOCOL).dump(table)
+        self._sent = used  # what the current table uses; the rest may go
+        return out.getvalue(), new
+
+    def everything(self) -> list[tuple[int, ServerDefinition]]:
+        """Every server the current table uses (a worker that starts needs them all)."""
+        return list(self._sent.values())
+
+
+class TableDecoder:
+    """A worker's side: the servers by number, kept while the current table uses them."""
+
+    def __init__(self) -> None:
+        self._servers: dict[int, ServerDefinition] = {}
+
+    def decode(self, skeleton: bytes, new: list[tuple[int, ServerDefinition]]) -> RoutingTable:
+        self._servers.update(new)
+        servers = self._servers
+        used: dict[int, ServerDefinition] = {}
+
+        class _Unpickler(pickle.Unpickler):
+            def persistent_load(self, pid: Any) -> ServerDefinition:
+                server = used[pid] = servers[pid]
+                return server
+
+        table: RoutingTable = _Unpickler(io.BytesIO(skeleton)).load()
+        self._servers = used
+        return table

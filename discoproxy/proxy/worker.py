@@ -26,13 +26,13 @@ import anyio
 from loguru import logger
 
 from discoproxy.guard import BanList
-from discoproxy.proxy.channel import Channel, ChannelError
+from discoproxy.proxy.channel import Channel, ChannelError, TableDecoder
 from discoproxy.proxy.ports import UDP_SWEEP_S, sweep_udp
 from discoproxy.proxy.reactor import Reactor
 from discoproxy.proxy.server import ProxyContext
 from discoproxy.proxy.stats import take_snapshot, take_totals
 from discoproxy.proxy.workers import WorkerInit
-from discoproxy.routing import Registry, Route, RoutingTable, share_servers
+from discoproxy.routing import Registry, Route
 from discoproxy.status import StatusError, StatusService
 
 # Webhook events are handed to the control plane this often (a batch per interval).
@@ -92,6 +92,7 @@ class Worker:
         self.ctx: ProxyContext | None = None
         self.stop = anyio.Event()
         self.ready = False
+        self._tables = TableDecoder()
         self._tg: anyio.abc.TaskGroup | None = None
         self._first_binds: tuple[list[tuple[str, str]], list[int]] = ([], [])
 
@@ -116,7 +117,7 @@ class Worker:
             (fd,) = fds
             ctx.ports.inherit(payload, socket.socket(fileno=fd))
         elif kind == "table":
-            table: RoutingTable = share_servers(payload, ctx.registry.table)
+            table = self._tables.decode(*payload)
             ctx.registry.install(table)
             if not self.ready:  # the first table: serving now
                 self._adopt(*self._first_binds)

@@ -45,7 +45,13 @@ from discoproxy.owners import LOOP, owned_by
 from discoproxy.proxy import steering
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.balance import BackendState
-from discoproxy.proxy.channel import Channel, ChannelError, one_way, socket_pair
+from discoproxy.proxy.channel import (
+    Channel,
+    ChannelError,
+    TableEncoder,
+    one_way,
+    socket_pair,
+)
 from discoproxy.proxy.listener import ListenError
 from discoproxy.proxy.stats import Histogram, RouteStats, Snapshot
 from discoproxy.routing import PortKey, RoutingTable, format_port
@@ -161,6 +167,7 @@ class WorkerSet:
         self._stopping = False
         self._running = False
         self.bans = BanList()  # the list in force, for a worker that (re)starts
+        self._tables = TableEncoder()  # each server crosses once
 
     # -- state -------------------------------------------------------------------------
 
@@ -307,7 +314,8 @@ class WorkerSet:
             self._port_failed.pop(key, None)
             for worker in self.workers:
                 self._post(worker, "port", key, [self._ports[key][worker.index].fileno()])
-        self._post_all("table", table)
+        skeleton, new = self._tables.encode(table)
+        self._post_all("table", (skeleton, new))
         for key in sorted(set(self._ports) - wanted):
             for sock in self._ports.pop(key):
                 sock.close()
@@ -454,7 +462,8 @@ class WorkerSet:
         out = [(one_way("init", init), [os.dup(fd) for fd in fds])]
         for key, socks in self._ports.items():
             out.append((one_way("port", key), [os.dup(socks[worker.index].fileno())]))
-        out.append((one_way("table", ctx.registry.table), []))
+        skeleton, _ = self._tables.encode(ctx.registry.table)
+        out.append((one_way("table", (skeleton, self._tables.everything())), []))
         out.append((one_way("bans", self.bans), []))
         return out
 
