@@ -110,8 +110,10 @@ def sni_rate(pool: multiprocessing.pool.Pool, port: int, total: int) -> float:
     shares = pool.starmap(_sni_share, [(port, total // GENERATORS, n) for n in range(GENERATORS)])
     elapsed = time.perf_counter() - started
     failed = sum(share[2] for share in shares)
+    if failed > total // 1000:
+        raise RuntimeError(f"{failed} of {total} SNI connections to port {port} failed")
     if failed:
-        raise RuntimeError(f"{failed} SNI connections to port {port} failed")
+        print(f"  ({failed} of {total} SNI connections to port {port} failed)")
     return sum(share[1] for share in shares) / elapsed
 
 
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer connections and rounds")
     args = parser.parse_args(argv)
     raise_nofile_limit()
-    connections = 6_000 if args.quick else 20_000
+    connections = 4_000 if args.quick else 10_000
     rounds = 2 if args.quick else 4
     bulk_bytes = BULK_BYTES // 4 if args.quick else BULK_BYTES
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
