@@ -8,7 +8,9 @@ backends, driven by bounded load loops that each stop at the deadline: Minecraft
 (handshake + Login Start, then bytes echoed back and compared) and status pings (cached
 and uncached), TLS routed by SNI and TLS terminated here, HTTP routed by Host, UDP
 datagrams through a port route, and bulk transfers checked by SHA-256 — while a server
-file is written and removed every second (churn) and the proxy gets a SIGHUP every 10 s.
+file is written and removed every second (churn), containers labelled for a name start
+and stop in turn (each must be routed, serve logins, then be unrouted: the Docker
+provider's churn, when an engine answers), and the proxy gets a SIGHUP every 10 s.
 
 Every minute (every 10 s when the run is short) it samples the proxy's RSS and open fds
 from /proc and prints them; at the end, their slope after warm-up (the first third),
@@ -23,7 +25,6 @@ control plane and each worker) and summed, and halfway through one worker is kil
 (SIGKILL). The connections it had fail, and so may the new ones its clients open
 before its replacement accepts: failures within ``KILL_WINDOW_S`` of the kill are
 counted apart, as explained by it; the run then checks that the worker came back.
-Container churn (issue 20 names it) is not part of it: it needs Docker images.
 """
 
 from __future__ import annotations
@@ -235,6 +236,88 @@ def _churn(servers: Path, backend: int, until: float, tally: Tally) -> None:
         tally.ok("churn")
 
 
+DOCKER_NAME = "docker.soak.example.com"
+CONTAINER_UP_S = 3.0  # logins to a started container for this long, then it stops
+CONTAINER_WAIT_S = 20.0  # a started container must be routed within this (stopped: gone)
+
+
+def _docker_login(port: int) -> bytes:
+    """A login to the churned container: it answers its name (then echoes)."""
+    hello = minecraft.encode_handshake(765, DOCKER_NAME, 25565, 2)
+    hello += minecraft.encode_login_start("churner")
+    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as sock:
+        sock.sendall(hello)
+        return sock.recv(256)
+
+
+def _container_churn(port: int, until: float, tally: Tally) -> None:
+    """Containers started and stopped in turn (the Docker provider's churn): each must
+    be routed by its label within CONTAINER_WAIT_S, serve logins while it runs, and be
+    unrouted once stopped. Needs a Docker engine; without one it says so and does
+    nothing (the CI soak has one, and its test checks this loop served)."""
+    from integration.docker_support import (
+        BACKEND_SCRIPT,
+        HOST_MOUNTS,
+        PYTHON,
+        docker_client,
+        ensure_image,
+    )
+
+    client = docker_client()
+    if client is None:
+        print("container churn: no Docker engine answers; not churning containers")
+        return
+    image = ensure_image(client)
+    turn = 0
+    while time.monotonic() < until - CONTAINER_WAIT_S:
+        turn += 1
+        name = f"discoproxy-soak-{os.getpid()}-{turn}"
+        container = client.containers.run(
+            image,
+            [PYTHON, "-c", BACKEND_SCRIPT],
+            name=name,
+            environment={"NAME": name},
+            labels={"infrarust.domains": DOCKER_NAME},
+            volumes=HOST_MOUNTS,
+            detach=True,
+        )
+        try:
+            deadline = time.monotonic() + CONTAINER_WAIT_S
+            while not _answers(port, name.encode()):
+                if time.monotonic() > deadline:
+                    tally.failed[f"container churn: {name} not routed in time"] += 1
+                    break
+                time.sleep(0.1)
+            else:
+                tally.ok("container up")
+                serving_until = time.monotonic() + CONTAINER_UP_S
+                while time.monotonic() < serving_until:
+                    try:
+                        if not _docker_login(port).startswith(name.encode()):
+                            raise RuntimeError("a login reached another backend")
+                        tally.ok("container login")
+                    except (OSError, RuntimeError) as exc:
+                        tally.fail("container login", exc)
+                    time.sleep(0.05)
+        finally:
+            container.remove(force=True)
+        deadline = time.monotonic() + CONTAINER_WAIT_S
+        while _answers(port, name.encode()):  # gone from the table once the provider hears
+            if time.monotonic() > deadline:
+                tally.failed[f"container churn: {name} still routed after it stopped"] += 1
+                break
+            time.sleep(0.1)
+        else:
+            tally.ok("container churn")
+
+
+def _answers(port: int, name: bytes) -> bool:
+    try:
+        return _docker_login(port).startswith(name)
+    except OSError:
+        return False
+
+
 def _sighup(pid: int, until: float, tally: Tally) -> None:
     while time.monotonic() < until:
         time.sleep(10)
@@ -394,6 +477,7 @@ def _drive(
     ]
     threads.append(threading.Thread(target=_churn, args=(servers, echo_port, until, tally)))
     threads.append(threading.Thread(target=_sighup, args=(pid, until, tally)))
+    threads.append(threading.Thread(target=_container_churn, args=(port, until, tally)))
     started = time.monotonic()
     threads.append(threading.Thread(target=_kill_worker, args=(pid, started + duration / 2, tally)))
     for thread in threads:

@@ -327,3 +327,20 @@ def test_udp_sessions_stay_on_the_worker_their_client_ip_is_steered_to(tmp_path:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_workers_exit_when_their_control_plane_is_killed(tmp_path: Path) -> None:
+    """No orphan keeps the ports: a worker whose channel closes drains and exits."""
+    with serving(_Echo) as port, running_proxy(tmp_path, mc(port), "workers = 2\n") as proxy:
+        proxy.wait_for_line("worker 1 ready")
+        pids = [w["pid"] for w in api(proxy, "/api/workers")["workers"]]
+        os.kill(proxy.process.pid, signal.SIGKILL)
+        proxy.process.wait(5)
+
+        def gone(pid: int) -> bool:
+            try:
+                return "zombie" in Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                return True
+
+        wait_until(lambda: all(gone(pid) for pid in pids))
