@@ -109,8 +109,18 @@ class Worker:
             self._first_binds[1].extend(fds)
         elif kind == "bind":
             self._adopt(payload, fds)
+        elif kind == "unbind" and not self.ready:  # not adopted yet: never will be
+            binds, bind_fds = self._first_binds
+            for n in reversed(range(len(binds))):
+                if binds[n][0] == payload:
+                    del binds[n]
+                    os.close(bind_fds.pop(n))
         elif kind == "unbind":
             ctx.binds.close(payload)
+        elif kind == "rename" and not self.ready:
+            old, new = payload
+            binds = self._first_binds[0]
+            binds[:] = [(new if bind == old else bind, label) for bind, label in binds]
         elif kind == "rename":
             ctx.binds.rename(*payload)
         elif kind == "port":
@@ -125,6 +135,10 @@ class Worker:
                 await self.channel.send("ready", os.getpid())
         elif kind == "config":
             config = payload
+            if config.log_level != ctx.config.log_level:  # as the control plane did
+                from discoproxy.cli import configure_logging
+
+                configure_logging(config.log_level, config.log_format)
             ctx.status.config = config
             listeners = ctx.binds.listeners()
             await ctx.reactor.run(lambda: ctx.apply_config(config, listeners))
