@@ -282,12 +282,8 @@ def _container_churn(port: int, until: float, tally: Tally) -> None:
             detach=True,
         )
         try:
-            deadline = time.monotonic() + CONTAINER_WAIT_S
-            while not _answers(port, name.encode()):
-                if time.monotonic() > deadline:
-                    tally.failed[f"container churn: {name} not routed in time"] += 1
-                    break
-                time.sleep(0.1)
+            if not _routed_within(port, name, True):
+                tally.failed[f"container churn: {name} not routed in time"] += 1
             else:
                 tally.ok("container up")
                 serving_until = time.monotonic() + CONTAINER_UP_S
@@ -301,21 +297,26 @@ def _container_churn(port: int, until: float, tally: Tally) -> None:
                     time.sleep(0.05)
         finally:
             container.remove(force=True)
-        deadline = time.monotonic() + CONTAINER_WAIT_S
-        while _answers(port, name.encode()):  # gone from the table once the provider hears
-            if time.monotonic() > deadline:
-                tally.failed[f"container churn: {name} still routed after it stopped"] += 1
-                break
-            time.sleep(0.1)
+        if not _routed_within(port, name, False):  # gone once the provider hears it stop
+            tally.failed[f"container churn: {name} still routed after it stopped"] += 1
         else:
             tally.ok("container churn")
 
 
-def _answers(port: int, name: bytes) -> bool:
-    try:
-        return _docker_login(port).startswith(name)
-    except OSError:
-        return False
+def _routed_within(port: int, name: str, routed: bool) -> bool:
+    """Whether logins reach (``routed``) or stop reaching container ``name`` within
+    ``CONTAINER_WAIT_S``."""
+    deadline = time.monotonic() + CONTAINER_WAIT_S
+    while True:
+        try:
+            answers = _docker_login(port).startswith(name.encode())
+        except OSError:
+            answers = False
+        if answers is routed:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _sighup(pid: int, until: float, tally: Tally) -> None:
