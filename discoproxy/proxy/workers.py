@@ -119,13 +119,6 @@ class _Worker:
     announced: anyio.Event = field(default_factory=anyio.Event)  # set at its first "ready"
 
 
-def _reuseport_socket(family: int, kind: int) -> socket.socket:
-    sock = socket.socket(family, kind)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    return sock
-
-
 def open_group(
     make: Callable[[], socket.socket], address: tuple[str, int], count: int, listen: bool
 ) -> list[socket.socket]:
