@@ -528,6 +528,22 @@ def listening_socket(family: int, type_: int, proto: int) -> socket.socket:
     return sock
 
 
+class _Bound(Protocol):
+    @property
+    def address(self) -> tuple[str, int]: ...
+
+
+def find_bind(bind: str, opened: Mapping[str, Sequence[_Bound]]) -> str | None:
+    """The open bind that ``bind`` names, however it is spelt: ``:25565`` is
+    ``0.0.0.0:25565``, and ``127.0.0.1:41234`` is a ``127.0.0.1:0`` that got that port
+    (``opened``: each bind entry with what listens for it, listeners or worker groups)."""
+    wanted = parse_bind(bind)
+    for key, bound in opened.items():
+        if parse_bind(key) == wanted or (wanted[1] and any(b.address == wanted for b in bound)):
+            return key
+    return None
+
+
 def _listening_sockets(infos: list[tuple[Any, ...]]) -> list[socket.socket]:
     socks: list[socket.socket] = []
     seen: set[tuple[Any, ...]] = set()
@@ -600,15 +616,7 @@ class BindListeners:
         self._ctx.reactor.call(listener.start)
 
     def find(self, bind: str) -> str | None:
-        """The open bind that ``bind`` names, however it is spelt: ``:25565`` is
-        ``0.0.0.0:25565``, and ``127.0.0.1:41234`` is a ``127.0.0.1:0`` that got that port."""
-        wanted = parse_bind(bind)
-        for key, listeners in self._open.items():
-            if parse_bind(key) == wanted or (
-                wanted[1] and any(listener.address == wanted for listener in listeners)
-            ):
-                return key
-        return None
+        return find_bind(bind, self._open)
 
     def rename(self, old: str, new: str) -> None:
         """The same listeners, now written ``new`` in the config (``fallbacks`` keys)."""

@@ -244,13 +244,9 @@ class WorkerSet:
         return [(g.bind, g.label) for g in groups], [g.sockets[index].fileno() for g in groups]
 
     def find(self, bind: str) -> str | None:
-        wanted = parse_bind(bind)
-        for key, groups in self._binds.items():
-            if parse_bind(key) == wanted or (
-                wanted[1] and any(group.address == wanted for group in groups)
-            ):
-                return key
-        return None
+        from discoproxy.proxy.server import find_bind
+
+        return find_bind(bind, self._binds)
 
     @property
     def binds(self) -> list[str]:
