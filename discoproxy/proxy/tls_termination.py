@@ -13,6 +13,10 @@ Rules for this file:
 - :class:`CertStore` keeps one ``SSLContext`` per (cert, key) and looks at the files'
   mtimes at most every :data:`CERT_CHECK_S`: a changed pair is loaded for new handshakes;
   a pair that fails to load is reported (file and reason) and the previous context kept.
+- The files are read through a :data:`FileReader`: this process's own
+  (:func:`read_files`), or with ``workers`` the control plane's, asked over the channel
+  (a worker reads no file). Contexts are built from the bytes (:func:`_pem_path`: Python's
+  ``ssl`` takes paths only, so a memfd stands in for the file).
 - The connection stays a :class:`~discoproxy.proxy.connection.ClientConnection` for the
   bookkeeping: the close line (bytes each way, reason) is written when the relay ends.
 """
@@ -21,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,10 +58,40 @@ class CertificateError(Exception):
     """Raised when a server's certificate or key cannot be loaded (file and reason)."""
 
 
+Stamp = tuple[float, ...]  # the files' mtimes
+
+
+@dataclass(frozen=True)
+class FileContents:
+    """The bytes of some files (a certificate and its key, a CA bundle) as read at
+    ``stamp``; crosses from the control plane to a worker."""
+
+    stamp: Stamp
+    contents: tuple[bytes, ...]
+
+
+# (paths, the stamp already loaded or None) → the files, None while their mtimes are
+# still that stamp; OSError as reading them raised it
+FileReader = Callable[[tuple[Path, ...], Stamp | None], Awaitable[FileContents | None]]
+
+
+def read_file_contents(paths: tuple[Path, ...], known: Stamp | None) -> FileContents | None:
+    """The files' bytes, or None when none of their mtimes changed from ``known``."""
+    stamp = tuple(path.stat().st_mtime for path in paths)
+    if stamp == known:
+        return None
+    return FileContents(stamp, tuple(path.read_bytes() for path in paths))
+
+
+async def read_files(paths: tuple[Path, ...], known: Stamp | None) -> FileContents | None:
+    """This process's own :data:`FileReader` (one process, or the control plane)."""
+    return read_file_contents(paths, known)
+
+
 @dataclass
 class _Loaded:
     context: ssl.SSLContext
-    stamp: tuple[float, float]  # mtimes of cert and key
+    stamp: Stamp
     checked: float
 
 
@@ -64,49 +99,55 @@ class _Loaded:
 class CertStore:
     """Server-side contexts per (cert, key), reloaded when their files change."""
 
-    def __init__(self) -> None:
+    def __init__(self, reader: FileReader = read_files) -> None:
+        self.reader = reader
         self._loaded: dict[tuple[Path, Path], _Loaded] = {}
         self._backend: dict[tuple[bool, Path | None], ssl.SSLContext] = {}
 
-    def context(self, settings: TlsSettings) -> ssl.SSLContext:
+    async def context(self, settings: TlsSettings) -> ssl.SSLContext:
         key = (settings.cert, settings.key)
         loaded = self._loaded.get(key)
         now = time.monotonic()
         if loaded is not None and now - loaded.checked < CERT_CHECK_S:
             return loaded.context
         try:
-            stamp = (settings.cert.stat().st_mtime, settings.key.stat().st_mtime)
+            files = await self.reader(key, loaded.stamp if loaded is not None else None)
         except OSError as exc:
             if loaded is not None:
                 loaded.checked = now
                 logger.error("certificate {}: {}; keeping the one loaded", settings.cert, exc)
                 return loaded.context
             raise CertificateError(f"certificate {settings.cert}: {exc.strerror or exc}") from exc
-        if loaded is not None and loaded.stamp == stamp:
+        if files is None:  # unchanged since ``loaded``
+            assert loaded is not None
             loaded.checked = now
             return loaded.context
         try:
-            context = _server_context(settings.cert, settings.key)
+            context = _server_context(*files.contents)
         except (ssl.SSLError, OSError) as exc:
             why = f"certificate {settings.cert} / key {settings.key}: {exc}"
             if loaded is None:
                 raise CertificateError(why) from exc
             loaded.checked = now
-            loaded.stamp = stamp  # reported once per change, not per handshake
+            loaded.stamp = files.stamp  # reported once per change, not per handshake
             logger.error("{}; keeping the certificate loaded before", why)
             return loaded.context
         if loaded is not None:
             logger.info("certificate {} reloaded", settings.cert)
-        self._loaded[key] = _Loaded(context, stamp, now)
+        self._loaded[key] = _Loaded(context, files.stamp, now)
         return context
 
-    def backend_context(self, settings: TlsSettings) -> ssl.SSLContext:
+    async def backend_context(self, settings: TlsSettings) -> ssl.SSLContext:
         key = (settings.backend_verify, settings.backend_ca)
         context = self._backend.get(key)
         if context is None:
-            context = ssl.create_default_context(
-                cafile=str(settings.backend_ca) if settings.backend_ca else None
-            )
+            if settings.backend_ca is not None:
+                files = await self.reader((settings.backend_ca,), None)
+                assert files is not None  # nothing known: always read
+                with _pem_path(files.contents[0]) as cafile:
+                    context = ssl.create_default_context(cafile=cafile)
+            else:
+                context = ssl.create_default_context()
             if not settings.backend_verify:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
@@ -114,11 +155,26 @@ class CertStore:
         return context
 
 
-def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
+def _server_context(cert: bytes, key: bytes) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(cert), str(key))
+    with _pem_path(cert) as cert_path, _pem_path(key) as key_path:
+        context.load_cert_chain(cert_path, key_path)
     return context
+
+
+@contextlib.contextmanager
+def _pem_path(data: bytes) -> Iterator[str]:
+    """A path that reads as ``data`` and is no file on disk (a memfd): what was read is
+    what is loaded, in whichever process read it."""
+    fd = os.memfd_create("discoproxy-pem", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 class _Ended(Exception):
@@ -158,7 +214,7 @@ async def terminate(
     reason = "both sides closed"
     try:
         try:
-            context = ctx.certs.context(settings)
+            context = await ctx.certs.context(settings)
         except CertificateError as exc:
             logger.error("{}: {}", route.qualified_id, exc)
             await loop.sock_sendall(client, tls.encode_alert(tls.ALERT_INTERNAL_ERROR))
@@ -233,7 +289,7 @@ async def _dial(
     errors = [] if handoff.order else [f"every backend of {route.qualified_id} is down"]
     timeout = route.server.connect_timeout or ctx.config.connect_timeout or None
     for host, port in handoff.order:
-        backend_tls = ctx.certs.backend_context(settings) if settings.backend_tls else None
+        backend_tls = await ctx.certs.backend_context(settings) if settings.backend_tls else None
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(

@@ -4,7 +4,8 @@ TLS termination and status answers) fed by the control plane over the channel on
 
 Rules for this file:
 - Everything it routes by comes from the control plane (``workers.py``): sockets,
-  config, table, bans; it reads no file and asks no Docker. A status miss asks the
+  config, table, bans; it reads no file and asks no Docker (certificates: the control
+  plane reads them and sends their bytes, :class:`RemoteFiles`). A status miss asks the
   control plane's cache (one backend ping for all workers), a wake asks the control
   plane's provider, webhook events go to the control plane's outbox.
 - It stops when told (SIGTERM: drain within ``shutdown_timeout``, as one process does)
@@ -20,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -31,6 +33,7 @@ from discoproxy.proxy.ports import UDP_SWEEP_S, sweep_udp
 from discoproxy.proxy.reactor import Reactor
 from discoproxy.proxy.server import ProxyContext
 from discoproxy.proxy.stats import take_snapshot, take_totals
+from discoproxy.proxy.tls_termination import FileContents, Stamp
 from discoproxy.proxy.workers import WorkerInit
 from discoproxy.routing import Registry, Route
 from discoproxy.status import StatusError, StatusService
@@ -58,6 +61,25 @@ class RemoteControl:
             await self._channel.request("control", (self._provider, action, server_id))
         except ChannelError as exc:
             raise RuntimeError(str(exc)) from exc
+
+
+class RemoteFiles:
+    """A worker's :data:`~discoproxy.proxy.tls_termination.FileReader`: certificate and
+    CA files are read by the control plane, which sends their bytes."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    async def __call__(self, paths: tuple[Path, ...], known: Stamp | None) -> FileContents | None:
+        try:
+            answer: FileContents | OSError | None = await self._channel.request(
+                "files", (paths, known)
+            )
+        except ChannelError as exc:
+            raise OSError(str(exc)) from exc
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
 
 
 class SharedStatus(StatusService):
@@ -178,6 +200,7 @@ class Worker:
         status = SharedStatus(init.config, ctx.waker)
         status.channel = self.channel
         ctx.status = status
+        ctx.certs.reader = RemoteFiles(self.channel)
         ctx.waker.backend_players = status.online_players
         ctx.events.wanted = init.events
         # ids unique over the workers and over restarts: index + 1 + count * k

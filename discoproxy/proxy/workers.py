@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -54,6 +55,7 @@ from discoproxy.proxy.channel import (
 )
 from discoproxy.proxy.listener import ListenError
 from discoproxy.proxy.stats import Histogram, RouteStats, Snapshot
+from discoproxy.proxy.tls_termination import read_file_contents
 from discoproxy.routing import PortKey, RoutingTable, format_port
 
 if TYPE_CHECKING:
@@ -408,6 +410,14 @@ class WorkerSet:
             else:
                 await control.stop_server(server_id)
             return None
+        if kind == "files":  # a worker's certificate or CA files: it reads none itself
+            paths, known = payload
+            if not set(paths) <= _tls_files(ctx.registry.table):
+                raise LookupError(f"{', '.join(map(str, paths))}: no route's tls files")
+            try:
+                return read_file_contents(paths, known)
+            except OSError as exc:
+                return exc  # the worker raises it, as reading the file itself would
         if kind == "events":
             for event, _when, data in payload:
                 ctx.events.put(event, data)
@@ -666,3 +676,16 @@ def merge_snapshots(snaps: Sequence[Snapshot], connections: int = 0) -> Snapshot
     merged.connections.sort(key=lambda c: -c.age_s)
     del merged.connections[connections:]
     return merged
+
+
+def _tls_files(table: RoutingTable) -> set[Path]:
+    """The files a worker may have the control plane read: the table's certificates,
+    keys and backend CA bundles."""
+    files: set[Path] = set()
+    for route in table.routes:
+        tls = route.server.tls
+        if tls is not None:
+            files.update((tls.cert, tls.key))
+            if tls.backend_ca is not None:
+                files.add(tls.backend_ca)
+    return files

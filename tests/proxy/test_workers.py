@@ -354,3 +354,93 @@ def test_workers_exit_when_their_control_plane_is_killed(tmp_path: Path) -> None
                 return True
 
         wait_until(lambda: all(gone(pid) for pid in pids))
+
+
+# Loaded into every process of the proxy under test (PYTHONPATH): in a worker it records
+# each path handed to ssl to load and each stat() of a file under the test's directory.
+_RECORDER = """
+import os, ssl, sys
+if "discoproxy.proxy.worker" in sys.orig_argv:
+    _log = os.open({log!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    _watched = {watched!r}
+
+    def _record(what, path):
+        os.write(_log, f"{{os.getpid()}} {{what}} {{path}}\\n".encode())
+
+    def _wrap(name):
+        original = getattr(ssl.SSLContext, name)
+
+        def wrapper(self, *args, **kwargs):
+            for path in [*args, *kwargs.values()]:
+                if isinstance(path, (str, os.PathLike)):
+                    _record(name, os.fspath(path))
+            return original(self, *args, **kwargs)
+
+        setattr(ssl.SSLContext, name, wrapper)
+
+    _wrap("load_cert_chain")
+    _wrap("load_verify_locations")
+    _stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(_watched):
+            _record("stat", os.fspath(path))
+        return _stat(path, *args, **kwargs)
+
+    os.stat = stat
+"""
+
+
+def _served_serial(proxy: ProxyProcess, source: str) -> int:
+    """The serial of the certificate the proxy shows a TLS client from ``source``."""
+    from tests.proxy.test_tls_termination import _decode, client_context
+
+    with (
+        dial(proxy, source) as raw,
+        client_context().wrap_socket(raw, server_hostname="tls.example.com") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        tls.sendall(b"ping")
+        assert tls.recv(64) == b"ping"
+    return int(_decode(der)["serial"])  # type: ignore[call-overload]
+
+
+def test_workers_terminate_tls_with_certificates_the_control_plane_reads(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A worker reads no file: the control plane reads a route's certificate and key
+    (and each change of them) and sends the bytes; the worker loads them from memory."""
+    from tests.proxy.test_tls_termination import make_cert
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    cert, key = make_cert(certs, "tls.example.com", serial=1)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    log = tmp_path / "worker-loads.log"
+    (hooks / "sitecustomize.py").write_text(_RECORDER.format(log=str(log), watched=str(certs)))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
+    )
+    tls = f'tls = {{ cert = "{cert}", key = "{key}" }}\n'
+    with serving(_Echo) as port:
+        servers = {
+            "tls.toml": f'domains = ["tls.example.com"]\naddresses = ["127.0.0.1:{port}"]\n{tls}'
+        }
+        with running_proxy(tmp_path, servers, "workers = 2\n") as proxy:
+            sources = [ON[0][0], ON[1][0]]  # one client on each worker
+            assert [_served_serial(proxy, s) for s in sources] == [1, 1]
+            make_cert(certs, "tls.example.com", serial=2)  # rotated in place
+
+            def rotated() -> bool:
+                return [_served_serial(proxy, s) for s in sources] == [2, 2]
+
+            wait_until(rotated, timeout=15)
+            workers = {w["pid"] for w in api(proxy, "/api/workers")["workers"]}
+    records = [line.split(" ", 2) for line in log.read_text().splitlines()]
+    assert {int(pid) for pid, _, _ in records} == workers  # both workers loaded them
+    assert [r for r in records if r[1] == "stat"] == []
+    loaded = [path for _, what, path in records if what == "load_cert_chain"]
+    assert len(loaded) >= 8  # cert and key, twice (serial 1 and 2) in each worker
+    assert all(path.startswith("/proc/self/fd/") for path in loaded), loaded
