@@ -46,6 +46,7 @@ from discoproxy.provider import (
     supervise,
 )
 from discoproxy.proxy.listener import ListenError
+from discoproxy.proxy.takeover import TakeoverError
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox, build_table
 from discoproxy.wake import ServerControl
 
@@ -350,13 +351,20 @@ async def _serve(
     config: ProxyConfig,
     providers: list[tuple[Provider, Enabled]],
     load: Callable[[], ProxyConfig],
+    take: bool = False,
 ) -> None:
     """Run the providers, the proxy and the admin listener until SIGTERM/SIGINT; SIGHUP
-    (or ``POST /api/reload``) reloads the global config with ``load``."""
+    (or ``POST /api/reload``) reloads the global config with ``load``. With ``take``,
+    start on the listening sockets of the process on ``takeover_socket``, which drains
+    and exits once this one is ready (``proxy/takeover.py``)."""
     from discoproxy.admin.server import Admin, serve_admin
     from discoproxy.proxy.server import ProxyContext, reconfigure, run_proxy
+    from discoproxy.proxy.takeover import TakeoverServer, take_over
     from discoproxy.proxy.workers import worker_count
 
+    workers = worker_count(config)
+    path = config.takeover_socket
+    inherited = await take_over(path, workers) if take and path is not None else None
     registry = Registry()
     inbox = SnapshotInbox()
     async with anyio.create_task_group() as tg:
@@ -374,7 +382,7 @@ async def _serve(
                 if provider.name in inbox.publishing and isinstance(provider, ServerControl)
             }
             ctx = ProxyContext(config, registry, controls)
-            workers = worker_count(config)
+            ctx.inherited = inherited
             await tg.start(partial(run_proxy, config, registry, context=ctx, workers=workers))
             reloading = anyio.Lock()
 
@@ -414,6 +422,13 @@ async def _serve(
                 admin.ready = not waited.cancelled_caught
                 if not admin.ready:
                     tg.start_soon(_ready_when_published, admin, inbox)
+            if inherited is not None:  # listening, workers ready: the old process drains
+                await inherited.finish()
+            ctx.inherited = None
+            if path is not None:
+                takeover = TakeoverServer(ctx, path, tg.cancel_scope.cancel)
+                if takeover.open():
+                    tg.start_soon(takeover.run)
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     logger.info("SIGHUP received: reloading the config")
@@ -445,6 +460,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.take_over and config.takeover_socket is None:
+        print("error: --take-over needs takeover_socket in the config", file=sys.stderr)
+        return EXIT_CONFIG
     configure_logging(config.log_level, config.log_format)
     raise_nofile_limit()
     try:
@@ -453,9 +471,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config,
             providers,
             partial(_load, args),
+            args.take_over,
             backend="asyncio",
             backend_options={"use_uvloop": UVLOOP},
         )
+    except TakeoverError as exc:
+        logger.error("{}", exc)
+        return EXIT_START
     except (ListenError, BaseExceptionGroup) as exc:
         failures = listen_errors(exc)
         if not failures:
@@ -543,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="HOST:PORT",
         help="listen address, repeatable; overrides bind from the config",
+    )
+    serve.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the listening sockets of the discoproxy running on takeover_socket "
+        "(same config): it drains and exits once this one is ready, no connection refused",
     )
     serve.set_defaults(func=cmd_serve)
 

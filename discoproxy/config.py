@@ -381,6 +381,13 @@ class ProxyConfig(BaseModel):
         "always on the same one (per-IP limits hold); 0: one per CPU this process may run "
         "on; 1: one process, no workers. Takes effect at the next start.",
     )
+    takeover_socket: Path | None = Field(
+        default=None,
+        description="Unix socket this process listens on (mode 0600) so that 'serve "
+        "--take-over' with the same config takes its listening sockets over: no "
+        "connection refused while it restarts; this one then drains and exits. Takes "
+        "effect at the next start.",
+    )
     port_routes_bind: str = Field(
         default="0.0.0.0",
         description="IP address the listeners of servers' port routes ('ports') bind; "

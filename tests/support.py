@@ -16,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,15 +142,17 @@ def running_proxy(
     bind: str = "127.0.0.1:0",
     startup_timeout: float = 15.0,
     admin_listen: str = "127.0.0.1:0",
+    args: Sequence[str] = (),
 ) -> Iterator[ProxyProcess]:
-    """Start ``discoproxy serve`` with ``servers`` (file name → TOML/YAML text)."""
+    """Start ``discoproxy serve`` with ``servers`` (file name → TOML/YAML text) and
+    ``args`` after the config."""
     servers_dir = write_servers(tmp_path / "servers", servers or {})
     config_path = tmp_path / "discoproxy.toml"
     config_path.write_text(
         f'bind = ["{bind}"]\nservers_dir = "{servers_dir}"\n' + textwrap.dedent(config)
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "discoproxy", "serve", "--config", str(config_path)],
+        [sys.executable, "-m", "discoproxy", "serve", "--config", str(config_path), *args],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

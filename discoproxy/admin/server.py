@@ -34,6 +34,7 @@ import anyio
 import anyio.to_thread
 import h11
 from anyio.abc import SocketStream, TaskStatus
+from anyio.streams.stapled import MultiListener
 from loguru import logger
 
 from discoproxy.config import parse_bind
@@ -549,8 +550,15 @@ async def serve_admin(
     """Serve the admin endpoints on ``listen`` until cancelled; report the bound address.
     Raises :class:`ListenError` when ``listen`` cannot be opened."""
     host, port = parse_bind(listen)
+    ctx = admin.ctx
+    inherited = ctx.inherited.take("admin", listen) if ctx.inherited is not None else None
+    listener: anyio.abc.Listener[SocketStream]
     try:
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        if inherited is not None:  # a takeover: the old process's sockets
+            listeners = [await anyio.abc.SocketListener.from_socket(g[0]) for g in inherited]
+            listener = listeners[0] if len(listeners) == 1 else MultiListener(listeners)
+        else:
+            listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     except OSError as exc:
         setting = (
             'admin.listen = "host:port" to listen elsewhere, or "" to turn the admin listener off'
@@ -562,6 +570,8 @@ async def serve_admin(
         async with limiter:
             await admin.handle(stream)
 
+    parts = listener.listeners if isinstance(listener, MultiListener) else [listener]
+    ctx.admin_sockets = [part.extra(anyio.abc.SocketAttribute.raw_socket) for part in parts]
     bound = listener.extra(anyio.abc.SocketAttribute.local_address)
     address = (str(bound[0]), int(bound[1]))
     logger.info(

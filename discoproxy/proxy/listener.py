@@ -91,6 +91,11 @@ class BaseListener:
     def on_internal_error(self, exc: Exception) -> None:
         pass  # logged by the reactor; the listener carries on
 
+    @property
+    def sock(self) -> socket.socket:
+        """The listening socket (handed to a new process by a takeover)."""
+        return self._sock
+
     def start(self) -> None:
         self._ctx.reactor.register(self._sock.fileno(), self, EPOLLIN)  # type: ignore[arg-type]
 

@@ -40,7 +40,7 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from select import EPOLLIN
 from typing import TYPE_CHECKING
@@ -54,6 +54,7 @@ from discoproxy.proxy.addresses import format_addr, literal_family, proxy_v2_hea
 from discoproxy.proxy.connection import ClientConnection
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener
 from discoproxy.proxy.names import Resolved, resolved_addresses
+from discoproxy.proxy.takeover import Handed, port_name
 from discoproxy.rejections import Rejection
 from discoproxy.routing import PortKey, RoutingTable, format_port
 
@@ -667,7 +668,19 @@ class PortListeners:
             stale.close()
         self.inherited[key] = sock
 
+    def handover(self) -> Iterator[tuple[Handed, socket.socket]]:
+        """Every port route's socket, for a takeover."""
+        bind = self.ctx.config.port_routes_bind
+        for key, listener in self.open.items():
+            if listener.sock.fileno() >= 0:
+                yield Handed("port", port_name(key, bind), 0, 0), listener.sock
+
     def _socket(self, key: PortKey) -> socket.socket:
+        taken = self.ctx.inherited
+        if taken is not None:
+            handed = taken.take_one("port", port_name(key, self.ctx.config.port_routes_bind))
+            if handed is not None:
+                return handed
         if self.inherited is not None:
             sock = self.inherited.pop(key, None)
             if sock is None:  # the control plane could not bind it, and said so

@@ -29,7 +29,7 @@ import itertools
 import math
 import socket
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -59,6 +59,7 @@ from discoproxy.proxy.ports import (
 )
 from discoproxy.proxy.reactor import Reactor
 from discoproxy.proxy.stats import DataPlaneStats, Snapshot, take_snapshot, take_totals
+from discoproxy.proxy.takeover import Handed, Inherited
 from discoproxy.proxy.tls_termination import CertStore
 from discoproxy.rejections import Rejection
 from discoproxy.routing import Registry, RoutingTable
@@ -183,6 +184,9 @@ class ProxyContext:
         self.waker.backend_players = self.status.online_players
         self.ports = PortListeners(self)
         self.certs = CertStore()
+        # a takeover's sockets from the old process, used by the listeners as they open
+        self.inherited: Inherited | None = None
+        self.admin_sockets: list[socket.socket] = []  # the admin listener's, if any
         # UDP port routes (reactor thread)
         self.udp_listeners: set[UdpListener] = set()
         self.udp_sessions = 0
@@ -587,11 +591,19 @@ class BindListeners:
         host, port = parse_bind(bind)
         family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
         where = format_addr((host, port))
+        inherited = ctx.inherited.take("bind", bind) if ctx.inherited is not None else None
         try:
-            infos = await ctx.loop.getaddrinfo(
-                host or None, port, family=family, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-            socks = _listening_sockets(infos)
+            if inherited is not None:  # a takeover: the old process's, as they are
+                socks = [group[0] for group in inherited]
+            else:
+                infos = await ctx.loop.getaddrinfo(
+                    host or None,
+                    port,
+                    family=family,
+                    type=socket.SOCK_STREAM,
+                    flags=socket.AI_PASSIVE,
+                )
+                socks = _listening_sockets(infos)
         except OSError as exc:
             setting = 'bind = ["host:port"] (or serve --bind host:port) to listen elsewhere'
             raise ListenError(where, port, setting, exc) from exc
@@ -607,6 +619,12 @@ class BindListeners:
         bound = [listener.address for listener in listeners]
         logger.info("listening on {}", ", ".join(format_addr(addr) for addr in bound))
         return bound
+
+    def handover(self) -> Iterator[tuple[Handed, socket.socket]]:
+        """Every listening socket, for a takeover."""
+        for bind, listeners in self._open.items():
+            for group, listener in enumerate(listeners):
+                yield Handed("bind", bind, group, 0), listener.sock
 
     def adopt(self, bind: str, label: str, sock: socket.socket) -> None:
         """A worker: accept on ``sock``, opened by the control plane for ``bind``."""
@@ -645,6 +663,7 @@ RESTART_ONLY = (
     "log_format",
     "webhooks",
     "workers",
+    "takeover_socket",
 )
 
 

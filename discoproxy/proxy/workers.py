@@ -30,7 +30,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -55,6 +55,7 @@ from discoproxy.proxy.channel import (
 )
 from discoproxy.proxy.listener import ListenError
 from discoproxy.proxy.stats import Histogram, RouteStats, Snapshot
+from discoproxy.proxy.takeover import Handed, port_name
 from discoproxy.proxy.tls_termination import read_file_contents
 from discoproxy.routing import PortKey, RoutingTable, format_port
 
@@ -206,10 +207,22 @@ class WorkerSet:
         family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
         where = format_addr((host, port))
         groups: list[_BindGroup] = []
+        inherited = self.ctx.inherited.take("bind", bind) if self.ctx.inherited else None
+        if inherited is not None:  # a takeover: the old process's groups, as they are
+            for socks in inherited:
+                address = socks[0].getsockname()[:2]
+                label = bind if port else format_addr(address)
+                groups.append(_BindGroup(bind, label, address, socks))
+            infos = []
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host or None, port, family=family, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
+            if inherited is None:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    host or None,
+                    port,
+                    family=family,
+                    type=socket.SOCK_STREAM,
+                    flags=socket.AI_PASSIVE,
+                )
             seen: set[tuple[Any, ...]] = set()
             for family_, type_, proto, _, sockaddr in infos:
                 if (family_, sockaddr) in seen:
@@ -317,9 +330,24 @@ class WorkerSet:
         from discoproxy.proxy.ports import port_socket
 
         host = self.ctx.config.port_routes_bind
+        taken = self.ctx.inherited
+        handed = taken.take("port", port_name(key, host)) if taken is not None else None
+        if handed is not None:
+            return handed[0]
         return open_group(
             lambda: port_socket(self.ctx.config, key), (host, key[1]), self.count, key[0] == "tcp"
         )
+
+    def handover(self) -> Iterator[tuple[Handed, socket.socket]]:
+        """Every socket of every group, in worker order, for a takeover."""
+        for bind, groups in self._binds.items():
+            for n, group in enumerate(groups):
+                for index, sock in enumerate(group.sockets):
+                    yield Handed("bind", bind, n, index), sock
+        host = self.ctx.config.port_routes_bind
+        for key, socks in self._ports.items():
+            for index, sock in enumerate(socks):
+                yield Handed("port", port_name(key, host), 0, index), sock
 
     # -- fan-out -----------------------------------------------------------------------
 

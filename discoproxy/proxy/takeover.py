@@ -1,0 +1,332 @@
+"""Zero-downtime restart: a new discoproxy takes the running one's listening sockets over.
+
+With ``takeover_socket = "/run/discoproxy/takeover.sock"`` a running ``serve`` listens
+there (``AF_UNIX``, ``SOCK_SEQPACKET``, mode 0600, a peer of another uid refused).
+``discoproxy serve --take-over`` (same config) connects and:
+
+1. asks for the sockets, saying how many data planes it runs (``workers``): a group of
+   ``SO_REUSEPORT`` sockets keeps its steering only with as many sockets as before, so a
+   different count is refused and the new process stops (exit 3) while the old one carries
+   on;
+2. gets every listening socket, by SCM_RIGHTS, with what it was opened for: a ``bind``
+   entry as configured (its sockets, group by group), a port route (``25/tcp``) and the
+   admin listener's ``listen``. It opens what its config asks for from those first (the
+   same kernel sockets: connections in their backlog wait for whichever process accepts
+   next, none is refused), and new sockets for the rest;
+3. once listening, with its workers ready and its first routes in, says so: the old
+   process stops accepting, stops listening on the takeover socket (which the new one
+   then listens on, for the next restart), drains its connections within
+   ``shutdown_timeout`` as on SIGTERM, and exits. Sockets the new config no longer asks
+   for are closed then.
+
+If the new process goes away before step 3 the old one never stopped accepting: nothing
+changes. Messages are JSON (never pickled: the socket is a file another program can
+reach), one per packet.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from discoproxy.owners import LOOP, owned_by
+from discoproxy.routing import PortKey, format_port
+
+if TYPE_CHECKING:
+    from discoproxy.proxy.server import ProxyContext
+
+# Sockets per packet (the kernel takes up to 253 fds in one SCM_RIGHTS message).
+FDS_PER_PACKET = 64
+PACKET_BYTES = 256 * 1024
+# The old process answers at once; a new one that says nothing for this long is dropped.
+ANSWER_TIMEOUT_S = 10.0
+# From the sockets to "ready": the new process's start (providers, workers, first table).
+READY_TIMEOUT_S = 120.0
+
+
+class TakeoverError(Exception):
+    """The running process could not be taken over (why, for the operator)."""
+
+
+@dataclass(frozen=True)
+class Handed:
+    """One listening socket as the old process opened it: for what, and its place in
+    its SO_REUSEPORT group."""
+
+    kind: str  # "bind" | "port" | "admin"
+    name: str  # the bind entry or admin listen as configured, or a port ("25/tcp")
+    group: int  # which of the entry's addresses (a bind may resolve to several)
+    index: int  # the socket's place in its group (the worker it goes to)
+
+    def to_json(self) -> list[Any]:
+        return [self.kind, self.name, self.group, self.index]
+
+
+def port_name(key: PortKey, bind: str) -> str:
+    """A port route's socket, named by the port and the address it listens on."""
+    return f"{format_port(key)}@{bind}"
+
+
+@owned_by(LOOP)
+@dataclass
+class Inherited:
+    """Sockets taken over from the old process, until the start has used what it needs."""
+
+    sockets: dict[tuple[str, str], list[list[socket.socket]]] = field(default_factory=dict)
+    conn: socket.socket | None = None  # the line to the old process, until finish()
+
+    def take(self, kind: str, name: str) -> list[list[socket.socket]] | None:
+        """The groups handed over for ``kind``/``name`` (each in worker order), or None."""
+        return self.sockets.pop((kind, name), None)
+
+    def take_one(self, kind: str, name: str) -> socket.socket | None:
+        """The one socket of a single-group, one-socket entry (one process, admin)."""
+        groups = self.take(kind, name)
+        if groups is None:
+            return None
+        first, *rest = [sock for group in groups for sock in group]
+        for sock in rest:
+            sock.close()
+        return first
+
+    def close_rest(self) -> None:
+        """What the new config does not listen on any more."""
+        for (kind, name), groups in self.sockets.items():
+            logger.info("takeover: {} {} is not in this config: closed", kind, name)
+            for group in groups:
+                for sock in group:
+                    sock.close()
+        self.sockets.clear()
+
+    async def finish(self) -> None:
+        """Listening and ready: tell the old process, which stops accepting and drains."""
+        conn, self.conn = self.conn, None
+        self.close_rest()
+        if conn is None:
+            return
+        loop = asyncio.get_running_loop()
+        with conn:
+            try:
+                await loop.sock_sendall(conn, _encode({"ready": os.getpid()}))
+                async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                    answer, _ = await _receive(conn)
+            except (OSError, TimeoutError) as exc:
+                logger.warning("takeover: the old process did not answer: {}", exc)
+                return
+        logger.info("takeover: pid {} stops accepting and drains", answer.get("draining"))
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode()
+
+
+async def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """One packet: its message and the fds that came with it."""
+    loop = asyncio.get_running_loop()
+    space = socket.CMSG_SPACE(FDS_PER_PACKET * array.array("i").itemsize)
+    while True:
+        try:
+            data, ancillary, _, _ = conn.recvmsg(PACKET_BYTES, space)
+            break
+        except BlockingIOError:
+            readable = loop.create_future()
+            loop.add_reader(conn.fileno(), readable.set_result, None)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(conn.fileno())
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            received = array.array("i")
+            received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
+            fds.extend(received)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        raise ConnectionResetError("the other process closed the takeover socket")
+    message = json.loads(data)
+    if not isinstance(message, dict):
+        raise ValueError("takeover: not a JSON object")
+    return message, fds
+
+
+async def take_over(path: Path, workers: int) -> Inherited:
+    """The new process's side, steps 1 and 2: the old process's listening sockets."""
+    loop = asyncio.get_running_loop()
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn.setblocking(False)
+    inherited = Inherited(conn=conn)
+    try:
+        try:
+            await loop.sock_connect(conn, str(path))
+            await loop.sock_sendall(conn, _encode({"take": "sockets", "workers": workers}))
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                while True:
+                    message, fds = await _receive(conn)
+                    if "error" in message:
+                        raise TakeoverError(str(message["error"]))
+                    entries = message.get("sockets", [])
+                    if len(entries) != len(fds):
+                        raise TakeoverError("takeover: sockets and their descriptions differ")
+                    for entry, fd in zip(entries, fds, strict=True):
+                        kind, name, group, index = entry
+                        groups = inherited.sockets.setdefault((kind, name), [])
+                        while len(groups) <= group:
+                            groups.append([])
+                        sock = socket.socket(fileno=fd)
+                        sock.setblocking(False)
+                        groups[group].append(sock)
+                        assert len(groups[group]) == index + 1
+                    if not message.get("more"):
+                        break
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise TakeoverError(f"cannot take over from {path}: {exc or 'no answer'}") from exc
+    except BaseException:
+        conn.close()
+        inherited.close_rest()
+        raise
+    count = sum(len(g) for groups in inherited.sockets.values() for g in groups)
+    logger.info("takeover: {} listening sockets from the process on {}", count, path)
+    return inherited
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def handed_sockets(ctx: ProxyContext) -> Iterator[tuple[Handed, socket.socket]]:
+    """Every listening socket this process has, with what it was opened for."""
+    if ctx.workers is not None:
+        yield from ctx.workers.handover()
+    else:
+        yield from ctx.binds.handover()
+        yield from ctx.ports.handover()
+    for group, sock in enumerate(ctx.admin_sockets):
+        yield Handed("admin", ctx.config.admin.listen, group, 0), sock
+
+
+@owned_by(LOOP)
+class TakeoverServer:
+    """The running process's side: hands its sockets to a new process, then stops."""
+
+    def __init__(self, ctx: ProxyContext, path: Path, stop: Callable[[], None]) -> None:
+        self.ctx = ctx
+        self.path = path
+        self.stop = stop
+        self._sock: socket.socket | None = None
+
+    def open(self) -> bool:
+        """Listen on the path; False (logged) when it cannot be, or another process does."""
+        path = self.path
+        if path.is_socket():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+                try:
+                    probe.connect(str(path))
+                except OSError:
+                    path.unlink()  # a dead process's
+                else:
+                    logger.error(
+                        "takeover socket {} is another running discoproxy's: not listening "
+                        "there (serve --take-over takes a running one over)",
+                        path,
+                    )
+                    return False
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            old = os.umask(0o177)
+            try:
+                sock.bind(str(path))
+            finally:
+                os.umask(old)
+            sock.listen(4)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            logger.error("cannot listen on takeover socket {}: {}", path, exc.strerror or exc)
+            return False
+        self._sock = sock
+        logger.info("takeover socket on {} (serve --take-over restarts without downtime)", path)
+        return True
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._sock is not None:
+                conn, _ = await loop.sock_accept(self._sock)
+                with conn:
+                    conn.setblocking(False)
+                    if _peer_uid(conn) != os.getuid():
+                        logger.warning("takeover: a process of another user refused")
+                        continue
+                    try:
+                        if await self._hand_over(conn):
+                            return
+                    except (OSError, TimeoutError, ValueError) as exc:
+                        logger.warning("takeover abandoned, still serving: {!r}", exc)
+        finally:
+            self.close()
+
+    async def _hand_over(self, conn: socket.socket) -> bool:
+        """One new process: True once it took over (this process is stopping then)."""
+        loop = asyncio.get_running_loop()
+        ctx = self.ctx
+        async with asyncio.timeout(ANSWER_TIMEOUT_S):
+            ask, fds = await _receive(conn)
+        for fd in fds:
+            os.close(fd)
+        ours = ctx.workers.count if ctx.workers is not None else 1
+        if ask.get("take") != "sockets":
+            raise ValueError(f"takeover: unknown request {ask!r}")
+        if ask.get("workers") != ours:
+            why = (
+                f"the running discoproxy (pid {os.getpid()}) has {ours} data planes and this "
+                f"one would have {ask.get('workers')}: its SO_REUSEPORT groups keep their "
+                f"steering only with as many sockets; set workers = {ours}, or restart "
+                "without --take-over"
+            )
+            await loop.sock_sendall(conn, _encode({"error": why}))
+            logger.warning("takeover refused: {}", why)
+            return False
+        handed = list(handed_sockets(ctx))
+        for start in range(0, max(len(handed), 1), FDS_PER_PACKET):
+            batch = handed[start : start + FDS_PER_PACKET]
+            more = start + FDS_PER_PACKET < len(handed)
+            data = _encode({"sockets": [h.to_json() for h, _ in batch], "more": more})
+            rights = array.array("i", [sock.fileno() for _, sock in batch]).tobytes()
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)] if batch else []
+            conn.sendmsg([data], ancillary)  # a few hundred bytes: the buffer takes it
+        logger.info("takeover: {} listening sockets handed over; waiting for it", len(handed))
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            ready, fds = await _receive(conn)  # ConnectionResetError: it went away
+        for fd in fds:
+            os.close(fd)
+        logger.info(
+            "taken over by pid {}: no new connections here; open ones get up to {}s",
+            ready.get("ready"),
+            ctx.config.shutdown_timeout,
+        )
+        self.close()  # the new process listens on the path next
+        await loop.sock_sendall(conn, _encode({"draining": os.getpid()}))
+        self.stop()
+        return True
