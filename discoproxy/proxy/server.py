@@ -199,7 +199,7 @@ class ProxyContext:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by run_proxy
         self.reactor: Reactor = None  # type: ignore[assignment]  # set by run_proxy
         self.closing = False
-        self._ids = itertools.count(1)
+        self.ids = itertools.count(1)
         self.tasks = LoopTasks()  # what the data plane asks the loop to run
         self._rejections_unlogged: collections.Counter[Rejection] = collections.Counter()
         self._last_rejection_log: dict[Rejection, float] = {}  # a fixed set of causes
@@ -219,7 +219,7 @@ class ProxyContext:
         self._trusted = tuple(config.trusted_proxies)
         # 0.0.0.0/0 and ::/0 together trust everyone: skip the per-connection check
         self._trust_all = {net.version for net in self._trusted if net.prefixlen == 0} == {4, 6}
-        self._max = config.max_connections or math.inf
+        self.max_connections = config.max_connections or math.inf
         logs_info = logger.level(config.log_level).no <= logger.level("INFO").no
         self.logs_info = logs_info
         self._access = AccessLog(config.log_format, worker=self.worker) if logs_info else None
@@ -248,15 +248,6 @@ class ProxyContext:
 
     # -- connections --------------------------------------------------------------------
 
-    @on_reactor
-    def at_capacity(self) -> bool:
-        return len(self.connections) >= self._max
-
-    @on_reactor
-    def register(self, conn: ClientConnection) -> int:
-        self.connections.add(conn)
-        return next(self._ids)
-
     @property
     @any_thread
     def speaks_for_all(self) -> bool:
@@ -266,12 +257,12 @@ class ProxyContext:
 
     def number_ids(self, first: int, step: int) -> None:
         """Connection ids from ``first`` in steps of ``step`` (workers: unique over all)."""
-        self._ids = itertools.count(first, step)
+        self.ids = itertools.count(first, step)
 
     @on_reactor
     def new_id(self) -> int:
         """The next connection id (a UDP session takes one too)."""
-        return next(self._ids)
+        return next(self.ids)
 
     @on_reactor
     def apply_bans(self, bans: BanList) -> int:
