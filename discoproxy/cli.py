@@ -46,6 +46,7 @@ from discoproxy.provider import (
     supervise,
 )
 from discoproxy.proxy.listener import ListenError
+from discoproxy.proxy.takeover import READY_TIMEOUT_S as TAKEOVER_READY_TIMEOUT_S
 from discoproxy.proxy.takeover import TakeoverError
 from discoproxy.routing import Registry, RoutingTable, SnapshotInbox, build_table
 from discoproxy.wake import ServerControl
@@ -367,15 +368,38 @@ async def _serve(
     inherited = await take_over(path, workers) if take and path is not None else None
     registry = Registry()
     inbox = SnapshotInbox()
+    failed_takeover: list[TakeoverError] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(inbox.run, registry)
         statuses = await _start_providers(tg, providers, inbox)
         with anyio.move_on_after(STARTUP_WAIT_S) as waited:
             await inbox.wait_first_snapshots()
+        if waited.cancelled_caught and inherited is not None:
+            # a takeover ends the old process: not before every route is back
+            with anyio.move_on_after(TAKEOVER_READY_TIMEOUT_S - STARTUP_WAIT_S) as longer:
+                await inbox.wait_first_snapshots()
+            if longer.cancelled_caught:
+                inherited.abandon()
+                raise TakeoverError(
+                    "takeover abandoned: not every provider published its routes within "
+                    f"{TAKEOVER_READY_TIMEOUT_S:.0f}s; the old process serves on"
+                )
+            waited = longer
         if waited.cancelled_caught:
             logger.warning("starting before every provider has published its first routes")
         stop_signals = (signal.SIGTERM, signal.SIGINT)
-        with anyio.open_signal_receiver(*stop_signals, signal.SIGHUP) as signals:
+        with anyio.open_signal_receiver(*stop_signals, signal.SIGHUP) as received:
+            # read from the start: a stop asked for during a takeover's start cancels it
+            stopping = anyio.Event()
+            signals_in, signals = anyio.create_memory_object_stream[int](16)
+
+            async def read_signals() -> None:
+                async for signum in received:
+                    if signum != signal.SIGHUP:
+                        stopping.set()
+                    await signals_in.send(signum)
+
+            tg.start_soon(read_signals)
             controls = {
                 provider.name: provider
                 for provider, _ in providers
@@ -422,10 +446,18 @@ async def _serve(
                 admin.ready = not waited.cancelled_caught
                 if not admin.ready:
                     tg.start_soon(_ready_when_published, admin, inbox)
-            if inherited is not None:  # listening, workers ready: the old process drains
-                await inherited.finish()
+            if inherited is not None and stopping.is_set():
+                logger.warning("stopped while taking over: the old process serves on")
+                inherited.abandon()
+            elif inherited is not None:  # listening, workers ready: the old process drains
+                try:
+                    await inherited.finish(path)  # type: ignore[arg-type]  # set with inherited
+                except TakeoverError as exc:
+                    # it serves on, with every socket: this one stops (exit 3)
+                    failed_takeover.append(exc)
+                    tg.cancel_scope.cancel()
             ctx.inherited = None
-            if path is not None:
+            if path is not None and not failed_takeover:
                 takeover = TakeoverServer(ctx, path, tg.cancel_scope.cancel)
                 if takeover.open():
                     tg.start_soon(takeover.run)
@@ -441,6 +473,8 @@ async def _serve(
                 )
                 tg.cancel_scope.cancel()
                 break
+    if failed_takeover:
+        raise failed_takeover[0]
 
 
 async def _ready_when_published(admin: Admin, inbox: SnapshotInbox) -> None:
@@ -475,10 +509,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             backend="asyncio",
             backend_options={"use_uvloop": UVLOOP},
         )
-    except TakeoverError as exc:
-        logger.error("{}", exc)
-        return EXIT_START
-    except (ListenError, BaseExceptionGroup) as exc:
+    except (TakeoverError, ListenError, BaseExceptionGroup) as exc:
+        takeover = _takeover_error(exc)
+        if takeover is not None:
+            logger.error("{}", takeover)
+            return EXIT_START
         failures = listen_errors(exc)
         if not failures:
             raise  # a bug, not a start failure: its traceback is what to report
@@ -489,6 +524,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     logger.info("stopped")
     return EXIT_OK
+
+
+def _takeover_error(exc: BaseException) -> TakeoverError | None:
+    """A takeover that could not be done, however deep in the task groups' wrapping."""
+    if isinstance(exc, TakeoverError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _takeover_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def listen_errors(exc: BaseException) -> list[ListenError]:

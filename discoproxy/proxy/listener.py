@@ -18,7 +18,7 @@ import socket
 from select import EPOLLIN
 from typing import TYPE_CHECKING
 
-from discoproxy.owners import REACTOR, owned_by
+from discoproxy.owners import REACTOR, any_thread, owned_by
 from discoproxy.rejections import Rejection
 
 if TYPE_CHECKING:
@@ -92,8 +92,9 @@ class BaseListener:
         pass  # logged by the reactor; the listener carries on
 
     @property
+    @any_thread
     def sock(self) -> socket.socket:
-        """The listening socket (handed to a new process by a takeover)."""
+        """The listening socket (handed to a new process by a takeover); set once."""
         return self._sock
 
     def start(self) -> None:

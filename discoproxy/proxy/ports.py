@@ -656,7 +656,7 @@ class PortListeners:
         sock = self._socket(key)
         if key[0] == "tcp":
             return PortListener(self.ctx, sock, key)
-        return UdpListener(self.ctx, sock, key, lambda: self._socket(key))
+        return UdpListener(self.ctx, sock, key, lambda: self._socket(key, again=True))
 
     def inherit(self, key: PortKey, sock: socket.socket) -> None:
         """A worker: the control plane opened ``key``'s socket for it (before the table
@@ -668,16 +668,17 @@ class PortListeners:
             stale.close()
         self.inherited[key] = sock
 
-    def handover(self) -> Iterator[tuple[Handed, socket.socket]]:
-        """Every port route's socket, for a takeover."""
-        bind = self.ctx.config.port_routes_bind
+    def handover(self) -> Iterator[tuple[Handed, PortListener | UdpListener]]:
+        """Every port route's listener, for a takeover (its socket is the reactor's to
+        read: a UDP listener's may be closed and reopened there)."""
         for key, listener in self.open.items():
-            if listener.sock.fileno() >= 0:
-                yield Handed("port", port_name(key, bind), 0, 0), listener.sock
+            yield Handed("port", port_name(key, str(listener.address[0])), 0, 0), listener
 
-    def _socket(self, key: PortKey) -> socket.socket:
+    def _socket(self, key: PortKey, again: bool = False) -> socket.socket:
+        """``key``'s socket: inherited from a takeover or a control plane, else new; a
+        UDP listener's rebind (``again``, on the reactor) is always a new one."""
         taken = self.ctx.inherited
-        if taken is not None:
+        if taken is not None and not again:
             handed = taken.take_one("port", port_name(key, self.ctx.config.port_routes_bind))
             if handed is not None:
                 return handed

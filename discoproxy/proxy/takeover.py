@@ -13,15 +13,20 @@ there (``AF_UNIX``, ``SOCK_SEQPACKET``, mode 0600, a peer of another uid refused
    admin listener's ``listen``. It opens what its config asks for from those first (the
    same kernel sockets: connections in their backlog wait for whichever process accepts
    next, none is refused), and new sockets for the rest;
-3. once listening, with its workers ready and its first routes in, says so: the old
+3. once listening, with its workers ready and every provider's first routes in (it
+   waits up to :data:`READY_TIMEOUT_S`, then gives up and the old one serves on; a stop
+   signal meanwhile gives up too), says so: the old
    process stops accepting, stops listening on the takeover socket (which the new one
    then listens on, for the next restart), drains its connections within
    ``shutdown_timeout`` as on SIGTERM, and exits. Sockets the new config no longer asks
    for are closed then.
 
 If the new process goes away before step 3 the old one never stopped accepting: nothing
-changes. Messages are JSON (never pickled: the socket is a file another program can
-reach), one per packet.
+changes; if the old one does not take the word and still listens, the new one stops
+(exit 3) rather than run beside it. Messages are JSON (never pickled: the socket is a
+file another program can reach), one per packet; each side checks the other's uid, and
+the sockets are sent as duplicates taken where they are owned (a UDP listener's on the
+reactor thread).
 """
 
 from __future__ import annotations
@@ -33,14 +38,16 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from discoproxy.config import parse_bind
 from discoproxy.owners import LOOP, owned_by
+from discoproxy.proxy.addresses import format_addr
 from discoproxy.routing import PortKey, format_port
 
 if TYPE_CHECKING:
@@ -53,6 +60,7 @@ PACKET_BYTES = 256 * 1024
 ANSWER_TIMEOUT_S = 10.0
 # From the sockets to "ready": the new process's start (providers, workers, first table).
 READY_TIMEOUT_S = 120.0
+ACCEPT_BACKOFF_S = 1.0
 
 
 class TakeoverError(Exception):
@@ -73,9 +81,14 @@ class Handed:
         return [self.kind, self.name, self.group, self.index]
 
 
-def port_name(key: PortKey, bind: str) -> str:
+def port_name(key: PortKey, host: str) -> str:
     """A port route's socket, named by the port and the address it listens on."""
-    return f"{format_port(key)}@{bind}"
+    return f"{format_port(key)}@{format_addr((host, key[1]))}"
+
+
+# Cap on what one takeover may hand over: entries and packets (a bound on what a peer
+# can make this process hold).
+MAX_SOCKETS = 65536
 
 
 @owned_by(LOOP)
@@ -87,8 +100,16 @@ class Inherited:
     conn: socket.socket | None = None  # the line to the old process, until finish()
 
     def take(self, kind: str, name: str) -> list[list[socket.socket]] | None:
-        """The groups handed over for ``kind``/``name`` (each in worker order), or None."""
-        return self.sockets.pop((kind, name), None)
+        """The groups handed over for ``kind``/``name`` (each in worker order), or None.
+        A bind or admin entry matches by its host and port as parsed (not its spelling)."""
+        found = self.sockets.pop((kind, name), None)
+        if found is not None or kind == "port":
+            return found
+        wanted = parse_bind(name)
+        for key in list(self.sockets):
+            if key[0] == kind and parse_bind(key[1]) == wanted:
+                return self.sockets.pop(key)
+        return None
 
     def take_one(self, kind: str, name: str) -> socket.socket | None:
         """The one socket of a single-group, one-socket entry (one process, admin)."""
@@ -100,17 +121,27 @@ class Inherited:
             sock.close()
         return first
 
-    def close_rest(self) -> None:
+    def close_rest(self, quiet: bool = False) -> None:
         """What the new config does not listen on any more."""
         for (kind, name), groups in self.sockets.items():
-            logger.info("takeover: {} {} is not in this config: closed", kind, name)
+            if not quiet:
+                logger.info("takeover: {} {} is not in this config: closed", kind, name)
             for group in groups:
                 for sock in group:
                     sock.close()
         self.sockets.clear()
 
-    async def finish(self) -> None:
-        """Listening and ready: tell the old process, which stops accepting and drains."""
+    def abandon(self) -> None:
+        """Give up before ``ready``: the old process never stopped and serves on."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+        self.close_rest(quiet=True)
+
+    async def finish(self, path: Path) -> None:
+        """Listening and ready: tell the old process, which stops accepting and drains.
+        Raises :class:`TakeoverError` when it did not take the word and still listens on
+        ``path`` (it serves on: this process must not run beside it)."""
         conn, self.conn = self.conn, None
         self.close_rest()
         if conn is None:
@@ -120,11 +151,28 @@ class Inherited:
             try:
                 await loop.sock_sendall(conn, _encode({"ready": os.getpid()}))
                 async with asyncio.timeout(ANSWER_TIMEOUT_S):
-                    answer, _ = await _receive(conn)
-            except (OSError, TimeoutError) as exc:
-                logger.warning("takeover: the old process did not answer: {}", exc)
+                    answer, fds = await _receive(conn)
+                for fd in fds:
+                    os.close(fd)
+            except (OSError, TimeoutError, ValueError) as exc:
+                if _answers(path):
+                    raise TakeoverError(
+                        f"takeover: the old process did not stop ({exc!r}) and still serves"
+                    ) from exc
+                logger.warning("takeover: no answer from the old process ({!r}); it is gone", exc)
                 return
         logger.info("takeover: pid {} stops accepting and drains", answer.get("draining"))
+
+
+def _answers(path: Path) -> bool:
+    """Whether a process listens on the unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _encode(message: dict[str, Any]) -> bytes:
@@ -170,36 +218,62 @@ async def take_over(path: Path, workers: int) -> Inherited:
     inherited = Inherited(conn=conn)
     try:
         try:
-            await loop.sock_connect(conn, str(path))
-            await loop.sock_sendall(conn, _encode({"take": "sockets", "workers": workers}))
             async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                await loop.sock_connect(conn, str(path))
+                if _peer_uid(conn) != os.getuid():
+                    raise TakeoverError(f"{path} is another user's: not taken over")
+                await loop.sock_sendall(conn, _encode({"take": "sockets", "workers": workers}))
+                count = 0
                 while True:
                     message, fds = await _receive(conn)
+                    socks = [socket.socket(fileno=fd) for fd in fds]  # closed if we fail
+                    inherited.sockets.setdefault(("", ""), []).append(socks)
                     if "error" in message:
                         raise TakeoverError(str(message["error"]))
                     entries = message.get("sockets", [])
-                    if len(entries) != len(fds):
-                        raise TakeoverError("takeover: sockets and their descriptions differ")
-                    for entry, fd in zip(entries, fds, strict=True):
-                        kind, name, group, index = entry
+                    count += len(entries)
+                    if len(entries) != len(socks) or count > MAX_SOCKETS:
+                        raise ValueError("sockets and their descriptions differ")
+                    for entry, sock in zip(entries, socks, strict=True):
+                        kind, name = str(entry[0]), str(entry[1])
+                        group, index = int(entry[2]), int(entry[3])
                         groups = inherited.sockets.setdefault((kind, name), [])
-                        while len(groups) <= group:
+                        if group == len(groups):
                             groups.append([])
-                        sock = socket.socket(fileno=fd)
+                        if not 0 <= group < len(groups) or index != len(groups[group]):
+                            raise ValueError(f"{kind} {name}: sockets out of order")
                         sock.setblocking(False)
                         groups[group].append(sock)
-                        assert len(groups[group]) == index + 1
+                    inherited.sockets.pop(("", ""))
                     if not message.get("more"):
                         break
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise TakeoverError(f"cannot take over from {path}: {exc or 'no answer'}") from exc
+        except (OSError, TimeoutError, ValueError, TypeError) as exc:
+            raise TakeoverError(f"cannot take over from {path}: {exc!r}") from exc
     except BaseException:
         conn.close()
-        inherited.close_rest()
+        inherited.close_rest(quiet=True)
         raise
     count = sum(len(g) for groups in inherited.sockets.values() for g in groups)
     logger.info("takeover: {} listening sockets from the process on {}", count, path)
     return inherited
+
+
+async def _send_packet(
+    conn: socket.socket, data: bytes, ancillary: list[tuple[int, int, bytes]]
+) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            conn.sendmsg([data], ancillary)
+            return
+        except BlockingIOError:
+            writable = loop.create_future()
+            loop.add_writer(conn.fileno(), writable.set_result, None)
+            try:
+                async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                    await writable
+            finally:
+                loop.remove_writer(conn.fileno())
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -208,15 +282,32 @@ def _peer_uid(conn: socket.socket) -> int:
     return int(uid)
 
 
-def handed_sockets(ctx: ProxyContext) -> Iterator[tuple[Handed, socket.socket]]:
-    """Every listening socket this process has, with what it was opened for."""
-    if ctx.workers is not None:
-        yield from ctx.workers.handover()
-    else:
-        yield from ctx.binds.handover()
-        yield from ctx.ports.handover()
-    for group, sock in enumerate(ctx.admin_sockets):
-        yield Handed("admin", ctx.config.admin.listen, group, 0), sock
+async def handed_fds(ctx: ProxyContext) -> list[tuple[Handed, int]]:
+    """Every listening socket this process has, with what it was opened for, as a
+    duplicate fd (the caller closes it): a UDP listener's socket is the reactor's, which
+    may close and reopen it, so port routes' are duplicated on the reactor thread."""
+    handed: list[tuple[Handed, int]] = []
+    try:
+        if ctx.workers is not None:
+            handed += [(h, os.dup(sock.fileno())) for h, sock in ctx.workers.handover()]
+        else:
+            handed += [(h, os.dup(sock.fileno())) for h, sock in ctx.binds.handover()]
+            ports = list(ctx.ports.handover())
+
+            def dup_ports() -> list[tuple[Handed, int]]:
+                socks = [(h, listener.sock) for h, listener in ports]
+                return [(h, os.dup(sock.fileno())) for h, sock in socks if sock.fileno() >= 0]
+
+            handed += await ctx.reactor.run(dup_ports)
+        for group, sock in enumerate(ctx.admin_sockets):
+            handed.append(
+                (Handed("admin", ctx.config.admin.listen, group, 0), os.dup(sock.fileno()))
+            )
+    except BaseException:
+        for _, fd in handed:
+            os.close(fd)
+        raise
+    return handed
 
 
 @owned_by(LOOP)
@@ -232,26 +323,20 @@ class TakeoverServer:
     def open(self) -> bool:
         """Listen on the path; False (logged) when it cannot be, or another process does."""
         path = self.path
-        if path.is_socket():
-            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
-                try:
-                    probe.connect(str(path))
-                except OSError:
-                    path.unlink()  # a dead process's
-                else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            if path.is_socket():
+                if _answers(path):
+                    sock.close()
                     logger.error(
                         "takeover socket {} is another running discoproxy's: not listening "
                         "there (serve --take-over takes a running one over)",
                         path,
                     )
                     return False
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            old = os.umask(0o177)
-            try:
-                sock.bind(str(path))
-            finally:
-                os.umask(old)
+                path.unlink()  # a dead process's
+            sock.bind(str(path))
+            os.chmod(path, 0o600)  # before listen: nobody can connect before this
             sock.listen(4)
             sock.setblocking(False)
         except OSError as exc:
@@ -273,16 +358,21 @@ class TakeoverServer:
         loop = asyncio.get_running_loop()
         try:
             while self._sock is not None:
-                conn, _ = await loop.sock_accept(self._sock)
+                try:
+                    conn, _ = await loop.sock_accept(self._sock)
+                except OSError as exc:  # out of fds, say: this process serves on
+                    logger.warning("takeover socket: accept failed: {}", exc)
+                    await asyncio.sleep(ACCEPT_BACKOFF_S)
+                    continue
                 with conn:
-                    conn.setblocking(False)
-                    if _peer_uid(conn) != os.getuid():
-                        logger.warning("takeover: a process of another user refused")
-                        continue
                     try:
+                        conn.setblocking(False)
+                        if _peer_uid(conn) != os.getuid():
+                            logger.warning("takeover: a process of another user refused")
+                            continue
                         if await self._hand_over(conn):
                             return
-                    except (OSError, TimeoutError, ValueError) as exc:
+                    except (OSError, TimeoutError, ValueError, TypeError) as exc:
                         logger.warning("takeover abandoned, still serving: {!r}", exc)
         finally:
             self.close()
@@ -308,14 +398,18 @@ class TakeoverServer:
             await loop.sock_sendall(conn, _encode({"error": why}))
             logger.warning("takeover refused: {}", why)
             return False
-        handed = list(handed_sockets(ctx))
-        for start in range(0, max(len(handed), 1), FDS_PER_PACKET):
-            batch = handed[start : start + FDS_PER_PACKET]
-            more = start + FDS_PER_PACKET < len(handed)
-            data = _encode({"sockets": [h.to_json() for h, _ in batch], "more": more})
-            rights = array.array("i", [sock.fileno() for _, sock in batch]).tobytes()
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)] if batch else []
-            conn.sendmsg([data], ancillary)  # a few hundred bytes: the buffer takes it
+        handed = await handed_fds(ctx)
+        try:
+            for start in range(0, max(len(handed), 1), FDS_PER_PACKET):
+                batch = handed[start : start + FDS_PER_PACKET]
+                more = start + FDS_PER_PACKET < len(handed)
+                data = _encode({"sockets": [h.to_json() for h, _ in batch], "more": more})
+                rights = array.array("i", [fd for _, fd in batch]).tobytes()
+                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)] if batch else []
+                await _send_packet(conn, data, ancillary)
+        finally:
+            for _, fd in handed:
+                os.close(fd)
         logger.info("takeover: {} listening sockets handed over; waiting for it", len(handed))
         async with asyncio.timeout(READY_TIMEOUT_S):
             ready, fds = await _receive(conn)  # ConnectionResetError: it went away

@@ -164,6 +164,7 @@ class WorkerSet:
         self._running = False
         self.bans = BanList()  # the list in force, for a worker that (re)starts
         self._tables = TableEncoder()  # each server crosses once
+        self._tls: tuple[RoutingTable | None, set[Path]] = (None, set())  # files workers may ask
 
     # -- state -------------------------------------------------------------------------
 
@@ -344,10 +345,10 @@ class WorkerSet:
             for n, group in enumerate(groups):
                 for index, sock in enumerate(group.sockets):
                     yield Handed("bind", bind, n, index), sock
-        host = self.ctx.config.port_routes_bind
         for key, socks in self._ports.items():
+            name = port_name(key, str(socks[0].getsockname()[0]))
             for index, sock in enumerate(socks):
-                yield Handed("port", port_name(key, host), 0, index), sock
+                yield Handed("port", name, 0, index), sock
 
     # -- fan-out -----------------------------------------------------------------------
 
@@ -440,7 +441,10 @@ class WorkerSet:
             return None
         if kind == "files":  # a worker's certificate or CA files: it reads none itself
             paths, known = payload
-            if not set(paths) <= _tls_files(ctx.registry.table):
+            table = ctx.registry.table
+            if self._tls[0] is not table:  # once per table, not once per request
+                self._tls = (table, _tls_files(table))
+            if not set(paths) <= self._tls[1]:
                 raise LookupError(f"{', '.join(map(str, paths))}: no route's tls files")
             try:
                 return read_file_contents(paths, known)

@@ -6,7 +6,11 @@ port too) and listens on the takeover socket for the next restart."""
 
 from __future__ import annotations
 
+import os
+import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,9 +22,18 @@ from tests.support import running_proxy, serving
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free for TCP and UDP on every address, below the ephemeral range (a port
+    picked by the kernel is free now but may be any client socket's a moment later)."""
+    for _ in range(1000):
+        port = random.randrange(20000, 32000)
+        try:
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, kind) as sock:
+                    sock.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port in 20000-32000")
 
 
 class _Clients(threading.Thread):
@@ -52,6 +65,19 @@ class _Clients(threading.Thread):
             time.sleep(0.002)
 
 
+def _listening(port: int, udp: bool = False) -> set[int]:
+    """Inodes of the sockets listening on ``port`` (TCP LISTEN, or UDP bound), from
+    /proc/net: the same set before and after means the very same kernel sockets."""
+    inodes = set()
+    for table in ("udp", "udp6") if udp else ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], int(fields[9])
+            if int(local.rsplit(":", 1)[1], 16) == port and state == ("07" if udp else "0A"):
+                inodes.add(inode)
+    return inodes
+
+
 def _config(tmp_path: Path, workers: int) -> str:
     return (
         f'workers = {workers}\ntakeover_socket = "{tmp_path / "takeover.sock"}"\n'
@@ -63,16 +89,23 @@ def _config(tmp_path: Path, workers: int) -> str:
 def test_a_takeover_restarts_without_refusing_or_cutting_a_connection(
     tmp_path: Path, workers: int
 ) -> None:
-    port = _free_port()
+    port, tcp_port, udp_port = _free_port(), _free_port(), _free_port()
     config = _config(tmp_path, workers)
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()
     with serving(_Echo) as backend:
         servers = mc(backend)
+        ports = f'["{tcp_port}:{backend}/tcp", "{udp_port}:9/udp"]'
+        servers["ports.toml"] = f'addresses = ["127.0.0.1"]\nports = {ports}\n'
         bind = f"127.0.0.1:{port}"
         with running_proxy(tmp_path / "old", servers, config, bind=bind) as old:
             old.wait_for_line("takeover socket on", 15)
+            old.wait_for_line(f"port {udp_port}/udp open", 15)
+            old.wait_for_line(f"port {tcp_port}/tcp open", 15)
             admin = old.admin_url()
+            sockets = {p: _listening(p) for p in (port, tcp_port)}
+            sockets[udp_port] = _listening(udp_port, udp=True)
+            assert all(len(inodes) == workers for inodes in sockets.values()), sockets
             held = [dial(old, ON[w][0]) for w in range(workers)]  # one on each data plane
             assert all(echoes(sock) for sock in held)
             clients = _Clients(port)
@@ -94,6 +127,13 @@ def test_a_takeover_restarts_without_refusing_or_cutting_a_connection(
                     while clients.ok < served_before + 20 and time.monotonic() < deadline:
                         time.sleep(0.05)
                     assert clients.ok >= served_before + 20  # by the new one alone now
+                    assert sockets == {  # the very same kernel sockets, not new ones
+                        port: _listening(port),
+                        tcp_port: _listening(tcp_port),
+                        udp_port: _listening(udp_port, udp=True),
+                    }
+                    with socket.create_connection(("127.0.0.1", tcp_port), 5) as routed:
+                        assert echoes(routed)  # the port route, through the new one
                     clients.stop.set()  # before the new one stops
                     clients.join(10)
                     assert "listening on 127.0.0.1:" in new.output()
@@ -123,3 +163,52 @@ def test_a_takeover_with_another_worker_count_is_refused_and_the_old_one_serves_
             with dial(old, SOURCES[0]) as sock:
                 assert echoes(sock)
             assert old.process.poll() is None
+            # the same with the right count takes it over
+            with running_proxy(
+                tmp_path / "new", servers, _config(tmp_path, 2), bind=bind, args=["--take-over"]
+            ) as new:
+                assert old.process.wait(20) == 0
+                with dial(new, SOURCES[0]) as sock:
+                    assert echoes(sock)
+
+
+def test_a_new_process_that_dies_while_taking_over_leaves_the_old_one_serving(
+    tmp_path: Path,
+) -> None:
+    port = _free_port()
+    config = _config(tmp_path, 2)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    with serving(_Echo) as backend:
+        servers = mc(backend)
+        bind = f"127.0.0.1:{port}"
+        with running_proxy(tmp_path / "old", servers, config, bind=bind) as old:
+            old.wait_for_line("takeover socket on", 15)
+            before = _listening(port)
+            new = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "discoproxy",
+                    "serve",
+                    "--config",
+                    str(tmp_path / "old" / "discoproxy.toml"),
+                    "--take-over",
+                ],
+                cwd=tmp_path / "new",
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, "DISCOPROXY_ADMIN__LISTEN": "127.0.0.1:0"},
+            )
+            try:
+                old.wait_for_line("listening sockets handed over", 15)
+                new.kill()  # before its workers are up: it never said ready
+            finally:
+                new.wait(10)
+            old.wait_for_line("takeover abandoned, still serving", 15)
+            assert old.process.poll() is None
+            assert _listening(port) == before
+            for source in SOURCES[:4]:
+                with dial(old, source) as sock:
+                    assert echoes(sock)
+            assert "taken over by pid" not in old.output()
