@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import socket
+from pathlib import Path
 
 import anyio
 import pytest
@@ -84,3 +85,33 @@ async def test_messages_requests_fds_and_big_payloads_cross_in_order() -> None:
         tg.cancel_scope.cancel()
     left.close()
     right.close()
+
+
+@pytest.mark.anyio
+async def test_a_worker_may_have_only_the_tables_tls_files_read(tmp_path: Path) -> None:
+    """The control plane reads a file for a worker only when some route's tls names it."""
+    from discoproxy.config import ProxyConfig
+    from discoproxy.proxy.server import ProxyContext
+    from discoproxy.proxy.tls_termination import FileContents
+    from discoproxy.proxy.workers import WorkerSet
+    from discoproxy.routing import Registry
+    from tests.proxy.helpers import server as tls_server
+
+    cert, key, other = (tmp_path / name for name in ("a.crt", "a.key", "secret"))
+    for path in (cert, key, other):
+        path.write_bytes(path.name.encode())
+    registry = Registry()
+    tls = {"cert": str(cert), "key": str(key)}
+    registry.apply_snapshot("test", [tls_server("a", "a.example.com", addresses=["x:1"], tls=tls)])
+    config = ProxyConfig.model_validate({"bind": ["127.0.0.1:0"]})
+    workers = WorkerSet(ProxyContext(config, registry), 2)
+    worker = workers.workers[0]
+    read = await workers._handle(worker, "files", ((cert, key), None), [])
+    assert isinstance(read, FileContents)
+    assert read.contents == (b"a.crt", b"a.key")
+    assert await workers._handle(worker, "files", ((cert, key), read.stamp), []) is None
+    with pytest.raises(LookupError, match="no route's tls files"):
+        await workers._handle(worker, "files", ((cert, other), None), [])
+    key.unlink()
+    missing = await workers._handle(worker, "files", ((cert, key), None), [])
+    assert isinstance(missing, FileNotFoundError)  # raised by the worker as its own
