@@ -288,8 +288,21 @@ async def _dial(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[str, int]]:
     errors = [] if handoff.order else [f"every backend of {route.qualified_id} is down"]
     timeout = route.server.connect_timeout or ctx.config.connect_timeout or None
+    backend_tls = None
+    if settings.backend_tls:
+        try:
+            backend_tls = await ctx.certs.backend_context(settings)
+        except (OSError, ssl.SSLError) as exc:  # the CA bundle: no dial can be verified
+            reason = getattr(exc, "strerror", None) or exc
+            logger.bind(route=route.qualified_id).error(
+                "conn #{} {}: backend_ca {}: {}",
+                handoff.conn_id,
+                route.qualified_id,
+                settings.backend_ca,
+                reason,
+            )
+            raise _Ended("backend CA not loaded") from exc
     for host, port in handoff.order:
-        backend_tls = await ctx.certs.backend_context(settings) if settings.backend_tls else None
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(

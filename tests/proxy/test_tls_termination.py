@@ -16,7 +16,7 @@ from anyio.abc import SocketStream
 
 from discoproxy.proxy import tls_termination
 from tests.proxy.helpers import Backend, backend, running_proxy, server
-from tests.support import require_program
+from tests.support import captured_logs, require_program
 
 pytestmark = pytest.mark.anyio
 
@@ -196,6 +196,23 @@ async def test_backend_tls_re_encrypts_and_verifies_the_backend(tmp_path: Path) 
             assert answer == b""
         tg.cancel_scope.cancel()
     assert seen == [b"sec"]
+
+
+async def test_a_backend_ca_that_cannot_be_read_is_named_and_ends_that_connection(
+    tmp_path: Path,
+) -> None:
+    cert, key = make_cert(tmp_path, "a.example.com")
+    missing = tmp_path / "no-such-ca.pem"
+    tls = {"cert": str(cert), "key": str(key), "backend_tls": True, "backend_ca": str(missing)}
+    async with backend(upper) as a:
+        routes = [server("a", "a.example.com", addresses=[a.address], tls=tls)]
+        with captured_logs("ERROR") as lines:
+            async with running_proxy(routes) as proxy:
+                _, answer = await anyio.to_thread.run_sync(talk, proxy.port, "a.example.com", b"x")
+                assert answer == b""  # handshake done, then closed: never forwarded
+                await proxy.wait_on_reactor(lambda ctx: not ctx.connections)
+        assert a.connections == 0
+    assert any(f"backend_ca {missing}: No such file or directory" in line for line in lines)
 
 
 def close_cleanly(port: int, name: str) -> None:
