@@ -582,11 +582,12 @@ class BindListeners:
         host, port = parse_bind(bind)
         family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
         where = format_addr((host, port))
+        # a takeover's sockets for this bind, as the old process had them, or new ones
         inherited = ctx.inherited.take("bind", bind) if ctx.inherited is not None else None
-        try:
-            if inherited is not None:  # a takeover: the old process's, as they are
-                socks = [group[0] for group in inherited]
-            else:
+        if inherited is not None:
+            socks = [group[0] for group in inherited]
+        else:
+            try:
                 infos = await ctx.loop.getaddrinfo(
                     host or None,
                     port,
@@ -595,9 +596,9 @@ class BindListeners:
                     flags=socket.AI_PASSIVE,
                 )
                 socks = _listening_sockets(infos)
-        except OSError as exc:
-            setting = 'bind = ["host:port"] (or serve --bind host:port) to listen elsewhere'
-            raise ListenError(where, port, setting, exc) from exc
+            except OSError as exc:
+                setting = 'bind = ["host:port"] (or serve --bind host:port) to listen elsewhere'
+                raise ListenError(where, port, setting, exc) from exc
         fallback = ctx.config.fallbacks.get(bind)
         # labelled as configured; a port picked by the kernel (":0") by the address it got
         listeners = [

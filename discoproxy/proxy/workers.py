@@ -207,16 +207,11 @@ class WorkerSet:
         host, port = parse_bind(bind)
         family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
         where = format_addr((host, port))
-        groups: list[_BindGroup] = []
-        inherited = self.ctx.inherited.take("bind", bind) if self.ctx.inherited else None
-        if inherited is not None:  # a takeover: the old process's groups, as they are
-            for socks in inherited:
-                address = socks[0].getsockname()[:2]
-                label = bind if port else format_addr(address)
-                groups.append(_BindGroup(bind, label, address, socks))
-            infos = []
-        try:
-            if inherited is None:
+        # a takeover's groups for this bind, as the old process had them, or new ones
+        opened = self.ctx.inherited.take("bind", bind) if self.ctx.inherited else None
+        if opened is None:
+            opened = []
+            try:
                 infos = await asyncio.get_running_loop().getaddrinfo(
                     host or None,
                     port,
@@ -224,26 +219,30 @@ class WorkerSet:
                     type=socket.SOCK_STREAM,
                     flags=socket.AI_PASSIVE,
                 )
-            seen: set[tuple[Any, ...]] = set()
-            for family_, type_, proto, _, sockaddr in infos:
-                if (family_, sockaddr) in seen:
-                    continue
-                seen.add((family_, sockaddr))
-                socks = open_group(
-                    partial(listening_socket, family_, type_, proto),
-                    (str(sockaddr[0]), int(sockaddr[1])),
-                    self.count,
-                    listen=True,
-                )
-                address = socks[0].getsockname()[:2]
-                label = bind if port else format_addr(address)
-                groups.append(_BindGroup(bind, label, address, socks))
-        except OSError as exc:
-            for group in groups:
-                for sock in group.sockets:
-                    sock.close()
-            setting = 'bind = ["host:port"] (or serve --bind host:port) to listen elsewhere'
-            raise ListenError(where, port, setting, exc) from exc
+                seen: set[tuple[Any, ...]] = set()
+                for family_, type_, proto, _, sockaddr in infos:
+                    if (family_, sockaddr) in seen:
+                        continue
+                    seen.add((family_, sockaddr))
+                    opened.append(
+                        open_group(
+                            partial(listening_socket, family_, type_, proto),
+                            (str(sockaddr[0]), int(sockaddr[1])),
+                            self.count,
+                            listen=True,
+                        )
+                    )
+            except OSError as exc:
+                for socks in opened:
+                    for sock in socks:
+                        sock.close()
+                setting = 'bind = ["host:port"] (or serve --bind host:port) to listen elsewhere'
+                raise ListenError(where, port, setting, exc) from exc
+        groups: list[_BindGroup] = []
+        for socks in opened:
+            address = socks[0].getsockname()[:2]
+            label = bind if port else format_addr(address)
+            groups.append(_BindGroup(bind, label, address, socks))
         self._binds[bind] = groups
         for worker in self.workers:
             self._post(worker, "bind", *self._bind_payload(groups, worker.index))
