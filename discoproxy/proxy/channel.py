@@ -57,6 +57,41 @@ class ChannelError(Exception):
     """The other side could not do what was asked (its error's text), or is gone."""
 
 
+async def wait_readable(sock: socket.socket) -> None:
+    """Until ``sock`` (non-blocking) can be read, on the running loop."""
+    loop = asyncio.get_running_loop()
+    fd = sock.fileno()  # kept: the socket may be closed while this waits
+    readable = loop.create_future()
+    loop.add_reader(fd, readable.set_result, None)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(fd)
+
+
+async def wait_writable(sock: socket.socket) -> None:
+    """Until ``sock`` (non-blocking) can be written, on the running loop."""
+    loop = asyncio.get_running_loop()
+    fd = sock.fileno()  # kept: the socket may be closed while this waits
+    writable = loop.create_future()
+    loop.add_writer(fd, writable.set_result, None)
+    try:
+        await writable
+    finally:
+        loop.remove_writer(fd)
+
+
+def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The file descriptors a ``recvmsg`` got by SCM_RIGHTS (the caller owns them)."""
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            received = array.array("i")
+            received.frombytes(data[: len(data) - len(data) % received.itemsize])
+            fds.extend(received)
+    return fds
+
+
 def socket_pair() -> tuple[socket.socket, socket.socket]:
     """(the control plane's end, the worker's end): the worker's is inheritable."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -127,26 +162,18 @@ class Channel:
                 await self._send_packet(packet, ancillary)
 
     async def _send_packet(self, packet: bytes, ancillary: list[tuple[int, int, bytes]]) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             try:
                 self.sock.sendmsg([packet], ancillary)
                 return
             except BlockingIOError:
-                writable = loop.create_future()
-                loop.add_writer(self.sock.fileno(), writable.set_result, None)
-                try:
-                    await writable
-                finally:
-                    loop.remove_writer(self.sock.fileno())
+                await wait_writable(self.sock)
             except OSError as exc:  # EPIPE, ECONNRESET: the other side is gone
                 self._close()
                 raise ChannelError(f"the other process is gone: {exc}") from exc
 
     async def run(self) -> None:
         """Read and dispatch messages until the other side closes (then return)."""
-        loop = asyncio.get_running_loop()
-        fd = self.sock.fileno()
         parts: list[bytes] = []
         fds: list[int] = []
         space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
@@ -155,22 +182,13 @@ class Channel:
                 try:
                     packet, ancillary, _flags, _ = self.sock.recvmsg(CHUNK + 1, space)
                 except BlockingIOError:
-                    readable = loop.create_future()
-                    loop.add_reader(fd, readable.set_result, None)
-                    try:
-                        await readable
-                    finally:
-                        loop.remove_reader(fd)
+                    await wait_readable(self.sock)
                     continue
                 except OSError:
                     return
                 if not packet:
                     return  # end of file
-                for level, kind, data in ancillary:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        received = array.array("i")
-                        received.frombytes(data[: len(data) - len(data) % received.itemsize])
-                        fds.extend(received)
+                fds.extend(received_fds(ancillary))
                 parts.append(packet[1:])
                 if packet[:1] == _MORE:
                     continue

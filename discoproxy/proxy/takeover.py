@@ -48,6 +48,7 @@ from loguru import logger
 from discoproxy.config import parse_bind
 from discoproxy.owners import LOOP, owned_by
 from discoproxy.proxy.addresses import format_addr
+from discoproxy.proxy.channel import received_fds, wait_readable, wait_writable
 from discoproxy.routing import PortKey, format_port
 
 if TYPE_CHECKING:
@@ -181,25 +182,14 @@ def _encode(message: dict[str, Any]) -> bytes:
 
 async def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     """One packet: its message and the fds that came with it."""
-    loop = asyncio.get_running_loop()
     space = socket.CMSG_SPACE(FDS_PER_PACKET * array.array("i").itemsize)
     while True:
         try:
             data, ancillary, _, _ = conn.recvmsg(PACKET_BYTES, space)
             break
         except BlockingIOError:
-            readable = loop.create_future()
-            loop.add_reader(conn.fileno(), readable.set_result, None)
-            try:
-                await readable
-            finally:
-                loop.remove_reader(conn.fileno())
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
-            fds.extend(received)
+            await wait_readable(conn)
+    fds = received_fds(ancillary)
     if not data:
         for fd in fds:
             os.close(fd)
@@ -261,19 +251,13 @@ async def take_over(path: Path, workers: int) -> Inherited:
 async def _send_packet(
     conn: socket.socket, data: bytes, ancillary: list[tuple[int, int, bytes]]
 ) -> None:
-    loop = asyncio.get_running_loop()
     while True:
         try:
             conn.sendmsg([data], ancillary)
             return
         except BlockingIOError:
-            writable = loop.create_future()
-            loop.add_writer(conn.fileno(), writable.set_result, None)
-            try:
-                async with asyncio.timeout(ANSWER_TIMEOUT_S):
-                    await writable
-            finally:
-                loop.remove_writer(conn.fileno())
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                await wait_writable(conn)
 
 
 def _peer_uid(conn: socket.socket) -> int:
