@@ -19,6 +19,8 @@
 # `serve`. Server files go in /etc/discoproxy/servers. The process runs as the unprivileged
 # user discoproxy (uid 10001) with the Docker socket's group: see image/entrypoint.sh.
 
+# 3.11, not a newer CPython: the data plane costs ~12 % more instructions per connection
+# on 3.12 and 3.13 (bench/README.md, `python -m bench.instructions`).
 ARG BASE=python:3.11-slim-bookworm
 
 # -- build: a virtualenv with the locked dependencies, then discoproxy itself -------------

@@ -268,9 +268,15 @@ class ProxyConfig(BaseModel):
         description="CIDRs allowed to send a PROXY header; others are treated as direct "
         "clients. Required with receive_proxy_protocol; ['0.0.0.0/0', '::/0'] trusts all.",
     )
-    connect_timeout: Seconds = Field(default=5.0, description="Per backend address dial.")
+    connect_timeout: Seconds = Field(
+        default=5.0,
+        description="Per backend address dial; 0 = no deadline of discoproxy's own (the "
+        "kernel's SYN retries end a dial that gets no answer, after about 2 minutes).",
+    )
     handshake_timeout: Seconds = Field(
-        default=5.0, description="Time a client has to send its PROXY header and handshake."
+        default=5.0,
+        description="Time a client has to send its PROXY header and handshake; 0 = never "
+        "(a client that sends nothing holds its connection until it closes).",
     )
     idle_timeout: Seconds = Field(
         default=600.0, description="Close a connection silent both ways this long; 0 = never."

@@ -112,6 +112,22 @@ async def test_slow_client_is_cut_at_handshake_timeout() -> None:
             assert await receive_all(stream, limit=3) == b""
 
 
+async def test_handshake_timeout_zero_never_cuts_a_slow_client() -> None:
+    # documented: 0 = never; the half-sent handshake is then completed and routed
+    async with running_proxy([], handshake_timeout=0, connect_timeout=0.3) as proxy:
+        async with await proxy.connect() as stream:
+            first = handshake("nope.example.com")
+            await stream.send(first[:5])
+            with anyio.move_on_after(1.2) as waited:  # 4x the other timeout's sweep tick
+                await stream.receive()
+            assert waited.cancelled_caught  # nothing came: no close, no reply
+            await stream.send(first[5:])
+            reply = await receive_all(stream)
+    packet = minecraft.parse_packet(reply)
+    assert isinstance(packet, minecraft.Packet)
+    assert "Unknown server: nope.example.com" in read_string(packet.payload)
+
+
 async def test_unknown_domain_login_gets_a_readable_disconnect() -> None:
     async with running_proxy([]) as proxy, await proxy.connect() as stream:
         await stream.send(handshake("nope.example.com"))
