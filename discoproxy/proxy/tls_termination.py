@@ -84,8 +84,10 @@ def read_file_contents(paths: tuple[Path, ...], known: Stamp | None) -> FileCont
 
 
 async def read_files(paths: tuple[Path, ...], known: Stamp | None) -> FileContents | None:
-    """This process's own :data:`FileReader` (one process, or the control plane)."""
-    return read_file_contents(paths, known)
+    """This process's own :data:`FileReader` (one process, or the control plane): the
+    stat and reads in a thread, so a slow filesystem never stalls the loop (it runs once
+    per ``CERT_CHECK_S`` per certificate, not per handshake)."""
+    return await asyncio.to_thread(read_file_contents, paths, known)
 
 
 @dataclass

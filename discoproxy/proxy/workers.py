@@ -56,7 +56,7 @@ from discoproxy.proxy.channel import (
 from discoproxy.proxy.listener import ListenError
 from discoproxy.proxy.stats import Histogram, RouteStats, Snapshot
 from discoproxy.proxy.takeover import Handed, port_name
-from discoproxy.proxy.tls_termination import read_file_contents
+from discoproxy.proxy.tls_termination import read_files
 from discoproxy.routing import PortKey, RoutingTable, format_port
 
 if TYPE_CHECKING:
@@ -446,7 +446,7 @@ class WorkerSet:
             if not set(paths) <= self._tls[1]:
                 raise LookupError(f"{', '.join(map(str, paths))}: no route's tls files")
             try:
-                return read_file_contents(paths, known)
+                return await read_files(paths, known)
             except OSError as exc:
                 return exc  # the worker raises it, as reading the file itself would
         if kind == "events":

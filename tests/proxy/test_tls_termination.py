@@ -317,3 +317,25 @@ async def test_a_terminated_connection_counts_open_on_its_backend_and_reports_di
                 assert answers == [b"HELD"]
     finally:
         refused.close()
+
+
+async def test_certificate_files_are_read_off_the_loop_thread(tmp_path: Path) -> None:
+    # a slow filesystem must not stall the loop: the stat and reads run in a thread
+    import threading
+
+    cert = tmp_path / "c.pem"
+    cert.write_bytes(b"cert bytes")
+    threads: list[threading.Thread] = []
+    real = tls_termination.read_file_contents
+
+    def recording(paths: tuple[Path, ...], known: tls_termination.Stamp | None) -> object:
+        threads.append(threading.current_thread())
+        return real(paths, known)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tls_termination, "read_file_contents", recording)
+        read = await tls_termination.read_files((cert,), None)
+    assert read is not None and read.contents == (b"cert bytes",)
+    assert threads and threads[0] is not threading.current_thread()
+    with pytest.raises(FileNotFoundError):
+        await tls_termination.read_files((tmp_path / "missing.pem",), None)
