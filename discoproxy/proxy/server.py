@@ -539,24 +539,47 @@ def find_bind(bind: str, opened: Mapping[str, Sequence[_Bound]]) -> str | None:
     return None
 
 
-def _listening_sockets(infos: list[tuple[Any, ...]]) -> list[socket.socket]:
-    socks: list[socket.socket] = []
-    seen: set[tuple[Any, ...]] = set()
+async def open_bind(
+    bind: str, open_address: Callable[[int, int, int, tuple[Any, ...]], list[socket.socket]]
+) -> list[list[socket.socket]]:
+    """``bind`` resolved and each address it names (once) opened by ``open_address(family,
+    type, proto, sockaddr)``: one listening socket (one process) or a worker group. On a
+    failure what was opened is closed and :class:`ListenError` raised."""
+    host, port = parse_bind(bind)
+    family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
+    opened: list[list[socket.socket]] = []
     try:
-        for family, type_, proto, _, sockaddr in infos:
-            if (family, sockaddr) in seen:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host or None, port, family=family, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        seen: set[tuple[Any, ...]] = set()
+        for family_, type_, proto, _, sockaddr in infos:
+            if (family_, sockaddr) in seen:
                 continue
-            seen.add((family, sockaddr))
-            sock = listening_socket(family, type_, proto)
-            socks.append(sock)
-            sock.bind(sockaddr)
-            sock.listen(LISTEN_BACKLOG)
-            sock.setblocking(False)
+            seen.add((family_, sockaddr))
+            opened.append(open_address(family_, type_, proto, sockaddr))
+    except OSError as exc:
+        for socks in opened:
+            for sock in socks:
+                sock.close()
+        setting = 'bind = ["host:port"] (or serve --bind host:port) to listen elsewhere'
+        raise ListenError(format_addr((host, port)), port, setting, exc) from exc
+    return opened
+
+
+def _listening(
+    family: int, type_: int, proto: int, sockaddr: tuple[Any, ...]
+) -> list[socket.socket]:
+    """One process's listener on ``sockaddr``: one socket, bound, listening."""
+    sock = listening_socket(family, type_, proto)
+    try:
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
     except OSError:
-        for sock in socks:
-            sock.close()
+        sock.close()
         raise
-    return socks
+    return [sock]
 
 
 @owned_by(LOOP)
@@ -579,26 +602,11 @@ class BindListeners:
     async def open(self, bind: str) -> list[tuple[str, int]]:
         """Listen on ``bind``; the addresses bound. Raises :class:`ListenError`."""
         ctx = self._ctx
-        host, port = parse_bind(bind)
-        family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
-        where = format_addr((host, port))
         # a takeover's sockets for this bind, as the old process had them, or new ones
         inherited = ctx.inherited.take("bind", bind) if ctx.inherited is not None else None
-        if inherited is not None:
-            socks = [group[0] for group in inherited]
-        else:
-            try:
-                infos = await ctx.loop.getaddrinfo(
-                    host or None,
-                    port,
-                    family=family,
-                    type=socket.SOCK_STREAM,
-                    flags=socket.AI_PASSIVE,
-                )
-                socks = _listening_sockets(infos)
-            except OSError as exc:
-                setting = 'bind = ["host:port"] (or serve --bind host:port) to listen elsewhere'
-                raise ListenError(where, port, setting, exc) from exc
+        opened = inherited if inherited is not None else await open_bind(bind, _listening)
+        socks = [group[0] for group in opened]
+        port = parse_bind(bind)[1]
         fallback = ctx.config.fallbacks.get(bind)
         # labelled as configured; a port picked by the kernel (":0") by the address it got
         listeners = [

@@ -53,7 +53,6 @@ from discoproxy.proxy.channel import (
     one_way,
     socket_pair,
 )
-from discoproxy.proxy.listener import ListenError
 from discoproxy.proxy.stats import Histogram, RouteStats, Snapshot
 from discoproxy.proxy.takeover import Handed, port_name
 from discoproxy.proxy.tls_termination import read_files
@@ -202,42 +201,20 @@ class WorkerSet:
 
     async def open(self, bind: str) -> list[tuple[str, int]]:
         """Listen on ``bind`` with a group per address; each worker gets its socket."""
-        from discoproxy.proxy.server import listening_socket
+        from discoproxy.proxy.server import listening_socket, open_bind
 
-        host, port = parse_bind(bind)
-        family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
-        where = format_addr((host, port))
+        def open_address(
+            family: int, type_: int, proto: int, sockaddr: tuple[Any, ...]
+        ) -> list[socket.socket]:
+            make = partial(listening_socket, family, type_, proto)
+            address = (str(sockaddr[0]), int(sockaddr[1]))
+            return open_group(make, address, self.count, listen=True)
+
         # a takeover's groups for this bind, as the old process had them, or new ones
         opened = self.ctx.inherited.take("bind", bind) if self.ctx.inherited else None
         if opened is None:
-            opened = []
-            try:
-                infos = await asyncio.get_running_loop().getaddrinfo(
-                    host or None,
-                    port,
-                    family=family,
-                    type=socket.SOCK_STREAM,
-                    flags=socket.AI_PASSIVE,
-                )
-                seen: set[tuple[Any, ...]] = set()
-                for family_, type_, proto, _, sockaddr in infos:
-                    if (family_, sockaddr) in seen:
-                        continue
-                    seen.add((family_, sockaddr))
-                    opened.append(
-                        open_group(
-                            partial(listening_socket, family_, type_, proto),
-                            (str(sockaddr[0]), int(sockaddr[1])),
-                            self.count,
-                            listen=True,
-                        )
-                    )
-            except OSError as exc:
-                for socks in opened:
-                    for sock in socks:
-                        sock.close()
-                setting = 'bind = ["host:port"] (or serve --bind host:port) to listen elsewhere'
-                raise ListenError(where, port, setting, exc) from exc
+            opened = await open_bind(bind, open_address)
+        port = parse_bind(bind)[1]
         groups: list[_BindGroup] = []
         for socks in opened:
             address = socks[0].getsockname()[:2]
