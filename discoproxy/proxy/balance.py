@@ -11,8 +11,10 @@ Rules for this file:
   exactly one connection probes one (half-open), first.
 - Costs are on the connection's path and flat in pool size while no backend is down:
   ``round_robin`` walks a precomputed weighted schedule, ``random`` bisects cumulative
-  weights, ``least_connections`` takes the top of a heap keyed by (load, last touched)
-  that each pick, dial and close re-keys in O(log n) (ties rotate, as HAProxy's
+  weights, ``least_connections`` takes the first backend of the lowest load's group
+  (backends grouped by load, each group in the order its members were last touched; a
+  dial or a close moves one backend between groups: a few dict operations, and a bisect
+  of the sorted loads when a group appears or empties; ties rotate, as HAProxy's
   ``leastconn``: a backend just used goes behind its equals), and ``lowest_latency`` /
   ``fewest_players`` rotate over the best set, recomputed only when a check changes a
   number. With backends down, one scan of the pool builds the order.
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import heapq
 import math
 import random
 from collections import OrderedDict
@@ -101,12 +102,12 @@ class Backend:
         "index",
         "last_check",
         "last_error",
+        "load",
         "owner",
         "players",
         "retry_at",
         "retry_s",
         "rtt",
-        "seq",
         "weight",
     )
 
@@ -126,10 +127,10 @@ class Backend:
         self.players: int | None = None  # online players, from a minecraft check
         # the newest pool that holds it (a table swap that keeps the address shares the
         # backend with the old pool; the old one's connections still count here), its
-        # place there, and its least_connections heap key's tie-breaker
+        # place there, and its least_connections load group there (active / weight)
         self.owner: Pool | None = None
         self.index = 0
-        self.seq = 0
+        self.load = 0.0
 
     @property
     def down(self) -> bool:
@@ -161,12 +162,11 @@ class Pool:
         "_cursor",
         "_down",
         "_fast_pick",
-        "_heap",
-        "_heap_max",
+        "_levels",
+        "_loads",
         "_random",
         "_rotations",
         "_schedule",
-        "_seq",
         "_up_all",
         "backends",
         "by_address",
@@ -217,15 +217,15 @@ class Pool:
             tuple(addresses_in_order[i:] + addresses_in_order[:i])
             for i in range(len(addresses_in_order))
         ]
-        # least_connections: (load, seq, backend) entries, one valid per backend (its
-        # seq), stale ones dropped when they reach the top or at a compaction; the
-        # backends' dials and closes re-key them here, whichever pool counted them
+        # least_connections: the backends (weight > 0) grouped by load, each group a
+        # dict in the order its members were last touched, and the loads present,
+        # sorted; the backends' dials and closes move them here, whichever pool
+        # counted them (a backend reports to its newest pool, its owner)
         least = strategy is Balance.LEAST_CONNECTIONS
         for index, backend in enumerate(self.backends):
             backend.owner, backend.index = (self if least else None), index
-        self._heap: list[tuple[float, int, Backend]] = []
-        self._heap_max = 2 * len(self.backends) + 64
-        self._seq = 0
+        self._levels: dict[float, dict[Backend, None]] = {}
+        self._loads: list[float] = []
         # the pick while every backend is up (order's fast path), one per strategy
         self._fast_pick: Callable[[], int] = {
             Balance.FAILOVER: self._first,
@@ -241,7 +241,7 @@ class Pool:
         self._down = sum(1 for b in self.backends if b.down)
         self._best = None
         if self.strategy is Balance.LEAST_CONNECTIONS:
-            self._rebuild_heap()
+            self._rebuild_levels()
 
     def _first(self) -> int:
         return self._up_all[0]
@@ -256,37 +256,51 @@ class Pool:
     def _pick_all_up(self) -> int:
         return self._pick(self._up_all, None, 0.0)
 
-    def _rebuild_heap(self) -> None:
-        heap = []
+    def _rebuild_levels(self) -> None:
+        self._levels = {}
+        self._loads = []
         for backend in self.backends:
             if backend.weight and backend.owner is self:
-                self._seq += 1
-                backend.seq = self._seq
-                heap.append((backend.active / backend.weight, self._seq, backend))
-        heapq.heapify(heap)
-        self._heap = heap
+                self._enter(backend, backend.active / backend.weight)
+
+    def _enter(self, backend: Backend, load: float) -> None:
+        """least_connections: ``backend`` joins the end of its load's group."""
+        level = self._levels.get(load)
+        if level is None:
+            level = self._levels[load] = {}
+            bisect.insort(self._loads, load)
+        level[backend] = None
+        backend.load = load
 
     def _rekey(self, backend: Backend) -> None:
         """least_connections: ``backend``'s load changed; it goes behind the backends of
         equal load (a dial or a close touches it: ties rotate, as in HAProxy)."""
         weight = backend.weight
         if weight:
-            seq = self._seq = self._seq + 1
-            backend.seq = seq
-            heap = self._heap
-            heapq.heappush(heap, (backend.active / weight, seq, backend))
-            if len(heap) > self._heap_max:
-                self._rebuild_heap()
+            levels = self._levels
+            load = backend.load
+            left = levels[load]
+            del left[backend]
+            if not left:
+                del levels[load]
+                loads = self._loads
+                del loads[bisect.bisect_left(loads, load)]
+            load = backend.load = backend.active / weight
+            joined = levels.get(load)  # _enter, inline: twice per connection
+            if joined is None:
+                joined = levels[load] = {}
+                bisect.insort(self._loads, load)
+            joined[backend] = None
 
     def _least_loaded(self) -> int:
-        """The top of the heap: least load, and among equals the longest untouched."""
-        heap = self._heap
-        while heap:
-            entry = heap[0]
-            backend = entry[2]
-            if backend.seq == entry[1] and backend.owner is self:
-                return backend.index
-            heapq.heappop(heap)
+        """The first of the lowest load's group: least load, and among equals the
+        longest untouched."""
+        loads = self._loads
+        if loads:
+            for backend in self._levels[loads[0]]:
+                if backend.owner is self:
+                    return backend.index
+                break
         return self._least(self._up_all, _load)  # backends taken over by a newer pool
 
     # -- choosing ---------------------------------------------------------------------

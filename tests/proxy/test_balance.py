@@ -94,7 +94,8 @@ def test_least_connections_picks_the_least_loaded_and_ties_rotate() -> None:
 def test_least_connections_always_picks_a_least_loaded_backend(
     weights: list[int], steps: list[tuple[str, int]]
 ) -> None:
-    """The heap agrees with a scan of the pool, whatever the picks and closes."""
+    """The load groups agree with a scan of the pool, whatever the picks and closes, and
+    hold no empty group (one group per load present: bounded by the pool's size)."""
     addresses = [(f"10.0.1.{i}", 25565) for i in range(len(weights))]
     p = Pool(
         [(h, port, w) for (h, port), w in zip(addresses, weights, strict=True)],
@@ -112,6 +113,8 @@ def test_least_connections_always_picks_a_least_loaded_backend(
             open_on.append(first)
         elif open_on:
             p.done(open_on.pop(n % len(open_on)))
+        assert sorted(p._levels) == p._loads and all(p._levels.values())
+        assert sum(map(len, p._levels.values())) == sum(1 for b in p.backends if b.weight)
 
 
 def test_least_connections_hears_of_closes_counted_by_the_pool_a_reload_replaced() -> None:
