@@ -469,7 +469,7 @@ async def _serve(
                 logger.info(
                     "{} received: no new connections; open ones get up to {}s",
                     signal.Signals(signum).name,
-                    config.shutdown_timeout,
+                    ctx.config.shutdown_timeout,
                 )
                 tg.cancel_scope.cancel()
                 break

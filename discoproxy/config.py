@@ -257,7 +257,9 @@ class ProxyConfig(BaseModel):
     )
     receive_proxy_protocol: bool = Field(
         default=False,
-        description="Expect a PROXY v1/v2 header from trusted_proxies on every connection.",
+        description="Expect a PROXY v1/v2 header from trusted_proxies on every TCP "
+        "connection (port routes too, read before the dial); UDP datagrams are judged by "
+        "their own source address.",
     )
     # No default trust: a PROXY header sets the address ip_filter, bans and rate limits
     # judge, so trusting everyone must be written out (as Traefik wants trustedIPs or

@@ -128,7 +128,8 @@ _HTTP = Sniffed.HTTP
 _TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
     # accepted → dialing: a port route forwards at once, without reading a name
     ACCEPTED: frozenset({PROXY_HEADER, SNIFFING, DIALING, CLOSED}),
-    PROXY_HEADER: frozenset({SNIFFING, CLOSED}),
+    # proxy header → dialing: a port route behind a trusted balancer, the header read
+    PROXY_HEADER: frozenset({SNIFFING, DIALING, CLOSED}),
     SNIFFING: frozenset({ANSWERING, DIALING, WAKING, TERMINATING, CLOSED}),
     TERMINATING: frozenset({CLOSED}),
     ANSWERING: frozenset({CLOSED}),
@@ -316,15 +317,37 @@ class ClientConnection:
 
     def start_port(self, route: Route) -> None:
         """Accepted on a port route: dial its backend at once, reading nothing first, so
-        protocols where the server speaks first work."""
+        protocols where the server speaks first work. From a trusted balancer (with
+        ``receive_proxy_protocol``) its PROXY header is read first: the real client is
+        the one the guard judges and the backend's own PROXY header names."""
         if not self._admit():
             return
         self.route = route
-        self.route_stats = self.ctx.stats.route(route.qualified_id)
-        guarded = not self.ctx.guard.idle or route.ip_filter is not None
+        ctx = self.ctx
+        self.route_stats = ctx.stats.route(route.qualified_id)
+        if ctx.config.receive_proxy_protocol and ctx.is_trusted(self.client_addr):
+            self._move(PROXY_HEADER)
+            self._read_prefix()  # then _advance: _dial_port once the header is in
+            if self.state is PROXY_HEADER:
+                ctx.handshaking.add(self)  # the header within handshake_timeout
+            return
+        guarded = not ctx.guard.idle or route.ip_filter is not None
         if guarded and not (self._guard_address() and self._guard_checks(None, route)):
             return
         self._move(DIALING)
+        self._dial_next()
+
+    def _dial_port(self, route: Route) -> None:
+        """A port route's PROXY header is read (the global guard steps done): the routed
+        ones, then the dial; what the client sent after the header goes first."""
+        ctx = self.ctx
+        ctx.handshaking.discard(self)
+        guarded = not ctx.guard.idle or route.ip_filter is not None
+        if guarded and not self._guard_checks(None, route):
+            return
+        self._move(DIALING)
+        if self.cmask > 0:
+            self.sync_events()  # stop reading the client until the backend is up
         self._dial_next()
 
     def start(self) -> None:
@@ -508,6 +531,9 @@ class ClientConnection:
             if header.command == "PROXY" and header.source is not None:
                 self.client_addr = header.source
             if not self.ctx.guard.idle and not self._guard_address():
+                return
+            if self.route is not None:  # a port route: nothing to sniff
+                self._dial_port(self.route)
                 return
             self._move(SNIFFING)
             if not buffer:

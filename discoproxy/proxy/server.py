@@ -664,6 +664,11 @@ RESTART_ONLY = (
     "webhooks",
     "workers",
     "takeover_socket",
+    # the port-route listeners stay bound where they were opened (a reload would move
+    # only those opened after it), and so do their UDP socket buffers
+    "port_routes_bind",
+    "recv_buffer_size",
+    "send_buffer_size",
 )
 
 
@@ -854,7 +859,7 @@ async def run_proxy(
             with anyio.CancelScope(shield=True):
                 try:
                     if ctx.reactor.alive:
-                        await ctx.drain(config.shutdown_timeout)
+                        await ctx.drain(ctx.config.shutdown_timeout)  # as last reloaded
                 finally:
                     ctx.tasks.stop()  # what connections still asked of the loop
                     await ctx.reactor.stop()

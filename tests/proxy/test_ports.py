@@ -20,9 +20,17 @@ from discoproxy.model import PortMapping, ServerDefinition
 from discoproxy.protocol.errors import NeedData
 from discoproxy.protocol.proxy_protocol import ProxyHeader, parse_proxy_header
 from discoproxy.proxy.names import NAME_FAILURE_TTL_S, NameCache
-from discoproxy.proxy.server import ProxyContext
+from discoproxy.proxy.server import ProxyContext, reconfigure
 from discoproxy.routing import build_table
-from tests.proxy.helpers import Backend, RunningProxy, backend, receive_all, running_proxy, server
+from tests.proxy.helpers import (
+    Backend,
+    RunningProxy,
+    backend,
+    echo,
+    receive_all,
+    running_proxy,
+    server,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -203,6 +211,88 @@ async def test_tcp_port_routes_send_a_proxy_v2_header_with_the_client() -> None:
                 local = stream.extra(anyio.abc.SocketAttribute.local_port)
     assert headers[-1].source == ("127.0.0.1", local)  # [0] is wait_port's probe
     assert headers[-1].destination == ("127.0.0.1", port)
+
+
+async def test_a_port_route_behind_a_trusted_balancer_reads_its_proxy_header() -> None:
+    """With receive_proxy_protocol, a port route's connection from trusted_proxies starts
+    with the balancer's PROXY header: the guard judges the client it names (a denied one
+    is refused), the header is not passed on as data, and the backend's own header (with
+    send_proxy_protocol) names that client, with what the client sent after it intact."""
+    port = free_ports(1)
+    headers: list[ProxyHeader] = []
+    data: list[bytes] = []
+
+    async def reader(stream: SocketStream, info: Backend) -> None:
+        buffer = bytearray()
+        while isinstance(header := parse_proxy_header(buffer), NeedData):
+            buffer += await stream.receive()
+        assert isinstance(header, ProxyHeader)
+        headers.append(header)
+        rest = bytes(buffer[header.length :])
+        while len(rest) < 5:
+            rest += await stream.receive()
+        data.append(rest)
+        await stream.send(b"ok")
+
+    def balanced(client: str, source_port: int) -> bytes:
+        return f"PROXY TCP4 {client} 127.0.0.1 {source_port} {port}\r\n".encode()
+
+    async with backend(reader) as info:
+        route = server(
+            "p", addresses=[info.address], ports=[f"{port}:{info.port}/tcp"],
+            send_proxy_protocol=True,
+        )  # fmt: skip
+        settings = {
+            "receive_proxy_protocol": True,
+            "trusted_proxies": ["127.0.0.0/8"],
+            "ip_filter": {"deny": ["203.0.113.0/24"]},
+        }
+        async with running_proxy([route], **settings) as _:
+            await wait_port(port)  # no header: closed unrouted
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+            async with stream:
+                await stream.send(balanced("198.51.100.7", 40000) + b"hello")
+                assert await receive_all(stream) == b"ok"
+            denied = await anyio.connect_tcp("127.0.0.1", port)
+            async with denied:
+                await denied.send(balanced("203.0.113.9", 40001) + b"hello")
+                assert await receive_all(denied) == b""  # closed, the backend never dialed
+    assert [h.source for h in headers] == [("198.51.100.7", 40000)]
+    assert data == [b"hello"]
+
+
+async def test_a_reload_names_port_routes_bind_as_restart_only_and_drains_as_reloaded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The port listeners stay where they were bound, so a new port_routes_bind (or UDP
+    buffer size) is reported as not applied and kept out of the config in force, while
+    a new shutdown_timeout is what the shutdown's drain then gets."""
+    port = free_ports(1)
+    grace: list[float] = []
+    async with backend(echo) as info:
+        route = server("p", addresses=[info.address], ports=[f"{port}:{info.port}/tcp"])
+        async with running_proxy([route], port_routes_bind="127.0.0.1") as proxy:
+            await wait_port(port)
+            ctx = proxy.ctx
+            new = ctx.config.model_copy(
+                update={"port_routes_bind": "0.0.0.0", "recv_buffer_size": 1 << 20,
+                        "shutdown_timeout": 0.5}
+            )  # fmt: skip
+            problems = await reconfigure(ctx, new)
+            assert problems == [
+                "port_routes_bind changed: it takes effect at the next restart",
+                "recv_buffer_size changed: it takes effect at the next restart",
+            ]
+            assert (ctx.config.port_routes_bind, ctx.config.recv_buffer_size) == ("127.0.0.1", 0)
+            assert ctx.config.shutdown_timeout == 0.5
+            drain = ctx.drain
+
+            async def recorded(grace_period: float) -> None:
+                grace.append(grace_period)
+                await drain(grace_period)
+
+            monkeypatch.setattr(ctx, "drain", recorded)
+    assert grace == [0.5]
 
 
 # -- UDP --------------------------------------------------------------------------------
