@@ -597,12 +597,9 @@ class LabelProblem:
 def unknown_label(name: str, prefix: str, key: str) -> LabelProblem:
     close = difflib.get_close_matches(key, list(LABELS_BY_KEY), n=1)
     hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
-    return LabelProblem(
-        name,
-        f"{prefix}.{key}",
-        f"unknown label, ignored{hint}; known: {_KNOWN_LABELS}",
-        dropped=False,
-    )
+    # refused, not ignored: a mistyped rule (ip_filter.alow) would route the container
+    # without the rule it meant
+    return LabelProblem(name, f"{prefix}.{key}", f"unknown label{hint}; known: {_KNOWN_LABELS}")
 
 
 # -- docs ---------------------------------------------------------------------------------
@@ -771,7 +768,9 @@ def labels_markdown(prefix: str = DEFAULT_LABEL_PREFIX) -> str:
         "not routed",
         "```",
         "",
-        f"Unknown `{p}.*` labels are warned about (with the closest known label) and ignored.",
+        f"An unknown `{p}.*` label is refused like a bad value (the container is not routed,",
+        "the problem names the closest known label): a mistyped rule such as",
+        f"`{p}.ip_filter.alow` would otherwise route it without the rule it meant.",
         "Two containers claiming one domain are a conflict: the registry routes it to the",
         "first qualified id in sort order and logs the conflict.",
         "",

@@ -108,11 +108,8 @@ def translate(
         spec = _BY_LABEL.get(key[len(PREFIX) :])
         if spec is None:
             known = ", ".join(PREFIX + s.label for s in LABELS)
-            problems.append(
-                LabelProblem(
-                    name, key, f"unknown mc-router label (known: {known}); ignored", dropped=False
-                )
-            )
+            # refused, as unknown discoproxy labels are: not guessed around
+            problems.append(LabelProblem(name, key, f"unknown mc-router label (known: {known})"))
             continue
         try:
             value = spec.convert(key, str(raw))

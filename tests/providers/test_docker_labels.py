@@ -218,15 +218,16 @@ def test_every_bad_label_of_a_container_is_reported() -> None:
     ]  # domains are validated once the labels parse; a fix shows the next problem
 
 
-def test_an_unknown_label_is_a_warning_with_the_closest_known_label() -> None:
+def test_an_unknown_label_is_refused_with_the_closest_known_label() -> None:
     labels = {"infrarust.domains": "mc.example.com", "infrarust.send_proxy_protcol": "true"}
-    result = servers_from_containers([container("mc-1", labels)], DockerSettings())
-    assert [s.id for s in result.servers] == ["mc-1"]
+    fine = container("mc-2", {"infrarust.domains": "two.example.com"})
+    result = servers_from_containers([container("mc-1", labels), fine], DockerSettings())
+    assert [s.id for s in result.servers] == ["mc-2"]  # mc-1 is not routed, mc-2 is
     assert result.problems == (
         LabelProblem(
             "mc-1",
             "infrarust.send_proxy_protcol",
-            "unknown label, ignored (did you mean infrarust.send_proxy_protocol?); known: "
+            "unknown label (did you mean infrarust.send_proxy_protocol?); known: "
             "enable, domains, port, docker_network, proxy_mode, send_proxy_protocol, name, "
             "default, ports, ip_filter.allow, ip_filter.deny, players.allow, players.deny, "
             "wake.allow, max_players, tls.cert, tls.key, tls.backend_tls, "
@@ -237,7 +238,6 @@ def test_an_unknown_label_is_a_warning_with_the_closest_known_label() -> None:
             "health_check.fall, health_check.http_path, health_check.http_status, sticky_ttl, "
             "motds.{online,unreachable,starting,sleeping}"
             ".{text,version_name,max_players,online_players,favicon}",
-            dropped=False,
         ),
     )
 

@@ -84,11 +84,13 @@ def test_mc_router_and_infrarust_containers_route_side_by_side() -> None:
     }
 
 
-def test_an_unknown_mc_router_label_is_warned_not_fatal() -> None:
+def test_an_unknown_mc_router_label_is_refused() -> None:
     servers, problems = scan(
-        container("a", {"mc-router.host": "a.example.com", "mc-router.hots": "x"})
+        container("a", {"mc-router.host": "a.example.com", "mc-router.hots": "x"}),
+        container("b", {"mc-router.host": "b.example.com"}),
     )
-    assert len(servers) == 1 and "unknown mc-router label" in problems[0]
+    assert [s.id for s in servers] == ["b"]  # the others are routed
+    assert len(problems) == 1 and "label mc-router.hots: unknown mc-router label" in problems[0]
 
 
 def test_events_of_mc_router_containers_resync() -> None:
