@@ -287,7 +287,10 @@ class ProxyConfig(BaseModel):
         default=30.0, description="On SIGTERM/SIGINT, how long open connections may finish."
     )
     max_connections: int = Field(
-        default=20000, ge=0, description="Concurrent client connections; 0 = unlimited."
+        default=20000,
+        ge=0,
+        description="Concurrent client connections; 0 = unlimited. Per worker process with "
+        "workers above 1 (each process's descriptors), as HAProxy's per-process maxconn.",
     )
     max_connections_per_ip: int = Field(
         default=0, ge=0, description="Concurrent connections per client IP; 0 = unlimited."
@@ -405,7 +408,10 @@ class ProxyConfig(BaseModel):
         default=60.0, description="A UDP session (one client address) ends after this silence."
     )
     udp_max_sessions: int = Field(
-        default=10000, ge=0, description="UDP sessions open at once overall; 0 = unlimited."
+        default=10000,
+        ge=0,
+        description="UDP sessions open at once; 0 = unlimited. Per worker process with "
+        "workers above 1.",
     )
     udp_per_ip_packets_per_s: float = Field(
         default=0, ge=0, description="Datagrams per second one client IP may send; 0 = no limit."

@@ -271,7 +271,8 @@ class ClientConnection:
         self._ip_key: str | None = None  # counted in max_connections_per_ip
         self._guarded = False  # bans, rate budget and server filter checked
         self._player = False
-        self._players_in: RouteStats | None = None  # the stats its login is counted in
+        # the stats its login is counted in, and that route's id (workers: shared counts)
+        self._players_in: tuple[RouteStats, str] | None = None
         self._announced = False  # player_connected went out (player_disconnected will)
         self.player: str | None = None  # a Minecraft login's username, from Login Start
         self._proxy_header: ProxyHeader | None = None
@@ -450,7 +451,10 @@ class ClientConnection:
         players_in = self._players_in
         if players_in is not None:
             self._players_in = None
-            players_in.players -= 1
+            route_stats, qid = players_in
+            route_stats.players -= 1
+            if ctx.shared_players is not None:
+                ctx.shared_players.publish(qid, route_stats.players)
         if self._player and self.route is not None:
             self._player = False
             ctx.waker.player_left(self.route.qualified_id)
@@ -774,15 +778,27 @@ class ClientConnection:
         elif server.sleeping and server.wake.allow and username not in server.wake.allow:
             text = config.wake_not_allowed_message
             refusal = Refusal(Rejection.WAKE_NOT_ALLOWED, f"player {username} may not wake it")
-        elif server.max_players and route_stats.players >= server.max_players:
+        elif server.max_players and self._players_of(route, route_stats) >= server.max_players:
             text = config.server_full_message.replace("{max_players}", str(server.max_players))
             refusal = Refusal(Rejection.SERVER_FULL, f"full ({server.max_players} players)")
         if refusal is not None:
             self._refused(refusal, True, self._message(text))
             return False
         route_stats.players += 1
-        self._players_in = route_stats
+        qid = route.qualified_id
+        self._players_in = (route_stats, qid)
+        shared = self.ctx.shared_players
+        if shared is not None:
+            shared.publish(qid, route_stats.players)
         return True
+
+    def _players_of(self, route: Route, route_stats: RouteStats) -> int:
+        """Players of ``route`` through this proxy: this data plane's, plus the other
+        workers' (``workers = N``: the shared counts, player_counts.py)."""
+        shared = self.ctx.shared_players
+        if shared is None:
+            return route_stats.players
+        return shared.total(route.qualified_id, route_stats.players)
 
     def _refused(self, refusal: Refusal, login: bool = False, text: str = "") -> None:
         """Refuse this connection: a Minecraft login reads ``text`` in a Disconnect."""

@@ -49,6 +49,7 @@ from discoproxy.proxy.connection import ClientConnection, ConnState
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener, ListenError
 from discoproxy.proxy.names import NameCache
 from discoproxy.proxy.planes import EventOutbox, LoopTasks, TaskHandle, TaskOwner
+from discoproxy.proxy.player_counts import PlayerCounts
 from discoproxy.proxy.ports import (
     UDP_SWEEP_S,
     PortListeners,
@@ -210,6 +211,8 @@ class ProxyContext:
         self.names = NameCache()
         self.stats = DataPlaneStats()  # reactor thread; read through metrics.take_snapshot
         self.pools = Pools()  # reactor thread: each route's balancing and backend health
+        # workers = N: every worker's players per capped route (reactor thread; None alone)
+        self.shared_players: PlayerCounts | None = None
         self.health = HealthChecker(self)  # loop: active checks, verdicts to the pools
         self.binds = BindListeners(self)
         self._derive(config)

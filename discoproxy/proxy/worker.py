@@ -29,6 +29,7 @@ from loguru import logger
 
 from discoproxy.guard import BanList
 from discoproxy.proxy.channel import Channel, ChannelError, TableDecoder
+from discoproxy.proxy.player_counts import PlayerCounts
 from discoproxy.proxy.ports import UDP_SWEEP_S, sweep_udp
 from discoproxy.proxy.reactor import Reactor
 from discoproxy.proxy.server import ProxyContext
@@ -148,6 +149,13 @@ class Worker:
         elif kind == "port":
             (fd,) = fds
             ctx.ports.inherit(payload, socket.socket(fileno=fd))
+        elif kind == "players":  # the capped routes' slots, before the table that needs them
+            slots: dict[str, int] = payload
+            shared = ctx.shared_players
+            assert shared is not None
+            await ctx.reactor.run(
+                lambda: shared.adopt(slots, {q: s.players for q, s in ctx.stats.routes.items()})
+            )
         elif kind == "table":
             table = self._tables.decode(*payload)
             ctx.registry.install(table)
@@ -206,6 +214,7 @@ class Worker:
         # ids unique over the workers and over restarts: index + 1 + count * k
         ctx.number_ids(init.generation * 1_000_000_000 * init.count + init.index + 1, init.count)
         ctx.ports.inherited = {}
+        ctx.shared_players = PlayerCounts(fds.pop(), init.count, init.index)  # the last fd
         ctx.loop = asyncio.get_running_loop()
         ctx.reactor = Reactor()
         ctx.reactor.call(ctx.start_sweeps)

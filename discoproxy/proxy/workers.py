@@ -53,6 +53,7 @@ from discoproxy.proxy.channel import (
     one_way,
     socket_pair,
 )
+from discoproxy.proxy.player_counts import PlayerSlots
 from discoproxy.proxy.stats import Histogram, RouteStats, Snapshot
 from discoproxy.proxy.takeover import Handed, port_name
 from discoproxy.proxy.tls_termination import read_files
@@ -86,7 +87,8 @@ def worker_count(config: ProxyConfig) -> int:
 
 @dataclass(frozen=True)
 class WorkerInit:
-    """What a new worker gets first (its bind sockets ride along as fds, in order)."""
+    """What a new worker gets first (its bind sockets ride along as fds, in order, then
+    the shared player counts' memfd, player_counts.py)."""
 
     index: int
     count: int
@@ -164,6 +166,7 @@ class WorkerSet:
         self.bans = BanList()  # the list in force, for a worker that (re)starts
         self._tables = TableEncoder()  # each server crosses once
         self._tls: tuple[RoutingTable | None, set[Path]] = (None, set())  # files workers may ask
+        self.players = PlayerSlots(count)  # max_players over every worker
 
     # -- state -------------------------------------------------------------------------
 
@@ -295,6 +298,9 @@ class WorkerSet:
             self._port_failed.pop(key, None)
             for worker in self.workers:
                 self._post(worker, "port", key, [self._ports[key][worker.index].fileno()])
+        slots = self.players.update(_capped(table))
+        if slots is not None:  # before the table: a worker knows a route's slot first
+            self._post_all("players", slots)
         skeleton, new = self._tables.encode(table)
         self._post_all("table", (skeleton, new))
         for key in sorted(set(self._ports) - wanted):
@@ -466,9 +472,11 @@ class WorkerSet:
             ctx.config.log_level,
             ctx.config.log_format,
         )
+        fds = [*fds, self.players.fd]
         out = [(one_way("init", init), [os.dup(fd) for fd in fds])]
         for key, socks in self._ports.items():
             out.append((one_way("port", key), [os.dup(socks[worker.index].fileno())]))
+        out.append((one_way("players", dict(self.players.slots)), []))
         skeleton, _ = self._tables.encode(ctx.registry.table)
         out.append((one_way("table", (skeleton, self._tables.everything())), []))
         out.append((one_way("bans", self.bans), []))
@@ -478,6 +486,7 @@ class WorkerSet:
         backoff = RESTART_BACKOFF_S
         while True:
             code = await self._run_once(worker, first)
+            self.players.clear_row(worker.index)  # its players went with it
             if self._stopping:
                 return
             lived = time.monotonic() - worker.started
@@ -684,6 +693,11 @@ def merge_snapshots(snaps: Sequence[Snapshot], connections: int = 0) -> Snapshot
     merged.connections.sort(key=lambda c: -c.age_s)
     del merged.connections[connections:]
     return merged
+
+
+def _capped(table: RoutingTable) -> list[str]:
+    """The routes whose players are limited (``max_players``): they get shared counts."""
+    return [qid for qid, route in table.by_id.items() if route.server.max_players]
 
 
 def _tls_files(table: RoutingTable) -> set[Path]:

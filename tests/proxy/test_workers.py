@@ -177,6 +177,43 @@ def test_max_connections_per_ip_holds_across_workers(tmp_path: Path) -> None:
             sock.close()
 
 
+def test_max_players_holds_across_workers_and_a_dead_workers_players_leave(
+    tmp_path: Path,
+) -> None:
+    """max_players = 1 with the one login held on worker 1: a login steered to worker 0
+    is refused (the counts are shared); once that player leaves, and again once worker 1
+    dies with a player, a login through worker 0 gets in."""
+    with (
+        serving(_Echo) as port,
+        running_proxy(tmp_path, mc(port, "max_players = 1\n"), "workers = 2\n") as proxy,
+    ):
+        proxy.wait_for_line("worker 1 ready")
+        held = dial(proxy, ON[1][0])
+        assert echoes(held)
+        with dial(proxy, ON[0][0]) as second:
+            assert not echoes(second), "a second player got in through the other worker"
+        proxy.wait_for_line(r"refused: full \(1 players\)")
+        held.close()
+
+        def gets_in(ip: str) -> bool:
+            with dial(proxy, ip) as sock:
+                return echoes(sock)
+
+        wait_until(lambda: gets_in(ON[0][0]))
+        held = dial(proxy, ON[1][0])
+        deadline = time.monotonic() + 10
+        while not echoes(held):  # until worker 0 has counted its player out
+            assert time.monotonic() < deadline, "worker 0 kept its player counted"
+            held.close()
+            time.sleep(0.05)
+            held = dial(proxy, ON[1][0])
+        pids = {w["index"]: w["pid"] for w in api(proxy, "/api/workers")["workers"]}
+        os.kill(pids[1], signal.SIGKILL)
+        proxy.wait_for_line(r"worker 1 \(pid \d+\) exited with signal SIGKILL")
+        wait_until(lambda: gets_in(ON[0][0]))  # its player's count went with it
+        held.close()
+
+
 def test_the_rate_budget_holds_across_workers(tmp_path: Path) -> None:
     config = "workers = 2\n[rate_limit]\nconnections = 3\nwindow = 60\n"
     with serving(_Echo) as port, running_proxy(tmp_path, mc(port), config) as proxy:
