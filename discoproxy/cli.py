@@ -48,7 +48,13 @@ from discoproxy.provider import (
 from discoproxy.proxy.listener import ListenError
 from discoproxy.proxy.takeover import READY_TIMEOUT_S as TAKEOVER_READY_TIMEOUT_S
 from discoproxy.proxy.takeover import TakeoverError
-from discoproxy.routing import Registry, RoutingTable, SnapshotInbox, build_table
+from discoproxy.routing import (
+    Registry,
+    RoutingTable,
+    SnapshotInbox,
+    build_table,
+    missing_fallbacks,
+)
 from discoproxy.wake import ServerControl
 
 if TYPE_CHECKING:
@@ -150,6 +156,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     failed = any(line.startswith("error:") for line in reports)
     for conflict in table.conflicts:
         print(f"warning: route conflict: {conflict}", file=sys.stderr)
+    for line in missing_fallbacks(config.fallbacks, table).values():
+        print(f"warning: {line}", file=sys.stderr)
     counts = f"{len(config.bind)} listeners, {len(table)} servers"
     if failed:  # the last line is the verdict, and says what the exit code says
         errors = sum(1 for line in reports if line.startswith("error:"))

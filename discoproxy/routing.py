@@ -166,6 +166,18 @@ class RoutingTable:
         return self._names.get(id(route), ())
 
 
+def missing_fallbacks(fallbacks: Mapping[str, str], table: RoutingTable) -> dict[str, str]:
+    """Each listener catch-all (``fallbacks``: bind entry → qualified id) whose server
+    the table lacks, as a sentence: its connections fall through to the default then.
+    Not an error (the server may come with a container later), but never silent."""
+    return {
+        bind: f"fallbacks: {bind!r} names {qid!r}, which no provider serves now: "
+        "connections there that match no name go to the default server"
+        for bind, qid in sorted(fallbacks.items())
+        if qid not in table.by_id
+    }
+
+
 def build_table(servers_by_provider: Mapping[str, Iterable[ServerDefinition]]) -> RoutingTable:
     """Merge every provider's servers into one table, resolving conflicts deterministically."""
     routes: list[Route] = []

@@ -45,6 +45,25 @@ def test_check_accepts_a_valid_setup(project: Path, capsys: pytest.CaptureFixtur
     )
 
 
+def test_check_warns_of_a_fallback_no_provider_serves(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = project / "discoproxy.toml"
+    config.write_text(
+        config.read_text() + 'bind = ["0.0.0.0:25565"]\n'
+        '[fallbacks]\n"0.0.0.0:25565" = "survival@file"\n'
+    )
+    _, _, err = run(["check", "--config", str(config)], capsys)
+    assert "no provider serves now" not in err
+    config.write_text(config.read_text().replace("survival@file", "survivl@file"))
+    code, _, err = run(["check", "--config", str(config)], capsys)
+    assert code == 0  # the server may come later: a warning, not an error
+    assert (
+        "warning: fallbacks: '0.0.0.0:25565' names 'survivl@file', which no provider serves now"
+        in err
+    )
+
+
 def test_check_fails_on_a_bad_server_file(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -63,7 +63,7 @@ from discoproxy.proxy.stats import DataPlaneStats, Snapshot, take_snapshot, take
 from discoproxy.proxy.takeover import Handed, Inherited
 from discoproxy.proxy.tls_termination import CertStore
 from discoproxy.rejections import Rejection
-from discoproxy.routing import Registry, RoutingTable
+from discoproxy.routing import Registry, RoutingTable, missing_fallbacks
 from discoproxy.status import StatusService
 from discoproxy.wake import ServerControl, Waker
 from discoproxy.webhooks import Webhooks
@@ -215,6 +215,7 @@ class ProxyContext:
         self.shared_players: PlayerCounts | None = None
         self.health = HealthChecker(self)  # loop: active checks, verdicts to the pools
         self.binds = BindListeners(self)
+        self._fallbacks_missing: dict[str, str] = {}  # note_fallbacks' last warnings
         self._derive(config)
 
     def _derive(self, config: ProxyConfig) -> None:
@@ -226,6 +227,18 @@ class ProxyContext:
         logs_info = logger.level(config.log_level).no <= logger.level("INFO").no
         self.logs_info = logs_info
         self._access = AccessLog(config.log_format, worker=self.worker) if logs_info else None
+
+    @on_loop
+    def note_fallbacks(self, table: RoutingTable) -> None:
+        """A registry listener: warn when a listener's catch-all names a server the table
+        lacks (once, until it is back), and when it is back."""
+        missing = missing_fallbacks(self.config.fallbacks, table)
+        for bind, line in missing.items():
+            if bind not in self._fallbacks_missing:
+                logger.warning(line)
+        for bind in self._fallbacks_missing.keys() - missing.keys():
+            logger.info("fallbacks: {!r}'s catch-all is served again", bind)
+        self._fallbacks_missing = missing
 
     @on_reactor
     def apply_config(
@@ -713,6 +726,7 @@ async def reconfigure(ctx: ProxyContext, config: ProxyConfig) -> list[str]:
         listeners = ctx.binds.listeners()
         await ctx.reactor.run(lambda: ctx.apply_config(config, listeners))
     ctx.status.config = config  # the status service is the loop's
+    ctx.note_fallbacks(ctx.registry.table)  # the new fallbacks against today's table
     logger.info(
         "config reloaded: {} listeners ({} opened, {} closed){}",
         len(binds.binds),
@@ -838,6 +852,8 @@ async def run_proxy(
                     registry.add_listener(ctx.prune_stats)
                 registry.add_listener(ctx.status.table_changed)
                 registry.add_listener(ctx.waker.table_changed)
+                ctx.note_fallbacks(registry.table)
+                registry.add_listener(ctx.note_fallbacks)
                 ctx.health.table_changed(registry.table)
                 registry.add_listener(ctx.health.table_changed)
                 tg.start_soon(ctx.health.run)

@@ -27,6 +27,7 @@ from tests.proxy.helpers import (
     running_proxy,
     server,
 )
+from tests.support import captured_logs
 
 pytestmark = pytest.mark.anyio
 
@@ -203,6 +204,24 @@ async def test_a_listener_fallback_comes_before_the_global_default() -> None:
                 await stream.send(b"GET / HTTP/1.1\r\nHost: nope.example.com\r\n\r\n")
                 with anyio.fail_after(5):
                     assert await stream.receive() == b"default"
+
+
+async def test_a_fallback_naming_an_absent_server_is_warned_about_until_it_comes() -> None:
+    """A catch-all naming a server no provider serves (a typo, or a container not up yet)
+    is not an error, but never silent: warned at start, logged when it is served."""
+    settings = {"fallbacks": {"127.0.0.1:0": "web@test"}}
+    with captured_logs() as lines:
+        async with running_proxy([], **settings) as proxy:
+            assert any(
+                "fallbacks: '127.0.0.1:0' names 'web@test', which no provider serves now" in line
+                for line in lines
+            ), lines
+            web = server("web", "web.example.com", addresses=["127.0.0.1:1"])
+            proxy.registry.apply_snapshot("test", [web])
+            with anyio.fail_after(5):
+                while not any("'127.0.0.1:0''s catch-all is served again" in x for x in lines):
+                    await anyio.sleep(0.01)
+    assert sum("no provider serves now" in line for line in lines) == 1  # once, not per table
 
 
 def test_fallbacks_must_name_a_bind_address_and_a_qualified_id() -> None:
