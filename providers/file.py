@@ -89,6 +89,21 @@ def validate_server(data: dict[str, Any], path: Path) -> tuple[ServerDefinition,
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}", str(path)) from None
     server = validate_document(ServerDefinition, data, path)
+    waking = [
+        key
+        for key, set_ in (
+            ("auto_start", server.auto_start),
+            ("auto_stop_after", bool(server.auto_stop_after)),
+            ("wake.allow", bool(server.wake.allow)),
+        )
+        if set_
+    ]
+    if waking:  # only the docker provider starts and stops what it routes
+        warnings.append(
+            f"{', '.join(waking)}: has no effect here: discoproxy starts and stops only "
+            "Docker containers and Swarm services (labels); this server is routed while its "
+            "addresses answer"
+        )
     return server, [f"{path}: {warning}" for warning in warnings]
 
 

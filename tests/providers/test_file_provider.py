@@ -295,3 +295,24 @@ def test_fields_only_a_provider_sets_are_refused_in_a_server_file(
     key = line.split(" ", 1)[0]
     with pytest.raises(ConfigError, match=f"{key}: set by the provider"):
         load_server_file(path)
+
+
+def test_wake_keys_in_a_server_file_are_warned_as_having_no_effect(tmp_path: Path) -> None:
+    """Only the Docker and Swarm providers start and stop servers: auto_start in a file is
+    loaded (the server still routes) with a warning naming the file and the keys."""
+    from providers.file import load_server_file_warned
+
+    path = tmp_path / "game.toml"
+    path.write_text('domains = ["game.example.com"]\naddresses = ["10.0.0.1"]\n')
+    assert load_server_file_warned(path)[1] == []
+    path.write_text(
+        'domains = ["game.example.com"]\naddresses = ["10.0.0.1"]\n'
+        'auto_start = true\nauto_stop_after = 600\n[wake]\nallow = ["Steve"]\n'
+    )
+    server, warnings = load_server_file_warned(path)
+    assert server.auto_start
+    assert warnings == [
+        f"{path}: auto_start, auto_stop_after, wake.allow: has no effect here: discoproxy "
+        "starts and stops only Docker containers and Swarm services (labels); this server "
+        "is routed while its addresses answer"
+    ]
