@@ -417,25 +417,32 @@ async def _serve(
             ctx.inherited = inherited
             await tg.start(partial(run_proxy, config, registry, context=ctx, workers=workers))
             reloading = anyio.Lock()
+            token = config.admin.bearer_token()  # the admin listener's, for its lifetime
 
             async def reload() -> str:
                 async with reloading:  # SIGHUP and the API, one at a time
                     try:
                         new = load()
-                        new.admin.bearer_token()
+                        new_token = new.admin.bearer_token()
                     except ConfigError as exc:
                         logger.error("config reload failed, keeping the current one: {}", exc)
                         return f"failed: {exc}"
                     if new.log_level != ctx.config.log_level:
                         configure_logging(new.log_level, config.log_format)
                     problems = await reconfigure(ctx, new)
+                    if new.admin == config.admin and new_token != token:  # a rotated file
+                        problems.append(
+                            "admin.token_file changed: the new token takes effect at the next "
+                            "restart"
+                        )
+                        logger.warning("config reload: {}", problems[-1])
                     return "reloaded" + "".join(f"; not applied: {p}" for p in problems)
 
             if config.admin.listen:
                 admin = Admin(
                     ctx,
                     registry,
-                    token=config.admin.bearer_token(),
+                    token=token,
                     read_only=config.admin.read_only,
                     providers=statuses,
                     inbox=inbox,

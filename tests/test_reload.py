@@ -106,3 +106,25 @@ def test_a_bad_reload_keeps_everything_and_restart_only_keys_are_named(tmp_path:
         proxy.wait_for_line(r"config reload: bans_file changed")
         with joined(port) as sock:
             assert roundtrip(sock, b"y") == b"y"
+
+
+def test_a_rotated_token_file_is_named_as_needing_a_restart(tmp_path: Path) -> None:
+    """The admin listener keeps the token it started with; a reload that finds the file
+    rotated says so instead of passing for applied."""
+    token_file = tmp_path / "token"
+    token_file.write_text("old-token\n")
+    config = f'[admin]\nread_only = false\ntoken_file = "{token_file}"\n'
+    with echo_server() as echo, running_proxy(tmp_path, mc_server(echo), config) as proxy:
+        url = proxy.admin_url()
+        token_file.write_text("new-token\n")
+        proxy.process.send_signal(signal.SIGHUP)
+        proxy.wait_for_line(
+            r"config reload: admin.token_file changed: the new token takes effect at the next "
+            r"restart",
+            RELOAD_TIMEOUT_S,
+        )
+        request = urllib.request.Request(
+            url + "/api/routes", headers={"Authorization": "Bearer old-token"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:  # still the one in force
+            assert response.status == 200
