@@ -184,15 +184,21 @@ async def test_a_port_that_cannot_be_bound_is_reported_and_the_rest_applies() ->
     assert any(expected in line for line in lines), lines
 
 
+async def read_proxy_header(stream: SocketStream) -> tuple[ProxyHeader, bytes]:
+    """A backend's read of the PROXY header it gets first, and what came after it."""
+    buffer = bytearray()
+    while isinstance(header := parse_proxy_header(buffer), NeedData):
+        buffer += await stream.receive()
+    assert isinstance(header, ProxyHeader)
+    return header, bytes(buffer[header.length :])
+
+
 async def test_tcp_port_routes_send_a_proxy_v2_header_with_the_client() -> None:
     port = free_ports(1)
     headers: list[ProxyHeader] = []
 
     async def reader(stream: SocketStream, info: Backend) -> None:
-        buffer = bytearray()
-        while isinstance(header := parse_proxy_header(buffer), NeedData):
-            buffer += await stream.receive()
-        assert isinstance(header, ProxyHeader)
+        header, _ = await read_proxy_header(stream)
         headers.append(header)
         await stream.send(b"ok")
 
@@ -223,12 +229,8 @@ async def test_a_port_route_behind_a_trusted_balancer_reads_its_proxy_header() -
     data: list[bytes] = []
 
     async def reader(stream: SocketStream, info: Backend) -> None:
-        buffer = bytearray()
-        while isinstance(header := parse_proxy_header(buffer), NeedData):
-            buffer += await stream.receive()
-        assert isinstance(header, ProxyHeader)
+        header, rest = await read_proxy_header(stream)
         headers.append(header)
-        rest = bytes(buffer[header.length :])
         while len(rest) < 5:
             rest += await stream.receive()
         data.append(rest)
