@@ -430,7 +430,8 @@ async def _serve(
                     if new.log_level != ctx.config.log_level:
                         configure_logging(new.log_level, config.log_format)
                     problems = await reconfigure(ctx, new)
-                    if new.admin == config.admin and new_token != token:  # a rotated file
+                    rotated = new.admin == config.admin and new_token != token
+                    if rotated and config.admin.listen:  # the listener's token: its file
                         problems.append(
                             "admin.token_file changed: the new token takes effect at the next "
                             "restart"

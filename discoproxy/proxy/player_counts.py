@@ -7,8 +7,11 @@ Rules for this file:
   ``max_players``, and hands its fd to every worker at start. It alone assigns slots
   (:class:`PlayerSlots`, the loop's), sends the mapping before each table (so a worker
   knows a route's slot before it routes to it) and frees a slot only once its route is
-  gone and every row holds 0 there. It zeroes a worker's row when that worker exits
-  (its players went with it); the new one zeroes it again at start.
+  gone and every row holds 0 there; a freed slot is given out again only after
+  :data:`REUSE_AFTER_S`, long after every worker has the mapping without it (a worker
+  still on an older table could write the old route's count there meanwhile). It
+  zeroes a worker's row when that worker exits (its players went with it), before the
+  replacement starts; a worker writes every slot of each mapping it gets.
 - A worker writes only its own row (:class:`PlayerCounts`, the reactor's): the number
   of players of a route it holds, written after each login counted and each one gone,
   so no write races another. A login reads the other rows and adds its own count:
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 from collections.abc import Iterable, Mapping
 
 from loguru import logger
@@ -34,10 +38,14 @@ from discoproxy.owners import LOOP, REACTOR, owned_by
 # (a memfd is sparse): 4 bytes a route a worker, the rest costs nothing.
 SLOTS = 65_536
 _CELL = 4  # int32: players of one route on one worker
+_ROW = SLOTS * _CELL  # bytes: a multiple of the page size, so a row can be freed whole
+# A freed slot waits this long before another route gets it: the mapping without it
+# reaches every worker in far less (messages in order, each worker's outbox).
+REUSE_AFTER_S = 60.0
 
 
 def _cells(fd: int, workers: int) -> tuple[mmap.mmap, memoryview]:
-    block = mmap.mmap(fd, workers * SLOTS * _CELL)  # MAP_SHARED, read and write
+    block = mmap.mmap(fd, workers * _ROW)  # MAP_SHARED, read and write
     return block, memoryview(block).cast("i")
 
 
@@ -48,10 +56,11 @@ class PlayerSlots:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.fd = os.memfd_create("discoproxy-players", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, workers * SLOTS * _CELL)
+        os.ftruncate(self.fd, workers * _ROW)
         self._block, self._cells = _cells(self.fd, workers)
         self.slots: dict[str, int] = {}  # route qualified id → slot
         self._free: list[int] = []
+        self._cooling: list[tuple[float, int]] = []  # (freed at, slot), oldest first
         self._next = 0
         self._overflow_logged = False
 
@@ -60,6 +69,9 @@ class PlayerSlots:
         gone whose players are all gone too. The new mapping, or None when unchanged."""
         wanted = set(capped)
         before = dict(self.slots)
+        now = time.monotonic()
+        while self._cooling and now - self._cooling[0][0] >= REUSE_AFTER_S:
+            self._free.append(self._cooling.pop(0)[1])
         freed = []
         for qid in [q for q in self.slots if q not in wanted]:
             slot = self.slots[qid]
@@ -79,14 +91,13 @@ class PlayerSlots:
                     "per worker",
                     SLOTS,
                 )
-        # reused from the next update on: a worker still on the old table may write a
-        # freed slot until this mapping reaches it
-        self._free.extend(freed)
+        self._cooling.extend((now, slot) for slot in freed)
         return None if self.slots == before else dict(self.slots)
 
     def clear_row(self, row: int) -> None:
-        """Worker ``row`` exited: its players are gone."""
-        self._cells[row * SLOTS : (row + 1) * SLOTS] = memoryview(bytes(SLOTS * _CELL)).cast("i")
+        """Worker ``row`` exited: its players are gone (the row's pages are freed, and
+        read as zeros again; writing zeros would allocate all of them)."""
+        self._block.madvise(mmap.MADV_REMOVE, row * _ROW, _ROW)
 
     def close(self) -> None:
         self._cells.release()
@@ -102,9 +113,8 @@ class PlayerCounts:
         self._block, self._cells = _cells(fd, workers)
         os.close(fd)  # the mapping keeps the memory
         self._others = [r * SLOTS for r in range(workers) if r != row]
-        self._row = row * SLOTS
+        self._row = row * SLOTS  # zeroed by the control plane when its last holder exited
         self.slots: Mapping[str, int] = {}
-        self._cells[self._row : self._row + SLOTS] = memoryview(bytes(SLOTS * _CELL)).cast("i")
 
     def adopt(self, slots: Mapping[str, int], local: Mapping[str, int]) -> None:
         """A new mapping (before the table that needs it): write this worker's count of

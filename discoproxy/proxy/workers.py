@@ -455,7 +455,8 @@ class WorkerSet:
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
-            self._stopping = True
+            self._stopping = True  # table_changed posts nothing from now on
+            self.players.close()  # every _keep has returned: no worker starts again
 
     def _init_messages(self, worker: _Worker) -> list[tuple[bytes, list[int]]]:
         ctx = self.ctx
@@ -537,6 +538,10 @@ class WorkerSet:
             worker.channel = None
             worker.ready = False
             channel.close()
+            while not worker.outbox.empty():  # never sent: their fds (dups) are ours to close
+                _, fds = worker.outbox.get_nowait()
+                for fd in fds:
+                    os.close(fd)
         return code
 
     async def _send(self, worker: _Worker, channel: Channel) -> None:

@@ -216,8 +216,11 @@ async def test_a_fallback_naming_an_absent_server_is_warned_about_until_it_comes
                 "fallbacks: '127.0.0.1:0' names 'web@test', which no provider serves now" in line
                 for line in lines
             ), lines
+            other = server("other", "other.example.com", addresses=["127.0.0.1:1"])
+            proxy.registry.apply_snapshot("test", [other])  # a swap that does not bring it
+            await proxy.wait_on_reactor(lambda ctx: "other@test" in ctx.registry.table.by_id)
             web = server("web", "web.example.com", addresses=["127.0.0.1:1"])
-            proxy.registry.apply_snapshot("test", [web])
+            proxy.registry.apply_snapshot("test", [other, web])
             with anyio.fail_after(5):
                 while not any("'127.0.0.1:0''s catch-all is served again" in x for x in lines):
                     await anyio.sleep(0.01)
