@@ -86,7 +86,7 @@ def validate_server(data: dict[str, Any], path: Path) -> tuple[ServerDefinition,
             )
     try:
         warnings = translate_server(data)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # TypeError: a value of a type a rule did not expect
         raise ConfigError(f"{path}: {exc}", str(path)) from None
     server = validate_document(ServerDefinition, data, path)
     waking = [
@@ -260,6 +260,9 @@ class FileProvider:
                 result, warnings = load_server_file_warned(path)
             except ConfigError as exc:
                 result = exc
+            except Exception as exc:  # a bug met this file: it alone is rejected, not the dir
+                logger.opt(exception=exc).error("server file {}: internal error", path)
+                result = ConfigError(f"{path}: internal error reading it: {exc!r}", str(path))
             if _stat_key(path) == before or anyio.current_time() >= give_up:
                 return result, warnings
 

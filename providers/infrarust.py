@@ -83,6 +83,9 @@ def _ip_filter(data: Document, value: Any) -> str | None:
 
 
 def _proxy_mode(data: Document, value: Any) -> str | None:
+    if not isinstance(value, str):  # the model names what it accepts
+        data["proxy_mode"] = value
+        return None
     if value in _FORWARDING_MODES:
         data["proxy_mode"] = "passthrough"  # all three forward the bytes as they are
         return None
@@ -258,8 +261,13 @@ def _filters(data: Document, value: Any) -> str | None:
         unknown = sorted(set(player_filter) - {"enabled", "whitelist", "blacklist"})
         if unknown:
             raise ValueError(f"filters.{key}.{unknown[0]}: unknown; expected whitelist, blacklist")
-        lists["allow"] += player_filter.get("whitelist") or []
-        lists["deny"] += player_filter.get("blacklist") or []
+        for side, their in (("allow", "whitelist"), ("deny", "blacklist")):
+            names = player_filter.get(their) or []
+            if not isinstance(names, list):
+                raise ValueError(
+                    f"filters.{key}.{their}: expected a list of player names, got {names!r}"
+                )
+            lists[side] += names
     if lists["allow"] or lists["deny"]:
         if "players" in data:
             raise ValueError("filters.name_filter/id_filter: with players; keep one")

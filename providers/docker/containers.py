@@ -354,7 +354,10 @@ def _group_of(record: ContainerRecord, prefix: str) -> str | None:
     labels = as_mapping(record.get("Labels"))
     explicit = labels.get(f"{prefix}.group")
     if isinstance(explicit, str):
-        return parse_group(explicit)  # already checked by the label's own parse
+        try:
+            return parse_group(explicit)
+        except ValueError:  # as written: the labels' own parse reports it, drops the container
+            return explicit
     project, service = labels.get(COMPOSE_PROJECT), labels.get(COMPOSE_SERVICE)
     if isinstance(project, str) and isinstance(service, str) and project and service:
         return f"{project}-{service}"[:200]

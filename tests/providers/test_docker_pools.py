@@ -192,6 +192,22 @@ def test_a_replica_whose_healthcheck_is_starting_or_unhealthy_takes_no_new_conne
     assert alone == []  # a lone unhealthy container is not routed until it recovers
 
 
+def test_an_unready_container_with_a_bad_group_label_harms_no_other() -> None:
+    """Its group is read before its labels are checked (a held-back replica joins its
+    pool's list): a bad one must not fail the whole scan, which would stop every
+    container's routing."""
+    bad = {
+        **container("x", {"infrarust.domains": "x.example.com", "infrarust.group": "no spaces"}),
+        "Status": "Up 3 seconds (health: starting)",
+    }
+    servers, problems = scan(replica(1), bad)
+    assert [s.id for s in servers] == ["mc-survival"]
+    assert problems == [
+        "container x, label infrarust.group: invalid group 'no spaces'; expected letters, "
+        "digits, '.', '_' or '-' (at most 200, starting with a letter or digit), e.g. 'survival'"
+    ]
+
+
 def test_use_healthcheck_false_routes_whatever_the_health() -> None:
     record = {**replica(1, {"infrarust.use_healthcheck": "false"}), "Status": "Up (unhealthy)"}
     assert [str(a) for a in one(record).addresses] == ["172.17.0.2:25565"]

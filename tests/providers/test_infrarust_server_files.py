@@ -108,6 +108,14 @@ def test_forwarding_proxy_modes_forward_bytes(tmp_path: Path, mode: str) -> None
         (PTERODACTYL, "server_manager (type 'pterodactyl')"),
         ("max_players = -1", "max_players: expected a whole number"),
         ('ip_filter = { whitelist = ["10.0.0.0/8"], allow = ["10.0.0.0/8"] }', "mixed"),
+        # a value of a type the translation did not expect: an error naming the key, not
+        # a crash of the file provider (which would stop every file's routing)
+        ('proxy_mode = ["x"]', "proxy_mode: Input should be 'passthrough'"),
+        ('proxyMode = ["x"]', "proxy_mode: Input should be 'passthrough'"),
+        ("filters = { name_filter = { whitelist = 3 } }",
+         "filters.name_filter.whitelist: expected a list of player names, got 3"),
+        ("filters = { name_filter = { blacklist = true } }",
+         "filters.name_filter.blacklist: expected a list of player names, got True"),
     ],
 )  # fmt: skip
 def test_keys_that_would_change_who_gets_in_are_refused_with_the_reason(
