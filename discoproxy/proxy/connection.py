@@ -600,6 +600,7 @@ class ClientConnection:
         else:  # the listener's catch-all comes before the global default
             route = table.lookup_host(name) if name else None
             route = route or table.by_id.get(self.fallback) or table.default
+        self.route = route  # the close line names it from here on, a refusal's too
         login = (
             kind is _MINECRAFT and self._next_state != minecraft.NEXT_STATE_STATUS
         ) or kind is _MINECRAFT_LEGACY_LOGIN
@@ -622,7 +623,6 @@ class ClientConnection:
         if route is None:
             self._answer_unknown(kind, name)
             return
-        self.route = route
         stats = self.ctx.stats
         route_stats = self.route_stats = stats.route(route.qualified_id)
         stats.routed(self.listener, time.monotonic() - self.started)

@@ -101,3 +101,29 @@ async def test_warning_level_writes_no_close_line(capfd: pytest.CaptureFixture[s
                 await stream.receive()
             await proxy.wait_on_reactor(lambda ctx: not ctx.connections)
     assert "closed:" not in capfd.readouterr().err
+
+
+@pytest.mark.anyio
+async def test_a_routed_refusal_and_a_login_start_timeout_name_their_route() -> None:
+    """Refused by the server's own ip_filter (after routing), or cut waiting for the
+    Login Start: the close line says which route the client asked for."""
+    from tests.proxy.helpers import handshake, receive_all, running_proxy, server
+
+    lines: list[str] = []
+    servers = [
+        server("denied", "denied.example.com", addresses=["127.0.0.1:1"],
+               ip_filter={"deny": ["127.0.0.0/8"]}),
+        server("mc", "mc.example.com", addresses=["127.0.0.1:1"]),
+    ]  # fmt: skip
+    async with running_proxy(servers, handshake_timeout=0.3) as proxy:
+        await proxy.on_reactor(lambda ctx: setattr(ctx, "_access", AccessLog("text", lines.append)))
+        async with await proxy.connect() as stream:
+            await stream.send(handshake("denied.example.com"))
+            await receive_all(stream)
+        async with await proxy.connect() as stream:
+            await stream.send(handshake("mc.example.com", username=None))  # no Login Start
+            await receive_all(stream)
+        await proxy.wait_on_reactor(lambda ctx: not ctx.connections)
+    refused, timed_out = lines
+    assert "route=denied@test" in refused and "reason=refused: denied@test: denied by" in refused
+    assert "route=mc@test" in timed_out and "reason=handshake timeout" in timed_out
