@@ -681,21 +681,28 @@ class ClientConnection:
             self._pool_failed(entry)
         if backend is None or self.state is CLOSED or self._pool is None:
             return
+        self.backend_addr = backend  # the close line's, whoever ends the connection
         self._pool.dialing(backend)
         self._entry = backend  # close() counts it done
         self._pool_connected(backend, time.monotonic())
 
     def terminated(self, backend: tuple[str, int] | None, up: int, down: int, reason: str) -> None:
-        """The terminated relay ended (its fd is closed): account and log it."""
+        """The terminated relay ended (its fd is closed): account and log it. Closed here
+        meanwhile (a kick, a ban, the shutdown deadline): close() left the close line to
+        this, for the relay's own bytes and backend, under close()'s reason."""
         self._dial_task = None
         self.cfd = -1
-        if self.state is CLOSED:
-            return
-        self.backend_addr = backend
+        closed = self.state is CLOSED
+        if closed and self not in self.ctx.connections:
+            return  # torn down by hand after an internal error: nothing left to account
+        self.backend_addr = backend or self.backend_addr
         self.prefix_bytes = 0  # the close line counts plaintext: up and down alike
         self.up.count += up
         self.down.count += down
-        self.close(reason)
+        if closed:
+            self.ctx.unregister(self)
+        else:
+            self.close(reason)
 
     # -- guard (discoproxy/guard.py: precedence and bounds) -----------------------------
 
@@ -1495,6 +1502,8 @@ class ClientConnection:
             if self.bmask >= 0:
                 reactor.forget(self.bfd)
             os.close(self.bfd)
+        if handed_off and task is not None:
+            return  # the relay, cancelled, reports its bytes: terminated() unregisters it
         ctx.unregister(self)
 
 

@@ -210,7 +210,7 @@ async def terminate(
     loop = asyncio.get_running_loop()
     client = socket.socket(fileno=fd)
     client.setblocking(False)
-    up = down = 0
+    counts = [0, 0]  # plaintext bytes up, down: as far as the relay got, if it is cancelled
     backend: tuple[str, int] | None = None
     failed: list[tuple[str, int]] = []  # backends whose dial failed, for the pool
     reason = "both sides closed"
@@ -239,8 +239,8 @@ async def terminate(
                 ctx.reactor.call_into(conn, lambda: conn.tls_dialed(dialed, failures))
         try:
             idle = ctx.config.idle_timeout
-            up, down, reason = await _relay(
-                loop, idle, client, tls_obj, incoming, outgoing, reader, writer
+            reason = await _relay(
+                loop, idle, client, tls_obj, incoming, outgoing, reader, writer, counts
             )
         finally:
             writer.close()
@@ -250,8 +250,12 @@ async def terminate(
         reason = f"TLS handshake failed: {exc.reason or exc}"
     except OSError as exc:
         reason = f"client reset: {exc.strerror or exc}"
+    except Exception as exc:  # a bug: the close line says so; the task's handler logs it
+        reason = f"internal error: {exc!r}"
+        raise
     finally:
         client.close()
+        up, down = counts
         with contextlib.suppress(RuntimeError):  # the reactor stopped: nothing to account to
             ctx.reactor.call_into(conn, lambda: conn.terminated(backend, up, down, reason))
 
@@ -335,11 +339,12 @@ async def _relay(
     outgoing: ssl.MemoryBIO,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-) -> tuple[int, int, str]:
+    counts: list[int],
+) -> str:
     """Both directions until one ends (then the other gets ``BACKEND_FINISH_S`` to finish
     after a client's EOF), a reset, or ``idle_timeout`` with no byte either way: this
-    relay keeps its own idle deadline, as it owns the connection while it runs."""
-    counts = [0, 0]
+    relay keeps its own idle deadline, as it owns the connection while it runs. Why it
+    ended; ``counts`` (plaintext bytes up, down) grow as they move."""
     reasons: list[str] = []
     moved = [time.monotonic()]
 
@@ -414,4 +419,4 @@ async def _relay(
     if outgoing.pending:
         with contextlib.suppress(OSError):
             await loop.sock_sendall(client, outgoing.read())
-    return counts[0], counts[1], reasons[0] if reasons else "both sides closed"
+    return reasons[0] if reasons else "both sides closed"

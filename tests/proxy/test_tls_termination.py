@@ -4,6 +4,7 @@ Certificates are made with the ``openssl`` command (installed by .ci/run)."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
@@ -339,3 +340,71 @@ async def test_certificate_files_are_read_off_the_loop_thread(tmp_path: Path) ->
     assert threads and threads[0] is not threading.current_thread()
     with pytest.raises(FileNotFoundError):
         await tls_termination.read_files((tmp_path / "missing.pem",), None)
+
+
+async def test_a_terminated_connection_ended_from_outside_logs_its_backend_and_bytes(
+    tmp_path: Path,
+) -> None:
+    """Kicked (or banned, or cut at shutdown) while its relay runs on the loop: the close
+    line still names the backend and the plaintext bytes moved, under the kick's reason."""
+    import threading
+
+    from discoproxy.proxy.access_log import AccessLog
+
+    cert, key = make_cert(tmp_path, "a.example.com")
+    opened, release = threading.Event(), threading.Event()
+    lines: list[str] = []
+
+    def hold() -> None:
+        context = client_context()
+        with (
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="a.example.com") as tls,
+        ):
+            tls.sendall(b"eleven byte")
+            assert tls.recv(1024) == b"ELEVEN BYTE"
+            opened.set()
+            release.wait(10)
+
+    async with backend(upper) as a:
+        async with running_proxy([tls_server("a", "a.example.com", a.address, cert, key)]) as proxy:
+            await proxy.on_reactor(
+                lambda ctx: setattr(ctx, "_access", AccessLog("text", lines.append))
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, hold)
+                with anyio.fail_after(5):
+                    while not opened.is_set():
+                        await anyio.sleep(0.02)
+                conn_id = await proxy.on_reactor(lambda ctx: next(iter(ctx.connections)).id)
+                assert await proxy.on_reactor(lambda ctx: ctx.kick(str(conn_id))) == 1
+                await proxy.wait_on_reactor(lambda ctx: not ctx.connections)
+                release.set()
+    (line,) = lines
+    assert f"backend=127.0.0.1:{a.port} up=11B down=11B" in line, line
+    assert "reason=kicked" in line, line
+
+
+async def test_a_bug_in_a_terminated_relay_says_internal_error_on_the_close_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from discoproxy.proxy.access_log import AccessLog
+
+    async def broken(*args: object) -> str:
+        raise RuntimeError("relay bug")
+
+    monkeypatch.setattr(tls_termination, "_relay", broken)
+    cert, key = make_cert(tmp_path, "a.example.com")
+    lines: list[str] = []
+    async with backend(upper) as a:
+        async with running_proxy([tls_server("a", "a.example.com", a.address, cert, key)]) as proxy:
+            await proxy.on_reactor(
+                lambda ctx: setattr(ctx, "_access", AccessLog("text", lines.append))
+            )
+            with contextlib.suppress(ssl.SSLError, OSError):  # closed without an answer
+                _, answer = await anyio.to_thread.run_sync(talk, proxy.port, "a.example.com", b"hi")
+                assert answer == b""
+            await proxy.wait_on_reactor(lambda ctx: not ctx.connections)
+            assert await proxy.on_reactor(lambda ctx: ctx.stats.internal_errors) == 1
+    (line,) = lines
+    assert "reason=internal error: RuntimeError('relay bug')" in line, line
