@@ -317,7 +317,7 @@ def servers_from_containers(
         if unready and _group_of(record, ctx.prefix) is None:
             continue  # Docker's HEALTHCHECK says not yet, or no more: no new connections
         server, found = _server_from_container(record, ctx, sleeping=sleeping)
-        problems += found
+        problems += mc_router.as_written(found, ctx.prefix) if record is not listed else found
         if server is None:
             continue
         group = _group_of(record, ctx.prefix)

@@ -15,6 +15,7 @@ Rules for this file:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -121,6 +122,16 @@ def translate(
     if any(p.dropped for p in problems):
         return None, problems
     return {**record, "Labels": translated}, problems
+
+
+def as_written(problems: list[LabelProblem], prefix: str) -> list[LabelProblem]:
+    """Problems found in a translated container's labels, naming the mc-router label the
+    container has instead of the discoproxy label it was read as."""
+    theirs = {f"{prefix}.{spec.ours}": PREFIX + spec.label for spec in LABELS}
+    return [
+        dataclasses.replace(p, label=theirs[p.label]) if p.label in theirs else p
+        for p in problems
+    ]
 
 
 def migration_rows(prefix: str) -> list[str]:

@@ -65,6 +65,9 @@ def test_bad_values_name_the_container_and_the_mc_router_label() -> None:
     assert message.startswith("container mc, label mc-router.auto-scale-up: expected one of 1")
     port = problem_of(container("mc", {"mc-router.host": "mc.example.com", "mc-router.port": "x"}))
     assert port.startswith("container mc, label mc-router.port: expected 1-65535")
+    # found once the labels are read as ours: still named as the container has them
+    host = problem_of(container("mc", {"mc-router.host": "bad_host!.example.com"}))
+    assert host.startswith("container mc, label mc-router.host: "), host
 
 
 def test_both_label_sets_on_one_container_are_refused() -> None:
