@@ -129,8 +129,7 @@ def as_written(problems: list[LabelProblem], prefix: str) -> list[LabelProblem]:
     container has instead of the discoproxy label it was read as."""
     theirs = {f"{prefix}.{spec.ours}": PREFIX + spec.label for spec in LABELS}
     return [
-        dataclasses.replace(p, label=theirs[p.label]) if p.label in theirs else p
-        for p in problems
+        dataclasses.replace(p, label=theirs[p.label]) if p.label in theirs else p for p in problems
     ]
 
 
