@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from discoproxy.config import ProxyConfig
 from discoproxy.model import ServerDefinition
 from discoproxy.model import peer_duration_s as peer_duration_s
@@ -119,9 +121,15 @@ def import_gate_lite(document: Mapping[str, Any], servers_dir: str) -> Imported:
             raise ValueError(f"{where}: expected a route with host and backend")
         stem, server = _gate_route(route, where, imported.not_carried)
         stem = f"{index + 1:02d}-{stem}"
-        ServerDefinition.model_validate({"id": stem, **server})  # what is written loads
+        try:
+            ServerDefinition.model_validate({"id": stem, **server})  # what is written loads
+        except ValidationError as exc:
+            raise _gate_refusal(where, exc) from None
         imported.servers[stem] = server
-    ProxyConfig.model_validate(out)
+    try:
+        ProxyConfig.model_validate(out)
+    except ValidationError as exc:
+        raise _gate_refusal("", exc) from None
     imported.config = out
     return imported
 
@@ -213,6 +221,35 @@ _INFRARUST_NOT_CARRIED = {
 }
 
 
+def _whole(value: Any, key: str) -> int:
+    """An integer key of the peer's file, or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key}: expected a whole number, got {value!r}")
+    return value
+
+
+# Our fields a Gate Lite route or config key becomes: a refusal names the Gate key.
+_GATE_NAMES = {
+    "addresses": "backend",
+    "domains": "host",
+    "default": "host",
+    "status_cache_ttl": "cachePingTTL",
+    "motds": "fallback",
+    "ip_filter": "blacklist",
+    "bind": "config.bind",
+    "connect_timeout": "config.connectionTimeout",
+}
+
+
+def _gate_refusal(where: str, exc: ValidationError) -> ValueError:
+    """A model's refusal of what a Gate Lite key became, naming that key."""
+    error = exc.errors(include_url=False)[0]
+    field = str(error["loc"][0]) if error["loc"] else ""
+    key = _GATE_NAMES.get(field, field)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return ValueError(f"{where}{'.' + key if where and key else key}: {message}")
+
+
 def import_infrarust(document: Mapping[str, Any]) -> Imported:
     """Infrarust's ``infrarust.toml`` as discoproxy's global config. Its server files
     load as they are (``servers_dir`` is kept), so only the global keys are mapped."""
@@ -224,7 +261,7 @@ def import_infrarust(document: Mapping[str, Any]) -> Imported:
     if "servers_dir" in document:
         out["servers_dir"] = str(document["servers_dir"])
     if "max_connections" in document:
-        out["max_connections"] = int(document["max_connections"])
+        out["max_connections"] = _whole(document["max_connections"], "max_connections")
         if out["max_connections"]:
             notes.append(
                 "max_connections: carried, but past it discoproxy closes new connections "
@@ -247,8 +284,8 @@ def import_infrarust(document: Mapping[str, Any]) -> Imported:
     if isinstance(rate, Mapping) and rate.get("enabled"):
         window = peer_duration_s(rate.get("window", "10s"), "rate_limit.window")
         out["rate_limit"] = {
-            "connections": int(rate.get("max_connections", 3)),
-            "status": int(rate.get("status_max", 300)),
+            "connections": _whole(rate.get("max_connections", 3), "rate_limit.max_connections"),
+            "status": _whole(rate.get("status_max", 300), "rate_limit.status_max"),
             "window": window,
         }
         status_window = peer_duration_s(

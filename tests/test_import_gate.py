@@ -117,8 +117,14 @@ def test_existing_files_are_kept_without_force(
         ("config: {}", "config.lite.routes"),
         ("config: {lite: {routes: [{host: a.example.org}]}}", "host and backend are both required"),
         ("config: {lite: {routes: [{host: a, backend: b, strategy: fastest}]}}", "strategy"),
+        # what a Gate key becomes, refused by the model: named as the Gate key
+        ("config: {lite: {routes: [{host: a.example.org, backend: 'b:99999'}]}}",
+         "config.lite.routes[0].backend: invalid port in address 'b:99999'"),
+        ("config: {lite: {routes: [{host: 'bad host!', backend: b}]}}",
+         "config.lite.routes[0].host: invalid domain 'bad host!'"),
+        ("config: {bind: nope, lite: {routes: []}}", "config.bind: invalid bind 'nope'"),
     ],
-)
+)  # fmt: skip
 def test_what_is_not_a_gate_lite_config_says_why(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
 ) -> None:

@@ -104,6 +104,23 @@ def test_an_infrarust_toml_imports_into_a_config_that_loads(
     assert "config NOT ok: the config itself" not in report, report
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("max_connections = [1]\n", "max_connections: expected a whole number, got [1]"),
+        ('[rate_limit]\nenabled = true\nmax_connections = "x"\n',
+         "rate_limit.max_connections: expected a whole number, got 'x'"),
+    ],
+)  # fmt: skip
+def test_a_value_of_the_wrong_type_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    source = tmp_path / "infrarust.toml"
+    source.write_text(text)
+    code, _, err = run(["import", "infrarust", str(source), "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and message in err, err
+
+
 def test_a_bad_duration_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = tmp_path / "infrarust.toml"
     source.write_text('connect_timeout = "soon"\n')
