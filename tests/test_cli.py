@@ -19,6 +19,14 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return int(info.value.code or 0), out, err
 
 
+def import_refused(kind: str, source: Path, text: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """``discoproxy import KIND SOURCE`` of ``text``, which must fail: its stderr."""
+    source.write_text(text)
+    code, _, err = run(["import", kind, str(source), "--out", str(source.parent / "o")], capsys)
+    assert code == 1, err
+    return err
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     write_servers(

@@ -9,6 +9,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 from pathlib import Path
 
 import anyio
@@ -82,6 +83,23 @@ def _decode(der: bytes) -> dict[str, object]:
     subject = lines[0].split("CN", 1)[1].strip(" =")
     serial = int(lines[1].split("=", 1)[1], 16)
     return {"cn": subject, "serial": serial}
+
+
+def held_session(
+    port: int, message: bytes, opened: threading.Event, release: threading.Event
+) -> bytes:
+    """A TLS session to a.example.com held open (``opened`` set once ``message`` is
+    answered) until ``release``: the answer."""
+    context = client_context()
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="a.example.com") as tls,
+    ):
+        tls.sendall(message)
+        answer = tls.recv(1024)
+        opened.set()
+        release.wait(10)
+    return answer
 
 
 def tls_server(sid: str, domain: str, address: str, cert: Path, key: Path) -> object:
@@ -265,7 +283,6 @@ async def test_a_terminated_connection_that_moves_nothing_is_closed_at_idle_time
 async def test_a_terminated_connection_counts_open_on_its_backend_and_reports_dials_at_once(
     tmp_path: Path,
 ) -> None:
-    import threading
 
     cert, key = make_cert(tmp_path, "a.example.com")
     refused = socket.socket()
@@ -274,16 +291,7 @@ async def test_a_terminated_connection_counts_open_on_its_backend_and_reports_di
     opened, release = threading.Event(), threading.Event()
 
     def hold() -> bytes:
-        context = client_context()
-        with (
-            socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw,
-            context.wrap_socket(raw, server_hostname="a.example.com") as tls,
-        ):
-            tls.sendall(b"held")
-            answer = tls.recv(1024)
-            opened.set()
-            release.wait(10)
-        return answer
+        return held_session(proxy.port, b"held", opened, release)
 
     try:
         async with backend(upper) as a:
@@ -322,7 +330,6 @@ async def test_a_terminated_connection_counts_open_on_its_backend_and_reports_di
 
 async def test_certificate_files_are_read_off_the_loop_thread(tmp_path: Path) -> None:
     # a slow filesystem must not stall the loop: the stat and reads run in a thread
-    import threading
 
     cert = tmp_path / "c.pem"
     cert.write_bytes(b"cert bytes")
@@ -347,7 +354,6 @@ async def test_a_terminated_connection_ended_from_outside_logs_its_backend_and_b
 ) -> None:
     """Kicked (or banned, or cut at shutdown) while its relay runs on the loop: the close
     line still names the backend and the plaintext bytes moved, under the kick's reason."""
-    import threading
 
     from discoproxy.proxy.access_log import AccessLog
 
@@ -356,15 +362,7 @@ async def test_a_terminated_connection_ended_from_outside_logs_its_backend_and_b
     lines: list[str] = []
 
     def hold() -> None:
-        context = client_context()
-        with (
-            socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw,
-            context.wrap_socket(raw, server_hostname="a.example.com") as tls,
-        ):
-            tls.sendall(b"eleven byte")
-            assert tls.recv(1024) == b"ELEVEN BYTE"
-            opened.set()
-            release.wait(10)
+        assert held_session(proxy.port, b"eleven byte", opened, release) == b"ELEVEN BYTE"
 
     async with backend(upper) as a:
         async with running_proxy([tls_server("a", "a.example.com", a.address, cert, key)]) as proxy:
