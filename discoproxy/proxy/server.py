@@ -81,6 +81,9 @@ TERMINATING = ConnState.TERMINATING
 # Rejections (e.g. max_connections) are logged at most this often, so a flood does not
 # become a log flood; the count in between is reported with the next line.
 REJECTION_LOG_INTERVAL_S = 5.0
+# After the shutdown deadline's aborts, how long the cancelled TLS relays (on the loop)
+# get to report back, so their close lines are written: they end within a loop turn.
+RELAYS_REPORT_S = 2.0
 # How often clients whose stickiness (sticky_ttl) ran out are forgotten.
 STICKY_SWEEP_S = 10.0
 # The bans file is re-read this long after its directory went quiet (a burst of writes
@@ -418,16 +421,23 @@ class ProxyContext:
             with anyio.move_on_after(grace_period):
                 await drained.wait()
 
-        def abort_all() -> int:
+        reported = anyio.Event()
+
+        def abort_all() -> tuple[int, int]:
             self._on_drained = None
             left = list(self.connections)
             for conn in left:
                 conn.abort("shutdown timeout")
-            return len(left)
+            if self.connections:  # TLS relays, cancelled: terminated() writes their lines
+                self._on_drained = lambda: loop.call_soon_threadsafe(reported.set)
+            return len(left), len(self.connections)
 
-        aborted = await self.reactor.run(abort_all)
+        aborted, relaying = await self.reactor.run(abort_all)
         if aborted:
             logger.warning("aborted {} connections still open at shutdown_timeout", aborted)
+        if relaying:
+            with anyio.move_on_after(RELAYS_REPORT_S):
+                await reported.wait()
 
     # -- sweeps (reactor timers) --------------------------------------------------------
 

@@ -406,3 +406,32 @@ async def test_a_bug_in_a_terminated_relay_says_internal_error_on_the_close_line
             assert await proxy.on_reactor(lambda ctx: ctx.stats.internal_errors) == 1
     (line,) = lines
     assert "reason=internal error: RuntimeError('relay bug')" in line, line
+
+
+async def test_a_terminated_session_cut_at_shutdown_still_writes_its_close_line(
+    tmp_path: Path,
+) -> None:
+    """The shutdown deadline aborts it while its relay runs on the loop: the drain waits
+    for the relay's report, so the line is written (backend, bytes) before the reactor
+    stops."""
+    from discoproxy.proxy.access_log import AccessLog
+
+    cert, key = make_cert(tmp_path, "a.example.com")
+    opened, release = threading.Event(), threading.Event()
+    lines: list[str] = []
+    async with backend(upper) as a, anyio.create_task_group() as clients:
+        route = tls_server("a", "a.example.com", a.address, cert, key)
+        async with running_proxy([route], shutdown_timeout=0.1) as proxy:
+            await proxy.on_reactor(
+                lambda ctx: setattr(ctx, "_access", AccessLog("text", lines.append))
+            )
+            clients.start_soon(
+                anyio.to_thread.run_sync, held_session, proxy.port, b"cut", opened, release
+            )
+            with anyio.fail_after(5):
+                while not opened.is_set():
+                    await anyio.sleep(0.02)
+        release.set()
+    (line,) = lines
+    assert f"backend=127.0.0.1:{a.port} up=3B down=3B" in line, line
+    assert "reason=shutdown timeout" in line, line
