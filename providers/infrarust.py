@@ -83,13 +83,11 @@ def _ip_filter(data: Document, value: Any) -> str | None:
 
 
 def _proxy_mode(data: Document, value: Any) -> str | None:
-    if not isinstance(value, str):  # the model names what it accepts
-        data["proxy_mode"] = value
-        return None
-    if value in _FORWARDING_MODES:
+    word = value if isinstance(value, str) else None  # a list or a table is not hashable
+    if word in _FORWARDING_MODES:
         data["proxy_mode"] = "passthrough"  # all three forward the bytes as they are
         return None
-    if value in _INTERCEPTED_MODES:
+    if word in _INTERCEPTED_MODES:
         raise ValueError(
             f"proxy_mode = {value}: the proxy would have to take part in the login "
             "(authenticate players or rewrite packets); discoproxy forwards the bytes as they "

@@ -332,15 +332,14 @@ class ClientConnection:
             if self.state is PROXY_HEADER:
                 ctx.handshaking.add(self)  # the header within handshake_timeout
             return
-        guarded = not ctx.guard.idle or route.ip_filter is not None
-        if guarded and not (self._guard_address() and self._guard_checks(None, route)):
+        if not ctx.guard.idle and not self._guard_address():
             return
-        self._move(DIALING)
-        self._dial_next()
+        self._dial_port(route)
 
     def _dial_port(self, route: Route) -> None:
-        """A port route's PROXY header is read (the global guard steps done): the routed
-        ones, then the dial; what the client sent after the header goes first."""
+        """A port route's client is known (the global guard steps done, after its PROXY
+        header if it sends one): the routed ones, then the dial; what the client sent
+        after a header goes first."""
         ctx = self.ctx
         ctx.handshaking.discard(self)
         guarded = not ctx.guard.idle or route.ip_filter is not None

@@ -407,30 +407,28 @@ class ProxyContext:
     @on_loop
     async def drain(self, grace_period: float) -> None:
         """Wait for open connections to finish, then abort whatever is left."""
-        drained = anyio.Event()
+        drained, reported = anyio.Event(), anyio.Event()
         loop = self.loop
 
-        def watch() -> int:
+        def until_empty(event: anyio.Event) -> int:
+            """(reactor) ``event`` set once the last connection leaves; how many are open."""
             if self.connections:
-                self._on_drained = lambda: loop.call_soon_threadsafe(drained.set)
+                self._on_drained = lambda: loop.call_soon_threadsafe(event.set)
             return len(self.connections)
 
-        count = await self.reactor.run(watch)
+        count = await self.reactor.run(lambda: until_empty(drained))
         if count:
             logger.info("waiting up to {}s for {} open connections", grace_period, count)
             with anyio.move_on_after(grace_period):
                 await drained.wait()
-
-        reported = anyio.Event()
 
         def abort_all() -> tuple[int, int]:
             self._on_drained = None
             left = list(self.connections)
             for conn in left:
                 conn.abort("shutdown timeout")
-            if self.connections:  # TLS relays, cancelled: terminated() writes their lines
-                self._on_drained = lambda: loop.call_soon_threadsafe(reported.set)
-            return len(left), len(self.connections)
+            # left still: TLS relays, cancelled, whose close lines terminated() writes
+            return len(left), until_empty(reported)
 
         aborted, relaying = await self.reactor.run(abort_all)
         if aborted:
