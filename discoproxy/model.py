@@ -758,7 +758,7 @@ class ServerDefinition(BaseModel):
 
     @model_validator(mode="after")
     def _routable(self) -> ServerDefinition:
-        if not self.addresses and not self.sleeping:
+        if not self.addresses and not self.sleeping and not self.held_back:
             raise ValueError("addresses: at least one address is required, e.g. ['10.0.0.5:25565']")
         if not self.domains and not self.default and not self.ports:
             raise ValueError(

@@ -525,7 +525,10 @@ def route_row(
         # draining and starting backends take no new connection: they do not count
         down = sum(1 for b in pool if b["state"] == "down")
         up = sum(1 for b in pool if b["state"] == "up")
-        state = "down" if down and not up else ("degraded" if down else state)
+        if not up and not down and any(b["state"] == "starting" for b in pool):
+            state = "starting"  # every replica's HEALTHCHECK still starting
+        else:
+            state = "down" if down and not up else ("degraded" if down else state)
     return {
         "id": route.qualified_id,
         "provider": route.provider,

@@ -300,6 +300,7 @@ def servers_from_containers(
     problems: list[LabelProblem] = []
     groups: dict[str, list[tuple[ContainerRecord, ServerDefinition]]] = {}
     held: dict[str, list[HeldBack]] = {}  # per pool: replicas its HEALTHCHECK holds back
+    unready_members: dict[str, list[tuple[ContainerRecord, ServerDefinition]]] = {}
     for listed in containers:
         # mc-router's labels read as ours (providers/docker/mc_router.py)
         translated, found = mc_router.translate(listed, container_name(listed), ctx.prefix)
@@ -313,34 +314,47 @@ def servers_from_containers(
             if state not in SLEEPING_STATES or not _wants_auto_start(record, ctx.prefix):
                 continue
             sleeping = True
+        # Docker's HEALTHCHECK says not yet, or no more: no new connections, but the
+        # route stays (shown starting or down; status pings get the unreachable MOTD and
+        # logins unreachable_message, not the unknown-domain answers, and a server
+        # woken by auto_start keeps its route while its health check starts)
         unready = not sleeping and _unready(record, ctx.prefix)
-        if unready and _group_of(record, ctx.prefix) is None:
-            continue  # Docker's HEALTHCHECK says not yet, or no more: no new connections
         server, found = _server_from_container(record, ctx, sleeping=sleeping)
         problems += mc_router.as_written(found, ctx.prefix) if record is not listed else found
         if server is None:
             continue
         group = _group_of(record, ctx.prefix)
-        if group is None:
-            servers.append(server)
-        elif unready:  # a pool's replica: shown (starting, or down), never dialed
+        if unready:
             health = health_of(record) or "starting"
-            held.setdefault(group, []).extend(
-                HeldBack(address=str(address), health=health) for address in server.addresses
-            )
+            held_back = [HeldBack(address=str(a), health=health) for a in server.addresses]
+            if group is None:
+                servers.append(_held(server, held_back))
+                continue
+            held.setdefault(group, []).extend(held_back)
+            unready_members.setdefault(group, []).append((record, server))
+        elif group is None:
+            servers.append(server)
         else:
             groups.setdefault(group, []).append((record, server))
     members: dict[str, tuple[str, ...]] = {}
-    for group, grouped in sorted(groups.items()):
-        pool, kept, found = _pool(group, grouped, ctx.prefix)
+    for group in sorted(groups.keys() | unready_members.keys()):
+        ready = group in groups
+        pool, kept, found = _pool(group, groups.get(group) or unready_members[group], ctx.prefix)
         if group in held:
             pool = pool.model_copy(update={"held_back": tuple(held[group])})
+        if not ready:  # every replica held back: the route stays, with nothing to dial
+            pool = _held(pool, list(pool.held_back))
         servers.append(pool)
         problems += found
         if pool.auto_start:
             members[group] = kept
     servers.sort(key=lambda s: s.id)
     return ContainerScan(tuple(servers), tuple(sorted(set(problems))), members)
+
+
+def _held(server: ServerDefinition, held_back: list[HeldBack]) -> ServerDefinition:
+    """``server`` with every backend held back: routed, nothing dialed (all down)."""
+    return server.model_copy(update={"addresses": (), "held_back": tuple(held_back)})
 
 
 # Labels each replica sets for itself; every other label of the prefix must agree.

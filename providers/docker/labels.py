@@ -489,8 +489,10 @@ LABELS: tuple[LabelSpec, ...] = (
         accepted="`true`, `false`, `1`, `0`",
         maps_to="none (this container's address)",
         description="Follow the container's Docker `HEALTHCHECK`: while it is `starting` "
-        "or `unhealthy` the container takes no new connections (it leaves its pool, or "
-        "its route when it is alone). `false`: route it whatever its health says.",
+        "or `unhealthy` the container takes no new connections: it is held back in its "
+        "pool, shown `starting` or `down`; a route whose every container is held back "
+        "stays, with nothing to dial (status pings get the `unreachable` MOTD, logins "
+        "`unreachable_message`). `false`: route it whatever its health says.",
         parse=parse_bool,
     ),
     LabelSpec(

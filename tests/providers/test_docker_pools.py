@@ -188,8 +188,36 @@ def test_a_replica_whose_healthcheck_is_starting_or_unhealthy_takes_no_new_conne
         ("172.17.0.4:25565", "down"),
     ]
     assert rows["state"] == "degraded"
-    alone, _ = scan(unhealthy)
-    assert alone == []  # a lone unhealthy container is not routed until it recovers
+
+
+@pytest.mark.parametrize(
+    ("health", "route_state"), [("health: starting", "starting"), ("unhealthy", "down")]
+)
+def test_a_pool_whose_every_replica_is_held_back_keeps_its_route(
+    health: str, route_state: str
+) -> None:
+    """Routed with nothing to dial: its players get the unreachable answers (not the
+    unknown domain's), the API shows why, and a server woken by auto_start keeps its
+    route while its HEALTHCHECK starts."""
+    lone = {"infrarust.domains": "lone.example.com"}
+    replicas = [{**replica(n), "Status": f"Up 3 seconds ({health})"} for n in (1, 2)]
+    alone = {**container("lone", lone, {"bridge": "172.17.0.9"}), "Status": f"Up ({health})"}
+    servers, problems = scan(*replicas, alone)
+    assert problems == []
+    by_id = {s.id: s for s in servers}
+    assert sorted(by_id) == ["lone", "mc-survival"]
+    want = "starting" if "starting" in health else "unhealthy"
+    assert [(h.address, h.health) for h in by_id["mc-survival"].held_back] == [
+        ("172.17.0.2:25565", want),
+        ("172.17.0.3:25565", want),
+    ]
+    assert [(h.address, h.health) for h in by_id["lone"].held_back] == [("172.17.0.9:25565", want)]
+    assert all(s.addresses == () for s in servers)
+    table = build_table({"docker": servers})
+    for route_id in ("mc-survival@docker", "lone@docker"):
+        row = route_row(table, table.by_id[route_id])
+        assert row["state"] == route_state
+        assert row["backends"] == []
 
 
 def test_an_unready_container_with_a_bad_group_label_harms_no_other() -> None:

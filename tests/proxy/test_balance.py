@@ -426,6 +426,44 @@ async def test_a_route_whose_backends_are_all_down_answers_at_once() -> None:
         dead.close()
 
 
+@pytest.mark.anyio
+async def test_a_route_whose_every_backend_is_held_back_answers_at_once() -> None:
+    """A provider that holds every replica back (Docker HEALTHCHECK starting or
+    unhealthy) keeps the route with nothing to dial: HTTP 503, the unreachable MOTD and
+    unreachable_message, and no dial."""
+    from discoproxy.model import HeldBack
+    from discoproxy.protocol import minecraft
+    from tests.proxy.helpers import handshake, read_string
+
+    held = ServerDefinition.model_validate(
+        {
+            "id": "pool",
+            "domains": ["pool.example.com"],
+            "addresses": [],
+            "held_back": [HeldBack(address="10.0.0.1:25565", health="starting")],
+        }
+    )
+    async with running_proxy([held], unreachable_message="{server} is not ready") as proxy:
+        assert (await _ask(proxy.port)).startswith(b"HTTP/1.1 503")
+        async with await anyio.connect_tcp("127.0.0.1", proxy.port) as stream:
+            await stream.send(handshake("pool.example.com", 1) + b"\x01\x00")
+            with anyio.fail_after(5):
+                reply = await stream.receive()
+        packet = minecraft.parse_packet(bytearray(reply))
+        assert isinstance(packet, minecraft.Packet) and packet.packet_id == 0x00
+        assert "unreachable" in read_string(packet.payload).lower()
+        async with await anyio.connect_tcp("127.0.0.1", proxy.port) as stream:
+            await stream.send(handshake("pool.example.com", 2))
+            with anyio.fail_after(5):
+                kick = await stream.receive()
+        assert b"is not ready" in kick
+
+
+def test_a_server_with_no_address_needs_a_provider_holding_its_backends_back() -> None:
+    with pytest.raises(ValidationError, match="at least one address is required"):
+        ServerDefinition.model_validate({"id": "x", "domains": ["x.example.com"], "addresses": []})
+
+
 def test_a_new_table_that_changes_a_pools_settings_gets_them() -> None:
     from discoproxy.proxy.balance import Pools
     from discoproxy.routing import build_table
