@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import heapq
+import os
 import socket
 import ssl
 import time
@@ -30,11 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+from anyio.streams.tls import TLSStream
 from loguru import logger
 
 from discoproxy.model import Balance, CheckKind, HealthCheck
 from discoproxy.owners import LOOP, on_reactor, owned_by
 from discoproxy.protocol import minecraft
+from discoproxy.protocol.errors import NeedData
 from discoproxy.proxy.addresses import format_addr, literal_family, proxy_v2_header
 from discoproxy.proxy.stats import FAST_BUCKETS, Histogram
 from discoproxy.status import (
@@ -61,6 +64,10 @@ MAX_ANSWER_BYTES = 256 * 1024
 NUMBER_STRATEGIES = frozenset({Balance.LOWEST_LATENCY, Balance.FEWEST_PLAYERS})
 
 Key = tuple[str, tuple[tuple[str, int], ...], tuple[str, int]]  # route id, its list, one
+
+
+# A status exchange's ping and pong (serverbound and clientbound: the same id).
+PING_PACKET_ID = 0x01
 
 
 class CheckFailed(Exception):
@@ -164,8 +171,8 @@ class HealthChecker:
 
     async def _check(self, key: Key, target: _Target, limiter: asyncio.Semaphore) -> None:
         check, route = target.check, target.route
-        document: dict[str, Any] | None = None
         status = self.ctx.status
+        players: int | None
         protocol = (
             status.check_protocol(route, CHECK_PROTOCOL)
             if check.type is CheckKind.MINECRAFT
@@ -176,11 +183,16 @@ class HealthChecker:
             try:
                 async with asyncio.timeout(check.timeout):
                     document = await probe(check, route, *target.address, protocol)
+                players = online_players(document)
+                if document is not None and key in self._targets:
+                    # a minecraft check's answer is a status answer too: one the status
+                    # service cannot use fails the check (never this loop)
+                    status.offer(route, protocol, check_name(route, target.address[0]), document)
                 ok, detail = True, "ok"
             except TimeoutError:
-                ok, detail = False, f"no answer within {check.timeout:g}s"
+                ok, detail, players = False, f"no answer within {check.timeout:g}s", None
             except Exception as exc:  # any failure of a check is the backend's verdict
-                ok, detail = False, _reason(exc)
+                ok, detail, players = False, _reason(exc), None
             rtt = time.monotonic() - started
         self.checks += 1
         self._observe(route.qualified_id, ok, rtt)
@@ -189,9 +201,6 @@ class HealthChecker:
         target.last_ok = ok
         if key not in self._targets:
             return
-        if document is not None:  # a minecraft check's answer is a status answer too
-            status.offer(route, protocol, check_name(route, target.address[0]), document)
-        players = online_players(document)
         target.detail = detail
         if ok:
             target.rtt = rtt
@@ -313,15 +322,6 @@ async def probe(
             await _connect_only(family, host, port)
             return None
     name = check_name(route, host)
-    if kind is CheckKind.TLS:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        stream: anyio.abc.ByteStream = await anyio.connect_tcp(
-            host, port, tls=True, ssl_context=context, tls_hostname=name
-        )
-        await stream.aclose()
-        return None
     sock = await anyio.connect_tcp(host, port)
     async with sock:
         header = b""
@@ -330,6 +330,17 @@ async def probe(
             own = (str(local[0]), int(local[1]))
             header = proxy_v2_header((own, own))
         if kind is CheckKind.TCP:
+            if header:  # a backend that wants the header may count a silent close
+                await sock.send(header)
+            return None
+        if kind is CheckKind.TLS:  # the header first, as a player's connection has it
+            if header:
+                await sock.send(header)
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            tls = await TLSStream.wrap(sock, server_side=False, hostname=name, ssl_context=context)
+            await tls.aclose()
             return None
         if kind is CheckKind.HTTP:
             request = (
@@ -347,7 +358,16 @@ async def probe(
         sent = rewritten_host(route.server, host, name)  # what a player's ping sends
         handshake = minecraft.encode_handshake(protocol, sent, port, minecraft.NEXT_STATE_STATUS)
         await sock.send(header + handshake + minecraft.encode_packet(0x00, b""))
-        return await read_status_document(sock)
+        document = await read_status_document(sock)
+        # the whole server-list ping, as a client makes it: the ping, and its pong
+        token = os.urandom(8)  # a Long, as a client sends its clock
+        await sock.send(minecraft.encode_packet(PING_PACKET_ID, token))
+        buffer = bytearray()
+        while isinstance(pong := minecraft.parse_packet(buffer, max_bytes=64), NeedData):
+            buffer += await sock.receive(64)
+        if pong.packet_id != PING_PACKET_ID or pong.payload != token:
+            raise CheckFailed(f"answered the ping with packet 0x{pong.packet_id:02x}, not its pong")
+        return document
 
 
 async def _connect_only(family: socket.AddressFamily, host: str, port: int) -> None:
@@ -374,4 +394,6 @@ async def _read_until(stream: anyio.abc.ByteStream, end: bytes) -> bytes:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, anyio.EndOfStream):
         return "closed without answering"
+    if isinstance(exc, OSError) and exc.errno:  # "connection refused", not asyncio's
+        return os.strerror(exc.errno).lower()  # "connect call failed ('10.0.0.5', 25565)"
     return failure_reason(exc).lower()

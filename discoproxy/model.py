@@ -66,7 +66,7 @@ class CheckKind(enum.StrEnum):
     """What an active health check does against each backend of a pool."""
 
     TCP = "tcp"  # connect
-    MINECRAFT = "minecraft"  # handshake + status request: a real server-list ping
+    MINECRAFT = "minecraft"  # handshake, status, ping/pong: a real server-list ping
     TLS = "tls"  # connect + TLS handshake (certificate not verified)
     HTTP = "http"  # a GET whose status line must be the expected status
 

@@ -15,7 +15,7 @@ import anyio
 import pytest
 from anyio.abc import SocketStream
 
-from discoproxy.health import _spread, online_players, probe
+from discoproxy.health import _reason, _spread, online_players, probe
 from discoproxy.model import Balance, HealthCheck
 from discoproxy.protocol import minecraft
 from discoproxy.protocol.errors import NeedData
@@ -28,7 +28,10 @@ pytestmark = pytest.mark.anyio
 FAST = {"interval": 0.2, "timeout": 1.0, "rise": 2, "fall": 2}
 
 
-def mc_status(online: int) -> Callable[[SocketStream, Backend], Awaitable[None]]:
+def mc_status(online: int, pong: bool = True) -> Callable[[SocketStream, Backend], Awaitable[None]]:
+    """A server's server-list side: the status response, then the ping's pong (unless
+    ``pong`` is False: the connection just stays open)."""
+
     async def handler(stream: SocketStream, info: Backend) -> None:
         buffer = bytearray()
         while isinstance(hs := minecraft.parse_handshake(buffer), NeedData):
@@ -41,6 +44,14 @@ def mc_status(online: int) -> Callable[[SocketStream, Backend], Awaitable[None]]
             "players": {"max": 20, "online": online},
         }
         await stream.send(minecraft.encode_status_response(json.dumps(document)))
+        buffer = bytearray()
+        while isinstance(ping := minecraft.parse_packet(buffer), NeedData):
+            buffer += await stream.receive()
+        info.received.append(minecraft.encode_packet(ping.packet_id, ping.payload))
+        if pong:
+            await stream.send(minecraft.encode_packet(0x01, ping.payload))
+        else:
+            await anyio.sleep(10)
 
     return handler
 
@@ -75,10 +86,25 @@ async def test_a_tcp_check_passes_on_a_listener_and_fails_on_a_refusal() -> None
         assert await probe(check, route, "127.0.0.1", up.port) is None  # type: ignore[arg-type]
     closed = refused_port()
     try:
-        with pytest.raises(OSError):
+        with pytest.raises(OSError) as refused:
             await probe(check, route, "127.0.0.1", closed.getsockname()[1])  # type: ignore[arg-type]
     finally:
         closed.close()
+    # what the transition line, the event and the API's last_check say
+    assert _reason(refused.value) == "connection refused"
+
+
+async def test_a_minecraft_check_is_the_whole_server_list_ping_with_its_pong() -> None:
+    check = HealthCheck(type="minecraft", timeout=0.5)
+    async with backend(mc_status(3)) as mc:
+        await probe(check, route_for(mc.address), "127.0.0.1", mc.port)  # type: ignore[arg-type]
+        ping = minecraft.parse_packet(bytearray(mc.received[1]))
+        assert isinstance(ping, minecraft.Packet)
+        assert ping.packet_id == 0x01 and len(ping.payload) == 8
+    async with backend(mc_status(3, pong=False)) as mute:
+        with pytest.raises(TimeoutError):  # a status answer alone does not pass
+            with anyio.fail_after(0.5):
+                await probe(check, route_for(mute.address), "127.0.0.1", mute.port)  # type: ignore[arg-type]
 
 
 async def test_a_minecraft_check_reads_the_online_players() -> None:
@@ -100,6 +126,30 @@ async def test_an_http_check_wants_its_status() -> None:
         with pytest.raises(Exception, match="HTTP 404, expected 200"):
             await probe(HealthCheck(type="http", http_path="/nope"), route, "127.0.0.1", web.port)  # type: ignore[arg-type]
     assert web.received[0].startswith(b"GET /health HTTP/1.1\r\nHost: pool.example.com\r\n")
+
+
+async def test_a_tls_check_sends_the_proxy_header_before_its_client_hello() -> None:
+    """A backend behind send_proxy_protocol refuses a connection without the header,
+    so a check without it would mark every healthy backend down."""
+    from discoproxy.protocol import proxy_protocol
+
+    first: list[bytes] = []
+
+    async def serve(stream: SocketStream) -> None:
+        async with stream:
+            first.append(await stream.receive())
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        route = route_for(f"127.0.0.1:{port}", send_proxy_protocol=True)
+        with pytest.raises(
+            (ssl.SSLError, OSError, anyio.BrokenResourceError, anyio.EndOfStream)
+        ):  # the server above speaks no TLS
+            await probe(HealthCheck(type="tls"), route, "127.0.0.1", port)  # type: ignore[arg-type]
+        tg.cancel_scope.cancel()
+    assert first and first[0].startswith(proxy_protocol.V2_SIGNATURE)
 
 
 async def test_a_tls_check_completes_a_handshake(tmp_path: Path) -> None:
@@ -275,7 +325,8 @@ async def test_minecraft_checks_feed_the_status_cache_so_pings_never_wait() -> N
             # the ping was answered from what the check stored, on the reactor
             assert await proxy.ctx.reactor.run(lambda: proxy.ctx.status.reactor_hits) == 1
             assert proxy.ctx.status.misses == 0
-            assert len(mc.received) == proxy.ctx.health.checks  # only checks reached it
+            # only checks reached it (each: the status request, then the ping)
+            assert mc.connections - proxy.ctx.health.checks in (0, 1)  # (1: one under way)
 
 
 def test_port_routes_to_other_ports_are_checked_by_tcp_connect_as_pools_of_their_own() -> None:
@@ -328,3 +379,33 @@ async def test_a_dead_port_route_backend_is_marked_down_in_its_own_pool() -> Non
                 while await proxy.on_reactor(states) != want:
                     await anyio.sleep(0.05)
             assert rcon.received == []  # a tcp connect: nothing sent to RCON
+
+
+async def test_a_status_answer_the_cache_refuses_fails_the_check_not_the_checker() -> None:
+    """Whatever a backend's answer does to the status service, that backend's check fails
+    and is scheduled again; before, the error escaped the check and the backend was
+    never checked again."""
+    async with backend(mc_status(1)) as mc:
+        checked = server(
+            "pool",
+            "pool.example.com",
+            addresses=[mc.address],
+            health_check={"type": "minecraft", **FAST},
+        )
+        async with running_proxy([checked]) as proxy:
+
+            def offer(*args: object) -> None:
+                raise RecursionError("maximum recursion depth exceeded")
+
+            proxy.ctx.status.offer = offer  # type: ignore[method-assign]
+            with anyio.fail_after(5):
+                while await _pool_state(proxy, ("127.0.0.1", mc.port)) != "down":
+                    await anyio.sleep(0.05)
+            checks = proxy.ctx.health.checks
+            with anyio.fail_after(5):
+                while proxy.ctx.health.checks < checks + 2:  # still checked, on schedule
+                    await anyio.sleep(0.05)
+            last = await proxy.on_reactor(
+                lambda ctx: dict(ctx.pools)["pool@test"].backends[0].last_check
+            )
+    assert last == "maximum recursion depth exceeded"
