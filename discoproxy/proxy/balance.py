@@ -15,9 +15,13 @@ Rules for this file:
   (backends grouped by load, each group in the order its members were last touched; a
   dial or a close moves one backend between groups: a few dict operations, and a bisect
   of the sorted loads when a group appears or empties; ties rotate, as HAProxy's
-  ``leastconn``: a backend just used goes behind its equals), and ``lowest_latency`` /
-  ``fewest_players`` rotate over the best set, recomputed only when a check changes a
-  number. With backends down, one scan of the pool builds the order.
+  ``leastconn``: a backend just used goes behind its equals), and ``lowest_latency``
+  rotates over the best set, recomputed only when a check changes a number;
+  ``fewest_players`` scans (the last check's count plus the connections sent since
+  move with every login; Minecraft pools are a few servers). With backends down, one
+  scan of the pool builds the order. An order holds at most :data:`MAX_DIALS`
+  backends (``failover``: all it lists); weight 0 (drained) is in it only when nothing
+  else is up. Status pings use :meth:`Pool.status_order`: no cursor, no probe.
 - Backends are keyed by their configured ``(host, port)``: a table swap that keeps an
   address keeps its counts, one that drops it forgets them once nothing uses it.
 """
@@ -50,6 +54,10 @@ RETRY_MAX_S = 30.0
 MAX_SCHEDULE = 4096
 # Clients remembered per sticky pool (least recently seen forgotten first).
 MAX_STICKY = 65_536
+# Backends one connection may dial (HAProxy's default `retries 3`: the pick and three
+# more): a connection's wait stays bounded however many backends are unreachable before
+# passive or active checks take them out. `failover` tries every address it lists.
+MAX_DIALS = 4
 
 
 def _schedule(weights: list[int]) -> tuple[int, ...]:
@@ -95,6 +103,7 @@ class Backend:
 
     __slots__ = (
         "active",
+        "active_at_check",
         "address",
         "checked_down",
         "failed_total",
@@ -125,6 +134,7 @@ class Backend:
         self.last_check = ""  # "ok" or why the last check failed
         self.rtt: float | None = None  # the last passed check's round trip, seconds
         self.players: int | None = None  # online players, from a minecraft check
+        self.active_at_check = 0  # fewest_players: our connections the count included
         # the newest pool that holds it (a table swap that keeps the address shares the
         # backend with the old pool; the old one's connections still count here), its
         # place there, and its least_connections load group there (active / weight)
@@ -148,8 +158,14 @@ def _latency(backend: Backend) -> float:
 
 
 def _players(backend: Backend) -> float:
-    """fewest_players: online at the last minecraft check (unknown: last)."""
-    return math.inf if backend.players is None else float(backend.players)
+    """fewest_players: online at the last minecraft check, plus the connections this
+    proxy sent it since (logins between two checks do not all herd onto the emptiest
+    backend); unknown: last."""
+    if backend.players is None:
+        return math.inf
+    return backend.players + max(0, backend.active - backend.active_at_check) / max(
+        backend.weight, 1
+    )
 
 
 @owned_by(REACTOR)
@@ -163,6 +179,7 @@ class Pool:
         "_down",
         "_fast_pick",
         "_levels",
+        "_limit",
         "_loads",
         "_random",
         "_rotations",
@@ -210,13 +227,14 @@ class Pool:
         self.sticky: OrderedDict[str, tuple[Address, float]] = (
             old.sticky if old is not None and sticky_ttl > 0 else OrderedDict()
         )
-        # the fast path, while no backend is down: the takers, and each one's order
+        # the fast path, while no backend is down: the takers (weight 0 takes nothing
+        # while another is up), and each one's order: it, then the takers after it
         self._up_all = [i for i, b in enumerate(self.backends) if b.weight]
-        addresses_in_order = [b.address for b in self.backends]
-        self._rotations = [
-            tuple(addresses_in_order[i:] + addresses_in_order[:i])
-            for i in range(len(addresses_in_order))
-        ]
+        self._limit = len(self.backends) if strategy is Balance.FAILOVER else MAX_DIALS
+        takers = [self.backends[i].address for i in self._up_all]
+        self._rotations: list[tuple[Address, ...]] = [()] * len(self.backends)
+        for n, i in enumerate(self._up_all):
+            self._rotations[i] = tuple(takers[n:] + takers[:n])[: self._limit]
         # least_connections: the backends (weight > 0) grouped by load, each group a
         # dict in the order its members were last touched, and the loads present,
         # sorted; the backends' dials and closes move them here, whichever pool
@@ -329,7 +347,16 @@ class Pool:
         if first >= 0:
             start = up.index(first)
             order.extend(backends[i].address for i in up[start:] + up[:start])
-        return tuple(order)
+        return tuple(order[: self._limit])
+
+    def status_order(self) -> tuple[Address, ...]:
+        """The backends a status ping may ask, in the configured order: the ones up (the
+        drained when nothing else is). Unlike :meth:`order` it moves no cursor and
+        spends no probe: pings must not skew the spread of logins, nor use up the one
+        connection that may try a down backend (its result would not reach the pool)."""
+        backends = self.backends
+        up = [b.address for b in backends if not b.down and b.weight]
+        return tuple(up or [b.address for b in backends if not b.down])
 
     def _pick(self, up: list[int], client_ip: str | None, now: float) -> int:
         if self.sticky_ttl > 0 and client_ip is not None:
@@ -348,7 +375,8 @@ class Pool:
                 self._cursor += 1
                 if not self.backends[index].down and self.backends[index].weight:
                     return index
-            return up[0]
+            self._cursor += 1  # only drained ones left (every weight 0): they rotate
+            return up[self._cursor % len(up)]
         if strategy is Balance.RANDOM:
             total = self._cum[-1]
             if total:
@@ -359,7 +387,9 @@ class Pool:
         fast = up is self._up_all  # no backend down: the structures kept for it
         if strategy is Balance.LEAST_CONNECTIONS:
             return self._least_loaded() if fast else self._least(up, _load)
-        key = _latency if strategy is Balance.LOWEST_LATENCY else _players
+        if strategy is Balance.FEWEST_PLAYERS:  # the counts move with every connection
+            return self._least(up, _players)
+        key = _latency
         if not fast:
             return self._least(up, key)
         best = self._best
@@ -408,6 +438,7 @@ class Pool:
             backend.rtt = rtt
             if players is not None:
                 backend.players = players
+                backend.active_at_check = backend.active
             if backend.checked_down and streak >= rise:
                 backend.checked_down = False
                 backend.failures = 0
@@ -445,15 +476,26 @@ class Pool:
             if owner is not None:
                 owner._rekey(backend)
 
+    def left(self, address: Address, client_ip: str, now: float) -> None:
+        """A sticky pool's connection from ``client_ip`` to ``address`` ended: the client
+        is remembered ``sticky_ttl`` from now (from when it left, not when it came: a
+        player back a minute after an hour's session lands where it played)."""
+        remembered = self.sticky.get(client_ip)
+        if remembered is None or remembered[0] == address:  # (expired while it played)
+            self._remember(client_ip, address, now)
+
+    def _remember(self, client_ip: str, address: Address, now: float) -> None:
+        sticky = self.sticky
+        sticky[client_ip] = (address, now + self.sticky_ttl)
+        sticky.move_to_end(client_ip)
+        while len(sticky) > MAX_STICKY:
+            sticky.popitem(last=False)
+
     def connected(self, address: Address, client_ip: str | None, now: float) -> bool:
         """A dial reached ``address``; True when that brought it back up."""
         backend = self.by_address.get(address)
         if self.sticky_ttl > 0 and client_ip is not None:
-            sticky = self.sticky
-            sticky[client_ip] = (address, now + self.sticky_ttl)
-            sticky.move_to_end(client_ip)
-            while len(sticky) > MAX_STICKY:
-                sticky.popitem(last=False)
+            self._remember(client_ip, address, now)
         if backend is None:
             return False
         was_down = backend.retry_at > 0

@@ -879,11 +879,12 @@ class ClientConnection:
         return self.proxy_addresses() if route is not None and route.send_proxy_protocol else None
 
     def _status_order(self) -> tuple[tuple[str, int], ...]:
-        """The backends a status ping asks, in the pool's order (none: all down, so the
-        answer is the stale cache or the unreachable MOTD at once)."""
+        """The backends a status ping asks (none: all down, so the answer is the stale
+        cache or the unreachable MOTD at once): the pool's up ones, without moving its
+        cursor or spending its probe (``Pool.status_order``)."""
         route = self.route
         assert route is not None
-        return tuple(self._pool_order(route))
+        return self.ctx.pools.get(route).status_order()
 
     def _pool_order(self, route: Route) -> Sequence[tuple[str, int]]:
         """The route's pool (kept in ``_pool``) and its order for this client."""
@@ -1474,8 +1475,13 @@ class ClientConnection:
         up, down = self.up, self.down
         up.release()
         down.release()
-        if self._entry is not None:
-            self._pool.done(self._entry)  # type: ignore[union-attr]
+        entry = self._entry
+        if entry is not None:
+            pool = self._pool
+            assert pool is not None
+            pool.done(entry)
+            if pool.sticky_ttl and self.client_addr is not None:  # remembered from now
+                pool.left(entry, self.client_addr[0], time.monotonic())
             self._entry = None
         if self._ip_key is not None or self._players_in is not None or self._player:
             self._release_counts()  # a call only when counted in something

@@ -444,7 +444,10 @@ class UdpListener:
             return
         ctx = self.ctx
         ctx.udp_sessions -= 1
-        ctx.pools.get(session.route).done(session.entry)
+        pool = ctx.pools.get(session.route)
+        pool.done(session.entry)
+        if pool.sticky_ttl:  # the client is remembered from when its session ended
+            pool.left(session.entry, session.client[0], time.monotonic())
         route_stats = ctx.stats.route(session.route.qualified_id)
         route_stats.udp_sessions += 1
         route_stats.udp_bytes_up += session.bytes_up

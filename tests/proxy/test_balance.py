@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from discoproxy.model import Balance, ServerDefinition
-from discoproxy.proxy.balance import FALL, MAX_STICKY, RETRY_FIRST_S, Pool, _schedule
+from discoproxy.proxy.balance import (
+    FALL,
+    MAX_DIALS,
+    MAX_STICKY,
+    RETRY_FIRST_S,
+    Pool,
+    _schedule,
+)
 from tests.proxy.helpers import backend, named, running_proxy, server
 
 A, B, C = ("10.0.0.1", 25565), ("10.0.0.2", 25565), ("10.0.0.3", 25565)
@@ -198,7 +205,82 @@ def test_drained_backends_serve_when_nothing_else_is_up() -> None:
     assert list(p.order(None, 0.5)) == [B]
 
 
+def test_a_drained_backend_is_not_redispatched_to_while_another_is_up() -> None:
+    """Weight 0 takes no new connection while a weighted backend is up: not as the pick,
+    and not as a connection's next try either (the same whether or not one is down)."""
+    p = pool(Balance.ROUND_ROBIN, 1, 0, 1)
+    assert all(B not in p.order(None, 0) for _ in range(6))
+    for _ in range(FALL):
+        p.failed(A, 0.0)
+    assert all(list(p.order(None, 0.5)) == [C] for _ in range(3))
+
+
+def test_only_drained_backends_left_still_rotate() -> None:
+    p = pool(Balance.ROUND_ROBIN, 0, 0, 0)
+    assert {p.order(None, 0)[0] for _ in range(6)} == {A, B, C}
+
+
+def test_a_connection_dials_at_most_max_dials_backends_but_failover_tries_its_list() -> None:
+    addresses = [(f"10.0.1.{n}", 25565, 1) for n in range(1, 9)]
+    for strategy in (Balance.ROUND_ROBIN, Balance.LEAST_CONNECTIONS, Balance.RANDOM):
+        spread = Pool(addresses, strategy)
+        assert len(spread.order(None, 0)) == MAX_DIALS
+        spread.failed(("10.0.1.1", 25565), 0.0)  # (the slow path bounds it as well)
+        for _ in range(FALL):
+            spread.failed(("10.0.1.2", 25565), 0.0)
+        assert len(spread.order(None, 0.5)) == MAX_DIALS
+    assert len(Pool(addresses, Balance.FAILOVER).order(None, 0)) == len(addresses)
+
+
+def test_status_pings_spend_no_probe_and_move_no_cursor() -> None:
+    """A ping's result never reaches the pool: were it the probe of a down backend, the
+    login after it would find no probe left and be refused; were it a pick, uncached
+    pings would skew the round robin of logins."""
+    p = pool(Balance.ROUND_ROBIN, 1, 1)
+    for _ in range(5):
+        assert p.status_order() == (A, B)
+    assert firsts(p, 4) == [A, B, A, B]
+    for address in (A, B):
+        for _ in range(FALL):
+            p.failed(address, 0.0)
+    assert p.status_order() == ()  # all down: the stale cache or the unreachable MOTD
+    later = RETRY_FIRST_S + 0.1
+    assert p.status_order() == ()
+    assert list(p.order(None, later)) == [A]  # the login still gets its probe
+
+
+def test_fewest_players_counts_its_own_logins_between_checks() -> None:
+    """Counts come from checks seconds apart: the logins routed since the last check
+    count too, or every login of a burst lands on the one emptiest backend."""
+    p = pool(Balance.FEWEST_PLAYERS, 1, 1)
+    p.checked(A, True, 1, 1, 1, "ok", 0.01, 5)
+    p.checked(B, True, 1, 1, 1, "ok", 0.01, 7)
+    picks = []
+    for _ in range(6):
+        first = p.order(None, 0)[0]
+        p.dialing(first)
+        picks.append(first)
+    assert picks[:2] == [A, A]  # 5, 6: then A is at 7 as B is, and they share
+    assert collections.Counter(picks) == {A: 4, B: 2}
+    # the next check counts them (A: 11 with two from elsewhere); B still counts its 2
+    p.checked(A, True, 1, 1, 1, "ok", 0.01, 11)
+    assert p.order(None, 0)[0] == B
+
+
 # -- stickiness ---------------------------------------------------------------------------
+
+
+def test_a_sticky_client_is_remembered_from_when_it_left_not_from_when_it_came() -> None:
+    p = pool(Balance.ROUND_ROBIN, 1, 1, 1, sticky_ttl=60)
+    first = p.order("192.0.2.7", 0)[0]
+    p.dialing(first)
+    p.connected(first, "192.0.2.7", 0)
+    p.expire_sticky(3600)  # an hour's session: the entry made at connect ran out
+    p.done(first)
+    p.left(first, "192.0.2.7", 3600)
+    assert firsts(p, 3, now=3601, client="192.0.2.7") == [first] * 3
+    p.expire_sticky(3661)
+    assert "192.0.2.7" not in p.sticky
 
 
 def test_sticky_clients_return_to_their_backend_until_it_expires_or_goes_down() -> None:
