@@ -15,7 +15,9 @@ Rules for this file:
   its ``starting``), and keeps its own times (first seen, started, stopped) apart.
 - Idle means idle everywhere: before ``auto_stop_after`` stops a server, its backends
   are asked for their own online count (status answers, :attr:`Waker.backend_players`),
-  so players who reach it through another discoproxy instance keep it running.
+  so players who reach it through another discoproxy instance keep it running. A
+  worker of ``workers = N`` sees its own players only: there a backend that does not
+  answer its count is not stopped (``sees_every_player``).
 - Per-server state follows the routing table: a route that leaves is forgotten, on the
   loop by :meth:`Waker.table_changed` (a registry listener) and on the reactor thread by
   :meth:`Waker.forget_gone`, so container churn does not grow the maps.
@@ -88,6 +90,9 @@ class Waker:
         # Players on a route's backends by their own count (set by the proxy to the
         # status service's): those of other discoproxy instances count as much as ours.
         self.backend_players: Callable[[Route], Awaitable[int | None]] | None = None
+        # False in a worker of `workers = N`: ``players`` are this worker's only, so a
+        # backend that does not answer its count may have players elsewhere: not stopped
+        self.sees_every_player = True
         self.events: EventOutbox | None = None  # server_woken / server_stopped (webhooks)
 
     def is_starting(self, qualified_id: str) -> bool:
@@ -215,6 +220,16 @@ class Waker:
                 continue
             if self.backend_players is not None and route.addresses:
                 online = await self.backend_players(route)
+                if online is None and not self.sees_every_player:
+                    logger.info(
+                        "not stopping {}: no player on this worker for {:.0f}s, but its "
+                        "backend did not answer its player count (another worker's "
+                        "players may be on it)",
+                        qid,
+                        now - since,
+                    )
+                    self._idle_since[qid] = now  # looked at again after another period
+                    continue
                 if online:  # players who came through another instance
                     logger.info(
                         "not stopping {}: no player here for {:.0f}s, but its backend "

@@ -210,6 +210,7 @@ class Worker:
         ctx.status = status
         ctx.certs.reader = RemoteFiles(self.channel)
         ctx.waker.backend_players = status.online_players
+        ctx.waker.sees_every_player = False  # the other workers' players count too
         ctx.events.wanted = init.events
         # ids unique over the workers and over restarts: index + 1 + count * k
         ctx.number_ids(init.generation * 1_000_000_000 * init.count + init.index + 1, init.count)

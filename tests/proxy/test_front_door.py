@@ -546,3 +546,30 @@ async def test_a_status_ping_in_flight_when_its_route_leaves_stores_nothing() ->
             service.table_changed(registry.table)
             release.set()
         assert "a@test" not in ids_kept(service)
+
+
+async def test_a_worker_does_not_stop_a_server_whose_backend_does_not_answer_its_count() -> None:
+    """A worker of workers = N counts its own players only: with no answer from the
+    backend, players on another worker may be on it, so it is not stopped (one process,
+    which sees every player of this proxy, still stops it)."""
+    registry = Registry()
+    idle = server(
+        "a", "a.example.com", addresses=["127.0.0.1:1"], auto_start=True, auto_stop_after=10.0
+    )
+    registry.apply_snapshot("test", [idle])
+    stops = []
+    for sees_every_player in (False, True):
+        control = FakeControl(registry)
+        clock = FakeClock()
+        waker = Waker(registry, {"test": control}, clock=clock)
+
+        async def no_answer(route: object) -> int | None:
+            return None
+
+        waker.backend_players = no_answer
+        waker.sees_every_player = sees_every_player
+        await waker.stop_idle()
+        clock.advance(10)
+        await waker.stop_idle()
+        stops.append(control.stops)
+    assert stops == [0, 1]
