@@ -524,7 +524,10 @@ def route_row(
     if state == "running" and pool:
         # draining and starting backends take no new connection: they do not count
         down = sum(1 for b in pool if b["state"] == "down")
-        up = sum(1 for b in pool if b["state"] == "up")
+        # up, or drained (weight 0) while nothing else is up: those still serve
+        up = sum(1 for b in pool if b["state"] == "up") or sum(
+            1 for b in pool if b["state"] == "draining" and b["weight"] == 0
+        )
         if not up and not down and any(b["state"] == "starting" for b in pool):
             state = "starting"  # every replica's HEALTHCHECK still starting
         else:

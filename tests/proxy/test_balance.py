@@ -446,6 +446,19 @@ def test_a_route_with_a_down_backend_is_degraded_and_with_all_down_is_down() -> 
     assert [b["state"] for b in offline["pool"]] == ["unknown", "unknown"]
 
 
+def test_a_route_whose_weighted_backends_are_down_but_a_drained_one_serves_is_degraded() -> None:
+    from discoproxy.admin.server import route_row
+    from discoproxy.routing import build_table
+
+    addresses = ["10.0.0.1", {"address": "10.0.0.2", "weight": 0}]
+    table = build_table({"test": [server("pool", "pool.example.com", addresses=addresses)]})
+    p = Pool([(*A, 1), (*B, 0)], Balance.ROUND_ROBIN)
+    for _ in range(FALL):
+        p.failed(A, 0)
+    assert list(p.order(None, 0.5)) == [B]  # the drained one takes the connections now
+    assert route_row(table, table.by_id["pool@test"], backends=p.states())["state"] == "degraded"
+
+
 def test_backend_metrics_say_which_backend_is_down() -> None:
     import time
 
