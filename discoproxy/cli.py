@@ -187,14 +187,20 @@ def _print_table(headers: Sequence[str], lines: Sequence[Sequence[str]]) -> None
 
 
 def _backends_cell(row: dict[str, Any]) -> str:
-    """Each backend, with its weight when not 1 and its state when not plainly up."""
+    """Each backend, with its weight when not 1, its open connections when any, and
+    its state when not plainly up, with why (the last check's or dial's failure)."""
     parts = []
     for backend in row.get("pool") or [{"address": a} for a in row["backends"]]:
         text = str(backend["address"])
         if backend.get("weight", 1) != 1:
             text += f" x{backend['weight']}"
-        if backend.get("state", "up") not in ("up", "unknown"):
-            text += f" ({backend['state']})"
+        if backend.get("active"):
+            text += f" {backend['active']} open"
+        state = backend.get("state", "up")
+        if state not in ("up", "unknown"):
+            check = backend.get("last_check") or ""
+            why = (check if check != "ok" else "") or backend.get("last_error") or ""
+            text += f" ({state}: {why})" if why else f" ({state})"
         parts.append(text)
     return ", ".join(parts)
 

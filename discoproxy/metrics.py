@@ -228,7 +228,7 @@ def _families(
     yield connect
     yield duration
     yield dial_failures
-    yield from _backend_families(snap)
+    yield from _backend_families(snap, table)
 
     status = CounterMetricFamily(
         "discoproxy_status_cache",
@@ -297,11 +297,14 @@ def _families(
 PROVIDER_STATES = ("starting", "running", "failed", "off", "disabled")
 
 
-def _backend_families(snap: Snapshot) -> Iterator[Metric]:
-    """Each pooled backend of the routes connections used: up, open, failed dials."""
+def _backend_families(snap: Snapshot, table: RoutingTable) -> Iterator[Metric]:
+    """Each pooled backend of the routes connections used: up, open, failed dials; and
+    the replicas a provider holds back (a Docker HEALTHCHECK starting or unhealthy),
+    down, so an alert on ``backend_up == 0`` sees them too."""
     up = GaugeMetricFamily(
         "discoproxy_backend_up",
-        "1 while a backend takes new connections, 0 while marked down (failed dials)",
+        "1 while a backend takes new connections, 0 while marked down (failed dials or "
+        "checks) or held back by its provider (a Docker HEALTHCHECK starting or unhealthy)",
         labels=["route", "backend"],
     )
     active = GaugeMetricFamily(
@@ -320,6 +323,11 @@ def _backend_families(snap: Snapshot) -> Iterator[Metric]:
             up.add_metric(labels, 0 if backend.state == "down" else 1)
             active.add_metric(labels, backend.active)
             failed.add_metric(labels, backend.dial_failures)
+    for route in sorted(table.by_id.values(), key=lambda r: r.qualified_id):
+        for held in route.server.held_back:
+            labels = [route.qualified_id, held.address]
+            up.add_metric(labels, 0)
+            active.add_metric(labels, 0)
     yield up
     yield active
     yield failed

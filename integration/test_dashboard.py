@@ -189,7 +189,8 @@ def test_dashboard_shows_routes_and_a_live_connection(dashboard: Dashboard) -> N
                 {
                     "url": f"{dashboard.admin}/?token={TOKEN}",
                     "screenshot": str(ARTIFACTS / "dashboard.png"),
-                    "routes": [[DOMAIN, dashboard.backend]],
+                    # the backend with its open connection (this one), not in a tooltip
+                    "routes": [[DOMAIN, f"{dashboard.backend} · 1 open"]],
                     "connections": [[client, "tester", dashboard.backend]],  # its player
                     "timeout_ms": PAGE_TIMEOUT_MS,
                     # three refreshes, 4 s of history: the screenshot's charts have lines

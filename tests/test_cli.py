@@ -346,3 +346,28 @@ def test_commands_find_the_admin_api_from_the_config_and_use_its_token(
         assert "401, the admin API wants a token" in err
         code, _, _ = run(["routes", "--config", str(path), "--token", "t0ken"], capsys)
         assert code == 0
+
+
+def test_the_routes_table_shows_each_backends_open_connections_and_why_it_is_down() -> None:
+    from discoproxy.cli import _backends_cell
+
+    row = {
+        "backends": ["10.0.0.1:25565", "10.0.0.2:25565"],
+        "pool": [
+            {"address": "10.0.0.1:25565", "weight": 2, "state": "up", "active": 3},
+            {
+                "address": "10.0.0.2:25565",
+                "weight": 1,
+                "state": "down",
+                "active": 0,
+                "last_check": "connection refused",
+                "last_error": "",
+            },
+            {"address": "10.0.0.3:25565", "weight": 1, "state": "down", "last_error": "timed out"},
+            {"address": "10.0.0.4:25565", "weight": 0, "state": "starting", "active": 0},
+        ],
+    }
+    assert _backends_cell(row) == (
+        "10.0.0.1:25565 x2 3 open, 10.0.0.2:25565 (down: connection refused), "
+        "10.0.0.3:25565 (down: timed out), 10.0.0.4:25565 x0 (starting)"
+    )

@@ -487,6 +487,30 @@ def test_backend_metrics_say_which_backend_is_down() -> None:
     assert samples[("discoproxy_backend_failed_dials_total", "10.0.0.1:25565")] == FALL
 
 
+def test_replicas_a_provider_holds_back_are_down_in_the_metrics() -> None:
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from discoproxy.metrics import render
+    from discoproxy.model import HeldBack
+    from discoproxy.proxy.stats import Snapshot
+    from discoproxy.routing import build_table
+
+    held = server("pool", "pool.example.com", addresses=["10.0.0.1"]).model_copy(
+        update={"held_back": (HeldBack(address="10.0.0.2:25565", health="unhealthy"),)}
+    )
+    snap = Snapshot(time.time(), {}, {}, {}, {}, {}, {}, {}, (0, 0), (0, 0, 0))
+    text = render(snap, build_table({"test": [held]}), [], True).decode()
+    ups = {
+        s.labels["backend"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "discoproxy_backend_up"
+    }
+    assert ups == {"10.0.0.2:25565": 0}  # (10.0.0.1's pool: no connection made one yet)
+
+
 @pytest.mark.anyio
 async def test_a_route_whose_backends_are_all_down_answers_at_once() -> None:
     from discoproxy.protocol import minecraft
