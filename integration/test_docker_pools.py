@@ -16,11 +16,14 @@ import subprocess
 from collections.abc import Callable
 
 import anyio
+import anyio.abc
 import pytest
 
+from discoproxy.config import ProxyConfig
 from discoproxy.routing import RoutingTable
 from integration.docker_support import PYTHON, DockerResources, unavailable
 from integration.test_docker_provider import LiveProxy, docker_proxy
+from tests.proxy.helpers import handshake
 from tests.support import REPO, require_program
 
 NODE_DIR = REPO / "integration" / "node"
@@ -30,6 +33,9 @@ pytestmark = [pytest.mark.peer, pytest.mark.anyio]
 LOGINS = 30
 # a deadline, not a measurement: a login that waited on a dead replica would miss it
 LOGIN_WITHIN_S = 5.0
+# the death test's connect_timeout: twice the deadline, so a login that waited for a
+# dial to the dead replica to time out misses LOGIN_WITHIN_S
+CONNECT_TIMEOUT_S = 2 * LOGIN_WITHIN_S
 
 
 def _labels(resources: DockerResources, domain: str) -> dict[str, str]:
@@ -58,10 +64,22 @@ async def _logins(live: LiveProxy, domain: str, count: int = LOGINS) -> collecti
     return answers
 
 
+async def _player_on(live: LiveProxy, domain: str, name: bytes) -> anyio.abc.SocketStream:
+    """A connection through the proxy that reached replica ``name``, left open."""
+    with anyio.fail_after(LOGIN_WITHIN_S * 3):
+        while True:
+            stream = await live.connect()
+            await stream.send(handshake(domain))
+            if await stream.receive() == name:
+                return stream
+            await stream.aclose()
+
+
 async def test_logins_spread_over_three_replicas_and_follow_scaling_and_death(
     resources: DockerResources,
 ) -> None:
-    async with docker_proxy(resources) as live:
+    config = ProxyConfig(bind=("127.0.0.1:0",), connect_timeout=CONNECT_TIMEOUT_S)
+    async with docker_proxy(resources, config) as live:
         domain = live.domain("survival")
         names = [resources.name(f"survival-{n}").encode() for n in (1, 2, 3)]
         replicas = [
@@ -71,8 +89,19 @@ async def test_logins_spread_over_three_replicas_and_follow_scaling_and_death(
         await live.wait_until(_pool_size(live, 3))
         assert await _logins(live, domain) == dict.fromkeys(names, LOGINS // 3)
 
-        # one replica dies: once the engine says so it is out, and no login fails
-        await live.docker(replicas[0].kill)
+        # a player on replica 1 when it is killed: that player's connection ends; the
+        # logins right after the kill (the engine's event maybe not in yet) all get in,
+        # none waiting connect_timeout on the dead replica
+        held = await _player_on(live, domain, names[0])
+        async with held:
+            await live.docker(replicas[0].kill)
+            during = await _logins(live, domain, 6)
+            assert set(during) <= {names[1], names[2]} and sum(during.values()) == 6
+            with anyio.fail_after(CONNECT_TIMEOUT_S):
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    while True:  # echoes until the backend is gone
+                        await held.send(b"ping")
+                        await held.receive()
         await live.wait_until(_pool_size(live, 2))
         after = await _logins(live, domain)
         assert after == {names[1]: LOGINS // 2, names[2]: LOGINS // 2}
@@ -128,6 +157,10 @@ async def test_a_replica_takes_connections_only_while_its_healthcheck_passes(
         )
         await live.wait_until(_pool_size(live, 1), HEALTH_WITHIN_S)  # unhealthy: it leaves
         assert await _logins(live, domain, 6) == {names[0]: 6}
+
+        await live.docker(checked.exec_run, [PYTHON, "-c", "open('/healthy', 'w')"])
+        await live.wait_until(_pool_size(live, 2), HEALTH_WITHIN_S)  # recovered: back in
+        assert await _logins(live, domain, 6) == {names[0]: 3, names[1]: 3}
 
 
 # a real Minecraft server (npm minecraft-protocol, integration/node/mc_server.js) in each

@@ -108,8 +108,10 @@ class LiveProxy:
 
 
 @asynccontextmanager
-async def docker_proxy(resources: DockerResources, **settings: Any) -> AsyncIterator[LiveProxy]:
-    config = ProxyConfig(bind=("127.0.0.1:0",))
+async def docker_proxy(
+    resources: DockerResources, config: ProxyConfig | None = None, **settings: Any
+) -> AsyncIterator[LiveProxy]:
+    config = config or ProxyConfig(bind=("127.0.0.1:0",))
     provider = DockerProvider(
         "docker", DockerSettings(label_prefix=resources.prefix, **settings), config
     )
