@@ -89,9 +89,13 @@ def configure_logging(level: str, fmt: str) -> None:
         logger.add(sink, level=level, format=TEXT_FORMAT, colorize=out.isatty(), catch=True)
 
 
-def _load(args: argparse.Namespace) -> ProxyConfig:
+def _config_path(args: argparse.Namespace) -> Path | None:
     path = args.config or os.environ.get("DISCOPROXY_CONFIG")
-    config = load_config(Path(path) if path else None, os.environ)
+    return Path(path) if path else None
+
+
+def _load(args: argparse.Namespace) -> ProxyConfig:
+    config = load_config(_config_path(args), os.environ)
     overrides: dict[str, Any] = {}
     if getattr(args, "bind", None):
         overrides["bind"] = tuple(args.bind)
@@ -104,6 +108,14 @@ def _load(args: argparse.Namespace) -> ProxyConfig:
     if overrides:
         config = ProxyConfig.model_validate({**config.model_dump(), **overrides})
     return config
+
+
+def _load_providers(
+    args: argparse.Namespace, config: ProxyConfig
+) -> list[tuple[Provider, Enabled]]:
+    """The providers of *config*, loaded as :func:`_load` loaded it: a bad table is
+    reported naming the file (and line) or the environment it came from."""
+    return load_providers(config, path=_config_path(args), environ=os.environ)
 
 
 async def _offline_snapshots(
@@ -147,7 +159,7 @@ def _load_table(providers: list[tuple[Provider, Enabled]]) -> tuple[RoutingTable
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = _load(args)
-        providers = load_providers(config)
+        providers = _load_providers(args, config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         print("config NOT ok: the config itself does not load", file=sys.stderr)
@@ -223,7 +235,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
     try:
         if args.offline:
             config = _load(args)
-            table, _ = _load_table(load_providers(config))
+            table, _ = _load_table(_load_providers(args, config))
             data: Any = {
                 "routes": table_rows(table),
                 "conflicts": [str(c) for c in table.conflicts],
@@ -511,7 +523,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        providers = load_providers(config)
+        providers = _load_providers(args, config)
         config.admin.bearer_token()  # an unreadable token_file stops the start, not a request
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

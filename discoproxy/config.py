@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from discoproxy.model import IpFilterSettings, PlayerLists
+from discoproxy.model import IpFilterSettings, PlayerLists, parse_networks
 from discoproxy.motd import Motd
 
 DEFAULT_PORT = 25565
@@ -267,8 +267,9 @@ class ProxyConfig(BaseModel):
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
         default=(),
         validate_default=True,
-        description="CIDRs allowed to send a PROXY header; others are treated as direct "
-        "clients. Required with receive_proxy_protocol; ['0.0.0.0/0', '::/0'] trusts all.",
+        description="CIDRs (or addresses) allowed to send a PROXY header; others are treated "
+        "as direct clients. Required with receive_proxy_protocol; ['0.0.0.0/0', '::/0'] "
+        "trusts all.",
     )
     connect_timeout: Seconds = Field(
         default=5.0,
@@ -458,6 +459,17 @@ class ProxyConfig(BaseModel):
                 parse_bind(str(item))
         return value
 
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _trusted_proxies(cls, value: Any) -> Any:
+        """As ``ip_filter``'s lists: CIDRs or bare addresses, a list or one string; a bad
+        entry is named with the accepted forms (pydantic's own message names neither)."""
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            return value
+        return parse_networks(value)
+
     @field_validator("trusted_proxies")
     @classmethod
     def _trusted_proxies_named(
@@ -566,34 +578,141 @@ def read_document(path: Path) -> dict[str, Any]:
     return data
 
 
-def _line_of(text: str, key: str) -> int | None:
-    """Best-effort line number of a top-level key in TOML or YAML text."""
-    pattern = re.compile(rf"^[ \t]*[\"']?{re.escape(key)}[\"']?\s*[=:]", re.MULTILINE)
-    match = pattern.search(text)
-    return text.count("\n", 0, match.start()) + 1 if match else None
+# A TOML table header: ``[a.b]``, ``[[a]]`` (an array of tables: one entry per header).
+_TOML_HEADER = re.compile(r"^[ \t]*\[(\[?)[ \t]*([^\[\]#]+?)[ \t]*\]\]?[ \t]*(?:#.*)?$")
+# A key line: TOML ``a.b = …`` (dotted keys) or YAML ``a: …`` / ``- a: …`` (indented).
+_KEY_PART = r"(?:\"[^\"\n]*\"|'[^'\n]*'|[\w-]+)"
+_KEY_LINE = re.compile(
+    rf"^([ \t]*)(-[ \t]+)?({_KEY_PART}(?:[ \t]*\.[ \t]*{_KEY_PART})*)[ \t]*([=:])"
+)
+
+
+def _key_names(text: str, dotted: bool) -> tuple[str, ...]:
+    if not dotted:
+        return (text.strip("\"'"),)
+    return tuple(a or b or c for a, b, c in re.findall(r"\"([^\"]*)\"|'([^']*)'|([\w-]+)", text))
+
+
+def _line_of(text: str, loc: Sequence[str | int]) -> int | None:
+    """Best-effort line of the key at *loc* (``("providers", "docker", "endpoint")``) in
+    TOML or YAML text: the line of that key, else of the nearest enclosing one written
+    (a ``[providers.docker]`` header, ``trusted_proxies = [...]`` for an entry of it)."""
+    target = tuple(loc)
+    table: tuple[str | int, ...] = ()  # TOML: the keys of the current [table]
+    arrays: dict[tuple[str | int, ...], int] = {}  # TOML: [[name]] entries seen so far
+    nested: list[tuple[int, str]] = []  # YAML: (indent, key) of the mappings around
+    best, best_line = 0, None
+    for number, line in enumerate(text.splitlines(), 1):
+        header = _TOML_HEADER.match(line)
+        if header:
+            table = _key_names(header[2], dotted=True)
+            if header[1]:  # [[name]]: its index among the entries of that array
+                index = arrays[table] = arrays.get(table, -1) + 1
+                table = (*table, index)
+            nested = []
+            keys = table
+        else:
+            match = _KEY_LINE.match(line)
+            if match is None:
+                continue
+            if match[4] == "=":
+                keys = (*table, *_key_names(match[3], dotted=True))
+            else:
+                indent = len(match[1]) + len(match[2] or "")
+                while nested and nested[-1][0] >= indent:
+                    nested.pop()
+                nested.append((indent, _key_names(match[3], dotted=False)[0]))
+                keys = tuple(key for _, key in nested)
+        if best < len(keys) <= len(target) and target[: len(keys)] == keys:
+            best, best_line = len(keys), number
+    return best_line
+
+
+def _set_by(environment: Mapping[str, Any], loc: Sequence[str | int]) -> bool:
+    """Whether the ``DISCOPROXY_*`` overrides set the value at *loc* (or one around it)."""
+    node: Any = environment
+    for part in loc:
+        if not isinstance(node, Mapping):
+            return True  # a whole value (a list, a table) set over the file's
+        if str(part) not in node:
+            return False
+        node = node[str(part)]
+    return bool(loc)
+
+
+def locate(
+    source: str,
+    text: str | None,
+    loc: Sequence[str | int],
+    environment: Mapping[str, Any] | None = None,
+) -> str:
+    """Where the key at *loc* was written: ``file:line`` (``file`` when the line is not
+    found), or ``environment`` when the ``DISCOPROXY_*`` overrides set it."""
+    if environment and _set_by(environment, loc):
+        return "environment"
+    line = _line_of(text, loc) if text is not None and loc else None
+    return f"{source}:{line}" if line else source
+
+
+# pydantic's texts for a value of the wrong type name a Python type, not the accepted
+# form: "Input should be a valid boolean, unable to interpret input" for "maybe".
+_EXPECTED_BY_TYPE = {
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "int_parsing": "expected a whole number",
+    "int_type": "expected a whole number",
+    "int_from_float": "expected a whole number",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "string_type": "expected a string",
+    "path_type": "expected a path, as a string",
+    "list_type": "expected a list",
+    "tuple_type": "expected a list",
+    "set_type": "expected a list",
+    "frozen_set_type": "expected a list",
+    "dict_type": "expected a table of keys",
+    "model_type": "expected a table of keys",
+}
+# Checks made where the accepted forms are not said (motd.py reads the favicon file and
+# says why it failed): the forms, added to a message that names none.
+_EXPECTED_BY_FIELD = {
+    "favicon": "expected the path of a readable 64x64 PNG file or a "
+    "'data:image/png;base64,...' URI",
+}
 
 
 def describe_validation_error(
     exc: ValidationError,
     source: str,
     text: str | None = None,
-    prefix: str = "",
+    at: Sequence[str] = (),
     known_keys: Sequence[str] = (),
+    environment: Mapping[str, Any] | None = None,
 ) -> str:
-    """One line per problem: ``source[:line]: field: message (got value)``."""
+    """One line per problem: ``source[:line]: field: message (got value)``.
+
+    *text* is the source's content (for the line); *at* the keys the validated table
+    sits under (``("providers", "docker")``); *environment* the ``DISCOPROXY_*``
+    overrides merged over the file: a key they set is said to come from ``environment``.
+    """
     lines = []
     for error in exc.errors(include_url=False):
-        loc = ".".join(str(part) for part in error["loc"])
-        top = str(error["loc"][0]) if error["loc"] else ""
-        line = _line_of(text, top) if text is not None and top else None
-        where = f"{source}:{line}" if line else source
+        loc = (*at, *error["loc"])
+        where = locate(source, text, loc, environment)
+        if not error["loc"] and environment and (not at or _set_by(environment, at)):
+            where = f"{source} + environment"  # a check of several keys, set in both
         message = error["msg"].removeprefix("Value error, ")
+        last = next((part for part in reversed(error["loc"]) if isinstance(part, str)), "")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
             close = difflib.get_close_matches(str(error["loc"][-1]), known_keys, n=1)
             if close:
                 message += f" (did you mean {close[0]!r}?)"
-        field = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(top level)"
+        elif error["type"] in _EXPECTED_BY_TYPE:
+            message = _EXPECTED_BY_TYPE[error["type"]]
+        elif last in _EXPECTED_BY_FIELD and "expected" not in message:
+            message += f"; {_EXPECTED_BY_FIELD[last]}"
+        field = ".".join(str(part) for part in loc) or "(top level)"
         got = error.get("input")
         shown = (
             ""
@@ -604,6 +723,14 @@ def describe_validation_error(
     return "\n".join(lines)
 
 
+def source_text(path: Path) -> str | None:
+    """*path*'s text, for the lines of error messages; None when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 Model = TypeVar("Model", bound=BaseModel)
 
 
@@ -611,12 +738,8 @@ def validate_document(model: type[Model], data: Mapping[str, Any], path: Path) -
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError:
-            text = None
         keys = list(model.model_fields)
-        message = describe_validation_error(exc, str(path), text, known_keys=keys)
+        message = describe_validation_error(exc, str(path), source_text(path), known_keys=keys)
         raise ConfigError(message, str(path)) from exc
 
 
@@ -682,6 +805,11 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     try:
         return ProxyConfig.model_validate(_merge(data, overrides))
     except ValidationError as exc:
-        source = f"{path} + environment" if path is not None else "environment"
         keys = list(ProxyConfig.model_fields)
-        raise ConfigError(describe_validation_error(exc, source, known_keys=keys)) from exc
+        if path is None:
+            message = describe_validation_error(exc, "environment", known_keys=keys)
+        else:  # each key named where it was set: the file (with its line) or the variables
+            message = describe_validation_error(
+                exc, str(path), source_text(path), known_keys=keys, environment=overrides
+            )
+        raise ConfigError(message, str(path) if path else None) from exc

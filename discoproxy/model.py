@@ -212,7 +212,10 @@ def _check_ip(host: str, original: str, *, want_v6: bool) -> None:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"invalid IPv6 address in {original!r}") from None
+        raise ValueError(
+            f"invalid IPv6 address in {original!r}; expected e.g. '[2001:db8::1]:25565', "
+            "or '[2001:db8::1]' and '2001:db8::1' for port 25565"
+        ) from None
     if want_v6 and ip.version != 6:
         raise ValueError(f"invalid address {original!r}; brackets are for IPv6 literals only")
 
@@ -513,7 +516,9 @@ class ServerDefinition(BaseModel):
         default=Balance.FAILOVER,
         description="Which address a new connection dials first: 'failover' (the first "
         "healthy one, in order), 'round_robin', 'random' or 'least_connections' (by "
-        "weight); a failed dial moves on to the next healthy address.",
+        "weight), 'lowest_latency' (the fastest last check) or 'fewest_players' (the "
+        "fewest online at the last minecraft check, plus the connections sent since); a "
+        "failed dial moves on to the next healthy address (4 at most but for 'failover').",
     )
     health_check: HealthCheck | None = Field(
         default=None,
@@ -680,6 +685,20 @@ class ServerDefinition(BaseModel):
                 raise ValueError(f"unknown proxy_mode {value!r}; accepted: 'passthrough'")
             return ProxyMode.PASSTHROUGH
         return value
+
+    @field_validator("auto_stop_after", mode="before")
+    @classmethod
+    def _auto_stop_after(cls, value: Any) -> Any:
+        """The forms the Docker label takes (``600``, ``30s``, ``10m``, ``1h``), so a
+        server file can say what a label says."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return peer_duration_s(value.strip().lower(), "auto_stop_after")
+        except ValueError:
+            raise ValueError(
+                f"expected seconds (600) or a duration such as 30s, 10m or 1h, got {value!r}"
+            ) from None
 
     @field_validator("ports", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ import enum
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import anyio
@@ -36,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from discoproxy.config import CONFIG_SUFFIXES as CONFIG_SUFFIXES
 from discoproxy.config import ConfigError as ConfigError
 from discoproxy.config import ProxyConfig as ProxyConfig
-from discoproxy.config import describe_validation_error
+from discoproxy.config import describe_validation_error, environment_overrides, locate, source_text
 from discoproxy.config import read_document as read_document
 from discoproxy.config import validate_document as validate_document
 from discoproxy.config import write_atomically as write_atomically
@@ -210,18 +211,29 @@ def discover() -> dict[str, type[Provider]]:
 
 
 def load_providers(
-    config: ProxyConfig, registered: Mapping[str, type[Provider]] | None = None
+    config: ProxyConfig,
+    registered: Mapping[str, type[Provider]] | None = None,
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> list[tuple[Provider, Enabled]]:
     """Instantiate every registered provider with its validated settings.
 
     Raises :class:`ConfigError` for a ``[providers.X]`` table that names no registered
-    provider or does not validate; the message names the field and accepted values.
+    provider or does not validate; the message names where the key was written (*path*,
+    the file ``config`` was loaded from, and its line; ``environment`` for a key set by a
+    ``DISCOPROXY_*`` variable of *environ*), the field and the accepted values.
     """
     registered = discover() if registered is None else registered
+    source = str(path) if path is not None else "environment" if environ else "config"
+    text = source_text(path) if path is not None else None
+    overrides = environment_overrides(environ) if environ and path is not None else None
     unknown = sorted(set(config.providers) - set(registered))
     if unknown:
+        where = locate(source, text, ("providers", unknown[0]), overrides)
         raise ConfigError(
-            f"providers.{unknown[0]}: unknown provider; registered: {', '.join(sorted(registered))}"
+            f"{where}: providers.{unknown[0]}: unknown provider; registered: "
+            f"{', '.join(sorted(registered))}",
+            source,
         )
     loaded: list[tuple[Provider, Enabled]] = []
     for name in sorted(registered):
@@ -232,10 +244,13 @@ def load_providers(
             raise ConfigError(
                 describe_validation_error(
                     exc,
-                    "config",
-                    prefix=f"providers.{name}.",
+                    source,
+                    text,
+                    at=("providers", name),
                     known_keys=list(cls.Settings.model_fields),
-                )
+                    environment=overrides,
+                ),
+                source,
             ) from exc
         instances = getattr(cls, "instances", None)
         for instance, instance_settings in (

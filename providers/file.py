@@ -1,7 +1,8 @@
 """The file provider: one server per ``servers_dir/*.toml|*.yaml|*.yml`` file, hot-reloaded.
 
 Rules for this file:
-- The server id is the file stem; Infrarust server files load unchanged.
+- The server id is the file stem unless the file sets ``id``; Infrarust server files load
+  unchanged.
 - A file that fails to read, parse or validate is reported with its path, line/field and
   reason, and its **last good version stays published**; fixing the file applies it.
   The other files are never affected.

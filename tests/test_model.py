@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -57,6 +60,11 @@ def test_backend_address_parsing(raw: str, host: str, port: int) -> None:
         ("host:25565a", "expected 1-65535, got '25565a'"),
         ("[::1", "missing ']'"),
         ("[10.0.0.1]:5", "brackets are for IPv6"),
+        (
+            "[zz]:1",
+            "invalid IPv6 address in '[zz]:1'; expected e.g. '[2001:db8::1]:25565', "
+            "or '[2001:db8::1]' and '2001:db8::1' for port 25565",
+        ),
         ("bad host:5", "expected an IP address or a hostname"),
         ("", "empty address"),
     ],
@@ -77,6 +85,40 @@ def test_infrarust_camel_case_fields_are_accepted() -> None:
         }
     )
     assert server.send_proxy_protocol is True
+
+
+def test_every_server_field_has_a_camel_case_spelling_too() -> None:
+    server = make(maxPlayers=7, autoStopAfter=60, tcpshieldRealIp=True)
+    assert (server.max_players, server.auto_stop_after, server.tcpshield_real_ip) == (7, 60, True)
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [(600, 600), (2.5, 2.5), ("600", 600), ("90s", 90), ("10m", 600), ("1h", 3600), ("10M", 600)],
+)
+def test_auto_stop_after_takes_the_forms_the_docker_label_takes(
+    raw: object, seconds: float
+) -> None:
+    assert make(auto_stop_after=raw).auto_stop_after == seconds
+
+
+def test_a_bad_auto_stop_after_says_what_is_accepted() -> None:
+    with pytest.raises(ValidationError, match="auto_stop_after") as info:
+        make(auto_stop_after="soon")
+    assert info.value.errors()[0]["msg"] == (
+        "Value error, expected seconds (600) or a duration such as 30s, 10m or 1h, got 'soon'"
+    )
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        make(auto_stop_after="-1m")
+
+
+def test_every_server_field_is_in_the_readme_server_file_table() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("### Server files", 1)[1].split("\n\n", 2)[1]
+    documented = {
+        key for row in table.splitlines()[2:] for key in re.findall(r"`(\w+)`", row.split(" | ")[0])
+    }
+    assert set(ServerDefinition.model_fields) - documented == set()
 
 
 def test_addresses_keep_their_order_for_failover() -> None:

@@ -394,7 +394,7 @@ LABELS: tuple[LabelSpec, ...] = (
     LabelSpec(
         key="tls.backend_tls",
         type="bool",
-        default="none",
+        default="`false`",
         example="`true`",
         accepted="`true`, `1`, `false`, `0` (any case)",
         maps_to="`tls.backend_tls`",
@@ -405,7 +405,7 @@ LABELS: tuple[LabelSpec, ...] = (
     LabelSpec(
         key="tls.backend_verify",
         type="bool",
-        default="none",
+        default="`true`",
         example="`false`",
         accepted="`true`, `1`, `false`, `0` (any case)",
         maps_to="`tls.backend_verify`",
@@ -736,7 +736,8 @@ def labels_markdown(prefix: str = DEFAULT_LABEL_PREFIX) -> str:
         lines.append(f"- `{p}.{spec.key}`: {spec.description}")
     lines += [
         "",
-        "The server's `addresses` is the single address `<host>:<port>` worked out below.",
+        "Each container gives its server (or its pool) one address, `<host>:<port>`, "
+        "worked out below.",
         "",
         "## Backend address",
         "",
@@ -788,9 +789,10 @@ def labels_markdown(prefix: str = DEFAULT_LABEL_PREFIX) -> str:
         "`false` |",
         *_settings_rows(),
         "",
-        "`[providers.swarm]` takes the same keys (`enabled = auto`: on when the engine at",
-        "`endpoint` is a manager of an active swarm; `use_published_ports` must stay false),",
-        "and:",
+        "`[providers.swarm]` takes the same keys but `engines`, which it refuses (a swarm is",
+        "read from one manager: its `endpoint`); `enabled = auto` is on when the engine at",
+        "`endpoint` is a manager of an active swarm, and `use_published_ports` must stay",
+        "false. It also takes:",
         "",
         "| key | default | meaning |",
         "| --- | --- | --- |",

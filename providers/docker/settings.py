@@ -162,9 +162,8 @@ class DockerSettings(ProviderSettings):
             except ValidationError as exc:
                 first = exc.errors()[0]
                 where = ".".join(str(part) for part in first["loc"])
-                raise ValueError(
-                    f"engines.{index} ({engine.name}): {where}: {first['msg']}"
-                ) from None
+                message = first["msg"].removeprefix("Value error, ")
+                raise ValueError(f"engines.{index} ({engine.name}): {where}: {message}") from None
         return self
 
     def per_engine(self) -> list[tuple[str | None, Self]]:

@@ -3,15 +3,20 @@ problems out. The records have the shape the engine's API 1.41 returns."""
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from discoproxy.model import ServerDefinition
 from providers.docker import (
     LABELS,
     DockerSettings,
     LabelProblem,
+    LabelSpec,
+    SwarmSettings,
     inspection_target,
     is_relevant_event,
     labels_markdown,
@@ -667,3 +672,36 @@ def test_a_bad_player_label_names_the_container_the_label_and_the_accepted_value
     (problem,) = result.problems
     assert problem.container == "mc-1" and problem.label == "infrarust.players.deny"
     assert "neither a username" in problem.message
+
+
+def _model_field(path: str) -> FieldInfo:
+    """The ServerDefinition field a label spec's dotted ``field`` names."""
+    model: type[BaseModel] = ServerDefinition
+    *outer, last = path.split(".")
+    for name in outer:
+        annotation = model.model_fields[name].annotation
+        model = next(
+            arg
+            for arg in (annotation, *typing.get_args(annotation))
+            if isinstance(arg, type) and issubclass(arg, BaseModel)
+        )
+    return model.model_fields[last]
+
+
+@pytest.mark.parametrize(
+    "spec", [spec for spec in LABELS if spec.type == "bool" and spec.field], ids=lambda s: s.key
+)
+def test_a_bool_label_documents_the_default_the_model_has(spec: LabelSpec) -> None:
+    assert spec.field is not None
+    default = _model_field(spec.field).default
+    assert isinstance(default, bool)
+    assert spec.default == f"`{str(default).lower()}`"
+
+
+def test_labels_md_says_swarm_refuses_engines() -> None:
+    with pytest.raises(ValidationError, match="several engines are not supported for Swarm"):
+        SwarmSettings.model_validate({"engines": [{"name": "a", "endpoint": "unix:///a"}]})
+    settings = labels_markdown().split("## Provider settings", 1)[1]
+    assert "`[providers.swarm]` takes the same keys but `engines`, which it refuses" in (
+        " ".join(settings.split())
+    )
