@@ -90,6 +90,19 @@ class HealthCheck(BaseModel):
     http_path: str = Field(default="/", description="Path of an http check's GET.")
     http_status: int = Field(default=200, ge=100, le=599, description="Status it must answer.")
 
+    @field_validator("interval", "timeout", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        """``5``, ``0.5``, ``2s``, ``1m``: as the Docker labels take them."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return peer_duration_s(value.strip().lower(), "duration")
+        except ValueError:
+            raise ValueError(
+                f"expected seconds (5) or a duration such as 500ms, 2s or 1m, got {value!r}"
+            ) from None
+
     @field_validator("http_path")
     @classmethod
     def _path(cls, value: str) -> str:
@@ -686,15 +699,15 @@ class ServerDefinition(BaseModel):
             return ProxyMode.PASSTHROUGH
         return value
 
-    @field_validator("auto_stop_after", mode="before")
+    @field_validator("auto_stop_after", "sticky_ttl", "status_cache_ttl", mode="before")
     @classmethod
-    def _auto_stop_after(cls, value: Any) -> Any:
-        """The forms the Docker label takes (``600``, ``30s``, ``10m``, ``1h``), so a
+    def _duration(cls, value: Any) -> Any:
+        """The forms the Docker labels take (``600``, ``30s``, ``10m``, ``1h``), so a
         server file can say what a label says."""
         if not isinstance(value, str):
             return value
         try:
-            return peer_duration_s(value.strip().lower(), "auto_stop_after")
+            return peer_duration_s(value.strip().lower(), "duration")
         except ValueError:
             raise ValueError(
                 f"expected seconds (600) or a duration such as 30s, 10m or 1h, got {value!r}"

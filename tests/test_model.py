@@ -184,3 +184,23 @@ def test_motds_per_state_reject_unknown_states_and_fields() -> None:
         make(motds={"asleep": {"text": "Zzz"}})
     with pytest.raises(ValidationError, match=r"motds\.online\.motd"):
         make(motds={"online": {"motd": "x"}})
+
+
+def test_a_server_files_durations_take_the_forms_the_labels_take() -> None:
+    server = ServerDefinition.model_validate(
+        {
+            "id": "x",
+            "domains": ["x.example.com"],
+            "addresses": ["10.0.0.1"],
+            "sticky_ttl": "10m",
+            "status_cache_ttl": "30s",
+            "health_check": {"type": "tcp", "interval": "2s", "timeout": "500ms"},
+        }
+    )
+    assert (server.sticky_ttl, server.status_cache_ttl) == (600, 30)
+    assert server.health_check is not None
+    assert (server.health_check.interval, server.health_check.timeout) == (2, 0.5)
+    with pytest.raises(ValidationError, match="expected seconds"):
+        ServerDefinition.model_validate(
+            {"id": "x", "domains": ["x.example.com"], "addresses": ["a"], "sticky_ttl": "soon"}
+        )
