@@ -59,6 +59,7 @@ from bench.payloads import (
 )
 from bench.targets import Discoproxy, make_certificate
 from discoproxy.protocol import minecraft
+from discoproxy.proxy.steering import steer_index
 
 HTTP_NAME = "http.soak.example.com"
 CHURN_NAME = "churn.soak.example.com"
@@ -83,6 +84,8 @@ class Tally:
     explained: collections.Counter[str] = field(default_factory=collections.Counter)
     verified_bytes: int = 0
     killed_at: float | None = None
+    # the killed worker's index (None: unknown, every failure in the window is its)
+    killed_index: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def ok(self, kind: str, verified: int = 0) -> None:
@@ -94,7 +97,13 @@ class Tally:
         with self.lock:
             cause = f"{kind}: {type(exc).__name__}: {str(exc)[:80]}"
             killed = self.killed_at
-            if killed is not None and time.monotonic() - killed < KILL_WINDOW_S:
+            source = getattr(_turn, "source", None)  # this thread's last client address
+            its = (
+                self.killed_index is None
+                or source is None
+                or steer_index(source, WORKERS) == self.killed_index
+            )
+            if killed is not None and time.monotonic() - killed < KILL_WINDOW_S and its:
                 self.explained[cause] += 1
             else:
                 self.failed[cause] += 1
@@ -173,6 +182,7 @@ def _udp_factory(port: int) -> Callable[[int], int]:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.settimeout(2)
         sock.bind((SOURCES[n % len(SOURCES)], 0))  # sessions on every worker
+        _turn.source = SOURCES[n % len(SOURCES)]
         sock.connect(("127.0.0.1", port))
         clients.append(sock)
     turn = iter(range(1 << 62))
@@ -212,6 +222,7 @@ def _from_sources(address: Any, timeout: Any = None, source_address: Any = None,
         n = getattr(_turn, "n", 0)
         _turn.n = n + 1
         source_address = (SOURCES[n % len(SOURCES)], 0)
+        _turn.source = source_address[0]  # whose worker a failure blames (Tally.fail)
     return _create_connection(address, timeout, source_address, **kw)
 
 
@@ -225,15 +236,40 @@ def _loop(kind: str, work: Callable[[int], int], port: int, until: float, tally:
         time.sleep(PAUSE_S)
 
 
-def _churn(servers: Path, backend: int, until: float, tally: Tally) -> None:
-    """A server file written and removed every second: the file provider's churn."""
+def _churn(servers: Path, backend: int, port: int, until: float, tally: Tally) -> None:
+    """A server file written and removed every second, the file provider's churn: while
+    it is there its name must route (a login echoes), once removed it must not."""
     path = servers / "churn.toml"
     while time.monotonic() < until:
         path.write_text(f'domains = ["{CHURN_NAME}"]\naddresses = ["127.0.0.1:{backend}"]\n')
-        time.sleep(0.5)
+        if not _churn_routed_within(port, True):
+            tally.failed["file churn: a written server file was not routed in time"] += 1
         path.unlink(missing_ok=True)
-        time.sleep(0.5)
-        tally.ok("churn")
+        if not _churn_routed_within(port, False):
+            tally.failed["file churn: a removed server file was still routed"] += 1
+        else:
+            tally.ok("churn")
+
+
+CHURN_WAIT_S = 5.0  # the file provider applies a change well within this
+
+
+def _churn_routed_within(port: int, routed: bool) -> bool:
+    """Whether a login to ``CHURN_NAME`` echoes (``routed``) or is refused within
+    ``CHURN_WAIT_S``."""
+    deadline = time.monotonic() + CHURN_WAIT_S
+    while True:
+        hello = minecraft.encode_handshake(765, CHURN_NAME, 25565, 2)
+        hello += minecraft.encode_login_start("churn") + b"churn-check"
+        try:
+            answer = _exchange(port, hello, len(hello))
+        except OSError:
+            answer = b""
+        if (answer == hello) is routed:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 DOCKER_NAME = "docker.soak.example.com"
@@ -345,6 +381,9 @@ def _kill_worker(pid: int, at: float, tally: Tally) -> None:
         return
     with tally.lock:
         tally.killed_at = time.monotonic()
+        # children are listed in the order they were started: with none restarted yet,
+        # the last is the worker of index N - 1 (its clients are the ones it may fail)
+        tally.killed_index = WORKERS - 1 if len(workers) == WORKERS else None
     os.kill(workers[-1], signal.SIGKILL)
     print(f"killed worker pid {workers[-1]}", flush=True)
 
@@ -476,7 +515,7 @@ def _drive(
         threading.Thread(target=_loop, args=(kind, work, p, until, tally), daemon=True)
         for kind, work, p in loops
     ]
-    threads.append(threading.Thread(target=_churn, args=(servers, echo_port, until, tally)))
+    threads.append(threading.Thread(target=_churn, args=(servers, echo_port, port, until, tally)))
     threads.append(threading.Thread(target=_sighup, args=(pid, until, tally)))
     threads.append(threading.Thread(target=_container_churn, args=(port, until, tally)))
     started = time.monotonic()

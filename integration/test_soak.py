@@ -27,5 +27,5 @@ def test_a_two_minute_soak_passes() -> None:
     report = done.stdout + done.stderr
     assert done.returncode == 0 and "PASS" in done.stdout, report
     served = ("login", "sni", "http", "bulk", "ping cached", "udp")
-    for kind in (*served, "container up", "container login", "container churn"):
+    for kind in (*served, "churn", "container up", "container login", "container churn"):
         assert f"served {kind}:" in done.stdout, report
