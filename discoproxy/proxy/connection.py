@@ -1032,13 +1032,21 @@ class ClientConnection:
             return
         client = self.client_addr
         if pool.connected(entry, client[0] if client else None, now):
-            logger.bind(route=route.qualified_id).warning(
-                "backend {} of {} up again", format_addr(entry), route.qualified_id
+            worker = self.ctx.worker
+            logger.bind(route=route.qualified_id, worker=worker).warning(
+                "backend {} of {} up again{}",
+                format_addr(entry),
+                route.qualified_id,
+                "" if worker is None else f" on worker {worker}",
             )
-            self.ctx.events.put(
-                "backend_up",
-                {"route": route.qualified_id, "backend": format_addr(entry), "reason": "dialed"},
-            )
+            event: dict[str, object] = {
+                "route": route.qualified_id,
+                "backend": format_addr(entry),
+                "reason": "dialed",
+            }
+            if worker is not None:
+                event["worker"] = worker
+            self.ctx.events.put("backend_up", event)
 
     def _entry_failed(self) -> None:
         """The pool entry being dialed failed (each of its addresses): it is no longer
@@ -1056,21 +1064,24 @@ class ClientConnection:
             return
         last = self._dial_errors[-1] if self._dial_errors else "failed"
         if pool.failed(entry, time.monotonic(), last):
-            logger.bind(route=route.qualified_id).warning(
-                "backend {} of {} down: {} dials failed in a row: {}",
+            # passive health is each worker's own (its dials): the line says whose
+            worker = self.ctx.worker
+            logger.bind(route=route.qualified_id, worker=worker).warning(
+                "backend {} of {} down: {} dials failed in a row{}: {}",
                 format_addr(entry),
                 route.qualified_id,
                 FALL,
+                "" if worker is None else f" on worker {worker}",
                 last,
             )
-            self.ctx.events.put(
-                "backend_down",
-                {
-                    "route": route.qualified_id,
-                    "backend": format_addr(entry),
-                    "reason": f"{FALL} dials failed in a row: {last}",
-                },
-            )
+            event: dict[str, object] = {
+                "route": route.qualified_id,
+                "backend": format_addr(entry),
+                "reason": f"{FALL} dials failed in a row: {last}",
+            }
+            if worker is not None:
+                event["worker"] = worker
+            self.ctx.events.put("backend_down", event)
 
     @on_loop
     async def _resolve(self, host: str, port: int, token: int) -> None:
