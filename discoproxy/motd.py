@@ -7,7 +7,13 @@ Rules for this file:
 2. Validation happens once, when the config is loaded: a favicon is read, checked and
    stored as its ``data:`` URI, a JSON text is parsed once to report errors early.
 3. Rendering never fails on what a backend sent: a malformed status document is patched
-   into a valid one, never rejected.
+   into a valid one, never rejected. Any JSON value may stand anywhere (a number where a
+   list belongs, a list where a string does): what is not of the expected type is
+   ignored. Documents come as ``status.parse_status_document`` accepts them (strict
+   JSON, nesting bounded), so the walks here may recurse once per level.
+4. Legacy (pre-1.7) text is bounded (:data:`MAX_LEGACY_MOTD_CHARS`,
+   :data:`MAX_LEGACY_VERSION_CHARS`) while it is built, not after: a translation may
+   repeat its arguments.
 
 Spec: https://minecraft.wiki/w/Java_Edition_protocol/Server_List_Ping (status document),
 https://minecraft.wiki/w/Text_component_format (text components),
@@ -18,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import itertools
 import json
 import re
@@ -40,6 +45,16 @@ FAVICON_PREFIX = "data:image/png;base64,"
 HEX_COLOR_PROTOCOL = 735
 
 SECTION = "\u00a7"
+
+# A pre-1.7 answer is one UTF-16 string of at most 0xFFFF units (a 16-bit length,
+# minecraft.MAX_LEGACY_KICK_UNITS) and the server list shows a line of its MOTD. These
+# caps keep every legacy answer far under that limit (astral characters are two units)
+# whatever the backend's document holds, and bound the work of flattening one: a
+# translation that repeats an argument ("%1$s%1$s...", "with" nested in "with") would
+# otherwise grow a 256 KiB document into gigabytes.
+MAX_LEGACY_MOTD_CHARS = 8192
+MAX_LEGACY_VERSION_CHARS = 256
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IHDR = struct.Struct(">I4sII")  # chunk length, chunk type, width, height
@@ -76,7 +91,11 @@ RESET_CODE = "r"
 
 _HEX_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
 _CODE_PAIR = re.compile(f"{SECTION}.?", re.DOTALL)
-_FORMAT_ARG = re.compile(r"%(?:(\d+)\$)?([sd%])")
+# Java's Formatter syntax as Minecraft's TranslatableContents reads it: ASCII digits only
+_FORMAT_ARG = re.compile(r"%(?:([0-9]+)\$)?([sd%])")
+# a longer argument index names no argument (and Python's int() refuses 4300 digits)
+_MAX_ARG_INDEX_DIGITS = 9
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Motd(BaseModel):
@@ -274,7 +293,7 @@ _NO_STYLE: _Style = (None, frozenset())
 _UNKNOWN_STYLE: _Style = ("?", frozenset())  # after text carrying its own § codes
 
 
-def component_to_legacy(component: Any) -> str:
+def component_to_legacy(component: Any, max_chars: int = MAX_LEGACY_MOTD_CHARS) -> str:
     """Flatten a JSON text component into legacy text with ``§`` codes.
 
     Handles strings, lists (the first element is the parent of the rest), ``text``,
@@ -282,9 +301,40 @@ def component_to_legacy(component: Any) -> str:
     plain text), ``keybind``, ``extra``, named and hex colours (hex -> nearest named) and
     the five formats. Styles are inherited from parents; ``§r`` is emitted when a
     sibling drops a colour or format. Good enough for a server list, not a renderer.
+
+    Values of the wrong type are skipped (a ``with`` or ``extra`` that is not a list, a
+    ``color`` that is not a string). The result has at most *max_chars* characters.
     """
+    return _to_legacy(component, 0, _Budget(max_chars))[:max_chars]
+
+
+# Text a flattening may build per character of its result: translation arguments are
+# built before they are placed, and a placed one is built again at every level above.
+# A real MOTD builds each character once or twice.
+_WORK_PER_RESULT_CHAR = 4
+
+
+class _Budget:
+    """What one flattening may still build, shared by its nested translation arguments:
+    every piece is cut at ``cap`` (the result's cap) and, once ``left`` is spent, no
+    further node is read (the nodes already being read finish, each piece still cut), so
+    the work stays bounded whatever the document repeats."""
+
+    __slots__ = ("cap", "left")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.left = cap * _WORK_PER_RESULT_CHAR
+
+    def spend(self, text: str) -> str:
+        text = text[: self.cap]
+        self.left -= len(text)
+        return text
+
+
+def _to_legacy(component: Any, depth: int, budget: _Budget) -> str:
     segments: list[tuple[str, _Style]] = []
-    _flatten(component, _NO_STYLE, segments, depth=0)
+    _flatten(component, _NO_STYLE, segments, depth, budget)
     out: list[str] = []
     current = _NO_STYLE
     for text, style in segments:
@@ -304,34 +354,36 @@ def component_to_legacy(component: Any) -> str:
 _MAX_COMPONENT_DEPTH = 64
 
 
-def _flatten(node: Any, inherited: _Style, out: list[tuple[str, _Style]], depth: int) -> None:
-    if depth > _MAX_COMPONENT_DEPTH:
+def _flatten(
+    node: Any, inherited: _Style, out: list[tuple[str, _Style]], depth: int, budget: _Budget
+) -> None:
+    if depth > _MAX_COMPONENT_DEPTH or budget.left <= 0:
         return
     if isinstance(node, str):
-        out.append((node, inherited))
+        out.append((budget.spend(node), inherited))
         return
     if isinstance(node, list):
         if not node:
             return
-        parent, *children = node
-        _flatten(parent, inherited, out, depth + 1)
+        parent = node[0]
+        _flatten(parent, inherited, out, depth + 1, budget)
         style = _own_style(parent, inherited) if isinstance(parent, dict) else inherited
-        for child in children:
-            _flatten(child, style, out, depth + 1)
+        for child in itertools.islice(node, 1, None):
+            _flatten(child, style, out, depth + 1, budget)
         return
     if not isinstance(node, dict):
         if isinstance(node, int | float | bool):
-            out.append((json.dumps(node), inherited))
+            out.append((budget.spend(json.dumps(node)), inherited))
         return
     style = _own_style(node, inherited)
-    out.append((_own_text(node), style))
+    out.append((budget.spend(_own_text(node, depth, budget)), style))
     extra = node.get("extra")
     if isinstance(extra, list):
         for child in extra:
-            _flatten(child, style, out, depth + 1)
+            _flatten(child, style, out, depth + 1, budget)
 
 
-def _own_text(node: Mapping[str, Any]) -> str:
+def _own_text(node: Mapping[str, Any], depth: int, budget: _Budget) -> str:
     if "text" in node:
         text = node["text"]
         return text if isinstance(text, str) else json.dumps(text)
@@ -340,23 +392,44 @@ def _own_text(node: Mapping[str, Any]) -> str:
         if not isinstance(pattern, str):
             pattern = node["translate"]
         args = node.get("with")
-        plain = [strip_codes(component_to_legacy(arg)) for arg in args or ()]
-        return _fill_translation(pattern, plain)
+        plain = [
+            strip_codes(_to_legacy(arg, depth + 1, budget))
+            for arg in (args if isinstance(args, list) else ())
+        ]
+        return _fill_translation(pattern, plain, budget.cap)
     if isinstance(node.get("keybind"), str):
         return str(node["keybind"])
     return ""
 
 
-def _fill_translation(pattern: str, args: list[str]) -> str:
+def _fill_translation(pattern: str, args: list[str], max_chars: int) -> str:
+    """*pattern* with its ``%s``, ``%d``, ``%N$s`` filled from *args* (missing ones
+    empty), cut at *max_chars*: built piece by piece, so a pattern that repeats a long
+    argument costs no more than the cut."""
     position = itertools.count()
-
-    def replace(match: re.Match[str]) -> str:
+    pieces: list[str] = []
+    size = 0
+    last = 0
+    for match in _FORMAT_ARG.finditer(pattern):
+        if size >= max_chars:
+            break
+        digits = match.group(1)
         if match.group(2) == "%":
-            return "%"
-        index = int(match.group(1)) - 1 if match.group(1) else next(position)
-        return args[index] if 0 <= index < len(args) else ""
-
-    return _FORMAT_ARG.sub(replace, pattern)
+            value = "%"
+        else:
+            if digits is None:
+                index = next(position)
+            elif len(digits) <= _MAX_ARG_INDEX_DIGITS:
+                index = int(digits) - 1
+            else:
+                index = -1
+            value = args[index] if 0 <= index < len(args) else ""
+        for piece in (pattern[last : match.start()], value):
+            pieces.append(piece[: max_chars - size])
+            size += len(pieces[-1])
+        last = match.end()
+    pieces.append(pattern[last:][: max(max_chars - size, 0)])
+    return "".join(pieces)
 
 
 def _own_style(node: Mapping[str, Any], inherited: _Style) -> _Style:
@@ -423,12 +496,16 @@ def render_status(base: Mapping[str, Any] | None, motd: Motd | None, protocol: i
     if base is None:
         document = _default_status(protocol)
     else:
-        document = copy.deepcopy(dict(base))
+        # copies of what is written (the top object, "version", "players"); the rest is
+        # only read (the downgrade builds new values), so *base* is never changed
+        document = dict(base)
         defaults = _default_status(protocol)
         for key in ("version", "players"):
-            section = _section(document, key)
-            for field, value in defaults[key].items():
-                section.setdefault(field, value)
+            value = document.get(key)
+            section = dict(value) if isinstance(value, dict) else {}
+            for field, default in defaults[key].items():
+                section.setdefault(field, default)
+            document[key] = section
         document.setdefault("description", defaults["description"])
     version = _section(document, "version")
     players = _section(document, "players")
@@ -450,18 +527,27 @@ def render_status(base: Mapping[str, Any] | None, motd: Motd | None, protocol: i
 
 
 def _as_int(value: Any, default: int) -> int:
+    """*value* as the int32 a legacy client reads (``Integer.parseInt``), else *default*."""
+    number = default
     if isinstance(value, bool):
         return default
     if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and len(value) <= 16:
         try:
-            return int(value)
+            number = int(value)
         except ValueError:
             return default
-    return default
+    return number if _INT32_MIN <= number <= _INT32_MAX else default
+
+
+def _legacy_text(text: str, max_chars: int) -> str:
+    """*text* as a legacy answer can carry it: one line, no NUL (the 1.4+ separator), no
+    lone surrogate (not UTF-16), at most *max_chars* characters."""
+    text = text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ").replace("\0", "")
+    return _LONE_SURROGATE.sub("\ufffd", text)[:max_chars]
 
 
 def legacy_fields(status: Mapping[str, Any]) -> tuple[str, str, int, int, int]:
@@ -469,16 +555,17 @@ def legacy_fields(status: Mapping[str, Any]) -> tuple[str, str, int, int, int]:
     legacy (pre-1.7) ping answers.
 
     The MOTD is flattened to one line of legacy text (newlines become spaces); NULs,
-    the separator of the 1.4+ answer, are removed from the texts.
+    the separator of the 1.4+ answer, are removed from the texts, lone surrogates
+    replaced, and each text cut to its cap (:data:`MAX_LEGACY_MOTD_CHARS`,
+    :data:`MAX_LEGACY_VERSION_CHARS`). Numbers outside int32 give the default.
     """
     version = status.get("version")
     version = version if isinstance(version, Mapping) else {}
     players = status.get("players")
     players = players if isinstance(players, Mapping) else {}
-    motd = component_to_legacy(status.get("description", ""))
-    motd = motd.replace("\r\n", " ").replace("\n", " ").replace("\r", " ").replace("\0", "")
+    motd = _legacy_text(component_to_legacy(status.get("description", "")), MAX_LEGACY_MOTD_CHARS)
     name = version.get("name")
-    name = (name if isinstance(name, str) else "").replace("\0", "")
+    name = _legacy_text(name if isinstance(name, str) else "", MAX_LEGACY_VERSION_CHARS)
     return (
         motd,
         name,

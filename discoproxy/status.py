@@ -18,6 +18,10 @@ Rules for this file:
   and a ping still in flight for it stores nothing, so container churn does not grow them.
 - MOTD text and version names may carry ``{server}`` (display name) and ``{domain}``
   (the name the player used).
+- A backend's document is checked once, when it arrives (:func:`parse_status_document`:
+  strict JSON, an object, at most :data:`MAX_DOCUMENT_DEPTH` deep) and rendered inside
+  the fetch: a document refused or not renderable is a failed fetch (:class:`StatusError`),
+  so the stale answer or the unreachable MOTD is served, never an internal error.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -64,6 +69,13 @@ READ_BYTES = 16 * 1024
 MAX_PROTOCOLS_PER_SERVER = 32
 # Entries overall; the oldest goes first.
 MAX_ENTRIES = 4096
+# Nesting of a backend's document (the top object is level 1; a vanilla answer's
+# players.sample entries are level 4). Text components nest through "extra" and "with",
+# two levels per step (a list, then an object), and a MOTD uses a few. Every walk of a
+# document (rendering, colour downgrades, legacy flattening) recurses once per level, so
+# an answer of nested brackets (256 KiB of them fit the cap) is refused here rather
+# than reach the recursion limit in one of them.
+MAX_DOCUMENT_DEPTH = 64
 
 
 class StatusState(enum.StrEnum):
@@ -344,6 +356,7 @@ class StatusService:
                     document = await self._ping_backend(
                         route, protocol, domain, port, client, addresses
                     )
+            entry = self._entry(server, document, protocol, domain)  # StatusError: a failed fetch
         except (StatusError, TimeoutError) as exc:
             why = str(exc) or f"no answer within {self.config.status_timeout}s"
             logger.bind(route=route.qualified_id).info(
@@ -353,16 +366,20 @@ class StatusService:
         finally:
             if qid in self._gone:  # its route left meanwhile: keep nothing for it
                 self._pinging.pop(qid, None)
-        entry = self._entry(server, document, protocol, domain)
         self._store(key, entry)
         return entry
 
     def _entry(
         self, server: ServerDefinition, document: dict[str, Any], protocol: int, domain: str
     ) -> _Entry:
+        """The cache entry for a backend's ``document``; :class:`StatusError` when it
+        cannot be rendered (or framed): then it is a failed fetch, not an answer."""
         online = server.motds.online
-        rendered = render_online(server, document, protocol, domain)
-        packet = minecraft.encode_status_response(rendered)
+        try:
+            rendered = render_online(server, document, protocol, domain)
+            packet = minecraft.encode_status_response(rendered)
+        except Exception as exc:  # motd.py renders whatever parses; this is the backstop
+            raise StatusError(f"its status document cannot be rendered: {exc!r:.200}") from exc
         per_domain = online is not None and "{domain}" in f"{online.text}{online.version_name}"
         return _Entry(server, document, self.clock(), rendered, packet, per_domain, protocol)
 
@@ -394,7 +411,8 @@ class StatusService:
     def offer(self, route: Route, protocol: int, domain: str, document: dict[str, Any]) -> None:
         """A minecraft health check's answer for ``route`` (asked with ``protocol`` and
         ``domain``): it becomes the cached answer for that protocol, so while checks run
-        more often than the cache's TTL, pings never wait for the backend."""
+        more often than the cache's TTL, pings never wait for the backend. Raises
+        :class:`StatusError` for a document that cannot be rendered (nothing stored)."""
         if route.server.sleeping:
             return
         entry = self._entry(route.server, document, protocol, domain)
@@ -506,17 +524,59 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def parse_status_document(payload: bytes) -> dict[str, Any]:
-    """The JSON document of a Status Response payload (a protocol String)."""
-    size = minecraft.read_varint(payload)
+    """The JSON document of a Status Response payload (a protocol String).
+
+    Raises :class:`StatusError` for anything else: a bad string length, not UTF-8, not
+    strict JSON (RFC 8259: no ``NaN``, ``Infinity`` or numbers a float cannot hold),
+    not an object, or nested deeper than :data:`MAX_DOCUMENT_DEPTH`.
+    """
+    try:
+        size = minecraft.read_varint(payload)
+    except ProtocolError as exc:
+        raise StatusError(f"status response string length: {exc}") from None
     if isinstance(size, NeedData):
         raise StatusError("empty status response")
     length, start = size
     if length < 0 or start + length != len(payload):
         raise StatusError("status response string length does not match the packet")
     try:
-        document = json.loads(payload[start:].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        document = json.loads(
+            payload[start:].decode("utf-8"),
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+        )
+    except RecursionError:  # json's own limit, far past ours
+        raise StatusError(
+            f"status response nests deeper than {MAX_DOCUMENT_DEPTH} levels"
+        ) from None
+    except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError, int digit limit, ours
         raise StatusError(f"status response is not JSON: {exc}") from None
-    if not isinstance(document, Mapping):
+    if not isinstance(document, dict):
         raise StatusError("status response is not a JSON object")
-    return dict(document)
+    if _deeper_than(document, MAX_DOCUMENT_DEPTH):
+        raise StatusError(f"status response nests deeper than {MAX_DOCUMENT_DEPTH} levels")
+    return document
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number (RFC 8259 §6)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _deeper_than(document: dict[str, Any], limit: int) -> bool:
+    """Whether objects and arrays in ``document`` nest more than ``limit`` levels (the
+    document itself is level 1). A loop, not recursion: the point is to stop those."""
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(document, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False

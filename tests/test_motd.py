@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from discoproxy.motd import (
     FAVICON_PREFIX,
     MAX_FAVICON_BYTES,
+    MAX_LEGACY_MOTD_CHARS,
     Motd,
     component_to_legacy,
     downgrade_component,
@@ -24,6 +25,7 @@ from discoproxy.motd import (
     strip_codes,
     text_to_component,
 )
+from discoproxy.protocol.minecraft import encode_legacy_beta_kick, encode_legacy_kick
 
 
 def png(width: int, height: int, extra: bytes = b"") -> bytes:
@@ -358,3 +360,68 @@ def test_legacy_fields() -> None:
     assert legacy_fields(document) == ("§6Line one two", "Paper 1.21", 767, 3, 20)
     assert legacy_fields({"description": "§aHi\nthere"}) == ("§aHi there", "", -1, 0, 0)
     assert legacy_fields({"version": {"name": "a\0b", "protocol": "x"}}) == ("", "ab", -1, 0, 0)
+
+
+# --- Backend documents of any shape (legacy answers) -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("component", "legacy"),
+    [
+        ({"translate": "x %s", "with": 1}, "x "),
+        ({"translate": "x %s", "with": "abc"}, "x "),  # not its characters as arguments
+        ({"translate": "x %s", "with": {"text": "a"}}, "x "),  # not its keys
+        ({"translate": "x %s", "with": None, "extra": 5}, "x "),
+        ({"text": "a", "extra": "bc"}, "a"),
+        ({"text": "a", "extra": {"text": "b"}}, "a"),
+        ({"text": ["a"], "color": 7, "bold": "yes", "extra": [None, {}, [], 2]}, '["a"]2'),
+        ({"translate": 5, "keybind": ["k"], "fallback": 1}, ""),
+        ({"translate": "x", "fallback": None, "with": [[], [1], {"text": 2}]}, "x"),
+        ([{"text": "a", "color": "red"}, 1.5, True, None, "b"], "§ca1.5trueb"),
+        ({"translate": "%" + "9" * 5000 + "$s|%s", "with": ["a"]}, "|a"),  # past int()'s digits
+        ({"translate": "%99999999999999$s|%2$s", "with": ["a", "b"]}, "|b"),
+        ({"translate": "%\u0663$s", "with": ["a", "b", "c"]}, "%\u0663$s"),  # ASCII digits only
+    ],
+)
+def test_component_to_legacy_skips_values_of_the_wrong_type(component: Any, legacy: str) -> None:
+    assert component_to_legacy(component) == legacy
+
+
+def test_translation_arguments_nested_past_the_depth_cap_do_not_recurse_forever() -> None:
+    component: Any = "x"
+    for _ in range(5000):
+        component = {"translate": "%s", "with": [component]}
+    assert component_to_legacy(component) == ""
+
+
+def test_a_translation_repeating_its_argument_is_cut_while_it_is_built() -> None:
+    component = {"translate": "%1$s" * 3000, "with": ["x" * 3000]}  # 9 M characters
+    assert component_to_legacy(component) == "x" * MAX_LEGACY_MOTD_CHARS
+    nested: Any = "y" * 100
+    for _ in range(40):  # doubling at each level: 2**40 * 100 characters uncut
+        nested = {"translate": "%1$s%1$s", "with": [nested]}
+    assert component_to_legacy(nested) == "y" * MAX_LEGACY_MOTD_CHARS
+    assert component_to_legacy(nested, max_chars=10) == "y" * 10
+
+
+@pytest.mark.parametrize(
+    ("document", "fields"),
+    [
+        ({"description": "a\ud800b"}, ("a\ufffdb", "", -1, 0, 0)),  # a lone surrogate
+        ({"version": {"name": "\udfff" + "n" * 1000}}, ("", "\ufffd" + "n" * 255, -1, 0, 0)),
+        ({"players": {"online": 2**31, "max": -(2**31) - 1}}, ("", "", -1, 0, 0)),
+        ({"players": {"online": "9" * 5000, "max": 1e300}}, ("", "", -1, 0, 0)),
+        (
+            {"version": {"protocol": 2**31 - 1}, "players": {"max": "12"}},
+            ("", "", 2**31 - 1, 0, 12),
+        ),
+        ({"description": "z" * 100_000}, ("z" * MAX_LEGACY_MOTD_CHARS, "", -1, 0, 0)),
+    ],
+)
+def test_legacy_fields_are_what_a_legacy_answer_can_carry(
+    document: dict[str, Any], fields: tuple[str, str, int, int, int]
+) -> None:
+    assert legacy_fields(document) == fields
+    motd, name, protocol, online, most = fields
+    encode_legacy_kick(motd, protocol, name, online, most)
+    encode_legacy_beta_kick(strip_codes(motd), online, most)
