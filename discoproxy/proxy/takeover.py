@@ -26,7 +26,10 @@ changes; if the old one does not take the word and still listens, the new one st
 (exit 3) rather than run beside it. Messages are JSON (never pickled: the socket is a
 file another program can reach), one per packet; each side checks the other's uid, and
 the sockets are sent as duplicates taken where they are owned (a UDP listener's on the
-reactor thread).
+reactor thread). Each message is checked field by field against its one shape
+(:func:`_decode` and its readers): anything else is a :class:`TakeoverMessageError`,
+which abandons that takeover (the old process serves on; the new one stops, exit 3),
+never an exception out of the running proxy.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import os
+import reprlib
 import socket
 import struct
 from collections.abc import Callable
@@ -68,6 +72,11 @@ class TakeoverError(Exception):
     """The running process could not be taken over (why, for the operator)."""
 
 
+class TakeoverMessageError(TakeoverError, ValueError):
+    """A takeover message is not what the protocol says: not JSON, not an object, or a
+    field of another shape (raised by :func:`_decode` and its readers)."""
+
+
 @dataclass(frozen=True)
 class Handed:
     """One listening socket as the old process opened it: for what, and its place in
@@ -80,6 +89,17 @@ class Handed:
 
     def to_json(self) -> list[Any]:
         return [self.kind, self.name, self.group, self.index]
+
+    @classmethod
+    def from_json(cls, entry: object) -> Handed:
+        """An entry as :meth:`to_json` wrote it; :class:`TakeoverMessageError` else."""
+        if isinstance(entry, list) and len(entry) == 4:
+            kind, name, group, index = entry
+            if isinstance(kind, str) and isinstance(name, str) and _is_count(group, index):
+                return cls(kind, name, group, index)
+        raise TakeoverMessageError(
+            f"takeover: socket entry {_show(entry)}, expected [kind, name, group, index]"
+        )
 
 
 def port_name(key: PortKey, host: str) -> str:
@@ -155,14 +175,14 @@ class Inherited:
                     answer, fds = await _receive(conn)
                 for fd in fds:
                     os.close(fd)
-            except (OSError, TimeoutError, ValueError) as exc:
+            except (OSError, TimeoutError, ValueError) as exc:  # TakeoverMessageError too
                 if _answers(path):
                     raise TakeoverError(
                         f"takeover: the old process did not stop ({exc!r}) and still serves"
                     ) from exc
                 logger.warning("takeover: no answer from the old process ({!r}); it is gone", exc)
                 return
-        logger.info("takeover: pid {} stops accepting and drains", answer.get("draining"))
+        logger.info("takeover: pid {} stops accepting and drains", _pid(answer, "draining"))
 
 
 def _answers(path: Path) -> bool:
@@ -180,6 +200,47 @@ def _encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message).encode()
 
 
+def _decode(data: bytes) -> dict[str, Any]:
+    """One packet's message: a JSON object, else :class:`TakeoverMessageError` (not
+    UTF-8, not JSON, an int past Python's digit limit, nesting past the parser's)."""
+    try:
+        message = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise TakeoverMessageError(
+            f"takeover: a message of {len(data)} bytes is not JSON ({type(exc).__name__})"
+        ) from None
+    if not isinstance(message, dict):
+        raise TakeoverMessageError(f"takeover: message {_show(message)} is not a JSON object")
+    return message
+
+
+def _is_count(*values: object) -> bool:
+    """Groups or indexes as :meth:`Handed.to_json` writes them (JSON ints, not bools:
+    ``Infinity`` or ``1.5`` is no place in a group)."""
+    return all(type(value) is int and 0 <= value <= MAX_SOCKETS for value in values)
+
+
+def _pid(message: dict[str, Any], key: str) -> int | None:
+    value = message.get(key)
+    return value if type(value) is int else None
+
+
+def _show(value: object) -> str:
+    """A peer's value for a message: bounded in length and depth whatever it is."""
+    return reprlib.repr(value)
+
+
+def _sockets_message(message: dict[str, Any]) -> tuple[list[Handed], bool]:
+    """A ``{"sockets": [...], "more": bool}`` packet's entries and whether more follow."""
+    entries, more = message.get("sockets", []), message.get("more", False)
+    if not isinstance(entries, list) or not isinstance(more, bool):
+        raise TakeoverMessageError(
+            f"takeover: message {_show(message)}, expected"
+            ' {"sockets": [[kind, name, group, index], ...], "more": true|false}'
+        )
+    return [Handed.from_json(entry) for entry in entries], more
+
+
 async def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     """One packet: its message and the fds that came with it."""
     space = socket.CMSG_SPACE(FDS_PER_PACKET * array.array("i").itemsize)
@@ -194,10 +255,12 @@ async def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
         for fd in fds:
             os.close(fd)
         raise ConnectionResetError("the other process closed the takeover socket")
-    message = json.loads(data)
-    if not isinstance(message, dict):
-        raise ValueError("takeover: not a JSON object")
-    return message, fds
+    try:
+        return _decode(data), fds
+    except TakeoverMessageError:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 async def take_over(path: Path, workers: int) -> Inherited:
@@ -219,14 +282,14 @@ async def take_over(path: Path, workers: int) -> Inherited:
                     socks = [socket.socket(fileno=fd) for fd in fds]  # closed if we fail
                     inherited.sockets.setdefault(("", ""), []).append(socks)
                     if "error" in message:
-                        raise TakeoverError(str(message["error"]))
-                    entries = message.get("sockets", [])
+                        why = message["error"]
+                        raise TakeoverError(why if isinstance(why, str) else _show(why))
+                    entries, more = _sockets_message(message)
                     count += len(entries)
                     if len(entries) != len(socks) or count > MAX_SOCKETS:
                         raise ValueError("sockets and their descriptions differ")
                     for entry, sock in zip(entries, socks, strict=True):
-                        kind, name = str(entry[0]), str(entry[1])
-                        group, index = int(entry[2]), int(entry[3])
+                        kind, name, group, index = entry.kind, entry.name, entry.group, entry.index
                         groups = inherited.sockets.setdefault((kind, name), [])
                         if group == len(groups):
                             groups.append([])
@@ -235,9 +298,9 @@ async def take_over(path: Path, workers: int) -> Inherited:
                         sock.setblocking(False)
                         groups[group].append(sock)
                     inherited.sockets.pop(("", ""))
-                    if not message.get("more"):
+                    if not more:
                         break
-        except (OSError, TimeoutError, ValueError, TypeError) as exc:
+        except (OSError, TimeoutError, ValueError, TypeError) as exc:  # TakeoverMessageError
             raise TakeoverError(f"cannot take over from {path}: {exc!r}") from exc
     except BaseException:
         conn.close()
@@ -358,6 +421,8 @@ class TakeoverServer:
                             return
                     except (OSError, TimeoutError, ValueError, TypeError) as exc:
                         logger.warning("takeover abandoned, still serving: {!r}", exc)
+                    except Exception:  # a bug of ours here must not end the proxy it serves
+                        logger.exception("takeover abandoned on an internal error, still serving")
         finally:
             self.close()
 
@@ -370,12 +435,15 @@ class TakeoverServer:
         for fd in fds:
             os.close(fd)
         ours = ctx.workers.count if ctx.workers is not None else 1
-        if ask.get("take") != "sockets":
-            raise ValueError(f"takeover: unknown request {ask!r}")
-        if ask.get("workers") != ours:
+        theirs = ask.get("workers")
+        if ask.get("take") != "sockets" or type(theirs) is not int:
+            raise TakeoverMessageError(
+                f'takeover: request {_show(ask)}, expected {{"take": "sockets", "workers": N}}'
+            )
+        if theirs != ours:
             why = (
                 f"the running discoproxy (pid {os.getpid()}) has {ours} data planes and this "
-                f"one would have {ask.get('workers')}: its SO_REUSEPORT groups keep their "
+                f"one would have {theirs}: its SO_REUSEPORT groups keep their "
                 f"steering only with as many sockets; set workers = {ours}, or restart "
                 "without --take-over"
             )
@@ -399,9 +467,12 @@ class TakeoverServer:
             ready, fds = await _receive(conn)  # ConnectionResetError: it went away
         for fd in fds:
             os.close(fd)
+        pid = _pid(ready, "ready")
+        if pid is None:
+            raise TakeoverMessageError(f'takeover: {_show(ready)}, expected {{"ready": pid}}')
         logger.info(
             "taken over by pid {}: no new connections here; open ones get up to {}s",
-            ready.get("ready"),
+            pid,
             ctx.config.shutdown_timeout,
         )
         self.close()  # the new process listens on the path next
