@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 
 import pytest
@@ -19,6 +20,7 @@ from discoproxy.protocol import (
     parse_request_head,
     strip_port,
 )
+from discoproxy.protocol.errors import NeedData
 
 from .captures import CURL_HTTP_REQUEST
 from .feed import PROPERTY, feed, feed_error, feed_reads, split_at, survives
@@ -263,3 +265,116 @@ def test_encode_response() -> None:
 def test_encode_response_refuses_bad_status_lines(status: int, reason: str) -> None:
     with pytest.raises(LocalProtocolError):
         encode_response(status, reason)
+
+
+# --- looks_like_http and strip_port: random and truncated input ---------------------------
+
+
+def http_method_start(data: bytes) -> bool | NeedData:
+    """The rule looks_like_http implements: 3-10 upper-case ASCII letters and a space;
+    undecided while what has arrived could still become that."""
+    if re.match(rb"[A-Z]{3,10} ", data):
+        return True
+    if re.fullmatch(rb"[A-Z]{0,10}", data):
+        return NEED_DATA
+    return False
+
+
+METHOD_LIKE = st.binary(max_size=16) | st.from_regex(
+    rb"\A[A-Za-z]{0,12}[ \x00\t]?[\x00-\xff]{0,3}\Z", fullmatch=True
+)
+
+
+@PROPERTY
+@given(METHOD_LIKE)
+def test_looks_like_http_on_random_bytes_follows_its_rule(data: bytes) -> None:
+    for kind in (bytes, bytearray, memoryview):
+        assert looks_like_http(kind(data)) is http_method_start(data)
+
+
+@PROPERTY
+@given(METHOD_LIKE, st.data())
+def test_looks_like_http_never_changes_its_mind_when_more_bytes_arrive(
+    data: bytes, draw: st.DataObject
+) -> None:
+    cut = draw.draw(st.integers(0, len(data)))
+    early = looks_like_http(data[:cut])
+    if early is not NEED_DATA:
+        assert looks_like_http(data) is early
+
+
+@PROPERTY
+@given(st.from_regex(r"\A[A-Z]{3,10}\Z", fullmatch=True), st.binary(max_size=20))
+def test_every_truncation_of_a_request_is_undecided_until_its_method_ends(
+    method: str, rest: bytes
+) -> None:
+    wire = method.encode() + b" " + rest
+    for cut in range(len(wire) + 1):
+        expected = NEED_DATA if cut <= len(method) else True
+        assert looks_like_http(wire[:cut]) is expected, cut
+
+
+def test_every_truncation_of_the_curl_capture_is_http_once_its_method_ends() -> None:
+    for cut in range(len(CURL_HTTP_REQUEST) + 1):
+        expected = NEED_DATA if cut <= len(b"GET") else True
+        assert looks_like_http(CURL_HTTP_REQUEST[:cut]) is expected, cut
+
+
+_BRACKETED = re.compile(r"\[([^\]]*)\](?::([0-9]{0,5}))?")
+_PLAIN = re.compile(r"([^:]*)(?::([0-9]{0,5}))?")
+
+
+def host_of(value: str) -> str | None:
+    """What strip_port implements (RFC 3986 §3.2.2 host, RFC 9110 §7.2 port 0-65535,
+    brackets required around an IPv6 literal): the host, or None (ValueError)."""
+    match = (_BRACKETED if value.startswith("[") else _PLAIN).fullmatch(value)
+    if match is None or (match[2] and int(match[2]) > 65535):
+        return None
+    return match[1]
+
+
+HOST_LIKE = (
+    st.text(max_size=20)
+    | st.text(alphabet="[]:0123456789abc.\u0661", max_size=14)
+    | st.tuples(
+        st.sampled_from(["a.example", "[::1]", "[v1.x]", "", "[", "a:b"]),
+        st.sampled_from([":", "", "]:", "::"]),
+        st.sampled_from(["65535", "65536", "99999", "000080", "100000", "0", ""])
+        | st.integers(0, 99_999).map(str)
+        | st.text(alphabet="0123456789+-_ \u0661", max_size=6),
+    ).map("".join)
+)
+
+
+@PROPERTY
+@given(HOST_LIKE)
+def test_strip_port_on_any_text_returns_the_host_or_raises_value_error(value: str) -> None:
+    expected = host_of(value)
+    if expected is None:
+        with pytest.raises(ValueError, match="host"):
+            strip_port(value)
+    else:
+        assert strip_port(value) == expected
+
+
+@PROPERTY
+@given(
+    st.from_regex(r"\A[a-z0-9.-]{0,20}\Z", fullmatch=True)
+    | st.ip_addresses(v=6).map(lambda address: f"[{address}]"),
+    st.integers(0, 65535),
+)
+def test_every_truncation_of_host_and_port_is_the_host_or_a_prefix_of_it(
+    host: str, port: int
+) -> None:
+    value = f"{host}:{port}"
+    bracketed = host.startswith("[")
+    name = host[1:-1] if bracketed else host
+    for cut in range(len(value) + 1):
+        part = value[:cut]
+        if cut >= len(host):  # the whole host: the port, cut or not, is stripped
+            assert strip_port(part) == name, part
+        elif bracketed and cut > 0:  # no closing bracket yet
+            with pytest.raises(ValueError, match="without a closing"):
+                strip_port(part)
+        else:
+            assert strip_port(part) == part

@@ -843,3 +843,97 @@ def test_every_prefix_of_a_login_start_needs_data(name: str, extra: bytes) -> No
     for cut in range(len(packet)):
         assert parse_login_start(packet[:cut]) is NEED_DATA
     assert parse_login_start(packet).username == name
+
+
+# --- Legacy pings: random and truncated bytes ------------------------------------------
+
+BETA_PING = LegacyPing("beta", None, None, None, None, 1)
+PING_1_4 = LegacyPing("1.4", None, None, None, None, 2)
+
+
+def legacy_ping_start(data: bytes) -> bool:
+    """The rule is_legacy_ping implements (vanilla's LegacyQueryHandler): ``FE`` alone,
+    ``FE 01`` alone, or ``FE 01 FA`` and anything."""
+    return data in (b"\xfe", b"\xfe\x01") or data[:3] == b"\xfe\x01\xfa"
+
+
+# no fixed prefix: anything, and the starts each kind and its look-alikes have
+LEGACY_LIKE = st.binary(max_size=60) | st.tuples(
+    st.sampled_from(
+        [b"\xfe", b"\xfe\x01", b"\xfe\x01\xfa", b"\xfe\x00", b"\xfe\x01\x00", LEGACY_1_6_CAPTURE]
+    ),
+    st.binary(max_size=40),
+).map(b"".join)
+HANDSHAKES = st.builds(
+    encode_handshake,
+    INT32,
+    st.text(max_size=40) | st.integers(0, 300).map(lambda n: "a" * n),  # lengths near 254
+    st.integers(0, 65535),
+    st.sampled_from([1, 2, 3]),
+)
+
+
+@PROPERTY
+@given(LEGACY_LIKE)
+def test_is_legacy_ping_on_random_bytes_follows_vanilla(data: bytes) -> None:
+    for kind in (bytes, bytearray, memoryview):
+        assert is_legacy_ping(kind(data)) is legacy_ping_start(data)
+
+
+@PROPERTY
+@given(HANDSHAKES)
+def test_no_modern_handshake_is_a_legacy_ping_once_three_bytes_are_in(wire: bytes) -> None:
+    for cut in range(3, len(wire) + 1):
+        assert not is_legacy_ping(wire[:cut]), cut
+    assert parse_handshake(wire) == feed(parse_handshake, wire)
+
+
+@PROPERTY
+@given(LEGACY_LIKE)
+def test_parse_legacy_ping_on_random_bytes_decides_as_is_legacy_ping(data: bytes) -> None:
+    try:
+        ping = parse_legacy_ping(data)
+    except MalformedHandshake:
+        # not a legacy ping at all, or a bad 1.6 one
+        assert data[:3] == b"\xfe\x01\xfa" or not is_legacy_ping(data)
+        return
+    if ping is NEED_DATA:
+        assert data == b"" or data[:3] == b"\xfe\x01\xfa"
+        return
+    assert is_legacy_ping(data)
+    kinds = {b"\xfe": "beta", b"\xfe\x01": "1.4"}
+    assert ping.kind == kinds.get(data, "1.6")
+    assert ping.length <= len(data)
+    if ping.kind == "1.6":  # it stops at its own end, and every shorter cut waits for it
+        assert parse_legacy_ping(data[: ping.length]) == ping
+        for cut in range(3, ping.length):
+            assert parse_legacy_ping(data[:cut]) is NEED_DATA
+
+
+@pytest.mark.parametrize("wire", [b"\xfe", b"\xfe\x01", LEGACY_1_6_CAPTURE])
+def test_every_truncation_of_each_kind_of_legacy_ping(wire: bytes) -> None:
+    """Incomplete, or (by design: the kind is what has arrived) the shorter kind."""
+    whole = parse_legacy_ping(wire)
+    assert whole is not NEED_DATA and whole.length == len(wire)
+    for cut in range(len(wire)):
+        expected = {1: BETA_PING, 2: PING_1_4}.get(cut, NEED_DATA)
+        assert parse_legacy_ping(wire[:cut]) == expected, cut
+
+
+@PROPERTY
+@given(
+    host=LEGACY_HOSTS,
+    port=st.integers(0, 65535),
+    protocol=st.integers(0, 255),
+    trailing=st.binary(max_size=16),
+)
+def test_every_truncation_of_a_1_6_ping_is_incomplete(
+    host: str, port: int, protocol: int, trailing: bytes
+) -> None:
+    wire = encode_legacy_ping_1_6(host, port, protocol)
+    whole = parse_legacy_ping(wire)
+    assert whole is not NEED_DATA and (whole.raw_host, whole.port) == (host, port)
+    for cut in range(3, len(wire)):
+        assert parse_legacy_ping(wire[:cut]) is NEED_DATA, cut
+        assert is_legacy_ping(wire[:cut])
+    assert parse_legacy_ping(wire + trailing) == whole  # what follows is not read

@@ -19,6 +19,7 @@ from discoproxy.protocol.errors import (
 )
 from discoproxy.protocol.minecraft import (
     LegacyLogin,
+    encode_handshake,
     encode_legacy_disconnect,
     encode_legacy_login,
     is_legacy_login,
@@ -129,3 +130,53 @@ def test_a_corrupted_byte_only_raises_its_errors(index: int, byte: int) -> None:
 
 def test_the_legacy_disconnect_is_ff_and_a_string16() -> None:
     assert encode_legacy_disconnect("Banned") == b"\xff" + string16("Banned")
+
+
+# --- is_legacy_login: random and truncated bytes ------------------------------------------
+
+
+@PROPERTY
+@given(st.binary(max_size=24) | st.binary(max_size=24).map(lambda data: b"\x02" + data))
+def test_is_legacy_login_on_random_bytes_reads_the_first_byte_only(data: bytes) -> None:
+    for kind in (bytes, bytearray, memoryview):
+        assert is_legacy_login(kind(data)) is (data[:1] == b"\x02")
+
+
+@PROPERTY
+@given(
+    st.sampled_from([0, 39, 61, 74, 78]),
+    st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=16),
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=40),
+    st.integers(0, 65535),
+)
+def test_every_truncation_of_a_legacy_login_is_a_legacy_login_still_incomplete(
+    protocol: int, username: str, host: str, port: int
+) -> None:
+    if protocol == 0:
+        username = username.replace(";", "_")
+    try:
+        wire = encode_legacy_login(protocol, username, host, port)
+    except ProtocolError:
+        return  # over a cap: nothing a client sends
+    for cut in range(1, len(wire)):
+        assert is_legacy_login(wire[:cut])
+        assert parse_legacy_login(wire[:cut]) is NEED_DATA, cut
+        assert detect_protocol(wire[:cut]) in (Sniffed.MINECRAFT_LEGACY_LOGIN, NEED_DATA)
+    login = parse_legacy_login(wire)
+    assert isinstance(login, LegacyLogin) and login.length == len(wire)
+    assert (login.username, login.raw_host, login.port) == (username, host, port)
+
+
+@PROPERTY
+@given(
+    st.integers(-(2**31), 2**31 - 1),
+    st.text(max_size=40),
+    st.integers(0, 65535),
+    st.sampled_from([1, 2, 3]),
+)
+def test_no_modern_handshake_prefix_is_a_legacy_login(
+    protocol: int, address: str, port: int, state: int
+) -> None:
+    # a modern packet of length 2 is too short for a handshake: no handshake starts 02
+    wire = encode_handshake(protocol, address, port, state)
+    assert not any(is_legacy_login(wire[:cut]) for cut in range(len(wire) + 1))

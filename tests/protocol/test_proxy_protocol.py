@@ -415,3 +415,57 @@ def test_v1_round_trips(addresses: tuple[str, str], sport: int, dport: int) -> N
     assert header is not NEED_DATA
     assert header.source is not None and header.destination is not None
     assert header.source[1] == sport and header.destination[1] == dport
+
+
+# --- v1 through the feed path: every truncation of a valid line -------------------------
+
+
+def ipv6_spellings(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> st.SearchStrategy[str]:
+    """Ways a sender may write one IPv6 address (RFC 4291 §2.2): compressed, every
+    group written out, upper-case hex."""
+    return st.sampled_from([str(address), address.exploded, address.exploded.upper()])
+
+
+@st.composite
+def v1_lines(draw: st.DrawFn) -> tuple[bytes, ProxyHeader]:
+    """A valid v1 line as any sender may write it, and the header it must parse to."""
+    kind = draw(st.sampled_from(["TCP4", "TCP6", "UNKNOWN"]))
+    if kind == "UNKNOWN":  # spec §2.1: whatever precedes the CRLF is ignored
+        junk = draw(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E)))
+        line = ("PROXY UNKNOWN" + (" " + junk if junk else ""))[:105]
+        return line.encode() + b"\r\n", ProxyHeader(1, "LOCAL", "unspec", None, None, 0)
+    sport, dport = draw(ports), draw(ports)
+    if kind == "TCP4":
+        src, dst = draw(st.ip_addresses(v=4)), draw(st.ip_addresses(v=4))
+        src_text, dst_text = str(src), str(dst)
+    else:
+        src, dst = draw(st.ip_addresses(v=6)), draw(st.ip_addresses(v=6))
+        src_text, dst_text = draw(ipv6_spellings(src)), draw(ipv6_spellings(dst))
+    line = f"PROXY {kind} {src_text} {dst_text} {sport} {dport}\r\n".encode()
+    header = ProxyHeader(1, "PROXY", "tcp", (str(src), sport), (str(dst), dport), 0)
+    return line, header
+
+
+@PROPERTY
+@given(v1_lines(), st.data())
+def test_every_truncation_of_a_v1_line_is_incomplete_and_the_whole_line_parses(
+    case: tuple[bytes, ProxyHeader], data: st.DataObject
+) -> None:
+    line, expected = case
+    assert len(line) <= 107
+    expected = ProxyHeader(
+        expected.version,
+        expected.command,
+        expected.transport,
+        expected.source,
+        expected.destination,
+        len(line),
+    )
+    # feed: every strict prefix NEED_DATA, the line whole, each buffer kind, trailing data
+    assert feed(parse_proxy_header, line) == expected
+    # read by read as a connection gets it, the payload arriving with the line's end
+    cuts = data.draw(st.lists(st.integers(0, len(line) - 1), max_size=6))
+    assert feed_reads(parse_proxy_header, split_at(line, cuts)) == expected
+    assert feed_reads(parse_proxy_header, split_at(line + PAYLOAD, cuts)) == expected

@@ -22,6 +22,7 @@ from discoproxy.protocol import (
     is_tls,
     parse_client_hello,
 )
+from discoproxy.protocol.errors import NeedData
 from discoproxy.protocol.tls import (
     MAX_CLIENT_HELLO_RECORDS,
     _fast_client_hello,
@@ -29,7 +30,16 @@ from discoproxy.protocol.tls import (
 )
 
 from .captures import CURL_CLIENT_HELLO, OPENSSL_CLIENT_HELLO
-from .feed import PROPERTY, TRAILING, feed, feed_error, feed_reads, split_at, survives
+from .feed import (
+    BUFFER_KINDS,
+    PROPERTY,
+    TRAILING,
+    feed,
+    feed_error,
+    feed_reads,
+    split_at,
+    survives,
+)
 
 
 def u8(n: int) -> bytes:
@@ -491,3 +501,54 @@ def test_encode_alert() -> None:
     assert encode_alert(ALERT_HANDSHAKE_FAILURE, level=1) == b"\x15\x03\x01\x00\x02\x01\x28"
     with pytest.raises(LocalProtocolError, match="description 256"):
         encode_alert(256)
+
+
+# --- is_tls: random and truncated bytes ----------------------------------------------
+
+
+def tls_record_start(data: bytes) -> bool | NeedData:
+    """The rule is_tls implements (RFC 8446 §5.1: a handshake record, 22, of a 3.x
+    record version), decided on two bytes."""
+    if data in (b"", b"\x16"):
+        return NEED_DATA
+    return data[:2] == b"\x16\x03"
+
+
+HEADER_LIKE = st.binary(max_size=12) | st.tuples(
+    st.sampled_from([b"\x16", b"\x16\x03", b"\x16\x02", b"\x15\x03"]), st.binary(max_size=10)
+).map(b"".join)
+
+
+@PROPERTY
+@given(HEADER_LIKE)
+def test_is_tls_on_random_bytes_reads_the_record_header_only(data: bytes) -> None:
+    for kind in BUFFER_KINDS:
+        assert is_tls(kind(data)) is tls_record_start(data)
+
+
+@PROPERTY
+@given(HEADER_LIKE, st.data())
+def test_is_tls_never_changes_its_mind_when_more_bytes_arrive(
+    data: bytes, draw: st.DataObject
+) -> None:
+    cut = draw.draw(st.integers(0, len(data)))
+    early = is_tls(data[:cut])
+    if early is not NEED_DATA:
+        assert is_tls(data) is early
+
+
+def test_every_truncation_of_a_real_client_hello_is_tls_once_two_bytes_are_in() -> None:
+    hellos = [OPENSSL_CLIENT_HELLO, CURL_CLIENT_HELLO, python_ssl_client_hello("a.example", ())]
+    for hello in hellos:
+        for cut in range(len(hello) + 1):
+            assert is_tls(hello[:cut]) is (NEED_DATA if cut < 2 else True), cut
+
+
+@PROPERTY
+@given(st.sampled_from([OPENSSL_CLIENT_HELLO, CURL_CLIENT_HELLO]), st.data())
+def test_a_truncated_client_hello_is_incomplete_never_another_answer(
+    hello: bytes, draw: st.DataObject
+) -> None:
+    cut = draw.draw(st.integers(0, len(hello) - 1))
+    assert is_tls(hello[:cut]) in (NEED_DATA, True)
+    assert parse_client_hello(hello[:cut]) is NEED_DATA
