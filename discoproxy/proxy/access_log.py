@@ -8,6 +8,8 @@ Rules for this file:
 - The line looks exactly like loguru's (``cli.TEXT_FORMAT``, colours on a terminal), and
   ``log_format = "json"`` gives loguru's ``serialize`` shape (``text`` plus a ``record``
   with ``extra``, ``level``, ``message``, ``time``), so operators see one log, not two.
+- A UDP session's end (``ports.py``) is written here too, with the same fields (and its
+  port): one shape for every close line, TCP or UDP, ``worker=N`` included.
 - It is built on the reactor thread and handed to the log writer
   (:mod:`discoproxy.logwriter`), which never blocks: a stalled stderr costs dropped
   (counted) lines, never a frozen data plane.
@@ -28,6 +30,7 @@ from discoproxy.proxy.addresses import format_addr
 
 if TYPE_CHECKING:
     from discoproxy.proxy.connection import ClientConnection
+    from discoproxy.proxy.ports import UdpSession
 
 _GREEN = "\x1b[32m"
 _BOLD = "\x1b[1m"
@@ -78,11 +81,7 @@ class AccessLog:
             f"{who}up={up}B down={down}B duration={duration:.3f}s {self._worker}"
             f"reason={conn.reason}"
         )
-        stamp = self._time(now)
-        if self._colour:
-            line = f"{_GREEN}{stamp}{_RESET} {_BOLD}INFO   {_RESET} {message}\n"
-        else:
-            line = f"{stamp} INFO    {message}\n"
+        extra: dict[str, object] | None = None
         if self._json:
             extra = {
                 "conn": conn.id,
@@ -99,6 +98,47 @@ class AccessLog:
             if player is not None:
                 extra["player"] = player
                 extra["uuid"] = str(offline_uuid(player))
+        self._put(now, message, extra)
+
+    def session_closed(self, session: UdpSession, port: str, reason: str) -> None:
+        """A UDP session's end: the TCP line's fields (its id is a connection id), and
+        the port route's ``port`` ("19132/udp")."""
+        now = time.time()
+        client = format_addr(session.client)
+        backend = format_addr(session.backend)
+        route = session.route.qualified_id
+        duration = time.monotonic() - session.started
+        up, down = session.bytes_up, session.bytes_down
+        message = (
+            f"udp session #{session.id} closed: client={client} route={route} port={port} "
+            f"backend={backend} up={up}B down={down}B duration={duration:.3f}s "
+            f"{self._worker}reason={reason}"
+        )
+        extra: dict[str, object] | None = None
+        if self._json:
+            extra = {
+                "conn": session.id,
+                "client": client,
+                "route": route,
+                "port": port,
+                "backend": backend,
+                "bytes_up": up,
+                "bytes_down": down,
+                "duration_s": round(duration, 6),
+                "reason": reason,
+            }
+            if self._worker_no is not None:
+                extra["worker"] = self._worker_no
+        self._put(now, message, extra)
+
+    def _put(self, now: float, message: str, extra: dict[str, object] | None) -> None:
+        """Write ``message`` as loguru would (``extra``: the json record's bound fields)."""
+        stamp = self._time(now)
+        if self._colour:
+            line = f"{_GREEN}{stamp}{_RESET} {_BOLD}INFO   {_RESET} {message}\n"
+        else:
+            line = f"{stamp} INFO    {message}\n"
+        if extra is not None:
             moment = datetime.fromtimestamp(now).astimezone()
             record = {
                 "extra": extra,

@@ -50,6 +50,7 @@ from loguru import logger
 
 from discoproxy.guard import Guard, Refusal, client_ip, global_refusal, routed_refusal
 from discoproxy.owners import LOOP, REACTOR, owned_by
+from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.addresses import format_addr, literal_family, proxy_v2_header
 from discoproxy.proxy.connection import ClientConnection
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener
@@ -311,6 +312,7 @@ class UdpListener:
         self.wildcard = self.address[0] in _WILDCARDS
         self._held_off: dict[tuple[str, int], float] = {}  # backend → until
         self.retired = False  # its route is gone: no new sessions, shut when none is left
+        self._access: AccessLog | None = None  # its close lines' (made at the first)
 
     def on_event(self, fd: int, events: int) -> None:
         ctx = self.ctx
@@ -454,20 +456,11 @@ class UdpListener:
         route_stats.udp_bytes_down += session.bytes_down
         ctx.reactor.forget(session.fd)
         session.sock.close()
-        if ctx.logs_info:
-            logger.info(
-                "udp session #{} closed: client={} route={} port={} backend={} up={}B down={}B "
-                "duration={:.3f}s reason={}",
-                session.id,
-                format_addr(session.client),
-                session.route.qualified_id,
-                format_port(self.key),
-                format_addr(session.backend),
-                session.bytes_up,
-                session.bytes_down,
-                time.monotonic() - session.started,
-                reason,
-            )
+        if ctx.logs_info:  # the TCP close line's fields and shape (json: bound), worker=N
+            access = self._access
+            if access is None:  # log_format and the worker are the process's for good
+                access = self._access = AccessLog(ctx.config.log_format, worker=ctx.worker)
+            access.session_closed(session, self.label, reason)
 
     def sweep(self, now: float) -> None:
         timeout = self.ctx.config.udp_session_timeout
