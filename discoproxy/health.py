@@ -246,6 +246,29 @@ class HealthChecker:
             histogram = self.durations[key] = Histogram(FAST_BUCKETS)
         histogram.observe(seconds)
 
+    def verdicts(
+        self,
+    ) -> list[tuple[Route, tuple[str, int], HealthCheck, bool, int, str, float | None, int | None]]:
+        """Each checked backend's verdict in force, as ``_apply`` takes one (route,
+        address, check, ok, streak, reason, rtt, players): the pools hear of changes
+        only, so a data plane that starts later (a worker started again) is told these.
+        A pool takes a backend as down from a failed streak of ``fall`` or more; one
+        back to passing but still short of ``rise`` reads as up (not kept here)."""
+        return [
+            (
+                t.route,
+                t.address,
+                t.check,
+                bool(t.last_ok),
+                t.streak,
+                t.detail,
+                t.rtt if t.last_ok else None,
+                t.players if t.last_ok else None,
+            )
+            for t in self._targets.values()
+            if t.detail  # checked at least once since it became a target
+        ]
+
 
 def _checked_routes(table: RoutingTable) -> Iterator[tuple[Route, HealthCheck]]:
     """Each pool to check and how. A TCP port route to another port than the server's

@@ -879,7 +879,9 @@ async def run_proxy(
         finally:
             ctx.closing = True
             if ctx.workers is not None:
-                ctx.workers.close_all()  # each worker drained as it stopped
+                # WorkerSet.run closed them as the drain began (and each worker drained
+                # as it stopped): this is for a start that failed before it ran
+                ctx.workers.close_all()
             elif ctx.reactor.alive:  # a dead reactor's own failure is what run_proxy raises
                 ctx.binds.close_all()  # in order, before the drain's calls
                 ctx.ports.close_all()

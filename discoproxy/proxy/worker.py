@@ -28,6 +28,7 @@ import anyio
 from loguru import logger
 
 from discoproxy.guard import BanList
+from discoproxy.logwriter import writer
 from discoproxy.proxy.channel import Channel, ChannelError, TableDecoder
 from discoproxy.proxy.player_counts import PlayerCounts
 from discoproxy.proxy.ports import UDP_SWEEP_S, sweep_udp
@@ -299,7 +300,12 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the control plane reloads, then tells us
     sock = socket.socket(fileno=int(argv[1]))
     worker = Worker(sock)
-    anyio.run(worker.run, backend="asyncio", backend_options={"use_uvloop": UVLOOP})
+    try:
+        anyio.run(worker.run, backend="asyncio", backend_options={"use_uvloop": UVLOOP})
+    finally:
+        # what is queued is written (the drain's close lines), as the control plane's
+        # cli does, unless stderr stays stalled
+        writer().close()
     if worker.ctx is None:
         sys.exit(1)  # the control plane hung up before it said what to serve
 

@@ -9,16 +9,21 @@ Rules for this file:
   worker, so per-IP limits, budgets and UDP sessions stay whole in one worker) and
   keeps its copies open: a worker that dies leaves its socket in the group, so the
   group's order and every client's worker stay as they were, and connections that
-  arrive meanwhile wait in that socket's backlog for the replacement.
+  arrive meanwhile wait in that socket's backlog for the replacement. When the drain
+  starts, the workers get SIGTERM and these copies close at once: a new client is
+  refused, as with one process (a takeover handed them to the new process before).
 - A worker gets its sockets, the config, the routing table and the ban list as
   immutable values over its :class:`~discoproxy.proxy.channel.Channel`, in order (one
   outbox per worker). It never talks to Docker or reads a file; what it needs from the
   control plane it asks: a status answer (one backend ping per server for all workers,
   through the control plane's cache), a server start or stop (the providers), and it
   hands its webhook events over.
-- Reads of live numbers ask every worker and sum (:func:`merge_snapshots`); bans and
-  kicks reach every worker; a worker that dies is logged and started again (with a
-  back-off when it keeps dying), and ``/readyz`` says not ready until it is back.
+- Reads of live numbers ask every worker and sum (:func:`merge_snapshots`), counters
+  monotonic: a worker that does not answer adds its last answer's, each slot those of
+  its earlier processes (:func:`counters_of`); bans and kicks reach every worker; a
+  worker that dies is logged and started again (with a back-off when it keeps dying,
+  told the health checks' verdicts in force), and ``/readyz`` says not ready until it
+  is back.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from loguru import logger
 
 from discoproxy.config import ProxyConfig, parse_bind
 from discoproxy.guard import BanList
-from discoproxy.owners import LOOP, owned_by
+from discoproxy.owners import LOOP, on_reactor, owned_by
 from discoproxy.proxy import steering
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.balance import BackendState
@@ -54,13 +59,18 @@ from discoproxy.proxy.channel import (
     socket_pair,
 )
 from discoproxy.proxy.player_counts import PlayerSlots
-from discoproxy.proxy.stats import Histogram, RouteStats, Snapshot
+from discoproxy.proxy.stats import UNROUTED, Histogram, RouteStats, Snapshot, grand_totals
 from discoproxy.proxy.takeover import Handed, port_name
 from discoproxy.proxy.tls_termination import read_files
 from discoproxy.routing import PortKey, RoutingTable, format_port
 
 if TYPE_CHECKING:
+    from discoproxy.model import HealthCheck
     from discoproxy.proxy.server import ProxyContext
+    from discoproxy.routing import Route
+
+    # HealthChecker.verdicts' items: route, address, check, ok, streak, reason, rtt, players
+    Verdict = tuple[Route, tuple[str, int], HealthCheck, bool, int, str, float | None, int | None]
 
 # A worker that dies is started again after this long, doubling while it keeps dying
 # within RESTART_WINDOW_S of its start, up to RESTART_BACKOFF_MAX_S.
@@ -121,6 +131,14 @@ class _Worker:
     started: float = 0.0
     restarts: int = 0
     announced: anyio.Event = field(default_factory=anyio.Event)  # set at its first "ready"
+    terminated: Process | None = None  # the process sent SIGTERM (once each)
+    # this process's newest answer to "snapshot" and "totals", by the request's number (a
+    # slow answer never replaces a newer one): what it adds while it does not answer
+    answered: dict[str, tuple[int, Any]] = field(default_factory=dict)
+    # the counters of this slot's earlier processes (``counters_of`` their last answers):
+    # a restarted worker starts from zero, the sums never go down
+    retired: Snapshot = field(default_factory=lambda: merge_snapshots(()))
+    retired_totals: dict[str, int] = field(default_factory=dict)
 
 
 def open_group(
@@ -167,6 +185,7 @@ class WorkerSet:
         self._tables = TableEncoder()  # each server crosses once
         self._tls: tuple[RoutingTable | None, set[Path]] = (None, set())  # files workers may ask
         self.players = PlayerSlots(count)  # max_players over every worker
+        self._asked = 0  # requests of live numbers so far (orders their answers)
 
     # -- state -------------------------------------------------------------------------
 
@@ -263,7 +282,9 @@ class WorkerSet:
             logger.info("stopped listening on {}", where)
 
     def close_all(self) -> None:
-        """Shutdown: the control plane's copies of every listening socket."""
+        """The drain's start (``run`` ending), or shutdown: the control plane's copies of
+        every listening socket, so the kernel refuses new clients once the workers
+        closed theirs. Nothing reopens after it."""
         self._stopping = True
         for groups in self._binds.values():
             for group in groups:
@@ -366,30 +387,85 @@ class WorkerSet:
     async def ask(self, kind: str, payload: Any = None) -> list[Any]:
         """Every running worker's answer to ``kind`` (a worker that does not answer in
         time, or is being restarted, is left out)."""
-        answers: list[Any] = [None] * self.count
+        return [a for a in await self._answers(kind, payload) if a is not None]
+
+    async def _answers(self, kind: str, payload: Any = None, keep: bool = False) -> list[Any]:
+        """Each worker's answer to ``kind``, in worker order: None for one that did not
+        answer in time or is being restarted. ``keep`` (live numbers): the newest answer
+        of each process is kept in ``answered``, and one whose process ended meanwhile
+        is None (its slot has retired its last kept answer: it would count twice)."""
+        asked: list[tuple[Channel, int, Any] | None] = [None] * self.count
 
         async def one(worker: _Worker) -> None:
             channel = worker.channel
             if channel is None or not worker.ready:
                 return
+            self._asked += 1
+            number = self._asked
             with contextlib.suppress(ChannelError, TimeoutError):
                 with anyio.fail_after(WORKER_ANSWER_TIMEOUT_S):
-                    answers[worker.index] = await channel.request(kind, payload)
+                    answer = await channel.request(kind, payload)
+                asked[worker.index] = (channel, number, answer)
 
         async with anyio.create_task_group() as tg:
             for worker in self.workers:
                 tg.start_soon(one, worker)
-        return [a for a in answers if a is not None]
+        answers: list[Any] = [None] * self.count
+        for worker, item in zip(self.workers, asked, strict=True):
+            if item is None or (keep and item[0] is not worker.channel):
+                continue
+            _, number, answer = item
+            answers[worker.index] = answer
+            if keep and number > worker.answered.get(kind, (0, None))[0]:
+                worker.answered[kind] = (number, answer)
+        return answers
 
     async def snapshot(self, connections: int = 0) -> Snapshot:
-        return merge_snapshots(await self.ask("snapshot", connections), connections)
+        """The sum over workers. One that does not answer adds the counters of its last
+        answer, and every slot those of its earlier processes, so no counter goes down
+        when a worker is slow, dies or is replaced; gauges are the answering ones'."""
+        answers = await self._answers("snapshot", connections, keep=True)
+        live: list[Snapshot] = []
+        gone: list[Snapshot] = []
+        for worker, answer in zip(self.workers, answers, strict=True):
+            if answer is not None:
+                live.append(answer)
+            elif (last := worker.answered.get("snapshot")) is not None:
+                gone.append(counters_of(last[1]))
+        # routes gone from the table (and from every worker) take their counters along,
+        # as a worker's own stats do: label values stay bounded
+        keep = {UNROUTED, *self.ctx.registry.table.by_id}
+        for snap in (*live, *gone):
+            keep.update(snap.routes)
+        for worker in self.workers:
+            _forget_routes(worker.retired, keep)
+            gone.append(worker.retired)
+        return merge_snapshots(live, connections, gone)
 
     async def totals(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for totals in await self.ask("totals"):
-            for key, value in totals.items():
-                out[key] = out.get(key, 0) + value
+        """:meth:`snapshot`'s grand totals (the dashboard's history), as monotonic."""
+        out = grand_totals({})
+        answers = await self._answers("totals", keep=True)
+        for worker, answer in zip(self.workers, answers, strict=True):
+            _add_counts(out, worker.retired_totals)
+            if answer is not None:
+                _add_counts(out, answer)
+            elif (last := worker.answered.get("totals")) is not None:
+                _add_counts(out, _counted_totals(last[1]))
         return out
+
+    def _retire(self, worker: _Worker) -> None:
+        """``worker``'s process ended: what it last said it counted stays counted (its
+        open connections as ended), under its slot, for good."""
+        snapshot = worker.answered.pop("snapshot", None)
+        totals = _counted_totals(worker.answered.pop("totals", (0, {}))[1])
+        if snapshot is not None:
+            counted = counters_of(snapshot[1])
+            worker.retired = merge_snapshots((worker.retired, counted))  # backends kept
+            # the newer of its two answers, key by key (both only grow in one process)
+            for key, value in _counted_totals(counted.totals()).items():
+                totals[key] = max(totals.get(key, 0), value)
+        _add_counts(worker.retired_totals, totals)
 
     async def apply_bans(self, bans: BanList) -> int:
         self.bans = bans
@@ -445,15 +521,24 @@ class WorkerSet:
         cancelled (then drain them: each finishes its connections, as one process does)."""
         try:
             async with anyio.create_task_group() as tg:
-                started = [anyio.Event() for _ in self.workers]
-                for worker in self.workers:
-                    tg.start_soon(self._keep, worker, started[worker.index])
-                with anyio.fail_after(WORKER_START_TIMEOUT_S):
-                    for event in started:
-                        await event.wait()
-                self._running = True
-                task_status.started()
-                await anyio.sleep_forever()
+                try:
+                    started = [anyio.Event() for _ in self.workers]
+                    for worker in self.workers:
+                        tg.start_soon(self._keep, worker, started[worker.index])
+                    with anyio.fail_after(WORKER_START_TIMEOUT_S):
+                        for event in started:
+                            await event.wait()
+                    self._running = True
+                    task_status.started()
+                    await anyio.sleep_forever()
+                finally:
+                    # the drain starts: every worker stops accepting, and so does the
+                    # kernel once our copies are gone too (a new client is refused, as
+                    # with one process, instead of waiting in a backlog nobody accepts
+                    # from while the workers drain; a takeover handed them over before)
+                    for worker in self.workers:
+                        _terminate(worker)
+                    self.close_all()
         finally:
             self._stopping = True  # table_changed posts nothing from now on
             self.players.close()  # every _keep has returned: no worker starts again
@@ -478,6 +563,12 @@ class WorkerSet:
         for key, socks in self._ports.items():
             out.append((one_way("port", key), [os.dup(socks[worker.index].fileno())]))
         out.append((one_way("players", dict(self.players.slots)), []))
+        # the health checks' verdicts in force (the others' pools heard them as they
+        # changed): before the table, whose first one starts the accepting, and the
+        # clients waiting in this worker's backlog are taken at once
+        verdicts = ctx.health.verdicts()
+        if verdicts:
+            out.append((one_way("call", (restore_verdicts, (verdicts,))), []))
         skeleton, _ = self._tables.encode(ctx.registry.table)
         out.append((one_way("table", (skeleton, self._tables.everything())), []))
         out.append((one_way("bans", self.bans), []))
@@ -531,17 +622,16 @@ class WorkerSet:
                 code = await process.wait()
                 tg.cancel_scope.cancel()
         except BaseException:
+            _drop_outbox(worker)  # now: a socket's dup there would keep it accepting
             with anyio.CancelScope(shield=True):
                 await self._stop(worker, process, channel)
             raise
         finally:
             worker.channel = None
             worker.ready = False
+            self._retire(worker)
             channel.close()
-            while not worker.outbox.empty():  # never sent: their fds (dups) are ours to close
-                _, fds = worker.outbox.get_nowait()
-                for fd in fds:
-                    os.close(fd)
+            _drop_outbox(worker)
         return code
 
     async def _send(self, worker: _Worker, channel: Channel) -> None:
@@ -559,9 +649,7 @@ class WorkerSet:
         """Shutdown: the worker drains (``shutdown_timeout``) and exits; one that does
         not is killed."""
         grace = self.ctx.config.shutdown_timeout
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
+        _terminate(worker)
         with anyio.move_on_after(grace + 5):
             await process.wait()
         logger.debug("worker {} stopped: {}", worker.index, _exit_text(process.returncode))
@@ -570,6 +658,34 @@ class WorkerSet:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+
+
+@on_reactor
+def restore_verdicts(ctx: ProxyContext, verdicts: Sequence[Verdict]) -> None:
+    """(a new worker's reactor) The health checks' verdicts in force, from
+    ``HealthChecker.verdicts``, taken by its pools as the checks' own; no line is logged
+    and no event put: the transitions were told when they happened."""
+    for route, address, check, ok, streak, detail, rtt, players in verdicts:
+        pool = ctx.pools.get(route)
+        pool.checked(address, ok, check.rise, check.fall, streak, detail, rtt, players)
+
+
+def _drop_outbox(worker: _Worker) -> None:
+    """What was never sent to ``worker``: its fds (dups) are ours to close."""
+    while not worker.outbox.empty():
+        _, fds = worker.outbox.get_nowait()
+        for fd in fds:
+            os.close(fd)
+
+
+def _terminate(worker: _Worker) -> None:
+    """SIGTERM to ``worker``'s process, once: it closes its listeners and drains."""
+    process = worker.process
+    if process is None or process.returncode is not None or worker.terminated is process:
+        return
+    worker.terminated = process
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -646,9 +762,80 @@ def _add_lists(into: dict[Any, list[int]], other: Mapping[Any, list[int]]) -> No
                 have[n] += value
 
 
-def merge_snapshots(snaps: Sequence[Snapshot], connections: int = 0) -> Snapshot:
+def counters_of(snap: Snapshot) -> Snapshot:
+    """What ``snap`` still adds once its worker is gone or silent: its counters only, its
+    open connections and UDP sessions counted as ended (their bytes so far included, so
+    no total goes down), no gauge (open counts, players, live connections, backends'
+    states: see ``gone`` in :func:`merge_snapshots`)."""
+    routes = {route_id: stats.copy() for route_id, stats in snap.routes.items()}
+
+    def route(route_id: str) -> RouteStats:
+        stats = routes.get(route_id)
+        if stats is None:
+            stats = routes[route_id] = RouteStats()
+        return stats
+
+    for (_, route_id), (count, up, down) in snap.open_tcp.items():
+        stats = route(route_id)
+        stats.closed += count
+        stats.bytes_up += up
+        stats.bytes_down += down
+    for route_id, (count, up, down) in snap.open_udp.items():
+        stats = route(route_id)
+        stats.udp_sessions += count
+        stats.udp_bytes_up += up
+        stats.udp_bytes_down += down
+    for stats in routes.values():
+        stats.players = 0
+    return Snapshot(
+        taken=snap.taken,
+        routes=routes,
+        accepted=dict(snap.accepted),
+        rejected=dict(snap.rejected),
+        handshake={name: histogram.copy() for name, histogram in snap.handshake.items()},
+        open_tcp={},
+        open_udp={},
+        udp_drops=dict(snap.udp_drops),
+        udp_datagrams=snap.udp_datagrams,
+        status=snap.status,
+        internal_errors=snap.internal_errors,
+        log_lines_dropped=snap.log_lines_dropped,
+        backends={
+            route_id: [replace(b, active=0) for b in backends]
+            for route_id, backends in snap.backends.items()
+        },
+    )
+
+
+def _counted_totals(totals: Mapping[str, int]) -> dict[str, int]:
+    """A worker's grand totals without the gauge (``active``)."""
+    return {key: value for key, value in totals.items() if key != "active"}
+
+
+def _forget_routes(snap: Snapshot, keep: set[str]) -> None:
+    for route_id in [r for r in snap.routes if r not in keep]:
+        del snap.routes[route_id]
+    for route_id in [r for r in snap.backends if r not in keep]:
+        del snap.backends[route_id]
+
+
+def _add_failed_dials(into: list[BackendState], other: Sequence[BackendState]) -> None:
+    """A gone worker's failed dials, to the backends an answering worker lists (a backend
+    only it knew is not shown: its state would be a dead process's)."""
+    index = {b.address: n for n, b in enumerate(into)}
+    for b in other:
+        n = index.get(b.address)
+        if n is not None and b.dial_failures:
+            into[n] = replace(into[n], dial_failures=into[n].dial_failures + b.dial_failures)
+
+
+def merge_snapshots(
+    snaps: Sequence[Snapshot], connections: int = 0, gone: Sequence[Snapshot] = ()
+) -> Snapshot:
     """The sum over workers: counters add up, open connections are listed together
-    (oldest first, at most ``connections``), a backend is up if any worker has it up."""
+    (oldest first, at most ``connections``), a backend is up if any worker has it up.
+    ``gone``: counters of workers that did not answer or ended (:func:`counters_of`),
+    added to the counters only. The inputs are left as they were (copied)."""
     merged = Snapshot(
         taken=time.time(),
         routes={},
@@ -661,11 +848,12 @@ def merge_snapshots(snaps: Sequence[Snapshot], connections: int = 0) -> Snapshot
         udp_datagrams=(0, 0),
         status=(0, 0, 0),
     )
-    for snap in snaps:
+    for n, snap in enumerate((*snaps, *gone)):
+        answered = n < len(snaps)
         for route_id, stats in snap.routes.items():
             have = merged.routes.get(route_id)
             if have is None:
-                merged.routes[route_id] = stats
+                merged.routes[route_id] = stats.copy()
             else:
                 _add_route(have, stats)
         _add_counts(merged.accepted, snap.accepted)
@@ -675,7 +863,7 @@ def merge_snapshots(snaps: Sequence[Snapshot], connections: int = 0) -> Snapshot
             if name in merged.handshake:
                 _add_histogram(merged.handshake[name], histogram)
             else:
-                merged.handshake[name] = histogram
+                merged.handshake[name] = histogram.copy()
         _add_lists(merged.open_tcp, snap.open_tcp)
         _add_lists(merged.open_udp, snap.open_udp)
         merged.udp_datagrams = (
@@ -692,6 +880,10 @@ def merge_snapshots(snaps: Sequence[Snapshot], connections: int = 0) -> Snapshot
         merged.connections.extend(snap.connections)
         for route_id, backends in snap.backends.items():
             have_backends = merged.backends.get(route_id)
+            if not answered:
+                if have_backends is not None:  # an answering worker's list: its states
+                    _add_failed_dials(have_backends, backends)
+                continue
             merged.backends[route_id] = (
                 list(backends) if have_backends is None else _add_backends(have_backends, backends)
             )

@@ -253,6 +253,126 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_its_connections(tmp_pat
         survivor.close()
 
 
+def counters(proxy: ProxyProcess) -> dict[str, float]:
+    """Every counter sample of the data planes on /metrics (histograms' buckets, counts
+    and sums too; not the per-process worker_* ones, which are each process's own)."""
+    with urllib.request.urlopen(proxy.admin_url() + "/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if not name.startswith("discoproxy_") or name.startswith("discoproxy_worker_"):
+            continue
+        if name.split("{", 1)[0].endswith(("_total", "_count", "_sum", "_bucket")):
+            out[name] = float(value)
+    return out
+
+
+def went_down(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    return {k: (v, after.get(k)) for k, v in before.items() if v and after.get(k, 0.0) < v}
+
+
+def test_counters_never_go_down_when_a_worker_is_killed_and_replaced(tmp_path: Path) -> None:
+    """A dead worker's last numbers stay in the sums (its open connection counted as
+    ended), while it is away and after its replacement starts from zero; the gauges
+    (open connections) drop it. The dashboard's history is as monotonic."""
+    with serving(_Echo) as port, running_proxy(tmp_path, mc(port), "workers = 2\n") as proxy:
+        proxy.wait_for_line("worker 1 ready")
+        for ip in SOURCES:
+            with dial(proxy, ip) as sock:
+                assert echoes(sock)
+        wait_until(lambda: api(proxy, "/api/routes")["routes"][0]["connections_total"] == 12)
+        doomed = dial(proxy, ON[1][0])  # open on worker 1 when it dies: bytes counted
+        assert echoes(doomed)
+        wait_until(lambda: api(proxy, "/api/routes")["routes"][0]["active"] == 1)
+        # the history has a sample with everything in it before the kill
+        wait_until(
+            lambda: any(s["connections_total"] == 13 for s in api(proxy, "/api/history")["samples"])
+        )
+        before = counters(proxy)
+        accepted = f'discoproxy_connections_accepted_total{{listener="127.0.0.1:{proxy.port}"}}'
+        assert before[accepted] == 13
+        pids = {w["index"]: w["pid"] for w in api(proxy, "/api/workers")["workers"]}
+        os.kill(pids[1], signal.SIGKILL)
+        proxy.wait_for_line(r"worker 1 \(pid \d+\) exited with signal SIGKILL")
+        away = counters(proxy)  # worker 1 not running: its last numbers
+        assert went_down(before, away) == {}
+        assert api(proxy, "/api/routes")["routes"][0]["active"] == 0  # a gauge: not kept
+        wait_until(lambda: proxy.output().count("worker 1 ready") == 2 and ready(proxy))
+        restarted = time.time()
+        replaced = counters(proxy)
+        assert went_down(before, replaced) == {}
+        assert replaced[accepted] == 13
+        with dial(proxy, ON[1][1]) as sock:  # the new worker 1 counts on top
+            assert echoes(sock)
+        wait_until(lambda: counters(proxy)[accepted] == 14)
+        assert went_down(replaced, counters(proxy)) == {}
+        wait_until(lambda: api(proxy, "/api/history")["samples"][-1]["t"] > restarted + 2)
+        samples = api(proxy, "/api/history")["samples"]
+        for key in ("connections_total", "bytes_up", "bytes_down"):
+            series = [s[key] for s in samples]
+            assert series == sorted(series), (key, series)
+        doomed.close()
+
+
+class _Web(socketserver.BaseRequestHandler):
+    """An HTTP backend that answers every request with its name; its health path says
+    200 when ``healthy``, 500 otherwise (its requests are served either way: only the
+    active check tells it apart)."""
+
+    healthy: dict[int, bool] = {}
+
+    def handle(self) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.request.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        port = int(self.request.getsockname()[1])  # the port this backend listens on
+        if head.startswith(b"GET /health "):
+            status = "200 OK" if self.healthy[port] else "500 Internal Server Error"
+            body = b"health"
+        else:
+            status, body = "200 OK", f"backend {port}".encode()
+        reply = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        self.request.sendall(reply.encode() + body)
+
+
+def served_by(proxy: ProxyProcess, source: str) -> str:
+    """The backend that answered an HTTP request from ``source`` through the proxy."""
+    with dial(proxy, source) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: web.example.com\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer.rsplit(b"\r\n\r\n", 1)[-1].decode()
+
+
+def test_a_replaced_worker_gets_the_health_checks_verdicts_it_missed(tmp_path: Path) -> None:
+    """The checker tells the pools of a change only; a worker started again hears the
+    verdicts in force with its table, so it never dials a backend the checks hold down."""
+    with serving(_Web) as good, serving(_Web) as bad:
+        _Web.healthy = {good: True, bad: False}
+        check = '{ type = "http", http_path = "/health", interval = 0.2, rise = 1, fall = 1 }'
+        servers = {
+            "web.toml": 'domains = ["web.example.com"]\nbalance = "round_robin"\n'
+            f'addresses = ["127.0.0.1:{good}", "127.0.0.1:{bad}"]\nhealth_check = {check}\n'
+        }
+        with running_proxy(tmp_path, servers, "workers = 2\n") as proxy:
+            proxy.wait_for_line("worker 1 ready")
+            proxy.wait_for_line(rf"backend 127.0.0.1:{bad} of web@file down")
+            time.sleep(0.5)  # more failed checks, which change nothing: not sent again
+            assert {served_by(proxy, ip) for ip in ON[1][:4]} == {f"backend {good}"}
+            pids = {w["index"]: w["pid"] for w in api(proxy, "/api/workers")["workers"]}
+            os.kill(pids[1], signal.SIGKILL)
+            wait_until(lambda: proxy.output().count("worker 1 ready") == 2 and ready(proxy))
+            answers = [served_by(proxy, ip) for ip in ON[1] for _ in range(2)]
+            assert set(answers) == {f"backend {good}"}, answers
+            # the others' logs and webhooks heard the transition once: not again
+            assert proxy.output().count(f"backend 127.0.0.1:{bad} of web@file down") == 1
+
+
 def test_a_table_swap_reaches_every_worker(tmp_path: Path) -> None:
     with serving(_Echo) as port, running_proxy(tmp_path, mc(port), "workers = 2\n") as proxy:
         proxy.wait_for_line("worker 1 ready")
@@ -321,6 +441,35 @@ def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
         assert "starting it again" not in proxy.output()  # a drain is not a crash
 
 
+def _refused(proxy: ProxyProcess, source: str) -> bool:
+    """Whether a new connection from ``source`` is refused (not taken into a backlog
+    nobody accepts from any more)."""
+    try:
+        sock = dial(proxy, source)
+    except ConnectionRefusedError:
+        return True
+    sock.close()
+    return False
+
+
+def test_sigterm_refuses_new_connections_at_once_while_open_ones_drain(tmp_path: Path) -> None:
+    """As one process does: the drain closes every listening socket, the control plane's
+    copies too, so a new client is refused instead of waiting in a backlog for up to
+    shutdown_timeout; the open connections carry on meanwhile."""
+    with serving(_Echo) as port, running_proxy(tmp_path, mc(port), "workers = 2\n") as proxy:
+        proxy.wait_for_line("worker 1 ready")
+        held = [dial(proxy, ON[0][0]), dial(proxy, ON[1][0])]
+        assert all(echoes(sock) for sock in held)
+        proxy.process.send_signal(signal.SIGTERM)
+        proxy.wait_for_line("SIGTERM received")
+        wait_until(lambda: all(_refused(proxy, ip) for ip in (ON[0][1], ON[1][1])), timeout=1.5)
+        assert [echoes(sock, b"draining") for sock in held] == [True, True], proxy.output()
+        assert proxy.process.poll() is None  # still draining them
+        for sock in held:
+            sock.close()
+        assert proxy.process.wait(15) == 0
+
+
 class _UdpEcho(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         data, sock = self.request
@@ -371,6 +520,10 @@ def test_udp_sessions_stay_on_the_worker_their_client_ip_is_steered_to(tmp_path:
             assert by_client == expected
             for client in clients:
                 client.close()
+        # each session's close line (at the drain) says which worker it was on
+        for client_address, worker in expected.items():
+            line = rf"udp session #\d+ closed: client={client_address} .* worker={worker} reason="
+            proxy.wait_for_line(line)
     finally:
         server.shutdown()
         server.server_close()
@@ -440,7 +593,9 @@ def _served_serial(proxy: ProxyProcess, source: str) -> int:
         assert der is not None
         tls.sendall(b"ping")
         assert tls.recv(64) == b"ping"
-    return int(_decode(der)["serial"])  # type: ignore[call-overload]
+    serial = _decode(der)["serial"]
+    assert isinstance(serial, int)
+    return serial
 
 
 def test_workers_terminate_tls_with_certificates_the_control_plane_reads(
