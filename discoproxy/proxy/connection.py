@@ -35,6 +35,7 @@ import os
 import socket
 import time
 from bisect import bisect_left as _bisect_left
+from dataclasses import dataclass
 from select import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,7 @@ from discoproxy.guard import (
 )
 from discoproxy.model import DEFAULT_BACKEND_PORT, offline_uuid
 from discoproxy.motd import legacy_fields, strip_codes
-from discoproxy.owners import REACTOR, any_thread, on_loop, owned_by
+from discoproxy.owners import REACTOR, any_thread, on_loop, on_reactor, owned_by
 from discoproxy.protocol import http, minecraft, tls
 from discoproxy.protocol.errors import NEED_DATA, Hint, ProtocolError
 from discoproxy.protocol.proxy_protocol import ProxyHeader, parse_proxy_header
@@ -529,6 +530,11 @@ class ClientConnection:
             header = parse_proxy_header(buffer)
             if header is NEED_DATA:
                 return
+            if header.command == "PROXY" and header.source is not None:
+                steer = self.ctx.steer  # workers: the real client's worker, by its address
+                if steer is not None and (owner := steer(header.source[0])) != self.ctx.worker:
+                    self._hand_off(owner, bytes(buffer))
+                    return
             buffer = self.buffer = buffer[header.length :]
             self._proxy_header = header
             if header.command == "PROXY" and header.source is not None:
@@ -545,6 +551,66 @@ class ClientConnection:
             self._sniff()
         elif self.state is ANSWERING:
             self._answer_status_packets()
+
+    def _hand_off(self, worker: int, data: bytes) -> None:
+        """Workers: the kernel steered this connection by its balancer's address, but
+        its PROXY header names a client another worker owns (per-IP limits, budgets and
+        bans are kept whole there). The socket and what was read go to that worker
+        (``ProxyContext.hand_off``, through the control plane); nothing is logged or
+        counted closed here: the worker that takes it does both."""
+        ctx = self.ctx
+        ctx.handshaking.discard(self)
+        if self.cmask >= 0:
+            ctx.reactor.unregister(self.cfd)  # its epoll entry would outlive our close
+            self.cmask = -1
+        fd, self.cfd = self.cfd, -1
+        port_key = None
+        if self.route is not None:  # a port route's: the other worker looks it up
+            ports = ctx.registry.table.ports
+            port_key = next((key for key, r in ports.items() if r is self.route), None)
+        handed = HandedClient(
+            peer=self.client_addr,
+            listener=self.listener,
+            fallback=self.fallback,
+            port_key=port_key,
+            started=self.started,
+            data=data,
+        )
+        self.state = CLOSED
+        self.up.release()
+        self.down.release()
+        ctx.handed_off(self)
+        assert ctx.hand_off is not None  # set with steer
+        ctx.spawn(self, ctx.hand_off(worker, handed, fd))
+
+    def adopt(self, handed: HandedClient) -> None:
+        """A connection another worker handed over (``_hand_off``): admitted here, its
+        PROXY header read again from what it had read, then on as if accepted here."""
+        ctx = self.ctx
+        self.listener = handed.listener
+        self.fallback = handed.fallback
+        if not self._admit():
+            return
+        self.started = handed.started  # its deadlines and duration count from the accept
+        if handed.port_key is not None:
+            route = ctx.registry.table.ports.get(handed.port_key)
+            if route is None:
+                self.close("port route gone")
+                return
+            self.route = route
+            self.route_stats = ctx.stats.route(route.qualified_id)
+        self._move(PROXY_HEADER)
+        self.buffer = handed.data
+        self.prefix_bytes = len(handed.data)
+        try:
+            self._advance()
+        except ProtocolError as exc:
+            self._fail(str(exc), exc.hint)
+            return
+        if self.state in _PRE_ROUTING:
+            ctx.handshaking.add(self)
+            if self.cmask < 0:
+                self.sync_events()
 
     def _sniff(self) -> None:
         buffer = self.buffer
@@ -1521,6 +1587,31 @@ class ClientConnection:
         if handed_off and task is not None:
             return  # the relay, cancelled, reports its bytes: terminated() unregisters it
         ctx.unregister(self)
+
+
+@on_reactor
+def adopt_client(ctx: ProxyContext, fd: int, handed: HandedClient) -> None:
+    """A connection another worker handed over: served here from where it was."""
+    if ctx.closing:  # draining: no new connection (its client sees the close)
+        os.close(fd)
+        return
+    conn = ClientConnection(ctx, fd, handed.peer)
+    try:
+        conn.adopt(handed)
+    except Exception as exc:
+        ctx.reactor.handler_failed(conn, exc)
+
+
+@dataclass(frozen=True, slots=True)
+class HandedClient:
+    """What a worker hands another with a connection's socket (``_hand_off``)."""
+
+    peer: tuple[str, int] | None  # the balancer, as accepted
+    listener: str
+    fallback: str | None
+    port_key: tuple[str, int] | None  # a port route's (protocol, port); None: by name
+    started: float  # monotonic: the same clock in every process of the host
+    data: bytes  # what was read: the PROXY header and whatever followed it
 
 
 def _legacy_answer(ping: minecraft.LegacyPing | None, status: str) -> bytes:

@@ -45,7 +45,7 @@ from discoproxy.owners import LOOP, any_thread, on_loop, on_reactor, owned_by
 from discoproxy.proxy.access_log import AccessLog
 from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.balance import Pools
-from discoproxy.proxy.connection import ClientConnection, ConnState
+from discoproxy.proxy.connection import ClientConnection, ConnState, HandedClient
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener, ListenError
 from discoproxy.proxy.names import NameCache
 from discoproxy.proxy.planes import EventOutbox, LoopTasks, TaskHandle, TaskOwner
@@ -178,6 +178,10 @@ class ProxyContext:
         # this data plane's index when it is one of workers = N (None: the only one)
         self.worker = worker
         self.workers: WorkerSet | None = None  # the control plane's, when workers > 1
+        # a worker's (workers > 1): the worker the kernel steers a client address to, and
+        # how a connection whose PROXY header names another worker's client goes there
+        self.steer: Callable[[str], int] | None = None
+        self.hand_off: Callable[[int, HandedClient, int], Coroutine[Any, Any, None]] | None = None
         self.planes: DataPlanes = LocalPlanes(self)
         self.registry = registry
         self.events = EventOutbox()  # for the webhooks: put on any thread, drained on the loop
@@ -336,6 +340,14 @@ class ProxyContext:
         return ended
 
     @on_reactor
+    def handed_off(self, conn: ClientConnection) -> None:
+        """``conn`` went to another worker (``ClientConnection._hand_off``): it leaves
+        this data plane without being counted or logged closed (the other one does)."""
+        self.connections.discard(conn)
+        if self._on_drained is not None and not self.connections:
+            self._on_drained()
+            self._on_drained = None
+
     def unregister(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
         self.stats.closed(conn, time.monotonic())

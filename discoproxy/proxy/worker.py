@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,13 @@ from loguru import logger
 from discoproxy.guard import BanList
 from discoproxy.logwriter import writer
 from discoproxy.proxy.channel import Channel, ChannelError, TableDecoder
+from discoproxy.proxy.connection import HandedClient, adopt_client
 from discoproxy.proxy.player_counts import PlayerCounts
 from discoproxy.proxy.ports import UDP_SWEEP_S, sweep_udp
 from discoproxy.proxy.reactor import Reactor
 from discoproxy.proxy.server import ProxyContext
 from discoproxy.proxy.stats import take_snapshot, take_totals
+from discoproxy.proxy.steering import steer_index
 from discoproxy.proxy.tls_termination import FileContents, Stamp
 from discoproxy.proxy.workers import WorkerInit
 from discoproxy.routing import Registry, Route
@@ -179,6 +182,10 @@ class Worker:
         elif kind == "kick":
             target: str = payload
             return await ctx.reactor.run(lambda: ctx.kick(target))
+        elif kind == "adopt":  # another worker's connection, whose client is ours
+            (fd,) = fds
+            handed: HandedClient = payload
+            ctx.reactor.call(lambda: adopt_client(ctx, fd, handed))
         elif kind == "call":
             fn, args = payload
             ctx.reactor.call(lambda: fn(ctx, *args))
@@ -217,6 +224,9 @@ class Worker:
         ctx.number_ids(init.generation * 1_000_000_000 * init.count + init.index + 1, init.count)
         ctx.ports.inherited = {}
         ctx.shared_players = PlayerCounts(fds.pop(), init.count, init.index)  # the last fd
+        if init.count > 1:  # every group is steered by client address: see _hand_off
+            ctx.steer = partial(steer_index, workers=init.count)
+            ctx.hand_off = self._hand_off
         ctx.loop = asyncio.get_running_loop()
         ctx.reactor = Reactor()
         ctx.reactor.call(ctx.start_sweeps)
@@ -236,6 +246,16 @@ class Worker:
             tg.start_soon(ctx.waker.run)
         tg.start_soon(self._forward_events, ctx)
         tg.start_soon(self._watch_reactor, ctx)
+
+    async def _hand_off(self, worker: int, handed: HandedClient, fd: int) -> None:
+        """A connection whose PROXY header names a client of ``worker``: its socket goes
+        there through the control plane (one hop each way, only for such connections)."""
+        try:
+            await self.channel.send("handoff", (worker, handed), [fd])
+        except Exception as exc:  # the control plane is gone: the client is closed
+            logger.debug("cannot hand a connection to worker {}: {!r}", worker, exc)
+        finally:
+            os.close(fd)
 
     def _adopt(self, binds: list[tuple[str, str]], fds: list[int]) -> None:
         assert self.ctx is not None

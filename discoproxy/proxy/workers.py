@@ -477,6 +477,9 @@ class WorkerSet:
     # -- the workers' requests ---------------------------------------------------------
 
     async def _handle(self, worker: _Worker, kind: str, payload: Any, fds: list[int]) -> Any:
+        if kind == "handoff":  # a connection for the worker that owns its real client
+            self._forward(payload, fds)
+            return None
         for fd in fds:
             os.close(fd)
         ctx = self.ctx
@@ -513,6 +516,19 @@ class WorkerSet:
                 ctx.events.put(event, data)
             return None
         raise ValueError(f"unknown request from worker {worker.index}: {kind}")
+
+    def _forward(self, payload: Any, fds: list[int]) -> None:
+        """A worker hands a connection to the worker that owns its client (its PROXY
+        header's address; ``ClientConnection._hand_off``): queued for that one, in
+        order with the table it routes by. A worker not running now: the client is
+        closed (its own clients wait in its backlog; this one was accepted already)."""
+        try:
+            target, handed = payload
+            if isinstance(target, int) and 0 <= target < len(self.workers):
+                self._post(self.workers[target], "adopt", handed, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     # -- lifecycle ---------------------------------------------------------------------
 

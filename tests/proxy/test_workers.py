@@ -636,3 +636,69 @@ def test_workers_terminate_tls_with_certificates_the_control_plane_reads(
     loaded = [path for _, what, path in records if what == "load_cert_chain"]
     assert len(loaded) >= 8  # cert and key, twice (serial 1 and 2) in each worker
     assert all(path.startswith("/proc/self/fd/") for path in loaded), loaded
+
+
+def test_per_ip_limits_hold_for_clients_behind_proxy_protocol_balancers(tmp_path: Path) -> None:
+    """The kernel steers by the balancer's address; the PROXY header names the client. A
+    connection whose client another worker owns is handed to that worker, so two
+    balancers on two workers sending one client still meet max_connections_per_ip, and
+    one balancer's clients are spread over the workers by their own addresses."""
+    config = (
+        "workers = 2\nmax_connections_per_ip = 1\nreceive_proxy_protocol = true\n"
+        'trusted_proxies = ["127.0.0.0/8"]\n'
+    )
+
+    def through(balancer: str, client: str) -> socket.socket:
+        sock = dial(proxy, balancer)
+        sock.sendall(f"PROXY TCP4 {client} 127.0.0.1 40000 25565\r\n".encode())
+        return sock
+
+    with serving(_Echo) as port, running_proxy(tmp_path, mc(port), config) as proxy:
+        proxy.wait_for_line("worker 1 ready")
+        first = through(ON[0][0], "203.0.113.5")
+        assert echoes(first)
+        with through(ON[1][0], "203.0.113.5") as second:  # the other balancer, same client
+            assert not echoes(second), "the client got a second connection on another worker"
+        clients = [f"198.51.100.{n}" for n in range(1, 9)]
+        held = [through(ON[0][0], client) for client in clients]  # one balancer
+        assert all(echoes(sock) for sock in held)
+        listed = api(proxy, "/api/connections")["connections"]
+        by_client = {c["client"].rsplit(":", 1)[0]: c["worker"] for c in listed}
+        for client in [*clients, "203.0.113.5"]:
+            assert by_client[client] == steer_index(client, WORKERS), client
+        assert set(by_client.values()) == {0, 1}  # spread, though one balancer sent them
+        for sock in [first, *held]:
+            sock.close()
+
+
+def test_a_port_route_connection_is_handed_to_its_clients_worker(tmp_path: Path) -> None:
+    """A TCP port route behind a PROXY-protocol balancer: the connection goes on from
+    the worker that owns the header's client, forwarding what came after the header."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        listen = probe.getsockname()[1]
+    config = (
+        'workers = 2\nport_routes_bind = "127.0.0.1"\nreceive_proxy_protocol = true\n'
+        'trusted_proxies = ["127.0.0.0/8"]\n'
+    )
+    client = next(f"198.51.100.{n}" for n in range(1, 50) if steer_index(f"198.51.100.{n}", 2))
+    with serving(_Echo) as port:
+        servers = {"rcon.toml": f'addresses = ["127.0.0.1"]\nports = ["{listen}:{port}/tcp"]\n'}
+        with running_proxy(tmp_path, servers, config) as proxy:
+            proxy.wait_for_line("worker 1 ready")
+            wait_until(lambda: _port_open(listen))
+            with socket.create_connection(("127.0.0.1", listen), timeout=5) as sock:
+                sock.sendall(f"PROXY TCP4 {client} 127.0.0.1 40000 {listen}\r\nhello".encode())
+                assert sock.recv(5) == b"hello"
+                listed = api(proxy, "/api/connections")["connections"]
+                (conn,) = [c for c in listed if c["client"].startswith(client + ":")]
+                assert conn["worker"] == 1  # steered by 127.0.0.1 (worker 0) first
+    assert steer_index("127.0.0.1", 2) == 0
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
