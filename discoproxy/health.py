@@ -315,6 +315,12 @@ def _apply(
     )
     if changed is None or not ctx.speaks_for_all:  # workers: worker 0 logs it, once
         return
+    backend_state = ctx.pools.get(route).by_address.get(address)
+    if backend_state is not None:  # counted once too (every worker applies the verdict)
+        if changed:
+            backend_state.went_up += 1
+        else:
+            backend_state.went_down += 1
     log = logger.bind(route=route.qualified_id)
     backend = format_addr(address)
     if changed:

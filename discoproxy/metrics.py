@@ -317,12 +317,20 @@ def _backend_families(snap: Snapshot, table: RoutingTable) -> Iterator[Metric]:
         "Dials to a backend that failed (each address of a host name that all failed: one)",
         labels=["route", "backend"],
     )
+    transitions = CounterMetricFamily(
+        "discoproxy_backend_transitions",
+        "Times a backend went down or up again (its checks' verdicts, or failed dials and "
+        "the dial that brought it back), by the state it went to",
+        labels=["route", "backend", "to"],
+    )
     for route_id, backends in sorted(snap.backends.items()):
         for backend in backends:
             labels = [route_id, format_addr(backend.address)]
             up.add_metric(labels, 0 if backend.state == "down" else 1)
             active.add_metric(labels, backend.active)
             failed.add_metric(labels, backend.dial_failures)
+            transitions.add_metric([*labels, "down"], backend.went_down)
+            transitions.add_metric([*labels, "up"], backend.went_up)
     for route in sorted(table.by_id.values(), key=lambda r: r.qualified_id):
         for held in route.server.held_back:
             labels = [route.qualified_id, held.address]
@@ -331,6 +339,7 @@ def _backend_families(snap: Snapshot, table: RoutingTable) -> Iterator[Metric]:
     yield up
     yield active
     yield failed
+    yield transitions
 
 
 def _provider_families(providers: Sequence[ProviderInfo]) -> Iterator[Metric]:

@@ -268,6 +268,12 @@ async def test_checks_mark_a_dead_backend_down_before_any_client_dials_it_and_up
                     while await _pool_state(proxy, ("127.0.0.1", dead_port)) != "up":
                         await anyio.sleep(0.05)
                 assert proxy.ctx.health.checks >= FAST["fall"] + FAST["rise"]
+
+                def transitions(ctx: object) -> tuple[int, int]:
+                    b = dict(proxy.ctx.pools)["pool@test"].by_address[("127.0.0.1", dead_port)]
+                    return b.went_down, b.went_up
+
+                assert await proxy.on_reactor(transitions) == (1, 1)  # counted, once each
     finally:
         dead.close()
 

@@ -95,6 +95,8 @@ class BackendState:
     last_check: str = ""  # "ok", why the last active check failed, or "" (no checks)
     rtt: float | None = None  # the last passed check's round trip, seconds
     players: int | None = None  # online players at the last minecraft check
+    went_down: int = 0  # transitions to down, checks' and failed dials' (counters)
+    went_up: int = 0
 
 
 @owned_by(REACTOR)
@@ -118,6 +120,8 @@ class Backend:
         "retry_s",
         "rtt",
         "weight",
+        "went_down",
+        "went_up",
     )
 
     def __init__(self, address: Address, weight: int) -> None:
@@ -128,6 +132,10 @@ class Backend:
         self.retry_at = 0.0  # down until then (monotonic); 0: up
         self.retry_s = RETRY_FIRST_S
         self.failed_total = 0  # every failed dial, for /metrics
+        # transitions, for /metrics: passive ones counted here, the checks' by whoever
+        # speaks for every worker (health._apply: each worker applies every verdict)
+        self.went_down = 0
+        self.went_up = 0
         self.last_error = ""  # the last failed dial's reason ("" after a success)
         # active health checks (discoproxy/health.py), when the route has them
         self.checked_down = False  # failed `fall` checks in a row (until `rise` pass)
@@ -504,6 +512,7 @@ class Pool:
         if was_down:
             backend.retry_at = 0.0
             backend.retry_s = RETRY_FIRST_S
+            backend.went_up += 1
             self._recount()
         return was_down
 
@@ -521,6 +530,7 @@ class Pool:
             return False
         if backend.failures >= FALL:
             backend.retry_at = now + backend.retry_s
+            backend.went_down += 1
             self._recount()
             return True
         return False
@@ -543,6 +553,8 @@ class Pool:
                 last_check=b.last_check,
                 rtt=b.rtt,
                 players=b.players,
+                went_down=b.went_down,
+                went_up=b.went_up,
                 active=b.active,
                 failures=b.failures,
                 dial_failures=b.failed_total,

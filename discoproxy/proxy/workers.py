@@ -758,6 +758,8 @@ def _add_backends(into: list[BackendState], other: list[BackendState]) -> list[B
             active=have.active + b.active,
             failures=max(have.failures, b.failures),
             dial_failures=have.dial_failures + b.dial_failures,
+            went_down=have.went_down + b.went_down,
+            went_up=have.went_up + b.went_up,
             last_error=have.last_error or b.last_error,
         )
     return list(by_address.values())
@@ -841,8 +843,14 @@ def _add_failed_dials(into: list[BackendState], other: Sequence[BackendState]) -
     index = {b.address: n for n, b in enumerate(into)}
     for b in other:
         n = index.get(b.address)
-        if n is not None and b.dial_failures:
-            into[n] = replace(into[n], dial_failures=into[n].dial_failures + b.dial_failures)
+        if n is not None and (b.dial_failures or b.went_down or b.went_up):
+            have = into[n]
+            into[n] = replace(
+                have,
+                dial_failures=have.dial_failures + b.dial_failures,
+                went_down=have.went_down + b.went_down,
+                went_up=have.went_up + b.went_up,
+            )
 
 
 def merge_snapshots(

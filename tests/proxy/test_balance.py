@@ -485,6 +485,16 @@ def test_backend_metrics_say_which_backend_is_down() -> None:
     assert samples[("discoproxy_backend_up", "10.0.0.2:25565")] == 1
     assert samples[("discoproxy_backend_active_connections", "10.0.0.2:25565")] == 1
     assert samples[("discoproxy_backend_failed_dials_total", "10.0.0.1:25565")] == FALL
+    transitions = {
+        (s.labels["backend"], s.labels["to"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "discoproxy_backend_transitions_total"
+    }
+    assert transitions[("10.0.0.1:25565", "down")] == 1  # counted once, not per failure
+    assert transitions[("10.0.0.1:25565", "up")] == 0
+    p.connected(A, None, RETRY_FIRST_S + 1)  # the probe went through
+    assert [b.went_up for b in p.states()] == [1, 0]
 
 
 def test_replicas_a_provider_holds_back_are_down_in_the_metrics() -> None:
