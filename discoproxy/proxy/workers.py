@@ -81,6 +81,9 @@ RESTART_WINDOW_S = 30.0
 WORKER_START_TIMEOUT_S = 30.0
 # A read of live numbers (metrics, API) waits this long for each worker's answer.
 WORKER_ANSWER_TIMEOUT_S = 5.0
+# /healthz fails once no worker has been ready for this long (every one crash-looping:
+# the proxy serves nothing, and an orchestrator's restart may well help).
+NO_WORKER_READY_S = 60.0
 
 
 def cpu_count() -> int:
@@ -181,6 +184,7 @@ class WorkerSet:
         self._port_failed: dict[PortKey, str] = {}
         self._stopping = False
         self._running = False
+        self._seen_ready = 0.0  # when a worker was last seen ready (alive)
         self.bans = BanList()  # the list in force, for a worker that (re)starts
         self._tables = TableEncoder()  # each server crosses once
         self._tls: tuple[RoutingTable | None, set[Path]] = (None, set())  # files workers may ask
@@ -192,8 +196,15 @@ class WorkerSet:
     @property
     def alive(self) -> bool:
         """The workers are kept running (``/healthz``): one being replaced still counts,
-        so an orchestrator does not restart the whole proxy for it."""
-        return self._running and not self._stopping
+        so an orchestrator does not restart the whole proxy for it; none ready for
+        :data:`NO_WORKER_READY_S` (all of them dying as they start) does not."""
+        if not self._running or self._stopping:
+            return False
+        now = time.monotonic()
+        if any(w.ready for w in self.workers):
+            self._seen_ready = now
+            return True
+        return now - self._seen_ready < NO_WORKER_READY_S
 
     @property
     def ready(self) -> bool:
@@ -545,6 +556,7 @@ class WorkerSet:
                         for event in started:
                             await event.wait()
                     self._running = True
+                    self._seen_ready = time.monotonic()
                     task_status.started()
                     await anyio.sleep_forever()
                 finally:

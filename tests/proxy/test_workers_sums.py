@@ -115,3 +115,24 @@ async def test_a_replaced_workers_counters_stay_in_its_slot() -> None:
     answer(replacement, numbers(closed=1, open_=0, accepted=1))  # and counts on top
     assert seen(await workers.snapshot()) == (11, 11, 100, 0, 0)
     assert (await workers.totals())["connections_total"] == 11
+
+
+def test_healthz_fails_once_no_worker_has_been_ready_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One worker being replaced keeps /healthz up (no restart of the whole proxy for
+    it); every worker dying as it starts for NO_WORKER_READY_S does not."""
+    clock = [1000.0]
+    monkeypatch.setattr(workers_module.time, "monotonic", lambda: clock[0])
+    workers = WorkerSet(ProxyContext(ProxyConfig(), Registry()), 2)
+    workers._running = True
+    workers._seen_ready = clock[0]
+    workers.workers[0].ready = True
+    assert workers.alive
+    workers.workers[0].ready = False  # both down now: restarting, or crash-looping
+    clock[0] += workers_module.NO_WORKER_READY_S - 1
+    assert workers.alive
+    clock[0] += 2
+    assert not workers.alive
+    workers.workers[1].ready = True  # one came back
+    assert workers.alive
