@@ -480,6 +480,9 @@ class WorkerSet:
 
     async def apply_bans(self, bans: BanList) -> int:
         self.bans = bans
+        for worker in self.workers:  # starting: its init held the list before this one
+            if worker.channel is not None and not worker.ready:
+                self._post(worker, "bans", bans)
         return sum(await self.ask("bans", bans))
 
     async def kick(self, target: str) -> int:

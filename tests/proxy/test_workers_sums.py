@@ -136,3 +136,20 @@ def test_healthz_fails_once_no_worker_has_been_ready_for_a_while(
     assert not workers.alive
     workers.workers[1].ready = True  # one came back
     assert workers.alive
+
+
+async def test_a_ban_list_reaches_a_worker_that_is_still_starting() -> None:
+    """A starting worker's init carried the list in force then; a newer one posted while
+    it starts is queued for it (asked of the ready ones only, it would miss it)."""
+    import pickle
+
+    from discoproxy.guard import BanList
+
+    workers, (first, _) = worker_set()
+    first.answers["bans"] = 0
+    starting = workers.workers[1]
+    starting.ready = False
+    bans = BanList()
+    await workers.apply_bans(bans)
+    queued = [pickle.loads(message)[0] for message, _ in list(starting.outbox._queue)]  # type: ignore[attr-defined]
+    assert queued == ["bans"] and workers.bans is bans
