@@ -94,14 +94,7 @@ class HealthCheck(BaseModel):
     @classmethod
     def _seconds(cls, value: Any) -> Any:
         """``5``, ``0.5``, ``2s``, ``1m``: as the Docker labels take them."""
-        if not isinstance(value, str):
-            return value
-        try:
-            return peer_duration_s(value.strip().lower(), "duration")
-        except ValueError:
-            raise ValueError(
-                f"expected seconds (5) or a duration such as 500ms, 2s or 1m, got {value!r}"
-            ) from None
+        return label_duration(value, "seconds (5) or a duration such as 500ms, 2s or 1m")
 
     @field_validator("http_path")
     @classmethod
@@ -364,6 +357,17 @@ def peer_duration_s(value: Any, where: str) -> float:
     if not parts or "".join(n + u for n, u in parts) != text:
         raise ValueError(f"{where}: expected a duration such as 10s, 1m or 2m30s, got {value!r}")
     return sum(float(number) * _UNIT_S[unit] for number, unit in parts)
+
+
+def label_duration(value: Any, expected: str) -> Any:
+    """A server file's duration as the labels write it (``30s``, ``10m``): seconds;
+    anything but a string is left to the field's own type check."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return peer_duration_s(value.strip().lower(), "duration")
+    except ValueError:
+        raise ValueError(f"expected {expected}, got {value!r}") from None
 
 
 _USERNAME_RE = re.compile(r"^[A-Za-z0-9_]{1,16}$")
@@ -704,14 +708,7 @@ class ServerDefinition(BaseModel):
     def _duration(cls, value: Any) -> Any:
         """The forms the Docker labels take (``600``, ``30s``, ``10m``, ``1h``), so a
         server file can say what a label says."""
-        if not isinstance(value, str):
-            return value
-        try:
-            return peer_duration_s(value.strip().lower(), "duration")
-        except ValueError:
-            raise ValueError(
-                f"expected seconds (600) or a duration such as 30s, 10m or 1h, got {value!r}"
-            ) from None
+        return label_duration(value, "seconds (600) or a duration such as 30s, 10m or 1h")
 
     @field_validator("ports", mode="before")
     @classmethod
