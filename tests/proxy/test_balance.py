@@ -521,10 +521,22 @@ def test_replicas_a_provider_holds_back_are_down_in_the_metrics() -> None:
     assert ups == {"10.0.0.2:25565": 0}  # (10.0.0.1's pool: no connection made one yet)
 
 
-@pytest.mark.anyio
-async def test_a_route_whose_backends_are_all_down_answers_at_once() -> None:
+async def _motd(port: int) -> str:
+    """The status answer a server-list ping to pool.example.com gets (its JSON)."""
     from discoproxy.protocol import minecraft
     from tests.proxy.helpers import handshake, read_string
+
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(handshake("pool.example.com", 1) + b"\x01\x00")
+        with anyio.fail_after(5):
+            reply = await stream.receive()
+    packet = minecraft.parse_packet(bytearray(reply))
+    assert isinstance(packet, minecraft.Packet) and packet.packet_id == 0x00
+    return read_string(packet.payload)
+
+
+@pytest.mark.anyio
+async def test_a_route_whose_backends_are_all_down_answers_at_once() -> None:
 
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))  # refuses
@@ -536,13 +548,7 @@ async def test_a_route_whose_backends_are_all_down_answers_at_once() -> None:
             assert all(a.startswith(b"HTTP/1.1 502") for a in answers[:FALL])
             assert answers[FALL].startswith(b"HTTP/1.1 503")  # marked down: no dial at all
 
-            async with await anyio.connect_tcp("127.0.0.1", proxy.port) as stream:
-                await stream.send(handshake("pool.example.com", 1) + b"\x01\x00")
-                with anyio.fail_after(5):
-                    reply = await stream.receive()
-            packet = minecraft.parse_packet(bytearray(reply))
-            assert isinstance(packet, minecraft.Packet) and packet.packet_id == 0x00
-            assert "unreachable" in read_string(packet.payload).lower()
+            assert "unreachable" in (await _motd(proxy.port)).lower()
 
             def failures(ctx: object) -> int:
                 pools = dict(proxy.ctx.pools)
@@ -561,8 +567,7 @@ async def test_a_route_whose_every_backend_is_held_back_answers_at_once() -> Non
     unhealthy) keeps the route with nothing to dial: HTTP 503, the unreachable MOTD and
     unreachable_message, and no dial."""
     from discoproxy.model import HeldBack
-    from discoproxy.protocol import minecraft
-    from tests.proxy.helpers import handshake, read_string
+    from tests.proxy.helpers import handshake
 
     held = ServerDefinition.model_validate(
         {
@@ -574,13 +579,7 @@ async def test_a_route_whose_every_backend_is_held_back_answers_at_once() -> Non
     )
     async with running_proxy([held], unreachable_message="{server} is not ready") as proxy:
         assert (await _ask(proxy.port)).startswith(b"HTTP/1.1 503")
-        async with await anyio.connect_tcp("127.0.0.1", proxy.port) as stream:
-            await stream.send(handshake("pool.example.com", 1) + b"\x01\x00")
-            with anyio.fail_after(5):
-                reply = await stream.receive()
-        packet = minecraft.parse_packet(bytearray(reply))
-        assert isinstance(packet, minecraft.Packet) and packet.packet_id == 0x00
-        assert "unreachable" in read_string(packet.payload).lower()
+        assert "unreachable" in (await _motd(proxy.port)).lower()
         async with await anyio.connect_tcp("127.0.0.1", proxy.port) as stream:
             await stream.send(handshake("pool.example.com", 2))
             with anyio.fail_after(5):
