@@ -296,10 +296,11 @@ class StatusService:
         port: int,
         client: Proxied | None,
         addresses: tuple[tuple[str, int], ...],
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], float]:
         """A worker's cache miss (workers = N): this cache's answer while fresh, else one
-        ping for every worker that asks meanwhile (the same single flight). Raises
-        :class:`StatusError` when the backend does not answer."""
+        ping for every worker that asks meanwhile (the same single flight); with its age
+        in seconds, so the worker's cache keeps it fresh only as long as this one does.
+        Raises :class:`StatusError` when the backend does not answer."""
         key = (route.qualified_id, protocol)
         entry = self._entries.get(key)
         server = route.server
@@ -309,13 +310,13 @@ class StatusService:
             and entry.server == server
             and self.clock() - entry.fetched < fresh_for
         ):
-            return entry.document
+            return entry.document, self.clock() - entry.fetched
         fresh = await self._inflight.run(
             key, lambda: self._refresh(key, route, protocol, domain, port, client, addresses)
         )
         if fresh is None:
             raise StatusError("the backend did not answer (see the control plane's log)")
-        return fresh.document
+        return fresh.document, max(0.0, self.clock() - fresh.fetched)
 
     @any_thread
     def synthesized(
@@ -353,10 +354,11 @@ class StatusService:
         try:
             async with lock:  # one ping per server at a time, whatever the protocol
                 with anyio.fail_after(self.config.status_timeout):
-                    document = await self._ping_backend(
+                    document, age = await self._fetch(
                         route, protocol, domain, port, client, addresses
                     )
-            entry = self._entry(server, document, protocol, domain)  # StatusError: a failed fetch
+            # StatusError: a failed fetch
+            entry = self._entry(server, document, protocol, domain, age)
         except (StatusError, TimeoutError) as exc:
             why = str(exc) or f"no answer within {self.config.status_timeout}s"
             logger.bind(route=route.qualified_id).info(
@@ -370,7 +372,12 @@ class StatusService:
         return entry
 
     def _entry(
-        self, server: ServerDefinition, document: dict[str, Any], protocol: int, domain: str
+        self,
+        server: ServerDefinition,
+        document: dict[str, Any],
+        protocol: int,
+        domain: str,
+        age: float = 0.0,
     ) -> _Entry:
         """The cache entry for a backend's ``document``; :class:`StatusError` when it
         cannot be rendered (or framed): then it is a failed fetch, not an answer."""
@@ -381,7 +388,8 @@ class StatusService:
         except Exception as exc:  # motd.py renders whatever parses; this is the backstop
             raise StatusError(f"its status document cannot be rendered: {exc!r:.200}") from exc
         per_domain = online is not None and "{domain}" in f"{online.text}{online.version_name}"
-        return _Entry(server, document, self.clock(), rendered, packet, per_domain, protocol)
+        fetched = self.clock() - age  # age: how old the answer already was (workers)
+        return _Entry(server, document, fetched, rendered, packet, per_domain, protocol)
 
     async def online_players(self, route: Route) -> int | None:
         """Players on ``route``'s backends by their own status answers, asked now (not
@@ -441,6 +449,19 @@ class StatusService:
             del entries[key]  # re-inserted last: eviction order is age
         entries[key] = entry
         self._newest[qid] = entry
+
+    async def _fetch(
+        self,
+        route: Route,
+        protocol: int,
+        domain: str,
+        port: int,
+        client: Proxied | None,
+        addresses: tuple[tuple[str, int], ...],
+    ) -> tuple[dict[str, Any], float]:
+        """A status document for a cache miss and its age (0: asked just now); a worker
+        asks the control plane's cache instead (``worker.SharedStatus``)."""
+        return await self._ping_backend(route, protocol, domain, port, client, addresses), 0.0
 
     async def _ping_backend(
         self,

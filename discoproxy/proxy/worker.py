@@ -93,7 +93,7 @@ class SharedStatus(StatusService):
 
     channel: Channel
 
-    async def _ping_backend(
+    async def _fetch(
         self,
         route: Route,
         protocol: int,
@@ -101,14 +101,14 @@ class SharedStatus(StatusService):
         port: int,
         client: Any,
         addresses: tuple[tuple[str, int], ...],
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], float]:
         try:
-            document: dict[str, Any] = await self.channel.request(
+            answer: tuple[dict[str, Any], float] = await self.channel.request(
                 "status", (route, protocol, domain, port, client, addresses)
             )
         except ChannelError as exc:
             raise StatusError(str(exc).removeprefix("StatusError: ")) from exc
-        return document
+        return answer
 
 
 class Worker:
