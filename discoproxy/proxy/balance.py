@@ -9,7 +9,8 @@ Rules for this file:
   other healthy one (HAProxy's ``redispatch``: a failed dial moves on within the same
   client connection). Backends marked down are left out until their retry is due; then
   exactly one connection probes one (half-open), first.
-- Costs are on the connection's path and flat in pool size while no backend is down:
+- Costs are on the connection's path and flat in pool size while no backend is down
+  (a sticky client's remembered backend is one dict probe):
   ``round_robin`` walks a precomputed weighted schedule, ``random`` bisects cumulative
   weights, ``least_connections`` takes the first backend of the lowest load's group
   (backends grouped by load, each group in the order its members were last touched; a
@@ -189,6 +190,7 @@ class Pool:
         "_levels",
         "_limit",
         "_loads",
+        "_positions",
         "_random",
         "_rotations",
         "_schedule",
@@ -238,6 +240,7 @@ class Pool:
         # the fast path, while no backend is down: the takers (weight 0 takes nothing
         # while another is up), and each one's order: it, then the takers after it
         self._up_all = [i for i, b in enumerate(self.backends) if b.weight]
+        self._positions = {b.address: i for i, b in enumerate(self.backends)}
         self._limit = len(self.backends) if strategy is Balance.FAILOVER else MAX_DIALS
         takers = [self.backends[i].address for i in self._up_all]
         self._rotations: list[tuple[Address, ...]] = [()] * len(self.backends)
@@ -333,8 +336,14 @@ class Pool:
 
     def order(self, client_ip: str | None, now: float) -> Sequence[Address]:
         """The backends to dial, in order, for one new connection (empty: all down)."""
-        if not self._down and self._up_all and not self.sticky_ttl:
+        if not self._down and self._up_all:
             # all up: the pick, then the others after it, precomputed
+            if self.sticky_ttl and client_ip is not None:
+                remembered = self.sticky.get(client_ip)
+                if remembered is not None and remembered[1] > now:
+                    at = self._positions.get(remembered[0])
+                    if at is not None and self.backends[at].weight:
+                        return self._rotations[at]
             return self._rotations[self._fast_pick()]
         backends = self.backends
         probe = None
@@ -370,9 +379,9 @@ class Pool:
         if self.sticky_ttl > 0 and client_ip is not None:
             remembered = self.sticky.get(client_ip)
             if remembered is not None and remembered[1] > now:
-                backend = self.by_address.get(remembered[0])
-                if backend is not None and not backend.down and backend.weight:
-                    return self.backends.index(backend)
+                at = self._positions.get(remembered[0])
+                if at is not None and not self.backends[at].down and self.backends[at].weight:
+                    return at
         strategy = self.strategy
         if strategy is Balance.FAILOVER:
             return up[0]
