@@ -216,6 +216,7 @@ class ClientConnection:
         "lingering",
         "listener",
         "player",
+        "port_key",
         "prefix_bytes",
         "reason",
         "route",
@@ -251,6 +252,7 @@ class ClientConnection:
         self.dial_deadline = math.inf
         self.fallback: str | None = None  # the listener's catch-all server (qualified id)
         self.listener = ""  # its listener's label (metrics, API)
+        self.port_key: tuple[str, int] | None = None  # a port route's listener's (proto, port)
         self._dial_at = 0.0  # when the first backend address was dialed
         self._dial_task: TaskHandle | None = None
         self._dial_errors: list[str] | None = None
@@ -317,7 +319,7 @@ class ClientConnection:
         os.set_blocking(self.cfd, False)  # fcntl.fcntl with an int builds and drops a TypeError
         return True
 
-    def start_port(self, route: Route) -> None:
+    def start_port(self, route: Route, key: tuple[str, int]) -> None:
         """Accepted on a port route: dial its backend at once, reading nothing first, so
         protocols where the server speaks first work. From a trusted balancer (with
         ``receive_proxy_protocol``) its PROXY header is read first: the real client is
@@ -325,6 +327,7 @@ class ClientConnection:
         if not self._admit():
             return
         self.route = route
+        self.port_key = key
         ctx = self.ctx
         self.route_stats = ctx.stats.route(route.qualified_id)
         if ctx.config.receive_proxy_protocol and ctx.is_trusted(self.client_addr):
@@ -532,7 +535,11 @@ class ClientConnection:
                 return
             if header.command == "PROXY" and header.source is not None:
                 steer = self.ctx.steer  # workers: the real client's worker, by its address
-                if steer is not None and (owner := steer(header.source[0])) != self.ctx.worker:
+                if (
+                    steer is not None
+                    and (owner := steer(header.source[0])) != self.ctx.worker
+                    and not self.ctx.closing  # draining: served here (the drain waits)
+                ):
                     self._hand_off(owner, bytes(buffer))
                     return
             buffer = self.buffer = buffer[header.length :]
@@ -564,15 +571,11 @@ class ClientConnection:
             ctx.reactor.unregister(self.cfd)  # its epoll entry would outlive our close
             self.cmask = -1
         fd, self.cfd = self.cfd, -1
-        port_key = None
-        if self.route is not None:  # a port route's: the other worker looks it up
-            ports = ctx.registry.table.ports
-            port_key = next((key for key, r in ports.items() if r is self.route), None)
         handed = HandedClient(
             peer=self.client_addr,
             listener=self.listener,
             fallback=self.fallback,
-            port_key=port_key,
+            port_key=self.port_key,  # a port route's: the other worker looks it up
             started=self.started,
             data=data,
         )
@@ -1540,6 +1543,7 @@ class ClientConnection:
             self.sync_events()
             return
         handed_off = self.state is TERMINATING  # the asyncio side owns (and closes) cfd
+        reached = handed_off or self.state is FORWARDING  # (TLS: _entry set once dialed)
         self.state = CLOSED
         self.reason = reason
         ctx = self.ctx
@@ -1557,8 +1561,8 @@ class ClientConnection:
             pool = self._pool
             assert pool is not None
             pool.done(entry)
-            if pool.sticky_ttl and self.client_addr is not None:  # remembered from now
-                pool.left(entry, self.client_addr[0], time.monotonic())
+            if pool.sticky_ttl and reached and self.client_addr is not None:
+                pool.left(entry, self.client_addr[0], time.monotonic())  # remembered from now
             self._entry = None
         if self._ip_key is not None or self._players_in is not None or self._player:
             self._release_counts()  # a call only when counted in something
@@ -1591,10 +1595,8 @@ class ClientConnection:
 
 @on_reactor
 def adopt_client(ctx: ProxyContext, fd: int, handed: HandedClient) -> None:
-    """A connection another worker handed over: served here from where it was."""
-    if ctx.closing:  # draining: no new connection (its client sees the close)
-        os.close(fd)
-        return
+    """A connection another worker handed over: served here from where it was (while
+    draining too: the drain waits for it as for the connections it had)."""
     conn = ClientConnection(ctx, fd, handed.peer)
     try:
         conn.adopt(handed)

@@ -135,7 +135,7 @@ class PortListener(BaseListener):
                 conn = ClientConnection(ctx, conn_fd, (addr[0], addr[1]))
                 conn.listener = label
                 try:  # zero-cost unless raised: a bug ends this connection, not the batch
-                    conn.start_port(route)
+                    conn.start_port(route, self._key)
                 except Exception as exc:
                     ctx.reactor.handler_failed(conn, exc)
         finally:  # counted once per batch, not per connection

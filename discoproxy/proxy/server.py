@@ -348,6 +348,7 @@ class ProxyContext:
             self._on_drained()
             self._on_drained = None
 
+    @on_reactor
     def unregister(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
         self.stats.closed(conn, time.monotonic())

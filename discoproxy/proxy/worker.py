@@ -253,7 +253,7 @@ class Worker:
         try:
             await self.channel.send("handoff", (worker, handed), [fd])
         except Exception as exc:  # the control plane is gone: the client is closed
-            logger.debug("cannot hand a connection to worker {}: {!r}", worker, exc)
+            logger.warning("cannot hand a connection to worker {}: {!r}", worker, exc)
         finally:
             os.close(fd)
 

@@ -538,8 +538,16 @@ class WorkerSet:
         closed (its own clients wait in its backlog; this one was accepted already)."""
         try:
             target, handed = payload
-            if isinstance(target, int) and 0 <= target < len(self.workers):
-                self._post(self.workers[target], "adopt", handed, fds)
+            worker = self.workers[target] if 0 <= target < len(self.workers) else None
+            if worker is None or worker.channel is None:
+                logger.warning(
+                    "a connection through {} for worker {} was closed: that worker is not "
+                    "running (it is being restarted)",
+                    format_addr(handed.peer) if handed.peer else "-",
+                    target,
+                )
+            else:
+                self._post(worker, "adopt", handed, fds)
         finally:
             for fd in fds:
                 os.close(fd)

@@ -623,3 +623,46 @@ async def test_a_udp_backend_name_that_never_answers_fails_at_its_deadline(
             ) is None:
                 await anyio.sleep(0.02)
         assert answer.error.endswith("no answer within 0.2s") and not answer.addresses
+
+
+async def test_a_port_route_connection_handed_to_another_worker_keeps_its_port_route() -> None:
+    """Workers: a port route's connection handed over after its PROXY header (its
+    client is another worker's) goes on to that port's route, even when a table swap
+    came between the accept and the header (the route object it was accepted with is
+    then in no table), not to a route chosen by name."""
+    from discoproxy.proxy.connection import adopt_client
+    from tests.proxy.helpers import echo, handshake, named
+
+    port = free_ports(1)
+    handed = []
+    async with backend(echo) as port_backend, backend(named(b"DEFAULT")) as default_backend:
+        routed = server(
+            "p", addresses=[port_backend.address], ports=[f"{port}:{port_backend.port}/tcp"]
+        )
+        default = server("d", "default.example", addresses=[default_backend.address], default=True)
+        settings = {"receive_proxy_protocol": True, "trusted_proxies": ["127.0.0.0/8"]}
+        async with running_proxy([routed, default], **settings) as proxy:
+            ctx = proxy.ctx
+            await wait_port(port)
+
+            async def hand_off(worker: int, what: object, fd: int) -> None:
+                handed.append(what)
+                ctx.steer = lambda ip: None  # "the other worker": this one, now its owner
+                ctx.reactor.call(lambda: adopt_client(ctx, fd, what))  # type: ignore[arg-type]
+
+            ctx.steer = lambda ip: 1
+            ctx.hand_off = hand_off
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await anyio.sleep(0.2)  # accepted, waiting for its header
+                other = server("other", "other.example", addresses=[default_backend.address])
+                proxy.registry.apply_snapshot("test", [routed, default, other])  # a swap
+                await anyio.sleep(0.1)
+                hello = handshake("default.example")
+                await stream.send(f"PROXY TCP4 198.51.100.7 127.0.0.1 40000 {port}\r\n".encode())
+                await stream.send(hello)
+                got = b""
+                with anyio.fail_after(5):
+                    while len(got) < len(hello):
+                        got += await stream.receive()
+    assert [h.port_key for h in handed] == [("tcp", port)]  # type: ignore[attr-defined]
+    assert got == hello  # the port route's echo, not the default route's b"DEFAULT"
