@@ -218,8 +218,9 @@ class Waker:
             since = max(self._idle_since.setdefault(qid, now), self.left_at.get(qid, -math.inf))
             if now - since < after:
                 continue
-            if self.backend_players is not None and route.addresses:
-                online = await self.backend_players(route)
+            if self.backend_players is not None:
+                # no address (every replica held back by its HEALTHCHECK): no answer
+                online = await self.backend_players(route) if route.addresses else None
                 if online is None and not self.sees_every_player:
                     logger.info(
                         "not stopping {}: no player on this worker for {:.0f}s, but its "

@@ -573,3 +573,33 @@ async def test_a_worker_does_not_stop_a_server_whose_backend_does_not_answer_its
         await waker.stop_idle()
         stops.append(control.stops)
     assert stops == [0, 1]
+
+
+async def test_a_worker_does_not_stop_a_server_whose_every_replica_is_held_back() -> None:
+    """No address to ask (every replica held back by its HEALTHCHECK) is no answer: a
+    worker, which sees its own players only, does not stop it."""
+    from discoproxy.model import HeldBack
+
+    registry = Registry()
+    held = server(
+        "a", "a.example.com", addresses=["127.0.0.1:1"], auto_start=True, auto_stop_after=10.0
+    ).model_copy(
+        update={
+            "addresses": (),
+            "held_back": (HeldBack(address="127.0.0.1:1", health="unhealthy"),),
+        }
+    )
+    registry.apply_snapshot("test", [held])
+    control = FakeControl(registry)
+    clock = FakeClock()
+    waker = Waker(registry, {"test": control}, clock=clock)
+
+    async def asked(route: object) -> int | None:
+        raise AssertionError("nothing to ask: the route has no address")
+
+    waker.backend_players = asked
+    waker.sees_every_player = False
+    await waker.stop_idle()
+    clock.advance(10)
+    await waker.stop_idle()
+    assert control.stops == 0
