@@ -310,17 +310,17 @@ def _apply(
     players: int | None,
 ) -> None:
     """One check's verdict, on the reactor: the pool takes it; a transition is logged."""
-    changed = ctx.pools.get(route).checked(
-        address, ok, check.rise, check.fall, streak, detail, rtt, players
-    )
+    pool = ctx.pools.get(route)
+    held = pool.by_address.get(address)
+    was_down = held is not None and held.down  # (failed dials may have said so)
+    changed = pool.checked(address, ok, check.rise, check.fall, streak, detail, rtt, players)
     if changed is None or not ctx.speaks_for_all:  # workers: worker 0 logs it, once
         return
-    backend_state = ctx.pools.get(route).by_address.get(address)
-    if backend_state is not None:  # counted once too (every worker applies the verdict)
-        if changed:
-            backend_state.went_up += 1
+    if held is not None and changed is was_down:  # counted once (every worker applies
+        if changed:  # the verdict), and not again when the dials had it down already
+            held.went_up += 1
         else:
-            backend_state.went_down += 1
+            held.went_down += 1
     log = logger.bind(route=route.qualified_id)
     backend = format_addr(address)
     if changed:

@@ -506,7 +506,10 @@ def route_row(
         }
         for address, weight in zip(route.addresses, route.weights, strict=True)
     ]
+    listed = {b["address"] for b in pool}
     for held in route.server.held_back:  # replicas the provider keeps out for now
+        if held.address in listed:  # still draining its connections: listed so
+            continue
         pool.append(
             {
                 "address": held.address,

@@ -607,3 +607,75 @@ def test_a_new_table_that_changes_a_pools_settings_gets_them() -> None:
     assert sticky.sticky_ttl == 60  # a reload that only turns stickiness on is honoured
     assert sticky.by_address[A].active == 1  # and the counts carry over
     assert pools.get(route(balance="round_robin")).strategy is Balance.ROUND_ROBIN  # type: ignore[arg-type]
+
+
+def test_a_held_back_replica_still_draining_is_one_series_and_down() -> None:
+    """A replica its HEALTHCHECK holds back while players are still on it: listed once
+    (draining), and down (it takes no new connection), in /metrics and the API."""
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from discoproxy.admin.server import route_row
+    from discoproxy.metrics import render
+    from discoproxy.model import HeldBack
+    from discoproxy.proxy.balance import BackendState
+    from discoproxy.proxy.stats import Snapshot
+    from discoproxy.routing import build_table
+
+    held = server("pool", "pool.example.com", addresses=["10.0.0.1"]).model_copy(
+        update={"held_back": (HeldBack(address="10.0.0.2:25565", health="unhealthy"),)}
+    )
+    states = [
+        BackendState(A, 1, "up", 0, 0, 0, ""),
+        BackendState(B, 1, "draining", 3, 0, 0, ""),  # left the pool, 3 players still on
+    ]
+    snap = Snapshot(time.time(), {}, {}, {}, {}, {}, {}, {}, (0, 0), (0, 0, 0))
+    snap.backends["pool@test"] = states
+    table = build_table({"test": [held]})
+    samples = [
+        (s.name, s.labels["backend"], s.value)
+        for family in text_string_to_metric_families(render(snap, table, [], True).decode())
+        for s in family.samples
+        if s.name in ("discoproxy_backend_up", "discoproxy_backend_active_connections")
+    ]
+    assert sorted(samples) == [
+        ("discoproxy_backend_active_connections", "10.0.0.1:25565", 0),
+        ("discoproxy_backend_active_connections", "10.0.0.2:25565", 3),
+        ("discoproxy_backend_up", "10.0.0.1:25565", 1),
+        ("discoproxy_backend_up", "10.0.0.2:25565", 0),
+    ]
+    row = route_row(table, table.by_id["pool@test"], backends=states)
+    assert [b["address"] for b in row["pool"]] == ["10.0.0.1:25565", "10.0.0.2:25565"]
+
+
+def test_one_outage_seen_by_dials_then_checks_counts_one_down() -> None:
+    from discoproxy.health import _apply
+    from discoproxy.model import HealthCheck
+    from discoproxy.proxy.balance import Pools
+    from discoproxy.routing import build_table
+
+    table = build_table({"test": [server("pool", "pool.example.com", addresses=["10.0.0.1"])]})
+    route = table.by_id["pool@test"]
+
+    class Ctx:
+        pools = Pools()
+        speaks_for_all = True
+
+        class events:
+            @staticmethod
+            def put(event: str, data: object) -> None:
+                pass
+
+    ctx = Ctx()
+    pool = ctx.pools.get(route)
+    a = ("10.0.0.1", 25565)
+    for _ in range(FALL):
+        pool.failed(a, 0.0, "refused")  # the dials see it first: one down
+    check = HealthCheck(type="tcp", rise=2, fall=3)
+    for streak in (1, 2, 3):  # then the checks' fall: the same outage
+        _apply(ctx, route, a, check, False, streak, "refused", None, None)  # type: ignore[arg-type]
+    for streak in (1, 2):
+        _apply(ctx, route, a, check, True, streak, "ok", 0.001, None)  # type: ignore[arg-type]
+    backend = pool.by_address[a]
+    assert (backend.went_down, backend.went_up) == (1, 1)
