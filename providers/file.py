@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import anyio
 import watchfiles
 from loguru import logger
+from pydantic.alias_generators import to_camel
 
 from discoproxy.model import PROVIDER_SET_FIELDS, ServerDefinition
 from discoproxy.provider import (
@@ -78,13 +79,14 @@ def validate_server(data: dict[str, Any], path: Path) -> tuple[ServerDefinition,
     """A server document as a server file's (also the ``api`` provider's JSON): the
     provider's own fields refused, Infrarust's keys translated, validated; the server and
     the warnings, each naming *path* and the key; raises :class:`ConfigError`."""
-    for key in PROVIDER_SET_FIELDS:
-        if key in data:
-            raise ConfigError(
-                f"{path}: {key}: set by the provider that follows the server (Docker), "
-                "not by a server file; remove it",
-                str(path),
-            )
+    for field in PROVIDER_SET_FIELDS:
+        for key in (field, to_camel(field)):  # every field takes its camelCase alias too
+            if key in data:
+                raise ConfigError(
+                    f"{path}: {key}: set by the provider that follows the server (Docker), "
+                    "not by a server file; remove it",
+                    str(path),
+                )
     try:
         warnings = translate_server(data)
     except (ValueError, TypeError) as exc:  # TypeError: a value of a type a rule did not expect

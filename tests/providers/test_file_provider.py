@@ -282,7 +282,12 @@ async def test_load_once_reads_the_configured_directory_not_servers_dir(tmp_path
 
 
 @pytest.mark.parametrize(
-    "line", ["sleeping = true", 'held_back = [{ address = "10.0.0.1", health = "starting" }]']
+    "line",
+    [
+        "sleeping = true",
+        'held_back = [{ address = "10.0.0.1", health = "starting" }]',
+        'heldBack = [{ address = "10.0.0.1", health = "starting" }]',  # the camelCase alias
+    ],
 )
 def test_fields_only_a_provider_sets_are_refused_in_a_server_file(
     tmp_path: Path, line: str
