@@ -197,10 +197,13 @@ class StatusService:
     @any_thread
     @staticmethod
     def _render(entry: _Entry, protocol: int, domain: str) -> str:
-        """The entry's answer for a ping that used ``domain``."""
+        """The entry's answer for a ping that used ``domain`` (one too long to send
+        with that domain in it, as the protocol's strings are capped: the answer as it
+        was fetched, with the domain it was asked for)."""
         if not entry.per_domain:
             return entry.rendered
-        return render_online(entry.server, entry.document, protocol, domain)
+        text = render_online(entry.server, entry.document, protocol, domain)
+        return text if len(text) <= minecraft.MAX_STRING_CHARS else entry.rendered
 
     # -- asyncio loop -------------------------------------------------------------------
 
@@ -258,7 +261,10 @@ class StatusService:
             and now - newest.fetched < ttl
         ):
             self.hits += 1
-            return render_online(server, newest.document, protocol, domain), StatusState.ONLINE
+            text = render_online(server, newest.document, protocol, domain)
+            if len(text) > minecraft.MAX_STRING_CHARS:  # (see _render)
+                text = newest.rendered
+            return text, StatusState.ONLINE
         self.misses += 1
         addresses = route.addresses if order is None else order
         fresh = (

@@ -362,3 +362,29 @@ def test_infinite_floats_never_reach_an_answer() -> None:
     assert math.isinf(json.loads("1e400"))  # what json.loads alone lets through
     with pytest.raises(StatusError):
         parse_status_document(payload('{"players": {"online": 1e400}}'))
+
+
+def test_a_long_domain_past_the_strings_cap_gets_the_answer_as_fetched() -> None:
+    """[motds.online] with {domain}: the answer is rendered per ping, so a long domain
+    can make a document near the 32767-character cap too long to send; the answer as
+    fetched is sent then (it encoded), never an internal error."""
+    from discoproxy.protocol import minecraft as mc
+    from discoproxy.routing import build_table
+    from tests.proxy.helpers import server
+
+    motd = "{domain} " * 40
+    pinged = server("a", "a.example.com", addresses=["10.0.0.1"], motds={"online": {"text": motd}})
+    route = build_table({"test": [pinged]}).by_id["a@test"]
+    service = StatusService(ProxyConfig())
+    padding = "x" * (mc.MAX_STRING_CHARS - 2000)  # leaves room for a short domain only
+    document = {
+        "version": {"name": "x", "protocol": 765},
+        "players": {"max": 20, "online": 1},
+        "favicon": "data:image/png;base64," + padding,
+    }
+    service.offer(route, 765, "a.example.com", document)
+    long_domain = ".".join(["d" * 60] * 4)  # 243 characters, 40 times in the MOTD
+    packet = service.cached(route, 765, long_domain)
+    assert packet is not None
+    parsed = mc.parse_packet(bytearray(packet), max_bytes=1 << 20)
+    assert isinstance(parsed, mc.Packet) and b"a.example.com" in parsed.payload
