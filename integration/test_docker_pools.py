@@ -5,7 +5,10 @@ nothing but the backends.
 The replicas carry the labels ``docker compose up --scale`` gives them
 (``com.docker.compose.project`` and ``.service``; the project is this test's own prefix),
 and answer the forwarded handshake with their container name — or, in the last test,
-are real Minecraft servers (npm minecraft-protocol) that 30 real clients log in to.
+are real Minecraft servers (npm minecraft-protocol): 30 real clients log in, spread over
+the three; with three players held on, one replica is killed (its player's connection
+ends, the others stay, every login right after it gets in without waiting
+connect_timeout); then the service scales to one and back to three.
 """
 
 from __future__ import annotations
@@ -187,13 +190,14 @@ def _login(node: str, port: int, domain: str, username: str) -> list[dict[str, o
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-async def test_thirty_real_logins_spread_over_three_minecraft_replicas(
+async def test_real_minecraft_replicas_spread_logins_survive_a_kill_and_follow_scaling(
     resources: DockerResources,
 ) -> None:
     node = require_program("node", "apt-get install nodejs npm")
     if not (NODE_DIR / "node_modules" / "minecraft-protocol").is_dir():
         unavailable("npm ci --prefix integration/node (minecraft-protocol)")
-    async with docker_proxy(resources) as live:
+    config = ProxyConfig(bind=("127.0.0.1:0",), connect_timeout=CONNECT_TIMEOUT_S)
+    async with docker_proxy(resources, config) as live:
         domain = live.domain("survival")
         replicas = [
             await live.docker(
@@ -214,8 +218,77 @@ async def test_thirty_real_logins_spread_over_three_minecraft_replicas(
             assert any(e.get("event") == "play" for e in events), events
         logins = collections.Counter()
         for replica in replicas:
-            logs = await live.docker(replica.logs)
-            for line in logs.decode().splitlines():
-                if line.startswith("{") and json.loads(line).get("event") == "login":
-                    logins[json.loads(line)["server"]] += 1
+            for event in await _events(live, replica):
+                if event.get("event") == "login":
+                    logins[event["server"]] += 1
         assert sorted(logins.values()) == [REAL_LOGINS // 3] * 3, logins
+
+        # three players stay on, one per replica; the first replica is killed: its
+        # player's connection ends, the others' do not, and every login right after it
+        # gets in on the two left, none waiting connect_timeout on the dead one
+        held = [_hold(node, port, domain, f"held{n}") for n in range(3)]
+        try:
+            with anyio.fail_after(LOGIN_WITHIN_S * 3):
+                while len(on := await _players_on(live, replicas, "held")) < 3:
+                    await anyio.sleep(0.1)
+            victim = on["held0"]
+            await live.docker(replicas[victim].kill)
+            for i in range(6):
+                with anyio.fail_after(LOGIN_WITHIN_S):
+                    events = await anyio.to_thread.run_sync(_login, node, port, domain, f"after{i}")
+                assert any(e.get("event") == "play" for e in events), events
+            with anyio.fail_after(CONNECT_TIMEOUT_S):
+                while held[0].poll() is None:  # its player's connection ended
+                    await anyio.sleep(0.1)
+            assert held[1].poll() is None and held[2].poll() is None  # the others stay
+        finally:
+            for process in held:
+                process.kill()
+                process.wait()
+        after = await _players_on(live, replicas, "after")
+        assert len(after) == 6 and victim not in after.values(), after
+
+        # scale to 1 and back to 3: logins follow the replicas
+        await live.wait_until(_pool_size(live, 2))
+        left = [n for n in range(3) if n != victim]
+        await live.docker(replicas[left[0]].stop, timeout=1)
+        await live.wait_until(_pool_size(live, 1))
+        for i in range(3):
+            events = await anyio.to_thread.run_sync(_login, node, port, domain, f"one{i}")
+            assert any(e.get("event") == "play" for e in events), events
+        assert set((await _players_on(live, replicas, "one")).values()) == {left[1]}
+        for n in (victim, left[0]):
+            await live.docker(replicas[n].start)
+        await live.wait_until(_pool_size(live, 3))
+        tries = 0
+        with anyio.fail_after(30):  # restarted servers listen a moment after they start
+            while len(set((await _players_on(live, replicas, "back")).values())) < 3:
+                tries += 1
+                await anyio.to_thread.run_sync(_login, node, port, domain, f"back{tries}")
+
+
+async def _events(live: LiveProxy, replica: object) -> list[dict[str, object]]:
+    logs = await live.docker(replica.logs)  # type: ignore[attr-defined]
+    return [json.loads(line) for line in logs.decode().splitlines() if line.startswith("{")]
+
+
+async def _players_on(live: LiveProxy, replicas: list[object], prefix: str) -> dict[str, int]:
+    """Which replica (index) each player whose name starts with ``prefix`` logged in to."""
+    on: dict[str, int] = {}
+    for n, replica in enumerate(replicas):
+        for event in await _events(live, replica):
+            name = str(event.get("username", ""))
+            if event.get("event") == "login" and name.startswith(prefix):
+                on[name] = n
+    return on
+
+
+def _hold(node: str, port: int, domain: str, username: str) -> subprocess.Popen[str]:
+    """A real client that logs in and stays in play until its server ends it."""
+    return subprocess.Popen(
+        [node, "mc_client.js", str(port), domain, username, MC_VERSION, "hold"],
+        cwd=NODE_DIR,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
