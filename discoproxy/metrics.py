@@ -323,29 +323,28 @@ def _backend_families(snap: Snapshot, table: RoutingTable) -> Iterator[Metric]:
         "the dial that brought it back), by the state it went to",
         labels=["route", "backend", "to"],
     )
+    # the replicas a provider holds back, by route, in its order; those still listed
+    # above (draining their connections) are shown there, down, and not again
     held_by_route = {
-        route.qualified_id: {held.address for held in route.server.held_back}
+        route.qualified_id: dict.fromkeys(held.address for held in route.server.held_back)
         for route in table.by_id.values()
         if route.server.held_back
     }
     for route_id, backends in sorted(snap.backends.items()):
-        held_here = held_by_route.get(route_id, set())
+        held_here = held_by_route.get(route_id, {})
         for backend in backends:
             labels = [route_id, format_addr(backend.address)]
             taking = backend.state != "down" and labels[1] not in held_here
+            held_here.pop(labels[1], None)
             up.add_metric(labels, 1 if taking else 0)
             active.add_metric(labels, backend.active)
             failed.add_metric(labels, backend.dial_failures)
             transitions.add_metric([*labels, "down"], backend.went_down)
             transitions.add_metric([*labels, "up"], backend.went_up)
-    for route in sorted(table.by_id.values(), key=lambda r: r.qualified_id):
-        listed = {format_addr(b.address) for b in snap.backends.get(route.qualified_id, ())}
-        for held in route.server.held_back:
-            if held.address in listed:  # still draining its connections: shown above
-                continue
-            labels = [route.qualified_id, held.address]
-            up.add_metric(labels, 0)
-            active.add_metric(labels, 0)
+    for route_id, held in sorted(held_by_route.items()):
+        for address in held:
+            up.add_metric([route_id, address], 0)
+            active.add_metric([route_id, address], 0)
     yield up
     yield active
     yield failed
