@@ -311,16 +311,16 @@ def _apply(
 ) -> None:
     """One check's verdict, on the reactor: the pool takes it; a transition is logged."""
     pool = ctx.pools.get(route)
-    held = pool.by_address.get(address)
-    was_down = held is not None and held.down  # (failed dials may have said so)
+    backend_state = pool.by_address.get(address)
+    was_down = backend_state is not None and backend_state.down  # (failed dials may have said so)
     changed = pool.checked(address, ok, check.rise, check.fall, streak, detail, rtt, players)
     if changed is None or not ctx.speaks_for_all:  # workers: worker 0 logs it, once
         return
-    if held is not None and changed is was_down:  # counted once (every worker applies
+    if backend_state is not None and changed is was_down:  # counted once (every worker applies
         if changed:  # the verdict), and not again when the dials had it down already
-            held.went_up += 1
+            backend_state.went_up += 1
         else:
-            held.went_down += 1
+            backend_state.went_down += 1
     log = logger.bind(route=route.qualified_id)
     backend = format_addr(address)
     if changed:
