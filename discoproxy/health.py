@@ -64,6 +64,9 @@ MAX_ANSWER_BYTES = 256 * 1024
 NUMBER_STRATEGIES = frozenset({Balance.LOWEST_LATENCY, Balance.FEWEST_PLAYERS})
 
 Key = tuple[str, tuple[tuple[str, int], ...], tuple[str, int]]  # route id, its list, one
+# one check's verdict as the pools take it: route, address, check, ok, streak, reason, rtt,
+# players (``_apply``, ``verdicts``)
+Verdict = tuple["Route", tuple[str, int], HealthCheck, bool, int, str, float | None, int | None]
 
 
 # A status exchange's ping and pong (serverbound and clientbound: the same id).
@@ -81,6 +84,11 @@ class _Target:
     check: HealthCheck
     last_ok: bool | None = None
     streak: int = 0
+    # as the pools hold it by rise and fall (a new target starts up, as a pool's
+    # backend does), and the last failure that took it down: a worker started again
+    # must hear a backend passing again but short of ``rise`` as still down
+    down: bool = False
+    downed_by: str = ""
     running: bool = False
     reported: str = ""  # the last detail the pool was told ("ok" or why not)
     # the last check's result, for /api/routes (the pool hears of it only on a change,
@@ -202,6 +210,10 @@ class HealthChecker:
         if key not in self._targets:
             return
         target.detail = detail
+        if ok and target.down and target.streak >= check.rise:
+            target.down = False
+        elif not ok and not target.down and target.streak >= check.fall:
+            target.down, target.downed_by = True, detail
         if ok:
             target.rtt = rtt
             target.players = target.players if players is None else players
@@ -246,28 +258,24 @@ class HealthChecker:
             histogram = self.durations[key] = Histogram(FAST_BUCKETS)
         histogram.observe(seconds)
 
-    def verdicts(
-        self,
-    ) -> list[tuple[Route, tuple[str, int], HealthCheck, bool, int, str, float | None, int | None]]:
+    def verdicts(self) -> list[Verdict]:
         """Each checked backend's verdict in force, as ``_apply`` takes one (route,
-        address, check, ok, streak, reason, rtt, players): the pools hear of changes
-        only, so a data plane that starts later (a worker started again) is told these.
-        A pool takes a backend as down from a failed streak of ``fall`` or more; one
-        back to passing but still short of ``rise`` reads as up (not kept here)."""
-        return [
-            (
-                t.route,
-                t.address,
-                t.check,
-                bool(t.last_ok),
-                t.streak,
-                t.detail,
-                t.rtt if t.last_ok else None,
-                t.players if t.last_ok else None,
-            )
-            for t in self._targets.values()
-            if t.detail  # checked at least once since it became a target
-        ]
+        address, check, ok, streak, reason, rtt, players), in order: the pools hear of
+        changes only, so a data plane that starts later (a worker started again) is told
+        these. A pool takes a backend as down from a failed streak of ``fall`` or more and
+        up again from a passing one of ``rise``: one held down and passing again, short of
+        ``rise``, is told as the failed streak that took it down, then its passes."""
+        verdicts: list[Verdict] = []
+        for t in self._targets.values():
+            if not t.detail:  # not checked since it became a target
+                continue
+            if t.down and t.last_ok:
+                verdict = (t.route, t.address, t.check, False, t.check.fall, t.downed_by)
+                verdicts.append((*verdict, None, None))
+            rtt, players = (t.rtt, t.players) if t.last_ok else (None, None)
+            verdict = (t.route, t.address, t.check, bool(t.last_ok), t.streak, t.detail)
+            verdicts.append((*verdict, rtt, players))
+        return verdicts
 
 
 def _checked_routes(table: RoutingTable) -> Iterator[tuple[Route, HealthCheck]]:

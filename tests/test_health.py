@@ -415,3 +415,48 @@ async def test_a_status_answer_the_cache_refuses_fails_the_check_not_the_checker
                 lambda ctx: dict(ctx.pools)["pool@test"].backends[0].last_check
             )
     assert last == "maximum recursion depth exceeded"
+
+
+async def test_a_late_pool_hears_a_backend_passing_again_short_of_rise_as_down() -> None:
+    """A worker started again gets the verdicts in force: a backend that fell and now
+    passes, fewer than ``rise`` times, stays down in its new pool as in the others."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from discoproxy.health import HealthChecker
+    from discoproxy.proxy.balance import Pools
+    from discoproxy.proxy.workers import restore_verdicts
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    check = {"type": "tcp", "interval": 0.2, "timeout": 1.0, "rise": 3, "fall": 2}
+    addresses = [f"127.0.0.1:{port}", "127.0.0.1:1"]
+    table = build_table(
+        {"test": [server("pool", "pool.test", addresses=addresses, health_check=check)]}
+    )
+    told: list[tuple[object, ...]] = []
+    planes = SimpleNamespace(call=lambda fn, *verdict: told.append(verdict))
+    checker = HealthChecker(SimpleNamespace(status=None, planes=planes))  # type: ignore[arg-type]
+    checker.table_changed(table)
+    key, target = next((k, t) for k, t in checker._targets.items() if t.address[1] == port)
+    limiter = asyncio.Semaphore(1)
+
+    def late_pool_says() -> bool:
+        pools = Pools()
+        restore_verdicts(SimpleNamespace(pools=pools), checker.verdicts())  # type: ignore[arg-type]
+        return pools.get(target.route).by_address[target.address].down
+
+    await checker._check(key, target, limiter)
+    assert late_pool_says() is False  # passing from the start: up
+    listener.close()
+    for _ in range(2):  # fall = 2
+        await checker._check(key, target, limiter)
+    assert late_pool_says() is True
+    with socket.create_server(("127.0.0.1", port)):
+        for passes in (1, 2):  # short of rise = 3: still down, as the running pools hold it
+            await checker._check(key, target, limiter)
+            assert late_pool_says() is True, passes
+        await checker._check(key, target, limiter)
+        assert late_pool_says() is False  # rise reached: up
+    # what a late pool heard while down names the failure, and the last check says "ok"
+    assert target.detail == "ok" and "refused" in target.downed_by
