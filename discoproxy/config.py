@@ -17,9 +17,10 @@ import os
 import re
 import tempfile
 import tomllib
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
@@ -673,12 +674,49 @@ _EXPECTED_BY_TYPE = {
     "dict_type": "expected a table of keys",
     "model_type": "expected a table of keys",
 }
-# Checks made where the accepted forms are not said (motd.py reads the favicon file and
-# says why it failed): the forms, added to a message that names none.
-_EXPECTED_BY_FIELD = {
-    "favicon": "expected the path of a readable 64x64 PNG file or a "
-    "'data:image/png;base64,...' URI",
-}
+
+
+def _kinds(annotation: Any) -> list[Any]:
+    """The types a value of *annotation* may have: ``Annotated`` and unions opened."""
+    if get_origin(annotation) is Annotated:
+        return _kinds(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [kind for arg in get_args(annotation) for kind in _kinds(arg)]
+    return [annotation]
+
+
+def _inside(kind: Any, part: str | int) -> list[Any]:
+    """The types of the value at key or index *part* of a value of type *kind*."""
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        for name, field in kind.model_fields.items():
+            if part in (name, field.alias, field.validation_alias):
+                return _kinds(field.annotation)
+        return []
+    origin, args = get_origin(kind), get_args(kind)
+    if origin in (dict, Mapping) and len(args) == 2 and isinstance(part, str):
+        return _kinds(args[1])
+    if origin in (tuple, list, set, frozenset, Sequence) and args and isinstance(part, int):
+        if origin is tuple and args[-1] is not Ellipsis:  # tuple[A, B]: one type a place
+            return _kinds(args[part]) if part < len(args) else []
+        return _kinds(args[0])
+    return []
+
+
+def _keys_at(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    """The keys of the table at *loc* in a document *model* validates: those of the
+    model that validates that table (``()``: *model*'s own); none when no model does."""
+    kinds: list[Any] = [model]
+    for part in loc:
+        # in a union of a model and another type (``bool | HealthCheck``) pydantic's loc
+        # names the member it tried
+        named = [kind for kind in kinds if getattr(kind, "__name__", None) == part]
+        kinds = named or [inner for kind in kinds for inner in _inside(kind, part)]
+    return [
+        name
+        for kind in kinds
+        if isinstance(kind, type) and issubclass(kind, BaseModel)
+        for name in kind.model_fields
+    ]
 
 
 def describe_validation_error(
@@ -686,14 +724,16 @@ def describe_validation_error(
     source: str,
     text: str | None = None,
     at: Sequence[str] = (),
-    known_keys: Sequence[str] = (),
+    model: type[BaseModel] | None = None,
     environment: Mapping[str, Any] | None = None,
 ) -> str:
     """One line per problem: ``source[:line]: field: message (got value)``.
 
     *text* is the source's content (for the line); *at* the keys the validated table
-    sits under (``("providers", "docker")``); *environment* the ``DISCOPROXY_*``
-    overrides merged over the file: a key they set is said to come from ``environment``.
+    sits under (``("providers", "docker")``); *model* the model validated, whose keys
+    (those of the nested model holding it, for a key of a nested table) an unknown key
+    is matched against; *environment* the ``DISCOPROXY_*`` overrides merged over the
+    file: a key they set is said to come from ``environment``.
     """
     lines = []
     for error in exc.errors(include_url=False):
@@ -702,16 +742,14 @@ def describe_validation_error(
         if not error["loc"] and environment and (not at or _set_by(environment, at)):
             where = f"{source} + environment"  # a check of several keys, set in both
         message = error["msg"].removeprefix("Value error, ")
-        last = next((part for part in reversed(error["loc"]) if isinstance(part, str)), "")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
-            close = difflib.get_close_matches(str(error["loc"][-1]), known_keys, n=1)
+            keys = _keys_at(model, error["loc"][:-1]) if model is not None else []
+            close = difflib.get_close_matches(str(error["loc"][-1]), keys, n=1)
             if close:
                 message += f" (did you mean {close[0]!r}?)"
         elif error["type"] in _EXPECTED_BY_TYPE:
             message = _EXPECTED_BY_TYPE[error["type"]]
-        elif last in _EXPECTED_BY_FIELD and "expected" not in message:
-            message += f"; {_EXPECTED_BY_FIELD[last]}"
         field = ".".join(str(part) for part in loc) or "(top level)"
         got = error.get("input")
         shown = (
@@ -738,8 +776,7 @@ def validate_document(model: type[Model], data: Mapping[str, Any], path: Path) -
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        keys = list(model.model_fields)
-        message = describe_validation_error(exc, str(path), source_text(path), known_keys=keys)
+        message = describe_validation_error(exc, str(path), source_text(path), model=model)
         raise ConfigError(message, str(path)) from exc
 
 
@@ -805,11 +842,10 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     try:
         return ProxyConfig.model_validate(_merge(data, overrides))
     except ValidationError as exc:
-        keys = list(ProxyConfig.model_fields)
         if path is None:
-            message = describe_validation_error(exc, "environment", known_keys=keys)
+            message = describe_validation_error(exc, "environment", model=ProxyConfig)
         else:  # each key named where it was set: the file (with its line) or the variables
             message = describe_validation_error(
-                exc, str(path), source_text(path), known_keys=keys, environment=overrides
+                exc, str(path), source_text(path), model=ProxyConfig, environment=overrides
             )
         raise ConfigError(message, str(path) if path else None) from exc

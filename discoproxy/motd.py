@@ -40,6 +40,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_FAVICON_BYTES = 64 * 1024
 FAVICON_SIZE = 64
 FAVICON_PREFIX = "data:image/png;base64,"
+# What ``favicon`` accepts, said by every favicon error that does not already name what
+# was expected (a file that cannot be read, a data URI that is not base64).
+FAVICON_FORMS = (
+    f"expected the path of a readable {FAVICON_SIZE}x{FAVICON_SIZE} PNG file or a "
+    f"'{FAVICON_PREFIX}...' URI"
+)
 
 # First protocol version whose clients render "#rrggbb" colours: 1.16 (20w17a onwards).
 HEX_COLOR_PROTOCOL = 735
@@ -167,15 +173,26 @@ class Motd(BaseModel):
     def _check_favicon(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if value.startswith("data:"):
-            return favicon_data_uri(_decode_data_uri(value), "favicon data URI")
-        path = Path(value).expanduser()
         try:
-            with path.open("rb") as file:
-                data = file.read(MAX_FAVICON_BYTES + 1)
-        except OSError as exc:
-            raise ValueError(f"favicon {value} cannot be read: {exc.strerror or exc}") from None
-        return favicon_data_uri(data, f"favicon {value}")
+            return _favicon(value)
+        except ValueError as exc:
+            message = str(exc)
+            if "expected" not in message:
+                message += f"; {FAVICON_FORMS}"
+            raise ValueError(message) from None
+
+
+def _favicon(value: str) -> str:
+    """*value* (a PNG file's path or a data URI) as a checked data URI."""
+    if value.startswith("data:"):
+        return favicon_data_uri(_decode_data_uri(value), "favicon data URI")
+    path = Path(value).expanduser()
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_FAVICON_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"favicon {value} cannot be read: {exc.strerror or exc}") from None
+    return favicon_data_uri(data, f"favicon {value}")
 
 
 # JSON text starts like this; "{server} is down" or "[EU] Survival" are legacy text

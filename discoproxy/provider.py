@@ -247,7 +247,7 @@ def load_providers(
                     source,
                     text,
                     at=("providers", name),
-                    known_keys=list(cls.Settings.model_fields),
+                    model=cls.Settings,
                     environment=overrides,
                 ),
                 source,

@@ -43,6 +43,73 @@ def test_unknown_key_names_the_key_file_and_line(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "line", "said"),
+    [
+        # each of these keys is close to one of the top-level table's (max_connections,
+        # players, idle_timeout), which a nested table does not take
+        (
+            "[rate_limit]\nconnection = 3\n",
+            2,
+            "rate_limit.connection: unknown key (did you mean 'connections'?)",
+        ),
+        (
+            "[motds.unreachable]\nonline_player = 3\n",
+            2,
+            "motds.unreachable.online_player: unknown key (did you mean 'online_players'?)",
+        ),
+        ('[admin]\nlistn = ":1"\n', 2, "admin.listn: unknown key (did you mean 'listen'?)"),
+        (
+            '[[webhooks]]\nurl = "http://h"\ntimout = 3\n',
+            3,
+            "webhooks.0.timout: unknown key (did you mean 'timeout'?)",
+        ),
+        ("[admin]\nidle_timout = 3\n", 2, "admin.idle_timout: unknown key"),
+        (
+            "motds:\n  sleeping:\n    online_player: 3\n",
+            3,
+            "motds.sleeping.online_player: unknown key (did you mean 'online_players'?)",
+        ),
+    ],
+)
+def test_an_unknown_nested_key_is_matched_against_its_own_tables_keys(
+    tmp_path: Path, text: str, line: int, said: str
+) -> None:
+    path = write(tmp_path, "c.yaml" if text.startswith("motds:") else "c.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}:{line}: {said}"
+
+
+def test_an_unknown_nested_key_set_by_the_environment_is_matched_against_its_table() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"DISCOPROXY_RATE_LIMIT__CONNECTION": "3"})
+    assert str(info.value) == (
+        "environment: rate_limit.connection: unknown key (did you mean 'connections'?)"
+    )
+
+
+def test_an_unknown_key_of_a_provider_table_in_a_list_is_matched_against_its_table(
+    tmp_path: Path,
+) -> None:
+    from discoproxy.provider import load_providers
+    from providers.docker import DockerProvider
+
+    path = write(
+        tmp_path,
+        "c.toml",
+        '[[providers.docker.engines]]\nname = "eu"\nendpoint = "unix:///x"\nnme = "x"\n'
+        "api_timout = 3\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_providers(load_config(path), {"docker": DockerProvider}, path=path)
+    assert str(info.value).splitlines() == [
+        # an engine has a name; api_timeout is the [providers.docker] table's, not an engine's
+        f"{path}:4: providers.docker.engines.0.nme: unknown key (did you mean 'name'?)",
+        f"{path}:5: providers.docker.engines.0.api_timout: unknown key",
+    ]
+
+
 def test_bad_value_names_field_and_accepted_values(tmp_path: Path) -> None:
     path = write(tmp_path, "c.toml", 'log_format = "xml"\n')
     with pytest.raises(ConfigError) as info:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from discoproxy.motd import (
+    FAVICON_FORMS,
     FAVICON_PREFIX,
     MAX_FAVICON_BYTES,
     MAX_LEGACY_MOTD_CHARS,
@@ -109,6 +110,33 @@ def test_favicon_data_uri_ok() -> None:
 def test_bad_favicon_data_uri(uri: str, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         Motd(favicon=uri)
+
+
+def test_a_favicon_error_says_the_accepted_forms_unless_it_names_what_was_expected(
+    tmp_path: Path,
+) -> None:
+    """The forms are motd.py's to say: config, server-file and label errors show the
+    validator's message as it is."""
+    assert FAVICON_FORMS == (
+        "expected the path of a readable 64x64 PNG file or a 'data:image/png;base64,...' URI"
+    )
+    gif = tmp_path / "icon.gif"
+    gif.write_bytes(b"GIF89a" + b"\x00" * 40)
+    small = tmp_path / "small.png"
+    small.write_bytes(png(32, 32))
+    for value, message in [
+        (str(tmp_path / "nope.png"), f"favicon {tmp_path}/nope.png cannot be read: "),
+        (str(gif), f"favicon {gif} is not a PNG (no PNG signature); {FAVICON_FORMS}"),
+        (FAVICON_PREFIX + "!", "favicon data URI is not valid base64: "),
+        (str(small), f"favicon {small} is 32x32; expected a 64x64 PNG"),
+    ]:
+        with pytest.raises(ValidationError) as info:
+            Motd(favicon=value)
+        (error,) = info.value.errors()
+        said = str(error["msg"]).removeprefix("Value error, ")
+        assert said.startswith(message)
+        assert said.endswith("expected a 64x64 PNG" if value == str(small) else FAVICON_FORMS)
+        assert said.count("expected") == 1
 
 
 # --- Text and model --------------------------------------------------------------------

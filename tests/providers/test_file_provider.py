@@ -302,6 +302,42 @@ def test_fields_only_a_provider_sets_are_refused_in_a_server_file(
         load_server_file(path)
 
 
+@pytest.mark.parametrize(
+    ("lines", "said"),
+    [
+        # each key is close to one of the server's own (auto_start, players, ports,
+        # connect_timeout), which the nested table does not take
+        (
+            '[health_check]\ntype = "tcp"\nhttp_statu = 200',
+            "5: health_check.http_statu: unknown key (did you mean 'http_status'?)",
+        ),
+        (
+            "[motds.online]\nonline_player = 3",
+            "4: motds.online.online_player: unknown key (did you mean 'online_players'?)",
+        ),
+        (
+            'healthCheck = { type = "tcp", timeot = 2 }',  # the camelCase alias
+            "3: healthCheck.timeot: unknown key (did you mean 'timeout'?)",
+        ),
+        (
+            '[health_check]\ntype = "tcp"\nconnect_timout = 2',
+            "5: health_check.connect_timout: unknown key",
+        ),
+    ],
+)
+def test_an_unknown_nested_key_of_a_server_file_is_matched_against_its_own_table(
+    tmp_path: Path, lines: str, said: str
+) -> None:
+    from discoproxy.config import ConfigError
+    from providers.file import load_server_file
+
+    path = tmp_path / "game.toml"
+    path.write_text(f'domains = ["game.example.com"]\naddresses = ["10.0.0.1"]\n{lines}\n')
+    with pytest.raises(ConfigError) as info:
+        load_server_file(path)
+    assert str(info.value) == f"{path}:{said}"
+
+
 def test_wake_keys_in_a_server_file_are_warned_as_having_no_effect(tmp_path: Path) -> None:
     """Only the Docker and Swarm providers start and stop servers: auto_start in a file is
     loaded (the server still routes) with a warning naming the file and the keys."""
