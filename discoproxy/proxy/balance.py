@@ -9,18 +9,21 @@ Rules for this file:
   other healthy one (HAProxy's ``redispatch``: a failed dial moves on within the same
   client connection). Backends marked down are left out until their retry is due; then
   exactly one connection probes one (half-open), first.
-- Costs are on the connection's path and flat in pool size while no backend is down
-  (a sticky client's remembered backend is one dict probe):
+- Costs are on the connection's path and flat in pool size, whether or not backends
+  are down (a sticky client's remembered backend is one dict probe):
   ``round_robin`` walks a precomputed weighted schedule, ``random`` bisects cumulative
   weights, ``least_connections`` takes the first backend of the lowest load's group
   (backends grouped by load, each group in the order its members were last touched; a
   dial or a close moves one backend between groups: a few dict operations, and a bisect
   of the sorted loads when a group appears or empties; ties rotate, as HAProxy's
-  ``leastconn``: a backend just used goes behind its equals), and ``lowest_latency``
-  rotates over the best set, recomputed only when a check changes a number;
-  ``fewest_players`` scans (the last check's count plus the connections sent since
-  move with every login; Minecraft pools are a few servers). With backends down, one
-  scan of the pool builds the order. An order holds at most :data:`MAX_DIALS`
+  ``leastconn``: a backend just used goes behind its equals), ``fewest_players`` the
+  same with the load counted from the last check's players (a check moves its backend
+  between groups too), and ``lowest_latency`` rotates over the best set, recomputed
+  only when a check changes a number. A transition (a backend down or up, rare) makes
+  what the orders read while some are down: the backends up (down ones leave the
+  groups), round robin's schedule without the down ones, each pick's order (when first
+  picked), and when a probe is next due; one scan of the pool happens per transition
+  and per probe, not per connection. An order holds at most :data:`MAX_DIALS`
   backends (``failover``: all it lists); weight 0 (drained) is in it only when nothing
   else is up. Status pings use :meth:`Pool.status_order`: no cursor, no probe.
 - Backends are keyed by their configured ``(host, port)``: a table swap that keeps an
@@ -108,6 +111,7 @@ class Backend:
         "active",
         "active_at_check",
         "address",
+        "base",
         "checked_down",
         "failed_total",
         "failures",
@@ -115,6 +119,7 @@ class Backend:
         "last_check",
         "last_error",
         "load",
+        "newest",
         "owner",
         "players",
         "retry_at",
@@ -148,8 +153,10 @@ class Backend:
         # backend with the old pool; the old one's connections still count here), its
         # place there, and its least_connections load group there (active / weight)
         self.owner: Pool | None = None
+        self.newest: Pool | None = None  # the newest pool that holds it, any strategy
         self.index = 0
         self.load = 0.0
+        self.base = 0.0  # what its load adds to active / weight (fewest_players: the check's)
 
     @property
     def down(self) -> bool:
@@ -167,14 +174,17 @@ def _latency(backend: Backend) -> float:
 
 
 def _players(backend: Backend) -> float:
-    """fewest_players: online at the last minecraft check, plus the connections this
-    proxy sent it since (logins between two checks do not all herd onto the emptiest
-    backend); unknown: last."""
+    """fewest_players: online at the last minecraft check, plus the change in this
+    proxy's connections to it since (logins between two checks do not all herd onto
+    the emptiest backend), per unit of weight; unknown: last."""
+    return _base(backend) + backend.active / max(backend.weight, 1)
+
+
+def _base(backend: Backend) -> float:
+    """fewest_players: what a backend's load adds to its connections per weight."""
     if backend.players is None:
         return math.inf
-    return backend.players + max(0, backend.active - backend.active_at_check) / max(
-        backend.weight, 1
-    )
+    return backend.players - backend.active_at_check / max(backend.weight, 1)
 
 
 @owned_by(REACTOR)
@@ -191,10 +201,17 @@ class Pool:
         "_limit",
         "_loads",
         "_positions",
+        "_probe_at",
         "_random",
         "_rotations",
         "_schedule",
+        "_some_at",
+        "_some_rotations",
+        "_some_schedule",
+        "_status_up",
         "_up_all",
+        "_up_some",
+        "_weighted_up",
         "backends",
         "by_address",
         "sticky",
@@ -250,9 +267,10 @@ class Pool:
         # dict in the order its members were last touched, and the loads present,
         # sorted; the backends' dials and closes move them here, whichever pool
         # counted them (a backend reports to its newest pool, its owner)
-        least = strategy is Balance.LEAST_CONNECTIONS
+        least = strategy is Balance.LEAST_CONNECTIONS or strategy is Balance.FEWEST_PLAYERS
         for index, backend in enumerate(self.backends):
             backend.owner, backend.index = (self if least else None), index
+            backend.newest = self
         self._levels: dict[float, dict[Backend, None]] = {}
         self._loads: list[float] = []
         # the pick while every backend is up (order's fast path), one per strategy
@@ -260,17 +278,58 @@ class Pool:
             Balance.FAILOVER: self._first,
             Balance.ROUND_ROBIN: self._next_scheduled,
             Balance.LEAST_CONNECTIONS: self._least_loaded,
+            Balance.FEWEST_PLAYERS: self._least_loaded,
         }.get(strategy, self._pick_all_up)
         self._best: list[int] | None = None  # lowest_latency / fewest_players: the best
+        # while some backend is down (order's other path), each kept from one transition
+        # to the next: the backends up (the drained ones when nothing else is), each
+        # one's place among them and its order (made when first picked), and when the
+        # first passive-down backend is due a probe
         self._down = 0
+        self._up_some: list[int] = []
+        self._weighted_up = True  # _up_some holds backends of weight > 0
+        self._some_at: dict[int, int] = {}
+        self._some_rotations: dict[int, tuple[Address, ...]] = {}
+        self._some_schedule: list[int] = []  # round_robin: the schedule's backends up
+        self._status_up: tuple[Address, ...] = ()
+        self._probe_at = math.inf
         self._recount()
 
     def _recount(self) -> None:
-        """Backends down now: called on each transition (rare), read on every order."""
-        self._down = sum(1 for b in self.backends if b.down)
+        """What a transition changes (rare), read on every order: the backends down,
+        those up, and the least_connections groups (which leave the down ones out)."""
+        backends = self.backends
+        self._down = sum(1 for b in backends if b.down)
         self._best = None
-        if self.strategy is Balance.LEAST_CONNECTIONS:
+        up = [i for i, b in enumerate(backends) if not b.down and b.weight]
+        self._weighted_up = bool(up)
+        if not up:  # every backend down or drained (weight 0): the drained still serve
+            up = [i for i, b in enumerate(backends) if not b.down]
+        self._up_some = up
+        self._some_at = {index: n for n, index in enumerate(up)}
+        self._some_rotations = {}
+        if self.strategy is Balance.ROUND_ROBIN and self._down:
+            live = set(up) if self._weighted_up else set()
+            self._some_schedule = [i for i in self._schedule if i in live]
+        self._status_up = tuple(backends[i].address for i in up)
+        self._next_probe()
+        if self.strategy is Balance.LEAST_CONNECTIONS or self.strategy is Balance.FEWEST_PLAYERS:
             self._rebuild_levels()
+
+    def _transition(self, backend: Backend) -> None:
+        """``backend`` went up or down: this pool and the newest one holding it (whose
+        connections are the new ones) recount."""
+        self._recount()
+        newest = backend.newest
+        if newest is not None and newest is not self:
+            newest._recount()
+
+    def _next_probe(self) -> None:
+        """When the first backend that failed dials (not checks) is due a probe."""
+        self._probe_at = min(
+            (b.retry_at for b in self.backends if b.retry_at > 0 and not b.checked_down),
+            default=math.inf,
+        )
 
     def _first(self) -> int:
         return self._up_all[0]
@@ -288,9 +347,14 @@ class Pool:
     def _rebuild_levels(self) -> None:
         self._levels = {}
         self._loads = []
+        players = self.strategy is Balance.FEWEST_PLAYERS
         for backend in self.backends:
-            if backend.weight and backend.owner is self:
-                self._enter(backend, backend.active / backend.weight)
+            if backend.owner is self:
+                backend.base = _base(backend) if players else 0.0
+                if backend.weight and not backend.down:
+                    self._enter(backend, backend.base + backend.active / backend.weight)
+                else:  # in no group (NaN is no key): its dials and closes pass
+                    backend.load = math.nan
 
     def _enter(self, backend: Backend, load: float) -> None:
         """least_connections: ``backend`` joins the end of its load's group."""
@@ -308,13 +372,15 @@ class Pool:
         if weight:
             levels = self._levels
             load = backend.load
-            left = levels[load]
+            left = levels.get(load)
+            if left is None:  # down: in no group until it is up again
+                return
             del left[backend]
             if not left:
                 del levels[load]
                 loads = self._loads
                 del loads[bisect.bisect_left(loads, load)]
-            load = backend.load = backend.active / weight
+            load = backend.load = backend.base + backend.active / weight
             joined = levels.get(load)  # _enter, inline: twice per connection
             if joined is None:
                 joined = levels[load] = {}
@@ -330,7 +396,9 @@ class Pool:
                 if backend.owner is self:
                     return backend.index
                 break
-        return self._least(self._up_all, _load)  # backends taken over by a newer pool
+        # only drained ones up, or backends taken over by a newer pool
+        key = _players if self.strategy is Balance.FEWEST_PLAYERS else _load
+        return self._least(self._up_some, key)
 
     # -- choosing ---------------------------------------------------------------------
 
@@ -345,35 +413,41 @@ class Pool:
                     if at is not None and self.backends[at].weight:
                         return self._rotations[at]
             return self._rotations[self._fast_pick()]
-        backends = self.backends
-        probe = None
-        up: list[int] = []
-        for i, backend in enumerate(backends):
-            if not backend.down:
-                if backend.weight:
-                    up.append(i)
-            elif probe is None and not backend.checked_down and now >= backend.retry_at:
-                probe = backend  # the checks, when there are any, decide: no probe then
-        if not up:  # every backend down or drained (weight 0): the drained still serve
-            up = [i for i, b in enumerate(backends) if not b.down]
-        first = self._pick(up, client_ip, now) if up else -1
-        order: list[Address] = []
+        # some backend down: the backends up and their orders are kept from the last
+        # transition; a probe is looked for only when one is due
+        probe = self._due_probe(now) if now >= self._probe_at else None
+        up = self._up_some
+        if not up:
+            return (probe.address,) if probe is not None else ()
+        first = self._pick(up, client_ip, now)
+        rotation = self._some_rotations.get(first)
+        if rotation is None:
+            start = self._some_at[first]
+            backends = self.backends
+            rotation = tuple(backends[i].address for i in up[start:] + up[:start])
+            rotation = self._some_rotations[first] = rotation[: self._limit]
         if probe is not None:
-            self._probe(probe, now)
-            order.append(probe.address)
-        if first >= 0:
-            start = up.index(first)
-            order.extend(backends[i].address for i in up[start:] + up[:start])
-        return tuple(order[: self._limit])
+            return (probe.address, *rotation)[: self._limit]
+        return rotation
+
+    def _due_probe(self, now: float) -> Backend | None:
+        """The first backend down by failed dials whose retry is due: one connection
+        probes it (the checks, when there are any, decide: no probe then)."""
+        probe = None
+        for backend in self.backends:
+            if backend.retry_at > 0 and not backend.checked_down and now >= backend.retry_at:
+                probe = backend
+                self._probe(probe, now)
+                break
+        self._next_probe()
+        return probe
 
     def status_order(self) -> tuple[Address, ...]:
         """The backends a status ping may ask, in the configured order: the ones up (the
         drained when nothing else is). Unlike :meth:`order` it moves no cursor and
         spends no probe: pings must not skew the spread of logins, nor use up the one
         connection that may try a down backend (its result would not reach the pool)."""
-        backends = self.backends
-        up = [b.address for b in backends if not b.down and b.weight]
-        return tuple(up or [b.address for b in backends if not b.down])
+        return self._status_up  # kept from the last transition
 
     def _pick(self, up: list[int], client_ip: str | None, now: float) -> int:
         if self.sticky_ttl > 0 and client_ip is not None:
@@ -385,15 +459,13 @@ class Pool:
         strategy = self.strategy
         if strategy is Balance.FAILOVER:
             return up[0]
-        if strategy is Balance.ROUND_ROBIN:
-            schedule = self._schedule
-            for _ in range(len(schedule)):
-                index = schedule[self._cursor % len(schedule)]
-                self._cursor += 1
-                if not self.backends[index].down and self.backends[index].weight:
-                    return index
-            self._cursor += 1  # only drained ones left (every weight 0): they rotate
-            return up[self._cursor % len(up)]
+        if strategy is Balance.ROUND_ROBIN:  # some backend down (all up: _next_scheduled)
+            schedule = self._some_schedule
+            cursor = self._cursor
+            self._cursor = cursor + 1
+            if schedule:
+                return schedule[cursor % len(schedule)]
+            return up[cursor % len(up)]  # only drained ones left (every weight 0): they rotate
         if strategy is Balance.RANDOM:
             total = self._cum[-1]
             if total:
@@ -401,14 +473,9 @@ class Pool:
                 if not self.backends[index].down:
                     return index
             return up[self._random.randrange(len(up))]
-        fast = up is self._up_all  # no backend down: the structures kept for it
-        if strategy is Balance.LEAST_CONNECTIONS:
-            return self._least_loaded() if fast else self._least(up, _load)
-        if strategy is Balance.FEWEST_PLAYERS:  # the counts move with every connection
-            return self._least(up, _players)
+        if strategy is Balance.LEAST_CONNECTIONS or strategy is Balance.FEWEST_PLAYERS:
+            return self._least_loaded()  # its groups hold the backends up
         key = _latency
-        if not fast:
-            return self._least(up, key)
         best = self._best
         if best is None:  # a check changed a number, or a backend went up or down
             values = [key(self.backends[i]) for i in up]
@@ -456,17 +523,21 @@ class Pool:
             if players is not None:
                 backend.players = players
                 backend.active_at_check = backend.active
+                owner = backend.owner
+                if owner is not None and owner.strategy is Balance.FEWEST_PLAYERS:
+                    backend.base = _base(backend)
+                    owner._rekey(backend)  # its new count: its group changes
             if backend.checked_down and streak >= rise:
                 backend.checked_down = False
                 backend.failures = 0
                 backend.retry_at = 0.0
                 backend.retry_s = RETRY_FIRST_S
-                self._recount()
+                self._transition(backend)
                 return True
             return None
         if not backend.checked_down and streak >= fall:
             backend.checked_down = True
-            self._recount()
+            self._transition(backend)
             return False
         return None
 
@@ -522,7 +593,7 @@ class Pool:
             backend.retry_at = 0.0
             backend.retry_s = RETRY_FIRST_S
             backend.went_up += 1
-            self._recount()
+            self._transition(backend)
         return was_down
 
     def failed(self, address: Address, now: float, error: str = "") -> bool:
@@ -540,7 +611,7 @@ class Pool:
         if backend.failures >= FALL:
             backend.retry_at = now + backend.retry_s
             backend.went_down += 1
-            self._recount()
+            self._transition(backend)
             return True
         return False
 

@@ -679,3 +679,149 @@ def test_one_outage_seen_by_dials_then_checks_counts_one_down() -> None:
         _apply(ctx, route, a, check, True, streak, "ok", 0.001, None)  # type: ignore[arg-type]
     backend = pool.by_address[a]
     assert (backend.went_down, backend.went_up) == (1, 1)
+
+
+# -- with backends down: the same rules, at a cost flat in pool size ----------------------
+
+SPREAD = (
+    Balance.FAILOVER,
+    Balance.ROUND_ROBIN,
+    Balance.LEAST_CONNECTIONS,
+    Balance.LOWEST_LATENCY,
+    Balance.FEWEST_PLAYERS,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    strategy=st.sampled_from(SPREAD),
+    weights=st.lists(st.integers(0, 3), min_size=1, max_size=7),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["fail", "ok", "check_down", "check_up", "order"]), st.integers(0, 6)
+        ),
+        max_size=60,
+    ),
+)
+def test_with_backends_down_every_order_keeps_the_rules(
+    strategy: Balance, weights: list[int], steps: list[tuple[str, int]]
+) -> None:
+    """Whatever went down or up, by dials or checks: an order is the due probe (at most
+    one), then backends up only, each once, a rotation of those up from the strategy's
+    pick (drained ones only when nothing weighted is up), bounded."""
+    addresses = [(f"10.0.2.{n}", 25565) for n in range(len(weights))]
+    p = Pool([(*a, w) for a, w in zip(addresses, weights, strict=True)], strategy)
+    for n, address in enumerate(addresses):
+        p.checked(address, True, 1, 1, 1, "ok", 0.001 * (n % 3 + 1), n % 4)
+    now = 0.0
+    for op, which in steps:
+        now += 0.7
+        address = addresses[which % len(addresses)]
+        if op == "fail":
+            p.failed(address, now)
+        elif op == "ok":
+            p.connected(address, None, now)
+        elif op == "check_up":
+            p.checked(address, True, 1, 1, 1, "ok", 0.001 * (which % 3 + 1), which % 5)
+        elif op == "check_down":
+            p.checked(address, False, 1, 1, 1, "refused")
+        else:
+            due = [
+                b.address
+                for b in p.backends
+                if b.retry_at and not b.checked_down and now >= b.retry_at
+            ]
+            loads = {b.address: b.active / max(b.weight, 1) for b in p.backends}
+            players = {  # fewest_players: the check's count, moved by our connections since
+                b.address: (b.players or 0) + (b.active - b.active_at_check) / max(b.weight, 1)
+                for b in p.backends
+            }
+            order = list(p.order(None, now))
+            if order:  # its first dial is counted open, as a connection's is
+                p.dialing(order[0])
+            limit = len(addresses) if strategy is Balance.FAILOVER else MAX_DIALS
+            assert len(order) == len(set(order)) <= limit
+            probed = bool(due and order and order[0] == due[0])
+            if probed:
+                order = order[1:]  # the one probe, first
+            assert all(not p.by_address[a].down for a in order), order
+            weighted = [b.address for b in p.backends if not b.down and b.weight]
+            up = weighted or [b.address for b in p.backends if not b.down]
+            if not up:
+                assert order == []
+                continue
+            start = up.index(order[0])
+            assert order == (up[start:] + up[:start])[: limit - probed]
+            if strategy is Balance.FAILOVER:
+                assert order[0] == up[0]
+            elif strategy is Balance.LEAST_CONNECTIONS and weighted:
+                assert loads[order[0]] == min(loads[a] for a in up), (order, loads)
+            elif strategy is Balance.FEWEST_PLAYERS and weighted:
+                assert players[order[0]] == min(players[a] for a in up), (order, players)
+            elif strategy is Balance.LOWEST_LATENCY:
+                rtts = {a: p.by_address[a].rtt for a in up}
+                assert rtts[order[0]] == min(rtts.values()), (order, rtts)
+
+
+def test_round_robin_with_a_backend_down_spreads_over_the_others_by_weight() -> None:
+    addresses = [(f"10.0.3.{n}", 25565, w) for n, w in enumerate((1, 2, 3, 1))]
+    p = Pool(addresses, Balance.ROUND_ROBIN)
+    p.checked(("10.0.3.0", 25565), False, 1, 1, 1, "refused")
+    picks = collections.Counter(p.order(None, 0)[0] for _ in range(6 * 20))
+    assert picks == {("10.0.3.1", 25565): 40, ("10.0.3.2", 25565): 60, ("10.0.3.3", 25565): 20}
+
+
+def test_choosing_with_backends_down_does_not_scan_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pool of 2,000 with half of it down: a connection's order reads no backend's
+    state beyond the few it returns (the pool's backends up are kept from the last
+    transition); a probe due is looked for once, not by every connection."""
+    from discoproxy.proxy import balance
+
+    reads = collections.Counter[str]()
+    down = balance.Backend.down
+
+    def counted(self: balance.Backend) -> bool:
+        reads["down"] += 1
+        return down.fget(self)  # type: ignore[no-any-return,misc]
+
+    strategies = (
+        Balance.ROUND_ROBIN,
+        Balance.LEAST_CONNECTIONS,
+        Balance.FAILOVER,
+        Balance.FEWEST_PLAYERS,
+        Balance.LOWEST_LATENCY,
+    )
+    for key in ("_players", "_load", "_latency"):  # a scan's per-backend measures
+        measure = getattr(balance, key)
+        monkeypatch.setattr(balance, key, lambda b, m=measure, k=key: reads.update([k]) or m(b))
+    for strategy in strategies:
+        addresses = [(f"10.1.{n // 250}.{n % 250}", 25565, 1) for n in range(2000)]
+        p = Pool(addresses, strategy)
+        for n, (host, port, _) in enumerate(addresses):
+            p.checked((host, port), True, 1, 1, 1, "ok", 0.001 + n % 7 / 1000, n % 11)
+        for host, port, _ in addresses[::2]:
+            p.checked((host, port), False, 1, 1, 1, "refused")
+        for _ in range(FALL):
+            p.failed(("10.1.0.1", 25565), 0.0)  # one down by dials: probed when due
+        monkeypatch.setattr(balance.Backend, "down", property(counted))
+        reads.clear()
+        orders = []
+        for n in range(200):  # before the probe is due; each dialed, as a connection does
+            orders.append(p.order(None, 1.0 + n * 0.004))
+            p.dialing(orders[-1][0])
+        orders.append(p.order(None, RETRY_FIRST_S + 1.0))  # the probe's turn
+        monkeypatch.setattr(balance.Backend, "down", down)
+        assert orders[-1][0] == ("10.1.0.1", 25565)
+        assert all(("10.1.0.1", 25565) not in order for order in orders[:-1])
+        # a scan reads 2,000 each; lowest_latency ranks the 1,000 up once
+        assert sum(reads.values()) <= 1000 + 201 * 2, (strategy, reads)
+        reads.clear()
+        p = Pool(addresses, strategy)  # and with every backend up
+        for n, (host, port, _) in enumerate(addresses):
+            p.checked((host, port), True, 1, 1, 1, "ok", 0.001 + n % 7 / 1000, n % 11)
+        reads.clear()
+        for _ in range(200):
+            p.dialing(p.order(None, 1.0)[0])
+        assert sum(reads.values()) <= 2000 + 200, (strategy, reads)  # lowest_latency: ranks once
