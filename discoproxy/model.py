@@ -534,7 +534,8 @@ class ServerDefinition(BaseModel):
         description="Which address a new connection dials first: 'failover' (the first "
         "healthy one, in order), 'round_robin', 'random' or 'least_connections' (by "
         "weight), 'lowest_latency' (the fastest last check) or 'fewest_players' (the "
-        "fewest online at the last minecraft check, plus the connections sent since); a "
+        "fewest online at the last minecraft check, moved by the connections opened and "
+        "closed there since); a "
         "failed dial moves on to the next healthy address (4 at most but for 'failover').",
     )
     health_check: HealthCheck | None = Field(
