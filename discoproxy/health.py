@@ -431,6 +431,8 @@ async def _read_until(stream: anyio.abc.ByteStream, end: bytes) -> bytes:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, anyio.EndOfStream):
         return "closed without answering"
+    if isinstance(exc, OSError) and not exc.errno and isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__  # anyio's "all connection attempts failed": the last attempt's
     if isinstance(exc, OSError) and exc.errno:  # "connection refused", not asyncio's
         return os.strerror(exc.errno).lower()  # "connect call failed ('10.0.0.5', 25565)"
     return failure_reason(exc).lower()

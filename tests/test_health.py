@@ -94,6 +94,20 @@ async def test_a_tcp_check_passes_on_a_listener_and_fails_on_a_refusal() -> None
     assert _reason(refused.value) == "connection refused"
 
 
+@pytest.mark.parametrize("kind", ["minecraft", "http", "tls"])
+async def test_every_check_kind_says_connection_refused_for_a_refusal(kind: str) -> None:
+    """The checks that connect through anyio get its "all connection attempts failed":
+    the reason shown is the attempt's own, as the tcp check's."""
+    closed = refused_port()
+    try:
+        with pytest.raises(OSError) as refused:
+            check = HealthCheck(type=kind, timeout=1.0)
+            await probe(check, route_for("127.0.0.1:1"), "127.0.0.1", closed.getsockname()[1])  # type: ignore[arg-type]
+    finally:
+        closed.close()
+    assert _reason(refused.value) == "connection refused"
+
+
 async def test_a_minecraft_check_is_the_whole_server_list_ping_with_its_pong() -> None:
     check = HealthCheck(type="minecraft", timeout=0.5)
     async with backend(mc_status(3)) as mc:
