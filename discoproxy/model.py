@@ -39,8 +39,8 @@ class ProxyMode(enum.StrEnum):
     """How a connection is carried to its backend.
 
     Only ``passthrough`` exists: Infrarust's ``zero_copy`` and ``server_only`` forward
-    bytes too and load as it; ``client_only`` and ``offline`` are refused with the reason
-    (``providers/infrarust.py``).
+    bytes too and load as it (in server files, labels and Infrarust's own files);
+    ``client_only`` and ``offline`` are refused with the reason.
     """
 
     PASSTHROUGH = "passthrough"
@@ -104,8 +104,14 @@ class HealthCheck(BaseModel):
         return value
 
 
-UNSUPPORTED_PROXY_MODES = frozenset(
-    {"zerocopy", "client_only", "clientonly", "offline", "server_only", "serveronly", "intercepted"}
+# Infrarust's modes that forward the bytes as they are (``zerocopy``: v1): they load as
+# ``passthrough``; those where its proxy takes part in the login are refused, and why.
+FORWARDING_PROXY_MODES = frozenset({"passthrough", "zero_copy", "zerocopy", "server_only"})
+INTERCEPTED_PROXY_MODES = frozenset({"client_only", "offline", "full", "intercepted"})
+INTERCEPTED_REASON = (
+    "the proxy would have to take part in the login (authenticate players or rewrite "
+    "packets); discoproxy forwards the bytes as they are. Use passthrough (the backend "
+    "authenticates) or remove it"
 )
 
 
@@ -556,7 +562,9 @@ class ServerDefinition(BaseModel):
     )
     proxy_mode: ProxyMode = Field(
         default=ProxyMode.PASSTHROUGH,
-        description="How connections are carried; only 'passthrough' is supported yet.",
+        description="How connections are carried: 'passthrough' (the bytes as they are), "
+        "or Infrarust's 'zero_copy' and 'server_only', which load as it; 'client_only' and "
+        "'offline' are refused (discoproxy takes no part in the login).",
     )
     default: bool = Field(
         default=False,
@@ -695,12 +703,15 @@ class ServerDefinition(BaseModel):
     def _proxy_mode(cls, value: Any) -> Any:
         if isinstance(value, str):
             mode = value.strip().lower().replace("-", "_")
-            if mode in UNSUPPORTED_PROXY_MODES:
+            mode = {"zerocopy": "zero_copy", "serveronly": "server_only"}.get(mode, mode)
+            mode = "client_only" if mode == "clientonly" else mode
+            if mode in INTERCEPTED_PROXY_MODES:
+                raise ValueError(f"proxy_mode {value!r}: {INTERCEPTED_REASON}")
+            if mode not in FORWARDING_PROXY_MODES:
                 raise ValueError(
-                    f"proxy_mode {value!r} is not supported yet; accepted: 'passthrough'"
+                    f"unknown proxy_mode {value!r}; accepted: 'passthrough', or Infrarust's "
+                    "'zero_copy' and 'server_only' (which forward the bytes the same)"
                 )
-            if mode != ProxyMode.PASSTHROUGH:
-                raise ValueError(f"unknown proxy_mode {value!r}; accepted: 'passthrough'")
             return ProxyMode.PASSTHROUGH
         return value
 

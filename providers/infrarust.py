@@ -21,7 +21,12 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from discoproxy.model import peer_duration_s
+from discoproxy.model import (
+    FORWARDING_PROXY_MODES,
+    INTERCEPTED_PROXY_MODES,
+    INTERCEPTED_REASON,
+    peer_duration_s,
+)
 
 Document = MutableMapping[str, Any]
 
@@ -36,8 +41,6 @@ class KeyRule:
 # The MOTD states both have; Infrarust's others are display-only.
 _SAME_MOTD_STATES = ("online", "sleeping", "starting", "unreachable")
 _DISPLAY_ONLY_STATES = ("offline", "crashed", "stopping")
-_FORWARDING_MODES = {"passthrough", "zero_copy", "zerocopy", "server_only"}  # zerocopy: v1
-_INTERCEPTED_MODES = {"client_only", "offline", "full"}  # full: v1, the proxy does it all
 
 
 # v1's single-answer `motd` (its English reference): the same fields, other names.
@@ -84,15 +87,11 @@ def _ip_filter(data: Document, value: Any) -> str | None:
 
 def _proxy_mode(data: Document, value: Any) -> str | None:
     word = value if isinstance(value, str) else None  # a list or a table is not hashable
-    if word in _FORWARDING_MODES:
+    if word in FORWARDING_PROXY_MODES:
         data["proxy_mode"] = "passthrough"  # all three forward the bytes as they are
         return None
-    if word in _INTERCEPTED_MODES:
-        raise ValueError(
-            f"proxy_mode = {value}: the proxy would have to take part in the login "
-            "(authenticate players or rewrite packets); discoproxy forwards the bytes as they "
-            "are. Use passthrough (the backend authenticates) or remove it"
-        )
+    if word in INTERCEPTED_PROXY_MODES:
+        raise ValueError(f"proxy_mode = {value}: {INTERCEPTED_REASON}")
     data["proxy_mode"] = value  # the model says what it accepts
     return None
 

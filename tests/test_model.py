@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from discoproxy.model import BackendAddress, ServerDefinition, normalize_domain
+from discoproxy.model import BackendAddress, ProxyMode, ServerDefinition, normalize_domain
 
 
 def make(**fields: object) -> ServerDefinition:
@@ -130,14 +130,17 @@ def test_duplicate_domains_are_collapsed() -> None:
     assert make(domains=["A.com", "a.com."]).domains == ("a.com",)
 
 
-@pytest.mark.parametrize(
-    "mode", ["offline", "client_only", "Intercepted", "ZeroCopy", "server_only"]
-)
-def test_other_infrarust_proxy_modes_are_not_supported_yet(mode: str) -> None:
-    with pytest.raises(
-        ValidationError, match=f"proxy_mode '{mode}' is not supported yet; accepted: 'passthrough'"
-    ):
+@pytest.mark.parametrize("mode", ["offline", "client_only", "ClientOnly", "Intercepted", "full"])
+def test_infrarust_proxy_modes_that_take_part_in_the_login_are_refused_saying_why(
+    mode: str,
+) -> None:
+    with pytest.raises(ValidationError, match=f"proxy_mode '{mode}': the proxy would have to"):
         make(proxy_mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["passthrough", "zero_copy", "ZeroCopy", "server_only"])
+def test_infrarust_proxy_modes_that_forward_the_bytes_load_as_passthrough(mode: str) -> None:
+    assert make(proxy_mode=mode).proxy_mode is ProxyMode.PASSTHROUGH
 
 
 def test_proxy_mode_is_case_insensitive() -> None:

@@ -186,11 +186,11 @@ BAD_LABELS = [
     pytest.param("domains", " , ",
                  "a server needs at least one entry in 'domains', 'default = true' to be the "
                  "catch-all, or 'ports' to forward", id="domains-empty"),
-    pytest.param("proxy_mode", "zerocopy",
-                 "proxy_mode 'zerocopy' is not supported yet; accepted: 'passthrough'",
+    pytest.param("proxy_mode", "client_only",
+                 "proxy_mode 'client_only': the proxy would have to take part in the login",
                  id="proxy-mode-unsupported"),
-    pytest.param("proxy_mode", "fast", "unknown proxy_mode 'fast'; accepted: 'passthrough'",
-                 id="proxy-mode-unknown"),
+    pytest.param("proxy_mode", "fast", "unknown proxy_mode 'fast'; accepted: 'passthrough', "
+                 "or Infrarust's 'zero_copy' and 'server_only'", id="proxy-mode-unknown"),
     pytest.param(
         "docker_network", " ", "expected a Docker network name, got ''", id="network-empty"
     ),
