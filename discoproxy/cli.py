@@ -42,6 +42,7 @@ from discoproxy.provider import (
     ProviderStatus,
     ServerStore,
     load_providers,
+    provider_settings,
     snapshot_once,
     supervise,
 )
@@ -107,6 +108,15 @@ def _load(args: argparse.Namespace) -> ProxyConfig:
         overrides["log_format"] = args.log_format
     if overrides:
         config = ProxyConfig.model_validate({**config.model_dump(), **overrides})
+    return config
+
+
+def _reload(args: argparse.Namespace) -> ProxyConfig:
+    """The config as a reload reads it: refused whole, as at the start, when a
+    ``[providers.X]`` table does not validate (a reload applies none of them, but a file
+    that would not start must not report as reloaded)."""
+    config = _load(args)
+    provider_settings(config, path=_config_path(args), environ=os.environ)
     return config
 
 
@@ -538,7 +548,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _serve,
             config,
             providers,
-            partial(_load, args),
+            partial(_reload, args),
             args.take_over,
             backend="asyncio",
             backend_options={"use_uvloop": UVLOOP},

@@ -223,6 +223,24 @@ def load_providers(
     the file ``config`` was loaded from, and its line; ``environment`` for a key set by a
     ``DISCOPROXY_*`` variable of *environ*), the field and the accepted values.
     """
+    loaded: list[tuple[Provider, Enabled]] = []
+    for name, cls, settings in provider_settings(config, registered, path, environ):
+        instances = getattr(cls, "instances", None)
+        for instance, instance_settings in (
+            instances(name, settings) if callable(instances) else [(name, settings)]
+        ):
+            loaded.append((cls(instance, instance_settings, config), instance_settings.enabled))
+    return loaded
+
+
+def provider_settings(
+    config: ProxyConfig,
+    registered: Mapping[str, type[Provider]] | None = None,
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> list[tuple[str, type[Provider], ProviderSettings]]:
+    """Every registered provider's validated settings, nothing instantiated (a reload
+    checks them so); raises :class:`ConfigError` as :func:`load_providers` says."""
     registered = discover() if registered is None else registered
     source = str(path) if path is not None else "environment" if environ else "config"
     text = source_text(path) if path is not None else None
@@ -235,7 +253,7 @@ def load_providers(
             f"{', '.join(sorted(registered))}",
             source,
         )
-    loaded: list[tuple[Provider, Enabled]] = []
+    validated = []
     for name in sorted(registered):
         cls = registered[name]
         try:
@@ -252,12 +270,8 @@ def load_providers(
                 ),
                 source,
             ) from exc
-        instances = getattr(cls, "instances", None)
-        for instance, instance_settings in (
-            instances(name, settings) if callable(instances) else [(name, settings)]
-        ):
-            loaded.append((cls(instance, instance_settings, config), instance_settings.enabled))
-    return loaded
+        validated.append((name, cls, settings))
+    return validated
 
 
 async def supervise(

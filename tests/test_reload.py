@@ -128,3 +128,18 @@ def test_a_rotated_token_file_is_named_as_needing_a_restart(tmp_path: Path) -> N
         )
         with urllib.request.urlopen(request, timeout=5) as response:  # still the one in force
             assert response.status == 200
+
+
+def test_a_reload_whose_provider_table_would_not_start_fails_whole(tmp_path: Path) -> None:
+    """A reload applies no provider table (they need a restart), but a file that
+    `serve` and `check` refuse for one is refused by a reload too, not reported as
+    reloaded with the change merely not applied."""
+    with echo_server() as echo, running_proxy(tmp_path, mc_server(echo)) as proxy:
+        port = proxy.port
+        rewrite(tmp_path, f'bind = ["127.0.0.1:{port}"]\n[providers.api]\nbogus = 1\n')
+        proxy.process.send_signal(signal.SIGHUP)
+        line = proxy.wait_for_line(r"config reload failed", RELOAD_TIMEOUT_S)
+        assert "providers.api.bogus: unknown key" in line
+        assert "takes effect at the next restart" not in proxy.output()
+        with joined(port) as sock:
+            assert roundtrip(sock, b"x") == b"x"
