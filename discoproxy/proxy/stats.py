@@ -14,6 +14,11 @@ Rules for this file:
 - Labels are bounded: routes come from the routing table (stats of routes gone from it
   are dropped once they have no connection left), listeners from the config and the
   port routes, rejection causes and UDP drop causes are fixed strings.
+- Totals never go down while the process lives (Prometheus counters; the dashboard
+  graphs rates from the differences of its history): a route's stats that are dropped
+  are first folded into the :data:`REMOVED` route's (:meth:`DataPlaneStats.prune`), which
+  every sum counts like any other route. That costs the prune, never a connection, and
+  crosses to the control plane as one more route (``workers = N`` sums it unchanged).
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ if TYPE_CHECKING:
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 DURATION_BUCKETS = (0.01, 0.1, 1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600)
 UNROUTED = "-"  # route label of connections that never reached a route
+# route label of the counters of routes gone from the table, summed (no qualified id,
+# which is always ``id@provider``, has no "@")
+REMOVED = "(removed)"
 
 
 class Histogram:
@@ -60,6 +68,12 @@ class Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.count += 1
         self.total += value
+
+    def add(self, other: Histogram) -> None:
+        """Add ``other``'s observations (the same bounds) to these."""
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.count += other.count
+        self.total += other.total
 
     def copy(self) -> Histogram:
         other = Histogram.__new__(Histogram)
@@ -120,6 +134,18 @@ class RouteStats:
         other.connect = self.connect.copy()
         return other
 
+    def fold(self, other: RouteStats) -> None:
+        """Add ``other``'s counters to these (its ``players``, a gauge, not)."""
+        self.closed += other.closed
+        self.bytes_up += other.bytes_up
+        self.bytes_down += other.bytes_down
+        self.dial_failures += other.dial_failures
+        self.udp_sessions += other.udp_sessions
+        self.udp_bytes_up += other.udp_bytes_up
+        self.udp_bytes_down += other.udp_bytes_down
+        self.duration.add(other.duration)
+        self.connect.add(other.connect)
+
 
 @owned_by(REACTOR)
 class DataPlaneStats:
@@ -158,10 +184,15 @@ class DataPlaneStats:
         duration.total += seconds
 
     def prune(self, table: RoutingTable, live: Iterable[str]) -> None:
-        """Forget routes gone from ``table`` that no open connection still uses."""
-        keep = set(table.by_id) | set(live) | {UNROUTED}
-        for route_id in [r for r in self.routes if r not in keep]:
-            del self.routes[route_id]
+        """Forget routes gone from ``table`` that no open connection still uses, their
+        counters added to :data:`REMOVED`'s first (so no total goes down)."""
+        keep = set(table.by_id) | set(live) | {UNROUTED, REMOVED}
+        gone = [r for r in self.routes if r not in keep]
+        if not gone:
+            return
+        removed = self.route(REMOVED)
+        for route_id in gone:
+            removed.fold(self.routes.pop(route_id))
 
 
 @dataclass
