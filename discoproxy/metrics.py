@@ -298,9 +298,10 @@ PROVIDER_STATES = ("starting", "running", "failed", "off", "disabled")
 
 
 def _backend_families(snap: Snapshot, table: RoutingTable) -> Iterator[Metric]:
-    """Each pooled backend of the routes connections used: up, open, failed dials; and
-    the replicas a provider holds back (a Docker HEALTHCHECK starting or unhealthy),
-    down, so an alert on ``backend_up == 0`` sees them too."""
+    """Each backend of every route: its pool's state (up, open, failed dials) once a
+    connection or a check used it, else up with nothing against it (as ``/api/routes``
+    shows it); and the replicas a provider holds back (a Docker HEALTHCHECK starting or
+    unhealthy), down, so an alert on ``backend_up`` sees every backend."""
     up = GaugeMetricFamily(
         "discoproxy_backend_up",
         "1 while a backend takes new connections, 0 while marked down (failed dials or "
@@ -341,6 +342,15 @@ def _backend_families(snap: Snapshot, table: RoutingTable) -> Iterator[Metric]:
             failed.add_metric(labels, backend.dial_failures)
             transitions.add_metric([*labels, "down"], backend.went_down)
             transitions.add_metric([*labels, "up"], backend.went_up)
+    for route_id, route in sorted(table.by_id.items()):  # no pool yet: nothing known against
+        if route_id not in snap.backends:
+            for listed in dict.fromkeys(route.addresses):
+                labels = [route_id, format_addr(listed)]
+                up.add_metric(labels, 1)
+                active.add_metric(labels, 0)
+                failed.add_metric(labels, 0)
+                transitions.add_metric([*labels, "down"], 0)
+                transitions.add_metric([*labels, "up"], 0)
     for route_id, held in sorted(held_by_route.items()):
         for address in held:
             up.add_metric([route_id, address], 0)

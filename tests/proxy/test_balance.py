@@ -518,7 +518,7 @@ def test_replicas_a_provider_holds_back_are_down_in_the_metrics() -> None:
         for s in family.samples
         if s.name == "discoproxy_backend_up"
     }
-    assert ups == {"10.0.0.2:25565": 0}  # (10.0.0.1's pool: no connection made one yet)
+    assert ups == {"10.0.0.1:25565": 1, "10.0.0.2:25565": 0}  # (no pool yet: up)
 
 
 async def _motd(port: int) -> str:
@@ -825,3 +825,36 @@ def test_choosing_with_backends_down_does_not_scan_the_pool(
         for _ in range(200):
             p.dialing(p.order(None, 1.0)[0])
         assert sum(reads.values()) <= 2000 + 200, (strategy, reads)  # lowest_latency: ranks once
+
+
+def test_every_routed_backend_has_its_series_before_any_connection() -> None:
+    """A route nothing has dialed yet has no pool; its backends are up (nothing known
+    against them, as /api/routes says) in /metrics too, so an alert on backend_up sees
+    every backend from the start, not only those of routes in use."""
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from discoproxy.metrics import render
+    from discoproxy.proxy.stats import Snapshot
+    from discoproxy.routing import build_table
+
+    fresh = server("fresh", "fresh.example.com", addresses=["10.0.0.1:25565", "10.0.0.2:25565"])
+    used = server("used", "used.example.com", addresses=["10.0.0.3:25565"])
+    snap = Snapshot(time.time(), {}, {}, {}, {}, {}, {}, {}, (0, 0), (0, 0, 0))
+    p = Pool([("10.0.0.3", 25565, 1)], Balance.FAILOVER)
+    for _ in range(FALL):
+        p.failed(("10.0.0.3", 25565), 0)
+    snap.backends = {"used@test": p.states()}
+    text = render(snap, build_table({"test": [fresh, used]}), [], True).decode()
+    up = {
+        (s.labels["route"], s.labels["backend"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "discoproxy_backend_up"
+    }
+    assert up == {
+        ("fresh@test", "10.0.0.1:25565"): 1,
+        ("fresh@test", "10.0.0.2:25565"): 1,
+        ("used@test", "10.0.0.3:25565"): 0,  # its pool's state
+    }
