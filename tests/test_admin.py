@@ -517,3 +517,11 @@ async def test_a_backend_that_leaves_with_open_connections_shows_as_draining() -
                 await client.aclose()
             await proxy.wait_on_reactor(lambda ctx: not ctx.connections)
             assert await pool() == {a.address: ("up", 0)}  # drained: gone
+
+
+async def test_api_workers_reports_the_one_process_as_it_reports_each_worker() -> None:
+    """With one process, its one row has the fields a worker's has: RSS and CPU too."""
+    async with running_proxy() as proxy, admin_for(proxy) as api:
+        (row,) = (await api.json("/api/workers"))["workers"]
+        assert row["index"] == 0 and row["restarts"] == 0 and row["ready"] is True
+        assert row["rss_bytes"] > 1_000_000 and row["cpu_s"] > 0

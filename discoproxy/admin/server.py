@@ -46,6 +46,7 @@ from discoproxy.proxy.addresses import format_addr
 from discoproxy.proxy.balance import BackendState
 from discoproxy.proxy.listener import ListenError
 from discoproxy.proxy.stats import Snapshot
+from discoproxy.proxy.workers import process_usage
 from discoproxy.status import display_name
 
 if TYPE_CHECKING:
@@ -359,9 +360,19 @@ class Admin:
             )
         if path == "/api/workers":
             workers = self.ctx.workers
-            if workers is None:
-                alive = self.ctx.planes.alive
-                listed = [{"index": 0, "pid": os.getpid(), "ready": alive, "restarts": 0}]
+            if workers is None:  # this process is the one data plane
+                alive, pid = self.ctx.planes.alive, os.getpid()
+                rss, cpu = process_usage(pid)
+                listed = [
+                    {
+                        "index": 0,
+                        "pid": pid,
+                        "ready": alive,
+                        "restarts": 0,
+                        "rss_bytes": rss,
+                        "cpu_s": cpu,
+                    }
+                ]
             else:
                 listed = workers.states()
             return _json({"workers": listed})

@@ -217,7 +217,7 @@ class WorkerSet:
         out = []
         for w in self.workers:
             pid = w.process.pid if w.process is not None and w.channel is not None else None
-            rss, cpu = _process_usage(pid) if pid is not None else (None, None)
+            rss, cpu = process_usage(pid) if pid is not None else (None, None)
             out.append(
                 {
                     "index": w.index,
@@ -731,7 +731,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _process_usage(pid: int) -> tuple[int | None, float | None]:
+def process_usage(pid: int) -> tuple[int | None, float | None]:
     """(RSS bytes, user + system CPU seconds) of ``pid``, or Nones if it is gone."""
     try:
         with open(f"/proc/{pid}/statm") as statm:
