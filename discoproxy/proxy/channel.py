@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import io
 import itertools
+import os
 import pickle
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -127,14 +128,19 @@ class Channel:
         worker, not once per worker."""
         await self._write(message, fds)
 
-    async def request(self, kind: str, payload: Any = None, fds: Sequence[int] = ()) -> Any:
-        if self._closed:
-            raise ChannelError("the other process is gone")
+    async def request(
+        self, kind: str, payload: Any = None, fds: Sequence[int] = (), *, close_fds: bool = False
+    ) -> Any:
+        """The answer to ``kind``. ``close_fds``: ``fds`` are closed once written (or once
+        the write failed), not when the answer comes: from then on they are the other
+        side's (a handed client's socket, whose close must not wait for the answer)."""
         ident = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[ident] = future
         try:
             try:
+                if self._closed:
+                    raise ChannelError("the other process is gone")
                 await self._write(
                     pickle.dumps((kind, ident, payload), pickle.HIGHEST_PROTOCOL), fds
                 )
@@ -142,6 +148,10 @@ class Channel:
                 if future.done():  # failed by the close: the write's error is the one raised
                     future.exception()
                 raise
+            finally:
+                if close_fds:
+                    for fd in fds:
+                        os.close(fd)
             return await future
         finally:
             self._waiting.pop(ident, None)

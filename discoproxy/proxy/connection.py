@@ -66,7 +66,7 @@ from discoproxy.rejections import Rejection
 from discoproxy.status import LEGACY_PING_PROTOCOL, StatusState, display_name, rewritten_host
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Coroutine, Sequence
 
     from discoproxy.config import ProxyConfig
     from discoproxy.proxy.balance import Pool
@@ -517,9 +517,12 @@ class ClientConnection:
         if self.state in _PRE_ROUTING:
             pending = len(self.buffer)
             if pending > MAX_PREFIX_BYTES:
-                self._fail(f"sent {pending} bytes without a routable handshake", Hint.CLOSE)
+                self._prefix_too_long(pending)
             elif self.cmask < 0:
                 self.sync_events()
+
+    def _prefix_too_long(self, pending: int) -> None:
+        self._fail(f"sent {pending} bytes without a routable handshake", Hint.CLOSE)
 
     def _client_eof_before_forwarding(self) -> None:
         if self.state is ANSWERING:
@@ -540,7 +543,7 @@ class ClientConnection:
                     and (owner := steer(header.source[0])) != self.ctx.worker
                     and not self.ctx.closing  # draining: served here (the drain waits)
                 ):
-                    self._hand_off(owner, bytes(buffer))
+                    self._hand_off(owner, bytes(buffer), header.source)
                     return
             buffer = self.buffer = buffer[header.length :]
             self._proxy_header = header
@@ -559,12 +562,14 @@ class ClientConnection:
         elif self.state is ANSWERING:
             self._answer_status_packets()
 
-    def _hand_off(self, worker: int, data: bytes) -> None:
+    def _hand_off(self, worker: int, data: bytes, client: tuple[str, int]) -> None:
         """Workers: the kernel steered this connection by its balancer's address, but
         its PROXY header names a client another worker owns (per-IP limits, budgets and
         bans are kept whole there). The socket and what was read go to that worker
         (``ProxyContext.hand_off``, through the control plane); nothing is logged or
-        counted closed here: the worker that takes it does both."""
+        counted closed here once that one took it (it does both). Until then this
+        connection is out of every set, waiting only for the answer: one it could not
+        hand comes back to :meth:`_hand_off_failed`."""
         ctx = self.ctx
         ctx.handshaking.discard(self)
         if self.cmask >= 0:
@@ -579,12 +584,35 @@ class ClientConnection:
             started=self.started,
             data=data,
         )
+        self.client_addr = client  # a failed hand-off's close line: the real client
         self.state = CLOSED
         self.up.release()
         self.down.release()
         ctx.handed_off(self)
         assert ctx.hand_off is not None  # set with steer
-        ctx.spawn(self, ctx.hand_off(worker, handed, fd))
+        ctx.spawn(self, self._await_hand_off(ctx.hand_off(worker, handed, fd)))
+
+    @on_loop
+    async def _await_hand_off(self, hand_off: Coroutine[Any, Any, None]) -> None:
+        """``ProxyContext.hand_off`` until answered; one that failed (its socket closed
+        on the way) ends this connection back on the reactor."""
+        try:
+            await hand_off
+        except HandoffFailed as exc:
+            reason = str(exc)
+        except Exception as exc:  # a bug: logged, and the connection still ends counted
+            logger.opt(exception=exc).error("internal error handing a connection off")
+            reason = f"handoff failed: internal error: {exc!r}"
+        else:
+            return
+        self.ctx.reactor.call_into(self, lambda: self._hand_off_failed(reason))
+
+    def _hand_off_failed(self, reason: str) -> None:
+        """The other worker never took this connection (``_hand_off``): accepted and
+        counted here, it ends here, with its close line and in the stats (its socket
+        is closed already, the backend never dialed)."""
+        self.reason = reason
+        self.ctx.unregister(self)
 
     def adopt(self, handed: HandedClient) -> None:
         """A connection another worker handed over (``_hand_off``): admitted here, its
@@ -611,6 +639,10 @@ class ClientConnection:
             self._fail(str(exc), exc.hint)
             return
         if self.state in _PRE_ROUTING:
+            pending = len(self.buffer)  # the bound _read_prefix keeps, on what it read
+            if pending > MAX_PREFIX_BYTES:
+                self._prefix_too_long(pending)
+                return
             ctx.handshaking.add(self)
             if self.cmask < 0:
                 self.sync_events()
@@ -1602,6 +1634,11 @@ def adopt_client(ctx: ProxyContext, fd: int, handed: HandedClient) -> None:
         conn.adopt(handed)
     except Exception as exc:
         ctx.reactor.handler_failed(conn, exc)
+
+
+class HandoffFailed(Exception):
+    """``ProxyContext.hand_off`` could not hand a connection over: its text is the close
+    line's reason ("handoff failed: worker 1 restarting")."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ Rules for this file:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import signal
@@ -31,7 +32,7 @@ from loguru import logger
 from discoproxy.guard import BanList
 from discoproxy.logwriter import writer
 from discoproxy.proxy.channel import Channel, ChannelError, TableDecoder
-from discoproxy.proxy.connection import HandedClient, adopt_client
+from discoproxy.proxy.connection import HandedClient, HandoffFailed, adopt_client
 from discoproxy.proxy.player_counts import PlayerCounts
 from discoproxy.proxy.ports import UDP_SWEEP_S, sweep_udp
 from discoproxy.proxy.reactor import Reactor
@@ -45,6 +46,10 @@ from discoproxy.status import StatusError, StatusService
 
 # Webhook events are handed to the control plane this often (a batch per interval).
 EVENTS_FORWARD_S = 0.1
+# The drain waits this long at most for the answers to its hand-offs still asked (a
+# failed one's close line is written here): they come within a round trip or two, and
+# the control plane kills a worker shutdown_timeout + 5 s after its SIGTERM.
+HANDOFF_ANSWER_S = 2.0
 UVLOOP = importlib.util.find_spec("uvloop") is not None
 
 
@@ -122,6 +127,7 @@ class Worker:
         self._tables = TableDecoder()
         self._tg: anyio.abc.TaskGroup | None = None
         self._first_binds: tuple[list[tuple[str, str]], list[int]] = ([], [])
+        self._handing: set[asyncio.Task[Any]] = set()  # hand-offs awaiting their answer
 
     async def handle(self, kind: str, payload: Any, fds: list[int]) -> Any:
         if kind == "init":
@@ -184,8 +190,15 @@ class Worker:
             return await ctx.reactor.run(lambda: ctx.kick(target))
         elif kind == "adopt":  # another worker's connection, whose client is ours
             (fd,) = fds
-            handed: HandedClient = payload
-            ctx.reactor.call(lambda: adopt_client(ctx, fd, handed))
+            number: int = payload[0]
+            handed: HandedClient = payload[1]
+            try:
+                await ctx.reactor.run(lambda: adopt_client(ctx, fd, handed))
+            except RuntimeError:  # the reactor has stopped (drained): never taken, and
+                os.close(fd)  # the control plane tells the other worker once we exit
+                return None
+            with contextlib.suppress(ChannelError):  # ours now: its close line is ours
+                await self.channel.send("adopted", number)
         elif kind == "call":
             fn, args = payload
             ctx.reactor.call(lambda: fn(ctx, *args))
@@ -249,13 +262,21 @@ class Worker:
 
     async def _hand_off(self, worker: int, handed: HandedClient, fd: int) -> None:
         """A connection whose PROXY header names a client of ``worker``: its socket goes
-        there through the control plane (one hop each way, only for such connections)."""
+        there through the control plane (one hop each way, only for such connections;
+        ours closed once sent), which answers once ``worker`` took it. One it could not
+        hand (``worker`` restarting or gone before it took it, or the control plane gone)
+        raises :class:`HandoffFailed`, its text the reason: the connection ends here."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._handing.add(task)
         try:
-            await self.channel.send("handoff", (worker, handed), [fd])
-        except Exception as exc:  # the control plane is gone: the client is closed
-            logger.warning("cannot hand a connection to worker {}: {!r}", worker, exc)
+            failure = await self.channel.request("handoff", (worker, handed), [fd], close_fds=True)
+        except ChannelError as exc:
+            failure = "control plane gone" if self.channel.closed else str(exc)
         finally:
-            os.close(fd)
+            self._handing.discard(task)
+        if failure is not None:
+            raise HandoffFailed(f"handoff failed: {failure}")
 
     def _adopt(self, binds: list[tuple[str, str]], fds: list[int]) -> None:
         assert self.ctx is not None
@@ -284,6 +305,8 @@ class Worker:
         with anyio.CancelScope(shield=True):
             try:
                 await ctx.drain(ctx.config.shutdown_timeout)
+                if self._handing:  # a failed one's close line is ours, before the end
+                    await asyncio.wait(set(self._handing), timeout=HANDOFF_ANSWER_S)
             finally:
                 ctx.tasks.stop()
                 await ctx.reactor.stop()

@@ -142,6 +142,9 @@ class _Worker:
     # a restarted worker starts from zero, the sums never go down
     retired: Snapshot = field(default_factory=lambda: merge_snapshots(()))
     retired_totals: dict[str, int] = field(default_factory=dict)
+    # connections handed to this process and not taken yet, by number: each answer is
+    # awaited by the handing worker's request (None: taken; else why not)
+    handing: dict[int, asyncio.Future[str | None]] = field(default_factory=dict)
 
 
 def open_group(
@@ -190,6 +193,12 @@ class WorkerSet:
         self._tls: tuple[RoutingTable | None, set[Path]] = (None, set())  # files workers may ask
         self.players = PlayerSlots(count)  # max_players over every worker
         self._asked = 0  # requests of live numbers so far (orders their answers)
+        self._handoffs = 0  # connections handed between workers so far (numbers them)
+        # one worker started at a time, its end of the channel inheritable only then:
+        # uvloop's spawn passes every inheritable fd on (close_fds or not), and a
+        # worker holding another's end keeps that one's unread messages alive after it
+        # died (handed clients' sockets among them, never closed)
+        self._spawning = anyio.Lock()
 
     # -- state -------------------------------------------------------------------------
 
@@ -492,7 +501,11 @@ class WorkerSet:
 
     async def _handle(self, worker: _Worker, kind: str, payload: Any, fds: list[int]) -> Any:
         if kind == "handoff":  # a connection for the worker that owns its real client
-            self._forward(payload, fds)
+            return await self._forward(payload, fds)
+        if kind == "adopted":  # that worker took it: the one that handed it hears so
+            answered = worker.handing.pop(payload, None)
+            if answered is not None and not answered.done():
+                answered.set_result(None)
             return None
         for fd in fds:
             os.close(fd)
@@ -531,26 +544,34 @@ class WorkerSet:
             return None
         raise ValueError(f"unknown request from worker {worker.index}: {kind}")
 
-    def _forward(self, payload: Any, fds: list[int]) -> None:
+    async def _forward(self, payload: Any, fds: list[int]) -> str | None:
         """A worker hands a connection to the worker that owns its client (its PROXY
         header's address; ``ClientConnection._hand_off``): queued for that one, in
-        order with the table it routes by. A worker not running now: the client is
-        closed (its own clients wait in its backlog; this one was accepted already)."""
+        order with the table it routes by, numbered. The answer (to the handing
+        worker's request, which keeps the connection's close line until then): None
+        once that one says it took it (``adopted``), else why it could not: it is not
+        running now (being restarted: its own clients wait in its backlog, this one was
+        accepted already), or its process ended before it took it (``_fail_handoffs``).
+        The client's socket is closed by whoever holds it last (here, the outbox, or
+        the kernel with a dead worker's unread messages)."""
         try:
             target, handed = payload
             worker = self.workers[target] if 0 <= target < len(self.workers) else None
             if worker is None or worker.channel is None:
-                logger.warning(
-                    "a connection through {} for worker {} was closed: that worker is not "
-                    "running (it is being restarted)",
-                    format_addr(handed.peer) if handed.peer else "-",
-                    target,
-                )
-            else:
-                self._post(worker, "adopt", handed, fds)
+                why = "restarting" if worker is not None and not self._stopping else "not running"
+                return f"worker {target} {why}"
+            self._handoffs += 1
+            number = self._handoffs
+            answered: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+            worker.handing[number] = answered
+            self._post(worker, "adopt", (number, handed), fds)
         finally:
             for fd in fds:
                 os.close(fd)
+        try:
+            return await answered
+        finally:
+            worker.handing.pop(number, None)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -637,17 +658,18 @@ class WorkerSet:
             worker.restarts += 1
 
     async def _run_once(self, worker: _Worker, first: anyio.Event) -> int | None:
-        ours, theirs = socket_pair()
-        command = [sys.executable, "-m", "discoproxy.proxy.worker", str(theirs.fileno())]
         worker.ready = False
         worker.outbox = asyncio.Queue()
         worker.announced = first
-        try:
-            process = await anyio.open_process(
-                command, stdin=None, stdout=None, stderr=None, pass_fds=(theirs.fileno(),)
-            )
-        finally:
-            theirs.close()
+        async with self._spawning:
+            ours, theirs = socket_pair()
+            command = [sys.executable, "-m", "discoproxy.proxy.worker", str(theirs.fileno())]
+            try:
+                process = await anyio.open_process(
+                    command, stdin=None, stdout=None, stderr=None, pass_fds=(theirs.fileno(),)
+                )
+            finally:
+                theirs.close()
         worker.process = process
         worker.started = time.monotonic()
         channel = Channel(ours, lambda kind, payload, fds: self._handle(worker, kind, payload, fds))
@@ -671,6 +693,7 @@ class WorkerSet:
             self._retire(worker)
             channel.close()
             _drop_outbox(worker)
+            _fail_handoffs(worker)
         return code
 
     async def _send(self, worker: _Worker, channel: Channel) -> None:
@@ -715,6 +738,15 @@ def _drop_outbox(worker: _Worker) -> None:
         _, fds = worker.outbox.get_nowait()
         for fd in fds:
             os.close(fd)
+
+
+def _fail_handoffs(worker: _Worker) -> None:
+    """``worker``'s process ended: the connections handed to it that it never said it
+    took (queued in its outbox, or sent and unread) are the handing workers' to end."""
+    handing, worker.handing = worker.handing, {}
+    for answered in handing.values():
+        if not answered.done():
+            answered.set_result(f"worker {worker.index} exited")
 
 
 def _terminate(worker: _Worker) -> None:
