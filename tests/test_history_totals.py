@@ -241,11 +241,6 @@ def test_workers_keep_a_pruned_routes_counters_in_their_totals(tmp_path: Path) -
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="workers.py's _forget_routes drops a retired slot's counters of a route gone "
-    "from the table instead of adding them to (removed): /metrics' sums go down",
-)
 async def test_a_retired_slots_counters_of_a_removed_route_stay_in_the_sums() -> None:
     """A worker died (its last counters kept in its slot), then the route leaves the
     table: the live worker folds its own into ``(removed)``; the slot's must stay too."""

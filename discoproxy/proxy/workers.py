@@ -59,7 +59,14 @@ from discoproxy.proxy.channel import (
     socket_pair,
 )
 from discoproxy.proxy.player_counts import PlayerSlots
-from discoproxy.proxy.stats import UNROUTED, Histogram, RouteStats, Snapshot, grand_totals
+from discoproxy.proxy.stats import (
+    REMOVED,
+    UNROUTED,
+    Histogram,
+    RouteStats,
+    Snapshot,
+    grand_totals,
+)
 from discoproxy.proxy.takeover import Handed, port_name
 from discoproxy.proxy.tls_termination import read_files
 from discoproxy.routing import PortKey, RoutingTable, format_port
@@ -886,8 +893,13 @@ def _counted_totals(totals: Mapping[str, int]) -> dict[str, int]:
 
 
 def _forget_routes(snap: Snapshot, keep: set[str]) -> None:
-    for route_id in [r for r in snap.routes if r not in keep]:
-        del snap.routes[route_id]
+    """A retired slot's routes gone from the table: their counters are added to
+    :data:`REMOVED`'s, as a worker's own prune does (no sum goes down)."""
+    gone = [r for r in snap.routes if r not in keep and r != REMOVED]
+    if gone:
+        removed = snap.routes.setdefault(REMOVED, RouteStats())
+        for route_id in gone:
+            removed.fold(snap.routes.pop(route_id))
     for route_id in [r for r in snap.backends if r not in keep]:
         del snap.backends[route_id]
 
