@@ -158,7 +158,18 @@ def open_group(
     make: Callable[[], socket.socket], address: tuple[str, int], count: int, listen: bool
 ) -> list[socket.socket]:
     """``count`` sockets from ``make`` bound to ``address`` as one SO_REUSEPORT group
-    (a port 0 becomes the port the first one got), steered by client IP."""
+    (a port 0 becomes the port the first one got), steered by client IP. A port some
+    other socket holds is refused (EADDRINUSE) as one process's plain bind is, even
+    when that is another process's SO_REUSEPORT group (a second discoproxy with
+    workers), which the group's binds alone would join, silently sharing the port."""
+    if address[1]:
+        probe = make()  # without SO_REUSEPORT (nor, for UDP, SO_REUSEADDR): it must be free
+        try:
+            if probe.type == socket.SOCK_DGRAM:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+            probe.bind(address)
+        finally:
+            probe.close()
     socks: list[socket.socket] = []
     try:
         for _ in range(count):

@@ -6,6 +6,7 @@ both, the numbers are summed, the status cache is shared."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from discoproxy.protocol import minecraft
 from discoproxy.protocol.errors import NeedData
@@ -702,3 +705,61 @@ def _port_open(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_a_second_proxy_with_workers_is_refused_the_port_not_let_share_it(
+    tmp_path: Path,
+) -> None:
+    """Workers bind with SO_REUSEPORT, which alone would let a second discoproxy (with
+    workers too) join the first one's group and silently take a share of its clients;
+    it gets the start failure a port in use gives instead."""
+    import subprocess
+    import sys
+
+    from discoproxy.cli import EXIT_START
+
+    with serving(_Echo) as port, running_proxy(tmp_path / "a", mc(port), "workers = 2\n") as first:
+        first.wait_for_line("worker 1 ready")
+        second = tmp_path / "b"
+        second.mkdir()
+        (second / "discoproxy.toml").write_text(
+            f'workers = 2\nbind = ["127.0.0.1:{first.port}"]\nservers_dir = "{second}"\n'
+            '[admin]\nlisten = ""\n[providers.docker]\nenabled = false\n'
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DISCOPROXY_")}
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "discoproxy",
+                "serve",
+                "--config",
+                str(second / "discoproxy.toml"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**env, "NO_COLOR": "1"},
+        )
+        assert result.returncode == EXIT_START, result.stderr
+        assert f"cannot listen on 127.0.0.1:{first.port}: address already in use" in result.stderr
+        with dial(first, ON[1][0]) as sock:  # the first serves on, alone
+            assert echoes(sock)
+
+
+def test_a_udp_group_is_refused_a_port_another_group_holds() -> None:
+    from discoproxy.proxy.workers import open_group
+
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as port_socket does
+        return sock
+
+    held = open_group(make, ("127.0.0.1", 0), 2, listen=False)
+    try:
+        with pytest.raises(OSError) as taken:
+            open_group(make, ("127.0.0.1", held[0].getsockname()[1]), 2, listen=False)
+        assert taken.value.errno == errno.EADDRINUSE
+    finally:
+        for sock in held:
+            sock.close()
