@@ -1033,7 +1033,10 @@ class ClientConnection:
             self.close(self.reason)
             return
         self._reply(minecraft.encode_status_response(text))
-        self._answer_status_packets()
+        try:  # what the client sent while it waited: a bad packet is its protocol error
+            self._answer_status_packets()
+        except ProtocolError as exc:
+            self._fail(str(exc), exc.hint)
 
     def _answer_status_packets(self) -> None:
         """Status request → status; ping → pong and close (wiki.vg SLP)."""

@@ -114,3 +114,34 @@ async def test_a_failure_in_a_sweep_ends_that_connection_and_not_the_sweep(
                 assert await receive_all(first) == b""
                 assert await receive_all(second) == b""
         assert await _state(proxy) == (0, 0, 0, 1)
+
+
+async def test_a_bad_packet_sent_while_a_status_answer_was_pending_is_a_protocol_error() -> None:
+    """The client's bytes that arrived while the backend's status answer was awaited are
+    read when it comes: a malformed packet there closes the connection as any protocol
+    error does (a refusal, with its reason), not as a bug of ours."""
+    import json
+
+    from discoproxy.protocol import minecraft
+    from tests.proxy.helpers import Backend
+
+    async def slow_status(stream: Any, info: Backend) -> None:
+        await stream.receive()  # the proxy's handshake and status request
+        await anyio.sleep(0.5)  # the client's next bytes arrive meanwhile
+        document = {"version": {"name": "x", "protocol": 765}, "description": "slow"}
+        await stream.send(minecraft.encode_status_response(json.dumps(document)))
+
+    async with backend(slow_status) as b:
+        servers = [server("mc", "mc.example.com", addresses=[b.address], status_cache_ttl=0)]
+        async with running_proxy(servers) as proxy:
+            async with await proxy.connect() as stream:
+                too_long = minecraft.encode_varint(200) + b"\x00" * 200  # over the 64-byte cap
+                await stream.send(handshake("mc.example.com", 1) + b"\x01\x00" + too_long)
+                with anyio.fail_after(5):
+                    await receive_all(stream)  # the answer, then closed
+            with anyio.fail_after(5):
+                while (await _state(proxy))[0]:
+                    await anyio.sleep(0.01)
+            assert (await _state(proxy))[3] == 0  # not an internal error
+            rejected = await proxy.ctx.reactor.run(lambda: dict(proxy.ctx.stats.rejected))
+            assert any("protocol error" in str(key) for key in rejected), rejected
