@@ -596,22 +596,26 @@ class ClientConnection:
     async def _await_hand_off(self, hand_off: Coroutine[Any, Any, None]) -> None:
         """``ProxyContext.hand_off`` until answered; one that failed (its socket closed
         on the way) ends this connection back on the reactor."""
+        internal = False
         try:
             await hand_off
         except HandoffFailed as exc:
             reason = str(exc)
         except Exception as exc:  # a bug: logged, and the connection still ends counted
             logger.opt(exception=exc).error("internal error handing a connection off")
-            reason = f"handoff failed: internal error: {exc!r}"
+            reason, internal = f"handoff failed: internal error: {exc!r}", True
         else:
             return
-        self.ctx.reactor.call_into(self, lambda: self._hand_off_failed(reason))
+        self.ctx.reactor.call_into(self, lambda: self._hand_off_failed(reason, internal))
 
-    def _hand_off_failed(self, reason: str) -> None:
+    def _hand_off_failed(self, reason: str, internal: bool = False) -> None:
         """The other worker never took this connection (``_hand_off``): accepted and
         counted here, it ends here, with its close line and in the stats (its socket
-        is closed already, the backend never dialed)."""
+        is closed already, the backend never dialed); a bug of ours on the way counts
+        as an internal error too."""
         self.reason = reason
+        if internal:
+            self.ctx.stats.internal_errors += 1
         self.ctx.unregister(self)
 
     def adopt(self, handed: HandedClient) -> None:

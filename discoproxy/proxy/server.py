@@ -342,7 +342,9 @@ class ProxyContext:
     @on_reactor
     def handed_off(self, conn: ClientConnection) -> None:
         """``conn`` went to another worker (``ClientConnection._hand_off``): it leaves
-        this data plane without being counted or logged closed (the other one does)."""
+        this data plane's sets without being counted or logged closed, which the other
+        worker does once it takes it; one it never takes comes back to be ended here
+        (``ClientConnection._hand_off_failed``)."""
         self.connections.discard(conn)
         if self._on_drained is not None and not self.connections:
             self._on_drained()

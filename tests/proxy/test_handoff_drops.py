@@ -193,6 +193,37 @@ async def test_a_hand_off_without_a_control_plane_ends_with_its_close_line() -> 
 
 
 @pytest.mark.anyio
+async def test_a_bug_while_handing_off_ends_the_connection_counted_as_an_internal_error() -> None:
+    lines: list[str] = []
+    settings: dict[str, Any] = {
+        "receive_proxy_protocol": True,
+        "trusted_proxies": ["127.0.0.0/8"],
+        "handshake_timeout": 30,
+    }
+    async with running_proxy(**settings) as proxy:
+
+        async def broken(worker: int, handed: Any, fd: int) -> None:
+            os.close(fd)  # sent on, as the real one's request does, then a bug
+            raise RuntimeError("injected hand-off bug")
+
+        def as_a_worker(ctx: ProxyContext) -> None:
+            ctx._access = AccessLog("text", lines.append)
+            ctx.steer = lambda ip: 1
+            ctx.hand_off = broken
+
+        await proxy.on_reactor(as_a_worker)
+        stream = await proxy.connect()
+        await stream.send(b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 25565\r\n" + HELLO)
+        with anyio.fail_after(5):
+            await until_closed(stream)
+        await proxy.wait_on_reactor(lambda ctx: lines)
+        (line,) = lines
+        assert "reason=handoff failed: internal error: RuntimeError" in line, line
+        assert await proxy.on_reactor(lambda ctx: ctx.stats.internal_errors) == 1
+        assert await proxy.connections() == []
+
+
+@pytest.mark.anyio
 async def test_adopt_bounds_what_it_was_handed_as_a_read_does() -> None:
     """A handed connection whose bytes after the header exceed MAX_PREFIX_BYTES with no
     routable handshake (a status request whose answer is pending, then more) is refused
