@@ -150,6 +150,80 @@ def fanout_cost(routes: int = 10_000, repeats: int = 5) -> dict[str, float]:
     return {key: statistics.median(values) for key, values in out.items()}
 
 
+_DRAIN = """
+import os, selectors, socket, sys
+want = int(sys.argv[1])
+sel = selectors.DefaultSelector()
+left = {}
+for fd in map(int, sys.argv[2:]):
+    sock = socket.socket(fileno=fd)
+    sel.register(sock, selectors.EVENT_READ)
+    left[sock] = want
+while left:
+    for key, _ in sel.select():
+        sock = key.fileobj
+        got = len(sock.recv(1 << 20))
+        left[sock] -= got
+        if left[sock] <= 0 or got == 0:
+            sel.unregister(sock)
+            del left[sock]
+"""
+
+
+def fanout_write_cost(workers: int, routes: int = 10_000, repeats: int = 3) -> dict[str, float]:
+    """The control plane's part of a swap that grows with N: writing the one encoded
+    message (a 10,000-route swap, one server changed) to each of ``workers`` channels
+    (``Channel.send_encoded``, in chunks, as ``WorkerSet`` does), read by another process
+    meanwhile. Median CPU seconds of this process for all the writes, and wall time."""
+    import asyncio
+    import subprocess
+    import sys
+
+    from bench.route_lookup import make_table
+    from discoproxy.proxy.channel import CHUNK, Channel, TableEncoder, one_way, socket_pair
+    from discoproxy.routing import build_table
+
+    table = make_table(routes)
+    servers = [route.server for route in table.routes]
+    changed = [servers[0].model_copy(update={"domains": ("changed.example.com",)}), *servers[1:]]
+    encoder = TableEncoder()
+    one_way("table", encoder.encode(table))  # every server sent once before
+    message = one_way("table", encoder.encode(build_table({"bench": changed})))
+    packets = -(-len(message) // CHUNK)
+    on_wire = len(message) + packets  # each packet's more/last byte
+
+    async def handler(kind: str, payload: object, fds: list[int]) -> None:
+        return None
+
+    async def write_all(channels: list[Channel]) -> tuple[float, float]:
+        cpu, wall = time.process_time(), time.perf_counter()
+        for channel in channels:
+            await channel.send_encoded(message)
+        return time.process_time() - cpu, time.perf_counter() - wall
+
+    cpu_s, wall_s = [], []
+    for _ in range(repeats):
+        pairs = [socket_pair() for _ in range(workers)]
+        drain = subprocess.Popen(
+            [sys.executable, "-c", _DRAIN, str(on_wire), *(str(t.fileno()) for _, t in pairs)],
+            pass_fds=[t.fileno() for _, t in pairs],
+        )
+        for _, theirs in pairs:
+            theirs.close()
+        channels = [Channel(ours, handler) for ours, _ in pairs]
+        cpu, wall = asyncio.run(write_all(channels))
+        drain.wait(timeout=60)
+        for ours, _ in pairs:
+            ours.close()
+        cpu_s.append(cpu)
+        wall_s.append(wall)
+    return {
+        "bytes": len(message),
+        "cpu": statistics.median(cpu_s),
+        "wall": statistics.median(wall_s),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench workers", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer connections and rounds")
@@ -175,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             backends_child.stop()
     report(results, rounds, connections, bulk_bytes)
+    print_fanout()
+    return 0
+
+
+def print_fanout() -> None:
     cost = fanout_cost()
     for name in ("first", "swap"):
         print(
@@ -182,7 +261,13 @@ def main(argv: list[str] | None = None) -> int:
             f"once in {cost[f'{name} encode'] * 1e3:.0f} ms on the control plane, decoded in "
             f"{cost[f'{name} decode'] * 1e3:.0f} ms by each worker (in parallel)"
         )
-    return 0
+    for workers in (2, 16, 64):
+        write = fanout_write_cost(workers)
+        print(
+            f"the swap ({write['bytes'] / 1e6:.2f} MB) written to {workers} workers: "
+            f"{write['cpu'] * 1e3:.0f} ms of the control plane's CPU "
+            f"({write['cpu'] / workers * 1e3:.2f} ms per worker), {write['wall'] * 1e3:.0f} ms"
+        )
 
 
 def measure(
