@@ -36,6 +36,7 @@ import bisect
 import dataclasses
 import math
 import random
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -115,11 +116,11 @@ class Backend:
         "checked_down",
         "failed_total",
         "failures",
+        "holders",
         "index",
         "last_check",
         "last_error",
         "load",
-        "newest",
         "owner",
         "players",
         "retry_at",
@@ -153,7 +154,8 @@ class Backend:
         # backend with the old pool; the old one's connections still count here), its
         # place there, and its least_connections load group there (active / weight)
         self.owner: Pool | None = None
-        self.newest: Pool | None = None  # the newest pool that holds it, any strategy
+        # every live pool that holds it (a transition recounts each: their kept orders)
+        self.holders: weakref.WeakSet[Pool] = weakref.WeakSet()
         self.index = 0
         self.load = 0.0
         self.base = 0.0  # what its load adds to active / weight (fewest_players: the check's)
@@ -192,6 +194,7 @@ class Pool:
     """One route's backends, balanced by ``strategy``."""
 
     __slots__ = (
+        "__weakref__",
         "_best",
         "_cum",
         "_cursor",
@@ -214,6 +217,7 @@ class Pool:
         "_weighted_up",
         "backends",
         "by_address",
+        "own_weights",
         "sticky",
         "sticky_ttl",
         "strategy",
@@ -242,6 +246,7 @@ class Pool:
             self.backends.append(backend)
             self.by_address[address] = backend
         weights = [b.weight for b in self.backends]
+        self.own_weights = tuple(weights)  # each backend's, as this pool set it
         self.weights = tuple(weight for _, _, weight in addresses_list)
         self._schedule = _schedule(weights) if any(weights) else ()
         total = 0
@@ -270,7 +275,7 @@ class Pool:
         least = strategy is Balance.LEAST_CONNECTIONS or strategy is Balance.FEWEST_PLAYERS
         for index, backend in enumerate(self.backends):
             backend.owner, backend.index = (self if least else None), index
-            backend.newest = self
+            backend.holders.add(self)
         self._levels: dict[float, dict[Backend, None]] = {}
         self._loads: list[float] = []
         # the pick while every backend is up (order's fast path), one per strategy
@@ -317,12 +322,13 @@ class Pool:
             self._rebuild_levels()
 
     def _transition(self, backend: Backend) -> None:
-        """``backend`` went up or down: this pool and the newest one holding it (whose
-        connections are the new ones) recount."""
+        """``backend`` went up or down: every live pool that holds it recounts (this one,
+        the newest, an old table's still used by its connections: a table swap shares
+        the backend), so no pool's kept orders hold a backend down or miss one up."""
         self._recount()
-        newest = backend.newest
-        if newest is not None and newest is not self:
-            newest._recount()
+        for pool in list(backend.holders):
+            if pool is not self:
+                pool._recount()
 
     def _next_probe(self) -> None:
         """When the first backend that failed dials (not checks) is due a probe."""
@@ -422,7 +428,14 @@ class Pool:
         first = self._pick(up, client_ip, now)
         rotation = self._some_rotations.get(first)
         if rotation is None:
-            start = self._some_at[first]
+            start = self._some_at.get(first)
+            if start is None:  # a pick from live state the kept orders lag (a backend's
+                self._recount()  # weight set by a newer pool): made again, then the first
+                up = self._up_some
+                if not up:
+                    return (probe.address,) if probe is not None else ()
+                first = first if first in self._some_at else up[0]
+                start = self._some_at[first]
             backends = self.backends
             rotation = tuple(backends[i].address for i in up[start:] + up[:start])
             rotation = self._some_rotations[first] = rotation[: self._limit]
@@ -683,6 +696,9 @@ class Pools:
         server = route.server
         if (
             pool is None
+            # a list that comes back after a newer one shared its backends and set their
+            # weights its way: a fresh pool sets them again
+            or any(b.weight != w for b, w in zip(pool.backends, pool.own_weights, strict=True))
             or pool.strategy is not server.balance
             or pool.weights != route.weights
             or pool.sticky_ttl != server.sticky_ttl
