@@ -122,12 +122,21 @@ class HealthChecker:
         """Follow the table: new backends get a first check soon, gone ones none."""
         now = time.monotonic()
         wanted: dict[Key, _Target] = {}
+        # a backend whose route's list changed (a replica came or went) is a new target
+        # that keeps its results: the pools share its Backend, and its state with it
+        known = {(key[0], key[2]): target for key, target in self._targets.items()}
         for route, check in _checked_routes(table):
             for address in dict.fromkeys(route.addresses):
                 key = (route.qualified_id, route.addresses, address)
                 target = self._targets.get(key)
                 if target is None:
+                    before = known.get((route.qualified_id, address))
                     target = _Target(route, address, check)
+                    if before is not None:
+                        target.last_ok, target.streak = before.last_ok, before.streak
+                        target.down, target.downed_by = before.down, before.downed_by
+                        target.reported, target.detail = before.reported, before.detail
+                        target.rtt, target.players = before.rtt, before.players
                     heapq.heappush(self._heap, (now + _spread(key, check.interval), key))
                 else:
                     target.route, target.check = route, check
@@ -269,7 +278,7 @@ class HealthChecker:
         for t in self._targets.values():
             if not t.detail:  # not checked since it became a target
                 continue
-            if t.down and t.last_ok:
+            if t.down:  # passing again or failing anew, short of rise: still down
                 verdict = (t.route, t.address, t.check, False, t.check.fall, t.downed_by)
                 verdicts.append((*verdict, None, None))
             rtt, players = (t.rtt, t.players) if t.last_ok else (None, None)
