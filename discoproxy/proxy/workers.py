@@ -155,14 +155,20 @@ class _Worker:
 
 
 def open_group(
-    make: Callable[[], socket.socket], address: tuple[str, int], count: int, listen: bool
+    make: Callable[[], socket.socket],
+    address: tuple[str, int],
+    count: int,
+    listen: bool,
+    exclusive: bool = False,
 ) -> list[socket.socket]:
     """``count`` sockets from ``make`` bound to ``address`` as one SO_REUSEPORT group
-    (a port 0 becomes the port the first one got), steered by client IP. A port some
-    other socket holds is refused (EADDRINUSE) as one process's plain bind is, even
-    when that is another process's SO_REUSEPORT group (a second discoproxy with
-    workers), which the group's binds alone would join, silently sharing the port."""
-    if address[1]:
+    (a port 0 becomes the port the first one got), steered by client IP. ``exclusive``
+    (``bind`` listeners): a port some other socket holds is refused (EADDRINUSE) as one
+    process's plain bind is, even when that is another process's SO_REUSEPORT group (a
+    second discoproxy with workers), which the group's binds alone would join, silently
+    sharing the port. Port routes are not probed: a UDP one that comes back must join
+    the sockets its workers still serve their sessions on."""
+    if exclusive and address[1]:
         probe = make()  # without SO_REUSEPORT (nor, for UDP, SO_REUSEADDR): it must be free
         try:
             if probe.type == socket.SOCK_DGRAM:
@@ -268,7 +274,7 @@ class WorkerSet:
         ) -> list[socket.socket]:
             make = partial(listening_socket, family, type_, proto)
             address = (str(sockaddr[0]), int(sockaddr[1]))
-            return open_group(make, address, self.count, listen=True)
+            return open_group(make, address, self.count, listen=True, exclusive=True)
 
         # a takeover's groups for this bind, as the old process had them, or new ones
         opened = self.ctx.inherited.take("bind", bind) if self.ctx.inherited else None

@@ -747,7 +747,10 @@ def test_a_second_proxy_with_workers_is_refused_the_port_not_let_share_it(
             assert echoes(sock)
 
 
-def test_a_udp_group_is_refused_a_port_another_group_holds() -> None:
+def test_an_exclusive_udp_group_is_refused_a_port_another_group_holds() -> None:
+    """The probe clears SO_REUSEADDR for UDP, which alone would let it bind beside a
+    group that set it (a port route's sockets do); a port route's own group is not
+    exclusive: one that comes back joins the sockets its workers still serve on."""
     from discoproxy.proxy.workers import open_group
 
     def make() -> socket.socket:
@@ -758,7 +761,8 @@ def test_a_udp_group_is_refused_a_port_another_group_holds() -> None:
     held = open_group(make, ("127.0.0.1", 0), 2, listen=False)
     try:
         with pytest.raises(OSError) as taken:
-            open_group(make, ("127.0.0.1", held[0].getsockname()[1]), 2, listen=False)
+            address = ("127.0.0.1", held[0].getsockname()[1])
+            open_group(make, address, 2, listen=False, exclusive=True)
         assert taken.value.errno == errno.EADDRINUSE
     finally:
         for sock in held:
