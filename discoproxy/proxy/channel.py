@@ -83,13 +83,18 @@ async def wait_writable(sock: socket.socket) -> None:
 
 
 def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    """The file descriptors a ``recvmsg`` got by SCM_RIGHTS (the caller owns them)."""
+    """The file descriptors a ``recvmsg`` got by SCM_RIGHTS (the caller owns them), made
+    non-inheritable at once: recvmsg does not, and a worker spawned meanwhile would get
+    them (uvloop's spawn passes every inheritable fd on), keeping a handed client's
+    socket open for its whole life."""
     fds: list[int] = []
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             received = array.array("i")
             received.frombytes(data[: len(data) - len(data) % received.itemsize])
             fds.extend(received)
+    for fd in fds:
+        os.set_inheritable(fd, False)
     return fds
 
 
