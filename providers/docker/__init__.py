@@ -18,10 +18,11 @@ Rules for this package:
 - Every relevant event triggers a full resync and a complete snapshot, as Traefik's
   ``pkg/provider/docker`` does: no diffs, nothing to drift. Events are subscribed to
   *before* the first listing, so nothing that happens in between is lost.
-- The event thread also inspects the container of each container event and the loop
-  publishes at once (last listing + that inspection: still a complete snapshot), so a
-  route does not wait for a listing that a busy engine answers in hundreds of ms. The
-  inspection also outranks a listing that lags the event (see FRESH_OVERRIDE_S).
+- The event thread also inspects the container of each container event (and of each
+  network connect/disconnect) and the loop publishes at once (last listing + that
+  inspection: still a complete snapshot), so a route does not wait for a listing that a
+  busy engine answers in hundreds of ms. The inspection also outranks a listing that
+  lags the event (see FRESH_OVERRIDE_S).
 - The SDK's event stream ends silently when the engine stops (its iterator turns socket
   errors into ``StopIteration``); :meth:`DockerProvider.run` then raises and the
   supervisor retries with backoff. A reconnect is a full resync.
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
         inspection_target,
         is_relevant_event,
         merge_inspected,
+        network_event_container,
         own_id_from_cgroup,
         own_id_from_mountinfo,
         record_from_inspect,
@@ -108,6 +110,7 @@ _HOMES = {
     "inspection_target": "containers",
     "is_relevant_event": "containers",
     "merge_inspected": "containers",
+    "network_event_container": "containers",
     "own_id_from_cgroup": "containers",
     "own_id_from_mountinfo": "containers",
     "record_from_inspect": "containers",
@@ -145,6 +148,7 @@ __all__ = [
     "is_relevant_event",
     "labels_markdown",
     "merge_inspected",
+    "network_event_container",
     "own_id_from_cgroup",
     "own_id_from_mountinfo",
     "parse_bool",

@@ -32,7 +32,7 @@ from providers.docker.labels import (
     parse_group,
     unknown_label,
 )
-from providers.docker.settings import DockerSettings
+from providers.docker.settings import DEFAULT_LABEL_PREFIX, DockerSettings
 
 ContainerRecord = Mapping[str, object]
 # Container states an auto_start container is routed in, as sleeping (a login starts it).
@@ -190,7 +190,8 @@ def _backend(
         other = ctx.by_id.get(target) or ctx.by_name.get(target)
         if other is None:
             other = next((r for i, r in ctx.by_id.items() if i.startswith(target)), None)
-        if other is None:
+        # the listing holds stopped containers too: their network went with them
+        if other is None or other.get("State", "running") != "running":
             return LabelProblem(
                 name, None, f"uses the network of container {target}, which is not running"
             )
@@ -302,18 +303,27 @@ def servers_from_containers(
     held: dict[str, list[HeldBack]] = {}  # per pool: replicas its HEALTHCHECK holds back
     unready_members: dict[str, list[tuple[ContainerRecord, ServerDefinition]]] = {}
     for listed in containers:
+        state = listed.get("State", "running")
+        if state != "running" and state not in SLEEPING_STATES:
+            continue  # paused, restarting, dead: not routed, whatever its labels say
         # mc-router's labels read as ours (providers/docker/mc_router.py)
         translated, found = mc_router.translate(listed, container_name(listed), ctx.prefix)
-        problems += found
         if translated is None:
+            # a stopped container that would not sleep is not routed anyway: no report
+            if (
+                state == "running"
+                or _wants_auto_start(listed, ctx.prefix)
+                or mc_router.wants_auto_start(listed)
+            ):
+                problems += found
             continue
         record = translated
-        state = record.get("State", "running")
         sleeping = False
         if state != "running":
-            if state not in SLEEPING_STATES or not _wants_auto_start(record, ctx.prefix):
+            if not _wants_auto_start(record, ctx.prefix):
                 continue
             sleeping = True
+        problems += found
         # Docker's HEALTHCHECK says not yet, or no more: no new connections, but the
         # route stays (shown starting or down; status pings get the unreachable MOTD and
         # logins unreachable_message, not the unknown-domain answers, and a server
@@ -344,10 +354,22 @@ def servers_from_containers(
             pool = pool.model_copy(update={"held_back": tuple(held[group])})
         if not ready:  # every replica held back: the route stays, with nothing to dial
             pool = _held(pool, list(pool.held_back))
-        servers.append(pool)
         problems += found
         if pool.auto_start:
             members[group] = kept
+        # one id, one route (the registry's by_id, wakes, counters): a container named
+        # like a pool is left out, as the file provider leaves out a second file
+        for lone in [s for s in servers if s.id == group]:
+            servers.remove(lone)
+            problems.append(
+                LabelProblem(
+                    lone.id,
+                    None,
+                    f"has the name of pool {group} (replicas: {', '.join(kept)}): rename the "
+                    f"container, or give the pool another label {ctx.prefix}.group",
+                )
+            )
+        servers.append(pool)
     servers.sort(key=lambda s: s.id)
     return ContainerScan(tuple(servers), tuple(sorted(set(problems))), members)
 
@@ -463,13 +485,31 @@ def is_relevant_event(event: Mapping[str, object], prefix: str) -> bool:
     return any(key.startswith((dotted, mc_router.PREFIX)) for key in attributes)
 
 
+def is_labelled(record: ContainerRecord, prefix: str) -> bool:
+    """Does the container carry labels of ours (or mc-router's)?"""
+    dotted = prefix + "."
+    return any(
+        isinstance(key, str) and key.startswith((dotted, mc_router.PREFIX))
+        for key in as_mapping(record.get("Labels"))
+    )
+
+
 def inspection_target(event: Mapping[str, object]) -> str | None:
-    """The container to inspect after ``event``: that of a container event. Network
-    events are not followed by one: a network change alone never makes an inspection
-    outrank a listing (see :func:`same_state`), so the next listing shows it."""
+    """The container to inspect after ``event``: that of a container event (a network
+    event's is :func:`network_event_container`)."""
     if event.get("Type") != "container":
         return None
     return as_text(as_mapping(event.get("Actor")).get("ID")) or None
+
+
+def network_event_container(event: Mapping[str, object]) -> str | None:
+    """The container a network ``connect``/``disconnect`` event is about. It is inspected
+    too: dockerd sends these events before its container list shows the change (it
+    checkpoints the container after), and nothing else may follow them."""
+    if event.get("Type") != "network":
+        return None
+    attributes = as_mapping(as_mapping(event.get("Actor")).get("Attributes"))
+    return as_text(attributes.get("container")) or None
 
 
 def record_from_inspect(info: Mapping[str, object]) -> dict[str, object]:
@@ -518,16 +558,31 @@ def merge_inspected(
     return merged
 
 
-def same_state(listed: ContainerRecord | None, inspected: ContainerRecord | None) -> bool:
-    """Does the listing already show what the inspection saw? The listing holds running
-    and paused containers only: for it, a stopped container and a removed one look alike."""
+def routing_view(record: ContainerRecord | None, prefix: str) -> tuple[object, ...] | None:
+    """What of a container its routes follow: running or paused, with its name, health
+    and address on each network; sleeping (stopped, ``auto_start``) with its name; or
+    None: not routed in any form (stopped, or gone)."""
+    if record is None:
+        return None
+    state = record.get("State")
+    if state in ("running", "paused"):
+        networks = tuple(sorted(_networks(record).items()))
+        return state, container_name(record), health_of(record), networks
+    if state in SLEEPING_STATES and (
+        _wants_auto_start(record, prefix) or mc_router.wants_auto_start(record)
+    ):
+        return "sleeping", container_name(record)
+    return None
 
-    def seen(record: ContainerRecord | None) -> tuple[object, str, str | None] | None:
-        if record is None or record.get("State") not in ("running", "paused"):
-            return None
-        return record.get("State"), container_name(record), health_of(record)
 
-    return seen(listed) == seen(inspected)
+def same_state(
+    listed: ContainerRecord | None,
+    inspected: ContainerRecord | None,
+    prefix: str = DEFAULT_LABEL_PREFIX,
+) -> bool:
+    """Does the listing already show what the inspection saw, as far as routes go
+    (:func:`routing_view`)?"""
+    return routing_view(listed, prefix) == routing_view(inspected, prefix)
 
 
 def health_of(record: ContainerRecord) -> str | None:

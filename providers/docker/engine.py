@@ -24,8 +24,10 @@ from providers.docker.containers import (
     as_text,
     detect_own_container_id,
     inspection_target,
+    is_labelled,
     is_relevant_event,
     merge_inspected,
+    network_event_container,
     record_from_inspect,
     same_state,
     servers_from_containers,
@@ -41,10 +43,12 @@ AVAILABLE_TIMEOUT_S = 3
 # calls (resyncs are sequential). A private limiter keeps the long-lived thread from
 # holding a token of anyio's shared default limiter.
 WORKER_THREADS = 2
-# How long an inspection made for an event outranks the container list. The list is a
-# separate in-memory view that the engine updates after it announces some changes: right
-# after ``die`` or ``pause`` it still says "running" (5-60 ms on dockerd 20.10, measured).
-# Inspect waits for the container's lock, so it returns the settled state.
+# How long an inspection made for an event outranks the container list: a listing asked
+# for less than this after the inspection (or before it) does not replace it. The list is
+# a separate in-memory view that the engine updates after it announces some changes: right
+# after ``die`` or ``pause`` it still says "running" (5-60 ms on dockerd 20.10, measured),
+# after a network ``connect``/``disconnect`` it shows the old networks. Inspect waits for
+# the container's lock, so it returns the settled state.
 FRESH_OVERRIDE_S = 2.0
 
 # Container actions that can change what is routable. ``die`` covers crashes and kills,
@@ -157,6 +161,7 @@ class DockerProvider:
         # Touched only on the event loop's thread: the last full listing, and per
         # container the newest inspection made for an event, with its loop time.
         self._listing: list[ContainerRecord] | None = None
+        self._listed_at = -math.inf  # loop time the last listing was asked for
         # the last scan's auto_start pools → their replicas (start_server starts them all)
         self._members: Mapping[str, tuple[str, ...]] = {}
         self._fresh: dict[str, tuple[float, ContainerRecord | None]] = {}
@@ -208,6 +213,7 @@ class DockerProvider:
     async def run(self, publish: Publish) -> None:
         await self._detect_own_id()
         self._listing = None  # a new connection starts from a full listing
+        self._listed_at = -math.inf
         self._fresh.clear()
         client = await self._call(partial(self._connect, self.settings.api_timeout))
         # the event thread inspects with a client of its own (same API version, no call)
@@ -230,15 +236,20 @@ class DockerProvider:
         why: list[BaseException] = []
         following = True
 
-        def on_event(inspection: tuple[str, ContainerRecord | None] | None) -> None:
+        def on_event(inspection: tuple[str, ContainerRecord | None] | None, network: bool) -> None:
             """On the loop, for each relevant event: apply the event thread's inspection
-            at once, then ask for a full resync (one already pending covers this event)."""
+            at once, then ask for a full resync (one already pending covers this event).
+            A network event's inspection is published at once only when it moves routes:
+            every container's network events count, and a scan per event costs the loop
+            a whole listing's parse."""
             if not following:
                 return  # an abandoned event thread's last word
             if inspection is not None:
                 container_id, record = inspection
+                before = self._fresh.get(container_id)
                 self._fresh[container_id] = (anyio.current_time(), record)
-                if self._listing is not None:
+                moves = not network or self._moves_routes(container_id, before, record)
+                if self._listing is not None and moves:
                     self._publish(self._listing, publish, prune=False)
             with suppress(anyio.WouldBlock):
                 send.send_nowait(None)
@@ -277,27 +288,47 @@ class DockerProvider:
             + (f": {why[0]}" if why else "")
         )
 
+    def _moves_routes(
+        self,
+        container_id: str,
+        before: tuple[float, ContainerRecord | None] | None,
+        record: ContainerRecord | None,
+    ) -> bool:
+        """Can this inspection change the routes the last publish made? Not when the
+        container is not labelled, nor when the routes saw it so already (its previous
+        inspection, else the listing)."""
+        prefix = self.settings.label_prefix
+        if record is not None and not is_labelled(record, prefix):
+            return False
+        if before is not None:
+            previous = before[1]
+        else:
+            listing = self._listing or []
+            previous = next((r for r in listing if as_text(r.get("Id")) == container_id), None)
+        return not same_state(previous, record, prefix)
+
     def _pump_events(
         self,
         events: Iterable[Any],
         inspector: Any,
-        on_event: Callable[[tuple[str, ContainerRecord | None] | None], None],
+        on_event: Callable[[tuple[str, ContainerRecord | None] | None, bool], None],
     ) -> None:
         """Worker thread: read events until the stream ends or is closed. A labelled
-        container's event is followed by an inspection of it, here, so the route changes
-        without waiting for a full listing (which is slow on a busy engine)."""
+        container's event, and a network connect/disconnect, is followed by an inspection
+        of its container, here, so the route changes without waiting for a full listing
+        (which is slow on a busy engine, and lags these events)."""
         prefix = self.settings.label_prefix
         for event in events:
             if not isinstance(event, Mapping) or not is_relevant_event(event, prefix):
                 continue
-            container_id = inspection_target(event)
+            container_id = inspection_target(event) or network_event_container(event)
             inspection = None
             if container_id is not None:
                 # on failure, the full resync this event triggers will tell
                 with suppress(docker.errors.DockerException, OSError):
                     inspection = (container_id, _inspect(inspector, container_id))
             try:
-                anyio.from_thread.run_sync(on_event, inspection)
+                anyio.from_thread.run_sync(on_event, inspection, event.get("Type") == "network")
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
                 return  # the provider is gone (cancelled, or its loop closed)
 
@@ -353,7 +384,9 @@ class DockerProvider:
 
     async def resync(self, client: Any, publish: Publish) -> ContainerScan:
         """List containers once and publish the complete snapshot."""
+        listed_at = anyio.current_time()
         self._listing = await self._list(client)
+        self._listed_at = listed_at
         return self._publish(self._listing, publish, prune=True)
 
     async def _list(self, client: Any) -> list[ContainerRecord]:
@@ -364,13 +397,17 @@ class DockerProvider:
     def _publish(
         self, listing: list[ContainerRecord], publish: Publish, *, prune: bool
     ) -> ContainerScan:
-        """Publish ``listing`` as corrected by recent inspections. With ``prune`` (a new
-        listing), inspections it already shows, or too old to trust, are forgotten."""
-        now = anyio.current_time()
+        """Publish ``listing`` as corrected by inspections it may lag. With ``prune`` (a
+        new listing), inspections it already shows, or made long enough before it was
+        asked for, are forgotten. An inspection's age counts to the listing, not to now: a
+        listing older than an inspection never outranks it (an event's publish uses the
+        last listing, however long ago that was)."""
         by_id = {as_text(r.get("Id")): r for r in listing}
         overrides: dict[str, ContainerRecord | None] = {}
         for container_id, (seen_at, record) in list(self._fresh.items()):
-            if now - seen_at > FRESH_OVERRIDE_S or same_state(by_id.get(container_id), record):
+            if self._listed_at - seen_at > FRESH_OVERRIDE_S or same_state(
+                by_id.get(container_id), record, self.settings.label_prefix
+            ):
                 if prune:
                     del self._fresh[container_id]
                 continue

@@ -124,6 +124,13 @@ def translate(
     return {**record, "Labels": translated}, problems
 
 
+def wants_auto_start(record: Mapping[str, object]) -> bool:
+    """Does the container ask to be started by a login (``mc-router.auto-scale-up``)?"""
+    labels = record.get("Labels")
+    value = labels.get(PREFIX + "auto-scale-up") if isinstance(labels, Mapping) else None
+    return isinstance(value, str) and value.strip() in _TRUE
+
+
 def as_written(problems: list[LabelProblem], prefix: str) -> list[LabelProblem]:
     """Problems found in a translated container's labels, naming the mc-router label the
     container has instead of the discoproxy label it was read as."""
