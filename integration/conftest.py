@@ -12,6 +12,7 @@ from collections.abc import Generator, Iterator
 
 import docker
 import pytest
+from loguru import logger
 
 from integration.docker_support import (
     DockerResources,
@@ -67,3 +68,12 @@ def resources(engine: docker.DockerClient) -> Iterator[DockerResources]:
     """Containers and networks under one unique prefix, removed after the test."""
     with docker_resources(engine) as created:
         yield created
+
+
+@pytest.fixture
+def logs() -> Iterator[list[str]]:
+    """What loguru logs in this process while the test runs, one message per line."""
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message).rstrip("\n")), format="{message}")
+    yield lines
+    logger.remove(sink)

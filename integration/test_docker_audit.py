@@ -13,11 +13,8 @@ did something).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import anyio
 import pytest
-from loguru import logger
 
 from integration.docker_support import BACKEND_SCRIPT, HOST_MOUNTS, IMAGE, PYTHON, DockerResources
 from integration.test_docker_provider import docker_proxy, wait_for_log
@@ -34,14 +31,6 @@ import os, signal, time
 signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 time.sleep(600)
 """
-
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda message: lines.append(str(message).rstrip("\n")), format="{message}")
-    yield lines
-    logger.remove(sink)
 
 
 async def test_network_connect_and_disconnect_reroute_at_once(

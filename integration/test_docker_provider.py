@@ -10,7 +10,7 @@ The dockerd restart test restarts the engine itself, so it runs last in this mod
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,7 +19,6 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import SocketStream
-from loguru import logger
 
 from discoproxy.config import ProxyConfig
 from discoproxy.routing import Registry, RoutingTable
@@ -44,14 +43,6 @@ BACKEND_READY_S = 10.0
 REPLY_TIMEOUT_S = 5.0
 # After a dockerd restart: engine up, containers restarted, provider's backoff elapsed.
 ENGINE_BACK_WITHIN_S = 60.0
-
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda message: lines.append(str(message).rstrip("\n")), format="{message}")
-    yield lines
-    logger.remove(sink)
 
 
 @dataclass
