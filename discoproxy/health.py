@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import heapq
 import os
@@ -131,12 +132,11 @@ class HealthChecker:
                 target = self._targets.get(key)
                 if target is None:
                     before = known.get((route.qualified_id, address))
-                    target = _Target(route, address, check)
-                    if before is not None:
-                        target.last_ok, target.streak = before.last_ok, before.streak
-                        target.down, target.downed_by = before.down, before.downed_by
-                        target.reported, target.detail = before.reported, before.detail
-                        target.rtt, target.players = before.rtt, before.players
+                    target = (
+                        _Target(route, address, check)
+                        if before is None
+                        else dataclasses.replace(before, route=route, check=check, running=False)
+                    )
                     heapq.heappush(self._heap, (now + _spread(key, check.interval), key))
                 else:
                     target.route, target.check = route, check

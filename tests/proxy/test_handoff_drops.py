@@ -154,6 +154,14 @@ def test_a_connection_queued_for_a_worker_that_dies_ends_with_its_close_line(
         assert metric(proxy, f'discoproxy_connections_total{{route="{UNROUTED}"}}') == 1
 
 
+# a proxy behind a trusted PROXY-protocol balancer on loopback, with time to spare
+BEHIND_A_BALANCER: dict[str, Any] = {
+    "receive_proxy_protocol": True,
+    "trusted_proxies": ["127.0.0.0/8"],
+    "handshake_timeout": 30,
+}
+
+
 @pytest.mark.anyio
 async def test_a_hand_off_without_a_control_plane_ends_with_its_close_line() -> None:
     """The control plane is gone when a worker hands a connection off (its channel's
@@ -162,12 +170,7 @@ async def test_a_hand_off_without_a_control_plane_ends_with_its_close_line() -> 
     theirs.close()  # the control plane's end: gone
     worker = Worker(ours)
     lines: list[str] = []
-    settings: dict[str, Any] = {
-        "receive_proxy_protocol": True,
-        "trusted_proxies": ["127.0.0.0/8"],
-        "handshake_timeout": 30,
-    }
-    async with running_proxy(**settings) as proxy:
+    async with running_proxy(**BEHIND_A_BALANCER) as proxy:
 
         def as_a_worker(ctx: ProxyContext) -> None:
             ctx._access = AccessLog("text", lines.append)
@@ -195,12 +198,7 @@ async def test_a_hand_off_without_a_control_plane_ends_with_its_close_line() -> 
 @pytest.mark.anyio
 async def test_a_bug_while_handing_off_ends_the_connection_counted_as_an_internal_error() -> None:
     lines: list[str] = []
-    settings: dict[str, Any] = {
-        "receive_proxy_protocol": True,
-        "trusted_proxies": ["127.0.0.0/8"],
-        "handshake_timeout": 30,
-    }
-    async with running_proxy(**settings) as proxy:
+    async with running_proxy(**BEHIND_A_BALANCER) as proxy:
 
         async def broken(worker: int, handed: Any, fd: int) -> None:
             os.close(fd)  # sent on, as the real one's request does, then a bug
