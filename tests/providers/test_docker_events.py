@@ -221,3 +221,50 @@ async def test_load_once_raises_when_no_engine_answers() -> None:
     provider = DockerProvider("docker", settings, ProxyConfig())
     with anyio.fail_after(WITHIN_S), pytest.raises(EngineUnavailable):
         await provider.load_once()
+
+
+async def test_a_burst_of_starts_is_published_together_not_parsed_once_per_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each publish parses every container: one per event made a burst of N starts cost
+    N whole-listing parses (O(N²); 300 at once kept the loop busy 4.5 s). Publishes get
+    a bounded share of the loop (``PUBLISH_SHARE``), the events in between go together."""
+    import providers.docker.engine as engine_module
+
+    parses = 0
+    real = engine_module.servers_from_containers
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal parses
+        parses += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "servers_from_containers", counted)
+    count = 300
+    engine = ScriptedEngine()
+    async with running(engine) as published:
+        first = parses
+        for i in range(count):
+            engine.truth[f"c{i}"] = inspection(f"c{i}", f"mc{i}", "running", f"mc{i}.example.com")
+            engine.announce("start", f"c{i}")  # the listing has not caught up yet
+        await published.wait(lambda ids: len(ids) == count)
+        burst = parses - first
+    assert burst <= count // 3, f"{burst} parses for {count} events"
+
+
+async def test_a_lone_event_after_a_burst_is_still_published_at_once() -> None:
+    """The window after a publish is short (a few times its cost): a container that starts
+    once the burst is over is routed by its own event's publish, not the next resync's."""
+    engine = ScriptedEngine()
+    async with running(engine) as published:
+        for i in range(50):
+            engine.truth[f"c{i}"] = inspection(f"c{i}", f"mc{i}", "running", f"mc{i}.example.com")
+            engine.announce("start", f"c{i}")
+        await published.wait(lambda ids: len(ids) == 50)
+        await anyio.sleep(0.2)  # quiet: every window has passed
+        engine.containers = lambda all=False: (_ for _ in ()).throw(  # type: ignore[method-assign]
+            AssertionError("no resync may run before the event's publish")
+        )
+        engine.truth["late"] = inspection("late", "late", "running", "late.example.com")
+        engine.announce("start", "late")
+        await published.wait(lambda ids: "late" in ids)
