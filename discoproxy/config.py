@@ -85,7 +85,7 @@ class GlobalMotds(BaseModel):
     """What the server list shows when discoproxy answers for a server itself. ``{domain}``
     is the name the player used, ``{server}`` the server's display name (or id)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     unknown_domain: Motd = Field(
         default=Motd(version_name="discoproxy", protocol_version=-1),
@@ -134,7 +134,7 @@ class WebhookSettings(BaseModel):
     """One receiver of events: each is POSTed to ``url`` as JSON, in order, off the data
     plane (a bounded queue; retries with backoff; dropped and counted when it stays down)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     url: str = Field(description="http:// or https:// address the events are POSTed to.")
     events: tuple[str, ...] = Field(
@@ -193,7 +193,7 @@ class WebhookSettings(BaseModel):
 class AdminSettings(BaseModel):
     """The admin listener: Prometheus ``/metrics``, the JSON API and the dashboard."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     listen: str = Field(
         default="127.0.0.1:8404",
@@ -236,7 +236,7 @@ class RateLimitSettings(BaseModel):
     """New connections per client IP per ``window`` (GCRA: a burst of the full budget,
     then one every window/count); 0 turns a budget off."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     connections: int = Field(
         default=0, ge=0, description="Logins and every other connection, per IP per window."
@@ -250,7 +250,7 @@ class RateLimitSettings(BaseModel):
 class ProxyConfig(BaseModel):
     """The global configuration (``discoproxy.toml``). Durations are in seconds."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     bind: tuple[str, ...] = Field(
         default=(f"0.0.0.0:{DEFAULT_PORT}",),

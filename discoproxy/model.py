@@ -24,6 +24,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from discoproxy.motd import MAX_PLAYER_COUNT
 from discoproxy.motd import Motd as Motd  # part of the vocabulary: ServerMotds holds it
 
 DEFAULT_BACKEND_PORT = 25565
@@ -77,7 +78,7 @@ class HealthCheck(BaseModel):
     interval; a backend goes down after ``fall`` failed checks in a row and up again
     after ``rise`` passed ones."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     type: CheckKind = Field(
         description="tcp, minecraft, tls or http. A minecraft check's status answer "
@@ -147,7 +148,7 @@ def _parse_port(text: str, original: str) -> int:
 class HeldBack(BaseModel):
     """A replica a provider keeps out of the pool for now, and why (the API shows it)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     address: str  # host:port, as the replica would be dialed
     health: str  # the Docker HEALTHCHECK status: "starting" or "unhealthy"
@@ -160,7 +161,7 @@ PROVIDER_SET_FIELDS = ("sleeping", "held_back")
 class BackendAddress(BaseModel):
     """One backend endpoint: ``host[:port]``, ``[v6]:port`` or a bare IPv6 literal."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     host: str
     port: int = DEFAULT_BACKEND_PORT
@@ -243,7 +244,7 @@ class PortMapping(BaseModel):
     """Ports discoproxy listens on for a server and the backend ports they map to:
     ``"25575/tcp"``, ``"9000-9010:8000-8010/tcp"``, ``"19132/udp"``."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     protocol: str  # "tcp" or "udp"
     listen: int  # first port listened on
@@ -325,7 +326,7 @@ class IpFilterSettings(BaseModel):
     """Who may connect, by real client address: ``deny`` refuses, and a non-empty
     ``allow`` refuses everything outside it (deny wins)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
         default=(), description="CIDRs or addresses allowed; empty: everyone not denied."
@@ -390,7 +391,7 @@ class PlayerList(BaseModel):
     """Players by username (any case) or UUID (with or without dashes; the offline-mode
     UUID of a name is what a login is matched by)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     names: frozenset[str] = frozenset()  # lower-cased
     uuids: frozenset[uuid.UUID] = frozenset()
@@ -436,7 +437,7 @@ class PlayerLists(BaseModel):
     """Who may log in, by username: ``deny`` refuses, and a non-empty ``allow`` refuses
     every player not on it (deny wins), as ``ip_filter`` does for addresses."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     allow: PlayerList = Field(
         default_factory=PlayerList,
@@ -457,7 +458,7 @@ class PlayerLists(BaseModel):
 class WakeSettings(BaseModel):
     """Who may start a sleeping server (``auto_start``) by logging in."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     allow: PlayerList = Field(
         default_factory=PlayerList,
@@ -471,7 +472,7 @@ class TlsSettings(BaseModel):
     certificate (chosen by SNI: the server's domains) and forwards plaintext, or TLS
     again with ``backend_tls``. Paths are read inside discoproxy's container."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     cert: Path = Field(description="PEM certificate chain (leaf first).")
     key: Path = Field(description="PEM private key of the certificate.")
@@ -492,7 +493,7 @@ class ServerMotds(BaseModel):
     """Per-state overrides of what the server list shows; unset fields fall back to the
     global ``[motds.<state>]`` of the config."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     online: Motd | None = Field(
         default=None,
@@ -519,6 +520,7 @@ class ServerDefinition(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,
         alias_generator=to_camel,
         populate_by_name=True,
     )
@@ -571,7 +573,7 @@ class ServerDefinition(BaseModel):
         description="Catch-all: receives every connection whose name matches no server.",
     )
     name: str | None = Field(
-        default=None, description="Display name used in logs and player messages."
+        default=None, max_length=200, description="Display name used in logs and player messages."
     )
     status_cache_ttl: float | None = Field(
         default=None,
@@ -643,6 +645,7 @@ class ServerDefinition(BaseModel):
     max_players: int = Field(
         default=0,
         ge=0,
+        le=MAX_PLAYER_COUNT,
         description="Players logged in at once through this proxy; a login past it reads "
         "`server_full_message`. 0: no limit. Also the server list's maximum unless "
         "motds.online sets one.",

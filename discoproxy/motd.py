@@ -103,12 +103,16 @@ _FORMAT_ARG = re.compile(r"%(?:([0-9]+)\$)?([sd%])")
 _MAX_ARG_INDEX_DIGITS = 9
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
+# A player count's largest value: a Java int, which is what Minecraft clients read the
+# status answer's "online" and "max" into (a larger one breaks their server list).
+MAX_PLAYER_COUNT = 2**31 - 1
+
 
 class Motd(BaseModel):
     """What one server-list entry shows. Every field left unset keeps the backend's value
     (or the default when discoproxy answers by itself)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     text: str | None = Field(
         default=None,
@@ -129,10 +133,16 @@ class Motd(BaseModel):
         ),
     )
     max_players: int | None = Field(
-        default=None, ge=0, description='The "max" of the "online/max" player count.'
+        default=None,
+        ge=0,
+        le=MAX_PLAYER_COUNT,
+        description='The "max" of the "online/max" player count.',
     )
     online_players: int | None = Field(
-        default=None, ge=0, description='The "online" of the "online/max" player count.'
+        default=None,
+        ge=0,
+        le=MAX_PLAYER_COUNT,
+        description='The "online" of the "online/max" player count.',
     )
     protocol_version: int | None = Field(
         default=None,

@@ -80,7 +80,7 @@ class Enabled(enum.StrEnum):
 class ProviderSettings(BaseModel):
     """Base of every provider's ``[providers.<name>]`` table; unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: Enabled = Enabled.AUTO
 

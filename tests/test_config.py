@@ -125,6 +125,16 @@ def test_negative_timeout_is_rejected(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_an_infinite_or_nan_number_is_refused_not_taken_as_no_limit(
+    tmp_path: Path, value: str
+) -> None:
+    # TOML has inf and nan: a handshake_timeout of inf would switch the slowloris guard off
+    path = write(tmp_path, "c.toml", f"handshake_timeout = {value}\n")
+    with pytest.raises(ConfigError, match=r"c.toml:1: handshake_timeout: Input should be a finite"):
+        load_config(path)
+
+
 def test_invalid_toml_says_where(tmp_path: Path) -> None:
     path = write(tmp_path, "c.toml", "bind = [\n")
     with pytest.raises(ConfigError, match="invalid TOML"):

@@ -207,3 +207,20 @@ def test_a_server_files_durations_take_the_forms_the_labels_take() -> None:
         ServerDefinition.model_validate(
             {"id": "x", "domains": ["x.example.com"], "addresses": ["a"], "sticky_ttl": "soon"}
         )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("sticky_ttl", float("inf"), "Input should be a finite number"),
+        ("auto_stop_after", float("nan"), "Input should be a finite number"),
+        ("max_players", 2**31, "Input should be less than or equal to 2147483647"),
+    ],
+)
+def test_a_server_file_value_out_of_any_sane_range_is_refused(
+    field: str, value: float, message: str
+) -> None:
+    # a TOML server file can write inf and nan; a status answer's "max" is a Java int
+    base = {"id": "mc", "domains": ["mc.example.com"], "addresses": ["10.0.0.5:25565"]}
+    with pytest.raises(ValidationError, match=message):
+        ServerDefinition.model_validate({**base, field: value})

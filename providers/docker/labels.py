@@ -60,9 +60,14 @@ def parse_seconds(text: str) -> float:
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
+# Digits a whole-number label may have: more is out of every field's range anyway (and
+# past 4,300 Python's int() refuses with a message about itself, not the label).
+MAX_INT_DIGITS = 18
+
+
 def parse_int(text: str) -> int:
     value = text.strip()
-    if value.isascii() and value.isdigit():
+    if value.isascii() and value.isdigit() and len(value) <= MAX_INT_DIGITS:
         return int(value)
     raise ValueError(f"expected a whole number >= 0, got {text!r}")
 
@@ -84,6 +89,14 @@ def parse_weight(text: str) -> int:
     value = parse_int(text)
     if value > MAX_WEIGHT:
         raise ValueError(f"invalid weight {text!r}; expected an integer from 0 to {MAX_WEIGHT}")
+    return value
+
+
+def parse_path(text: str) -> str:
+    """A file path, trimmed (a label's stray space is never part of a file's name)."""
+    value = text.strip()
+    if not value:
+        raise ValueError("expected a file path, got ''")
     return value
 
 
@@ -126,8 +139,8 @@ _MOTD_FIELDS: tuple[tuple[str, str, str, str, Callable[[str], object]], ...] = (
         lambda text: text.replace("\\n", "\n"),
     ),
     ("version_name", "string", "`Paper 1.21`", "any text", parse_text),
-    ("max_players", "integer", "`100`", "0 or more", parse_int),
-    ("online_players", "integer", "`0`", "0 or more", parse_int),
+    ("max_players", "integer", "`100`", "0 to 2147483647", parse_int),
+    ("online_players", "integer", "`0`", "0 to 2147483647", parse_int),
     (
         "favicon",
         "string",
@@ -362,7 +375,7 @@ LABELS: tuple[LabelSpec, ...] = (
         type="int",
         default="`0` (no limit)",
         example="`20`",
-        accepted="a whole number >= 0",
+        accepted="a whole number from 0 to 2147483647",
         maps_to="`max_players`",
         description=_field_doc("max_players"),
         parse=parse_int,
@@ -377,7 +390,7 @@ LABELS: tuple[LabelSpec, ...] = (
         maps_to="`tls.cert`",
         description="Terminate TLS for this container with this certificate chain (with "
         "`tls.key`); TLS passes through untouched without it.",
-        parse=lambda text: text,
+        parse=parse_path,
         field="tls.cert",
     ),
     LabelSpec(
@@ -388,7 +401,7 @@ LABELS: tuple[LabelSpec, ...] = (
         accepted="a PEM file inside discoproxy's container",
         maps_to="`tls.key`",
         description="The private key of `tls.cert`.",
-        parse=lambda text: text,
+        parse=parse_path,
         field="tls.key",
     ),
     LabelSpec(
@@ -421,7 +434,7 @@ LABELS: tuple[LabelSpec, ...] = (
         accepted="a PEM file inside discoproxy's container",
         maps_to="`tls.backend_ca`",
         description="With `tls.backend_tls`: CA bundle to verify the container's certificate.",
-        parse=lambda text: text,
+        parse=parse_path,
         field="tls.backend_ca",
     ),
     LabelSpec(
@@ -579,6 +592,11 @@ def nest(values: Mapping[str, object]) -> dict[str, object]:
     return nested
 
 
+# A problem's message longer than this keeps its first and last PROBLEM_KEPT_CHARS.
+MAX_PROBLEM_CHARS = 500
+PROBLEM_KEPT_CHARS = 200
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class LabelProblem:
     """Why a container is not routed (``dropped``), or a warning about its labels."""
@@ -588,6 +606,17 @@ class LabelProblem:
     message: str
     dropped: bool = True
     kind: str = "container"  # or "service" (the Swarm provider)
+
+    def __post_init__(self) -> None:
+        # a message echoes the value: a label of kilobytes keeps its start and the
+        # reason's end, not a log line of kilobytes
+        if len(self.message) > MAX_PROBLEM_CHARS:
+            cut = len(self.message) - 2 * PROBLEM_KEPT_CHARS
+            shown = (
+                f"{self.message[:PROBLEM_KEPT_CHARS]} … ({cut} characters left out) … "
+                f"{self.message[-PROBLEM_KEPT_CHARS:]}"
+            )
+            object.__setattr__(self, "message", shown)
 
     def __str__(self) -> str:
         # container-level messages read as a sentence: "container mc-1 is on networks …"

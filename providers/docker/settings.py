@@ -48,7 +48,7 @@ class EngineSettings(BaseModel):
     """One engine of ``[[providers.docker.engines]]``: its own endpoint and TLS, and the
     settings it overrides; its routes are those of provider ``docker.<name>``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(description="Short name: routes are `<id>@docker.<name>`.")
     endpoint: str

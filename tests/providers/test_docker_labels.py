@@ -194,6 +194,15 @@ BAD_LABELS = [
     pytest.param(
         "docker_network", " ", "expected a Docker network name, got ''", id="network-empty"
     ),
+    pytest.param("max_players", "2147483648",
+                 "Input should be less than or equal to 2147483647", id="players-past-java-int"),
+    pytest.param("motds.online.online_players", "9" * 18,
+                 "Input should be less than or equal to 2147483647", id="motd-players-huge"),
+    pytest.param("weight", "9" * 5000, "expected a whole number >= 0, got '9999",
+                 id="int-of-5000-digits"),  # not Python's "Exceeds the limit (4300 digits)"
+    pytest.param("sticky_ttl", "9" * 400, "Input should be a finite number", id="duration-inf"),
+    pytest.param("tls.cert", "  ", "expected a file path, got ''", id="tls-path-blank"),
+    pytest.param("name", "n" * 201, "String should have at most 200 characters", id="name-long"),
 ]  # fmt: skip
 
 
@@ -204,6 +213,26 @@ def test_a_bad_label_drops_the_container_naming_label_and_value(
     labels = {"infrarust.domains": "mc.example.com", f"infrarust.{label}": value}
     problem = problem_of(container("mc-1", labels))
     assert problem.startswith(f"container mc-1, label infrarust.{label}: {message}")
+
+
+def test_a_huge_bad_label_is_reported_with_its_start_and_the_reason_not_whole() -> None:
+    labels = {"infrarust.domains": "mc.example.com", "infrarust.group": "bad " + "x" * 5000}
+    problem = problem_of(container("mc-1", labels))
+    assert len(problem) < 600
+    assert problem.startswith("container mc-1, label infrarust.group: invalid group 'bad xxx")
+    assert "characters left out" in problem
+    assert problem.endswith("(at most 200, starting with a letter or digit), e.g. 'survival'")
+
+
+def test_tls_paths_are_trimmed() -> None:
+    labels = {
+        "infrarust.domains": "mc.example.com",
+        "infrarust.tls.cert": " /certs/mc.pem ",
+        "infrarust.tls.key": "/certs/mc.key\n",
+    }
+    tls = one(container("mc-1", labels)).tls
+    assert tls is not None
+    assert (str(tls.cert), str(tls.key)) == ("/certs/mc.pem", "/certs/mc.key")
 
 
 def test_a_bad_label_drops_only_that_container() -> None:
