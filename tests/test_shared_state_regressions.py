@@ -361,3 +361,87 @@ async def test_a_socket_received_over_a_channel_is_not_inherited_by_a_worker_spa
         receiver.close()
         await asyncio.wait(tasks, timeout=1)
     assert got == [False]
+
+
+# -- 5. a port route's port another process holds ---------------------------------------------
+
+_HOLD = """
+import socket, sys, time
+kind = socket.SOCK_DGRAM if sys.argv[1] == "udp" else socket.SOCK_STREAM
+sock = socket.socket(socket.AF_INET, kind)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+sock.bind(("127.0.0.1", int(sys.argv[2])))
+if kind == socket.SOCK_STREAM:
+    sock.listen(8)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("protocol", ["udp", "tcp"])
+def test_a_port_another_process_holds_is_refused_though_our_binds_would_share_it(
+    protocol: str,
+) -> None:
+    """A UDP socket binds beside another's with SO_REUSEADDR, and a worker group's with
+    SO_REUSEPORT joins another process's group: a second discoproxy (an old container
+    on the host network, say) shared a port route's traffic with the first, silently.
+    Our own sockets on the port (a retired UDP listener, a worker's copy) are let be."""
+    import subprocess
+    import sys
+
+    from discoproxy.config import ProxyConfig
+    from discoproxy.proxy.ports import claim_port, port_socket
+    from discoproxy.proxy.workers import open_group
+
+    config = ProxyConfig.model_validate({"port_routes_bind": "127.0.0.1"})
+    kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
+    port = _free_port(kind)
+    key = (protocol, port)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, protocol, str(port)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(OSError, match="held by another process"):
+            claim_port(config, key, [os.getpid()])
+        claim_port(config, key, [os.getpid(), holder.pid])  # were it ours: let be
+    finally:
+        holder.kill()
+        holder.wait()
+    ours = open_group(lambda: port_socket(config, key), ("127.0.0.1", port), 2, protocol == "tcp")
+    try:
+        claim_port(config, key, [os.getpid()])  # our own group on it: not another's
+    finally:
+        for sock in ours:
+            sock.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_udp_port_route_on_a_port_another_process_holds_is_not_served_and_says_why(
+    tmp_path: Path, workers: int
+) -> None:
+    import subprocess
+    import sys
+
+    port = _free_port(socket.SOCK_DGRAM)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, "udp", str(port)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        route = f'addresses = ["127.0.0.1"]\nports = ["{port}:9/udp"]\n'
+        config = f'workers = {workers}\nport_routes_bind = "127.0.0.1"\n'
+        with running_proxy(tmp_path, {"udp.toml": route}, config) as proxy:
+            proxy.wait_for_line(
+                rf"cannot listen on {port}/udp for udp@file: held by another process", timeout=10
+            )
+    finally:
+        holder.kill()
+        holder.wait()

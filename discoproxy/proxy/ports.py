@@ -40,7 +40,7 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from select import EPOLLIN
 from typing import TYPE_CHECKING
@@ -586,6 +586,66 @@ def port_socket(config: ProxyConfig, key: PortKey) -> socket.socket:
     return sock
 
 
+_TCP_LISTEN = "0A"  # a /proc/net/tcp state
+
+
+def claim_port(config: ProxyConfig, key: PortKey, ours: Iterable[int]) -> None:
+    """Refuse (EADDRINUSE) a port route's port that another process holds, before our
+    socket binds it: a UDP socket (SO_REUSEADDR) and a worker group's (SO_REUSEPORT)
+    would bind beside another discoproxy's and silently share its traffic, as a plain
+    bind never does. A probe binds without either; when the port is taken, the sockets
+    on it are looked up (``/proc/net``) and only those of processes ``ours`` (this one,
+    its workers: a retired UDP listener with sessions, a worker's copy not closed yet)
+    are let be."""
+    host = config.port_routes_bind
+    probe = port_socket(config, key)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        probe.bind((host, key[1]))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        if _foreign_sockets(key, ours):
+            raise OSError(errno.EADDRINUSE, "held by another process") from None
+    finally:
+        probe.close()
+
+
+def _foreign_sockets(key: PortKey, ours: Iterable[int]) -> set[int]:
+    """Inodes of the sockets bound to ``key``'s port (TCP: listening) that none of the
+    processes ``ours`` holds (their fds, ``/proc/PID/fd``)."""
+    protocol, port = key
+    inodes: set[int] = set()
+    for name in (protocol, protocol + "6"):
+        try:
+            with open(f"/proc/net/{name}") as table:
+                next(table, None)  # the header
+                for line in table:
+                    fields = line.split()
+                    if int(fields[1].rpartition(":")[2], 16) != port:
+                        continue
+                    if protocol == "tcp" and fields[3] != _TCP_LISTEN:
+                        continue
+                    inodes.add(int(fields[9]))
+        except (OSError, IndexError, ValueError):
+            continue  # no IPv6, or a line of another shape: judged on the rest
+    for pid in ours:
+        if not inodes:
+            break
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # it ended
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.discard(int(link[8:-1]))
+    return inodes
+
+
 @owned_by(LOOP)
 class PortListeners:
     """Keeps one listener per (protocol, port) of the routing table; asyncio side."""
@@ -683,6 +743,8 @@ class PortListeners:
             if sock is None:  # the control plane could not bind it, and said so
                 raise OSError(errno.EADDRNOTAVAIL, "not opened by the control plane")
             return sock
+        if key[0] == "udp" and not again:  # a TCP bind is exclusive by itself
+            claim_port(self.ctx.config, key, (os.getpid(),))
         sock = port_socket(self.ctx.config, key)
         try:
             sock.bind((self.ctx.config.port_routes_bind, key[1]))

@@ -166,8 +166,8 @@ def open_group(
     (``bind`` listeners): a port some other socket holds is refused (EADDRINUSE) as one
     process's plain bind is, even when that is another process's SO_REUSEPORT group (a
     second discoproxy with workers), which the group's binds alone would join, silently
-    sharing the port. Port routes are not probed: a UDP one that comes back must join
-    the sockets its workers still serve their sessions on."""
+    sharing the port. Port routes are probed before (``ports.claim_port``), where a UDP
+    one that comes back must join the sockets its workers still serve sessions on."""
     if exclusive and address[1]:
         probe = make()  # without SO_REUSEPORT (nor, for UDP, SO_REUSEADDR): it must be free
         try:
@@ -375,16 +375,23 @@ class WorkerSet:
             del self._port_failed[key]
 
     def _open_port(self, key: PortKey) -> list[socket.socket]:
-        from discoproxy.proxy.ports import port_socket
+        from discoproxy.proxy.ports import claim_port, port_socket
 
         host = self.ctx.config.port_routes_bind
         taken = self.ctx.inherited
         handed = taken.take("port", port_name(key, host)) if taken is not None else None
         if handed is not None:
             return handed[0]
+        claim_port(self.ctx.config, key, self._pids())
         return open_group(
             lambda: port_socket(self.ctx.config, key), (host, key[1]), self.count, key[0] == "tcp"
         )
+
+    def _pids(self) -> list[int]:
+        """This process and its workers (what holds our own sockets)."""
+        pids = [os.getpid()]
+        pids += [w.process.pid for w in self.workers if w.process is not None]
+        return pids
 
     def handover(self) -> Iterator[tuple[Handed, socket.socket]]:
         """Every socket of every group, in worker order, for a takeover."""
