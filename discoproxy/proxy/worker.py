@@ -210,6 +210,10 @@ class Worker:
             return snap
         elif kind == "totals":
             return await ctx.reactor.run(lambda: take_totals(ctx))
+        elif kind == "alive":  # the control plane's watchdog: through the reactor and back
+            with contextlib.suppress(RuntimeError):  # stopped (drained): alive enough
+                await ctx.reactor.run(lambda: None)
+            return True
         else:
             raise ValueError(f"unknown message {kind}")
         return None

@@ -88,6 +88,8 @@ RESTART_WINDOW_S = 30.0
 WORKER_START_TIMEOUT_S = 30.0
 # A read of live numbers (metrics, API) waits this long for each worker's answer.
 WORKER_ANSWER_TIMEOUT_S = 5.0
+# The liveness check (``worker_stall_timeout``) asks each ready worker this often.
+WATCHDOG_INTERVAL_S = 1.0
 # /healthz fails once no worker has been ready for this long (every one crash-looping:
 # the proxy serves nothing, and an orchestrator's restart may well help).
 NO_WORKER_READY_S = 60.0
@@ -711,6 +713,7 @@ class WorkerSet:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(channel.run)
                 tg.start_soon(self._send, worker, channel)
+                tg.start_soon(self._watch, worker, channel, process)
                 code = await process.wait()
                 tg.cancel_scope.cancel()
         except BaseException:
@@ -726,6 +729,34 @@ class WorkerSet:
             _drop_outbox(worker)
             _fail_handoffs(worker)
         return code
+
+    async def _watch(self, worker: _Worker, channel: Channel, process: Process) -> None:
+        """Kill a worker that stops answering (a loop or reactor stuck): the kernel keeps
+        steering its clients' IPs to it, so they would wait on it for good; killed, it
+        is started again as a crashed one is. The check goes through its reactor, so a
+        busy worker answers (the GIL changes hands every few ms) and a stuck one does
+        not; one not ready yet (decoding its first table) is not asked."""
+        while not self._stopping:
+            await anyio.sleep(WATCHDOG_INTERVAL_S)
+            stall = self.ctx.config.worker_stall_timeout
+            if not worker.ready or stall <= 0 or self._stopping:
+                continue
+            try:
+                with anyio.fail_after(stall):
+                    await channel.request("alive")
+            except ChannelError:
+                return  # it ended: _keep says how
+            except TimeoutError:
+                if not self._stopping:  # (draining: _stop gives it shutdown_timeout)
+                    logger.error(
+                        "worker {} (pid {}) stalled: no answer in {:g}s; killing it",
+                        worker.index,
+                        process.pid,
+                        stall,
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                return
 
     async def _send(self, worker: _Worker, channel: Channel) -> None:
         while True:

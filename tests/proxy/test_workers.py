@@ -256,6 +256,34 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_its_connections(tmp_pat
         survivor.close()
 
 
+def test_a_stuck_worker_is_killed_and_replaced_and_its_clients_are_served_again(
+    tmp_path: Path,
+) -> None:
+    """A worker that hangs (SIGSTOP here: its loop and reactor answer nothing) still
+    holds its socket of each group, and the kernel keeps steering its clients' IPs to
+    it: without the watchdog they waited on it for good."""
+    config = "workers = 2\nworker_stall_timeout = 2\n"
+    with serving(_Echo) as port, running_proxy(tmp_path, mc(port), config) as proxy:
+        proxy.wait_for_line("worker 1 ready")
+        survivor = dial(proxy, ON[0][0])
+        assert echoes(survivor)
+        pids = {w["index"]: w["pid"] for w in api(proxy, "/api/workers")["workers"]}
+        time.sleep(3)  # a healthy worker answers every check: not killed
+        assert "stalled" not in proxy.output(), proxy.output()
+        os.kill(pids[1], signal.SIGSTOP)
+        proxy.wait_for_line(
+            rf"worker 1 \(pid {pids[1]}\) stalled: no answer in 2s; killing it", timeout=10
+        )
+        proxy.wait_for_line(r"worker 1 \(pid \d+\) exited with signal SIGKILL", timeout=10)
+        wait_until(lambda: ready(proxy))
+        with dial(proxy, ON[1][0]) as again:  # its client reaches the new worker
+            assert echoes(again)
+        assert echoes(survivor, b"still here")  # the other worker's did not notice
+        survivor.close()
+        workers = api(proxy, "/api/workers")["workers"]
+        assert workers[1]["restarts"] == 1 and workers[0]["pid"] == pids[0]
+
+
 def counters(proxy: ProxyProcess) -> dict[str, float]:
     """Every counter sample of the data planes on /metrics (histograms' buckets, counts
     and sums too; not the per-process worker_* ones, which are each process's own)."""
