@@ -394,13 +394,14 @@ class ProxyConfig(BaseModel):
         "always on the same one (per-IP limits hold); 0: one per CPU this process may run "
         "on; 1: one process, no workers. Takes effect at the next start.",
     )
-    worker_stall_timeout: float = Field(
+    stall_timeout: float = Field(
         default=10.0,
         ge=0,
-        description="Seconds a worker may go without answering the control plane's "
-        "liveness check (its loop and reactor, every second) before it is killed and "
-        "started again, as a crashed one is: a stuck worker would keep its clients' IPs "
-        "waiting on it for good; 0: never.",
+        description="Seconds a data plane may go without answering the liveness check "
+        "(every second, through its loop and its reactor): a worker is then killed and "
+        "started again, as a crashed one is (a stuck one would keep its clients' IPs "
+        "waiting on it for good); one process fails /healthz until it answers again, "
+        "for its orchestrator to restart it. 0: never.",
     )
     takeover_socket: Path | None = Field(
         default=None,

@@ -325,7 +325,9 @@ class Admin:
         if path == "/healthz":
             alive = self.ctx.planes.alive
             return Response(
-                200 if alive else 503, b"ok\n" if alive else b"data plane stopped\n", "text/plain"
+                200 if alive else 503,
+                b"ok\n" if alive else b"data plane stopped or stuck\n",
+                "text/plain",
             )
         if path == "/readyz":
             ready = self.is_ready

@@ -148,6 +148,9 @@ class LoopTasks:
 
 # Events waiting for the loop at most: a stalled loop costs dropped events, never memory.
 OUTBOX_LIMIT = 10_000
+# How often the liveness check (``stall_timeout``) asks each data plane: one process's
+# reactor (server._watch_stall), each worker through its loop and reactor (WorkerSet._watch).
+WATCHDOG_INTERVAL_S = 1.0
 
 
 class EventOutbox:

@@ -48,7 +48,13 @@ from discoproxy.proxy.balance import Pools
 from discoproxy.proxy.connection import ClientConnection, ConnState, HandedClient
 from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener, ListenError
 from discoproxy.proxy.names import NameCache
-from discoproxy.proxy.planes import EventOutbox, LoopTasks, TaskHandle, TaskOwner
+from discoproxy.proxy.planes import (
+    WATCHDOG_INTERVAL_S,
+    EventOutbox,
+    LoopTasks,
+    TaskHandle,
+    TaskOwner,
+)
 from discoproxy.proxy.player_counts import PlayerCounts
 from discoproxy.proxy.ports import (
     UDP_SWEEP_S,
@@ -130,7 +136,8 @@ class LocalPlanes:
 
     @property
     def alive(self) -> bool:
-        return self._ctx.reactor is not None and self._ctx.reactor.alive
+        ctx = self._ctx
+        return ctx.reactor is not None and ctx.reactor.alive and not ctx.stalled
 
     @property
     def ready(self) -> bool:
@@ -207,6 +214,7 @@ class ProxyContext:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by run_proxy
         self.reactor: Reactor = None  # type: ignore[assignment]  # set by run_proxy
         self.closing = False
+        self.stalled = False  # one process: the reactor answered no liveness check (loop's)
         self.ids = itertools.count(1)
         self.tasks = LoopTasks()  # what the data plane asks the loop to run
         self._rejections_unlogged: collections.Counter[Rejection] = collections.Counter()
@@ -833,6 +841,28 @@ async def _watch_reactor(ctx: ProxyContext) -> None:
         raise RuntimeError("the data plane's reactor thread stopped unexpectedly")
 
 
+async def _watch_stall(ctx: ProxyContext) -> None:
+    """One process: a reactor that answers nothing for ``stall_timeout`` (stuck in a
+    handler, or in a blocking call) fails ``/healthz`` until it answers again, logged
+    both ways, so an orchestrator restarts the proxy (workers: ``WorkerSet._watch``
+    kills the stuck one instead). The check is queued behind the reactor's calls, so a
+    busy reactor answers; a stuck one leaves one check queued per ``stall_timeout``."""
+    while True:
+        await anyio.sleep(WATCHDOG_INTERVAL_S)
+        stall = ctx.config.stall_timeout
+        if stall <= 0 or ctx.closing:
+            ctx.stalled = False
+            continue
+        with anyio.move_on_after(stall) as waited:
+            await ctx.reactor.run(lambda: None)
+        if waited.cancelled_caught and not ctx.stalled:
+            logger.error("the data plane's reactor answered nothing in {:g}s: stuck", stall)
+            ctx.stalled = True
+        elif not waited.cancelled_caught and ctx.stalled:
+            logger.warning("the data plane's reactor answers again")
+            ctx.stalled = False
+
+
 async def run_proxy(
     config: ProxyConfig,
     registry: Registry,
@@ -881,6 +911,8 @@ async def run_proxy(
                 registry.add_listener(ctx.health.table_changed)
                 tg.start_soon(ctx.health.run)
                 tg.start_soon(_watch_reactor, ctx)
+                if ctx.workers is None:
+                    tg.start_soon(_watch_stall, ctx)
                 tg.start_soon(watch_bans, ctx)
                 if config.webhooks:
                     ctx.webhooks = Webhooks(config.webhooks, ctx.events, registry)

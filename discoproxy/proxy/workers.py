@@ -58,6 +58,7 @@ from discoproxy.proxy.channel import (
     one_way,
     socket_pair,
 )
+from discoproxy.proxy.planes import WATCHDOG_INTERVAL_S
 from discoproxy.proxy.player_counts import PlayerSlots
 from discoproxy.proxy.stats import (
     REMOVED,
@@ -88,8 +89,6 @@ RESTART_WINDOW_S = 30.0
 WORKER_START_TIMEOUT_S = 30.0
 # A read of live numbers (metrics, API) waits this long for each worker's answer.
 WORKER_ANSWER_TIMEOUT_S = 5.0
-# The liveness check (``worker_stall_timeout``) asks each ready worker this often.
-WATCHDOG_INTERVAL_S = 1.0
 # /healthz fails once no worker has been ready for this long (every one crash-looping:
 # the proxy serves nothing, and an orchestrator's restart may well help).
 NO_WORKER_READY_S = 60.0
@@ -738,7 +737,7 @@ class WorkerSet:
         not; one not ready yet (decoding its first table) is not asked."""
         while not self._stopping:
             await anyio.sleep(WATCHDOG_INTERVAL_S)
-            stall = self.ctx.config.worker_stall_timeout
+            stall = self.ctx.config.stall_timeout
             if not worker.ready or stall <= 0 or self._stopping:
                 continue
             try:

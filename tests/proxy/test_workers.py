@@ -262,7 +262,7 @@ def test_a_stuck_worker_is_killed_and_replaced_and_its_clients_are_served_again(
     """A worker that hangs (SIGSTOP here: its loop and reactor answer nothing) still
     holds its socket of each group, and the kernel keeps steering its clients' IPs to
     it: without the watchdog they waited on it for good."""
-    config = "workers = 2\nworker_stall_timeout = 2\n"
+    config = "workers = 2\nstall_timeout = 2\n"
     with serving(_Echo) as port, running_proxy(tmp_path, mc(port), config) as proxy:
         proxy.wait_for_line("worker 1 ready")
         survivor = dial(proxy, ON[0][0])
