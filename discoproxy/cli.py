@@ -60,6 +60,7 @@ from discoproxy.wake import ServerControl
 
 if TYPE_CHECKING:
     from discoproxy.admin.server import Admin
+    from discoproxy.importers import Imported
 
 EXIT_OK = 0
 EXIT_CONFIG = 1
@@ -792,16 +793,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     importer = sub.add_parser(
         "import",
-        help="write discoproxy's config from a peer's (Gate Lite, Infrarust)",
+        help="write discoproxy's config from a peer's (Gate Lite, Infrarust, mc-router)",
         description="Read a peer's config and write the equivalent discoproxy config "
         "(OUT/discoproxy.yaml) and server files (OUT/servers/*.yaml), printing every key "
         "that could not be carried over and why. Existing files are not overwritten "
         "without --force.",
     )
     importer.add_argument(
-        "kind", choices=["gate", "infrarust"], help="gate: config.yml; infrarust: infrarust.toml"
+        "kind",
+        choices=["gate", "infrarust", "mc-router"],
+        help="gate: config.yml; infrarust: infrarust.toml; mc-router: the Compose file "
+        "that runs it (its environment and command) or an env file of its settings",
     )
     importer.add_argument("source", type=Path, help="its config file")
+    importer.add_argument(
+        "--service", help="mc-router: the Compose service (default: the one running its image)"
+    )
     importer.add_argument("--out", type=Path, required=True, help="directory to write into")
     importer.add_argument("--force", action="store_true", help="overwrite existing files")
     importer.set_defaults(func=cmd_import)
@@ -817,6 +824,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         text = args.source.read_text(encoding="utf-8")
         if args.kind == "infrarust":
             imported = import_infrarust(tomllib.loads(text))
+        elif args.kind == "mc-router":
+            imported = _import_mc_router(args.source, text, args.service)
+            imported.config.setdefault("servers_dir", str(servers_dir))
         else:
             document = yaml.safe_load(text)
             imported = import_gate_lite(
@@ -843,6 +853,20 @@ def cmd_import(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EXIT_OK
+
+
+def _import_mc_router(source: Path, text: str, service: str | None) -> Imported:
+    from discoproxy.import_mc_router import (
+        import_mc_router,
+        settings_from_compose,
+        settings_from_env_file,
+    )
+
+    if source.suffix in (".yml", ".yaml"):
+        settings = settings_from_compose(yaml.safe_load(text), service)
+    else:
+        settings = settings_from_env_file(text)
+    return import_mc_router(settings)
 
 
 def _bans_path(args: argparse.Namespace) -> Path:
