@@ -44,6 +44,7 @@ from discoproxy.proxy.planes import EventOutbox
 from discoproxy.routing import Registry, RoutingTable
 
 DRAIN_S = 0.05  # how often the outbox is emptied into the receivers' queues
+_ROUTE_EVENTS = frozenset({"route_added", "route_removed"})
 BACKOFF_S = 0.5
 BACKOFF_MAX_S = 30.0
 MAX_RESPONSE_BYTES = 64 * 1024
@@ -63,6 +64,7 @@ class _Receiver:
         self.queue: collections.deque[tuple[str, bytes]] = collections.deque()  # (event, body)
         self.ready = anyio.Event()
         self.stats = HookStats()
+        self.sender = anyio.CancelScope()  # its sender's: cancelled when a reload drops it
 
     def offer(self, event: str, body: bytes) -> None:
         if len(self.queue) >= self.settings.queue:
@@ -70,6 +72,11 @@ class _Receiver:
             return
         self.queue.append((event, body))
         self.ready.set()
+
+
+def wanted_events(hooks: Sequence[WebhookSettings]) -> frozenset[str]:
+    """The events some receiver asks for: the only ones an outbox keeps."""
+    return frozenset(event for hook in hooks for event in hook.events)
 
 
 def body_of(event: str, stamp: float, data: Mapping[str, Any]) -> bytes:
@@ -91,16 +98,49 @@ class Webhooks:
     ) -> None:
         self.receivers = [_Receiver(hook) for hook in hooks]
         self.outbox = outbox
-        outbox.wanted = frozenset(e for hook in hooks for e in hook.events)
+        outbox.wanted = wanted_events(hooks)
         self._routes: dict[str, Any] | None = None  # qualified id → its row, last table
+        self._registry = registry
+        self._tg: anyio.abc.TaskGroup | None = None
         registry.add_listener(self._table_changed)
         self._table_changed(registry.table, announce=False)
+
+    def reconfigure(self, hooks: Sequence[WebhookSettings]) -> None:
+        """A reload's ``[[webhooks]]``: a receiver whose settings did not change keeps its
+        queue and counters; one removed stops (its queued events dropped, counted until
+        it is gone from /metrics with it); one added starts with the next event."""
+        kept: dict[WebhookSettings, list[_Receiver]] = {}
+        for receiver in self.receivers:
+            kept.setdefault(receiver.settings, []).append(receiver)
+        receivers = []
+        added = 0
+        for hook in hooks:
+            same = kept.get(hook)
+            if same:
+                receivers.append(same.pop(0))
+                continue
+            receiver = _Receiver(hook)
+            receivers.append(receiver)
+            self._start(receiver)
+            added += 1
+        removed = [r for left in kept.values() for r in left]
+        for gone in removed:
+            gone.sender.cancel()
+        self.receivers = receivers
+        self.outbox.wanted = wanted_events(hooks)
+        self._table_changed(self._registry.table, announce=False)
+        logger.info(
+            "webhooks: {} receivers ({} added, {} removed)", len(receivers), added, len(removed)
+        )
 
     @property
     def stats(self) -> dict[str, HookStats]:
         return {r.settings.label: r.stats for r in self.receivers}
 
     def _table_changed(self, table: RoutingTable, announce: bool = True) -> None:
+        if not self.outbox.wanted & _ROUTE_EVENTS:
+            self._routes = None  # nobody asks: no row per route at each change
+            return
         routes = {
             qid: {
                 "route": qid,
@@ -120,8 +160,9 @@ class Webhooks:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             for receiver in self.receivers:
-                tg.start_soon(self._send_all, receiver)
+                self._start(receiver)
             task_status.started()
             while True:
                 self.dispatch()
@@ -135,6 +176,14 @@ class Webhooks:
                 if event in receiver.events:
                     body = body or body_of(event, stamp, data)
                     receiver.offer(event, body)
+
+    def _start(self, receiver: _Receiver) -> None:
+        if self._tg is not None:  # else run() starts it
+            self._tg.start_soon(self._send_until_removed, receiver)
+
+    async def _send_until_removed(self, receiver: _Receiver) -> None:
+        with receiver.sender:
+            await self._send_all(receiver)
 
     async def _send_all(self, receiver: _Receiver) -> None:
         settings = receiver.settings

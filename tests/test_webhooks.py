@@ -218,3 +218,38 @@ async def test_backend_down_and_server_woken_reach_the_receiver() -> None:
             await wait_for(lambda: "server_woken" in hook.events())
     (woken,) = [body for _, body in hook.requests if body["event"] == "server_woken"]
     assert woken["route"] == "a@test" and woken["server"] == "a"
+
+
+async def test_a_reload_adds_keeps_and_removes_receivers() -> None:
+    from discoproxy.proxy.server import reconfigure
+
+    async def session(proxy: Any, name: str) -> None:
+        stream = await proxy.connect()
+        async with stream:
+            await stream.send(handshake("a.example.com", username=name))
+            assert await stream.receive() == b"in"
+
+    async with receiver() as first, receiver() as second, backend(keep_open) as info:
+        routes = [server("a", "a.example.com", addresses=[info.address])]
+        async with running_proxy(routes) as proxy:
+            base = proxy.ctx.config.model_dump()
+            assert proxy.ctx.webhooks is not None and proxy.ctx.webhooks.receivers == []
+            one = {"url": first.url, "events": ["player_connected"]}
+            config = ProxyConfig.model_validate({**base, "webhooks": [one]})
+            assert await reconfigure(proxy.ctx, config) == []
+            await session(proxy, "Alex")
+            await wait_for(lambda: len(first.requests) == 1)
+            kept = proxy.ctx.webhooks.receivers[0]
+            two = {"url": second.url, "events": ["player_connected"]}
+            config = ProxyConfig.model_validate({**base, "webhooks": [one, two]})
+            await reconfigure(proxy.ctx, config)
+            assert proxy.ctx.webhooks.receivers[0] is kept  # its queue and counters stay
+            await session(proxy, "Steve")
+            await wait_for(lambda: len(first.requests) == 2 and len(second.requests) == 1)
+            assert kept.stats.delivered == 2
+            await reconfigure(proxy.ctx, ProxyConfig.model_validate({**base, "webhooks": []}))
+            assert proxy.ctx.events.wanted == frozenset()
+            await session(proxy, "Notch")
+            await anyio.sleep(0.5)
+    assert [body["player"] for _, body in first.requests] == ["Alex", "Steve"]
+    assert [body["player"] for _, body in second.requests] == ["Steve"]

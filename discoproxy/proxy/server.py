@@ -708,7 +708,6 @@ RESTART_ONLY = (
     "servers_dir",
     "bans_file",
     "log_format",
-    "webhooks",
     "workers",
     "takeover_socket",
     # the port-route listeners stay bound where they were opened (a reload would move
@@ -757,6 +756,8 @@ async def reconfigure(ctx: ProxyContext, config: ProxyConfig) -> list[str]:
         listeners = ctx.binds.listeners()
         await ctx.reactor.run(lambda: ctx.apply_config(config, listeners))
     ctx.status.config = config  # the status service is the loop's
+    if ctx.webhooks is not None and config.webhooks != previous.webhooks:
+        ctx.webhooks.reconfigure(config.webhooks)
     ctx.note_fallbacks(ctx.registry.table)  # the new fallbacks against today's table
     logger.info(
         "config reloaded: {} listeners ({} opened, {} closed){}",
@@ -914,9 +915,9 @@ async def run_proxy(
                 if ctx.workers is None:
                     tg.start_soon(_watch_stall, ctx)
                 tg.start_soon(watch_bans, ctx)
-                if config.webhooks:
-                    ctx.webhooks = Webhooks(config.webhooks, ctx.events, registry)
-                    await tg.start(ctx.webhooks.run)
+                # always there (maybe with no receiver), so a reload can add some
+                ctx.webhooks = Webhooks(config.webhooks, ctx.events, registry)
+                await tg.start(ctx.webhooks.run)
                 if ctx.workers is not None:
                     await tg.start(ctx.workers.run)  # the wakes and stops are theirs
                 elif ctx.waker.controls:

@@ -43,6 +43,7 @@ from discoproxy.proxy.tls_termination import FileContents, Stamp
 from discoproxy.proxy.workers import WorkerInit
 from discoproxy.routing import Registry, Route
 from discoproxy.status import StatusError, StatusService
+from discoproxy.webhooks import wanted_events
 
 # Webhook events are handed to the control plane this often (a batch per interval).
 EVENTS_FORWARD_S = 0.1
@@ -180,6 +181,7 @@ class Worker:
 
                 configure_logging(config.log_level, config.log_format)
             ctx.status.config = config
+            ctx.events.wanted = wanted_events(config.webhooks)  # a reload may change them
             listeners = ctx.binds.listeners()
             await ctx.reactor.run(lambda: ctx.apply_config(config, listeners))
         elif kind == "bans":

@@ -456,6 +456,46 @@ def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
         assert "rejected" not in proxy.output(), proxy.output()
 
 
+def test_webhooks_added_by_a_reload_hear_every_worker_s_players(tmp_path: Path) -> None:
+    """Each worker keeps only the events some receiver asks for (its outbox's wanted
+    set, from its start): a reload that adds a webhook must reach them too."""
+    import http.server
+    import json
+    import threading
+
+    heard: list[str] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            heard.append(f"{body['event']} {body['client'].rpartition(':')[0]}")
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hooks = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hooks.serve_forever, daemon=True).start()
+    try:
+        with serving(_Echo) as port, running_proxy(tmp_path, mc(port), "workers = 2\n") as proxy:
+            proxy.wait_for_line("worker 1 ready")
+            config = tmp_path / "discoproxy.toml"
+            url = f"http://127.0.0.1:{hooks.server_address[1]}/hook"
+            hook = f'\n[[webhooks]]\nurl = "{url}"\nevents = ["player_connected"]\n'
+            config.write_text(config.read_text() + hook)
+            proxy.process.send_signal(signal.SIGHUP)
+            proxy.wait_for_line(r"webhooks: 1 receivers \(1 added, 0 removed\)")
+            for ip in (ON[0][0], ON[1][0]):
+                with dial(proxy, ip) as sock:
+                    assert echoes(sock)
+            expected = sorted(f"player_connected {ON[w][0]}" for w in (0, 1))
+            wait_until(lambda: sorted(heard) == expected)
+    finally:
+        hooks.shutdown()
+        hooks.server_close()
+
+
 def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
     with serving(_Echo) as port, running_proxy(tmp_path, mc(port), "workers = 2\n") as proxy:
         proxy.wait_for_line("worker 1 ready")
