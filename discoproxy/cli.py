@@ -802,7 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument(
         "kind",
         choices=["gate", "infrarust", "mc-router"],
-        help="gate: config.yml; infrarust: infrarust.toml; mc-router: the Compose file "
+        help="gate: config.yml; infrarust: infrarust.toml (or 1.x's config.yaml); "
+        "mc-router: the Compose file "
         "that runs it (its environment and command) or an env file of its settings",
     )
     importer.add_argument("source", type=Path, help="its config file")
@@ -816,13 +817,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from discoproxy.importers import import_gate_lite, import_infrarust
+    from discoproxy.importers import import_gate_lite, import_infrarust, import_infrarust_v1
 
     out: Path = args.out
     servers_dir = out / "servers"
     try:
         text = args.source.read_text(encoding="utf-8")
-        if args.kind == "infrarust":
+        if args.kind == "infrarust" and args.source.suffix in (".yml", ".yaml"):
+            document = yaml.safe_load(text)  # Infrarust 1.x's config.yaml
+            imported = import_infrarust_v1(document if isinstance(document, dict) else {})
+        elif args.kind == "infrarust":
             imported = import_infrarust(tomllib.loads(text))
         elif args.kind == "mc-router":
             imported = _import_mc_router(args.source, text, args.service)

@@ -358,5 +358,174 @@ def import_infrarust(document: Mapping[str, Any]) -> Imported:
     return imported
 
 
+# Infrarust 1.x config.yaml keys with nothing to carry, and why.
+_INFRARUST_V1_NOT_CARRIED = {
+    "keepalive_timeout": "the OS's TCP keepalive defaults apply; idle_timeout closes "
+    "connections silent both ways",
+    "keepAliveTimeout": "the OS's TCP keepalive defaults apply; idle_timeout closes "
+    "connections silent both ways",
+    "telemetry": "scrape /metrics (Prometheus) on the admin listener instead",
+    "logging": "log lines are discoproxy's (log_format = text or json, log_level)",
+    "managers_config": "no server manager: Docker containers wake with auto_start",
+}
+# Infrarust 1.x MOTD keys → ours.
+_V1_MOTD_KEYS = {
+    "description": "text",
+    "version": "version_name",
+    "max_players": "max_players",
+    "online_players": "online_players",
+    "favicon": "favicon",
+    "protocol_version": "protocol_version",
+}
+
+
+def import_infrarust_v1(document: Mapping[str, Any]) -> Imported:
+    """Infrarust 1.x's ``config.yaml`` as discoproxy's global config, and its top-level
+    ``domains``/``addresses`` (a route of the global file) as a server file. Its
+    ``proxies/*.yml`` server files load as they are (``servers_dir`` is kept)."""
+    imported = Imported()
+    notes = imported.not_carried
+    out: dict[str, Any] = {}
+    handled = {"bind", "domains", "addresses", "file_provider", "docker_provider", "cache",
+               "motds", "filters", "proxy_protocol", "receive_proxy_protocol"}  # fmt: skip
+    if "bind" in document:
+        out["bind"] = [str(document["bind"])]
+    domains, addresses = _as_list(document.get("domains")), _as_list(document.get("addresses"))
+    if addresses:
+        route: dict[str, Any] = {"addresses": addresses}
+        if domains:
+            route["domains"] = domains
+        else:
+            route["default"] = True  # no name: Infrarust sends every unknown name there
+        try:
+            ServerDefinition.model_validate({"id": "config", **route})
+        except ValidationError as exc:
+            raise _v1_refusal(exc) from None
+        imported.servers["config"] = route
+    elif domains:
+        notes.append("domains: without addresses they route nowhere; not carried")
+    files = document.get("file_provider")
+    if isinstance(files, Mapping):
+        paths = _as_list(files.get("proxies_path"))
+        if paths:
+            out["servers_dir"] = paths[0]
+        if len(paths) > 1:
+            notes.append(
+                f"file_provider.proxies_path: one servers_dir here; {paths[0]} is used, "
+                f"not {', '.join(paths[1:])} (move their files into it)"
+            )
+        if files.get("file_type", "yaml") not in ("yaml", "yml"):
+            notes.append(f"file_provider.file_type = {files['file_type']}: YAML and TOML only")
+        for key in sorted(set(files) - {"proxies_path", "file_type", "watch"}):
+            notes.append(f"file_provider.{key}: not known to this import")
+    docker = document.get("docker_provider")
+    if isinstance(docker, Mapping):
+        table: dict[str, Any] = {"enabled": True}
+        if docker.get("docker_host"):
+            table["endpoint"] = str(docker["docker_host"])
+        if docker.get("label_prefix"):
+            table["label_prefix"] = str(docker["label_prefix"])
+        if docker.get("network"):
+            table["network"] = str(docker["network"])
+        out["providers"] = {"docker": table}
+        if _as_list(docker.get("default_domains")):
+            notes.append(
+                "docker_provider.default_domains: each container names its domains "
+                "(infrarust.domains); a container without them is not routed"
+            )
+        for key in ("polling_interval", "watch"):
+            if key in docker:
+                notes.append(
+                    f"docker_provider.{key}: discoproxy follows the event stream (no polling)"
+                )
+        known = {"docker_host", "label_prefix", "network", "default_domains",
+                 "polling_interval", "watch"}  # fmt: skip
+        for key in sorted(set(docker) - known):
+            notes.append(f"docker_provider.{key}: not known to this import")
+    cache = document.get("cache")
+    if isinstance(cache, Mapping):
+        if "status_ttl_seconds" in cache:
+            out["status_cache_ttl"] = peer_duration_s(
+                cache["status_ttl_seconds"], "cache.status_ttl_seconds"
+            )
+        if "max_status_entries" in cache:
+            notes.append("cache.max_status_entries: the cache's bound is fixed here")
+    motds = document.get("motds")
+    if isinstance(motds, Mapping):
+        ours: dict[str, Any] = {}
+        for theirs, state in (("unknown", "unknown_domain"), ("unreachable", "unreachable")):
+            motd = motds.get(theirs)
+            if isinstance(motd, Mapping):
+                ours[state] = {_V1_MOTD_KEYS[k]: v for k, v in motd.items() if k in _V1_MOTD_KEYS}
+                for key in sorted(set(motd) - set(_V1_MOTD_KEYS)):
+                    notes.append(f"motds.{theirs}.{key}: not known to this import")
+        if ours:
+            out["motds"] = ours
+        for state in sorted(set(motds) - {"unknown", "unreachable"}):
+            notes.append(f"motds.{state}: not known to this import")
+    _v1_filters(document.get("filters"), out, notes)
+    if document.get("proxy_protocol") or document.get("receive_proxy_protocol"):
+        notes.append(
+            "receive_proxy_protocol: set it together with trusted_proxies (your load "
+            "balancer's addresses): discoproxy reads PROXY headers only from those"
+        )
+    for key in sorted(set(document) - handled):
+        notes.append(f"{key}: {_INFRARUST_V1_NOT_CARRIED.get(key, 'not known to this import')}")
+    try:
+        ProxyConfig.model_validate(out)  # what is written loads
+    except ValidationError as exc:
+        raise _v1_refusal(exc) from None
+    imported.config = out
+    return imported
+
+
+def _v1_filters(filters: Any, out: dict[str, Any], notes: list[str]) -> None:
+    if not isinstance(filters, Mapping):
+        return
+    limiter = filters.get("rate_limiter")
+    if isinstance(limiter, Mapping):
+        count = _whole(limiter.get("requestLimit", 10), "filters.rate_limiter.requestLimit")
+        window = peer_duration_s(
+            limiter.get("windowLength", "1s"), "filters.rate_limiter.windowLength"
+        )
+        out["rate_limit"] = {"connections": count, "window": window}
+        notes.append(
+            "filters.rate_limiter: carried as [rate_limit] connections; server-list pings "
+            "have a budget of their own here ([rate_limit] status)"
+        )
+    ip_filter = filters.get("ip_filter")
+    if isinstance(ip_filter, Mapping) and ip_filter.get("enabled", True):
+        out["ip_filter"] = {
+            "allow": _as_list(ip_filter.get("whitelist")),
+            "deny": _as_list(ip_filter.get("blacklist")),  # blacklist wins, as ours
+        }
+    names = {"id_filter": "UUIDs", "name_filter": "usernames"}
+    for key, what in names.items():
+        players = filters.get(key)
+        if isinstance(players, Mapping) and players.get("enabled", True):
+            listed = {
+                "allow": _as_list(players.get("whitelist")),
+                "deny": _as_list(players.get("blacklist")),
+            }
+            merged = out.setdefault("players", {"allow": [], "deny": []})
+            for side, values in listed.items():
+                merged[side] += [v for v in values if v not in merged[side]]
+            if not any(listed.values()):
+                notes.append(f"filters.{key}: enabled with no {what}")
+    if isinstance(filters.get("ban"), Mapping):
+        notes.append(
+            "filters.ban: Infrarust's bans file format differs; re-add its bans with "
+            "discoproxy ban add (bans_file is discoproxy's own)"
+        )
+    for key in sorted(set(filters) - {"rate_limiter", "ip_filter", *names, "ban"}):
+        notes.append(f"filters.{key}: not known to this import")
+
+
+def _v1_refusal(exc: ValidationError) -> ValueError:
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}")
+
+
 if __name__ == "__main__":
     print(gate_markdown())

@@ -124,3 +124,110 @@ def test_a_bad_duration_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixt
     source.write_text('connect_timeout = "soon"\n')
     code, _, err = run(["import", "infrarust", str(source), "--out", str(tmp_path / "o")], capsys)
     assert code == 1 and "connect_timeout" in err and "2m30s" in err
+
+
+INFRARUST_V1 = """\
+bind: "0.0.0.0:25566"
+keepalive_timeout: 30s
+domains: ["hub.example.com"]
+addresses: ["localhost:25570"]
+file_provider:
+  proxies_path: ["./proxies", "./more"]
+  file_type: "yaml"
+  watch: true
+docker_provider:
+  docker_host: "unix:///var/run/docker.sock"
+  label_prefix: "infrarust"
+  polling_interval: 10
+  watch: true
+  default_domains: ["docker.local"]
+cache:
+  status_ttl_seconds: 30
+  max_status_entries: 1000
+telemetry:
+  enabled: false
+logging:
+  use_color: true
+motds:
+  unknown:
+    version: "1.20.1"
+    max_players: 100
+    online_players: 0
+    description: "Unknown server"
+  unreachable:
+    description: "Down for now"
+filters:
+  rate_limiter:
+    requestLimit: 10
+    windowLength: 1s
+  ip_filter:
+    enabled: true
+    whitelist: ["10.0.0.0/8"]
+    blacklist: ["10.6.6.0/24"]
+  name_filter:
+    enabled: true
+    blacklist: ["Griefer"]
+  ban:
+    enabled: true
+    file_path: "bans.json"
+"""
+
+
+def test_an_infrarust_1_config_yaml_imports_into_a_config_that_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "config.yaml"
+    source.write_text(INFRARUST_V1)
+    out = tmp_path / "discoproxy"
+    code, _, stderr = run(["import", "infrarust", str(source), "--out", str(out)], capsys)
+    assert code == 0, stderr
+    config = yaml.safe_load((out / "discoproxy.yaml").read_text())
+    assert config["bind"] == ["0.0.0.0:25566"] and config["servers_dir"] == "./proxies"
+    assert config["providers"]["docker"] == {
+        "enabled": True,
+        "endpoint": "unix:///var/run/docker.sock",
+        "label_prefix": "infrarust",
+    }
+    assert config["status_cache_ttl"] == 30.0
+    assert config["motds"] == {
+        "unknown_domain": {
+            "version_name": "1.20.1",
+            "max_players": 100,
+            "online_players": 0,
+            "text": "Unknown server",
+        },
+        "unreachable": {"text": "Down for now"},
+    }
+    assert config["rate_limit"] == {"connections": 10, "window": 1.0}
+    assert config["ip_filter"] == {"allow": ["10.0.0.0/8"], "deny": ["10.6.6.0/24"]}
+    assert config["players"] == {"allow": [], "deny": ["Griefer"]}
+    route = yaml.safe_load((out / "servers" / "config.yaml").read_text())
+    assert route == {"addresses": ["localhost:25570"], "domains": ["hub.example.com"]}
+    for note in (
+        "keepalive_timeout", "file_provider.proxies_path: one servers_dir here",
+        "docker_provider.default_domains", "docker_provider.polling_interval",
+        "cache.max_status_entries", "telemetry", "logging", "filters.ban",
+        "filters.rate_limiter: carried",
+    ):  # fmt: skip
+        assert note in stderr, (note, stderr)
+    code, _, report = run(["check", "--config", str(out / "discoproxy.yaml")], capsys)
+    assert "config NOT ok: the config itself" not in report, report
+
+
+def test_an_infrarust_1_config_with_addresses_but_no_domains_is_a_default_route() -> None:
+    from discoproxy.importers import import_infrarust_v1
+
+    imported = import_infrarust_v1({"addresses": ["10.0.0.5:25565"]})
+    assert imported.servers == {"config": {"addresses": ["10.0.0.5:25565"], "default": True}}
+
+
+def test_an_infrarust_1_value_of_the_wrong_kind_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = import_refused(
+        "infrarust",
+        tmp_path / "config.yaml",
+        "filters:\n  rate_limiter:\n    requestLimit: x\n",
+        capsys,
+    )
+    assert "filters.rate_limiter.requestLimit: expected a whole number, got 'x'" in err, err
