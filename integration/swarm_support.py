@@ -80,6 +80,25 @@ def _paths(namespace: str) -> dict[str, Path]:
     }
 
 
+def _gone_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` is gone within ``seconds``. The worker's dockerd is our
+    child (``nsenter`` execs it), so it is reaped here as it exits: until it is,
+    ``kill(pid, 0)`` finds its zombie and a stopped engine would look alive until the
+    deadline. A sweep's engine is not our child; init reaps it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 def _stop_worker(namespace: str) -> None:
     """Stop the worker engine of ``namespace`` (if it runs), delete the namespace and the
     worker's directories. Idempotent."""
@@ -87,11 +106,9 @@ def _stop_worker(namespace: str) -> None:
     with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
         pid = int(paths["pid"].read_text().strip())
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + WORKER_STOP_WITHIN_S
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)  # ProcessLookupError once it is gone
-            time.sleep(0.2)
-        os.kill(pid, signal.SIGKILL)
+        if not _gone_within(pid, WORKER_STOP_WITHIN_S):
+            os.kill(pid, signal.SIGKILL)
+            _gone_within(pid, WORKER_STOP_WITHIN_S)
     run(["ip", "netns", "delete", namespace], check=False)
     # its containers' mounts go with the engine; what stays is plain files
     for key in ("data", "exec"):
@@ -223,10 +240,7 @@ def stop_engine(engine: NamespacedEngine) -> None:
     with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
         pid = int(_paths_of_socket(engine.socket)["pid"].read_text().strip())
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + WORKER_STOP_WITHIN_S
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.2)
+        _gone_within(pid, WORKER_STOP_WITHIN_S)
 
 
 def _paths_of_socket(socket: Path) -> dict[str, Path]:
