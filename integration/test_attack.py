@@ -383,10 +383,12 @@ def raise_nofile() -> int:
     return hard
 
 
-def attack_process(port: int, duration: float, ready: Any, results: Any) -> None:
-    """The child process: every attacker in a thread for ``duration`` seconds."""
+def attack_process(port: int, duration: float, ready: Any, go: Any, results: Any) -> None:
+    """The child process: every attacker in a thread for ``duration`` seconds, from when
+    ``go`` is set."""
     raise_nofile()
     ready.set()
+    go.wait()
     deadline = time.monotonic() + duration
     stats: dict[str, Any] = {}
     threads = [
@@ -548,16 +550,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AttackRun]:
         servers = {"survival.toml": f'domains = ["{DOMAIN}"]\naddresses = ["127.0.0.1:{port}"]\n'}
         with running_proxy(tmp_path_factory.mktemp("attack"), servers, CONFIG) as proxy:
             pid = proxy.process.pid
-            for _ in range(20):  # warm-up: imports, caches, the backend's first answers
-                legit_ping(proxy.port)
-                legit_login(proxy.port)
-            rss_before, fds_before, cpu_before = rss_kib(pid), open_fds(pid), cpu_seconds(pid)
-
             context = multiprocessing.get_context("spawn")
-            ready, results = context.Event(), context.Queue()
+            ready, go, results = context.Event(), context.Event(), context.Queue()
             attacker = context.Process(
-                target=attack_process, args=(proxy.port, ATTACK_S, ready, results), daemon=True
+                target=attack_process,
+                args=(proxy.port, ATTACK_S, ready, go, results),
+                daemon=True,
             )
+            # started before the warm-up, which its start (a new interpreter importing
+            # this module: most of a second) overlaps; it attacks once ``go`` is set
+            attacker.start()
             stop = threading.Event()
             legit: dict[str, LegitStats] = {}
 
@@ -570,11 +572,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AttackRun]:
                 threading.Thread(target=client, args=("direct", legit_ping, port)),
             ]
             attack: dict[str, Any] = {}
-            rss_peak = rss_before
-            attacker.start()
             started = time.monotonic()
             try:
+                for _ in range(20):  # warm-up: imports, caches, the backend's first answers
+                    legit_ping(proxy.port)
+                    legit_login(proxy.port)
+                rss_before, fds_before = rss_kib(pid), open_fds(pid)
+                cpu_before = cpu_seconds(pid)
+                rss_peak = rss_before
                 assert ready.wait(30), "the attack process did not start"
+                go.set()
                 started = time.monotonic()
                 for thread in clients:
                     thread.start()
@@ -590,7 +597,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AttackRun]:
                 for thread in clients:
                     if thread.ident is not None:
                         thread.join(CLIENT_TIMEOUT_S * 2)
-                attacker.join(5)
+                attacker.join(5 if go.is_set() else 0)  # not told to attack: it waits
                 if attacker.is_alive():
                     attacker.kill()
             seconds = time.monotonic() - started

@@ -1,5 +1,5 @@
 """The Swarm provider against a real swarm: this engine made a one-node swarm manager for
-the test (left again afterwards), an attachable overlay network, labelled services of the
+the module (left again afterwards), an attachable overlay network, labelled services of the
 host's Python (the empty test image with the host's /usr and /lib mounted read-only).
 
 Services become pooled routes with a backend per running task on its overlay IP, scaling
@@ -56,9 +56,11 @@ SCRIPT = (
 )
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def swarm(engine: docker.DockerClient) -> Iterator[docker.DockerClient]:
-    """This engine as a one-node swarm manager; left afterwards unless it was one."""
+    """This engine as a one-node swarm manager for the module's tests (each has its own
+    prefix, network and services: a swarm's init and leave per test cost two seconds and
+    tested nothing); left afterwards unless it was one."""
     state = engine.info().get("Swarm", {}).get("LocalNodeState")
     joined_here = state != "active"
     if joined_here:
