@@ -855,7 +855,10 @@ async def _watch_stall(ctx: ProxyContext) -> None:
             ctx.stalled = False
             continue
         with anyio.move_on_after(stall) as waited:
-            await ctx.reactor.run(lambda: None)
+            try:
+                await ctx.reactor.run(lambda: None)
+            except RuntimeError:
+                return  # it ended: _watch_reactor tells why
         if waited.cancelled_caught and not ctx.stalled:
             logger.error("the data plane's reactor answered nothing in {:g}s: stuck", stall)
             ctx.stalled = True
