@@ -37,12 +37,9 @@ BOOL_FLAGS = frozenset(
 NOT_CARRIED = {
     "CONNECTION_RATE_LIMIT": "mc-router's is one budget for every client together; "
     "discoproxy's [rate_limit] budgets are per client IP (connections and status pings)",
-    "AUTO_SCALE_UP": "mc-router's default for every discovered container; discoproxy "
-    "reads it per container: label each with mc-router.auto-scale-up=true (read as it is) "
-    "or infrarust.auto_start=true",
-    "AUTO_SCALE_DOWN": "per container here: mc-router.auto-scale-down=true (read as it "
-    "is, stopping after 10m idle) or infrarust.auto_stop_after=10m",
-    "AUTO_SCALE_DOWN_AFTER": "per container here: infrarust.auto_stop_after",
+    "AUTO_SCALE_UP": "it applies to discovered containers, and IN_DOCKER is not set",
+    "AUTO_SCALE_DOWN": "it applies to discovered containers, and IN_DOCKER is not set",
+    "AUTO_SCALE_DOWN_AFTER": "it applies to discovered containers, and IN_DOCKER is not set",
     "AUTO_SCALE_ALLOW_DENY": "its allow/deny file is not read; per server, "
     "infrarust.wake.allow (who may wake it) and infrarust.players.allow/deny",
     "AUTO_SCALE_WEBHOOK_URL": "scaling by webhook is not supported; the Docker provider "
@@ -325,6 +322,18 @@ def _docker(out: dict[str, Any], notes: list[str], docker: bool, swarm: bool, ta
             raise ValueError(f"DOCKER_TIMEOUT: expected whole seconds, got {timeout!r}")
         table["api_timeout"] = int(timeout)
     providers = out.setdefault("providers", {})
+    if docker or swarm:  # mc-router's global auto-scale flags: for discovered containers
+        for flag_name in ("AUTO_SCALE_UP", "AUTO_SCALE_DOWN"):
+            value = take(flag_name)
+            if value:
+                if value.lower() not in _TRUE | _FALSE:
+                    raise ValueError(f"{flag_name}: expected true or false, got {value!r}")
+                table[f"mc_router_{flag_name.lower()}"] = value.lower() in _TRUE
+        after = take("AUTO_SCALE_DOWN_AFTER")
+        if after:
+            table["mc_router_auto_scale_down_after"] = peer_duration_s(
+                after, "AUTO_SCALE_DOWN_AFTER"
+            )
     if docker:
         providers["docker"] = dict(table)
     if swarm:

@@ -60,7 +60,8 @@ def test_a_compose_service_imports_into_a_config_and_servers_that_load(
     assert code == 0, stderr
     config = yaml.safe_load((out / "discoproxy.yaml").read_text())
     assert config["bind"] == ["0.0.0.0:25566"]  # the command's -port
-    assert config["providers"]["docker"] == {"enabled": True}  # -in-docker
+    # -in-docker, and mc-router's -auto-scale-up for its discovered containers
+    assert config["providers"]["docker"] == {"enabled": True, "mc_router_auto_scale_up": True}
     assert config["ip_filter"] == {"allow": ["10.0.0.0/8", "192.168.0.0/16"]}
     assert config["motds"] == {
         "sleeping": {"text": "Asleep: join to wake it"},
@@ -97,7 +98,6 @@ def test_a_compose_service_imports_into_a_config_and_servers_that_load(
     for note in (
         "CONNECTION_RATE_LIMIT: mc-router's is one budget for every client together",
         "CLIENTS_TO_DENY: mc-router ignores it when CLIENTS_TO_ALLOW is set",
-        "AUTO_SCALE_UP: mc-router's default for every discovered container",
         "NGROK_TOKEN: no ngrok agent",
         "TZ: not an mc-router setting",
         "WEBHOOK_URL: carried",
@@ -140,8 +140,26 @@ def test_an_env_file_imports_its_settings() -> None:
 
 
 def test_without_in_docker_nothing_is_discovered_as_in_mc_router() -> None:
-    imported = import_mc_router({"MAPPING": "a.example.com=a:25565"})
+    imported = import_mc_router({"MAPPING": "a.example.com=a:25565", "AUTO_SCALE_UP": "true"})
     assert imported.config["providers"] == {"docker": {"enabled": False}}
+    assert imported.not_carried == [
+        "AUTO_SCALE_UP: it applies to discovered containers, and IN_DOCKER is not set"
+    ]
+
+
+def test_the_global_auto_scale_flags_reach_the_docker_provider() -> None:
+    settings = {
+        "IN_DOCKER": "true",
+        "AUTO_SCALE_UP": "true",
+        "AUTO_SCALE_DOWN": "TRUE",
+        "AUTO_SCALE_DOWN_AFTER": "15m",
+    }
+    assert import_mc_router(settings).config["providers"]["docker"] == {
+        "enabled": True,
+        "mc_router_auto_scale_up": True,
+        "mc_router_auto_scale_down": True,
+        "mc_router_auto_scale_down_after": 900.0,
+    }
 
 
 def test_receiving_proxy_headers_from_anyone_is_not_carried() -> None:

@@ -78,6 +78,7 @@ class _Context:
     """What address resolution needs besides the container itself."""
 
     prefix: str
+    mc_router: mc_router.McRouterDefaults  # its global flags, for mc-router containers
     network: str | None
     host_address: str
     use_published_ports: bool
@@ -289,6 +290,7 @@ def servers_from_containers(
         own_networks = frozenset(_networks(own))
     ctx = _Context(
         prefix=settings.label_prefix,
+        mc_router=mc_router.defaults_of(settings),
         network=settings.network,
         host_address=settings.host_address,
         use_published_ports=settings.use_published_ports,
@@ -307,13 +309,15 @@ def servers_from_containers(
         if state != "running" and state not in SLEEPING_STATES:
             continue  # paused, restarting, dead: not routed, whatever its labels say
         # mc-router's labels read as ours (providers/docker/mc_router.py)
-        translated, found = mc_router.translate(listed, container_name(listed), ctx.prefix)
+        translated, found = mc_router.translate(
+            listed, container_name(listed), ctx.prefix, ctx.mc_router
+        )
         if translated is None:
             # a stopped container that would not sleep is not routed anyway: no report
             if (
                 state == "running"
                 or _wants_auto_start(listed, ctx.prefix)
-                or mc_router.wants_auto_start(listed)
+                or mc_router.wants_auto_start(listed, ctx.mc_router)
             ):
                 problems += found
             continue
@@ -558,7 +562,11 @@ def merge_inspected(
     return merged
 
 
-def routing_view(record: ContainerRecord | None, prefix: str) -> tuple[object, ...] | None:
+def routing_view(
+    record: ContainerRecord | None,
+    prefix: str,
+    defaults: mc_router.McRouterDefaults = mc_router.NO_DEFAULTS,
+) -> tuple[object, ...] | None:
     """What of a container its routes follow: running or paused, with its name, health
     and address on each network; sleeping (stopped, ``auto_start``) with its name; or
     None: not routed in any form (stopped, or gone)."""
@@ -569,7 +577,7 @@ def routing_view(record: ContainerRecord | None, prefix: str) -> tuple[object, .
         networks = tuple(sorted(_networks(record).items()))
         return state, container_name(record), health_of(record), networks
     if state in SLEEPING_STATES and (
-        _wants_auto_start(record, prefix) or mc_router.wants_auto_start(record)
+        _wants_auto_start(record, prefix) or mc_router.wants_auto_start(record, defaults)
     ):
         return "sleeping", container_name(record)
     return None
@@ -579,10 +587,11 @@ def same_state(
     listed: ContainerRecord | None,
     inspected: ContainerRecord | None,
     prefix: str = DEFAULT_LABEL_PREFIX,
+    defaults: mc_router.McRouterDefaults = mc_router.NO_DEFAULTS,
 ) -> bool:
     """Does the listing already show what the inspection saw, as far as routes go
     (:func:`routing_view`)?"""
-    return routing_view(listed, prefix) == routing_view(inspected, prefix)
+    return routing_view(listed, prefix, defaults) == routing_view(inspected, prefix, defaults)
 
 
 def health_of(record: ContainerRecord) -> str | None:

@@ -17,6 +17,7 @@ import docker.utils
 from loguru import logger
 
 from discoproxy.provider import LoadResult, ProviderSettings, ProxyConfig, Publish
+from providers.docker import mc_router
 from providers.docker.containers import (
     ContainerRecord,
     ContainerScan,
@@ -330,7 +331,7 @@ class DockerProvider:
         else:
             listing = self._listing or []
             previous = next((r for r in listing if as_text(r.get("Id")) == container_id), None)
-        return not same_state(previous, record, prefix)
+        return not same_state(previous, record, prefix, mc_router.defaults_of(self.settings))
 
     def _pump_events(
         self,
@@ -443,7 +444,10 @@ class DockerProvider:
         overrides: dict[str, ContainerRecord | None] = {}
         for container_id, (seen_at, record) in list(self._fresh.items()):
             if self._listed_at - seen_at > FRESH_OVERRIDE_S or same_state(
-                by_id.get(container_id), record, self.settings.label_prefix
+                by_id.get(container_id),
+                record,
+                self.settings.label_prefix,
+                mc_router.defaults_of(self.settings),
             ):
                 if prune:
                     del self._fresh[container_id]

@@ -8,8 +8,10 @@ Rules for this file:
 - mc-router's own rules where they differ from ours: a container without
   ``mc-router.host`` is not routed (``mc-router.default`` alone does nothing); booleans
   are Go's ``strconv.ParseBool`` forms; ``auto-scale-down`` stops after mc-router's
-  default idle time (:data:`AUTO_SCALE_DOWN_AFTER`). mc-router's global flags
-  (``-auto-scale-up`` for every container, its own idle time) are not read here.
+  default idle time (:data:`AUTO_SCALE_DOWN_AFTER`). Its global flags
+  (``-auto-scale-up``, ``-auto-scale-down``, ``-auto-scale-down-after``) are the
+  provider's ``mc_router_auto_scale_*`` settings (:class:`McRouterDefaults`): a
+  container's own label wins, as in mc-router.
 - Pure, as containers.py: records in, records and problems out.
 """
 
@@ -20,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from providers.docker.labels import LabelProblem, parse_port
+from providers.docker.settings import DockerSettings
 
 PREFIX = "mc-router."
 # mc-router's -auto-scale-down-after default.
@@ -54,6 +57,27 @@ def _port(label: str, value: str) -> str:
 
 
 @dataclass(frozen=True)
+class McRouterDefaults:
+    """mc-router's global auto-scale flags, for containers without their own label."""
+
+    up: bool = False  # -auto-scale-up
+    down: bool = False  # -auto-scale-down
+    down_after: str = AUTO_SCALE_DOWN_AFTER  # -auto-scale-down-after (also for a label's true)
+
+
+NO_DEFAULTS = McRouterDefaults()
+
+
+def defaults_of(settings: DockerSettings) -> McRouterDefaults:
+    """The mc-router global flags the provider's ``mc_router_auto_scale_*`` stand for."""
+    return McRouterDefaults(
+        up=settings.mc_router_auto_scale_up,
+        down=settings.mc_router_auto_scale_down,
+        down_after=f"{settings.mc_router_auto_scale_down_after:g}",
+    )
+
+
+@dataclass(frozen=True)
 class McRouterLabel:
     label: str  # after "mc-router."
     ours: str  # our label key (after "<prefix>.")
@@ -79,10 +103,14 @@ _BY_LABEL = {spec.label: spec for spec in LABELS}
 
 
 def translate(
-    record: Mapping[str, object], name: str, prefix: str
+    record: Mapping[str, object],
+    name: str,
+    prefix: str,
+    defaults: McRouterDefaults = NO_DEFAULTS,
 ) -> tuple[Mapping[str, object] | None, list[LabelProblem]]:
     """``record`` as discoproxy reads it: unchanged without mc-router labels, with its
-    mc-router labels turned into ours, or None (not routed) with the problems."""
+    mc-router labels turned into ours (and mc-router's global ``defaults`` where it has
+    no auto-scale label of its own), or None (not routed) with the problems."""
     labels = record.get("Labels")
     if not isinstance(labels, Mapping) or not any(
         isinstance(k, str) and k.startswith(PREFIX) for k in labels
@@ -117,17 +145,30 @@ def translate(
         except ValueError as exc:
             problems.append(LabelProblem(name, key, str(exc)))
             continue
+        if spec.label == "auto-scale-down" and value:
+            value = defaults.down_after  # mc-router's idle time for it, global or default
         if value:
             translated[f"{prefix}.{spec.ours}"] = value
+    if defaults.up and PREFIX + "auto-scale-up" not in labels:
+        translated[f"{prefix}.auto_start"] = "true"
+    if defaults.down and PREFIX + "auto-scale-down" not in labels:
+        translated[f"{prefix}.auto_stop_after"] = defaults.down_after
     if any(p.dropped for p in problems):
         return None, problems
     return {**record, "Labels": translated}, problems
 
 
-def wants_auto_start(record: Mapping[str, object]) -> bool:
-    """Does the container ask to be started by a login (``mc-router.auto-scale-up``)?"""
+def wants_auto_start(
+    record: Mapping[str, object], defaults: McRouterDefaults = NO_DEFAULTS
+) -> bool:
+    """Does the container ask to be started by a login (``mc-router.auto-scale-up``, or
+    mc-router's global default for an mc-router container without that label)?"""
     labels = record.get("Labels")
-    value = labels.get(PREFIX + "auto-scale-up") if isinstance(labels, Mapping) else None
+    if not isinstance(labels, Mapping):
+        return False
+    value = labels.get(PREFIX + "auto-scale-up")
+    if value is None:
+        return defaults.up and PREFIX + "host" in labels
     return isinstance(value, str) and value.strip() in _TRUE
 
 

@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from discoproxy.model import BackendAddress
+from discoproxy.model import BackendAddress, label_duration
 from discoproxy.provider import ProviderSettings
 
 DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"
@@ -131,6 +131,23 @@ class DockerSettings(ProviderSettings):
         description="Check the engine's certificate against `tls_ca` (or the system CAs) "
         "and its host name.",
     )
+    mc_router_auto_scale_up: bool = Field(
+        default=False,
+        description="mc-router's `-auto-scale-up`: every `mc-router.host` container "
+        "without its own `mc-router.auto-scale-up` label is started by a login.",
+    )
+    mc_router_auto_scale_down: bool = Field(
+        default=False,
+        description="mc-router's `-auto-scale-down`: every `mc-router.host` container "
+        "without its own `mc-router.auto-scale-down` label is stopped after "
+        "`mc_router_auto_scale_down_after` with no player.",
+    )
+    mc_router_auto_scale_down_after: float = Field(
+        default=600.0,
+        gt=0,
+        description="mc-router's `-auto-scale-down-after`: seconds (or `10m`, `1h`) an "
+        "mc-router container scaled down by label or by default stays up with no player.",
+    )
     engines: tuple[EngineSettings, ...] = Field(
         default=(),
         description="Several engines at once (`[[providers.docker.engines]]`, each with "
@@ -188,6 +205,11 @@ class DockerSettings(ProviderSettings):
             if value is not None:
                 update[key] = value
         return type(self).model_validate({**self.model_dump(exclude={"engines"}), **update})
+
+    @field_validator("mc_router_auto_scale_down_after", mode="before")
+    @classmethod
+    def _down_after(cls, value: Any) -> Any:
+        return label_duration(value, "seconds (600) or a duration such as 30s, 10m or 1h")
 
     @field_validator("label_prefix")
     @classmethod

@@ -99,3 +99,40 @@ def test_an_unknown_mc_router_label_is_refused() -> None:
 def test_events_of_mc_router_containers_resync() -> None:
     event = {"Type": "container", "Actor": {"Attributes": {"mc-router.host": "a.example.com"}}}
     assert is_relevant_event(event, "infrarust")
+
+
+def test_mc_router_s_global_auto_scale_flags_apply_where_a_container_has_no_label() -> None:
+    """mc-router's -auto-scale-up, -auto-scale-down and -auto-scale-down-after are the
+    provider's mc_router_auto_scale_* settings; a container's own label wins."""
+    flags = {
+        "mc_router_auto_scale_up": True,
+        "mc_router_auto_scale_down": True,
+        "mc_router_auto_scale_down_after": "5m",
+    }
+    bare = container("mc", {"mc-router.host": "mc.example.com"}, state="exited")
+    server = one(bare, **flags)
+    assert server.sleeping and server.auto_start and server.auto_stop_after == 300
+    opted_out = container(
+        "mc",
+        {
+            "mc-router.host": "mc.example.com",
+            "mc-router.auto-scale-up": "false",
+            "mc-router.auto-scale-down": "true",  # stops after the global idle time
+        },
+    )
+    server = one(opted_out, **flags)
+    assert not server.auto_start and server.auto_stop_after == 300
+    assert scan(container("mc", opted_out["Labels"], state="exited"), **flags) == ([], [])
+    # containers labelled ours are not mc-router's: the flags leave them alone
+    ours = one(container("mc", {"infrarust.domains": "mc.example.com"}), **flags)
+    assert not ours.auto_start and ours.auto_stop_after is None
+
+
+def test_a_bad_global_idle_time_is_refused_naming_the_setting() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from providers.docker import DockerSettings
+
+    with pytest.raises(ValidationError, match="mc_router_auto_scale_down_after"):
+        DockerSettings(mc_router_auto_scale_down_after="soon")  # type: ignore[arg-type]
