@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -568,6 +567,8 @@ def read_document(path: Path) -> dict[str, Any]:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}", str(path)) from exc
     elif suffix in (".yaml", ".yml"):
+        import yaml  # here: a worker process imports this module, never a file (~2 MiB)
+
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

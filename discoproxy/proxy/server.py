@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-import watchfiles
 from anyio.abc import TaskStatus
 from loguru import logger
 
@@ -820,6 +819,8 @@ async def _poll_bans(path: Path, load: Callable[[bool], None]) -> None:
 
 async def _notified_bans(path: Path, load: Callable[[bool], None]) -> None:
     """Re-read the bans file on inotify events (a local write: within ~0.1 s)."""
+    import watchfiles  # here: the control plane's alone, not every worker's (~1 MiB)
+
     async for changes in watchfiles.awatch(
         path.parent,
         watch_filter=lambda _change, changed: Path(changed).name == path.name,
