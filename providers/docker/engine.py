@@ -3,6 +3,7 @@ and the resyncs, starting and stopping containers (the rules are in ``__init__``
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -53,12 +54,12 @@ WORKER_THREADS = 2
 FRESH_OVERRIDE_S = 2.0
 # Every publish parses the whole listing (~50 us per container), and a burst of starts
 # (``docker compose up`` of a large project) brings an event per container: parsed per
-# event, 300 containers at once cost the loop 4.5 s. So publishes take at most this
-# share of the loop's time: after one that took d seconds, the next (an event's, or a
-# resync's) waits until d * (1 / share - 1) has passed, and the events meanwhile are
-# published together by it. A lone event is still published at once (its window after a
-# quiet spell has passed), and at 300 containers one waits at most ~45 ms.
-PUBLISH_SHARE = 0.25
+# event, 300 containers at once kept the loop busy 4.5 s. Publishes may spend
+# PARSE_BUDGET_S of parsing in any PARSE_WINDOW_S; past it, events wait and go together
+# in the next publish the budget allows (resyncs wait for it too). Containers started one
+# at a time, or a small project's burst, never wait.
+PARSE_WINDOW_S = 1.0
+PARSE_BUDGET_S = 0.25
 
 # Container actions that can change what is routable. ``die`` covers crashes and kills,
 # ``stop`` a clean stop; ``rename`` changes the server id; ``create`` adds a stopped
@@ -174,7 +175,8 @@ class DockerProvider:
         # the last scan's auto_start pools → their replicas (start_server starts them all)
         self._members: Mapping[str, tuple[str, ...]] = {}
         self._fresh: dict[str, tuple[float, ContainerRecord | None]] = {}
-        self._publish_after = -math.inf  # loop time the next publish may run (PUBLISH_SHARE)
+        # (loop time, seconds) of the parses of the last PARSE_WINDOW_S
+        self._parses: collections.deque[tuple[float, float]] = collections.deque()
 
     @classmethod
     def instances(cls, name: str, settings: ProviderSettings) -> list[tuple[str, ProviderSettings]]:
@@ -252,8 +254,8 @@ class DockerProvider:
             at once, then ask for a full resync (one already pending covers this event).
             A network event's inspection is published at once only when it moves routes:
             every container's network events count, and a scan per event costs the loop
-            a whole listing's parse. Within a publish's window (``PUBLISH_SHARE``) the
-            inspection waits for the window's end, with those of the others."""
+            a whole listing's parse. Past the parse budget (``PARSE_BUDGET_S``) the
+            inspection waits for the next publish it allows, with those of the others."""
             if not following:
                 return  # an abandoned event thread's last word
             if inspection is not None:
@@ -262,7 +264,7 @@ class DockerProvider:
                 self._fresh[container_id] = (anyio.current_time(), record)
                 moves = not network or self._moves_routes(container_id, before, record)
                 if self._listing is not None and moves:
-                    if anyio.current_time() >= self._publish_after:
+                    if self._parse_allowed_at() <= anyio.current_time():
                         self._publish(self._listing, publish, prune=False)
                     else:
                         deferred.set()
@@ -273,7 +275,7 @@ class DockerProvider:
             nonlocal deferred
             while True:
                 await deferred.wait()
-                await anyio.sleep_until(self._publish_after)
+                await anyio.sleep_until(self._parse_allowed_at())
                 deferred = anyio.Event()  # events from now on wait for the next one
                 if self._listing is not None:
                     self._publish(self._listing, publish, prune=False)
@@ -409,9 +411,9 @@ class DockerProvider:
         return names
 
     async def resync(self, client: Any, publish: Publish) -> ContainerScan:
-        """List containers once and publish the complete snapshot (once the last
-        publish's window has passed: ``PUBLISH_SHARE``)."""
-        await anyio.sleep_until(self._publish_after)
+        """List containers once and publish the complete snapshot (within the parse
+        budget: ``PARSE_BUDGET_S``)."""
+        await anyio.sleep_until(self._parse_allowed_at())
         listed_at = anyio.current_time()
         self._listing = await self._list(client)
         self._listed_at = listed_at
@@ -431,15 +433,6 @@ class DockerProvider:
         listing older than an inspection never outranks it (an event's publish uses the
         last listing, however long ago that was)."""
         began = anyio.current_time()
-        try:
-            return self._scan_and_publish(listing, publish, prune=prune)
-        finally:
-            cost = max(0.0, anyio.current_time() - began)
-            self._publish_after = began + cost / PUBLISH_SHARE
-
-    def _scan_and_publish(
-        self, listing: list[ContainerRecord], publish: Publish, *, prune: bool
-    ) -> ContainerScan:
         by_id = {as_text(r.get("Id")): r for r in listing}
         overrides: dict[str, ContainerRecord | None] = {}
         for container_id, (seen_at, record) in list(self._fresh.items()):
@@ -455,10 +448,29 @@ class DockerProvider:
             overrides[container_id] = record
         records = merge_inspected(listing, overrides) if overrides else listing
         scan = servers_from_containers(records, self.settings, self._own_id)
+        # the budget counts the parse only: what the registry then does with the
+        # snapshot is the same however many events it carries
+        self._parses.append((began, anyio.current_time() - began))
         self._report(scan)
         self._members = scan.members
         publish(scan.servers)
         return scan
+
+    def _parse_allowed_at(self) -> float:
+        """Loop time from which one more parse keeps within ``PARSE_BUDGET_S`` per
+        ``PARSE_WINDOW_S`` (now, unless a burst spent it)."""
+        now = anyio.current_time()
+        parses = self._parses
+        while parses and parses[0][0] <= now - PARSE_WINDOW_S:
+            parses.popleft()
+        spent = sum(cost for _, cost in parses)
+        allowed = now
+        for began, cost in parses:  # oldest first: each leaving the window frees its cost
+            if spent < PARSE_BUDGET_S:
+                break
+            spent -= cost
+            allowed = began + PARSE_WINDOW_S
+        return allowed
 
     def _report(self, scan: ContainerScan) -> None:
         for problem in sorted(set(scan.problems) - self._reported):

@@ -227,41 +227,50 @@ async def test_a_burst_of_starts_is_published_together_not_parsed_once_per_event
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each publish parses every container: one per event made a burst of N starts cost
-    N whole-listing parses (O(N²); 300 at once kept the loop busy 4.5 s). Publishes get
-    a bounded share of the loop (``PUBLISH_SHARE``), the events in between go together."""
+    N whole-listing parses (O(N²); 300 at once kept the loop busy 4.5 s). Parses get a
+    budget per second (``PARSE_BUDGET_S``); past it the events go together."""
+    import time
+
     import providers.docker.engine as engine_module
 
-    parses = 0
+    spent = 0.0
     real = engine_module.servers_from_containers
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal parses
-        parses += 1
-        return real(*args, **kwargs)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        nonlocal spent
+        began = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            spent += time.perf_counter() - began
 
-    monkeypatch.setattr(engine_module, "servers_from_containers", counted)
+    monkeypatch.setattr(engine_module, "servers_from_containers", timed)
     count = 300
     engine = ScriptedEngine()
     async with running(engine) as published:
-        first = parses
+        spent = 0.0
+        began = time.perf_counter()
         for i in range(count):
             engine.truth[f"c{i}"] = inspection(f"c{i}", f"mc{i}", "running", f"mc{i}.example.com")
             engine.announce("start", f"c{i}")  # the listing has not caught up yet
         await published.wait(lambda ids: len(ids) == count)
-        burst = parses - first
-    assert burst <= count // 3, f"{burst} parses for {count} events"
+        took = time.perf_counter() - began
+    budget = engine_module.PARSE_BUDGET_S * (took / engine_module.PARSE_WINDOW_S + 1)
+    assert spent <= budget + 0.05, f"{spent:.2f}s parsing in {took:.2f}s"
 
 
 async def test_a_lone_event_after_a_burst_is_still_published_at_once() -> None:
-    """The window after a publish is short (a few times its cost): a container that starts
-    once the burst is over is routed by its own event's publish, not the next resync's."""
+    """The budget refills within PARSE_WINDOW_S: a container that starts once the burst is
+    over is routed by its own event's publish, not the next resync's."""
+    from providers.docker.engine import PARSE_WINDOW_S
+
     engine = ScriptedEngine()
     async with running(engine) as published:
         for i in range(50):
             engine.truth[f"c{i}"] = inspection(f"c{i}", f"mc{i}", "running", f"mc{i}.example.com")
             engine.announce("start", f"c{i}")
         await published.wait(lambda ids: len(ids) == 50)
-        await anyio.sleep(0.2)  # quiet: every window has passed
+        await anyio.sleep(PARSE_WINDOW_S + 0.2)  # quiet: the budget is whole again
         engine.containers = lambda all=False: (_ for _ in ()).throw(  # type: ignore[method-assign]
             AssertionError("no resync may run before the event's publish")
         )
