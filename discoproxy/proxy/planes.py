@@ -151,6 +151,10 @@ OUTBOX_LIMIT = 10_000
 # How often the liveness check (``stall_timeout``) asks each data plane: one process's
 # reactor (server._watch_stall), each worker through its loop and reactor (WorkerSet._watch).
 WATCHDOG_INTERVAL_S = 1.0
+# A check's deadline noticed this much late means the checking loop itself was held up
+# (a paused container or VM, a long synchronous step): the answer may be waiting unread,
+# so the check is asked again instead of blaming the data plane.
+WATCHDOG_LATE_S = 0.5
 
 
 class EventOutbox:

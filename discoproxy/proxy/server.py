@@ -49,6 +49,7 @@ from discoproxy.proxy.listener import ACCEPT_BATCH, BaseListener, ListenError
 from discoproxy.proxy.names import NameCache
 from discoproxy.proxy.planes import (
     WATCHDOG_INTERVAL_S,
+    WATCHDOG_LATE_S,
     EventOutbox,
     LoopTasks,
     TaskHandle,
@@ -855,11 +856,14 @@ async def _watch_stall(ctx: ProxyContext) -> None:
         if stall <= 0 or ctx.closing:
             ctx.stalled = False
             continue
+        asked = anyio.current_time()
         with anyio.move_on_after(stall) as waited:
             try:
                 await ctx.reactor.run(lambda: None)
             except RuntimeError:
                 return  # it ended: _watch_reactor tells why
+        if waited.cancelled_caught and anyio.current_time() - asked - stall > WATCHDOG_LATE_S:
+            continue  # this loop was held up itself: ask again
         if waited.cancelled_caught and not ctx.stalled:
             logger.error("the data plane's reactor answered nothing in {:g}s: stuck", stall)
             ctx.stalled = True

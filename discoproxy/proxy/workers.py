@@ -58,7 +58,7 @@ from discoproxy.proxy.channel import (
     one_way,
     socket_pair,
 )
-from discoproxy.proxy.planes import WATCHDOG_INTERVAL_S
+from discoproxy.proxy.planes import WATCHDOG_INTERVAL_S, WATCHDOG_LATE_S
 from discoproxy.proxy.player_counts import PlayerSlots
 from discoproxy.proxy.stats import (
     REMOVED,
@@ -734,18 +734,24 @@ class WorkerSet:
         steering its clients' IPs to it, so they would wait on it for good; killed, it
         is started again as a crashed one is. The check goes through its reactor, so a
         busy worker answers (the GIL changes hands every few ms) and a stuck one does
-        not; one not ready yet (decoding its first table) is not asked."""
+        not; one not ready yet (decoding its first table) is not asked. A deadline this
+        loop noticed late (it was paused itself, the answer maybe unread) kills none."""
         while not self._stopping:
             await anyio.sleep(WATCHDOG_INTERVAL_S)
             stall = self.ctx.config.stall_timeout
             if not worker.ready or stall <= 0 or self._stopping:
                 continue
+            asked = anyio.current_time()
             try:
                 with anyio.fail_after(stall):
                     await channel.request("alive")
             except ChannelError:
-                return  # it ended: _keep says how
+                if channel.closed:
+                    return  # it ended: _keep says how
+                continue  # it answered with an error: alive
             except TimeoutError:
+                if anyio.current_time() - asked - stall > WATCHDOG_LATE_S:
+                    continue  # this loop was held up (a paused container): ask again
                 if not self._stopping:  # (draining: _stop gives it shutdown_timeout)
                     logger.error(
                         "worker {} (pid {}) stalled: no answer in {:g}s; killing it",

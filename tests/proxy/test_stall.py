@@ -50,3 +50,54 @@ async def test_stall_timeout_zero_switches_the_check_off() -> None:
             release.set()
     finally:
         release.set()
+
+
+async def test_a_deadline_noticed_late_by_a_held_up_control_plane_kills_no_worker() -> None:
+    """The workers' check runs on the control plane's loop. Held up past stall_timeout
+    (a long synchronous step, a paused container) right after asking, it noticed the
+    deadline on resume before the answer waiting for it: it killed a healthy worker."""
+    import time
+    from types import SimpleNamespace
+    from typing import Any
+
+    from discoproxy.proxy.workers import WorkerSet
+
+    kills: list[int] = []
+    owner: Any = SimpleNamespace(
+        _stopping=False, ctx=SimpleNamespace(config=SimpleNamespace(stall_timeout=0.3))
+    )
+
+    class Answering:
+        """Answers in time, through a task of its own (as Channel.run reads answers)."""
+
+        closed = False
+
+        def __init__(self) -> None:
+            self.tg: Any = None
+
+        async def request(self, kind: str) -> bool:
+            answered = anyio.Event()
+
+            async def answer() -> None:
+                await anyio.sleep(0.2)
+                answered.set()
+
+            self.tg.start_soon(answer)
+            await answered.wait()
+            return True
+
+    async def hold_up_once() -> None:
+        await anyio.sleep(1.1)  # just after the first check asked, before its answer
+        time.sleep(0.8)  # noqa: ASYNC251 (the point: the loop is held past the deadline)
+        await anyio.sleep(1.5)
+        owner._stopping = True
+
+    worker = SimpleNamespace(ready=True, index=1)
+    process = SimpleNamespace(pid=4242, kill=lambda: kills.append(4242))
+    channel = Answering()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            channel.tg = tg
+            tg.start_soon(hold_up_once)
+            await WorkerSet._watch(owner, worker, channel, process)  # type: ignore[arg-type]
+    assert kills == []
