@@ -445,3 +445,46 @@ def test_a_udp_port_route_on_a_port_another_process_holds_is_not_served_and_says
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_udp_port_route_that_comes_back_after_another_process_took_its_port_is_refused(
+    tmp_path: Path,
+) -> None:
+    """One process: a UDP port route that leaves keeps its listener retired, shut once no
+    session is left. Coming back, it was revived, binding again with SO_REUSEADDR,
+    beside whatever took the port meanwhile, without the check a new bind gets."""
+    import subprocess
+    import sys
+
+    port = _free_port(socket.SOCK_DGRAM)
+    route = f'addresses = ["127.0.0.1"]\nports = ["{port}:9/udp"]\n'
+    config = 'workers = 1\nport_routes_bind = "127.0.0.1"\n'
+    with running_proxy(tmp_path, {"udp.toml": route}, config) as proxy:
+        proxy.wait_for_line(rf"port {port}/udp open for udp@file")
+        servers = next(p for p in tmp_path.rglob("udp.toml"))
+        servers.write_text('domains = ["other.example.com"]\naddresses = ["127.0.0.1"]\n')
+        proxy.wait_for_line(rf"port {port}/udp closed", timeout=10)
+        holder = None
+        deadline = time.monotonic() + 10
+        while holder is None:  # once the retired socket is shut (no session: next sweep)
+            attempt = subprocess.Popen(
+                [sys.executable, "-c", _HOLD, "udp", str(port)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            assert attempt.stdout is not None
+            if attempt.stdout.readline().strip() == "held":
+                holder = attempt
+                break
+            attempt.wait()
+            assert time.monotonic() < deadline, "the retired socket was never shut"
+            time.sleep(0.2)
+        try:
+            servers.write_text(route)
+            proxy.wait_for_line(
+                rf"cannot listen on {port}/udp for udp@file: held by another process", timeout=10
+            )
+        finally:
+            holder.kill()
+            holder.wait()

@@ -587,6 +587,10 @@ def port_socket(config: ProxyConfig, key: PortKey) -> socket.socket:
 
 
 _TCP_LISTEN = "0A"  # a /proc/net/tcp state
+# A port another process holds is tried again at the first table change this long
+# after (not at every one: its check reads /proc, which grows with the connections open).
+PORT_RETRY_S = 5.0
+HELD = "held by another process"
 
 
 def claim_port(config: ProxyConfig, key: PortKey, ours: Iterable[int]) -> None:
@@ -600,13 +604,14 @@ def claim_port(config: ProxyConfig, key: PortKey, ours: Iterable[int]) -> None:
     host = config.port_routes_bind
     probe = port_socket(config, key)
     try:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        if key[0] == "udp":  # (TCP keeps it: only a listening socket then conflicts)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
         probe.bind((host, key[1]))
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
         if _foreign_sockets(key, ours):
-            raise OSError(errno.EADDRINUSE, "held by another process") from None
+            raise OSError(errno.EADDRINUSE, HELD) from None
     finally:
         probe.close()
 
@@ -619,21 +624,26 @@ def _foreign_sockets(key: PortKey, ours: Iterable[int]) -> set[int]:
     for name in (protocol, protocol + "6"):
         try:
             with open(f"/proc/net/{name}") as table:
-                next(table, None)  # the header
-                for line in table:
-                    fields = line.split()
-                    if int(fields[1].rpartition(":")[2], 16) != port:
-                        continue
-                    if protocol == "tcp" and fields[3] != _TCP_LISTEN:
-                        continue
-                    inodes.add(int(fields[9]))
-        except (OSError, IndexError, ValueError):
-            continue  # no IPv6, or a line of another shape: judged on the rest
+                lines = table.readlines()[1:]  # after the header
+        except OSError:
+            continue  # no IPv6
+        for line in lines:
+            fields = line.split()
+            try:
+                if int(fields[1].rpartition(":")[2], 16) != port:
+                    continue
+                if protocol == "tcp" and fields[3] != _TCP_LISTEN:
+                    continue
+                inodes.add(int(fields[9]))
+            except (IndexError, ValueError):
+                continue  # a line of another shape: judged on the others
     for pid in ours:
         if not inodes:
             break
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
+        except PermissionError:
+            return set()  # one of ours we cannot read (not dumpable): cannot tell, let be
         except OSError:
             continue  # it ended
         for fd in fds:
@@ -654,7 +664,8 @@ class PortListeners:
         self.ctx = ctx
         self.open: dict[PortKey, PortListener | UdpListener] = {}
         self._retired: dict[PortKey, UdpListener] = {}  # may still carry sessions
-        self._failed: dict[PortKey, str] = {}  # port → why it could not be bound (logged)
+        # port → why it could not be bound (logged), and when it may be tried again
+        self._failed: dict[PortKey, tuple[str, float]] = {}
         # a worker's: sockets the control plane opened, taken by the next sync
         self.inherited: dict[PortKey, socket.socket] | None = None
 
@@ -664,49 +675,65 @@ class PortListeners:
             return
         wanted = set(table.ports)
         for key in sorted(set(self.open) - wanted):
-            listener = self.open.pop(key)
-            if isinstance(listener, UdpListener):
-                self._retired[key] = listener
-                self.ctx.reactor.call(listener.retire)
+            leaving = self.open.pop(key)
+            if isinstance(leaving, UdpListener):
+                self._retired[key] = leaving
+                self.ctx.reactor.call(leaving.retire)
             else:
-                self.ctx.reactor.call(listener.close)
+                self.ctx.reactor.call(leaving.close)
             logger.info("port {} closed: no route claims it", format_port(key))
+        now = time.monotonic()
         for key in sorted(wanted - set(self.open)):
+            if self._failed.get(key, ("", 0.0))[1] > now:
+                continue  # failed a moment ago: retried at a later change (PORT_RETRY_S)
             retired = self._retired.pop(key, None)
-            if retired is not None and self.inherited is not None and key in self.inherited:
+            if retired is not None and self.inherited is not None:
+                if key not in self.inherited:  # the control plane could not open it
+                    self._retired[key] = retired  # its sessions still end as they would
+                    continue
                 # a worker's port came back with a new socket from the control plane:
                 # the retired one's sessions end (its group is not the one steered now)
                 self.ctx.reactor.call(retired.close)
                 retired = None
-            if retired is not None:
-                self.open[key] = retired
-                self.ctx.reactor.call(retired.revive)
-                logger.info("port {} open for {}", format_port(key), table.ports[key].qualified_id)
-                continue
             if self.inherited is not None and key not in self.inherited:
                 continue  # the control plane could not open it and logged why
             try:
-                listener = self._bind(key)
+                if retired is not None:
+                    # its socket may have been shut meanwhile and the port taken: a
+                    # revive binds again (with SO_REUSEADDR, beside the taker)
+                    claim_port(self.ctx.config, key, (os.getpid(),))
+                    listener: PortListener | UdpListener = retired
+                else:
+                    listener = self._bind(key)
             except OSError as exc:
-                why = exc.strerror or str(exc)
-                if exc.errno == errno.EACCES:
-                    why += " (ports below 1024 need CAP_NET_BIND_SERVICE)"
-                if self._failed.get(key) != why:
-                    route = table.ports[key]
-                    logger.error(
-                        "cannot listen on {} for {}: {}; the other routes still apply",
-                        format_port(key),
-                        route.qualified_id,
-                        why,
-                    )
-                self._failed[key] = why
+                if retired is not None:
+                    self._retired[key] = retired
+                self._refused(key, table, exc, now)
                 continue
             self._failed.pop(key, None)
             self.open[key] = listener
-            self.ctx.reactor.call(listener.start)
+            if retired is not None:
+                self.ctx.reactor.call(retired.revive)
+            else:
+                self.ctx.reactor.call(listener.start)
             logger.info("port {} open for {}", format_port(key), table.ports[key].qualified_id)
         for key in set(self._failed) - wanted:
             del self._failed[key]
+
+    def _refused(self, key: PortKey, table: RoutingTable, exc: OSError, now: float) -> None:
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EACCES:
+            why += " (ports below 1024 need CAP_NET_BIND_SERVICE)"
+        if self._failed.get(key, ("", 0.0))[0] != why:
+            logger.error(
+                "cannot listen on {} for {}: {}; the other routes still apply",
+                format_port(key),
+                table.ports[key].qualified_id,
+                why,
+            )
+        # a port another process holds is looked up again only after a while (its
+        # check reads /proc); any other failure at the next change
+        self._failed[key] = (why, now + PORT_RETRY_S if why == HELD else now)
 
     def _bind(self, key: PortKey) -> PortListener | UdpListener:
         sock = self._socket(key)

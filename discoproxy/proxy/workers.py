@@ -209,7 +209,7 @@ class WorkerSet:
         self.workers = [_Worker(i) for i in range(count)]
         self._binds: dict[str, list[_BindGroup]] = {}
         self._ports: dict[PortKey, list[socket.socket]] = {}
-        self._port_failed: dict[PortKey, str] = {}
+        self._port_failed: dict[PortKey, tuple[str, float]] = {}  # why, when to try again
         self._stopping = False
         self._running = False
         self._seen_ready = 0.0  # when a worker was last seen ready (alive)
@@ -346,20 +346,25 @@ class WorkerSet:
         worker the table (after the sockets, in order), then close the ports gone."""
         if self._stopping:
             return
+        from discoproxy.proxy.ports import HELD, PORT_RETRY_S
+
         wanted = set(table.ports)
+        now = time.monotonic()
         for key in sorted(wanted - set(self._ports)):
+            if self._port_failed.get(key, ("", 0.0))[1] > now:
+                continue  # another process held it a moment ago (PORT_RETRY_S)
             try:
                 self._ports[key] = self._open_port(key)
             except OSError as exc:
                 why = exc.strerror or str(exc)
-                if self._port_failed.get(key) != why:
+                if self._port_failed.get(key, ("", 0.0))[0] != why:
                     logger.error(
                         "cannot listen on {} for {}: {}; the other routes still apply",
                         format_port(key),
                         table.ports[key].qualified_id,
                         why,
                     )
-                self._port_failed[key] = why
+                self._port_failed[key] = (why, now + PORT_RETRY_S if why == HELD else now)
                 continue
             self._port_failed.pop(key, None)
             for worker in self.workers:
