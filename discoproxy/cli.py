@@ -826,6 +826,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         if args.kind == "infrarust" and args.source.suffix in (".yml", ".yaml"):
             document = yaml.safe_load(text)  # Infrarust 1.x's config.yaml
             imported = import_infrarust_v1(document if isinstance(document, dict) else {})
+            if imported.servers:  # its top-level route: loaded from where it is written
+                imported.config.setdefault("servers_dir", str(servers_dir))
         elif args.kind == "infrarust":
             imported = import_infrarust(tomllib.loads(text))
         elif args.kind == "mc-router":

@@ -414,6 +414,11 @@ def import_infrarust_v1(document: Mapping[str, Any]) -> Imported:
                 f"file_provider.proxies_path: one servers_dir here; {paths[0]} is used, "
                 f"not {', '.join(paths[1:])} (move their files into it)"
             )
+        if paths and imported.servers:
+            notes.append(
+                f"domains/addresses: written as servers/config.yaml beside the config; move "
+                f"it into {paths[0]} (the servers_dir), or it is not loaded"
+            )
         if files.get("file_type", "yaml") not in ("yaml", "yml"):
             notes.append(f"file_provider.file_type = {files['file_type']}: YAML and TOML only")
         for key in sorted(set(files) - {"proxies_path", "file_type", "watch"}):

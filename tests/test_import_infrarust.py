@@ -208,6 +208,8 @@ def test_an_infrarust_1_config_yaml_imports_into_a_config_that_loads(
         "docker_provider.default_domains", "docker_provider.polling_interval",
         "cache.max_status_entries", "telemetry", "logging", "filters.ban",
         "filters.rate_limiter: carried",
+        "domains/addresses: written as servers/config.yaml beside the config; move it into "
+        "./proxies",
     ):  # fmt: skip
         assert note in stderr, (note, stderr)
     code, _, report = run(["check", "--config", str(out / "discoproxy.yaml")], capsys)
@@ -231,3 +233,16 @@ def test_an_infrarust_1_value_of_the_wrong_kind_names_the_key(
         capsys,
     )
     assert "filters.rate_limiter.requestLimit: expected a whole number, got 'x'" in err, err
+
+
+def test_an_infrarust_1_route_without_proxies_path_loads_from_where_it_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "config.yaml"
+    source.write_text('domains: ["hub.example.com"]\naddresses: ["10.0.0.5:25565"]\n')
+    out = tmp_path / "o"
+    code, _, err = run(["import", "infrarust", str(source), "--out", str(out)], capsys)
+    assert code == 0, err
+    config = yaml.safe_load((out / "discoproxy.yaml").read_text())
+    assert config["servers_dir"] == str(out / "servers")
+    assert (out / "servers" / "config.yaml").exists()

@@ -73,7 +73,8 @@ def defaults_of(settings: DockerSettings) -> McRouterDefaults:
     return McRouterDefaults(
         up=settings.mc_router_auto_scale_up,
         down=settings.mc_router_auto_scale_down,
-        down_after=f"{settings.mc_router_auto_scale_down_after:g}",
+        # plain decimals: the label parser takes no exponent (1e+06), and :g rounds
+        down_after=f"{settings.mc_router_auto_scale_down_after:.6f}".rstrip("0").rstrip("."),
     )
 
 

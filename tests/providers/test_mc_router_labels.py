@@ -136,3 +136,11 @@ def test_a_bad_global_idle_time_is_refused_naming_the_setting() -> None:
 
     with pytest.raises(ValidationError, match="mc_router_auto_scale_down_after"):
         DockerSettings(mc_router_auto_scale_down_after="soon")  # type: ignore[arg-type]
+
+
+def test_a_long_global_idle_time_is_written_so_the_label_parser_takes_it() -> None:
+    # 300h formatted with :g read "1.08e+06", which the duration label refuses: every
+    # mc-router container was then dropped with a problem about a label it did not have
+    flags = {"mc_router_auto_scale_down": True, "mc_router_auto_scale_down_after": "300h"}
+    server = one(container("mc", {"mc-router.host": "mc.example.com"}), **flags)
+    assert server.auto_stop_after == 300 * 3600
