@@ -3,6 +3,7 @@ and the resyncs, starting and stopping containers (the rules are in ``__init__``
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -127,6 +128,20 @@ def _load_result(scan: ContainerScan, source: str) -> LoadResult:
         warnings=tuple(str(problem) for problem in scan.problems if not problem.dropped),
         source=source,
     )
+
+
+def _posted(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` for an event thread to call: queued on this loop, not waited for. A thread
+    that waited (``anyio.from_thread.run_sync``) hung for good when its loop stopped
+    with the call queued (the thread is abandoned on cancel, and the engine's events
+    keep coming): a non-daemon thread that kept the whole process from exiting. Raises
+    RuntimeError once the loop is closed."""
+    loop = asyncio.get_running_loop()
+
+    def post(*args: Any) -> None:
+        loop.call_soon_threadsafe(fn, *args)
+
+    return post
 
 
 def _close_stream(events: Any) -> None:
@@ -288,7 +303,7 @@ class DockerProvider:
                         self._pump_events,
                         events,
                         inspector,
-                        on_event,
+                        _posted(on_event),
                         abandon_on_cancel=True,
                         limiter=self._limiter,
                     )
@@ -356,9 +371,9 @@ class DockerProvider:
                 with suppress(docker.errors.DockerException, OSError):
                     inspection = (container_id, _inspect(inspector, container_id))
             try:
-                anyio.from_thread.run_sync(on_event, inspection, event.get("Type") == "network")
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
-                return  # the provider is gone (cancelled, or its loop closed)
+                on_event(inspection, event.get("Type") == "network")
+            except RuntimeError:
+                return  # the provider is gone (its loop closed)
 
     async def start_server(self, server_id: str) -> None:
         """Start the container ``server_id`` (a stopped ``auto_start`` server), or every
@@ -596,13 +611,15 @@ class SwarmProvider(DockerProvider):
             with suppress(anyio.WouldBlock, anyio.ClosedResourceError):
                 send.send_nowait(None)
 
+        post = _posted(on_event)
+
         def pump_events() -> None:
             """Worker thread: one wake-up per event, until the stream ends or closes."""
             for _ in events:
                 try:
-                    anyio.from_thread.run_sync(on_event)
-                except (anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
-                    return  # the provider is gone (cancelled, or its loop closed)
+                    post()
+                except RuntimeError:
+                    return  # the provider is gone (its loop closed)
 
         async def pump() -> None:
             with send:
