@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from discoproxy.config import ProxyConfig
-from discoproxy.importers import Imported
+from discoproxy.importers import Imported, first_error, refusal
 from discoproxy.model import ServerDefinition, peer_duration_s
 
 # mc-router's boolean flags: on the command line they take no value (``-in-docker``).
@@ -283,17 +283,12 @@ def import_mc_router(settings: Mapping[str, str]) -> Imported:
         try:
             ServerDefinition.model_validate({"id": stem, **server})  # what is written loads
         except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            raise ValueError(
-                f"{'DEFAULT' if server.get('default') else 'MAPPING'} ({stem}): "
-                f"{first['msg'].removeprefix('Value error, ')}"
-            ) from None
+            setting = "DEFAULT" if server.get("default") else "MAPPING"
+            raise ValueError(f"{setting} ({stem}): {first_error(exc)[1]}") from None
     try:
         ProxyConfig.model_validate(out)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+        raise refusal(exc) from None
     imported.config = out
     imported.servers = servers
     return imported

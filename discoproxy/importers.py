@@ -400,7 +400,7 @@ def import_infrarust_v1(document: Mapping[str, Any]) -> Imported:
         try:
             ServerDefinition.model_validate({"id": "config", **route})
         except ValidationError as exc:
-            raise _v1_refusal(exc) from None
+            raise refusal(exc) from None
         imported.servers["config"] = route
     elif domains:
         notes.append("domains: without addresses they route nowhere; not carried")
@@ -479,7 +479,7 @@ def import_infrarust_v1(document: Mapping[str, Any]) -> Imported:
     try:
         ProxyConfig.model_validate(out)  # what is written loads
     except ValidationError as exc:
-        raise _v1_refusal(exc) from None
+        raise refusal(exc) from None
     imported.config = out
     return imported
 
@@ -526,10 +526,16 @@ def _v1_filters(filters: Any, out: dict[str, Any], notes: list[str]) -> None:
         notes.append(f"filters.{key}: not known to this import")
 
 
-def _v1_refusal(exc: ValidationError) -> ValueError:
+def first_error(exc: ValidationError) -> tuple[str, str]:
+    """Where (dotted) and what of a validation's first error, as an import reports it."""
     first = exc.errors(include_url=False)[0]
     where = ".".join(str(part) for part in first["loc"])
-    return ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}")
+    return where, first["msg"].removeprefix("Value error, ")
+
+
+def refusal(exc: ValidationError) -> ValueError:
+    """An output that does not validate, refused naming its key (``where: what``)."""
+    return ValueError("{}: {}".format(*first_error(exc)))
 
 
 if __name__ == "__main__":

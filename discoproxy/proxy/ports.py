@@ -656,6 +656,30 @@ def _foreign_sockets(key: PortKey, ours: Iterable[int]) -> set[int]:
     return inodes
 
 
+def note_port_failure(
+    failed: dict[PortKey, tuple[str, float]],
+    key: PortKey,
+    table: RoutingTable,
+    exc: OSError,
+    now: float,
+) -> None:
+    """A port route's port could not be bound: logged once per reason, and kept in
+    ``failed`` with when to try again (a port another process holds after PORT_RETRY_S,
+    its check reads /proc; any other failure at the next table change). The one process's
+    listeners and the workers' control plane both keep their failures so."""
+    why = exc.strerror or str(exc)
+    if exc.errno == errno.EACCES:
+        why += " (ports below 1024 need CAP_NET_BIND_SERVICE)"
+    if failed.get(key, ("", 0.0))[0] != why:
+        logger.error(
+            "cannot listen on {} for {}: {}; the other routes still apply",
+            format_port(key),
+            table.ports[key].qualified_id,
+            why,
+        )
+    failed[key] = (why, now + PORT_RETRY_S if why == HELD else now)
+
+
 @owned_by(LOOP)
 class PortListeners:
     """Keeps one listener per (protocol, port) of the routing table; asyncio side."""
@@ -708,7 +732,7 @@ class PortListeners:
             except OSError as exc:
                 if retired is not None:
                     self._retired[key] = retired
-                self._refused(key, table, exc, now)
+                note_port_failure(self._failed, key, table, exc, now)
                 continue
             self._failed.pop(key, None)
             self.open[key] = listener
@@ -719,21 +743,6 @@ class PortListeners:
             logger.info("port {} open for {}", format_port(key), table.ports[key].qualified_id)
         for key in set(self._failed) - wanted:
             del self._failed[key]
-
-    def _refused(self, key: PortKey, table: RoutingTable, exc: OSError, now: float) -> None:
-        why = exc.strerror or str(exc)
-        if exc.errno == errno.EACCES:
-            why += " (ports below 1024 need CAP_NET_BIND_SERVICE)"
-        if self._failed.get(key, ("", 0.0))[0] != why:
-            logger.error(
-                "cannot listen on {} for {}: {}; the other routes still apply",
-                format_port(key),
-                table.ports[key].qualified_id,
-                why,
-            )
-        # a port another process holds is looked up again only after a while (its
-        # check reads /proc); any other failure at the next change
-        self._failed[key] = (why, now + PORT_RETRY_S if why == HELD else now)
 
     def _bind(self, key: PortKey) -> PortListener | UdpListener:
         sock = self._socket(key)

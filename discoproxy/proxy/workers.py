@@ -70,7 +70,7 @@ from discoproxy.proxy.stats import (
 )
 from discoproxy.proxy.takeover import Handed, port_name
 from discoproxy.proxy.tls_termination import read_files
-from discoproxy.routing import PortKey, RoutingTable, format_port
+from discoproxy.routing import PortKey, RoutingTable
 
 if TYPE_CHECKING:
     from discoproxy.model import HealthCheck
@@ -346,7 +346,7 @@ class WorkerSet:
         worker the table (after the sockets, in order), then close the ports gone."""
         if self._stopping:
             return
-        from discoproxy.proxy.ports import HELD, PORT_RETRY_S
+        from discoproxy.proxy.ports import note_port_failure
 
         wanted = set(table.ports)
         now = time.monotonic()
@@ -356,15 +356,7 @@ class WorkerSet:
             try:
                 self._ports[key] = self._open_port(key)
             except OSError as exc:
-                why = exc.strerror or str(exc)
-                if self._port_failed.get(key, ("", 0.0))[0] != why:
-                    logger.error(
-                        "cannot listen on {} for {}: {}; the other routes still apply",
-                        format_port(key),
-                        table.ports[key].qualified_id,
-                        why,
-                    )
-                self._port_failed[key] = (why, now + PORT_RETRY_S if why == HELD else now)
+                note_port_failure(self._port_failed, key, table, exc, now)
                 continue
             self._port_failed.pop(key, None)
             for worker in self.workers:
